@@ -1,0 +1,132 @@
+//! The desired state: what every Service port on this node should look like.
+//!
+//! Pure data and pure functions. Both sources (the manifests folder and, later,
+//! the Kubernetes API) hand the same Kubernetes objects to [`build`], so the two
+//! produce the same model from the same objects.
+
+mod translate;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub use translate::build;
+
+/// Everything the node needs to know about itself to translate Services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// This node's name, compared with `EndpointSlice.endpoints[].nodeName`.
+    pub name: String,
+    /// This node's addresses: every NodePort is a frontend on each of them.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// L4 protocol of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// Identity of one port of one Service: the unit the datapath programs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortRef {
+    /// Service namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// `spec.ports[].name` (empty for a single unnamed port).
+    pub port_name: String,
+    /// `spec.ports[].protocol`.
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServicePortRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which kind of frontend an address:port is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)` with `spec.ports[].port`.
+    ClusterIp,
+    /// A node address with `spec.ports[].nodePort`.
+    NodePort,
+    /// A LoadBalancer ingress IP or an externalIP, with `spec.ports[].port`.
+    External,
+}
+
+/// One virtual address, port and kind that leads to a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// The virtual address.
+    pub addr: IpAddr,
+    /// The virtual port.
+    pub port: u16,
+    /// Which kind of frontend this is.
+    pub kind: FrontendKind,
+}
+
+/// One endpoint of a Service port, after resolving the targetPort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// Endpoint address.
+    pub addr: IpAddr,
+    /// Resolved target port.
+    pub port: u16,
+    /// The endpoint's `nodeName` is this node.
+    pub local: bool,
+    /// `conditions.ready` (a missing value counts as ready, as the API says).
+    pub ready: bool,
+    /// `conditions.serving` (a missing value takes the value of `ready`).
+    pub serving: bool,
+    /// `conditions.terminating` (a missing value counts as false).
+    pub terminating: bool,
+}
+
+/// Everything about one Service port that the datapath needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Frontends, sorted and without duplicates.
+    pub frontends: Vec<Frontend>,
+    /// Endpoints from all slices of the Service, sorted, one per address:port.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    /// Endpoints that take new flows: the ready ones.
+    pub fn active_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.ready)
+    }
+}
+
+/// The whole desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    /// Every programmable Service port, by identity.
+    pub services: BTreeMap<ServicePortRef, ServicePort>,
+}
+
+/// Something in the input that could not be translated, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The object at fault, as `Kind namespace/name`.
+    pub object: String,
+    /// What is wrong and what was done about it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}

@@ -1,0 +1,36 @@
+//! Map and program names: the one place both sides take them from.
+//!
+//! A map whose key or value layout changes gets a new version suffix, so an
+//! agent never reuses a pin of an older layout.
+
+/// Frontends: [`crate::ServiceKey`] → [`crate::ServiceValue`].
+pub const SERVICES: &str = "LB_SERVICES_V1";
+/// Backend tables: [`crate::SlotKey`] → [`crate::BackendId`].
+pub const SLOTS: &str = "LB_SLOTS_V1";
+/// Backends: [`crate::BackendId`] → [`crate::Backend`].
+pub const BACKENDS: &str = "LB_BACKENDS_V1";
+/// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
+pub const CONNTRACK: &str = "LB_CT_V1";
+/// Node settings: `u32` 0 → [`crate::Config`].
+pub const CONFIG: &str = "LB_CONFIG_V1";
+/// Per-CPU counters: `u32` → [`crate::stats::Counter`].
+pub const STATS: &str = "LB_STATS_V1";
+
+/// Default capacity of the services map.
+pub const SERVICES_MAX: u32 = 65536;
+/// Default capacity of the slots map.
+pub const SLOTS_MAX: u32 = 262_144;
+/// Default capacity of the backends map.
+pub const BACKENDS_MAX: u32 = 65536;
+/// Default capacity of the conntrack map.
+pub const CONNTRACK_MAX: u32 = 262_144;
+
+/// Every map the programs declare, for loaders and layout checks.
+pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, CONFIG, STATS];
+
+/// The XDP program on the node's external interfaces.
+pub const PROG_XDP_NODE: &str = "lb_xdp_node";
+/// The TC ingress program on the node's external interfaces.
+pub const PROG_TC_NODE: &str = "lb_tc_node";
+/// The TC ingress program on the host side of pod interfaces.
+pub const PROG_TC_POD: &str = "lb_tc_pod";

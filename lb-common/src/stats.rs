@@ -1,0 +1,59 @@
+//! Datapath counters: a per-CPU array indexed by the constants below.
+//!
+//! The agent sums the CPUs; [`NAMES`] gives each index its name.
+
+/// Packets translated on a new flow (a backend was chosen).
+pub const NEW_FLOW: u32 = 0;
+/// Packets translated through an existing conntrack entry.
+pub const CT_HIT: u32 = 1;
+/// New flows to a Service with no endpoint, answered with RST or ICMP.
+pub const REJECT_NO_ENDPOINT: u32 = 2;
+/// Packets passed because they were not for a Service.
+pub const PASS_NO_SERVICE: u32 = 3;
+/// Packets the parser could not read far enough (passed untouched).
+pub const PASS_MALFORMED: u32 = 4;
+/// A slot or backend the service record pointed to was missing (dropped).
+pub const DROP_NO_BACKEND: u32 = 5;
+/// No free SNAT port for a new flow (dropped).
+pub const DROP_SNAT_EXHAUSTED: u32 = 6;
+/// Conntrack insert failed (dropped).
+pub const DROP_CT_FULL: u32 = 7;
+/// A packet rewrite or helper call failed (dropped).
+pub const DROP_REWRITE: u32 = 8;
+/// FIB lookup found no route for a forwarded packet (dropped).
+pub const DROP_NO_ROUTE: u32 = 9;
+/// XDP could not finish (no neighbour entry) and left the packet to TC.
+pub const XDP_TO_TC: u32 = 10;
+/// IP fragments and protocols the datapath does not translate (passed).
+pub const PASS_UNSUPPORTED: u32 = 11;
+/// Number of counters.
+pub const COUNT: u32 = 12;
+
+/// Counter names by index, as shown by `lb-agent stats` and metrics.
+pub const NAMES: [&str; COUNT as usize] = [
+    "new_flow",
+    "ct_hit",
+    "reject_no_endpoint",
+    "pass_no_service",
+    "pass_malformed",
+    "drop_no_backend",
+    "drop_snat_exhausted",
+    "drop_ct_full",
+    "drop_rewrite",
+    "drop_no_route",
+    "xdp_to_tc",
+    "pass_unsupported",
+];
+
+/// One counter: packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted (whole frames).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+crate::pod!(Counter);
