@@ -5,5 +5,8 @@
 //! (diff against what the maps hold) → `datapath` (the only code that touches
 //! BPF maps, programs and links).
 
+pub mod datapath;
+pub mod inspect;
 pub mod model;
+pub mod reconcile;
 pub mod source;

@@ -1,1 +1,367 @@
-fn main() {}
+//! `lb-agent`: run the node agent, inspect its maps, or remove everything.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_agent::{
+    datapath::{
+        bpffs,
+        maps::Maps,
+        programs::{self, MapSizes, Programs},
+    },
+    inspect,
+    model::{self, NodeInfo},
+    reconcile::{addr_be, Reconciler},
+    source::manifests,
+};
+use lb_common::{config::DEFAULT_SNAT_PORTS, Config};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// eBPF/XDP Service load balancer for Kubernetes: the node agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    /// Let the kernel choose (native when the driver supports it).
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode, for drivers without XDP support.
+    Skb,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load and attach the datapath and keep its maps equal to
+    /// the Services and EndpointSlices of the manifests folder.
+    Run(RunArgs),
+    /// Print the frontends, their backends and flags, as the maps hold them.
+    Services {
+        /// The agent's bpffs directory.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print the datapath counters.
+    Stats {
+        /// The agent's bpffs directory.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Detach every program and remove every pin under the bpffs directory.
+    Cleanup {
+        /// The agent's bpffs directory.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name, as endpoints' `nodeName` spells it.
+    #[arg(long)]
+    node_name: String,
+    /// External interfaces (XDP); NodePorts listen on their addresses.
+    #[arg(long, value_delimiter = ',', required = true)]
+    iface: Vec<String>,
+    /// Folder of Service and EndpointSlice manifests (YAML), watched live.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Directory for pinned maps and links; a bpffs is mounted there if needed.
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// Glob patterns of the host-side pod interfaces (TC), e.g. `lxc*,veth*`.
+    #[arg(long, value_delimiter = ',', default_value = "lxc*")]
+    pod_ifaces: Vec<String>,
+    /// Source ports for SNAT, MIN-MAX; keep clear of the node's ephemeral range.
+    #[arg(long, default_value_t = format!("{}-{}", DEFAULT_SNAT_PORTS.0, DEFAULT_SNAT_PORTS.1))]
+    snat_ports: String,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Capacity of the conntrack map (two entries per flow; 56+40 bytes each).
+    #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
+    conntrack_size: u32,
+    /// Capacity of the services map (one entry per frontend).
+    #[arg(long, default_value_t = lb_common::maps::SERVICES_MAX)]
+    services_size: u32,
+    /// Capacity of the backends map.
+    #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
+    backends_size: u32,
+    /// Capacity of the slots map (one entry per backend per Service port, twice while swapping).
+    #[arg(long, default_value_t = lb_common::maps::SLOTS_MAX)]
+    slots_size: u32,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if let Err(e) = real_main(cli) {
+        error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    // Before any thread exists: setns into a mount namespace needs that.
+    bpffs::enter_host_mount_ns()?;
+    match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Services { bpffs, output } => {
+            let maps = Maps::open(&bpffs)?;
+            let view = inspect::services(&maps)?;
+            match output {
+                Output::Table => print!("{}", inspect::services_table(&view)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+            }
+            Ok(())
+        }
+        Command::Stats { bpffs, output } => {
+            let maps = Maps::open(&bpffs)?;
+            let counters = maps.counters()?;
+            match output {
+                Output::Table => {
+                    println!("{:<24} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES");
+                    for (name, c) in &counters {
+                        println!("{name:<24} {:>12} {:>14}", c.packets, c.bytes);
+                    }
+                }
+                Output::Json => {
+                    let map: serde_json::Map<String, serde_json::Value> = counters
+                        .iter()
+                        .map(|(n, c)| {
+                            ((*n).to_string(), serde_json::json!({"packets": c.packets, "bytes": c.bytes}))
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&map)?);
+                }
+            }
+            Ok(())
+        }
+        Command::Cleanup { bpffs } => {
+            programs::cleanup(&bpffs)?;
+            info!(bpffs = %bpffs.display(), "removed every program link and map pin");
+            Ok(())
+        }
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16)> {
+    let (a, b) = s.split_once('-').with_context(|| format!("--snat-ports {s}: expected MIN-MAX"))?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().with_context(|| format!("--snat-ports: bad port {a}"))?,
+        b.trim().parse().with_context(|| format!("--snat-ports: bad port {b}"))?,
+    );
+    if a == 0 || a > b {
+        bail!("--snat-ports {s}: need 1 <= MIN <= MAX");
+    }
+    Ok((a, b))
+}
+
+/// IPv4 addresses of the given interfaces, in interface order.
+fn node_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let all: Vec<_> = nix::ifaddrs::getifaddrs().context("list interface addresses")?.collect();
+    for iface in ifaces {
+        for a in &all {
+            if &a.interface_name != iface {
+                continue;
+            }
+            if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                out.push(IpAddr::V4(Ipv4Addr::from(sin.ip())));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let snat_ports = parse_port_range(&args.snat_ports)?;
+    let patterns = args
+        .pod_ifaces
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-ifaces: bad pattern {p}")))
+        .collect::<Result<Vec<_>>>()?;
+    bpffs::ensure(&args.bpffs)?;
+    let xdp_mode = match args.xdp_mode {
+        XdpModeArg::Auto => XdpMode::Default,
+        XdpModeArg::Native => XdpMode::Driver,
+        XdpModeArg::Skb => XdpMode::Skb,
+    };
+    let sizes = MapSizes {
+        services: args.services_size,
+        slots: args.slots_size,
+        backends: args.backends_size,
+        conntrack: args.conntrack_size,
+    };
+    let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
+    let mut maps = Maps::open(&args.bpffs)?;
+
+    let mut node = NodeInfo { name: args.node_name.clone(), addresses: node_addresses(&args.iface)? };
+    write_config(&mut maps, &node, snat_ports)?;
+    for iface in &args.iface {
+        progs.attach_node(iface)?;
+    }
+    progs.sync_pods(&patterns)?;
+
+    let mut reconciler = Reconciler::adopt(&maps.snapshot()?);
+    info!(services = reconciler.service_count(), "adopted existing maps");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async {
+        let (_watcher, mut manifest_events) = manifests::watch(&args.manifests)?;
+        let mut link_events = link_events()?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("install SIGTERM handler")?;
+
+        sync(&args.manifests, &node, &mut reconciler, &mut maps)?;
+        info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
+
+        loop {
+            tokio::select! {
+                Some(()) = manifest_events.recv() => {
+                    // Coalesce a burst of file events into one reload.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while manifest_events.try_recv().is_ok() {}
+                    if let Err(e) = sync(&args.manifests, &node, &mut reconciler, &mut maps) {
+                        error!("reload failed, datapath keeps its last state: {e:#}");
+                    }
+                }
+                Some(()) = link_events.recv() => {
+                    while link_events.try_recv().is_ok() {}
+                    if let Err(e) = progs.sync_pods(&patterns) {
+                        warn!("pod interface sync failed: {e:#}");
+                    }
+                    match node_addresses(&args.iface) {
+                        Ok(addrs) if addrs != node.addresses => {
+                            info!(addresses = ?addrs, "node addresses changed");
+                            node.addresses = addrs;
+                            if let Err(e) = write_config(&mut maps, &node, snat_ports)
+                                .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps))
+                            {
+                                error!("resync after address change failed: {e:#}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("reading node addresses failed: {e:#}"),
+                    }
+                }
+                _ = sigterm.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        info!("exiting; programs stay attached and maps stay pinned (`lb-agent cleanup` removes them)");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+fn write_config(maps: &mut Maps, node: &NodeInfo, snat_ports: (u16, u16)) -> Result<()> {
+    let node_addr4_be = node
+        .addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .map_or(0, |a| addr_be(*a).0[0]);
+    if node_addr4_be == 0 {
+        warn!("no IPv4 address on the external interfaces: NodePorts to remote backends cannot be SNATed");
+    }
+    let cfg = Config {
+        node_addr4_be,
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
+        node_addr6_be: [0; 4],
+    };
+    maps.config.set(0, cfg, 0).context("write config map")
+}
+
+/// Reads the manifests folder and makes the maps match it.
+fn sync(dir: &Path, node: &NodeInfo, reconciler: &mut Reconciler, maps: &mut Maps) -> Result<()> {
+    let objects = manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
+    let (model, problems) = model::build(&objects.services, &objects.slices, node);
+    for p in objects.problems.iter().chain(&problems) {
+        warn!(object = %p.object, "skipped: {}", p.message);
+    }
+    let report = reconciler.apply(&model, maps);
+    info!(
+        services = model.services.len(),
+        writes = report.writes,
+        deletes = report.deletes,
+        failures = report.failures.len(),
+        "synced"
+    );
+    Ok(())
+}
+
+/// Link and address changes in this network namespace, as a stream of
+/// wake-ups (the receiver re-reads what it needs).
+fn link_events() -> Result<mpsc::Receiver<()>> {
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    const RTMGRP_LINK: u32 = 0x1;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    let mut socket = Socket::new(NETLINK_ROUTE).context("open netlink socket")?;
+    socket
+        .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+        .context("subscribe to netlink link events")?;
+    let (tx, rx) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(65536);
+            loop {
+                buf.clear();
+                if socket.recv(&mut buf, 0).is_err() {
+                    // ENOBUFS after a burst: events were lost, which a
+                    // wake-up covers, since the receiver rescans anyway.
+                }
+                if tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        })
+        .context("start netlink thread")?;
+    Ok(rx)
+}

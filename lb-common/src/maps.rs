@@ -16,6 +16,9 @@ pub const CONFIG: &str = "LB_CONFIG_V1";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V1";
 
+/// Service port names: `u32` svc_id → [`crate::ServiceName`] (user space only).
+pub const NAMES: &str = "LB_NAMES_V1";
+
 /// Default capacity of the services map.
 pub const SERVICES_MAX: u32 = 65536;
 /// Default capacity of the slots map.
@@ -26,7 +29,7 @@ pub const BACKENDS_MAX: u32 = 65536;
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, CONFIG, STATS];
+pub const ALL: [&str; 7] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, CONFIG, STATS, NAMES];
 
 /// The XDP program on the node's external interfaces.
 pub const PROG_XDP_NODE: &str = "lb_xdp_node";

@@ -83,4 +83,23 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
-pod!(ServiceKey, ServiceValue, SlotKey, Backend);
+/// Longest Service port name kept in [`ServiceName`].
+pub const SERVICE_NAME_LEN: usize = 128;
+
+/// A Service port's name (`namespace/name:port/PROTO`), NUL-padded, so that
+/// `lb-agent services` and `bpftool` can say which Service an id is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// UTF-8 bytes, NUL-padded.
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { bytes: [0; SERVICE_NAME_LEN] }
+    }
+}
+
+pod!(ServiceKey, ServiceValue, SlotKey, Backend, ServiceName);

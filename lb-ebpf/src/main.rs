@@ -1,2 +1,87 @@
+//! The lb datapath: XDP on node interfaces, TC ingress on node and pod
+//! interfaces, all running one ladder of stages (see `pipeline`).
 #![no_std]
 #![no_main]
+
+mod conntrack;
+mod csum;
+mod forward;
+mod frontend;
+mod maps;
+mod nat;
+mod packet;
+mod parse;
+mod pipeline;
+mod reject;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::{
+    packet::{tc_pull, Hook, Packet},
+    pipeline::{process, Verdict},
+};
+
+/// Headers TC needs linear before the ladder reads them directly.
+const TC_PULL_LEN: u32 = 128;
+
+/// North-south traffic on a node's external interface.
+#[xdp]
+pub fn lb_xdp_node(mut ctx: XdpContext) -> u32 {
+    let ingress = Packet::ifindex(&ctx);
+    match process(&mut ctx, Hook::XdpNode) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Bounce => xdp_action::XDP_TX,
+        Verdict::Redirect(ifindex) if ifindex == ingress => xdp_action::XDP_TX,
+        // SAFETY: the helper validates the ifindex.
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        // The ladder never asks XDP for a neighbour redirect; drop if it did.
+        Verdict::RedirectNeigh(_) => xdp_action::XDP_DROP,
+    }
+}
+
+/// XDP's slow path on a node's external interface.
+#[classifier]
+pub fn lb_tc_node(ctx: TcContext) -> i32 {
+    tc(ctx, Hook::TcNode)
+}
+
+/// East-west traffic leaving pods (host side of the pod interface).
+#[classifier]
+pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+    tc(ctx, Hook::TcPod)
+}
+
+#[inline(always)]
+fn tc(mut ctx: TcContext, hook: Hook) -> i32 {
+    tc_pull(&ctx, TC_PULL_LEN);
+    let ingress = Packet::ifindex(&ctx);
+    // SAFETY (all arms): the redirect helpers validate the ifindex.
+    match process(&mut ctx, hook) {
+        Verdict::Pass => TC_ACT_OK as i32,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+        Verdict::Bounce => unsafe { bpf_redirect(ingress, 0) as i32 },
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// License required for GPL-only helpers (fib lookup, redirect_neigh).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,5 @@
+//! The only code that touches BPF maps, programs, links and bpffs.
+
+pub mod bpffs;
+pub mod maps;
+pub mod programs;

@@ -1,0 +1,401 @@
+//! Turning the desired model into map contents, changing only what differs.
+//!
+//! Order is what keeps the datapath whole (STYLE.md 7): backends first, then
+//! the new slot table under the inactive generation, then the frontend
+//! records that point at it, and only then the old generation's slots and the
+//! backends nobody uses any more. A packet therefore always finds a complete
+//! table behind any frontend it matches.
+//!
+//! The reconciler keeps a mirror of what it wrote. At start it builds that
+//! mirror from the maps themselves ([`Reconciler::adopt`]), so a restarted
+//! agent compares against reality and rewrites nothing that is already right.
+
+mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use lb_common::{
+    family, proto,
+    service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
+    Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue, SlotKey,
+};
+use tracing::{debug, warn};
+
+use crate::model::{FrontendKind, Model, Protocol};
+
+pub use store::{MemStore, Snapshot, Store, StoreError};
+
+/// What the maps should hold for one Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DesiredService {
+    frontends: BTreeMap<ServiceKey, u32>,
+    /// Backends in table order (the model's endpoint order: sorted, so every
+    /// node builds the same table).
+    backends: Vec<Backend>,
+}
+
+/// What the reconciler last wrote for one Service port.
+#[derive(Clone, Debug, Default)]
+struct AppliedService {
+    name: String,
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    generation: u32,
+    table: Vec<BackendId>,
+}
+
+/// Identity of a backend: the same address and port is one backend id
+/// however many Services use it.
+type BackendIdentity = (IpAddrBe, u16, u8);
+
+fn identity(b: &Backend) -> BackendIdentity {
+    (b.addr_be, b.port_be, b.family)
+}
+
+/// Converts an address into the datapath's representation.
+pub fn addr_be(addr: IpAddr) -> (IpAddrBe, u8) {
+    match addr {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], family::V4),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let mut w = [0u32; 4];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+            (w, family::V6)
+        }
+    }
+}
+
+/// Converts the datapath's representation back into an address.
+pub fn addr_from_be(addr: IpAddrBe, fam: u8) -> IpAddr {
+    if fam == family::V6 {
+        let mut o = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(addr[0].to_ne_bytes())
+    }
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => proto::TCP,
+        Protocol::Udp => proto::UDP,
+        Protocol::Sctp => proto::SCTP,
+    }
+}
+
+fn kind_flags(k: FrontendKind) -> u32 {
+    match k {
+        FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_F_NODEPORT,
+        FrontendKind::External => SVC_F_EXTERNAL,
+    }
+}
+
+/// A Service port the reconciler could not program, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// `namespace/name:port/PROTO`.
+    pub service: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Counts of map operations one apply performed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Entries written.
+    pub writes: usize,
+    /// Entries deleted.
+    pub deletes: usize,
+    /// Service ports that could not be programmed.
+    pub failures: Vec<Failure>,
+}
+
+/// Keeps the maps equal to the model.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    services: BTreeMap<u32, AppliedService>,
+    by_name: HashMap<String, u32>,
+    /// Which Service port owns each frontend key.
+    owners: BTreeMap<ServiceKey, u32>,
+    backends: HashMap<BackendId, Backend>,
+    backend_ids: HashMap<BackendIdentity, BackendId>,
+}
+
+impl Reconciler {
+    /// Builds the mirror from what the maps hold now (left by an earlier agent).
+    pub fn adopt(snap: &Snapshot) -> Self {
+        let mut r = Self::default();
+        for (id, b) in &snap.backends {
+            r.backends.insert(*id, *b);
+            r.backend_ids.insert(identity(b), *id);
+        }
+        for (key, value) in &snap.services {
+            let svc = r.services.entry(value.svc_id).or_default();
+            svc.frontends.insert(*key, *value);
+            svc.generation = value.generation;
+            r.owners.insert(*key, value.svc_id);
+        }
+        for (svc_id, svc) in &mut r.services {
+            let count = svc.frontends.values().map(|v| v.slot_count).max().unwrap_or(0);
+            svc.table = (0..count)
+                .map(|index| {
+                    let key = SlotKey { svc_id: *svc_id, generation: svc.generation, index };
+                    snap.slot(&key).unwrap_or(0)
+                })
+                .collect();
+        }
+        for (svc_id, name) in &snap.names {
+            if let Some(svc) = r.services.get_mut(svc_id) {
+                svc.name.clone_from(name);
+                r.by_name.insert(name.clone(), *svc_id);
+            }
+        }
+        // Records without a name cannot be matched to the model: they are
+        // removed on the first apply like any other Service that is gone.
+        r
+    }
+
+    /// Number of Service ports currently programmed.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Makes the maps hold `model`, in make-before-break order.
+    pub fn apply(&mut self, model: &Model, store: &mut dyn Store) -> Report {
+        let mut report = Report::default();
+        let desired = desired(model);
+
+        for (name, want) in &desired {
+            if let Err(e) = self.apply_service(name, want, store, &mut report) {
+                warn!(service = %name, "cannot program Service port: {e}");
+                report.failures.push(Failure { service: name.clone(), message: e.to_string() });
+            }
+        }
+
+        let gone: Vec<u32> = self
+            .services
+            .iter()
+            .filter(|(_, s)| !desired.contains_key(&s.name))
+            .map(|(id, _)| *id)
+            .collect();
+        for svc_id in gone {
+            if let Err(e) = self.remove_service(svc_id, store, &mut report) {
+                warn!(svc_id, "cannot remove Service port: {e}");
+            }
+        }
+
+        let used: BTreeSet<BackendId> =
+            self.services.values().flat_map(|s| s.table.iter().copied()).collect();
+        let unused: Vec<BackendId> =
+            self.backends.keys().filter(|id| !used.contains(id)).copied().collect();
+        for id in unused {
+            match store.del_backend(id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    if let Some(b) = self.backends.remove(&id) {
+                        self.backend_ids.remove(&identity(&b));
+                    }
+                }
+                Err(e) => warn!(backend = id, "cannot remove backend: {e}"),
+            }
+        }
+        report
+    }
+
+    fn apply_service(
+        &mut self,
+        name: &str,
+        want: &DesiredService,
+        store: &mut dyn Store,
+        report: &mut Report,
+    ) -> Result<(), StoreError> {
+        let existing = self.by_name.get(name).copied();
+        let svc_id = match existing {
+            Some(id) => id,
+            None => self.allocate_svc_id(),
+        };
+
+        let mut table = Vec::with_capacity(want.backends.len());
+        for b in &want.backends {
+            table.push(self.ensure_backend(b, store, report)?);
+        }
+
+        let (old_gen, old_table) = match self.services.get(&svc_id) {
+            Some(s) => (s.generation, s.table.clone()),
+            None => (1, Vec::new()),
+        };
+        let generation = if existing.is_some() && old_table == table { old_gen } else { 1 - old_gen };
+        if generation != old_gen {
+            for (index, id) in table.iter().enumerate() {
+                let key = SlotKey { svc_id, generation, index: index as u32 };
+                store.put_slot(key, *id)?;
+                report.writes += 1;
+            }
+        }
+
+        if existing.is_none() {
+            store.put_name(svc_id, name)?;
+            report.writes += 1;
+            self.by_name.insert(name.to_string(), svc_id);
+        }
+        let applied = self.services.entry(svc_id).or_insert_with(|| AppliedService {
+            name: name.to_string(),
+            generation: old_gen,
+            ..AppliedService::default()
+        });
+
+        let slot_count = table.len() as u32;
+        for (key, flags) in &want.frontends {
+            let value = ServiceValue { svc_id, slot_count, generation, flags: *flags };
+            if applied.frontends.get(key) != Some(&value) {
+                store.put_service(*key, value)?;
+                report.writes += 1;
+                applied.frontends.insert(*key, value);
+                self.owners.insert(*key, svc_id);
+            }
+        }
+        let stale: Vec<ServiceKey> =
+            applied.frontends.keys().filter(|k| !want.frontends.contains_key(k)).copied().collect();
+        for key in stale {
+            // Another Service port may have taken this frontend over already.
+            if self.owners.get(&key) == Some(&svc_id) {
+                store.del_service(key)?;
+                report.deletes += 1;
+                self.owners.remove(&key);
+            }
+            applied.frontends.remove(&key);
+        }
+
+        if generation != old_gen {
+            applied.generation = generation;
+            applied.table = table;
+            for index in 0..old_table.len() {
+                let key = SlotKey { svc_id, generation: old_gen, index: index as u32 };
+                store.del_slot(key)?;
+                report.deletes += 1;
+            }
+        }
+        debug!(service = name, svc_id, "programmed");
+        Ok(())
+    }
+
+    fn remove_service(
+        &mut self,
+        svc_id: u32,
+        store: &mut dyn Store,
+        report: &mut Report,
+    ) -> Result<(), StoreError> {
+        let Some(applied) = self.services.get(&svc_id).cloned() else { return Ok(()) };
+        for key in applied.frontends.keys() {
+            if self.owners.get(key) == Some(&svc_id) {
+                store.del_service(*key)?;
+                report.deletes += 1;
+                self.owners.remove(key);
+            }
+        }
+        for index in 0..applied.table.len() {
+            let key = SlotKey { svc_id, generation: applied.generation, index: index as u32 };
+            store.del_slot(key)?;
+            report.deletes += 1;
+        }
+        store.del_name(svc_id)?;
+        report.deletes += 1;
+        self.services.remove(&svc_id);
+        self.by_name.remove(&applied.name);
+        debug!(service = %applied.name, svc_id, "removed");
+        Ok(())
+    }
+
+    fn ensure_backend(
+        &mut self,
+        b: &Backend,
+        store: &mut dyn Store,
+        report: &mut Report,
+    ) -> Result<BackendId, StoreError> {
+        let id = match self.backend_ids.get(&identity(b)) {
+            Some(id) => *id,
+            None => {
+                let id = lowest_free(|id| self.backends.contains_key(&id));
+                self.backend_ids.insert(identity(b), id);
+                id
+            }
+        };
+        if self.backends.get(&id) != Some(b) {
+            if let Err(e) = store.put_backend(id, b) {
+                if !self.backends.contains_key(&id) {
+                    self.backend_ids.remove(&identity(b));
+                }
+                return Err(e);
+            }
+            report.writes += 1;
+            self.backends.insert(id, *b);
+        }
+        Ok(id)
+    }
+
+    fn allocate_svc_id(&self) -> u32 {
+        lowest_free(|id| self.services.contains_key(&id))
+    }
+}
+
+/// The lowest id from 1 up that `taken` says is free.
+fn lowest_free(taken: impl Fn(u32) -> bool) -> u32 {
+    (1..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
+}
+
+/// The map-level picture of the model, by Service port name.
+fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
+    let mut out = BTreeMap::new();
+    for (r, sp) in &model.services {
+        let name = format!("{r}/{}", protocol_name(r.protocol));
+        if r.protocol == Protocol::Sctp {
+            // Carried by the model; the datapath does not translate SCTP yet.
+            debug!(service = %name, "SCTP is not supported by the datapath yet; skipped");
+            continue;
+        }
+        let p = proto_number(r.protocol);
+        let frontends = sp
+            .frontends
+            .iter()
+            .map(|f| {
+                let (addr, fam) = addr_be(f.addr);
+                (ServiceKey { addr_be: addr, port_be: f.port.to_be(), proto: p, family: fam }, kind_flags(f.kind))
+            })
+            .fold(BTreeMap::new(), |mut m, (k, flags)| {
+                *m.entry(k).or_insert(0) |= flags;
+                m
+            });
+        let backends = sp
+            .active_endpoints()
+            .map(|e| {
+                let (addr, fam) = addr_be(e.addr);
+                Backend {
+                    addr_be: addr,
+                    port_be: e.port.to_be(),
+                    family: fam,
+                    flags: if e.local { BACKEND_F_LOCAL } else { 0 },
+                }
+            })
+            .collect();
+        out.insert(name, DesiredService { frontends, backends });
+    }
+    out
+}
+
+/// The protocol as Kubernetes spells it.
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+use std::net::IpAddr;
+
+use super::*;
+use crate::model::{Endpoint, Frontend, ServicePort, ServicePortRef};
+
+/// A store that checks, after every single operation, that each frontend
+/// leads to a complete table of existing backends: what a packet could see
+/// at any instant.
+#[derive(Default)]
+struct CheckedStore {
+    inner: MemStore,
+    violations: Vec<String>,
+}
+
+impl CheckedStore {
+    fn check(&mut self, op: &str) {
+        let snap = &self.inner.snap;
+        for (key, v) in &snap.services {
+            for index in 0..v.slot_count {
+                let slot = SlotKey { svc_id: v.svc_id, generation: v.generation, index };
+                match snap.slot(&slot) {
+                    Some(id) if snap.backends.contains_key(&id) => {}
+                    other => self.violations.push(format!(
+                        "after {op}: frontend {key:?} slot {index} -> {other:?}"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+macro_rules! checked {
+    ($($f:ident($($a:ident: $t:ty),*)),* $(,)?) => {
+        impl Store for CheckedStore {
+            $(fn $f(&mut self, $($a: $t),*) -> Result<(), StoreError> {
+                self.inner.$f($($a),*)?;
+                self.check(stringify!($f));
+                Ok(())
+            })*
+        }
+    };
+}
+
+checked!(
+    put_backend(id: BackendId, b: &Backend),
+    del_backend(id: BackendId),
+    put_slot(key: SlotKey, id: BackendId),
+    del_slot(key: SlotKey),
+    put_service(key: ServiceKey, value: ServiceValue),
+    del_service(key: ServiceKey),
+    put_name(svc_id: u32, name: &str),
+    del_name(svc_id: u32),
+);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef, ServicePort) {
+    let r = ServicePortRef {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    let sp = ServicePort {
+        frontends: vec![Frontend { addr: ip(vip), port, kind: FrontendKind::ClusterIp }],
+        endpoints: endpoints
+            .iter()
+            .map(|e| Endpoint {
+                addr: ip(e),
+                port: 8080,
+                local: false,
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
+            .collect(),
+    };
+    (r, sp)
+}
+
+fn model(services: &[(ServicePortRef, ServicePort)]) -> Model {
+    Model { services: services.iter().cloned().collect() }
+}
+
+fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
+    let (addr, fam) = addr_be(ip(vip));
+    let key = ServiceKey { addr_be: addr, port_be: port.to_be(), proto: proto::TCP, family: fam };
+    let Some(v) = store.snap.services.get(&key) else { return Vec::new() };
+    (0..v.slot_count)
+        .map(|index| {
+            let id = store
+                .snap
+                .slot(&SlotKey { svc_id: v.svc_id, generation: v.generation, index })
+                .expect("slot");
+            let b = store.snap.backends[&id];
+            addr_from_be(b.addr_be, b.family)
+        })
+        .collect()
+}
+
+#[test]
+fn programs_a_service_and_its_backends_in_table_order() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::default();
+    let m = model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10", "10.244.2.10"])]);
+    let report = r.apply(&m, &mut store);
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        frontend_backends(&store.inner, "10.96.0.10", 80),
+        vec![ip("10.244.1.10"), ip("10.244.2.10")]
+    );
+    assert_eq!(store.inner.snap.names.values().next().map(String::as_str), Some("default/web/TCP"));
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+}
+
+#[test]
+fn applying_the_same_model_twice_writes_nothing() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::default();
+    let m = model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10"])]);
+    r.apply(&m, &mut store);
+    let before = store.inner.ops;
+    let report = r.apply(&m, &mut store);
+    assert_eq!((report.writes, report.deletes), (0, 0));
+    assert_eq!(store.inner.ops, before);
+}
+
+#[test]
+fn every_change_is_make_before_break() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::default();
+    let steps = [
+        vec![svc("a", "10.96.0.1", 80, &["10.244.1.10", "10.244.1.11"])],
+        vec![svc("a", "10.96.0.1", 80, &["10.244.1.11", "10.244.2.10"])],
+        vec![svc("a", "10.96.0.1", 80, &[]), svc("b", "10.96.0.2", 53, &["10.244.1.10"])],
+        vec![svc("b", "10.96.0.2", 53, &["10.244.1.10", "10.244.1.12"])],
+        // The frontend of "a" moves to "c" in one step.
+        vec![svc("c", "10.96.0.1", 80, &["10.244.2.11"])],
+        vec![],
+    ];
+    for step in &steps {
+        let report = r.apply(&model(step), &mut store);
+        assert!(report.failures.is_empty(), "{report:?}");
+    }
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+    assert_eq!(store.inner.snap, Snapshot::default(), "everything removed at the end");
+}
+
+#[test]
+fn frontend_taken_over_by_another_service_stays_programmed() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::default();
+    r.apply(&model(&[svc("a", "10.96.0.1", 80, &["10.244.1.10"])]), &mut store);
+    r.apply(&model(&[svc("z", "10.96.0.1", 80, &["10.244.2.10"])]), &mut store);
+    assert_eq!(frontend_backends(&store.inner, "10.96.0.1", 80), vec![ip("10.244.2.10")]);
+}
+
+#[test]
+fn no_ready_endpoint_leaves_an_empty_table() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::default();
+    let (rf, mut sp) = svc("a", "10.96.0.1", 80, &["10.244.1.10"]);
+    sp.endpoints[0].ready = false;
+    r.apply(&model(&[(rf, sp)]), &mut store);
+    let v = store.inner.snap.services.values().next().expect("frontend kept");
+    assert_eq!(v.slot_count, 0, "a frontend with no endpoint rejects instead of vanishing");
+}
+
+#[test]
+fn adopting_the_maps_of_an_earlier_agent_changes_nothing() {
+    let m = model(&[
+        svc("a", "10.96.0.1", 80, &["10.244.1.10", "10.244.2.10"]),
+        svc("b", "10.96.0.2", 80, &["10.244.1.10"]),
+    ]);
+    let mut store = CheckedStore::default();
+    Reconciler::default().apply(&m, &mut store);
+    // A second apply on a fresh reconciler flips the generation once.
+    let mut again = Reconciler::adopt(&store.inner.snap);
+    let report = again.apply(&m, &mut store);
+    assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+}
+
+#[test]
+fn addresses_round_trip() {
+    for a in ["10.96.0.1", "255.1.2.3", "fd00::1", "2001:db8::42"] {
+        let (w, fam) = addr_be(ip(a));
+        assert_eq!(addr_from_be(w, fam), ip(a));
+    }
+    assert_eq!(addr_be(ip("10.0.0.1")).0[0], u32::from_ne_bytes([10, 0, 0, 1]));
+}

@@ -1,0 +1,134 @@
+//! Connection tracking: find a flow's translation, or create both entries of
+//! a new flow.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use lb_common::{
+    conntrack::{CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
+    hash::flow_hash,
+    service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
+    stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
+};
+
+use crate::{
+    maps::{LB_CONFIG_V1, LB_CT_V1},
+    packet::Hook,
+    parse::Flow,
+};
+
+/// Refresh `last_seen_ns` at most this often, so that busy flows do not
+/// bounce the entry's cache line between CPUs on every packet.
+const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// How many SNAT ports a new flow tries before giving up.
+const SNAT_TRIES: u32 = 16;
+
+/// The translation of an existing flow, refreshing its idle timer.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<CtValue> {
+    let entry = LB_CT_V1.get_ptr_mut(key)?;
+    // SAFETY: LRU entries stay valid for the program's run; a racing update
+    // of `last_seen_ns` by another CPU is harmless.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.wrapping_sub((*entry).last_seen_ns) > TOUCH_INTERVAL_NS {
+            (*entry).last_seen_ns = now;
+        }
+        Some(*entry)
+    }
+}
+
+/// Records a new flow to `backend` in both directions and returns the
+/// forward translation; `Err` is the drop reason.
+#[inline(always)]
+pub fn create(
+    flow: &Flow,
+    svc: &ServiceValue,
+    backend_id: BackendId,
+    backend: &Backend,
+    hook: Hook,
+) -> Result<CtValue, u32> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Traffic from outside the cluster to another node's backend must come
+    // back through this node: give it this node's address as source.
+    let snat = hook.is_external() && backend.flags & BACKEND_F_LOCAL == 0;
+    let mut fwd = CtValue {
+        nat_daddr_be: backend.addr_be,
+        nat_dport_be: backend.port_be,
+        flags: CT_F_DNAT,
+        backend_id,
+        svc_id: svc.svc_id,
+        last_seen_ns: now,
+        ..CtValue::default()
+    };
+    let mut reply_key = CtKey {
+        saddr_be: backend.addr_be,
+        daddr_be: flow.saddr,
+        sport_be: backend.port_be,
+        dport_be: flow.sport,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    };
+    let mut reply = CtValue {
+        nat_saddr_be: flow.daddr,
+        nat_sport_be: flow.dport,
+        flags: CT_F_SNAT | CT_F_REPLY,
+        backend_id,
+        svc_id: svc.svc_id,
+        last_seen_ns: now,
+        ..CtValue::default()
+    };
+    // A reply whose new source is one of this node's addresses (a NodePort)
+    // would be dropped by the stack as martian: it must be forwarded here.
+    if svc.flags & SVC_F_NODEPORT != 0 {
+        reply.flags |= CT_F_FORWARD;
+    }
+
+    if !snat {
+        LB_CT_V1
+            .insert(&reply_key, &reply, u64::from(BPF_ANY))
+            .map_err(|_| stats::DROP_CT_FULL)?;
+        LB_CT_V1
+            .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))
+            .map_err(|_| stats::DROP_CT_FULL)?;
+        return Ok(fwd);
+    }
+
+    let cfg = LB_CONFIG_V1.get(0).ok_or(stats::DROP_SNAT_EXHAUSTED)?;
+    if cfg.node_addr4_be == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return Err(stats::DROP_SNAT_EXHAUSTED);
+    }
+    let node = [cfg.node_addr4_be, 0, 0, 0];
+    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
+    let start = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
+    fwd.nat_saddr_be = node;
+    fwd.flags |= CT_F_SNAT | CT_F_FORWARD;
+    reply.nat_daddr_be = flow.saddr;
+    reply.nat_dport_be = flow.sport;
+    reply.flags |= CT_F_DNAT | CT_F_FORWARD;
+    reply_key.daddr_be = node;
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = cfg.snat_port_min + (start.wrapping_add(i) % range) as u16;
+        reply_key.dport_be = port.to_be();
+        // NOEXIST makes the reply tuple, and so the port, ours alone.
+        if LB_CT_V1.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+            fwd.nat_sport_be = port.to_be();
+            if LB_CT_V1
+                .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))
+                .is_err()
+            {
+                let _ = LB_CT_V1.remove(&reply_key);
+                return Err(stats::DROP_CT_FULL);
+            }
+            return Ok(fwd);
+        }
+        i += 1;
+    }
+    Err(stats::DROP_SNAT_EXHAUSTED)
+}

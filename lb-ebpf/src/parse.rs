@@ -1,0 +1,174 @@
+//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into one [`Flow`].
+//!
+//! The parser reads, never writes. Anything it cannot read completely is
+//! `Err` (passed untouched); anything it can read but does not translate
+//! (other protocols, VLAN tags, later IP fragments) is `Ok(None)`.
+
+use lb_common::{family, proto, CtKey, IpAddrBe};
+
+use crate::packet::{Packet, PacketError};
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offset of the IPv4 header checksum within the header.
+pub const IP4_CSUM: usize = 10;
+/// Offset of the IPv4 source address within the header.
+pub const IP4_SADDR: usize = 12;
+/// Offset of the IPv4 destination address within the header.
+pub const IP4_DADDR: usize = 16;
+/// Offset of the TCP checksum within the TCP header.
+pub const TCP_CSUM: usize = 16;
+/// Offset of the UDP checksum within the UDP header.
+pub const UDP_CSUM: usize = 6;
+/// TCP header length without options.
+pub const TCP_HLEN: usize = 20;
+/// UDP header length.
+pub const UDP_HLEN: usize = 8;
+
+/// TCP flag bits (byte 13 of the header).
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// The fixed TCP header. Variable-offset headers are read whole: one bounds
+/// check the verifier can follow, instead of one per field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Sequence number, network order.
+    pub seq: u32,
+    /// Acknowledgment number, network order.
+    pub ack: u32,
+    /// Data offset (high nibble, in 32-bit words).
+    pub doff: u8,
+    /// Flags.
+    pub flags: u8,
+    /// Window, network order.
+    pub window: u16,
+    /// Checksum.
+    pub check: u16,
+    /// Urgent pointer.
+    pub urg: u16,
+}
+
+/// The UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Length, network order.
+    pub len: u16,
+    /// Checksum.
+    pub check: u16,
+}
+
+/// A parsed packet: its 5-tuple and where its headers are.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    /// Address family.
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+    /// Source address, network order.
+    pub saddr: IpAddrBe,
+    /// Destination address, network order.
+    pub daddr: IpAddrBe,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Offset of the L3 header.
+    pub l3_off: usize,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+}
+
+impl Flow {
+    /// The conntrack key of this packet as it is on the wire.
+    #[inline(always)]
+    pub fn ct_key(&self) -> CtKey {
+        CtKey {
+            saddr_be: self.saddr,
+            daddr_be: self.daddr,
+            sport_be: self.sport,
+            dport_be: self.dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Offset of the L4 checksum.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + if self.proto == proto::TCP { TCP_CSUM } else { UDP_CSUM }
+    }
+}
+
+/// Parses the packet's headers.
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
+    let ethertype = u16::from_be(pkt.load::<u16>(12)?);
+    if ethertype != ETH_P_IP {
+        return Ok(None);
+    }
+    let l3_off = ETH_HLEN;
+    let ver_ihl: u8 = pkt.load(l3_off)?;
+    if ver_ihl >> 4 != 4 {
+        return Err(PacketError);
+    }
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(PacketError);
+    }
+    // Later fragments carry no ports, and a first fragment's ports would
+    // send its tail elsewhere: fragments are not translated (for now).
+    let frag: u16 = u16::from_be(pkt.load(l3_off + 6)?);
+    if frag & 0x3fff != 0 {
+        return Ok(None);
+    }
+    let l4_proto: u8 = pkt.load(l3_off + 9)?;
+    let l4_off = l3_off + ihl;
+    // The whole fixed L4 header must be there before anything is rewritten.
+    let (sport, dport, tcp_flags) = match l4_proto {
+        proto::TCP => {
+            let h: TcpHdr = pkt.load(l4_off)?;
+            (h.sport, h.dport, h.flags)
+        }
+        proto::UDP => {
+            let h: UdpHdr = pkt.load(l4_off)?;
+            (h.sport, h.dport, 0)
+        }
+        _ => return Ok(None),
+    };
+    let saddr: u32 = pkt.load(l3_off + IP4_SADDR)?;
+    let daddr: u32 = pkt.load(l3_off + IP4_DADDR)?;
+    Ok(Some(Flow {
+        family: family::V4,
+        proto: l4_proto,
+        tcp_flags,
+        saddr: [saddr, 0, 0, 0],
+        daddr: [daddr, 0, 0, 0],
+        sport,
+        dport,
+        l3_off,
+        l4_off,
+    }))
+}

@@ -1,0 +1,123 @@
+//! The per-packet ladder shared by every entry point:
+//! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
+
+use lb_common::{conntrack::CT_F_FORWARD, stats, CtValue};
+
+use crate::{
+    conntrack, forward,
+    forward::Route,
+    frontend, nat,
+    packet::{Hook, Packet},
+    parse::{self, Flow},
+    reject, select,
+    stats::count,
+};
+
+/// What the entry point should do with the packet.
+pub enum Verdict {
+    /// Hand it to the stack.
+    Pass,
+    /// Drop it; the reason was counted.
+    Drop,
+    /// Send it back out the interface it came from (a refusal).
+    Bounce,
+    /// Send it out `ifindex`; MACs are already written.
+    Redirect(u32),
+    /// Send it out `ifindex`, letting the kernel resolve the neighbour (TC only).
+    RedirectNeigh(u32),
+}
+
+/// Runs the whole ladder on one packet.
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
+    let len = pkt.len();
+    let flow = match parse::parse(pkt) {
+        Ok(Some(flow)) => flow,
+        Ok(None) => {
+            count(stats::PASS_UNSUPPORTED, len);
+            return Verdict::Pass;
+        }
+        Err(_) => {
+            count(stats::PASS_MALFORMED, len);
+            return Verdict::Pass;
+        }
+    };
+
+    if let Some(ct) = conntrack::lookup(&flow.ct_key()) {
+        count(stats::CT_HIT, len);
+        return translate(pkt, &flow, &ct, hook);
+    }
+
+    let Some(svc) = frontend::lookup(&flow) else {
+        count(stats::PASS_NO_SERVICE, len);
+        return Verdict::Pass;
+    };
+    if svc.slot_count == 0 {
+        return match reject::reject(pkt, &flow) {
+            Ok(()) => {
+                count(stats::REJECT_NO_ENDPOINT, len);
+                Verdict::Bounce
+            }
+            Err(_) => drop(stats::DROP_REWRITE, len),
+        };
+    }
+    let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
+        return drop(stats::DROP_NO_BACKEND, len);
+    };
+    match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
+        Ok(ct) => {
+            count(stats::NEW_FLOW, len);
+            translate(pkt, &flow, &ct, hook)
+        }
+        Err(reason) => drop(reason, len),
+    }
+}
+
+#[inline(always)]
+fn drop(reason: u32, len: u32) -> Verdict {
+    count(reason, len);
+    Verdict::Drop
+}
+
+/// Applies a flow's translation and decides where the packet goes.
+#[inline(always)]
+fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
+    let len = pkt.len();
+    if ct.flags & CT_F_FORWARD == 0 {
+        return match nat::rewrite(pkt, flow, ct) {
+            Ok(()) => Verdict::Pass,
+            Err(_) => drop(stats::DROP_REWRITE, len),
+        };
+    }
+    let (saddr, sport) = if ct.flags & lb_common::conntrack::CT_F_SNAT != 0 {
+        (ct.nat_saddr_be, ct.nat_sport_be)
+    } else {
+        (flow.saddr, flow.sport)
+    };
+    let (daddr, dport) = if ct.flags & lb_common::conntrack::CT_F_DNAT != 0 {
+        (ct.nat_daddr_be, ct.nat_dport_be)
+    } else {
+        (flow.daddr, flow.dport)
+    };
+    let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
+    // XDP cannot resolve a neighbour: leave the packet untouched for the TC
+    // program on the same interface, which finds the conntrack entry just
+    // made and finishes the job with bpf_redirect_neigh.
+    if hook == Hook::XdpNode {
+        if let Route::NoNeighbour { .. } = route {
+            count(stats::XDP_TO_TC, len);
+            return Verdict::Pass;
+        }
+    }
+    if nat::rewrite(pkt, flow, ct).is_err() {
+        return drop(stats::DROP_REWRITE, len);
+    }
+    match route {
+        Route::Resolved { ifindex, smac, dmac } => match forward::set_macs(pkt, smac, dmac) {
+            Ok(()) => Verdict::Redirect(ifindex),
+            Err(_) => drop(stats::DROP_REWRITE, len),
+        },
+        Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
+        Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
+    }
+}

@@ -1,0 +1,28 @@
+//! Backend selection for a new flow.
+//!
+//! Invariant: the slot is a pure function of the flow's 5-tuple and the
+//! Service's active table, so every node picks the same backend for the same
+//! flow (Maglev will fill the same slot table with a consistent-hash layout).
+
+use lb_common::{hash::flow_hash, Backend, BackendId, ServiceValue, SlotKey};
+
+use crate::{
+    maps::{LB_BACKENDS_V1, LB_SLOTS_V1},
+    parse::Flow,
+};
+
+/// Picks the backend for a new flow; `None` if the table is inconsistent.
+#[inline(always)]
+pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
+    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
+    let hash = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
+    let slot = SlotKey {
+        svc_id: svc.svc_id,
+        generation: svc.generation,
+        index: hash % svc.slot_count,
+    };
+    // SAFETY: values are copied out at once.
+    let id = unsafe { *LB_SLOTS_V1.get(&slot)? };
+    let backend = unsafe { *LB_BACKENDS_V1.get(&id)? };
+    Some((id, backend))
+}
