@@ -19,7 +19,7 @@ use aya::{
         xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
 };
 use lb_common::maps;
 use tracing::{debug, info, warn};
@@ -52,6 +52,17 @@ impl Default for MapSizes {
             conntrack: maps::CONNTRACK_MAX,
         }
     }
+}
+
+/// The programs [`Programs::test_run`] can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestProgram {
+    /// XDP on a node interface.
+    XdpNode,
+    /// TC ingress on a node interface.
+    TcNode,
+    /// TC ingress on a pod interface.
+    TcPod,
 }
 
 /// Kinds of attachment, each with its own pin name prefix.
@@ -231,6 +242,32 @@ impl Programs {
             }
         }
         Ok(())
+    }
+
+    /// Runs one program on `packet` with BPF_PROG_TEST_RUN (no interface
+    /// involved; map side effects are real) and returns its return code and
+    /// the packet as it left the program.
+    pub fn test_run(&mut self, program: TestProgram, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let hook = match program {
+            TestProgram::XdpNode => Hook::Xdp,
+            TestProgram::TcNode => Hook::TcNode,
+            TestProgram::TcPod => Hook::TcPod,
+        };
+        // Room for packets that grow (an ICMP error is 28 bytes longer).
+        let mut out = vec![0u8; packet.len() + 256];
+        let prog = self.program(hook)?;
+        let o = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let res = match hook {
+            Hook::Xdp => <&mut Xdp>::try_from(prog)?.test_run(o),
+            Hook::TcNode | Hook::TcPod => <&mut SchedClassifier>::try_from(prog)?.test_run(o),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
     }
 
     fn program(&mut self, hook: Hook) -> Result<&mut aya::programs::Program> {

@@ -1,0 +1,123 @@
+//! One loaded datapath for BPF_PROG_TEST_RUN tests: programs loaded but not
+//! attached, maps pinned in a private bpffs, seeded through the agent's own
+//! reconciler, removed on drop.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::XdpMode;
+use lb_agent::{
+    datapath::{
+        bpffs,
+        maps::Maps,
+        programs::{MapSizes, Programs, TestProgram},
+    },
+    model::{Endpoint, Frontend, FrontendKind, Model, Protocol, ServicePort, ServicePortRef},
+    reconcile::{addr_be, Reconciler},
+};
+use lb_common::Config;
+
+/// The node address the fixture's config map holds (the SNAT source).
+pub const NODE_ADDR: &str = "10.99.0.1";
+
+/// A private, loaded, unattached datapath.
+pub struct Datapath {
+    /// The programs.
+    pub progs: Programs,
+    /// The maps.
+    pub maps: Maps,
+    reconciler: Reconciler,
+    dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs into a fresh bpffs under /run/lb-tests.
+    pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/run/lb-tests/unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        bpffs::ensure(&dir).expect("mount a bpffs for the test (run as root)");
+        let sizes = MapSizes { services: 1024, slots: 4096, backends: 1024, conntrack: 4096 };
+        let progs = Programs::load(&dir, sizes, XdpMode::Default).expect("load programs");
+        let mut maps = Maps::open(&dir).expect("open maps");
+        let node: IpAddr = NODE_ADDR.parse().expect("addr");
+        maps.config
+            .set(
+                0,
+                Config {
+                    node_addr4_be: addr_be(node).0[0],
+                    snat_port_min: 61000,
+                    snat_port_max: 65535,
+                    node_addr6_be: [0; 4],
+                },
+                0,
+            )
+            .expect("write config");
+        Self { progs, maps, reconciler: Reconciler::default(), dir }
+    }
+
+    /// Makes the maps hold exactly these Service ports.
+    pub fn apply(&mut self, services: &[(ServicePortRef, ServicePort)]) {
+        let model = Model { services: services.iter().cloned().collect() };
+        let report = self.reconciler.apply(&model, &mut self.maps);
+        assert!(report.failures.is_empty(), "apply failed: {report:?}");
+    }
+
+    /// Runs a program on a packet; returns its verdict and output bytes.
+    pub fn run(&mut self, prog: TestProgram, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.progs.test_run(prog, packet).expect("BPF_PROG_TEST_RUN")
+    }
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Service port for fixtures: `frontends` as (address, port, kind),
+/// `endpoints` as (address, port, on this node).
+pub fn service(
+    name: &str,
+    protocol: Protocol,
+    frontends: &[(&str, u16, FrontendKind)],
+    endpoints: &[(&str, u16, bool)],
+) -> (ServicePortRef, ServicePort) {
+    let r = ServicePortRef {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: String::new(),
+        protocol,
+    };
+    let sp = ServicePort {
+        frontends: frontends
+            .iter()
+            .map(|(a, port, kind)| Frontend { addr: a.parse().expect("addr"), port: *port, kind: *kind })
+            .collect(),
+        endpoints: endpoints
+            .iter()
+            .map(|(a, port, local)| Endpoint {
+                addr: a.parse().expect("addr"),
+                port: *port,
+                local: *local,
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
+            .collect(),
+    };
+    (r, sp)
+}
