@@ -137,14 +137,29 @@ fn main() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
-fn real_main(cli: Cli) -> Result<()> {
+fn real_main(mut cli: Cli) -> Result<()> {
+    // Entering another mount namespace resets the working directory, so
+    // relative paths are resolved first.
+    match &mut cli.command {
+        Command::Run(args) => {
+            args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
+            args.manifests = std::path::absolute(&args.manifests).context("--manifests")?;
+        }
+        Command::Services { bpffs, .. } | Command::Stats { bpffs, .. } | Command::Cleanup { bpffs } => {
+            *bpffs = std::path::absolute(&*bpffs).context("--bpffs")?;
+        }
+    }
     // Before any thread exists: setns into a mount namespace needs that.
     bpffs::enter_host_mount_ns()?;
     match cli.command {

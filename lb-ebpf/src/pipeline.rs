@@ -100,11 +100,14 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         (flow.daddr, flow.dport)
     };
     let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
-    // XDP cannot resolve a neighbour: leave the packet untouched for the TC
+    // XDP sends only back out the interface it runs on. It cannot resolve a
+    // neighbour, and a frame redirected into a veth is lost unless the peer
+    // runs XDP or GRO; so otherwise it leaves the packet untouched for the TC
     // program on the same interface, which finds the conntrack entry just
-    // made and finishes the job with bpf_redirect_neigh.
+    // made and finishes the job with bpf_redirect or bpf_redirect_neigh.
     if hook == Hook::XdpNode {
-        if let Route::NoNeighbour { .. } = route {
+        let same_device = matches!(route, Route::Resolved { ifindex, .. } if ifindex == pkt.ifindex());
+        if !same_device && !matches!(route, Route::Unreachable) {
             count(stats::XDP_TO_TC, len);
             return Verdict::Pass;
         }
