@@ -1,7 +1,7 @@
 //! `lb-agent`: run the node agent, inspect its maps, or remove everything.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -156,7 +156,9 @@ fn real_main(mut cli: Cli) -> Result<()> {
             args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
             args.manifests = std::path::absolute(&args.manifests).context("--manifests")?;
         }
-        Command::Services { bpffs, .. } | Command::Stats { bpffs, .. } | Command::Cleanup { bpffs } => {
+        Command::Services { bpffs, .. }
+        | Command::Stats { bpffs, .. }
+        | Command::Cleanup { bpffs } => {
             *bpffs = std::path::absolute(&*bpffs).context("--bpffs")?;
         }
     }
@@ -187,7 +189,10 @@ fn real_main(mut cli: Cli) -> Result<()> {
                     let map: serde_json::Map<String, serde_json::Value> = counters
                         .iter()
                         .map(|(n, c)| {
-                            ((*n).to_string(), serde_json::json!({"packets": c.packets, "bytes": c.bytes}))
+                            (
+                                (*n).to_string(),
+                                serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
+                            )
                         })
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&map)?);
@@ -204,10 +209,16 @@ fn real_main(mut cli: Cli) -> Result<()> {
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16)> {
-    let (a, b) = s.split_once('-').with_context(|| format!("--snat-ports {s}: expected MIN-MAX"))?;
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("--snat-ports {s}: expected MIN-MAX"))?;
     let (a, b): (u16, u16) = (
-        a.trim().parse().with_context(|| format!("--snat-ports: bad port {a}"))?,
-        b.trim().parse().with_context(|| format!("--snat-ports: bad port {b}"))?,
+        a.trim()
+            .parse()
+            .with_context(|| format!("--snat-ports: bad port {a}"))?,
+        b.trim()
+            .parse()
+            .with_context(|| format!("--snat-ports: bad port {b}"))?,
     );
     if a == 0 || a > b {
         bail!("--snat-ports {s}: need 1 <= MIN <= MAX");
@@ -218,14 +229,16 @@ fn parse_port_range(s: &str) -> Result<(u16, u16)> {
 /// IPv4 addresses of the given interfaces, in interface order.
 fn node_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
-    let all: Vec<_> = nix::ifaddrs::getifaddrs().context("list interface addresses")?.collect();
+    let all: Vec<_> = nix::ifaddrs::getifaddrs()
+        .context("list interface addresses")?
+        .collect();
     for iface in ifaces {
         for a in &all {
             if &a.interface_name != iface {
                 continue;
             }
             if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
-                out.push(IpAddr::V4(Ipv4Addr::from(sin.ip())));
+                out.push(IpAddr::V4(sin.ip()));
             }
         }
     }
@@ -254,7 +267,10 @@ fn run(args: &RunArgs) -> Result<()> {
     let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
     let mut maps = Maps::open(&args.bpffs)?;
 
-    let mut node = NodeInfo { name: args.node_name.clone(), addresses: node_addresses(&args.iface)? };
+    let mut node = NodeInfo {
+        name: args.node_name.clone(),
+        addresses: node_addresses(&args.iface)?,
+    };
     write_config(&mut maps, &node, snat_ports)?;
     for iface in &args.iface {
         progs.attach_node(iface)?;
@@ -262,7 +278,10 @@ fn run(args: &RunArgs) -> Result<()> {
     progs.sync_pods(&patterns)?;
 
     let mut reconciler = Reconciler::adopt(&maps.snapshot()?);
-    info!(services = reconciler.service_count(), "adopted existing maps");
+    info!(
+        services = reconciler.service_count(),
+        "adopted existing maps"
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -335,7 +354,8 @@ fn write_config(maps: &mut Maps, node: &NodeInfo, snat_ports: (u16, u16)) -> Res
 
 /// Reads the manifests folder and makes the maps match it.
 fn sync(dir: &Path, node: &NodeInfo, reconciler: &mut Reconciler, maps: &mut Maps) -> Result<()> {
-    let objects = manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
+    let objects =
+        manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
     let (model, problems) = model::build(&objects.services, &objects.slices, node);
     for p in objects.problems.iter().chain(&problems) {
         warn!(object = %p.object, "skipped: {}", p.message);

@@ -1,0 +1,1316 @@
+//! Services and EndpointSlices → [`Model`], with the semantics kube-proxy gives
+//! them.
+//!
+//! [`build`] is pure and total: any input yields a model plus a list of
+//! [`Problem`]s, and both are independent of the order of the input.
+//! Invalid parts are skipped at the smallest sensible grain (one address, one
+//! port, one slice) so that one bad object never hides the others.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tracing::debug;
+
+use super::{
+    Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
+    ServicePortRef,
+};
+
+/// Links an EndpointSlice to the Service (same namespace) it belongs to.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Marks a Service handled by another proxy: kube-proxy leaves it alone, so do we.
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Translates Services and their EndpointSlices into the desired state of
+/// this node, plus whatever had to be skipped and why.
+///
+/// Pure and deterministic: the result does not depend on the order of
+/// `services` or `slices`, and no input makes it panic.
+#[must_use]
+pub fn build(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+) -> (Model, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let slices = index_slices(slices, node, &mut problems);
+    let mut model = Model::default();
+    for svc in unique_services(services, &mut problems) {
+        translate_service(svc, &slices, node, &mut model, &mut problems);
+    }
+    resolve_frontend_conflicts(&mut model, &mut problems);
+    // Problems are collected in input order; sorting makes them as stable as
+    // the model, so a reload with the same files logs the same lines.
+    problems.sort_by(|a, b| (&a.object, &a.message).cmp(&(&b.object, &b.message)));
+    problems.dedup();
+    (model, problems)
+}
+
+/// `(namespace, name)` of an object, with the API server's defaults.
+fn identity(meta: &ObjectMeta) -> (String, String) {
+    let namespace = match meta.namespace.as_deref() {
+        None | Some("") => "default",
+        Some(ns) => ns,
+    };
+    let name = meta.name.as_deref().unwrap_or_default();
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// The Services to translate, sorted by identity, one per identity.
+///
+/// Identical copies (the same manifest in two files) collapse into one;
+/// differing copies cannot be told apart by order, so all of them are skipped.
+fn unique_services<'a>(services: &'a [Service], problems: &mut Vec<Problem>) -> Vec<&'a Service> {
+    let mut by_id: BTreeMap<(String, String), Vec<&Service>> = BTreeMap::new();
+    for svc in services {
+        let (namespace, name) = identity(&svc.metadata);
+        if name.is_empty() {
+            problems.push(Problem {
+                object: format!("Service {namespace}/"),
+                message: "has no metadata.name; Service skipped".to_owned(),
+            });
+            continue;
+        }
+        by_id.entry((namespace, name)).or_default().push(svc);
+    }
+    let mut out = Vec::with_capacity(by_id.len());
+    for ((namespace, name), copies) in by_id {
+        let first = copies[0];
+        if copies.iter().all(|c| *c == first) {
+            out.push(first);
+        } else {
+            problems.push(Problem {
+                object: format!("Service {namespace}/{name}"),
+                message: format!(
+                    "defined {} times with different contents; every copy skipped until only one remains",
+                    copies.len()
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// The usable content of one EndpointSlice.
+struct Slice {
+    /// Port number by `(name, protocol)`: how this slice resolves a targetPort.
+    ports: BTreeMap<(String, Protocol), u16>,
+    /// One entry per valid address; `port` is filled in per Service port.
+    endpoints: Vec<Endpoint>,
+}
+
+/// Validates every EndpointSlice once and groups them by owning Service.
+fn index_slices(
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<(String, String), Vec<Slice>> {
+    let mut out: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
+    for slice in slices {
+        let (namespace, name) = identity(&slice.metadata);
+        let object = format!("EndpointSlice {namespace}/{name}");
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            debug!(slice = %object, "no {SERVICE_NAME_LABEL} label; slice ignored");
+            continue;
+        };
+        if let Some(parsed) = parse_slice(slice, &object, node, problems) {
+            out.entry((namespace, service.clone()))
+                .or_default()
+                .push(parsed);
+        }
+    }
+    out
+}
+
+/// Validates one slice; `None` when it has nothing for this datapath.
+fn parse_slice(
+    slice: &EndpointSlice,
+    object: &str,
+    node: &NodeInfo,
+    problems: &mut Vec<Problem>,
+) -> Option<Slice> {
+    let want_v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => {
+            // kube-proxy cannot forward to a name either.
+            debug!(slice = %object, "FQDN EndpointSlice ignored");
+            return None;
+        }
+        other => {
+            problems.push(Problem {
+                object: object.to_owned(),
+                message: format!("addressType {other:?} is not IPv4, IPv6 or FQDN; slice skipped"),
+            });
+            return None;
+        }
+    };
+    let family = if want_v4 { "IPv4" } else { "IPv6" };
+
+    let mut ports = BTreeMap::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = match parse_protocol(p.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(msg) => {
+                problems.push(Problem {
+                    object: object.to_owned(),
+                    message: format!("ports[{i}]: {msg}; port skipped"),
+                });
+                continue;
+            }
+        };
+        let Some(number) = p.port else {
+            problems.push(Problem {
+                object: object.to_owned(),
+                message: format!("ports[{i}] ({name:?}) has no port number; port skipped"),
+            });
+            continue;
+        };
+        let Some(number) = valid_port(number) else {
+            problems.push(Problem {
+                object: object.to_owned(),
+                message: format!(
+                    "ports[{i}] ({name:?}): port {number} is outside 1-65535; port skipped"
+                ),
+            });
+            continue;
+        };
+        match ports.entry((name, protocol)) {
+            Entry::Vacant(v) => {
+                v.insert(number);
+            }
+            Entry::Occupied(o) => problems.push(Problem {
+                object: object.to_owned(),
+                message: format!(
+                    "ports[{i}] repeats name {:?} and protocol {}; the first one is used, this one skipped",
+                    o.key().0,
+                    protocol_name(protocol)
+                ),
+            }),
+        }
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        let conditions = ep.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        // An agent that does not know its name must not call everything local.
+        let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+        // The API calls an endpoint's addresses fungible and kube-proxy uses
+        // only the first; so do we, so that a pod with two addresses does not
+        // get twice the traffic.
+        for (j, a) in ep.addresses.iter().enumerate().take(1) {
+            match a.parse::<IpAddr>() {
+                Ok(addr) if addr.is_ipv4() == want_v4 => {
+                    endpoints.push(Endpoint { addr, port: 0, local, ready, serving, terminating });
+                }
+                Ok(_) => problems.push(Problem {
+                    object: object.to_owned(),
+                    message: format!("endpoints[{i}].addresses[{j}] {a:?} is not an {family} address as addressType says; address skipped"),
+                }),
+                Err(_) => problems.push(Problem {
+                    object: object.to_owned(),
+                    message: format!("endpoints[{i}].addresses[{j}] {a:?} is not an IP address; address skipped"),
+                }),
+            }
+        }
+    }
+    Some(Slice { ports, endpoints })
+}
+
+/// A Kubernetes protocol string; a missing one is TCP, as the API defaults it.
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(format!(
+            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+        )),
+    }
+}
+
+/// The protocol as Kubernetes spells it.
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    }
+}
+
+/// A port number from the API's `i32`, if it is a usable L4 port.
+fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+/// How a Problem names one port of a Service.
+fn port_label(name: &str, protocol: Protocol) -> String {
+    if name.is_empty() {
+        format!("unnamed {} port", protocol_name(protocol))
+    } else {
+        format!("port {name:?} ({})", protocol_name(protocol))
+    }
+}
+
+/// True when kube-proxy would leave this Service to DNS.
+fn is_headless(spec: &ServiceSpec) -> bool {
+    spec.cluster_ip.as_deref() == Some("None")
+        || spec
+            .cluster_ips
+            .as_ref()
+            .is_some_and(|ips| ips.iter().any(|ip| ip == "None"))
+}
+
+/// Parses `(field path, address)` pairs, reporting and skipping bad ones.
+fn parse_addresses<'a>(
+    addrs: impl IntoIterator<Item = (String, &'a str)>,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (field, a) in addrs {
+        match a.parse() {
+            Ok(addr) => out.push(addr),
+            Err(_) => problems.push(Problem {
+                object: object.to_owned(),
+                message: format!("{field} {a:?} is not an IP address; that address skipped"),
+            }),
+        }
+    }
+    out
+}
+
+/// Pairs each entry of a list field with its path, as Problems name it.
+fn indexed<'a>(
+    field: &'a str,
+    items: &'a [String],
+) -> impl Iterator<Item = (String, &'a str)> + 'a {
+    items
+        .iter()
+        .enumerate()
+        .map(move |(i, a)| (format!("{field}[{i}]"), a.as_str()))
+}
+
+/// The virtual addresses of a Service, by frontend kind.
+struct ServiceAddrs {
+    cluster: Vec<IpAddr>,
+    external: Vec<IpAddr>,
+    /// NodePorts are served only by these Service types.
+    node_ports: bool,
+}
+
+/// Reads the Service-wide addresses; `None` when the Service is not ours.
+fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Option<ServiceAddrs> {
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        debug!(service = %object, "labelled {SERVICE_PROXY_NAME_LABEL}: another proxy serves it; skipped");
+        return None;
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        debug!(service = %object, "no spec; skipped");
+        return None;
+    };
+    let node_ports = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ClusterIP" => false,
+        "NodePort" | "LoadBalancer" => true,
+        "ExternalName" => {
+            debug!(service = %object, "ExternalName is served by DNS; skipped");
+            return None;
+        }
+        other => {
+            problems.push(Problem {
+                object: object.to_owned(),
+                message: format!(
+                    "unknown type {other:?} (expected ClusterIP, NodePort, LoadBalancer or ExternalName); Service skipped"
+                ),
+            });
+            return None;
+        }
+    };
+    if is_headless(spec) {
+        debug!(service = %object, "headless: served by DNS; skipped");
+        return None;
+    }
+
+    // The API server keeps clusterIPs[0] == clusterIP; the list is the
+    // dual-stack superset, the single field what older writers set.
+    let cluster = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => {
+            parse_addresses(indexed("spec.clusterIPs", ips), object, problems)
+        }
+        // An empty clusterIP is "not allocated yet", not an error.
+        _ => parse_addresses(
+            spec.cluster_ip
+                .as_deref()
+                .filter(|ip| !ip.is_empty())
+                .map(|ip| ("spec.clusterIP".to_owned(), ip)),
+            object,
+            problems,
+        ),
+    };
+
+    let mut external = parse_addresses(
+        indexed(
+            "spec.externalIPs",
+            spec.external_ips.as_deref().unwrap_or_default(),
+        ),
+        object,
+        problems,
+    );
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref());
+    let ingress_ips = ingress
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ing)| {
+            // A hostname-only ingress has no address for us to serve.
+            let ip = ing.ip.as_deref()?;
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                // The load balancer delivers to the node, not to the VIP: kube-proxy
+                // does not capture the VIP, so neither do we.
+                debug!(service = %object, %ip, "ingress ipMode Proxy; VIP not captured");
+                return None;
+            }
+            Some((format!("status.loadBalancer.ingress[{i}].ip"), ip))
+        });
+    external.extend(parse_addresses(ingress_ips, object, problems));
+    Some(ServiceAddrs {
+        cluster,
+        external,
+        node_ports,
+    })
+}
+
+/// Adds every valid port of one Service to the model.
+fn translate_service(
+    svc: &Service,
+    slices: &BTreeMap<(String, String), Vec<Slice>>,
+    node: &NodeInfo,
+    model: &mut Model,
+    problems: &mut Vec<Problem>,
+) {
+    let (namespace, name) = identity(&svc.metadata);
+    let object = format!("Service {namespace}/{name}");
+    let Some(addrs) = service_addrs(svc, &object, problems) else {
+        return;
+    };
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    if ports.is_empty() {
+        debug!(service = %object, "no ports; nothing to program");
+    }
+    let service_slices = slices
+        .get(&(namespace.clone(), name.clone()))
+        .map_or(&[][..], Vec::as_slice);
+    let mut seen = BTreeSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (r, sp) = match translate_port(port, &addrs, node, service_slices, &namespace, &name) {
+            Ok(v) => v,
+            Err(msg) => {
+                problems.push(Problem {
+                    object: object.clone(),
+                    message: format!("spec.ports[{i}]: {msg}"),
+                });
+                continue;
+            }
+        };
+        if !seen.insert(r.clone()) {
+            problems.push(Problem {
+                object: object.clone(),
+                message: format!(
+                    "spec.ports[{i}]: {} appears twice; the first is used, this one skipped",
+                    port_label(&r.port_name, r.protocol)
+                ),
+            });
+            continue;
+        }
+        if sp.frontends.is_empty() {
+            problems.push(Problem {
+                object: object.clone(),
+                message: format!(
+                    "{} has no frontend (no clusterIP, nodePort, externalIP or ingress IP); port skipped",
+                    port_label(&r.port_name, r.protocol)
+                ),
+            });
+            continue;
+        }
+        model.services.insert(r, sp);
+    }
+}
+
+/// One Service port with its frontends and endpoints; `Err` says why it was
+/// skipped.
+fn translate_port(
+    port: &ApiServicePort,
+    addrs: &ServiceAddrs,
+    node: &NodeInfo,
+    slices: &[Slice],
+    namespace: &str,
+    name: &str,
+) -> Result<(ServicePortRef, ServicePort), String> {
+    let port_name = port.name.clone().unwrap_or_default();
+    let protocol =
+        parse_protocol(port.protocol.as_deref()).map_err(|msg| format!("{msg}; port skipped"))?;
+    let label = port_label(&port_name, protocol);
+    let number = valid_port(port.port).ok_or_else(|| {
+        format!(
+            "{label}: port {} is outside 1-65535; port skipped",
+            port.port
+        )
+    })?;
+    let node_port = match port.node_port {
+        // 0 is how a manifest says "not set" (the API server would allocate).
+        Some(n) if addrs.node_ports && n != 0 => Some(
+            valid_port(n)
+                .ok_or_else(|| format!("{label}: nodePort {n} is outside 1-65535; port skipped"))?,
+        ),
+        _ => None,
+    };
+
+    let mut frontends: Vec<Frontend> = addrs
+        .cluster
+        .iter()
+        .map(|&addr| Frontend {
+            addr,
+            port: number,
+            kind: FrontendKind::ClusterIp,
+        })
+        .chain(addrs.external.iter().map(|&addr| Frontend {
+            addr,
+            port: number,
+            kind: FrontendKind::External,
+        }))
+        .chain(node_port.into_iter().flat_map(|np| {
+            node.addresses.iter().map(move |&addr| Frontend {
+                addr,
+                port: np,
+                kind: FrontendKind::NodePort,
+            })
+        }))
+        .collect();
+    frontends.sort();
+    frontends.dedup();
+
+    let endpoints = merge_endpoints(slices, &port_name, protocol);
+    let r = ServicePortRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        port_name,
+        protocol,
+    };
+    Ok((
+        r,
+        ServicePort {
+            frontends,
+            endpoints,
+        },
+    ))
+}
+
+/// The endpoints of one Service port across all slices of its Service.
+///
+/// Each slice resolves the port by name on its own, which is how a named
+/// targetPort can map to different numbers on different pods.
+fn merge_endpoints(slices: &[Slice], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+    // An address:port listed by two slices (a pod moving between slices)
+    // counts once; the preference is a total order on the remaining fields,
+    // so the winner does not depend on slice order.
+    fn preference(e: &Endpoint) -> (bool, bool, bool, bool) {
+        (e.ready, e.serving, !e.terminating, e.local)
+    }
+    let key = (port_name.to_owned(), protocol);
+    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for slice in slices {
+        let Some(&port) = slice.ports.get(&key) else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let e = Endpoint { port, ..*e };
+            merged
+                .entry((e.addr, e.port))
+                .and_modify(|old| {
+                    if preference(&e) > preference(old) {
+                        *old = e;
+                    }
+                })
+                .or_insert(e);
+        }
+    }
+    merged.into_values().collect()
+}
+
+/// Gives each `(address, port, protocol)` to one Service port only.
+///
+/// The datapath keys frontends on exactly that triple, so two owners cannot
+/// both be programmed; the first in `ServicePortRef` order wins so the outcome
+/// does not depend on which file or event came first.
+fn resolve_frontend_conflicts(model: &mut Model, problems: &mut Vec<Problem>) {
+    let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortRef> = BTreeMap::new();
+    // `BTreeMap::retain` visits keys in ascending order.
+    model.services.retain(|r, sp| {
+        let had_frontends = !sp.frontends.is_empty();
+        sp.frontends.retain(|f| match owners.entry((f.addr, f.port, r.protocol)) {
+            Entry::Vacant(v) => {
+                v.insert(r.clone());
+                true
+            }
+            // The same port may use one address:port as several kinds.
+            Entry::Occupied(o) if o.get() == r => true,
+            Entry::Occupied(o) => {
+                let owner = o.get();
+                problems.push(Problem {
+                    object: format!("Service {}/{}", r.namespace, r.name),
+                    message: format!(
+                        "{}: frontend {}/{} is already used by Service {}/{} {}; frontend dropped from this port",
+                        port_label(&r.port_name, r.protocol),
+                        SocketAddr::new(f.addr, f.port),
+                        protocol_name(r.protocol),
+                        owner.namespace,
+                        owner.name,
+                        port_label(&owner.port_name, owner.protocol),
+                    ),
+                });
+                false
+            }
+        });
+        if had_frontends && sp.frontends.is_empty() {
+            problems.push(Problem {
+                object: format!("Service {}/{}", r.namespace, r.name),
+                message: format!(
+                    "{} lost every frontend to other Services; port skipped",
+                    port_label(&r.port_name, r.protocol)
+                ),
+            });
+            return false;
+        }
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `---`-separated Services and EndpointSlices.
+    fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+                .expect("test YAML parses");
+            if value.get("addressType").is_some() {
+                slices.push(serde_yaml::from_value(value).expect("test slice deserializes"));
+            } else {
+                services.push(serde_yaml::from_value(value).expect("test Service deserializes"));
+            }
+        }
+        (services, slices)
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["192.168.1.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+        }
+    }
+
+    fn run(yaml: &str) -> (Model, Vec<Problem>) {
+        let (services, slices) = objects(yaml);
+        build(&services, &slices, &node())
+    }
+
+    fn port_ref(ns: &str, name: &str, port_name: &str, protocol: Protocol) -> ServicePortRef {
+        ServicePortRef {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: port_name.into(),
+            protocol,
+        }
+    }
+
+    fn ep(addr: &str, port: u16) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            port,
+            local: false,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    /// One Service port as `("ns/name:port_name/PROTO", frontends, endpoints)`.
+    type Summary = (String, Vec<(String, FrontendKind)>, Vec<String>);
+
+    /// The model in a form that compact expectations can compare against.
+    fn summary(model: &Model) -> Vec<Summary> {
+        model
+            .services
+            .iter()
+            .map(|(r, sp)| {
+                (
+                    format!("{r}/{}", protocol_name(r.protocol)),
+                    sp.frontends
+                        .iter()
+                        .map(|f| (SocketAddr::new(f.addr, f.port).to_string(), f.kind))
+                        .collect(),
+                    sp.endpoints
+                        .iter()
+                        .map(|e| SocketAddr::new(e.addr, e.port).to_string())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    const WEB: &str = "
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}]
+";
+
+    /// [`Summary`] spelled with literals.
+    type Want = (
+        &'static str,
+        Vec<(&'static str, FrontendKind)>,
+        Vec<&'static str>,
+    );
+
+    #[test]
+    fn translation_table() {
+        use FrontendKind::{ClusterIp as C, External as X, NodePort as N};
+        struct Case {
+            name: &'static str,
+            yaml: String,
+            want: Vec<Want>,
+        }
+        let cases = [
+            Case {
+                name: "ClusterIP single port",
+                yaml: format!(
+                    "{WEB}---
+metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.1.10]}}, {{addresses: [10.244.2.10]}}]
+"
+                ),
+                want: vec![(
+                    "demo/web:http/TCP",
+                    vec![("10.96.0.10:80", C)],
+                    vec!["10.244.1.10:8080", "10.244.2.10:8080"],
+                )],
+            },
+            Case {
+                name: "multi-port, UDP and a slice port of another protocol",
+                yaml: "
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+    - {name: dns, protocol: UDP, port: 53}
+    - {name: dns-tcp, protocol: TCP, port: 53}
+---
+metadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+  - {name: dns, protocol: UDP, port: 5353}
+  - {name: dns-tcp, port: 5354}
+  - {name: dns, protocol: TCP, port: 9999}
+endpoints: [{addresses: [10.244.1.11]}]
+"
+                .to_owned(),
+                want: vec![
+                    ("default/dns:dns/UDP", vec![("10.96.0.53:53", C)], vec!["10.244.1.11:5353"]),
+                    ("default/dns:dns-tcp/TCP", vec![("10.96.0.53:53", C)], vec!["10.244.1.11:5354"]),
+                ],
+            },
+            Case {
+                name: "named targetPort resolved differently in two slices; a slice without the port adds nothing",
+                yaml: format!(
+                    "{WEB}---
+metadata: {{name: web-a, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.1.10]}}]
+---
+metadata: {{name: web-b, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 9090}}]
+endpoints: [{{addresses: [10.244.2.10]}}]
+---
+metadata: {{name: web-c, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: metrics, port: 9100}}]
+endpoints: [{{addresses: [10.244.3.10]}}]
+---
+metadata: {{name: web-d, namespace: other, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 1}}]
+endpoints: [{{addresses: [10.244.4.10]}}]
+"
+                ),
+                want: vec![(
+                    "demo/web:http/TCP",
+                    vec![("10.96.0.10:80", C)],
+                    vec!["10.244.1.10:8080", "10.244.2.10:9090"],
+                )],
+            },
+            Case {
+                name: "NodePort on every node address",
+                yaml: "
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, nodePort: 30080}]
+"
+                .to_owned(),
+                want: vec![(
+                    "default/np/TCP",
+                    vec![("10.96.0.20:80", C), ("192.168.1.10:30080", N), ("[fd00::10]:30080", N)],
+                    vec![],
+                )],
+            },
+            Case {
+                name: "nodePort ignored on a ClusterIP Service",
+                yaml: "
+metadata: {name: np}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, nodePort: 30080}]
+"
+                .to_owned(),
+                want: vec![("default/np/TCP", vec![("10.96.0.20:80", C)], vec![])],
+            },
+            Case {
+                name: "LoadBalancer ingress and externalIPs; hostname and Proxy-mode ingress skipped",
+                yaml: "
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.30, fd00:96::30]
+  externalIPs: [203.0.113.5]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress:
+      - ip: 198.51.100.7
+      - hostname: lb.example.org
+      - {ip: 198.51.100.8, ipMode: Proxy}
+      - {ip: 198.51.100.9, ipMode: VIP}
+"
+                .to_owned(),
+                want: vec![(
+                    "default/lb/TCP",
+                    vec![
+                        ("10.96.0.30:443", C),
+                        ("192.168.1.10:30443", N),
+                        ("198.51.100.7:443", X),
+                        ("198.51.100.9:443", X),
+                        ("203.0.113.5:443", X),
+                        ("[fd00::10]:30443", N),
+                        ("[fd00:96::30]:443", C),
+                    ],
+                    vec![],
+                )],
+            },
+            Case {
+                name: "headless and ExternalName give nothing",
+                yaml: "
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+metadata: {name: headless-list}
+spec: {clusterIPs: [None], ports: [{port: 80}]}
+---
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org, ports: [{port: 80}]}
+---
+metadata: {name: headless-1, labels: {kubernetes.io/service-name: headless}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.1.10]}]
+"
+                .to_owned(),
+                want: vec![],
+            },
+            Case {
+                name: "service-proxy-name label skips the Service",
+                yaml: "
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: someone-else}}
+spec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}
+"
+                .to_owned(),
+                want: vec![],
+            },
+            Case {
+                name: "FQDN slices and unlabelled slices contribute nothing; orphan slices are silent",
+                yaml: format!(
+                    "{WEB}---
+metadata: {{name: web-fqdn, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: FQDN
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [pod.example.org]}}]
+---
+metadata: {{name: web-nolabel, namespace: demo}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.1.10]}}]
+---
+metadata: {{name: ghost-1, namespace: demo, labels: {{kubernetes.io/service-name: ghost}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.1.11]}}]
+"
+                ),
+                want: vec![("demo/web:http/TCP", vec![("10.96.0.10:80", C)], vec![])],
+            },
+            Case {
+                name: "IPv6 slice",
+                yaml: "
+metadata: {name: v6}
+spec: {clusterIPs: ['fd00:96::1'], ports: [{port: 80}]}
+---
+metadata: {name: v6-1, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:244::1']}]
+"
+                .to_owned(),
+                want: vec![("default/v6/TCP", vec![("[fd00:96::1]:80", C)], vec!["[fd00:244::1]:8080"])],
+            },
+        ];
+        for case in cases {
+            let (model, problems) = run(&case.yaml);
+            assert!(
+                problems.is_empty(),
+                "{}: unexpected problems {problems:?}",
+                case.name
+            );
+            let want: Vec<_> = case
+                .want
+                .iter()
+                .map(|(r, f, e)| {
+                    (
+                        (*r).to_owned(),
+                        f.iter()
+                            .map(|(a, k)| ((*a).to_owned(), *k))
+                            .collect::<Vec<_>>(),
+                        e.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+                    )
+                })
+                .collect();
+            assert_eq!(summary(&model), want, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn readiness_conditions_and_local_flag() {
+        let (model, problems) = run(&format!(
+            "{WEB}---
+metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+  - {{addresses: [10.0.0.1], nodeName: node-a}}
+  - {{addresses: [10.0.0.2], nodeName: node-b, conditions: {{ready: false}}}}
+  - {{addresses: [10.0.0.3], conditions: {{ready: false, serving: true, terminating: true}}}}
+  - {{addresses: [10.0.0.4], conditions: {{ready: true, serving: false}}}}
+  - {{addresses: [10.0.0.5], conditions: {{}}}}
+"
+        ));
+        assert!(problems.is_empty(), "{problems:?}");
+        let sp = &model.services[&port_ref("demo", "web", "http", Protocol::Tcp)];
+        let got: Vec<_> = sp
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.addr.to_string(),
+                    e.local,
+                    e.ready,
+                    e.serving,
+                    e.terminating,
+                )
+            })
+            .collect();
+        let want = [
+            ("10.0.0.1", true, true, true, false),
+            ("10.0.0.2", false, false, false, false),
+            ("10.0.0.3", false, false, true, true),
+            ("10.0.0.4", false, true, false, false),
+            ("10.0.0.5", false, true, true, false),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(a, l, r, s, t)| ((*a).to_owned(), *l, *r, *s, *t))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(sp.active_endpoints().count(), 3);
+    }
+
+    #[test]
+    fn address_in_two_slices_counts_once_preferring_ready() {
+        for order in [[0, 1], [1, 0]] {
+            let slices = [
+                "
+metadata: {name: web-a, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: false}}, {addresses: [10.0.0.2]}]
+",
+                "
+metadata: {name: web-b, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+",
+            ];
+            let (model, problems) = run(&format!(
+                "{WEB}---{}---{}",
+                slices[order[0]], slices[order[1]]
+            ));
+            assert!(problems.is_empty(), "{problems:?}");
+            let sp = &model.services[&port_ref("demo", "web", "http", Protocol::Tcp)];
+            assert_eq!(
+                sp.endpoints,
+                vec![ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)],
+                "order {order:?}"
+            );
+        }
+    }
+
+    /// A good Service that every validation case carries along: it must
+    /// survive whatever is wrong with its neighbours.
+    const GOOD: &str = "
+metadata: {name: good}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+metadata: {name: good-1, labels: {kubernetes.io/service-name: good}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+";
+
+    #[test]
+    fn validation_problems_leave_the_rest_intact() {
+        struct Case {
+            name: &'static str,
+            yaml: &'static str,
+            /// Service ports of `bad` expected in the model.
+            kept: &'static [&'static str],
+            /// Substrings of the expected problems, as `(object, message)`.
+            problems: &'static [(&'static str, &'static str)],
+        }
+        let cases = [
+            Case {
+                name: "invalid clusterIP skips that address only",
+                yaml: "metadata: {name: bad}\nspec: {clusterIPs: [10.96.0.300, 10.96.0.2], ports: [{port: 80}]}",
+                kept: &["default/bad"],
+                problems: &[("Service default/bad", "spec.clusterIPs[0] \"10.96.0.300\" is not an IP address")],
+            },
+            Case {
+                name: "invalid clusterIP leaving no frontend skips the port",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: nope, ports: [{port: 80}]}",
+                kept: &[],
+                problems: &[
+                    ("Service default/bad", "spec.clusterIP \"nope\" is not an IP address"),
+                    ("Service default/bad", "has no frontend"),
+                ],
+            },
+            Case {
+                name: "invalid externalIP and ingress IP",
+                yaml: "metadata: {name: bad}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.2, externalIPs: [1.2.3], ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 'x::y::z'}]}}",
+                kept: &["default/bad"],
+                problems: &[
+                    ("Service default/bad", "spec.externalIPs[0] \"1.2.3\" is not an IP address"),
+                    ("Service default/bad", "status.loadBalancer.ingress[0].ip \"x::y::z\" is not an IP address"),
+                ],
+            },
+            Case {
+                name: "port 0 skips that port only",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{name: a, port: 0}, {name: b, port: 81}]}",
+                kept: &["default/bad:b"],
+                problems: &[("Service default/bad", "port \"a\" (TCP): port 0 is outside 1-65535; port skipped")],
+            },
+            Case {
+                name: "port out of range",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 70000}]}",
+                kept: &[],
+                problems: &[("Service default/bad", "port 70000 is outside 1-65535")],
+            },
+            Case {
+                name: "negative nodePort",
+                yaml: "metadata: {name: bad}\nspec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: -1}]}",
+                kept: &[],
+                problems: &[("Service default/bad", "nodePort -1 is outside 1-65535; port skipped")],
+            },
+            Case {
+                name: "unknown protocol",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{name: a, port: 80, protocol: QUIC}, {name: b, port: 81}]}",
+                kept: &["default/bad:b"],
+                problems: &[("Service default/bad", "spec.ports[0]: unknown protocol \"QUIC\"")],
+            },
+            Case {
+                name: "unknown type",
+                yaml: "metadata: {name: bad}\nspec: {type: Magic, clusterIP: 10.96.0.2, ports: [{port: 80}]}",
+                kept: &[],
+                problems: &[("Service default/bad", "unknown type \"Magic\"")],
+            },
+            Case {
+                name: "repeated port name",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{name: a, port: 80}, {name: a, port: 81}]}",
+                kept: &["default/bad:a"],
+                problems: &[("Service default/bad", "spec.ports[1]: port \"a\" (TCP) appears twice")],
+            },
+            Case {
+                name: "slice: bad and wrong-family addresses skip only themselves",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---
+metadata: {name: bad-1, labels: {kubernetes.io/service-name: bad}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.999]}, {addresses: ['fd00::1']}, {addresses: [10.0.0.7, 10.0.0.8]}]",
+                kept: &["default/bad"],
+                problems: &[
+                    ("EndpointSlice default/bad-1", "endpoints[0].addresses[0] \"10.0.0.999\" is not an IP address"),
+                    ("EndpointSlice default/bad-1", "endpoints[1].addresses[0] \"fd00::1\" is not an IPv4 address"),
+                ],
+            },
+            Case {
+                name: "slice: unknown addressType, bad ports",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---
+metadata: {name: bad-1, labels: {kubernetes.io/service-name: bad}}
+addressType: IPX
+endpoints: [{addresses: [10.0.0.1]}]
+---
+metadata: {name: bad-2, labels: {kubernetes.io/service-name: bad}}
+addressType: IPv4
+ports: [{name: a, port: 0}, {name: b}, {name: c, port: 1, protocol: ICMP}]
+endpoints: [{addresses: [10.0.0.1]}]",
+                kept: &["default/bad"],
+                problems: &[
+                    ("EndpointSlice default/bad-1", "addressType \"IPX\""),
+                    ("EndpointSlice default/bad-2", "ports[0] (\"a\"): port 0 is outside 1-65535"),
+                    ("EndpointSlice default/bad-2", "ports[1] (\"b\") has no port number"),
+                    ("EndpointSlice default/bad-2", "ports[2]: unknown protocol \"ICMP\""),
+                ],
+            },
+            Case {
+                name: "Service without a name",
+                yaml: "metadata: {namespace: x}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}",
+                kept: &[],
+                problems: &[("Service x/", "has no metadata.name")],
+            },
+            Case {
+                name: "conflicting duplicate Service definitions",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---
+metadata: {name: bad}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}",
+                kept: &[],
+                problems: &[("Service default/bad", "defined 2 times with different contents")],
+            },
+            Case {
+                name: "identical duplicate Service definitions collapse",
+                yaml: "metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---
+metadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}",
+                kept: &["default/bad"],
+                problems: &[],
+            },
+        ];
+        for case in cases {
+            let (model, problems) = run(&format!("{GOOD}---\n{}", case.yaml));
+            let good = &model.services[&port_ref("default", "good", "", Protocol::Tcp)];
+            assert_eq!(
+                good.endpoints,
+                vec![ep("10.0.0.1", 8080)],
+                "{}: the good Service is intact",
+                case.name
+            );
+            let kept: Vec<String> = model
+                .services
+                .keys()
+                .filter(|r| r.name == "bad")
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(kept, case.kept, "{}", case.name);
+            assert_eq!(
+                problems.len(),
+                case.problems.len(),
+                "{}: {problems:#?}",
+                case.name
+            );
+            for (object, message) in case.problems {
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.object == *object && p.message.contains(message)),
+                    "{}: no problem ({object}, …{message}…) in {problems:#?}",
+                    case.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_frontend_goes_to_the_first_service_port() {
+        let (model, problems) = run("
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.1], ports: [{name: web, port: 80, nodePort: 30080}]}
+---
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.6, externalIPs: [203.0.113.1], ports: [{port: 80}]}
+---
+metadata: {name: c}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}, {name: udp, port: 80, protocol: UDP}]}
+---
+metadata: {name: d}
+spec: {type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 81, nodePort: 30080}]}
+");
+        assert_eq!(
+            summary(&model),
+            vec![
+                (
+                    "default/a/TCP".to_owned(),
+                    vec![
+                        ("10.96.0.6:80".to_owned(), FrontendKind::ClusterIp),
+                        ("203.0.113.1:80".to_owned(), FrontendKind::External)
+                    ],
+                    vec![]
+                ),
+                (
+                    "default/b:web/TCP".to_owned(),
+                    vec![
+                        ("10.96.0.5:80".to_owned(), FrontendKind::ClusterIp),
+                        ("192.168.1.10:30080".to_owned(), FrontendKind::NodePort),
+                        ("[fd00::10]:30080".to_owned(), FrontendKind::NodePort)
+                    ],
+                    vec![]
+                ),
+                // The same address:port over UDP is a different frontend.
+                (
+                    "default/c:udp/UDP".to_owned(),
+                    vec![("10.96.0.5:80".to_owned(), FrontendKind::ClusterIp)],
+                    vec![]
+                ),
+                (
+                    "default/d/TCP".to_owned(),
+                    vec![("10.96.0.7:81".to_owned(), FrontendKind::ClusterIp)],
+                    vec![]
+                ),
+            ]
+        );
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "Service default/b: port \"web\" (TCP): frontend 203.0.113.1:80/TCP is already used by Service default/a unnamed TCP port; frontend dropped from this port",
+                "Service default/c: unnamed TCP port lost every frontend to other Services; port skipped",
+                "Service default/c: unnamed TCP port: frontend 10.96.0.5:80/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
+                "Service default/d: unnamed TCP port: frontend 192.168.1.10:30080/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
+                "Service default/d: unnamed TCP port: frontend [fd00::10]:30080/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
+            ]
+        );
+    }
+
+    #[test]
+    fn frontend_shared_by_two_kinds_of_one_port_is_kept() {
+        let (model, problems) = run("
+metadata: {name: s}
+spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [10.96.0.5, 192.168.1.10], ports: [{port: 30080, nodePort: 30080}]}
+");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            model.services.values().next().map(|sp| sp.frontends.len()),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn output_is_independent_of_input_order() {
+        let yaml = format!(
+            "{WEB}---{GOOD}---
+metadata: {{name: web-a, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1, 10.0.0.x], conditions: {{ready: false}}}}, {{addresses: [10.0.0.2], nodeName: node-a}}]
+---
+metadata: {{name: web-b, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1], conditions: {{serving: false}}}}, {{addresses: [10.0.0.2], nodeName: node-b}}]
+---
+metadata: {{name: other, namespace: demo}}
+spec: {{clusterIP: 10.96.0.12, externalIPs: [bad], ports: [{{name: http, port: 80}}]}}
+---
+metadata: {{namespace: demo, name: web}}
+spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.10}}
+"
+        );
+        let (services, slices) = objects(&yaml);
+        let expected = build(&services, &slices, &node());
+        assert!(!expected.1.is_empty(), "the fixture exercises problems too");
+        let web = &expected.0.services[&port_ref("demo", "web", "http", Protocol::Tcp)];
+        assert_eq!(web.endpoints.len(), 2, "the fixture merges slices too");
+        // Every rotation of both lists, each also reversed: cheap, and enough
+        // to move every object to the front and the back.
+        for s in 0..services.len() {
+            for e in 0..slices.len() {
+                for reverse in [false, true] {
+                    let mut sv = services.clone();
+                    let mut sl = slices.clone();
+                    sv.rotate_left(s);
+                    sl.rotate_left(e);
+                    if reverse {
+                        sv.reverse();
+                        sl.reverse();
+                    }
+                    assert_eq!(
+                        build(&sv, &sl, &node()),
+                        expected,
+                        "rotation {s}/{e}, reversed {reverse}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_and_default_objects_do_not_panic() {
+        let services = [
+            Service::default(),
+            Service {
+                spec: Some(ServiceSpec::default()),
+                ..Service::default()
+            },
+        ];
+        let slices = [EndpointSlice::default()];
+        let (model, problems) = build(&services, &slices, &NodeInfo::default());
+        assert!(model.services.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+}
