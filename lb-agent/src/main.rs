@@ -163,7 +163,7 @@ fn real_main(mut cli: Cli) -> Result<()> {
         }
     }
     // Before any thread exists: setns into a mount namespace needs that.
-    bpffs::enter_host_mount_ns()?;
+    bpffs::enter_outer_mount_ns()?;
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Services { bpffs, output } => {

@@ -24,28 +24,35 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
-/// Moves this process into PID 1's mount namespace when it is in another one.
+/// Moves this process into the mount namespace it was started from, when
+/// something (such as `ip netns exec`) gave it a private one.
 ///
 /// `ip netns exec` gives each process a private mount namespace, so a bpffs
-/// mounted there would vanish with the process and a restarted agent would
-/// find none of its pins. Mounting and pinning from PID 1's namespace keeps
-/// them for the next agent. The network namespace is untouched. In a pod
-/// without host PID, PID 1 is the container's own init and this is a no-op.
+/// mounted there would vanish with the process, taking the pins and with
+/// them the attached programs, and a restarted agent would find nothing.
+/// Mounting and pinning from the outer namespace keeps them for the next
+/// agent. The network namespace is untouched.
+///
+/// The outer namespace is PID 1's when it can be read (a host or a pod with
+/// host PID), else the parent process's (where PID 1 is out of reach, as in
+/// a sandbox; the parent of `ip netns exec` is the shell or supervisor that
+/// ran it). In a pod whose PID 1 is the agent or its init, nothing changes.
 /// Must run before any thread starts (setns of a mount namespace requires a
 /// single-threaded caller).
-pub fn enter_host_mount_ns() -> Result<()> {
+pub fn enter_outer_mount_ns() -> Result<()> {
     let ours = fs::read_link("/proc/self/ns/mnt").context("read /proc/self/ns/mnt")?;
-    let host = match fs::read_link("/proc/1/ns/mnt") {
-        Ok(link) => link,
-        // Without access to PID 1 there is nothing better to do than stay.
-        Err(_) => return Ok(()),
-    };
-    if ours == host {
+    let parent = format!("/proc/{}/ns/mnt", nix::unistd::getppid());
+    for candidate in ["/proc/1/ns/mnt", parent.as_str()] {
+        let Ok(theirs) = fs::read_link(candidate) else { continue };
+        if theirs == ours {
+            return Ok(());
+        }
+        let ns = fs::File::open(candidate).with_context(|| format!("open {candidate}"))?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNS).with_context(|| {
+            format!("setns into the mount namespace of {candidate} (needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)")
+        })?;
         return Ok(());
     }
-    let ns = fs::File::open("/proc/1/ns/mnt").context("open /proc/1/ns/mnt")?;
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNS)
-        .context("setns into PID 1's mount namespace (the agent needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)")?;
     Ok(())
 }
 
