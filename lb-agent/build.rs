@@ -25,15 +25,40 @@ fn main() {
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&root)
-        .args(["run", "nightly", "cargo", "build", "--quiet", "--package", "lb-ebpf"])
-        .args(["--bins", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--quiet",
+            "--package",
+            "lb-ebpf",
+        ])
+        .args([
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
         );
-    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for key in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(key);
     }
     let out = cmd.output().unwrap_or_else(|e| {

@@ -64,7 +64,11 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
         let view = by_id.entry(value.svc_id).or_insert_with(|| {
             let backends = (0..value.slot_count)
                 .filter_map(|index| {
-                    let slot = SlotKey { svc_id: value.svc_id, generation: value.generation, index };
+                    let slot = SlotKey {
+                        svc_id: value.svc_id,
+                        generation: value.generation,
+                        index,
+                    };
                     let id = snap.slot(&slot)?;
                     let b = snap.backends.get(&id)?;
                     Some(BackendView {
@@ -94,7 +98,10 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
         .filter(|(f, _)| value.flags & f != 0)
         .map(|(_, n)| *n)
         .collect();
-        let addr = std::net::SocketAddr::new(addr_from_be(key.addr_be, key.family), u16::from_be(key.port_be));
+        let addr = std::net::SocketAddr::new(
+            addr_from_be(key.addr_be, key.family),
+            u16::from_be(key.port_be),
+        );
         view.frontends.push(FrontendView {
             frontend: format!("{addr}/{}", proto_name(key.proto)),
             kinds,
@@ -110,7 +117,13 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
 pub fn services_table(views: &[ServiceView]) -> String {
     let mut s = String::new();
     for v in views {
-        let _ = writeln!(s, "{} (id {}, {} backends)", if v.name.is_empty() { "?" } else { &v.name }, v.svc_id, v.backends.len());
+        let _ = writeln!(
+            s,
+            "{} (id {}, {} backends)",
+            if v.name.is_empty() { "?" } else { &v.name },
+            v.svc_id,
+            v.backends.len()
+        );
         for f in &v.frontends {
             let _ = writeln!(s, "  frontend {:<28} {}", f.frontend, f.kinds.join(","));
         }
@@ -118,7 +131,12 @@ pub fn services_table(views: &[ServiceView]) -> String {
             let _ = writeln!(s, "  (no ready endpoint: new connections are refused)");
         }
         for b in &v.backends {
-            let _ = writeln!(s, "  backend  {:<28} {}", b.address, if b.local { "local" } else { "remote" });
+            let _ = writeln!(
+                s,
+                "  backend  {:<28} {}",
+                b.address,
+                if b.local { "local" } else { "remote" }
+            );
         }
     }
     s

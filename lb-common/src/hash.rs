@@ -10,8 +10,14 @@ pub const FLOW_HASH_SEED: u32 = 0x6c62_5f31;
 #[inline(always)]
 #[must_use]
 pub const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 /// Final avalanche (murmur3's fmix32).
@@ -28,7 +34,12 @@ pub const fn finish(mut h: u32) -> u32 {
 /// Hashes a flow's 5-tuple (addresses and ports as carried in the packet).
 #[inline(always)]
 #[must_use]
-pub const fn flow_hash(saddr: &crate::IpAddrBe, daddr: &crate::IpAddrBe, ports: u32, proto: u8) -> u32 {
+pub const fn flow_hash(
+    saddr: &crate::IpAddrBe,
+    daddr: &crate::IpAddrBe,
+    ports: u32,
+    proto: u8,
+) -> u32 {
     let mut h = FLOW_HASH_SEED;
     let mut i = 0;
     while i < 4 {

@@ -33,6 +33,8 @@ pub const ALL: [&str; 7] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, CONFIG, STATS,
 
 /// The XDP program on the node's external interfaces.
 pub const PROG_XDP_NODE: &str = "lb_xdp_node";
+/// An XDP program that only passes (benchmark baseline, test rig veth peers).
+pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
 /// The TC ingress program on the node's external interfaces.
 pub const PROG_TC_NODE: &str = "lb_tc_node";
 /// The TC ingress program on the host side of pod interfaces.

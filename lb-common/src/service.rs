@@ -98,7 +98,9 @@ const _: () = assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
 
 impl Default for ServiceName {
     fn default() -> Self {
-        Self { bytes: [0; SERVICE_NAME_LEN] }
+        Self {
+            bytes: [0; SERVICE_NAME_LEN],
+        }
     }
 }
 

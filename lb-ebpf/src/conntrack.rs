@@ -117,7 +117,10 @@ pub fn create(
         let port = cfg.snat_port_min + (start.wrapping_add(i) % range) as u16;
         reply_key.dport_be = port.to_be();
         // NOEXIST makes the reply tuple, and so the port, ours alone.
-        if LB_CT_V1.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+        if LB_CT_V1
+            .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
             fwd.nat_sport_be = port.to_be();
             if LB_CT_V1
                 .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))

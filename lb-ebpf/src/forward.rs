@@ -36,7 +36,14 @@ pub enum Route {
 
 /// Looks up the route of the packet as it will be after translation.
 #[inline(always)]
-pub fn lookup<P: Packet>(pkt: &P, flow: &Flow, saddr: &IpAddrBe, daddr: &IpAddrBe, sport: u16, dport: u16) -> Route {
+pub fn lookup<P: Packet>(
+    pkt: &P,
+    flow: &Flow,
+    saddr: &IpAddrBe,
+    daddr: &IpAddrBe,
+    sport: u16,
+    dport: u16,
+) -> Route {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;

@@ -47,6 +47,14 @@ pub fn lb_xdp_node(mut ctx: XdpContext) -> u32 {
     }
 }
 
+/// Only passes: the baseline of benchmarks, and the program a test rig puts
+/// on the peer of a veth whose frames are sent with XDP_TX (veth delivers
+/// XDP_TX frames promptly only to a peer that runs XDP).
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// XDP's slow path on a node's external interface.
 #[classifier]
 pub fn lb_tc_node(ctx: TcContext) -> i32 {

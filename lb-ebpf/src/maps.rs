@@ -22,8 +22,7 @@ pub static LB_SLOTS_V1: HashMap<SlotKey, BackendId, { SLOTS_MAX as usize }> = Ha
 
 /// Backends by id.
 #[btf_map]
-pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }> =
-    HashMap::new();
+pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }> = HashMap::new();
 
 /// Connection tracking; LRU so a full table evicts the idlest flow, never fails.
 #[btf_map]

@@ -37,7 +37,14 @@ fn set_addr<P: Packet>(
     }
     pkt.store(flow.l3_off + field, new)?;
     pkt.l3_csum_replace(flow.l3_off + IP4_CSUM, old, new)?;
-    pkt.l4_csum_replace(flow.l4_csum_off(), old, new, 4, true, flow.proto == proto::UDP)
+    pkt.l4_csum_replace(
+        flow.l4_csum_off(),
+        old,
+        new,
+        4,
+        true,
+        flow.proto == proto::UDP,
+    )
 }
 
 #[inline(always)]

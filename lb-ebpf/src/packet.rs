@@ -172,7 +172,11 @@ impl Packet for XdpContext {
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the headroom itself.
         let ret = unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 
     #[inline(always)]
@@ -180,7 +184,11 @@ impl Packet for XdpContext {
         let delta = new_len as i32 - Packet::len(self) as i32;
         // SAFETY: the helper checks the new length itself.
         let ret = unsafe { bpf_xdp_adjust_tail(self.ctx, delta) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 }
 
@@ -218,7 +226,11 @@ impl Packet for TcContext {
         // SAFETY: the helper bounds-checks `off` against the skb.
         let ret =
             unsafe { bpf_l3_csum_replace(self.skb.skb, off as u32, from.into(), to.into(), 4) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 
     #[inline(always)]
@@ -243,21 +255,33 @@ impl Packet for TcContext {
         // SAFETY: the helper bounds-checks `off` against the skb.
         let ret =
             unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, from.into(), to.into(), flags) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 
     #[inline(always)]
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the skb itself.
         let ret = unsafe { bpf_skb_change_head(self.skb.skb, len, 0) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 
     #[inline(always)]
     fn truncate(&mut self, new_len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the new length itself.
         let ret = unsafe { bpf_skb_change_tail(self.skb.skb, new_len, 0) };
-        if ret == 0 { Ok(()) } else { Err(PacketError) }
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(PacketError)
+        }
     }
 }
 

@@ -118,7 +118,12 @@ impl Flow {
     /// Offset of the L4 checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off + if self.proto == proto::TCP { TCP_CSUM } else { UDP_CSUM }
+        self.l4_off
+            + if self.proto == proto::TCP {
+                TCP_CSUM
+            } else {
+                UDP_CSUM
+            }
     }
 }
 

@@ -106,7 +106,8 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
     // program on the same interface, which finds the conntrack entry just
     // made and finishes the job with bpf_redirect or bpf_redirect_neigh.
     if hook == Hook::XdpNode {
-        let same_device = matches!(route, Route::Resolved { ifindex, .. } if ifindex == pkt.ifindex());
+        let same_device =
+            matches!(route, Route::Resolved { ifindex, .. } if ifindex == pkt.ifindex());
         if !same_device && !matches!(route, Route::Unreachable) {
             count(stats::XDP_TO_TC, len);
             return Verdict::Pass;
@@ -116,7 +117,11 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         return drop(stats::DROP_REWRITE, len);
     }
     match route {
-        Route::Resolved { ifindex, smac, dmac } => match forward::set_macs(pkt, smac, dmac) {
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => match forward::set_macs(pkt, smac, dmac) {
             Ok(()) => Verdict::Redirect(ifindex),
             Err(_) => drop(stats::DROP_REWRITE, len),
         },

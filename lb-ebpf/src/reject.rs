@@ -8,7 +8,9 @@ use lb_common::proto;
 use crate::{
     csum,
     packet::{Packet, PacketError},
-    parse::{tcp_flags, Flow, TcpHdr, ETH_HLEN, IP4_CSUM, IP4_DADDR, IP4_SADDR, TCP_HLEN, UDP_HLEN},
+    parse::{
+        tcp_flags, Flow, TcpHdr, ETH_HLEN, IP4_CSUM, IP4_DADDR, IP4_SADDR, TCP_HLEN, UDP_HLEN,
+    },
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -83,7 +85,11 @@ fn tcp_reset<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
         if flow.tcp_flags & tcp_flags::FIN != 0 {
             len += 1;
         }
-        (0, u32::from_be(tcp.seq).wrapping_add(len).to_be(), tcp_flags::RST | tcp_flags::ACK)
+        (
+            0,
+            u32::from_be(tcp.seq).wrapping_add(len).to_be(),
+            tcp_flags::RST | tcp_flags::ACK,
+        )
     };
     let mut rst = TcpHdr {
         sport: flow.dport,

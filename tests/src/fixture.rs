@@ -43,7 +43,12 @@ impl Datapath {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         bpffs::ensure(&dir).expect("mount a bpffs for the test (run as root)");
-        let sizes = MapSizes { services: 1024, slots: 4096, backends: 1024, conntrack: 4096 };
+        let sizes = MapSizes {
+            services: 1024,
+            slots: 4096,
+            backends: 1024,
+            conntrack: 4096,
+        };
         let progs = Programs::load(&dir, sizes, XdpMode::Default).expect("load programs");
         let mut maps = Maps::open(&dir).expect("open maps");
         let node: IpAddr = NODE_ADDR.parse().expect("addr");
@@ -59,19 +64,28 @@ impl Datapath {
                 0,
             )
             .expect("write config");
-        Self { progs, maps, reconciler: Reconciler::default(), dir }
+        Self {
+            progs,
+            maps,
+            reconciler: Reconciler::default(),
+            dir,
+        }
     }
 
     /// Makes the maps hold exactly these Service ports.
     pub fn apply(&mut self, services: &[(ServicePortRef, ServicePort)]) {
-        let model = Model { services: services.iter().cloned().collect() };
+        let model = Model {
+            services: services.iter().cloned().collect(),
+        };
         let report = self.reconciler.apply(&model, &mut self.maps);
         assert!(report.failures.is_empty(), "apply failed: {report:?}");
     }
 
     /// Runs a program on a packet; returns its verdict and output bytes.
     pub fn run(&mut self, prog: TestProgram, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.progs.test_run(prog, packet).expect("BPF_PROG_TEST_RUN")
+        self.progs
+            .test_run(prog, packet)
+            .expect("BPF_PROG_TEST_RUN")
     }
 }
 
@@ -105,7 +119,11 @@ pub fn service(
     let sp = ServicePort {
         frontends: frontends
             .iter()
-            .map(|(a, port, kind)| Frontend { addr: a.parse().expect("addr"), port: *port, kind: *kind })
+            .map(|(a, port, kind)| Frontend {
+                addr: a.parse().expect("addr"),
+                port: *port,
+                kind: *kind,
+            })
             .collect(),
         endpoints: endpoints
             .iter()

@@ -79,7 +79,13 @@ impl Packet {
             ttl: 64,
             id: 0x1234,
             ip_options: Vec::new(),
-            l4: L4::Tcp { seq: 1000, ack: if flags & flags::ACK != 0 { 5000 } else { 0 }, flags, window: 64240, payload: payload.to_vec() },
+            l4: L4::Tcp {
+                seq: 1000,
+                ack: if flags & flags::ACK != 0 { 5000 } else { 0 },
+                flags,
+                window: 64240,
+                payload: payload.to_vec(),
+            },
         }
     }
 
@@ -93,13 +99,20 @@ impl Packet {
             ttl: 64,
             id: 0x1234,
             ip_options: Vec::new(),
-            l4: L4::Udp { payload: payload.to_vec(), no_checksum: false },
+            l4: L4::Udp {
+                payload: payload.to_vec(),
+                no_checksum: false,
+            },
         }
     }
 
     /// The same packet with source and destination rewritten.
     pub fn with_addrs(&self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self { src, dst, ..self.clone() }
+        Self {
+            src,
+            dst,
+            ..self.clone()
+        }
     }
 
     /// The IP protocol number.
@@ -116,7 +129,13 @@ impl Packet {
         l4.extend_from_slice(&self.src.port().to_be_bytes());
         l4.extend_from_slice(&self.dst.port().to_be_bytes());
         match &self.l4 {
-            L4::Tcp { seq, ack, flags, window, payload } => {
+            L4::Tcp {
+                seq,
+                ack,
+                flags,
+                window,
+                payload,
+            } => {
                 l4.extend_from_slice(&seq.to_be_bytes());
                 l4.extend_from_slice(&ack.to_be_bytes());
                 l4.push(5 << 4);
@@ -127,7 +146,10 @@ impl Packet {
                 let c = l4_checksum(*self.src.ip(), *self.dst.ip(), 6, &l4);
                 l4[16..18].copy_from_slice(&c.to_be_bytes());
             }
-            L4::Udp { payload, no_checksum } => {
+            L4::Udp {
+                payload,
+                no_checksum,
+            } => {
                 l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
                 l4.extend_from_slice(payload);
@@ -141,10 +163,7 @@ impl Packet {
             }
         }
         let ihl = 20 + self.ip_options.len();
-        let mut ip = vec![
-            0x40 | (ihl / 4) as u8,
-            0,
-        ];
+        let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&self.id.to_be_bytes());
         ip.extend_from_slice(&0x4000u16.to_be_bytes());
@@ -216,13 +235,19 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[ihl..total];
     match ip[9] {
-        1 => (checksum(l4) == 0).then_some(()).ok_or_else(|| "bad ICMP checksum".into()),
-        6 => (l4_checksum(src, dst, 6, l4) == 0).then_some(()).ok_or_else(|| "bad TCP checksum".into()),
+        1 => (checksum(l4) == 0)
+            .then_some(())
+            .ok_or_else(|| "bad ICMP checksum".into()),
+        6 => (l4_checksum(src, dst, 6, l4) == 0)
+            .then_some(())
+            .ok_or_else(|| "bad TCP checksum".into()),
         17 => {
             if l4.len() >= 8 && l4[6..8] == [0, 0] {
                 return Ok(());
             }
-            (l4_checksum(src, dst, 17, l4) == 0).then_some(()).ok_or_else(|| "bad UDP checksum".into())
+            (l4_checksum(src, dst, 17, l4) == 0)
+                .then_some(())
+                .ok_or_else(|| "bad UDP checksum".into())
         }
         p => Err(format!("unexpected protocol {p}")),
     }
@@ -236,11 +261,17 @@ mod tests {
     fn built_packets_have_valid_checksums() {
         let a = "10.0.0.1:1234".parse().expect("addr");
         let b = "10.96.0.10:80".parse().expect("addr");
-        for p in [Packet::tcp(a, b, flags::SYN, b""), Packet::udp(a, b, b"hello")] {
+        for p in [
+            Packet::tcp(a, b, flags::SYN, b""),
+            Packet::udp(a, b, b"hello"),
+        ] {
             verify_checksums(&p.bytes()).expect("valid");
         }
         let mut bytes = Packet::udp(a, b, b"hello").bytes();
         bytes[40] ^= 1;
-        assert!(verify_checksums(&bytes).is_err(), "a flipped bit must be caught");
+        assert!(
+            verify_checksums(&bytes).is_err(),
+            "a flipped bit must be caught"
+        );
     }
 }

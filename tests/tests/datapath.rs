@@ -28,15 +28,27 @@ fn addr(s: &str) -> SocketAddrV4 {
 }
 
 fn pass(p: TestProgram) -> u32 {
-    if p == XdpNode { XDP_PASS } else { TC_ACT_OK }
+    if p == XdpNode {
+        XDP_PASS
+    } else {
+        TC_ACT_OK
+    }
 }
 
 fn drop_verdict(p: TestProgram) -> u32 {
-    if p == XdpNode { XDP_DROP } else { TC_ACT_SHOT }
+    if p == XdpNode {
+        XDP_DROP
+    } else {
+        TC_ACT_SHOT
+    }
 }
 
 fn bounce(p: TestProgram) -> u32 {
-    if p == XdpNode { XDP_TX } else { TC_ACT_REDIRECT }
+    if p == XdpNode {
+        XDP_TX
+    } else {
+        TC_ACT_REDIRECT
+    }
 }
 
 /// One ClusterIP per protocol with a single local backend, so the expected
@@ -44,10 +56,33 @@ fn bounce(p: TestProgram) -> u32 {
 fn seeded() -> Datapath {
     let mut dp = Datapath::new();
     dp.apply(&[
-        service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp), ("10.99.0.1", 30080, NodePort)], &[("10.244.1.10", 8080, true)]),
-        service("dns", Protocol::Udp, &[("10.96.0.53", 53, ClusterIp)], &[("10.244.1.11", 5353, true)]),
-        service("empty", Protocol::Tcp, &[("10.96.0.99", 80, ClusterIp)], &[]),
-        service("empty-udp", Protocol::Udp, &[("10.96.0.99", 53, ClusterIp)], &[]),
+        service(
+            "web",
+            Protocol::Tcp,
+            &[
+                ("10.96.0.10", 80, ClusterIp),
+                ("10.99.0.1", 30080, NodePort),
+            ],
+            &[("10.244.1.10", 8080, true)],
+        ),
+        service(
+            "dns",
+            Protocol::Udp,
+            &[("10.96.0.53", 53, ClusterIp)],
+            &[("10.244.1.11", 5353, true)],
+        ),
+        service(
+            "empty",
+            Protocol::Tcp,
+            &[("10.96.0.99", 80, ClusterIp)],
+            &[],
+        ),
+        service(
+            "empty-udp",
+            Protocol::Udp,
+            &[("10.96.0.99", 53, ClusterIp)],
+            &[],
+        ),
     ]);
     dp
 }
@@ -64,14 +99,51 @@ fn translations() -> Vec<Translation> {
     let mut with_options = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
     with_options.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: IHL 6
     let mut no_csum = Packet::udp(client, addr("10.96.0.53:53"), b"query");
-    no_csum.l4 = L4::Udp { payload: b"query".to_vec(), no_checksum: true };
+    no_csum.l4 = L4::Udp {
+        payload: b"query".to_vec(),
+        no_checksum: true,
+    };
     vec![
-        Translation { name: "ClusterIP TCP SYN", input: Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b""), backend: addr("10.244.1.10:8080") },
-        Translation { name: "ClusterIP TCP with payload", input: Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK | flags::PSH, b"GET / HTTP/1.1\r\n\r\n"), backend: addr("10.244.1.10:8080") },
-        Translation { name: "ClusterIP UDP", input: Packet::udp(client, addr("10.96.0.53:53"), b"query"), backend: addr("10.244.1.11:5353") },
-        Translation { name: "UDP without checksum keeps none", input: no_csum, backend: addr("10.244.1.11:5353") },
-        Translation { name: "IP options honoured", input: with_options, backend: addr("10.244.1.10:8080") },
-        Translation { name: "NodePort to a local backend", input: Packet::tcp(addr("10.99.0.100:40000"), addr("10.99.0.1:30080"), flags::SYN, b""), backend: addr("10.244.1.10:8080") },
+        Translation {
+            name: "ClusterIP TCP SYN",
+            input: Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b""),
+            backend: addr("10.244.1.10:8080"),
+        },
+        Translation {
+            name: "ClusterIP TCP with payload",
+            input: Packet::tcp(
+                client,
+                addr("10.96.0.10:80"),
+                flags::ACK | flags::PSH,
+                b"GET / HTTP/1.1\r\n\r\n",
+            ),
+            backend: addr("10.244.1.10:8080"),
+        },
+        Translation {
+            name: "ClusterIP UDP",
+            input: Packet::udp(client, addr("10.96.0.53:53"), b"query"),
+            backend: addr("10.244.1.11:5353"),
+        },
+        Translation {
+            name: "UDP without checksum keeps none",
+            input: no_csum,
+            backend: addr("10.244.1.11:5353"),
+        },
+        Translation {
+            name: "IP options honoured",
+            input: with_options,
+            backend: addr("10.244.1.10:8080"),
+        },
+        Translation {
+            name: "NodePort to a local backend",
+            input: Packet::tcp(
+                addr("10.99.0.100:40000"),
+                addr("10.99.0.1:30080"),
+                flags::SYN,
+                b"",
+            ),
+            backend: addr("10.244.1.10:8080"),
+        },
     ]
 }
 
@@ -96,28 +168,50 @@ fn replies_are_reverse_translated_to_the_frontend() {
         let client = addr("10.244.2.20:40001");
         let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
         assert_eq!(dp.run(prog, &syn.bytes()).0, pass(prog));
-        let synack = Packet::tcp(addr("10.244.1.10:8080"), client, flags::SYN | flags::ACK, b"");
+        let synack = Packet::tcp(
+            addr("10.244.1.10:8080"),
+            client,
+            flags::SYN | flags::ACK,
+            b"",
+        );
         let (verdict, out) = dp.run(prog, &synack.bytes());
         assert_eq!(verdict, pass(prog), "{prog:?}");
-        assert_eq!(out, synack.with_addrs(addr("10.96.0.10:80"), client).bytes(), "{prog:?}");
+        assert_eq!(
+            out,
+            synack.with_addrs(addr("10.96.0.10:80"), client).bytes(),
+            "{prog:?}"
+        );
     }
 }
 
 #[test]
 fn an_established_flow_keeps_its_backend_when_backends_change() {
     let mut dp = Datapath::new();
-    let svc = |eps: &[(&str, u16, bool)]| service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp)], eps);
+    let svc = |eps: &[(&str, u16, bool)]| {
+        service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp)], eps)
+    };
     dp.apply(&[svc(&[("10.244.1.10", 8080, true)])]);
     let client = addr("10.244.2.20:40002");
     let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
     let (_, out) = dp.run(TcPod, &syn.bytes());
-    assert_eq!(out, syn.with_addrs(client, addr("10.244.1.10:8080")).bytes());
+    assert_eq!(
+        out,
+        syn.with_addrs(client, addr("10.244.1.10:8080")).bytes()
+    );
     // Many new backends: the hash would now pick among them, conntrack must not.
-    dp.apply(&[svc(&[("10.244.1.10", 8080, true), ("10.244.1.12", 8080, true), ("10.244.1.13", 8080, true), ("10.244.1.14", 8080, true)])]);
+    dp.apply(&[svc(&[
+        ("10.244.1.10", 8080, true),
+        ("10.244.1.12", 8080, true),
+        ("10.244.1.13", 8080, true),
+        ("10.244.1.14", 8080, true),
+    ])]);
     for _ in 0..3 {
         let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"more");
         let (_, out) = dp.run(TcPod, &ack.bytes());
-        assert_eq!(out, ack.with_addrs(client, addr("10.244.1.10:8080")).bytes());
+        assert_eq!(
+            out,
+            ack.with_addrs(client, addr("10.244.1.10:8080")).bytes()
+        );
     }
 }
 
@@ -126,10 +220,20 @@ fn new_flows_spread_over_all_backends() {
     let mut dp = Datapath::new();
     let backends = ["10.244.1.10", "10.244.1.11", "10.244.2.10"];
     let eps: Vec<(&str, u16, bool)> = backends.iter().map(|b| (*b, 8080, true)).collect();
-    dp.apply(&[service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp)], &eps)]);
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &eps,
+    )]);
     let mut seen = std::collections::BTreeMap::new();
     for port in 0..300u16 {
-        let syn = Packet::tcp(addr(&format!("10.244.2.20:{}", 20000 + port)), addr("10.96.0.10:80"), flags::SYN, b"");
+        let syn = Packet::tcp(
+            addr(&format!("10.244.2.20:{}", 20000 + port)),
+            addr("10.96.0.10:80"),
+            flags::SYN,
+            b"",
+        );
         let (_, out) = dp.run(TcPod, &syn.bytes());
         let dst = std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         *seen.entry(dst.to_string()).or_insert(0) += 1;
@@ -144,13 +248,25 @@ fn tcp_to_a_service_without_endpoints_is_reset() {
         let mut dp = seeded();
         let client = addr("10.244.2.20:40003");
         let mut syn = Packet::tcp(client, addr("10.96.0.99:80"), flags::SYN, b"");
-        syn.l4 = L4::Tcp { seq: 777, ack: 0, flags: flags::SYN, window: 1000, payload: Vec::new() };
+        syn.l4 = L4::Tcp {
+            seq: 777,
+            ack: 0,
+            flags: flags::SYN,
+            window: 1000,
+            payload: Vec::new(),
+        };
         let (verdict, out) = dp.run(prog, &syn.bytes());
         assert_eq!(verdict, bounce(prog), "{prog:?}");
         let mut rst = syn.with_addrs(addr("10.96.0.99:80"), client);
         rst.src_mac = MAC_B;
         rst.dst_mac = MAC_A;
-        rst.l4 = L4::Tcp { seq: 0, ack: 778, flags: flags::RST | flags::ACK, window: 0, payload: Vec::new() };
+        rst.l4 = L4::Tcp {
+            seq: 0,
+            ack: 778,
+            flags: flags::RST | flags::ACK,
+            window: 0,
+            payload: Vec::new(),
+        };
         assert_eq!(out, rst.bytes(), "{prog:?}: RST bytes");
 
         // An ACK is answered with its own ack number as sequence.
@@ -160,12 +276,22 @@ fn tcp_to_a_service_without_endpoints_is_reset() {
         let mut rst = ack.with_addrs(addr("10.96.0.99:80"), client);
         rst.src_mac = MAC_B;
         rst.dst_mac = MAC_A;
-        rst.l4 = L4::Tcp { seq: 5000, ack: 0, flags: flags::RST, window: 0, payload: Vec::new() };
+        rst.l4 = L4::Tcp {
+            seq: 5000,
+            ack: 0,
+            flags: flags::RST,
+            window: 0,
+            payload: Vec::new(),
+        };
         assert_eq!(out, rst.bytes(), "{prog:?}: RST to an ACK");
 
         // A RST is never answered.
         let reset = Packet::tcp(client, addr("10.96.0.99:80"), flags::RST, b"");
-        assert_eq!(dp.run(prog, &reset.bytes()).0, drop_verdict(prog), "{prog:?}");
+        assert_eq!(
+            dp.run(prog, &reset.bytes()).0,
+            drop_verdict(prog),
+            "{prog:?}"
+        );
     }
 }
 
@@ -184,8 +310,16 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
         assert_eq!(out[14 + 9], 1, "ICMP");
         assert_eq!(&out[26..30], &[10, 96, 0, 99], "from the frontend");
         assert_eq!(&out[30..34], &[10, 244, 2, 20], "to the client");
-        assert_eq!((out[34], out[35]), (3, 3), "destination unreachable / port unreachable");
-        assert_eq!(&out[42..], &input[14..14 + 20 + 8], "quotes the IP header and 8 bytes");
+        assert_eq!(
+            (out[34], out[35]),
+            (3, 3),
+            "destination unreachable / port unreachable"
+        );
+        assert_eq!(
+            &out[42..],
+            &input[14..14 + 20 + 8],
+            "quotes the IP header and 8 bytes"
+        );
     }
 }
 
@@ -193,9 +327,18 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
 fn packets_not_for_a_service_pass_untouched() {
     let client = addr("10.244.2.20:40005");
     let cases = [
-        ("other address", Packet::tcp(client, addr("10.96.0.11:80"), flags::SYN, b"").bytes()),
-        ("other port", Packet::tcp(client, addr("10.96.0.10:81"), flags::SYN, b"").bytes()),
-        ("other protocol on the port", Packet::udp(client, addr("10.96.0.10:80"), b"x").bytes()),
+        (
+            "other address",
+            Packet::tcp(client, addr("10.96.0.11:80"), flags::SYN, b"").bytes(),
+        ),
+        (
+            "other port",
+            Packet::tcp(client, addr("10.96.0.10:81"), flags::SYN, b"").bytes(),
+        ),
+        (
+            "other protocol on the port",
+            Packet::udp(client, addr("10.96.0.10:80"), b"x").bytes(),
+        ),
     ];
     for prog in ALL {
         let mut dp = seeded();
@@ -209,7 +352,13 @@ fn packets_not_for_a_service_pass_untouched() {
 
 #[test]
 fn malformed_packets_pass_untouched() {
-    let syn = Packet::tcp(addr("10.244.2.20:40006"), addr("10.96.0.10:80"), flags::SYN, b"").bytes();
+    let syn = Packet::tcp(
+        addr("10.244.2.20:40006"),
+        addr("10.96.0.10:80"),
+        flags::SYN,
+        b"",
+    )
+    .bytes();
     let udp = Packet::udp(addr("10.244.2.20:40006"), addr("10.96.0.53:53"), b"q").bytes();
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x43;

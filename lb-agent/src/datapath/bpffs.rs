@@ -43,7 +43,9 @@ pub fn enter_outer_mount_ns() -> Result<()> {
     let ours = fs::read_link("/proc/self/ns/mnt").context("read /proc/self/ns/mnt")?;
     let parent = format!("/proc/{}/ns/mnt", nix::unistd::getppid());
     for candidate in ["/proc/1/ns/mnt", parent.as_str()] {
-        let Ok(theirs) = fs::read_link(candidate) else { continue };
+        let Ok(theirs) = fs::read_link(candidate) else {
+            continue;
+        };
         if theirs == ours {
             return Ok(());
         }
@@ -66,9 +68,14 @@ pub fn is_bpffs(dir: &Path) -> bool {
 pub fn ensure(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     if !is_bpffs(dir) {
-        mount(Some("bpf"), dir, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(|| {
-            format!("mount bpffs on {} (needs CAP_SYS_ADMIN)", dir.display())
-        })?;
+        mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount bpffs on {} (needs CAP_SYS_ADMIN)", dir.display()))?;
         if !is_bpffs(dir) {
             bail!("{} is still not a bpffs after mounting one", dir.display());
         }

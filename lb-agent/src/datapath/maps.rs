@@ -69,7 +69,11 @@ impl Maps {
 
 /// Decodes a NUL-padded [`ServiceName`].
 pub fn name_str(name: &ServiceName) -> String {
-    let end = name.bytes.iter().position(|&b| b == 0).unwrap_or(name.bytes.len());
+    let end = name
+        .bytes
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name.bytes.len());
     String::from_utf8_lossy(&name.bytes[..end]).into_owned()
 }
 
@@ -85,20 +89,29 @@ pub fn name_bytes(name: &str) -> ServiceName {
 }
 
 fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> StoreError {
-    StoreError { op, map, message: e.to_string() }
+    StoreError {
+        op,
+        map,
+        message: e.to_string(),
+    }
 }
 
 impl Store for Maps {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
-        self.backends.insert(id, b, 0).map_err(|e| store_err("insert", maps::BACKENDS, &e))
+        self.backends
+            .insert(id, b, 0)
+            .map_err(|e| store_err("insert", maps::BACKENDS, &e))
     }
 
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
-        ignore_missing(self.backends.remove(&id)).map_err(|e| store_err("remove", maps::BACKENDS, &e))
+        ignore_missing(self.backends.remove(&id))
+            .map_err(|e| store_err("remove", maps::BACKENDS, &e))
     }
 
     fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), StoreError> {
-        self.slots.insert(key, id, 0).map_err(|e| store_err("insert", maps::SLOTS, &e))
+        self.slots
+            .insert(key, id, 0)
+            .map_err(|e| store_err("insert", maps::SLOTS, &e))
     }
 
     fn del_slot(&mut self, key: SlotKey) -> Result<(), StoreError> {
@@ -106,7 +119,9 @@ impl Store for Maps {
     }
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
-        self.services.insert(key, value, 0).map_err(|e| store_err("insert", maps::SERVICES, &e))
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| store_err("insert", maps::SERVICES, &e))
     }
 
     fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError> {
@@ -129,7 +144,11 @@ impl Store for Maps {
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }

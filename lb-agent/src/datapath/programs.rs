@@ -104,8 +104,10 @@ impl Programs {
     /// Loads the object, creating or re-using the pinned maps under `bpffs`.
     pub fn load(bpffs: &Path, sizes: MapSizes, xdp_mode: XdpMode) -> Result<Self> {
         let maps_dir = bpffs::maps_dir(bpffs);
-        let paths: Vec<(&str, PathBuf)> =
-            maps::ALL.iter().map(|name| (*name, maps_dir.join(name))).collect();
+        let paths: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|name| (*name, maps_dir.join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -121,14 +123,21 @@ impl Programs {
         )?;
         for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod] {
             let name = hook.program();
-            let prog = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?;
             let res = match hook {
                 Hook::Xdp => <&mut Xdp>::try_from(prog)?.load(),
                 Hook::TcNode | Hook::TcPod => <&mut SchedClassifier>::try_from(prog)?.load(),
             };
             res.with_context(|| format!("verifier rejected {name}"))?;
         }
-        Ok(Self { ebpf, links: bpffs::links_dir(bpffs), owned: HashSet::new(), xdp_mode })
+        Ok(Self {
+            ebpf,
+            links: bpffs::links_dir(bpffs),
+            owned: HashSet::new(),
+            xdp_mode,
+        })
     }
 
     /// Attaches XDP and the TC fallback to a node interface.
@@ -145,13 +154,14 @@ impl Programs {
             .into_iter()
             .filter(|(_, name)| patterns.iter().any(|p| p.matches(name)))
             .collect();
-        let wanted_pins: HashSet<String> =
-            wanted.iter().map(|(idx, _)| pin_name(Hook::TcPod, *idx)).collect();
+        let wanted_pins: HashSet<String> = wanted
+            .iter()
+            .map(|(idx, _)| pin_name(Hook::TcPod, *idx))
+            .collect();
         for pin in self.pins(Hook::TcPod)? {
             if !wanted_pins.contains(&pin) {
                 // Removing the last reference detaches the link.
-                fs::remove_file(self.links.join(&pin))
-                    .with_context(|| format!("unpin {pin}"))?;
+                fs::remove_file(self.links.join(&pin)).with_context(|| format!("unpin {pin}"))?;
                 self.owned.remove(&pin);
                 info!(pin, "detached from pod interface");
             }
@@ -167,8 +177,8 @@ impl Programs {
 
     fn pins(&self, hook: Hook) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.links)
-            .with_context(|| format!("read {}", self.links.display()))?
+        for entry in
+            fs::read_dir(&self.links).with_context(|| format!("read {}", self.links.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if name.starts_with(hook.prefix()) {
@@ -213,13 +223,16 @@ impl Programs {
             }
             Hook::TcNode | Hook::TcPod => {
                 let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
-                let id = prog.attach(ifname, TcAttachType::Ingress).with_context(|| {
-                    format!("attach TC ingress to {ifname} (TCX needs Linux 6.6 or later)")
-                })?;
+                let id = prog
+                    .attach(ifname, TcAttachType::Ingress)
+                    .with_context(|| {
+                        format!("attach TC ingress to {ifname} (TCX needs Linux 6.6 or later)")
+                    })?;
                 prog.take_link(id)?.try_into()?
             }
         };
-        link.pin(&path).with_context(|| format!("pin link {}", path.display()))?;
+        link.pin(&path)
+            .with_context(|| format!("pin link {}", path.display()))?;
         info!(iface = ifname, pin, "attached");
         self.owned.insert(pin);
         Ok(())
@@ -272,8 +285,38 @@ impl Programs {
 
     fn program(&mut self, hook: Hook) -> Result<&mut aya::programs::Program> {
         let name = hook.program();
-        self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))
     }
+}
+
+/// Loads the object without pins and attaches its pass-only XDP program to
+/// `ifaces` (in the calling thread's network namespace); the returned handle
+/// keeps the attachments alive. Test rigs use it on the fabric side of veths.
+pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    // Nothing but the pass program runs: keep the unused maps tiny.
+    for name in [
+        maps::SERVICES,
+        maps::NAMES,
+        maps::SLOTS,
+        maps::BACKENDS,
+        maps::CONNTRACK,
+    ] {
+        loader.map_max_entries(name, 16);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(maps::PROG_XDP_PASS)
+        .context("pass program missing")?
+        .try_into()?;
+    prog.load()?;
+    for iface in ifaces {
+        prog.attach(iface, XdpMode::Default)
+            .with_context(|| format!("attach the pass program to {iface}"))?;
+    }
+    Ok(ebpf)
 }
 
 fn pin_name(hook: Hook, ifindex: u32) -> String {
@@ -303,7 +346,9 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
 /// their maps go) and the directories the agent made.
 pub fn cleanup(bpffs: &Path) -> Result<()> {
     for dir in [bpffs::links_dir(bpffs), bpffs::maps_dir(bpffs)] {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries {
             let path = entry?.path();
             fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;

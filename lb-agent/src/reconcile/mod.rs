@@ -142,10 +142,19 @@ impl Reconciler {
             r.owners.insert(*key, value.svc_id);
         }
         for (svc_id, svc) in &mut r.services {
-            let count = svc.frontends.values().map(|v| v.slot_count).max().unwrap_or(0);
+            let count = svc
+                .frontends
+                .values()
+                .map(|v| v.slot_count)
+                .max()
+                .unwrap_or(0);
             svc.table = (0..count)
                 .map(|index| {
-                    let key = SlotKey { svc_id: *svc_id, generation: svc.generation, index };
+                    let key = SlotKey {
+                        svc_id: *svc_id,
+                        generation: svc.generation,
+                        index,
+                    };
                     snap.slot(&key).unwrap_or(0)
                 })
                 .collect();
@@ -174,7 +183,10 @@ impl Reconciler {
         for (name, want) in &desired {
             if let Err(e) = self.apply_service(name, want, store, &mut report) {
                 warn!(service = %name, "cannot program Service port: {e}");
-                report.failures.push(Failure { service: name.clone(), message: e.to_string() });
+                report.failures.push(Failure {
+                    service: name.clone(),
+                    message: e.to_string(),
+                });
             }
         }
 
@@ -190,10 +202,17 @@ impl Reconciler {
             }
         }
 
-        let used: BTreeSet<BackendId> =
-            self.services.values().flat_map(|s| s.table.iter().copied()).collect();
-        let unused: Vec<BackendId> =
-            self.backends.keys().filter(|id| !used.contains(id)).copied().collect();
+        let used: BTreeSet<BackendId> = self
+            .services
+            .values()
+            .flat_map(|s| s.table.iter().copied())
+            .collect();
+        let unused: Vec<BackendId> = self
+            .backends
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
         for id in unused {
             match store.del_backend(id) {
                 Ok(()) => {
@@ -230,10 +249,18 @@ impl Reconciler {
             Some(s) => (s.generation, s.table.clone()),
             None => (1, Vec::new()),
         };
-        let generation = if existing.is_some() && old_table == table { old_gen } else { 1 - old_gen };
+        let generation = if existing.is_some() && old_table == table {
+            old_gen
+        } else {
+            1 - old_gen
+        };
         if generation != old_gen {
             for (index, id) in table.iter().enumerate() {
-                let key = SlotKey { svc_id, generation, index: index as u32 };
+                let key = SlotKey {
+                    svc_id,
+                    generation,
+                    index: index as u32,
+                };
                 store.put_slot(key, *id)?;
                 report.writes += 1;
             }
@@ -244,15 +271,23 @@ impl Reconciler {
             report.writes += 1;
             self.by_name.insert(name.to_string(), svc_id);
         }
-        let applied = self.services.entry(svc_id).or_insert_with(|| AppliedService {
-            name: name.to_string(),
-            generation: old_gen,
-            ..AppliedService::default()
-        });
+        let applied = self
+            .services
+            .entry(svc_id)
+            .or_insert_with(|| AppliedService {
+                name: name.to_string(),
+                generation: old_gen,
+                ..AppliedService::default()
+            });
 
         let slot_count = table.len() as u32;
         for (key, flags) in &want.frontends {
-            let value = ServiceValue { svc_id, slot_count, generation, flags: *flags };
+            let value = ServiceValue {
+                svc_id,
+                slot_count,
+                generation,
+                flags: *flags,
+            };
             if applied.frontends.get(key) != Some(&value) {
                 store.put_service(*key, value)?;
                 report.writes += 1;
@@ -260,8 +295,12 @@ impl Reconciler {
                 self.owners.insert(*key, svc_id);
             }
         }
-        let stale: Vec<ServiceKey> =
-            applied.frontends.keys().filter(|k| !want.frontends.contains_key(k)).copied().collect();
+        let stale: Vec<ServiceKey> = applied
+            .frontends
+            .keys()
+            .filter(|k| !want.frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in stale {
             // Another Service port may have taken this frontend over already.
             if self.owners.get(&key) == Some(&svc_id) {
@@ -276,7 +315,11 @@ impl Reconciler {
             applied.generation = generation;
             applied.table = table;
             for index in 0..old_table.len() {
-                let key = SlotKey { svc_id, generation: old_gen, index: index as u32 };
+                let key = SlotKey {
+                    svc_id,
+                    generation: old_gen,
+                    index: index as u32,
+                };
                 store.del_slot(key)?;
                 report.deletes += 1;
             }
@@ -291,7 +334,9 @@ impl Reconciler {
         store: &mut dyn Store,
         report: &mut Report,
     ) -> Result<(), StoreError> {
-        let Some(applied) = self.services.get(&svc_id).cloned() else { return Ok(()) };
+        let Some(applied) = self.services.get(&svc_id).cloned() else {
+            return Ok(());
+        };
         for key in applied.frontends.keys() {
             if self.owners.get(key) == Some(&svc_id) {
                 store.del_service(*key)?;
@@ -300,7 +345,11 @@ impl Reconciler {
             }
         }
         for index in 0..applied.table.len() {
-            let key = SlotKey { svc_id, generation: applied.generation, index: index as u32 };
+            let key = SlotKey {
+                svc_id,
+                generation: applied.generation,
+                index: index as u32,
+            };
             store.del_slot(key)?;
             report.deletes += 1;
         }
@@ -365,7 +414,15 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
             .iter()
             .map(|f| {
                 let (addr, fam) = addr_be(f.addr);
-                (ServiceKey { addr_be: addr, port_be: f.port.to_be(), proto: p, family: fam }, kind_flags(f.kind))
+                (
+                    ServiceKey {
+                        addr_be: addr,
+                        port_be: f.port.to_be(),
+                        proto: p,
+                        family: fam,
+                    },
+                    kind_flags(f.kind),
+                )
             })
             .fold(BTreeMap::new(), |mut m, (k, flags)| {
                 *m.entry(k).or_insert(0) |= flags;
@@ -383,7 +440,13 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 }
             })
             .collect();
-        out.insert(name, DesiredService { frontends, backends });
+        out.insert(
+            name,
+            DesiredService {
+                frontends,
+                backends,
+            },
+        );
     }
     out
 }

@@ -32,7 +32,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Looks up a slot.
     pub fn slot(&self, key: &SlotKey) -> Option<BackendId> {
-        self.slots.get(&(key.svc_id, key.generation, key.index)).copied()
+        self.slots
+            .get(&(key.svc_id, key.generation, key.index))
+            .copied()
     }
 }
 
@@ -80,13 +82,17 @@ impl Store for MemStore {
 
     fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.slots.insert((key.svc_id, key.generation, key.index), id);
+        self.snap
+            .slots
+            .insert((key.svc_id, key.generation, key.index), id);
         Ok(())
     }
 
     fn del_slot(&mut self, key: SlotKey) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.slots.remove(&(key.svc_id, key.generation, key.index));
+        self.snap
+            .slots
+            .remove(&(key.svc_id, key.generation, key.index));
         Ok(())
     }
 

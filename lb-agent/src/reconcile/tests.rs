@@ -17,7 +17,11 @@ impl CheckedStore {
         let snap = &self.inner.snap;
         for (key, v) in &snap.services {
             for index in 0..v.slot_count {
-                let slot = SlotKey { svc_id: v.svc_id, generation: v.generation, index };
+                let slot = SlotKey {
+                    svc_id: v.svc_id,
+                    generation: v.generation,
+                    index,
+                };
                 match snap.slot(&slot) {
                     Some(id) if snap.backends.contains_key(&id) => {}
                     other => self.violations.push(format!(
@@ -64,7 +68,11 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
         protocol: Protocol::Tcp,
     };
     let sp = ServicePort {
-        frontends: vec![Frontend { addr: ip(vip), port, kind: FrontendKind::ClusterIp }],
+        frontends: vec![Frontend {
+            addr: ip(vip),
+            port,
+            kind: FrontendKind::ClusterIp,
+        }],
         endpoints: endpoints
             .iter()
             .map(|e| Endpoint {
@@ -81,18 +89,31 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
 }
 
 fn model(services: &[(ServicePortRef, ServicePort)]) -> Model {
-    Model { services: services.iter().cloned().collect() }
+    Model {
+        services: services.iter().cloned().collect(),
+    }
 }
 
 fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
     let (addr, fam) = addr_be(ip(vip));
-    let key = ServiceKey { addr_be: addr, port_be: port.to_be(), proto: proto::TCP, family: fam };
-    let Some(v) = store.snap.services.get(&key) else { return Vec::new() };
+    let key = ServiceKey {
+        addr_be: addr,
+        port_be: port.to_be(),
+        proto: proto::TCP,
+        family: fam,
+    };
+    let Some(v) = store.snap.services.get(&key) else {
+        return Vec::new();
+    };
     (0..v.slot_count)
         .map(|index| {
             let id = store
                 .snap
-                .slot(&SlotKey { svc_id: v.svc_id, generation: v.generation, index })
+                .slot(&SlotKey {
+                    svc_id: v.svc_id,
+                    generation: v.generation,
+                    index,
+                })
                 .expect("slot");
             let b = store.snap.backends[&id];
             addr_from_be(b.addr_be, b.family)
@@ -104,14 +125,22 @@ fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
 fn programs_a_service_and_its_backends_in_table_order() {
     let mut store = CheckedStore::default();
     let mut r = Reconciler::default();
-    let m = model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10", "10.244.2.10"])]);
+    let m = model(&[svc(
+        "web",
+        "10.96.0.10",
+        80,
+        &["10.244.1.10", "10.244.2.10"],
+    )]);
     let report = r.apply(&m, &mut store);
     assert!(report.failures.is_empty(), "{report:?}");
     assert_eq!(
         frontend_backends(&store.inner, "10.96.0.10", 80),
         vec![ip("10.244.1.10"), ip("10.244.2.10")]
     );
-    assert_eq!(store.inner.snap.names.values().next().map(String::as_str), Some("default/web/TCP"));
+    assert_eq!(
+        store.inner.snap.names.values().next().map(String::as_str),
+        Some("default/web/TCP")
+    );
     assert!(store.violations.is_empty(), "{:?}", store.violations);
 }
 
@@ -134,7 +163,10 @@ fn every_change_is_make_before_break() {
     let steps = [
         vec![svc("a", "10.96.0.1", 80, &["10.244.1.10", "10.244.1.11"])],
         vec![svc("a", "10.96.0.1", 80, &["10.244.1.11", "10.244.2.10"])],
-        vec![svc("a", "10.96.0.1", 80, &[]), svc("b", "10.96.0.2", 53, &["10.244.1.10"])],
+        vec![
+            svc("a", "10.96.0.1", 80, &[]),
+            svc("b", "10.96.0.2", 53, &["10.244.1.10"]),
+        ],
         vec![svc("b", "10.96.0.2", 53, &["10.244.1.10", "10.244.1.12"])],
         // The frontend of "a" moves to "c" in one step.
         vec![svc("c", "10.96.0.1", 80, &["10.244.2.11"])],
@@ -145,16 +177,29 @@ fn every_change_is_make_before_break() {
         assert!(report.failures.is_empty(), "{report:?}");
     }
     assert!(store.violations.is_empty(), "{:?}", store.violations);
-    assert_eq!(store.inner.snap, Snapshot::default(), "everything removed at the end");
+    assert_eq!(
+        store.inner.snap,
+        Snapshot::default(),
+        "everything removed at the end"
+    );
 }
 
 #[test]
 fn frontend_taken_over_by_another_service_stays_programmed() {
     let mut store = CheckedStore::default();
     let mut r = Reconciler::default();
-    r.apply(&model(&[svc("a", "10.96.0.1", 80, &["10.244.1.10"])]), &mut store);
-    r.apply(&model(&[svc("z", "10.96.0.1", 80, &["10.244.2.10"])]), &mut store);
-    assert_eq!(frontend_backends(&store.inner, "10.96.0.1", 80), vec![ip("10.244.2.10")]);
+    r.apply(
+        &model(&[svc("a", "10.96.0.1", 80, &["10.244.1.10"])]),
+        &mut store,
+    );
+    r.apply(
+        &model(&[svc("z", "10.96.0.1", 80, &["10.244.2.10"])]),
+        &mut store,
+    );
+    assert_eq!(
+        frontend_backends(&store.inner, "10.96.0.1", 80),
+        vec![ip("10.244.2.10")]
+    );
 }
 
 #[test]
@@ -164,8 +209,17 @@ fn no_ready_endpoint_leaves_an_empty_table() {
     let (rf, mut sp) = svc("a", "10.96.0.1", 80, &["10.244.1.10"]);
     sp.endpoints[0].ready = false;
     r.apply(&model(&[(rf, sp)]), &mut store);
-    let v = store.inner.snap.services.values().next().expect("frontend kept");
-    assert_eq!(v.slot_count, 0, "a frontend with no endpoint rejects instead of vanishing");
+    let v = store
+        .inner
+        .snap
+        .services
+        .values()
+        .next()
+        .expect("frontend kept");
+    assert_eq!(
+        v.slot_count, 0,
+        "a frontend with no endpoint rejects instead of vanishing"
+    );
 }
 
 #[test]
@@ -189,5 +243,8 @@ fn addresses_round_trip() {
         let (w, fam) = addr_be(ip(a));
         assert_eq!(addr_from_be(w, fam), ip(a));
     }
-    assert_eq!(addr_be(ip("10.0.0.1")).0[0], u32::from_ne_bytes([10, 0, 0, 1]));
+    assert_eq!(
+        addr_be(ip("10.0.0.1")).0[0],
+        u32::from_ne_bytes([10, 0, 0, 1])
+    );
 }

@@ -1,0 +1,135 @@
+//! `cargo xtask demo`: a namespace cluster running the agents on
+//! examples/manifests, with traffic to a ClusterIP and a NodePort, and a
+//! table of where it went.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use lb_tests::rig::{tcp_hello, udp_hello, Cluster, ClusterSpec, TcpServer, UdpServer};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Stops between steps on Ctrl-C, so the cluster is torn down by Drop.
+fn check_interrupt() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!("interrupted: cleaning up");
+        std::panic::resume_unwind(Box::new("interrupted"));
+    }
+}
+
+fn main() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let result = std::panic::catch_unwind(run);
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
+
+fn run() {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");
+    println!("== building a cluster of network namespaces: a client, node-a and node-b with two pods each");
+    let mut cluster = Cluster::new(ClusterSpec::default());
+    for entry in std::fs::read_dir(&examples).expect("examples/manifests") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let body = std::fs::read_to_string(&path).expect("read manifest");
+        cluster.write_manifest(&name, &body);
+    }
+    let mut servers = (Vec::new(), Vec::new());
+    for p in cluster.pods() {
+        servers.0.push(TcpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 8080),
+            &p.name,
+        ));
+        servers.1.push(UdpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 5353),
+            &p.name,
+        ));
+    }
+    check_interrupt();
+    println!(
+        "== starting one lb-agent per node on {}",
+        examples.display()
+    );
+    for n in ["a", "b"] {
+        cluster.node_mut(n).start_agent(&[]);
+    }
+    for n in ["a", "b"] {
+        cluster.node(n).wait_agent_ready(Duration::from_secs(15));
+    }
+    check_interrupt();
+
+    let pod = cluster.pod("a0").ns.clone();
+    let client = cluster.client_ns().to_string();
+    let flows: Vec<(&str, String, &str, &str)> = vec![
+        ("pod a0", pod.clone(), "10.96.0.10:80", "tcp"),
+        ("pod a0", pod.clone(), "10.96.0.53:53", "udp"),
+        ("client", client.clone(), "10.99.0.1:30080", "tcp"),
+        ("client", client.clone(), "10.99.0.2:30080", "tcp"),
+        ("client", client.clone(), "10.99.0.1:30053", "udp"),
+        ("client", client, "10.96.0.99:80", "tcp"),
+    ];
+    println!(
+        "\n{:<8} {:<20} {:<5} {:<32} {:>5}",
+        "FROM", "FRONTEND", "PROTO", "BACKEND (as it saw the client)", "CONNS"
+    );
+    for (from, ns, dst, proto) in &flows {
+        let dst: SocketAddr = dst.parse().expect("frontend");
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..30 {
+            check_interrupt();
+            let res = if *proto == "tcp" {
+                tcp_hello(ns, dst, Duration::from_secs(2)).map(|(l, _)| l)
+            } else {
+                udp_hello(ns, dst, Duration::from_secs(2)).map(|(l, _)| l)
+            };
+            let key = match res {
+                Ok(line) => line.trim().replace(' ', " seeing "),
+                Err(e) => format!("refused: {}", e.kind()),
+            };
+            *seen.entry(key).or_insert(0) += 1;
+        }
+        for (i, (backend, n)) in seen.iter().enumerate() {
+            let (f, d, p) = if i == 0 {
+                (*from, dst.to_string(), *proto)
+            } else {
+                ("", String::new(), "")
+            };
+            println!("{f:<8} {d:<20} {p:<5} {backend:<32} {n:>5}");
+        }
+    }
+
+    let bin = lb_tests::rig::agent_bin();
+    for n in ["a", "b"] {
+        println!("\n== lb-agent services on node-{n}");
+        let out = Command::new(&bin)
+            .args(["services", "--bpffs"])
+            .arg(cluster.node(n).bpffs())
+            .output()
+            .expect("run lb-agent services");
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    println!("\n== done; tearing the cluster down");
+    drop(servers);
+    drop(cluster);
+}

@@ -1,0 +1,61 @@
+//! Small generators of Service and EndpointSlice YAML for scenarios.
+
+use std::fmt::Write as _;
+
+/// One endpoint of a slice: address, node name, ready.
+pub struct Ep<'a> {
+    /// Pod address.
+    pub addr: &'a str,
+    /// The node it runs on (`node-a`, `node-b`).
+    pub node: &'a str,
+    /// `conditions.ready`.
+    pub ready: bool,
+}
+
+/// A Service with one port: ClusterIP `cluster_ip:port`, target port
+/// `target`, optional NodePort, protocol `TCP` or `UDP`.
+pub fn service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target: u16,
+    node_port: Option<u16>,
+    proto: &str,
+) -> String {
+    let kind = if node_port.is_some() {
+        "NodePort"
+    } else {
+        "ClusterIP"
+    };
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: test\nspec:\n  type: {kind}\n  clusterIP: {cluster_ip}\n  ports:\n    - name: p\n      protocol: {proto}\n      port: {port}\n      targetPort: {target}\n"
+    );
+    if let Some(np) = node_port {
+        let _ = writeln!(s, "      nodePort: {np}");
+    }
+    s
+}
+
+/// An EndpointSlice for Service `service` whose port `p` is `port`.
+pub fn slice(service: &str, name: &str, port: u16, proto: &str, endpoints: &[Ep<'_>]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: test\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: p\n    protocol: {proto}\n    port: {port}\nendpoints:\n"
+    );
+    for e in endpoints {
+        let _ = write!(
+            s,
+            "  - addresses: [{}]\n    nodeName: {}\n    conditions: {{ready: {}}}\n",
+            e.addr, e.node, e.ready
+        );
+    }
+    if endpoints.is_empty() {
+        s.push_str("  []\n");
+        s = s.replace("endpoints:\n  []\n", "endpoints: []\n");
+    }
+    s
+}
+
+/// Joins documents into one multi-document YAML file.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}

@@ -1,0 +1,651 @@
+//! A cluster of network namespaces: a fabric bridge, an external client,
+//! nodes with an `eth0` on the bridge, and pods behind veth pairs on each
+//! node (DESIGN.md, Test rig).
+//!
+//! Every name carries a unique prefix so tests run in parallel; nothing is
+//! created in the root network namespace, and everything is removed on drop,
+//! also when a test panics. Addresses are fixed because each cluster has
+//! namespaces of its own:
+//!
+//! | what | address |
+//! | --- | --- |
+//! | client `eth0` | 10.99.0.100/24 |
+//! | node-a, node-b `eth0` | 10.99.0.1/24, 10.99.0.2/24 |
+//! | pods on node-a, node-b | 10.244.1.10+j, 10.244.2.10+j (/32, gateway .1) |
+
+use std::{
+    fs,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::sched::{setns, CloneFlags};
+
+/// Shape of a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of nodes (node-a, node-b, …).
+    pub nodes: usize,
+    /// Pods per node.
+    pub pods_per_node: usize,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 2,
+        }
+    }
+}
+
+/// A pod: a namespace behind a veth pair on its node.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Short name (`a0`, `b1`): node letter and index.
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// Its node's name (`node-a`).
+    pub node: String,
+}
+
+/// A node: a namespace with `eth0` on the fabric and the pods' host ends.
+pub struct Node {
+    /// Name as agents and EndpointSlices spell it (`node-a`).
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its address on the fabric.
+    pub addr: Ipv4Addr,
+    dir: PathBuf,
+    manifests: PathBuf,
+    agent: Option<Child>,
+    ready_lines: usize,
+}
+
+/// The path of the agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("LB_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent"),
+        PathBuf::from,
+    )
+}
+
+/// The line the agent logs once its first full sync is done.
+const READY: &str = "lb-agent ready";
+
+impl Node {
+    /// The agent's bpffs directory.
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// Starts the agent under `ip netns exec`, appending to its log.
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "{}: agent already running", self.name);
+        self.ready_lines = self.agent_log().matches(READY).count();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open agent log");
+        let bin = agent_bin();
+        assert!(
+            bin.exists(),
+            "no agent binary at {} (build it or set LB_AGENT_BIN)",
+            bin.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&bin)
+            .args([
+                "run",
+                "--node-name",
+                &self.name,
+                "--iface",
+                "eth0",
+                "--pod-ifaces",
+                "lxc*",
+            ])
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--bpffs")
+            .arg(self.bpffs())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.agent = Some(child);
+    }
+
+    /// Waits until the agent started last has logged its first full sync.
+    pub fn wait_agent_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.agent_log();
+            if log.matches(READY).count() > self.ready_lines {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: agent not ready after {timeout:?}:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self) {
+        self.signal_agent(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Kills the agent with SIGKILL and waits for it.
+    pub fn kill_agent(&mut self) {
+        self.signal_agent(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn signal_agent(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.agent.take() {
+            // `ip netns exec` execs the agent, so the child's pid is the agent's.
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, sig);
+            let _ = child.wait();
+        }
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+/// A whole test cluster; dropping it removes every trace.
+pub struct Cluster {
+    prefix: String,
+    root: PathBuf,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    namespaces: Vec<String>,
+    /// Pass-only XDP on the fabric ports, held for the cluster's lifetime.
+    fabric_xdp: Option<aya::Ebpf>,
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(ns: Option<&str>, args: &[&str]) {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        }
+    };
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `ip -n NS ARGS…`.
+fn ip(ns: &str, args: &str) {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend(args.split_whitespace());
+    sh(None, &all);
+}
+
+/// Sets a sysctl inside a namespace.
+fn sysctl(ns: &str, key: &str, value: &str) {
+    in_ns(ns, || {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        fs::write(&path, value).unwrap_or_else(|e| panic!("write {path} in {ns}: {e}"));
+    });
+}
+
+/// Checksum offload off on a veth end (TOOLCHAIN.md: XDP cannot see a
+/// partial checksum, so tests must carry full ones as real NICs do).
+fn veth_offloads(ns: &str, ifname: &str) {
+    sh(Some(ns), &["ethtool", "-K", ifname, "tx", "off"]);
+}
+
+fn node_letter(i: usize) -> char {
+    (b'a' + i as u8) as char
+}
+
+impl Cluster {
+    /// Builds the cluster; panics with the failing command's output.
+    pub fn new(spec: ClusterSpec) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "lb{:04x}{:02x}",
+            std::process::id() & 0xffff,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let root = PathBuf::from("/run/lb-tests").join(&prefix);
+        let mut c = Self {
+            prefix,
+            root,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            fabric_xdp: None,
+        };
+        // Drop cleans up whatever was made before a failure.
+        c.build(&spec);
+        c
+    }
+
+    fn add_ns(&mut self, suffix: &str) -> String {
+        let ns = format!("{}-{suffix}", self.prefix);
+        sh(None, &["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        ip(&ns, "link set lo up");
+        ns
+    }
+
+    fn build(&mut self, spec: &ClusterSpec) {
+        fs::create_dir_all(self.root.join("manifests")).expect("create rig directory");
+        let fabric = self.add_ns("fabric");
+        ip(&fabric, "link add br0 type bridge");
+        ip(&fabric, "link set br0 up");
+        let client = self.add_ns("client");
+        self.plug(&client, "10.99.0.100/24", "client");
+
+        for i in 0..spec.nodes {
+            let letter = node_letter(i);
+            let name = format!("node-{letter}");
+            let ns = self.add_ns(&name);
+            for key in [
+                "net.ipv4.ip_forward",
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+            ] {
+                sysctl(&ns, key, if key.ends_with("forward") { "1" } else { "0" });
+            }
+            let addr = Ipv4Addr::new(10, 99, 0, i as u8 + 1);
+            self.plug(&ns, &format!("{addr}/24"), &format!("n{letter}"));
+            sysctl(&ns, "net.ipv4.conf.eth0.rp_filter", "0");
+            let dir = self.root.join(&name);
+            fs::create_dir_all(dir.join("bpffs")).expect("create node directory");
+            self.nodes.push(Node {
+                name: name.clone(),
+                ns: ns.clone(),
+                addr,
+                dir,
+                manifests: self.root.join("manifests"),
+                agent: None,
+                ready_lines: 0,
+            });
+            for j in 0..spec.pods_per_node {
+                self.add_pod(i, j);
+            }
+        }
+        // veth delivers XDP_TX frames promptly only to a peer that runs XDP
+        // itself (without one they wait for unrelated traffic to flush them),
+        // so the fabric side of every node port gets a pass-only program.
+        let ports: Vec<String> = (0..spec.nodes)
+            .map(|i| format!("n{}", node_letter(i)))
+            .collect();
+        let ebpf = in_ns(&fabric, || {
+            let names: Vec<&str> = ports.iter().map(String::as_str).collect();
+            lb_agent::datapath::programs::attach_xdp_pass(&names)
+        })
+        .unwrap_or_else(|e| panic!("attach XDP pass on the fabric: {e:#}"));
+        self.fabric_xdp = Some(ebpf);
+        // Each node routes the other nodes' pod CIDRs through them.
+        for i in 0..spec.nodes {
+            for k in 0..spec.nodes {
+                if i != k {
+                    let ns = self.nodes[i].ns.clone();
+                    ip(
+                        &ns,
+                        &format!("route add 10.244.{}.0/24 via 10.99.0.{}", k + 1, k + 1),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Connects `ns`'s new `eth0` to the fabric bridge.
+    fn plug(&mut self, ns: &str, cidr: &str, port: &str) {
+        let fabric = format!("{}-fabric", self.prefix);
+        sh(
+            None,
+            &[
+                "ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
+                "netns", &fabric,
+            ],
+        );
+        ip(&fabric, &format!("link set {port} master br0 up"));
+        veth_offloads(&fabric, port);
+        ip(ns, &format!("addr add {cidr} dev eth0"));
+        ip(ns, "link set eth0 up");
+        veth_offloads(ns, "eth0");
+    }
+
+    fn add_pod(&mut self, node: usize, j: usize) {
+        let letter = node_letter(node);
+        let name = format!("{letter}{j}");
+        let ns = self.add_ns(&format!("pod-{name}"));
+        let node_ns = self.nodes[node].ns.clone();
+        let gw = format!("10.244.{}.1", node + 1);
+        let addr = Ipv4Addr::new(10, 244, node as u8 + 1, 10 + j as u8);
+        let host = format!("lxc{j}");
+        sh(
+            None,
+            &[
+                "ip", "link", "add", &host, "netns", &node_ns, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns,
+            ],
+        );
+        ip(&node_ns, &format!("addr add {gw}/32 dev {host}"));
+        ip(&node_ns, &format!("link set {host} up"));
+        ip(&node_ns, &format!("route add {addr}/32 dev {host}"));
+        sysctl(&node_ns, &format!("net.ipv4.conf.{host}.rp_filter"), "0");
+        veth_offloads(&node_ns, &host);
+        ip(&ns, &format!("addr add {addr}/32 dev eth0"));
+        ip(&ns, "link set eth0 up");
+        ip(&ns, &format!("route add {gw} dev eth0 scope link"));
+        ip(&ns, &format!("route add default via {gw}"));
+        veth_offloads(&ns, "eth0");
+        self.pods.push(Pod {
+            name,
+            ns,
+            addr,
+            node: self.nodes[node].name.clone(),
+        });
+    }
+
+    /// The unique prefix of this cluster's names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The external client's namespace.
+    pub fn client_ns(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+
+    /// The node with this letter (`"a"`).
+    pub fn node(&self, letter: &str) -> &Node {
+        let name = format!("node-{letter}");
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    /// The node with this letter, to start or stop its agent.
+    pub fn node_mut(&mut self, letter: &str) -> &mut Node {
+        let name = format!("node-{letter}");
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    /// Every pod.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The pod with this short name (`"a0"`).
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The pod with this address.
+    pub fn pod_by_addr(&self, addr: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.addr.to_string() == addr)
+            .unwrap_or_else(|| panic!("no pod at {addr}"))
+    }
+
+    /// The folder every node's agent watches.
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    /// Writes a manifest file atomically (temp name, then rename), so an
+    /// agent never reads half of it.
+    pub fn write_manifest(&self, name: &str, body: &str) {
+        let dir = self.manifests_dir();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, body).expect("write manifest");
+        fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+    }
+
+    /// Removes a manifest file.
+    pub fn remove_manifest(&self, name: &str) {
+        fs::remove_file(self.manifests_dir().join(name)).expect("remove manifest");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let bin = agent_bin();
+        for node in &mut self.nodes {
+            node.kill_agent();
+            let bpffs = node.bpffs();
+            let _ = Command::new(&bin)
+                .args(["cleanup", "--bpffs"])
+                .arg(&bpffs)
+                .output();
+            let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+        }
+        self.fabric_xdp = None;
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (setns is per thread;
+/// sockets keep the namespace they were made in).
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = Path::new("/var/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file =
+                fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Polls `cond` until it holds, panicking with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A background server that stops on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP server: greets each connection with `"<name> <peer>\n"`, then
+/// echoes until EOF.
+pub struct TcpServer {
+    _server: Server,
+}
+
+impl TcpServer {
+    /// Listens on `bind` inside `ns`.
+    pub fn start(ns: &str, bind: SocketAddr, name: &str) -> Self {
+        let listener = in_ns(ns, || TcpListener::bind(bind))
+            .unwrap_or_else(|e| panic!("bind {bind} in {ns}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        let name = name.clone();
+                        let flag = flag.clone();
+                        std::thread::spawn(move || serve_tcp(conn, peer, &name, &flag));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            _server: Server {
+                stop,
+                thread: Some(thread),
+            },
+        }
+    }
+}
+
+fn serve_tcp(mut conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    if conn
+        .write_all(format!("{name} {peer}\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server: answers each datagram with `"<name> <peer>\n"`.
+pub struct UdpServer {
+    _server: Server,
+}
+
+impl UdpServer {
+    /// Binds `bind` inside `ns`.
+    pub fn start(ns: &str, bind: SocketAddr, name: &str) -> Self {
+        let sock = in_ns(ns, || UdpSocket::bind(bind))
+            .unwrap_or_else(|e| panic!("bind {bind} in {ns}: {e}"));
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                }
+            }
+        });
+        Self {
+            _server: Server {
+                stop,
+                thread: Some(thread),
+            },
+        }
+    }
+}
+
+/// Connects from `ns` to `dst` and returns the server's greeting line and
+/// the address the client socket is connected to.
+pub fn tcp_hello(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<(String, SocketAddr)> {
+    in_ns(ns, || {
+        let s = TcpStream::connect_timeout(&dst, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let peer = s.peer_addr()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the greeting",
+            ));
+        }
+        Ok((line.trim_end().to_string(), peer))
+    })
+}
+
+/// Sends one datagram from `ns` to `dst` on an unconnected socket and
+/// returns the reply and the address it came from.
+pub fn udp_hello(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<(String, SocketAddr)> {
+    in_ns(ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send_to(b"hello", dst)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((
+            String::from_utf8_lossy(&buf[..n]).trim_end().to_string(),
+            from,
+        ))
+    })
+}

@@ -1,0 +1,448 @@
+//! End-to-end scenarios: real TCP and UDP through the agent and the datapath
+//! in a cluster of network namespaces (client, two nodes, two pods per node).
+//!
+//! Needs root. Run through `cargo xtask test`.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    manifests::{docs, service, slice, Ep},
+    rig::{in_ns, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec, TcpServer, UdpServer},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const IO: Duration = Duration::from_secs(3);
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+/// Every pod serves TCP on 8080 and UDP on 5353, answering with its name.
+struct Servers {
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+}
+
+fn serve_everywhere(c: &Cluster) -> Servers {
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for p in c.pods() {
+        tcp.push(TcpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 8080),
+            &p.name,
+        ));
+        udp.push(UdpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 5353),
+            &p.name,
+        ));
+    }
+    Servers {
+        _tcp: tcp,
+        _udp: udp,
+    }
+}
+
+fn start_agents(c: &mut Cluster) {
+    for n in ["a", "b"] {
+        c.node_mut(n).start_agent(&[]);
+    }
+    for n in ["a", "b"] {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+}
+
+/// The pods' addresses: a0, a1 on node-a; b0, b1 on node-b.
+const A0: &str = "10.244.1.10";
+const A1: &str = "10.244.1.11";
+const B0: &str = "10.244.2.10";
+const B1: &str = "10.244.2.11";
+
+fn web(endpoints: &[(&str, &str)]) -> String {
+    let eps: Vec<Ep<'_>> = endpoints
+        .iter()
+        .map(|(a, n)| Ep {
+            addr: a,
+            node: n,
+            ready: true,
+        })
+        .collect();
+    docs(&[
+        service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+        slice("web", "web-1", 8080, "TCP", &eps),
+    ])
+}
+
+fn dns(endpoints: &[(&str, &str)]) -> String {
+    let eps: Vec<Ep<'_>> = endpoints
+        .iter()
+        .map(|(a, n)| Ep {
+            addr: a,
+            node: n,
+            ready: true,
+        })
+        .collect();
+    docs(&[
+        service("dns", "10.96.0.53", 53, 5353, Some(30053), "UDP"),
+        slice("dns", "dns-1", 5353, "UDP", &eps),
+    ])
+}
+
+/// Backend name → count over `n` TCP connections from `ns` to `dst`,
+/// checking each reply line names the expected client address.
+fn tcp_spread(
+    ns: &str,
+    dst: SocketAddr,
+    n: usize,
+    seen_as: Option<&str>,
+) -> BTreeMap<String, usize> {
+    let mut hits = BTreeMap::new();
+    for i in 0..n {
+        let (line, _) =
+            tcp_hello(ns, dst, IO).unwrap_or_else(|e| panic!("connection {i} to {dst}: {e}"));
+        let mut parts = line.split_whitespace();
+        let name = parts.next().unwrap_or_default().to_string();
+        if let (Some(want), Some(peer)) = (seen_as, parts.next()) {
+            assert!(
+                peer.starts_with(&format!("{want}:")),
+                "{name} saw {peer}, expected {want}"
+            );
+        }
+        *hits.entry(name).or_insert(0) += 1;
+    }
+    hits
+}
+
+#[test]
+fn pod_to_cluster_ip_tcp_reaches_every_backend_on_both_nodes() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest(
+        "web.yaml",
+        &web(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    // The backend sees the pod's own address: no SNAT inside the cluster.
+    let hits = tcp_spread(&client, sa("10.96.0.10:80"), 200, Some(A0));
+    for backend in ["a1", "b0", "b1"] {
+        let name = c.pod(backend).name.clone();
+        assert!(
+            hits.get(&name).copied().unwrap_or(0) > 0,
+            "{name} never reached: {hits:?}"
+        );
+    }
+    assert_eq!(hits.values().sum::<usize>(), 200);
+}
+
+#[test]
+fn pod_to_cluster_ip_udp_answers_from_the_cluster_ip() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest(
+        "dns.yaml",
+        &dns(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut names = BTreeMap::new();
+    for i in 0..60 {
+        let (line, from) = udp_hello(&client, sa("10.96.0.53:53"), IO)
+            .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+        assert_eq!(
+            from,
+            sa("10.96.0.53:53"),
+            "the reply comes from the ClusterIP"
+        );
+        *names
+            .entry(
+                line.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
+    }
+    assert!(names.len() >= 2, "several backends answer: {names:?}");
+}
+
+#[test]
+fn client_to_node_port_on_each_node_reaches_local_and_remote_backends() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest("web.yaml", &web(&[(A0, "node-a"), (B0, "node-b")]));
+    c.write_manifest("dns.yaml", &dns(&[(A0, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c);
+    let client = c.client_ns().to_string();
+    for (node, addr, local, remote) in [
+        ("a", "10.99.0.1", "a0", "b0"),
+        ("b", "10.99.0.2", "b0", "a0"),
+    ] {
+        let local = c.pod(local).name.clone();
+        let remote = c.pod(remote).name.clone();
+        let mut seen = BTreeMap::new();
+        for i in 0..40 {
+            let (line, _) = tcp_hello(&client, sa(&format!("{addr}:30080")), IO)
+                .unwrap_or_else(|e| panic!("node-{node} TCP connection {i}: {e}"));
+            let mut parts = line.split_whitespace();
+            let name = parts.next().unwrap_or_default().to_string();
+            let peer = parts.next().unwrap_or_default().to_string();
+            // A local backend sees the client; a remote one sees this node (SNAT).
+            let want = if name == local {
+                "10.99.0.100:"
+            } else {
+                &format!("{addr}:")
+            };
+            assert!(peer.starts_with(want), "node-{node}: {name} saw {peer}");
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        assert!(
+            seen.contains_key(&local) && seen.contains_key(&remote),
+            "node-{node} TCP: {seen:?}"
+        );
+
+        let mut seen = BTreeMap::new();
+        for i in 0..40 {
+            let dst = sa(&format!("{addr}:30053"));
+            let (line, from) = udp_hello(&client, dst, IO)
+                .unwrap_or_else(|e| panic!("node-{node} UDP datagram {i}: {e}"));
+            assert_eq!(from, dst, "the UDP reply comes from the NodePort");
+            *seen
+                .entry(
+                    line.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+                .or_insert(0) += 1;
+        }
+        assert!(
+            seen.contains_key(&local) && seen.contains_key(&remote),
+            "node-{node} UDP: {seen:?}"
+        );
+    }
+}
+
+/// A long-lived echo stream: each round trip must come back intact.
+struct Stream {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    backend: String,
+}
+
+impl Stream {
+    fn open(ns: &str, dst: SocketAddr) -> Self {
+        let s = in_ns(ns, || TcpStream::connect_timeout(&dst, IO)).expect("open stream");
+        s.set_read_timeout(Some(IO)).expect("timeout");
+        let writer = s.try_clone().expect("clone");
+        let mut reader = BufReader::new(s);
+        let mut hello = String::new();
+        reader.read_line(&mut hello).expect("hello line");
+        let backend = hello
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Self {
+            reader,
+            writer,
+            backend,
+        }
+    }
+
+    fn round_trip(&mut self, i: usize) {
+        let msg = format!("ping {i}\n");
+        self.writer
+            .write_all(msg.as_bytes())
+            .unwrap_or_else(|e| panic!("stream write {i}: {e}"));
+        let mut back = String::new();
+        self.reader
+            .read_line(&mut back)
+            .unwrap_or_else(|e| panic!("stream read {i}: {e}"));
+        assert_eq!(back, msg, "stream echo {i}");
+    }
+}
+
+#[test]
+fn removing_a_backend_moves_new_connections_and_spares_other_streams() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    let all = [(A1, "node-a"), (B0, "node-b"), (B1, "node-b")];
+    c.write_manifest("web.yaml", &web(&all));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    stream.round_trip(0);
+    // Remove a backend other than the stream's.
+    let names: Vec<(String, (&str, &str))> = all
+        .iter()
+        .map(|(a, n)| (c.pod_by_addr(a).name.clone(), (*a, *n)))
+        .collect();
+    let (gone, _) = names
+        .iter()
+        .find(|(name, _)| *name != stream.backend)
+        .expect("another backend")
+        .clone();
+    let keep: Vec<(&str, &str)> = names
+        .iter()
+        .filter(|(n, _)| *n != gone)
+        .map(|(_, e)| *e)
+        .collect();
+    c.write_manifest("web.yaml", &web(&keep));
+    let changed = Instant::now();
+    let mut i = 1;
+    // Within a second, 30 new connections in a row avoid the removed backend.
+    let mut clean = 0;
+    wait_until(
+        Duration::from_secs(1),
+        "new connections avoid the removed backend",
+        || {
+            stream.round_trip(i);
+            i += 1;
+            let hits = tcp_spread(&client, sa("10.96.0.10:80"), 1, None);
+            if hits.contains_key(&gone) {
+                clean = 0
+            } else {
+                clean += 1
+            }
+            clean >= 30
+        },
+    );
+    eprintln!("removal took effect within {:?}", changed.elapsed());
+    for _ in 0..20 {
+        stream.round_trip(i);
+        i += 1;
+    }
+}
+
+#[test]
+fn deleted_service_is_refused_and_works_again_when_recreated() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("works at first");
+    c.remove_manifest("web.yaml");
+    wait_until(WAIT, "the deleted Service stops answering", || {
+        tcp_hello(&client, sa("10.96.0.10:80"), Duration::from_millis(300)).is_err()
+    });
+    c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
+    wait_until(WAIT, "the re-created Service answers", || {
+        tcp_hello(&client, sa("10.96.0.10:80"), Duration::from_millis(300)).is_ok()
+    });
+}
+
+#[test]
+fn service_without_endpoints_refuses_with_reset_and_port_unreachable() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    c.write_manifest("web.yaml", &web(&[]));
+    c.write_manifest("dns.yaml", &dns(&[]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let started = Instant::now();
+    let err = tcp_hello(&client, sa("10.96.0.10:80"), IO).expect_err("no endpoint");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "TCP gets a reset: {err}"
+    );
+    assert!(started.elapsed() < IO, "refused at once, not timed out");
+    let err = in_ns(&client, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(sa("10.96.0.53:53"))?;
+        s.set_read_timeout(Some(IO))?;
+        s.send(b"anyone?")?;
+        s.recv(&mut [0u8; 64])
+    })
+    .expect_err("no endpoint");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "UDP gets port unreachable: {err}"
+    );
+}
+
+#[test]
+fn bad_manifests_are_reported_and_the_rest_keeps_working() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
+    c.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n  spec: [\n",
+    );
+    c.write_manifest(
+        "bad-ip.yaml",
+        &service("bad-ip", "10.96.0.999", 80, 8080, None, "TCP"),
+    );
+    c.write_manifest(
+        "port-zero.yaml",
+        &service("port-zero", "10.96.0.20", 0, 8080, None, "TCP"),
+    );
+    c.write_manifest(
+        "unknown.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: test}\n",
+    );
+    c.write_manifest(
+        "dup.yaml",
+        &service("zz-duplicate", "10.96.0.10", 80, 9090, None, "TCP"),
+    );
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let (line, _) = tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("the good Service works");
+    assert!(
+        line.starts_with(&c.pod("b0").name),
+        "the first claimant keeps the frontend: {line}"
+    );
+    let log = c.node("a").agent_log();
+    for needle in [
+        "broken.yaml",
+        "10.96.0.999",
+        "bad-ip",
+        "port-zero",
+        "ConfigMap",
+        "zz-duplicate",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(needle)),
+            "no warning naming {needle}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn restarted_agent_readopts_pins_and_keeps_an_open_connection() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest("web.yaml", &web(&[(B0, "node-b"), (A1, "node-a")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    stream.round_trip(0);
+    c.node_mut("a").stop_agent();
+    // With the agent gone the datapath keeps working.
+    stream.round_trip(1);
+    tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("new connections while the agent is down");
+    c.node_mut("a").start_agent(&[]);
+    c.node("a").wait_agent_ready(WAIT);
+    let log = c.node("a").agent_log();
+    assert!(
+        log.contains("re-adopted pinned link"),
+        "links re-adopted:\n{log}"
+    );
+    assert!(
+        log.contains("synced services=1 writes=0 deletes=0"),
+        "maps re-adopted unchanged:\n{log}"
+    );
+    for i in 2..10 {
+        stream.round_trip(i);
+    }
+}
