@@ -79,19 +79,22 @@ fn run() {
     }
     check_interrupt();
 
-    let pod = cluster.pod("a0").ns.clone();
+    // b1 is not ready in any Service, so it is a pure client (a backend that
+    // reaches its own Service is hairpin traffic, which is not handled yet).
+    let pod = cluster.pod("b1").ns.clone();
     let client = cluster.client_ns().to_string();
     let flows: Vec<(&str, String, &str, &str)> = vec![
-        ("pod a0", pod.clone(), "10.96.0.10:80", "tcp"),
-        ("pod a0", pod.clone(), "10.96.0.53:53", "udp"),
+        ("pod b1", pod.clone(), "10.96.0.10:80", "tcp"),
+        ("pod b1", pod.clone(), "10.96.0.53:53", "udp"),
         ("client", client.clone(), "10.99.0.1:30080", "tcp"),
         ("client", client.clone(), "10.99.0.2:30080", "tcp"),
         ("client", client.clone(), "10.99.0.1:30053", "udp"),
-        ("client", client, "10.96.0.99:80", "tcp"),
+        ("client", client, "10.99.0.2:30053", "udp"),
+        ("pod b1", pod.clone(), "10.96.0.99:80", "tcp"),
     ];
     println!(
         "\n{:<8} {:<20} {:<5} {:<32} {:>5}",
-        "FROM", "FRONTEND", "PROTO", "BACKEND (as it saw the client)", "CONNS"
+        "FROM", "FRONTEND", "PROTO", "BACKEND (CLIENT ADDRESS IT SAW)", "CONNS"
     );
     for (from, ns, dst, proto) in &flows {
         let dst: SocketAddr = dst.parse().expect("frontend");
@@ -103,8 +106,18 @@ fn run() {
             } else {
                 udp_hello(ns, dst, Duration::from_secs(2)).map(|(l, _)| l)
             };
+            // "b0 10.99.0.1:61139" → "b0 (sees 10.99.0.1)": the backend and
+            // the client address it saw, without the ephemeral port.
             let key = match res {
-                Ok(line) => line.trim().replace(' ', " seeing "),
+                Ok(line) => {
+                    let mut parts = line.split_whitespace();
+                    let name = parts.next().unwrap_or("?").to_string();
+                    let peer = parts
+                        .next()
+                        .and_then(|p| p.rsplit_once(':'))
+                        .map_or("?", |(a, _)| a);
+                    format!("{name} (sees {peer})")
+                }
                 Err(e) => format!("refused: {}", e.kind()),
             };
             *seen.entry(key).or_insert(0) += 1;
