@@ -81,6 +81,16 @@ impl Datapath {
         assert!(report.failures.is_empty(), "apply failed: {report:?}");
     }
 
+    /// The bpffs directory the maps are pinned under.
+    pub fn bpffs(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Where the maps are pinned.
+    pub fn maps_dir(&self) -> PathBuf {
+        bpffs::maps_dir(&self.dir)
+    }
+
     /// Runs a program on a packet; returns its verdict and output bytes.
     pub fn run(&mut self, prog: TestProgram, packet: &[u8]) -> (u32, Vec<u8>) {
         self.progs

@@ -348,6 +348,26 @@ impl Cluster {
         veth_offloads(ns, "eth0");
     }
 
+    /// Adds a pod to a running cluster (node letter, index), as a scheduler
+    /// would; returns its short name.
+    pub fn add_pod_to(&mut self, letter: &str, j: usize) -> String {
+        let node = self
+            .nodes
+            .iter()
+            .position(|n| n.name == format!("node-{letter}"))
+            .expect("node");
+        self.add_pod(node, j);
+        self.pods.last().map(|p| p.name.clone()).unwrap_or_default()
+    }
+
+    /// Deletes a pod's namespace, and with it the veth pair.
+    pub fn delete_pod(&mut self, name: &str) {
+        let pod = self.pods.iter().position(|p| p.name == name).expect("pod");
+        let ns = self.pods.remove(pod).ns;
+        sh(None, &["ip", "netns", "del", &ns]);
+        self.namespaces.retain(|n| *n != ns);
+    }
+
     fn add_pod(&mut self, node: usize, j: usize) {
         let letter = node_letter(node);
         let name = format!("{letter}{j}");

@@ -398,3 +398,29 @@ fn malformed_packets_pass_untouched() {
         }
     }
 }
+
+#[test]
+fn every_map_is_pinned_with_btf_and_the_layout_of_lb_common() {
+    let dp = Datapath::new();
+    for name in lb_common::maps::ALL {
+        let path = dp.maps_dir().join(name);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "{name} is not pinned at {}",
+            path.display()
+        );
+        let info = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            info.contains("\"btf_id\":"),
+            "{name} carries no BTF: {info}"
+        );
+    }
+    // Opening every map typed with lb-common's key and value types checks
+    // their sizes against what the object declares.
+    lb_agent::datapath::maps::Maps::open(dp.bpffs()).expect("maps match lb-common's layouts");
+}

@@ -446,3 +446,30 @@ fn restarted_agent_readopts_pins_and_keeps_an_open_connection() {
         stream.round_trip(i);
     }
 }
+
+#[test]
+fn pod_interfaces_that_appear_later_are_attached_and_detached() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_everywhere(&c);
+    c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
+    start_agents(&mut c);
+    let name = c.add_pod_to("a", 7);
+    let ns = c.pod(&name).ns.clone();
+    // Only the datapath on the new lxc7 can take this pod to the ClusterIP.
+    wait_until(
+        WAIT,
+        "a pod created after the agent reaches the ClusterIP",
+        || tcp_hello(&ns, sa("10.96.0.10:80"), Duration::from_millis(300)).is_ok(),
+    );
+    let links = c.node("a").bpffs().join("links");
+    let pins = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
+    let with_pod = pins();
+    c.delete_pod(&name);
+    wait_until(WAIT, "the deleted pod's link pin is removed", || {
+        pins() == with_pod - 1
+    });
+    assert!(c
+        .node("a")
+        .agent_log()
+        .contains("detached from pod interface"));
+}
