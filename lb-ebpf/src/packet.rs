@@ -172,11 +172,7 @@ impl Packet for XdpContext {
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the headroom itself.
         let ret = unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
     }
 
     #[inline(always)]
@@ -184,11 +180,7 @@ impl Packet for XdpContext {
         let delta = new_len as i32 - Packet::len(self) as i32;
         // SAFETY: the helper checks the new length itself.
         let ret = unsafe { bpf_xdp_adjust_tail(self.ctx, delta) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
     }
 }
 
@@ -226,11 +218,7 @@ impl Packet for TcContext {
         // SAFETY: the helper bounds-checks `off` against the skb.
         let ret =
             unsafe { bpf_l3_csum_replace(self.skb.skb, off as u32, from.into(), to.into(), 4) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
     }
 
     #[inline(always)]
@@ -255,33 +243,31 @@ impl Packet for TcContext {
         // SAFETY: the helper bounds-checks `off` against the skb.
         let ret =
             unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, from.into(), to.into(), flags) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
     }
 
     #[inline(always)]
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the skb itself.
         let ret = unsafe { bpf_skb_change_head(self.skb.skb, len, 0) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
     }
 
     #[inline(always)]
     fn truncate(&mut self, new_len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the new length itself.
         let ret = unsafe { bpf_skb_change_tail(self.skb.skb, new_len, 0) };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(PacketError)
-        }
+        helper_result(ret)
+    }
+}
+
+/// A helper's return code as a result: 0 is success.
+#[inline(always)]
+fn helper_result(ret: i64) -> Result<(), PacketError> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(PacketError)
     }
 }
 

@@ -64,7 +64,16 @@ const A1: &str = "10.244.1.11";
 const B0: &str = "10.244.2.10";
 const B1: &str = "10.244.2.11";
 
-fn web(endpoints: &[(&str, &str)]) -> String {
+/// One Service port with one slice of ready endpoints (address, node).
+fn one_port(
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    node_port: u16,
+    proto: &str,
+    endpoints: &[(&str, &str)],
+) -> String {
     let eps: Vec<Ep<'_>> = endpoints
         .iter()
         .map(|(a, n)| Ep {
@@ -74,24 +83,17 @@ fn web(endpoints: &[(&str, &str)]) -> String {
         })
         .collect();
     docs(&[
-        service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
-        slice("web", "web-1", 8080, "TCP", &eps),
+        service(name, vip, port, target, Some(node_port), proto),
+        slice(name, &format!("{name}-1"), target, proto, &eps),
     ])
 }
 
+fn web(endpoints: &[(&str, &str)]) -> String {
+    one_port("web", "10.96.0.10", 80, 8080, 30080, "TCP", endpoints)
+}
+
 fn dns(endpoints: &[(&str, &str)]) -> String {
-    let eps: Vec<Ep<'_>> = endpoints
-        .iter()
-        .map(|(a, n)| Ep {
-            addr: a,
-            node: n,
-            ready: true,
-        })
-        .collect();
-    docs(&[
-        service("dns", "10.96.0.53", 53, 5353, Some(30053), "UDP"),
-        slice("dns", "dns-1", 5353, "UDP", &eps),
-    ])
+    one_port("dns", "10.96.0.53", 53, 5353, 30053, "UDP", endpoints)
 }
 
 /// Backend name → count over `n` TCP connections from `ns` to `dst`,
