@@ -328,6 +328,46 @@ fn demo() -> Result<()> {
         .env("LB_AGENT_BIN", agent_bin()))
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one line that
+/// totals every binary's "test result" (cargo's own last line is that of the
+/// last doc-test binary, which usually has nothing to run).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("read test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().with_context(|| format!("wait for {shown}"))?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Network namespaces of this project's rig (prefix `lb`) that exist now.
 fn rig_namespaces() -> Vec<String> {
     output(Command::new("ip").args(["netns", "list"]))
@@ -345,7 +385,7 @@ fn test(no_integration: bool, args: &[String]) -> Result<()> {
     setup()?;
     if no_integration {
         println!("test: unit tests only (no root needed)");
-        return run(cargo().args([
+        return run_tests(cargo().args([
             "test",
             "--release",
             "--workspace",
@@ -360,18 +400,20 @@ fn test(no_integration: bool, args: &[String]) -> Result<()> {
     let before = rig_namespaces();
     println!("test: unit, BPF_PROG_TEST_RUN and namespace tests");
     // Namespace tests mostly wait on the network: more threads than cores.
-    let res = run(cargo()
-        .args([
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "lb-ebpf",
-            "--",
-            "--test-threads=4",
-        ])
-        .args(args)
-        .env("LB_AGENT_BIN", agent_bin()));
+    let res = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--",
+                "--test-threads=4",
+            ])
+            .args(args)
+            .env("LB_AGENT_BIN", agent_bin()),
+    );
     let left: Vec<String> = rig_namespaces()
         .into_iter()
         .filter(|n| !before.contains(n))
