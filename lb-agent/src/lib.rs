@@ -7,6 +7,7 @@
 
 pub mod datapath;
 pub mod inspect;
+pub mod maglev;
 pub mod model;
 pub mod reconcile;
 pub mod source;
