@@ -14,7 +14,7 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V1";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V1";
+pub const STATS: &str = "LB_STATS_V2";
 
 /// Service port names: `u32` svc_id → [`crate::ServiceName`] (user space only).
 pub const NAMES: &str = "LB_NAMES_V1";

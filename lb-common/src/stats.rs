@@ -26,8 +26,10 @@ pub const DROP_NO_ROUTE: u32 = 9;
 pub const XDP_TO_TC: u32 = 10;
 /// IP fragments and protocols the datapath does not translate (passed).
 pub const PASS_UNSUPPORTED: u32 = 11;
+/// A tracked flow whose backend was removed (TCP reset, UDP re-picked).
+pub const BACKEND_GONE: u32 = 12;
 /// Number of counters.
-pub const COUNT: u32 = 12;
+pub const COUNT: u32 = 13;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -43,6 +45,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_no_route",
     "xdp_to_tc",
     "pass_unsupported",
+    "backend_gone",
 ];
 
 /// One counter: packets and bytes.

@@ -40,6 +40,12 @@ pub fn lookup(key: &CtKey) -> Option<CtValue> {
     }
 }
 
+/// Forgets a flow's entry (one direction).
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = LB_CT_V1.remove(key);
+}
+
 /// Records a new flow to `backend` in both directions and returns the
 /// forward translation; `Err` is the drop reason.
 #[inline(always)]

@@ -34,7 +34,7 @@ pub static LB_CONFIG_V1: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V1: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V2: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Service port names for inspection; never read by the programs.
 #[btf_map]

@@ -1,7 +1,7 @@
 //! The per-packet ladder shared by every entry point:
 //! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
 
-use lb_common::{conntrack::CT_F_FORWARD, stats, CtValue};
+use lb_common::{conntrack::CT_F_FORWARD, proto, stats, CtValue};
 
 use crate::{
     conntrack, forward,
@@ -43,9 +43,23 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         }
     };
 
-    if let Some(ct) = conntrack::lookup(&flow.ct_key()) {
-        count(stats::CT_HIT, len);
-        return translate(pkt, &flow, &ct, hook);
+    let key = flow.ct_key();
+    if let Some(ct) = conntrack::lookup(&key) {
+        if select::backend_alive(&ct) {
+            count(stats::CT_HIT, len);
+            return translate(pkt, &flow, &ct, hook);
+        }
+        // The flow's backend was removed: end the flow visibly instead of
+        // sending it into the void. TCP gets a reset; UDP, which has no
+        // connection to end, is given a live backend as a new flow.
+        conntrack::remove(&key);
+        count(stats::BACKEND_GONE, len);
+        if flow.proto == proto::TCP {
+            return match reject::reject(pkt, &flow) {
+                Ok(()) => Verdict::Bounce,
+                Err(_) => drop(stats::DROP_REWRITE, len),
+            };
+        }
     }
 
     let Some(svc) = frontend::lookup(&flow) else {

@@ -4,7 +4,9 @@
 //! Service's active table, so every node picks the same backend for the same
 //! flow (Maglev will fill the same slot table with a consistent-hash layout).
 
-use lb_common::{hash::flow_hash, Backend, BackendId, ServiceValue, SlotKey};
+use lb_common::{
+    conntrack::CT_F_REPLY, hash::flow_hash, Backend, BackendId, CtValue, ServiceValue, SlotKey,
+};
 
 use crate::{
     maps::{LB_BACKENDS_V1, LB_SLOTS_V1},
@@ -25,4 +27,19 @@ pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
     let id = unsafe { *LB_SLOTS_V1.get(&slot)? };
     let backend = unsafe { *LB_BACKENDS_V1.get(&id)? };
     Some((id, backend))
+}
+
+/// Whether the backend a tracked flow was given still exists. Reply entries
+/// always pass: only the client side decides the flow's fate.
+#[inline(always)]
+pub fn backend_alive(ct: &CtValue) -> bool {
+    if ct.flags & CT_F_REPLY != 0 {
+        return true;
+    }
+    // SAFETY: the value is read at once.
+    match unsafe { LB_BACKENDS_V1.get(&ct.backend_id) } {
+        // An id can be reused for another endpoint: compare the address too.
+        Some(b) => b.addr_be == ct.nat_daddr_be && b.port_be == ct.nat_dport_be,
+        None => false,
+    }
 }

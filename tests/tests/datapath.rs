@@ -424,3 +424,117 @@ fn every_map_is_pinned_with_btf_and_the_layout_of_lb_common() {
     // their sizes against what the object declares.
     lb_agent::datapath::maps::Maps::open(dp.bpffs()).expect("maps match lb-common's layouts");
 }
+
+#[test]
+fn a_flow_whose_backend_is_removed_ends_at_once() {
+    let mut dp = Datapath::new();
+    let web = |eps: &[(&str, u16, bool)]| {
+        service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp)], eps)
+    };
+    let dns = |eps: &[(&str, u16, bool)]| {
+        service("dns", Protocol::Udp, &[("10.96.0.53", 53, ClusterIp)], eps)
+    };
+    dp.apply(&[
+        web(&[("10.244.1.10", 8080, true)]),
+        dns(&[("10.244.1.10", 5353, true)]),
+    ]);
+    let client = addr("10.244.2.20:40010");
+    let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
+    assert_eq!(dp.run(TcPod, &syn.bytes()).0, TC_ACT_OK);
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
+    assert_eq!(
+        dp.run(TcPod, &query.bytes()).1,
+        query.with_addrs(client, addr("10.244.1.10:5353")).bytes()
+    );
+
+    dp.apply(&[
+        web(&[("10.244.1.11", 8080, true)]),
+        dns(&[("10.244.1.11", 5353, true)]),
+    ]);
+    // TCP: the next packet of the flow is answered with a reset from the frontend.
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"more");
+    let (verdict, out) = dp.run(TcPod, &ack.bytes());
+    assert_eq!(verdict, TC_ACT_REDIRECT, "bounced back to the client");
+    let mut rst = ack.with_addrs(addr("10.96.0.10:80"), client);
+    rst.src_mac = MAC_B;
+    rst.dst_mac = MAC_A;
+    rst.l4 = L4::Tcp {
+        seq: 5000,
+        ack: 0,
+        flags: flags::RST,
+        window: 0,
+        payload: Vec::new(),
+    };
+    assert_eq!(out, rst.bytes());
+    // UDP: the next datagram goes to a live backend.
+    assert_eq!(
+        dp.run(TcPod, &query.bytes()).1,
+        query.with_addrs(client, addr("10.244.1.11:5353")).bytes()
+    );
+}
+
+#[test]
+fn a_terminating_endpoint_keeps_its_flows_and_gets_no_new_ones() {
+    use lb_agent::model::Endpoint;
+    let mut dp = Datapath::new();
+    let (r, mut sp) = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let client = addr("10.244.2.20:40011");
+    let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
+    assert_eq!(
+        dp.run(TcPod, &syn.bytes()).1,
+        syn.with_addrs(client, addr("10.244.1.10:8080")).bytes()
+    );
+
+    // .10 starts terminating (still serving) and .11 is ready.
+    sp.endpoints[0] = Endpoint {
+        ready: false,
+        serving: true,
+        terminating: true,
+        ..sp.endpoints[0]
+    };
+    sp.endpoints.push(Endpoint {
+        addr: "10.244.1.11".parse().expect("addr"),
+        ..sp.endpoints[0]
+    });
+    sp.endpoints[1].ready = true;
+    sp.endpoints[1].terminating = false;
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"more");
+    assert_eq!(
+        dp.run(TcPod, &ack.bytes()).1,
+        ack.with_addrs(client, addr("10.244.1.10:8080")).bytes(),
+        "the established flow stays"
+    );
+    for port in 0..50u16 {
+        let syn = Packet::tcp(
+            addr(&format!("10.244.2.21:{}", 30000 + port)),
+            addr("10.96.0.10:80"),
+            flags::SYN,
+            b"",
+        );
+        let (_, out) = dp.run(TcPod, &syn.bytes());
+        assert_eq!(
+            &out[30..34],
+            &[10, 244, 1, 11],
+            "new flows avoid the terminating endpoint"
+        );
+    }
+
+    // With no ready endpoint left, serving terminating ones take new flows.
+    sp.endpoints.truncate(1);
+    dp.apply(&[(r, sp)]);
+    let syn = Packet::tcp(
+        addr("10.244.2.22:30000"),
+        addr("10.96.0.10:80"),
+        flags::SYN,
+        b"",
+    );
+    let (_, out) = dp.run(TcPod, &syn.bytes());
+    assert_eq!(&out[30..34], &[10, 244, 1, 10]);
+}

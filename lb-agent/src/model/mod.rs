@@ -103,9 +103,28 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// Endpoints that take new flows: the ready ones.
-    pub fn active_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.endpoints.iter().filter(|e| e.ready)
+    /// Endpoints that take new flows: the ready ones; when none is ready,
+    /// the serving terminating ones, as kube-proxy does, so that a Service
+    /// whose pods are all being replaced keeps answering.
+    pub fn active_endpoints(&self) -> Vec<&Endpoint> {
+        let ready: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.ready).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating)
+            .collect()
+    }
+
+    /// Endpoints that take no new flows but keep their established ones:
+    /// terminating endpoints that still serve, unless they are active.
+    pub fn draining_endpoints(&self) -> Vec<&Endpoint> {
+        let active = self.active_endpoints();
+        self.endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating && !active.contains(e))
+            .collect()
     }
 }
 

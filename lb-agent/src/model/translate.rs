@@ -972,7 +972,7 @@ endpoints:
             .map(|(a, l, r, s, t)| ((*a).to_owned(), *l, *r, *s, *t))
             .collect();
         assert_eq!(got, want);
-        assert_eq!(sp.active_endpoints().count(), 3);
+        assert_eq!(sp.active_endpoints().len(), 3);
     }
 
     #[test]

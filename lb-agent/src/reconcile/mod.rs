@@ -22,7 +22,7 @@ use lb_common::{
 };
 use tracing::{debug, warn};
 
-use crate::model::{FrontendKind, Model, Protocol};
+use crate::model::{Endpoint, FrontendKind, Model, Protocol};
 
 pub use store::{MemStore, Snapshot, Store, StoreError};
 
@@ -33,6 +33,9 @@ struct DesiredService {
     /// Backends in table order (the model's endpoint order: sorted, so every
     /// node builds the same table).
     backends: Vec<Backend>,
+    /// Terminating backends: kept in the backends map so that their
+    /// established flows go on, but in no table, so they get no new flows.
+    draining: Vec<Backend>,
 }
 
 /// What the reconciler last wrote for one Service port.
@@ -42,6 +45,7 @@ struct AppliedService {
     frontends: BTreeMap<ServiceKey, ServiceValue>,
     generation: u32,
     table: Vec<BackendId>,
+    draining: Vec<BackendId>,
 }
 
 /// Identity of a backend: the same address and port is one backend id
@@ -205,7 +209,7 @@ impl Reconciler {
         let used: BTreeSet<BackendId> = self
             .services
             .values()
-            .flat_map(|s| s.table.iter().copied())
+            .flat_map(|s| s.table.iter().chain(&s.draining).copied())
             .collect();
         let unused: Vec<BackendId> = self
             .backends
@@ -245,6 +249,11 @@ impl Reconciler {
             table.push(self.ensure_backend(b, store, report)?);
         }
 
+        let mut draining = Vec::with_capacity(want.draining.len());
+        for b in &want.draining {
+            draining.push(self.ensure_backend(b, store, report)?);
+        }
+
         let (old_gen, old_table) = match self.services.get(&svc_id) {
             Some(s) => (s.generation, s.table.clone()),
             None => (1, Vec::new()),
@@ -280,6 +289,7 @@ impl Reconciler {
                 ..AppliedService::default()
             });
 
+        applied.draining = draining;
         let slot_count = table.len() as u32;
         for (key, flags) in &want.frontends {
             let value = ServiceValue {
@@ -428,23 +438,23 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 *m.entry(k).or_insert(0) |= flags;
                 m
             });
-        let backends = sp
-            .active_endpoints()
-            .map(|e| {
-                let (addr, fam) = addr_be(e.addr);
-                Backend {
-                    addr_be: addr,
-                    port_be: e.port.to_be(),
-                    family: fam,
-                    flags: if e.local { BACKEND_F_LOCAL } else { 0 },
-                }
-            })
-            .collect();
+        let backend = |e: &&Endpoint| {
+            let (addr, fam) = addr_be(e.addr);
+            Backend {
+                addr_be: addr,
+                port_be: e.port.to_be(),
+                family: fam,
+                flags: if e.local { BACKEND_F_LOCAL } else { 0 },
+            }
+        };
+        let backends = sp.active_endpoints().iter().map(backend).collect();
+        let draining = sp.draining_endpoints().iter().map(backend).collect();
         out.insert(
             name,
             DesiredService {
                 frontends,
                 backends,
+                draining,
             },
         );
     }
