@@ -111,6 +111,15 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// Idle timeout of established TCP flows (seconds, or with s/m/h).
+    #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
+    conntrack_tcp_timeout: u32,
+    /// Idle timeout of TCP flows after FIN or RST.
+    #[arg(long, default_value = "2m", value_parser = parse_duration_s)]
+    conntrack_tcp_closing_timeout: u32,
+    /// Idle timeout of UDP flows.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
+    conntrack_udp_timeout: u32,
     /// Capacity of the conntrack map (two entries per flow; 56+40 bytes each).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
     conntrack_size: u32,
@@ -208,6 +217,25 @@ fn real_main(mut cli: Cli) -> Result<()> {
     }
 }
 
+/// Parses `90`, `90s`, `15m` or `24h` into seconds.
+fn parse_duration_s(s: &str) -> Result<u32, String> {
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u32 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 2m or 24h"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
 fn parse_port_range(s: &str) -> Result<(u16, u16)> {
     let (a, b) = s
         .split_once('-')
@@ -271,7 +299,12 @@ fn run(args: &RunArgs) -> Result<()> {
         name: args.node_name.clone(),
         addresses: node_addresses(&args.iface)?,
     };
-    write_config(&mut maps, &node, snat_ports)?;
+    let timeouts = [
+        args.conntrack_tcp_timeout,
+        args.conntrack_tcp_closing_timeout,
+        args.conntrack_udp_timeout,
+    ];
+    write_config(&mut maps, &node, snat_ports, timeouts)?;
     for iface in &args.iface {
         progs.attach_node(iface)?;
     }
@@ -315,7 +348,7 @@ fn run(args: &RunArgs) -> Result<()> {
                         Ok(addrs) if addrs != node.addresses => {
                             info!(addresses = ?addrs, "node addresses changed");
                             node.addresses = addrs;
-                            if let Err(e) = write_config(&mut maps, &node, snat_ports)
+                            if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts)
                                 .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps))
                             {
                                 error!("resync after address change failed: {e:#}");
@@ -334,7 +367,14 @@ fn run(args: &RunArgs) -> Result<()> {
     })
 }
 
-fn write_config(maps: &mut Maps, node: &NodeInfo, snat_ports: (u16, u16)) -> Result<()> {
+/// Writes the config map; `timeouts` are the TCP, TCP-closing and UDP idle
+/// timeouts in seconds.
+fn write_config(
+    maps: &mut Maps,
+    node: &NodeInfo,
+    snat_ports: (u16, u16),
+    timeouts: [u32; 3],
+) -> Result<()> {
     let node_addr4_be = node
         .addresses
         .iter()
@@ -348,6 +388,10 @@ fn write_config(maps: &mut Maps, node: &NodeInfo, snat_ports: (u16, u16)) -> Res
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
         node_addr6_be: [0; 4],
+        tcp_timeout_s: timeouts[0],
+        tcp_closing_timeout_s: timeouts[1],
+        udp_timeout_s: timeouts[2],
+        _pad: 0,
     };
     maps.config.set(0, cfg, 0).context("write config map")
 }
@@ -399,4 +443,28 @@ fn link_events() -> Result<mpsc::Receiver<()>> {
         })
         .context("start netlink thread")?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kube_proxy_flags() {
+        assert_eq!(parse_duration_s("90"), Ok(90));
+        assert_eq!(parse_duration_s("30s"), Ok(30));
+        assert_eq!(parse_duration_s("2m"), Ok(120));
+        assert_eq!(parse_duration_s("24h"), Ok(86_400));
+        assert!(parse_duration_s("5d").is_err());
+        assert!(parse_duration_s("h").is_err());
+        assert!(parse_duration_s("9999999999h").is_err());
+    }
+
+    #[test]
+    fn port_ranges_are_checked() {
+        assert_eq!(parse_port_range("61000-65535").ok(), Some((61000, 65535)));
+        assert!(parse_port_range("65535-61000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("61000").is_err());
+    }
 }

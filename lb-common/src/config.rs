@@ -14,8 +14,23 @@ pub struct Config {
     pub snat_port_max: u16,
     /// This node's IPv6 address used as the SNAT source, network byte order.
     pub node_addr6_be: IpAddrBe,
+    /// Idle time after which an established TCP flow is forgotten (seconds).
+    pub tcp_timeout_s: u32,
+    /// Idle time after which a TCP flow that saw FIN or RST is forgotten (seconds).
+    pub tcp_closing_timeout_s: u32,
+    /// Idle time after which a UDP flow is forgotten (seconds).
+    pub udp_timeout_s: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+/// Default established-TCP idle timeout: kube-proxy's 24 hours.
+pub const DEFAULT_TCP_TIMEOUT_S: u32 = 86_400;
+/// Default idle timeout after FIN or RST: Linux's TIME_WAIT, 2 minutes.
+pub const DEFAULT_TCP_CLOSING_TIMEOUT_S: u32 = 120;
+/// Default UDP idle timeout: Linux's nf_conntrack_udp_timeout, 30 seconds.
+pub const DEFAULT_UDP_TIMEOUT_S: u32 = 30;
 
 /// Default SNAT port range: above Linux's default ephemeral range
 /// (32768–60999), so translated flows never collide with the node's own.

@@ -40,6 +40,9 @@ pub const CT_F_REPLY: u32 = 1 << 2;
 /// source, so the stack would drop it as martian: forward it by FIB lookup.
 pub const CT_F_FORWARD: u32 = 1 << 3;
 
+/// A FIN or RST was seen in this direction: the short timeout applies.
+pub const CT_F_CLOSING: u32 = 1 << 4;
+
 /// How to translate a packet of a tracked flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

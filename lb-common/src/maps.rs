@@ -12,7 +12,7 @@ pub const BACKENDS: &str = "LB_BACKENDS_V1";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
 pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
-pub const CONFIG: &str = "LB_CONFIG_V1";
+pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V2";
 

@@ -6,16 +6,17 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use lb_common::{
-    conntrack::{CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
+    conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     hash::flow_hash,
+    proto,
     service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
     stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
 };
 
 use crate::{
-    maps::{LB_CONFIG_V1, LB_CT_V1},
+    maps::{LB_CONFIG_V2, LB_CT_V1},
     packet::Hook,
-    parse::Flow,
+    parse::{tcp_flags, Flow},
 };
 
 /// Refresh `last_seen_ns` at most this often, so that busy flows do not
@@ -25,18 +26,51 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 16;
 
-/// The translation of an existing flow, refreshing its idle timer.
+/// The translation of an existing flow, refreshing its idle timer; `None`
+/// when there is none or it has been idle longer than its timeout (then it
+/// is removed, and the packet starts a new flow).
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<CtValue> {
+pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
     let entry = LB_CT_V1.get_ptr_mut(key)?;
-    // SAFETY: LRU entries stay valid for the program's run; a racing update
-    // of `last_seen_ns` by another CPU is harmless.
+    // SAFETY: LRU entries stay valid for the program's run; racing updates
+    // of `last_seen_ns` and `flags` by another CPU are harmless.
     unsafe {
         let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*entry).last_seen_ns) > TOUCH_INTERVAL_NS {
+        let idle = now.wrapping_sub((*entry).last_seen_ns);
+        if idle > timeout_ns(flow.proto, (*entry).flags) {
+            remove(key);
+            return None;
+        }
+        if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+            && (*entry).flags & CT_F_CLOSING == 0
+        {
+            (*entry).flags |= CT_F_CLOSING;
+        }
+        if idle > TOUCH_INTERVAL_NS {
             (*entry).last_seen_ns = now;
         }
         Some(*entry)
+    }
+}
+
+/// The idle timeout of a flow in its state, from the config map.
+#[inline(always)]
+fn timeout_ns(l4: u8, flags: u32) -> u64 {
+    let Some(cfg) = LB_CONFIG_V2.get(0) else {
+        return u64::MAX;
+    };
+    let secs = if l4 == proto::UDP {
+        cfg.udp_timeout_s
+    } else if flags & CT_F_CLOSING != 0 {
+        cfg.tcp_closing_timeout_s
+    } else {
+        cfg.tcp_timeout_s
+    };
+    // Zero means "no timeout" (a config map not written yet).
+    if secs == 0 {
+        u64::MAX
+    } else {
+        u64::from(secs) * 1_000_000_000
     }
 }
 
@@ -94,6 +128,10 @@ pub fn create(
         reply.flags |= CT_F_FORWARD;
     }
 
+    if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        fwd.flags |= CT_F_CLOSING;
+    }
+
     if !snat {
         LB_CT_V1
             .insert(&reply_key, &reply, u64::from(BPF_ANY))
@@ -104,7 +142,7 @@ pub fn create(
         return Ok(fwd);
     }
 
-    let cfg = LB_CONFIG_V1.get(0).ok_or(stats::DROP_SNAT_EXHAUSTED)?;
+    let cfg = LB_CONFIG_V2.get(0).ok_or(stats::DROP_SNAT_EXHAUSTED)?;
     if cfg.node_addr4_be == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(stats::DROP_SNAT_EXHAUSTED);
     }

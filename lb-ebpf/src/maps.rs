@@ -30,7 +30,7 @@ pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = Lr
 
 /// Node settings (one entry).
 #[btf_map]
-pub static LB_CONFIG_V1: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]

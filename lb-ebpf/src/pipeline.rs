@@ -44,7 +44,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     };
 
     let key = flow.ct_key();
-    if let Some(ct) = conntrack::lookup(&key) {
+    if let Some(ct) = conntrack::lookup(&flow, &key) {
         if select::backend_alive(&ct) {
             count(stats::CT_HIT, len);
             return translate(pkt, &flow, &ct, hook);

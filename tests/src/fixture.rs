@@ -60,6 +60,10 @@ impl Datapath {
                     snat_port_min: 61000,
                     snat_port_max: 65535,
                     node_addr6_be: [0; 4],
+                    tcp_timeout_s: 3600,
+                    tcp_closing_timeout_s: 60,
+                    udp_timeout_s: 30,
+                    _pad: 0,
                 },
                 0,
             )
@@ -89,6 +93,25 @@ impl Datapath {
     /// Where the maps are pinned.
     pub fn maps_dir(&self) -> PathBuf {
         bpffs::maps_dir(&self.dir)
+    }
+
+    /// Makes every tracked flow look idle for `secs` seconds.
+    pub fn age_flows(&mut self, secs: u64) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let entries: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .map(|e| e.expect("read conntrack"))
+            .collect();
+        for (k, mut v) in entries {
+            v.last_seen_ns = now_ns - secs * 1_000_000_000;
+            self.maps
+                .conntrack
+                .insert(k, v, 0)
+                .expect("age conntrack entry");
+        }
     }
 
     /// Runs a program on a packet; returns its verdict and output bytes.

@@ -538,3 +538,90 @@ fn a_terminating_endpoint_keeps_its_flows_and_gets_no_new_ones() {
     let (_, out) = dp.run(TcPod, &syn.bytes());
     assert_eq!(&out[30..34], &[10, 244, 1, 10]);
 }
+
+#[test]
+fn idle_flows_time_out_by_protocol_and_tcp_state() {
+    use lb_agent::model::Endpoint;
+    // The fixture's timeouts: TCP 3600 s, TCP after FIN/RST 60 s, UDP 30 s.
+    let mut dp = Datapath::new();
+    let web = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    let dns = service(
+        "dns",
+        Protocol::Udp,
+        &[("10.96.0.53", 53, ClusterIp)],
+        &[("10.244.1.10", 5353, true)],
+    );
+    dp.apply(&[web.clone(), dns.clone()]);
+    let client = addr("10.244.2.20:40012");
+    let closing = addr("10.244.2.20:40013");
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"x");
+    let opened = Packet::tcp(closing, addr("10.96.0.10:80"), flags::ACK, b"y");
+    let fin = Packet::tcp(closing, addr("10.96.0.10:80"), flags::FIN | flags::ACK, b"");
+    for p in [&query, &ack, &opened, &fin] {
+        dp.run(TcPod, &p.bytes());
+    }
+    // .10 drains and .11 takes new flows: where a packet goes tells whether
+    // its flow was still tracked.
+    let drain = |(r, mut sp): (
+        lb_agent::model::ServicePortRef,
+        lb_agent::model::ServicePort,
+    )| {
+        let old = sp.endpoints[0];
+        sp.endpoints[0] = Endpoint {
+            ready: false,
+            terminating: true,
+            ..old
+        };
+        sp.endpoints.push(Endpoint {
+            addr: "10.244.1.11".parse().expect("addr"),
+            ..old
+        });
+        (r, sp)
+    };
+    dp.apply(&[drain(web), drain(dns)]);
+    let dst = |dp: &mut Datapath, p: &Packet| {
+        let (_, out) = dp.run(TcPod, &p.bytes());
+        std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]).to_string()
+    };
+    dp.age_flows(29);
+    assert_eq!(
+        dst(&mut dp, &query),
+        "10.244.1.10",
+        "UDP idle 29 s is still tracked"
+    );
+    dp.age_flows(31);
+    assert_eq!(
+        dst(&mut dp, &query),
+        "10.244.1.11",
+        "UDP idle 31 s is forgotten"
+    );
+    assert_eq!(
+        dst(&mut dp, &ack),
+        "10.244.1.10",
+        "established TCP idle 31 s is still tracked"
+    );
+    dp.age_flows(61);
+    assert_eq!(
+        dst(&mut dp, &ack),
+        "10.244.1.10",
+        "established TCP idle 61 s is still tracked"
+    );
+    let after_fin = Packet::tcp(closing, addr("10.96.0.10:80"), flags::ACK, b"");
+    assert_eq!(
+        dst(&mut dp, &after_fin),
+        "10.244.1.11",
+        "TCP idle 61 s after FIN is forgotten"
+    );
+    dp.age_flows(3601);
+    assert_eq!(
+        dst(&mut dp, &ack),
+        "10.244.1.11",
+        "established TCP idle 3601 s is forgotten"
+    );
+}
