@@ -6,7 +6,6 @@ use anyhow::Result;
 use lb_common::{
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
-    SlotKey,
 };
 use serde::Serialize;
 
@@ -32,8 +31,8 @@ pub struct FrontendView {
     pub frontend: String,
     /// Kinds (`ClusterIP`, `NodePort`, `External`).
     pub kinds: Vec<&'static str>,
-    /// Active slot-table generation.
-    pub generation: u32,
+    /// Size of the Maglev table behind it (0: no endpoint).
+    pub table_size: u32,
 }
 
 /// One backend.
@@ -45,6 +44,8 @@ pub struct BackendView {
     pub address: String,
     /// Runs on this node.
     pub local: bool,
+    /// Slots of the Maglev table it owns.
+    pub slots: u32,
 }
 
 fn proto_name(p: u8) -> &'static str {
@@ -61,34 +62,45 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
     let snap = maps.snapshot()?;
     let mut by_id: BTreeMap<u32, ServiceView> = BTreeMap::new();
     for (key, value) in &snap.services {
-        let view = by_id.entry(value.svc_id).or_insert_with(|| {
-            let backends = (0..value.slot_count)
-                .filter_map(|index| {
-                    let slot = SlotKey {
-                        svc_id: value.svc_id,
-                        generation: value.generation,
-                        index,
-                    };
-                    let id = snap.slot(&slot)?;
-                    let b = snap.backends.get(&id)?;
+        if !by_id.contains_key(&value.svc_id) {
+            // Backends in the order of their first slot, with their share.
+            let mut slots: Vec<(u32, u32)> = Vec::new();
+            for id in maps.table(value.svc_id)? {
+                match slots.iter_mut().find(|(b, _)| *b == id) {
+                    Some((_, n)) => *n += 1,
+                    None => slots.push((id, 1)),
+                }
+            }
+            let backends = slots
+                .iter()
+                .filter_map(|(id, n)| {
+                    let b = snap.backends.get(id)?;
                     Some(BackendView {
-                        id,
+                        id: *id,
                         address: std::net::SocketAddr::new(
                             addr_from_be(b.addr_be, b.family),
                             u16::from_be(b.port_be),
                         )
                         .to_string(),
                         local: b.flags & BACKEND_F_LOCAL != 0,
+                        slots: *n,
                     })
                 })
                 .collect();
-            ServiceView {
-                svc_id: value.svc_id,
-                name: snap.names.get(&value.svc_id).cloned().unwrap_or_default(),
-                frontends: Vec::new(),
-                backends,
-            }
-        });
+            by_id.insert(
+                value.svc_id,
+                ServiceView {
+                    svc_id: value.svc_id,
+                    name: snap
+                        .infos
+                        .get(&value.svc_id)
+                        .map(|i| i.name.clone())
+                        .unwrap_or_default(),
+                    frontends: Vec::new(),
+                    backends,
+                },
+            );
+        }
         let kinds = [
             (SVC_F_CLUSTER_IP, "ClusterIP"),
             (SVC_F_NODEPORT, "NodePort"),
@@ -102,11 +114,13 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
             addr_from_be(key.addr_be, key.family),
             u16::from_be(key.port_be),
         );
-        view.frontends.push(FrontendView {
-            frontend: format!("{addr}/{}", proto_name(key.proto)),
-            kinds,
-            generation: value.generation,
-        });
+        if let Some(view) = by_id.get_mut(&value.svc_id) {
+            view.frontends.push(FrontendView {
+                frontend: format!("{addr}/{}", proto_name(key.proto)),
+                kinds,
+                table_size: value.slot_count,
+            });
+        }
     }
     let mut out: Vec<ServiceView> = by_id.into_values().collect();
     out.sort_by(|a, b| a.name.cmp(&b.name).then(a.svc_id.cmp(&b.svc_id)));
@@ -133,9 +147,10 @@ pub fn services_table(views: &[ServiceView]) -> String {
         for b in &v.backends {
             let _ = writeln!(
                 s,
-                "  backend  {:<28} {}",
+                "  backend  {:<28} {:<7} {} slots",
                 b.address,
-                if b.local { "local" } else { "remote" }
+                if b.local { "local" } else { "remote" },
+                b.slots
             );
         }
     }

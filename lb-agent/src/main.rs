@@ -15,7 +15,7 @@ use lb_agent::{
         maps::Maps,
         programs::{self, MapSizes, Programs},
     },
-    inspect,
+    inspect, maglev,
     model::{self, NodeInfo},
     reconcile::{addr_be, Reconciler},
     source::manifests,
@@ -129,9 +129,10 @@ struct RunArgs {
     /// Capacity of the backends map.
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     backends_size: u32,
-    /// Capacity of the slots map (one entry per backend per Service port, twice while swapping).
-    #[arg(long, default_value_t = lb_common::maps::SLOTS_MAX)]
-    slots_size: u32,
+    /// Maglev table size per Service port: a prime from 251 to 131071
+    /// (4 bytes a slot; 1% balance holds up to size/100 backends).
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+    maglev_table_size: u32,
 }
 
 fn main() {
@@ -217,6 +218,19 @@ fn real_main(mut cli: Cli) -> Result<()> {
     }
 }
 
+/// Accepts only the Maglev table sizes the datapath is built for.
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if maglev::TABLE_SIZES.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is not one of the supported primes {:?}",
+            maglev::TABLE_SIZES
+        ))
+    }
+}
+
 /// Parses `90`, `90s`, `15m` or `24h` into seconds.
 fn parse_duration_s(s: &str) -> Result<u32, String> {
     let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
@@ -288,7 +302,6 @@ fn run(args: &RunArgs) -> Result<()> {
     };
     let sizes = MapSizes {
         services: args.services_size,
-        slots: args.slots_size,
         backends: args.backends_size,
         conntrack: args.conntrack_size,
     };
@@ -310,7 +323,7 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     progs.sync_pods(&patterns)?;
 
-    let mut reconciler = Reconciler::adopt(&maps.snapshot()?);
+    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, args.maglev_table_size);
     info!(
         services = reconciler.service_count(),
         "adopted existing maps"
@@ -466,5 +479,7 @@ mod tests {
         assert!(parse_port_range("65535-61000").is_err());
         assert!(parse_port_range("0-10").is_err());
         assert!(parse_port_range("61000").is_err());
+        assert_eq!(parse_table_size("16381"), Ok(16381));
+        assert!(parse_table_size("16384").is_err());
     }
 }

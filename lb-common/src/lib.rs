@@ -21,7 +21,7 @@ pub mod stats;
 
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
-pub use service::{Backend, BackendId, ServiceKey, ServiceName, ServiceValue, SlotKey};
+pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue};
 
 /// Address families as carried in keys (the values of `AF_INET`/`AF_INET6`).
 pub mod family {

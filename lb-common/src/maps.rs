@@ -4,9 +4,9 @@
 //! agent never reuses a pin of an older layout.
 
 /// Frontends: [`crate::ServiceKey`] → [`crate::ServiceValue`].
-pub const SERVICES: &str = "LB_SERVICES_V1";
-/// Backend tables: [`crate::SlotKey`] → [`crate::BackendId`].
-pub const SLOTS: &str = "LB_SLOTS_V1";
+pub const SERVICES: &str = "LB_SERVICES_V2";
+/// Maglev tables: svc_id → inner array of [`crate::BackendId`].
+pub const MAGLEV: &str = "LB_MAGLEV_V1";
 /// Backends: [`crate::BackendId`] → [`crate::Backend`].
 pub const BACKENDS: &str = "LB_BACKENDS_V1";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
@@ -16,20 +16,20 @@ pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V2";
 
-/// Service port names: `u32` svc_id → [`crate::ServiceName`] (user space only).
-pub const NAMES: &str = "LB_NAMES_V1";
+/// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
+pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 
 /// Default capacity of the services map.
 pub const SERVICES_MAX: u32 = 65536;
-/// Default capacity of the slots map.
-pub const SLOTS_MAX: u32 = 262_144;
 /// Default capacity of the backends map.
 pub const BACKENDS_MAX: u32 = 65536;
 /// Default capacity of the conntrack map.
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 7] = [SERVICES, SLOTS, BACKENDS, CONNTRACK, CONFIG, STATS, NAMES];
+pub const ALL: [&str; 7] = [
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, CONFIG, STATS, SVC_INFO,
+];
 
 /// The XDP program on the node's external interfaces.
 pub const PROG_XDP_NODE: &str = "lb_xdp_node";

@@ -1,14 +1,12 @@
-//! Frontends, backend slots and backends.
+//! Frontends, Maglev tables and backends.
 //!
-//! A packet finds its Service through [`ServiceKey`] → [`ServiceValue`], picks
-//! a slot by hashing the flow into `0..slot_count`, turns the slot into a
-//! [`BackendId`] through [`SlotKey`], and the id into a [`Backend`].
+//! A packet finds its Service through [`ServiceKey`] → [`ServiceValue`],
+//! hashes its flow into `0..slot_count`, reads that slot of the Service's
+//! Maglev table (an inner array of the Maglev map, keyed by `svc_id`) to get a
+//! [`BackendId`], and turns the id into a [`Backend`].
 //!
-//! Slots are double-buffered: the agent writes a new table under the inactive
-//! `generation`, then flips the generation in the [`ServiceValue`] with one map
-//! update. A packet reads the service record once, so it never sees half a
-//! table. Maglev replaces "slot = hash % backends" with "slot = hash % M" over
-//! the same slot map.
+//! A table is replaced whole: the agent fills a new inner array and swaps it
+//! into the outer map with one update, so a packet never sees half a table.
 
 use crate::{pod, IpAddrBe};
 
@@ -43,27 +41,17 @@ pub const SVC_F_EXTERNAL: u32 = 1 << 2;
 pub struct ServiceValue {
     /// The Service port's id, shared by all its frontends.
     pub svc_id: u32,
-    /// Number of slots in the active table; 0 means "no endpoint: reject".
+    /// Size of the Service's Maglev table; 0 means "no endpoint: reject".
     pub slot_count: u32,
-    /// Which of the two slot tables (0 or 1) is active.
-    pub generation: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// ClientIP session affinity timeout in seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
-/// One slot of a Service's backend table.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SlotKey {
-    /// The Service port's id.
-    pub svc_id: u32,
-    /// Table generation, 0 or 1.
-    pub generation: u32,
-    /// Slot index within the table.
-    pub index: u32,
-}
-const _: () = assert!(core::mem::size_of::<SlotKey>() == 12);
+/// Largest Maglev table (the inner array's template size).
+pub const MAGLEV_MAX: u32 = 131_071;
 
 /// The backend runs on this node (reached without SNAT).
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
@@ -83,25 +71,31 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
-/// Longest Service port name kept in [`ServiceName`].
-pub const SERVICE_NAME_LEN: usize = 128;
+/// Longest Service port name kept in [`ServiceInfo`].
+pub const SERVICE_NAME_LEN: usize = 120;
 
-/// A Service port's name (`namespace/name:port/PROTO`), NUL-padded, so that
-/// `lb-agent services` and `bpftool` can say which Service an id is.
+/// What the agent records about a Service port for itself and for
+/// inspection: its name (`namespace/name:port/PROTO`, so that `lb-agent
+/// services` and `bpftool` can say which Service an id is) and the
+/// fingerprint of its Maglev table (so that a restarted agent rewrites only
+/// tables that differ).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServiceName {
-    /// UTF-8 bytes, NUL-padded.
-    pub bytes: [u8; SERVICE_NAME_LEN],
+pub struct ServiceInfo {
+    /// Hash of the table size and the sorted backend set; 0 for no table.
+    pub table_fingerprint: u64,
+    /// UTF-8 name, NUL-padded.
+    pub name: [u8; SERVICE_NAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 128);
 
-impl Default for ServiceName {
+impl Default for ServiceInfo {
     fn default() -> Self {
         Self {
-            bytes: [0; SERVICE_NAME_LEN],
+            table_fingerprint: 0,
+            name: [0; SERVICE_NAME_LEN],
         }
     }
 }
 
-pod!(ServiceKey, ServiceValue, SlotKey, Backend, ServiceName);
+pod!(ServiceKey, ServiceValue, Backend, ServiceInfo);

@@ -2,7 +2,7 @@
 
 use lb_common::{ServiceKey, ServiceValue};
 
-use crate::{maps::LB_SERVICES_V1, parse::Flow};
+use crate::{maps::LB_SERVICES_V2, parse::Flow};
 
 /// The Service record for the packet's destination, if it is a frontend.
 #[inline(always)]
@@ -14,5 +14,5 @@ pub fn lookup(flow: &Flow) -> Option<ServiceValue> {
         family: flow.family,
     };
     // SAFETY: the value is copied out at once, before any map update.
-    unsafe { LB_SERVICES_V1.get(&key).copied() }
+    unsafe { LB_SERVICES_V2.get(&key).copied() }
 }

@@ -2,23 +2,31 @@
 //! resizes the hash maps at load time, so the sizes here are only defaults.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    maps::{BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX, SLOTS_MAX},
+    maps::{BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX},
+    service::MAGLEV_MAX,
     stats::{Counter, COUNT},
-    Backend, BackendId, Config, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, SlotKey,
+    Backend, BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey, ServiceValue,
 };
 
 /// Frontends.
 #[btf_map]
-pub static LB_SERVICES_V1: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
+pub static LB_SERVICES_V2: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
     HashMap::new();
 
-/// Backend tables, double-buffered by generation.
+/// `BPF_F_INNER_MAP`: inner arrays of any size may replace the template.
+const INNER_MAP: usize = 1 << 12;
+
+/// One Maglev table per Service port, swapped whole by the agent.
 #[btf_map]
-pub static LB_SLOTS_V1: HashMap<SlotKey, BackendId, { SLOTS_MAX as usize }> = HashMap::new();
+pub static LB_MAGLEV_V1: HashOfMaps<
+    u32,
+    Array<BackendId, { MAGLEV_MAX as usize }, INNER_MAP>,
+    { SERVICES_MAX as usize },
+> = HashOfMaps::new();
 
 /// Backends by id.
 #[btf_map]
@@ -36,6 +44,6 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static LB_STATS_V2: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
-/// Service port names for inspection; never read by the programs.
+/// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]
-pub static LB_NAMES_V1: HashMap<u32, ServiceName, { SERVICES_MAX as usize }> = HashMap::new();
+pub static LB_SVC_INFO_V1: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> = HashMap::new();

@@ -1,15 +1,15 @@
 //! Backend selection for a new flow.
 //!
 //! Invariant: the slot is a pure function of the flow's 5-tuple and the
-//! Service's active table, so every node picks the same backend for the same
-//! flow (Maglev will fill the same slot table with a consistent-hash layout).
+//! Service's Maglev table, which every node builds identically from the same
+//! backend set, so every node picks the same backend for the same flow.
 
 use lb_common::{
-    conntrack::CT_F_REPLY, hash::flow_hash, Backend, BackendId, CtValue, ServiceValue, SlotKey,
+    conntrack::CT_F_REPLY, hash::flow_hash, Backend, BackendId, CtValue, ServiceValue,
 };
 
 use crate::{
-    maps::{LB_BACKENDS_V1, LB_SLOTS_V1},
+    maps::{LB_BACKENDS_V1, LB_MAGLEV_V1},
     parse::Flow,
 };
 
@@ -18,13 +18,10 @@ use crate::{
 pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
     let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
     let hash = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
-    let slot = SlotKey {
-        svc_id: svc.svc_id,
-        generation: svc.generation,
-        index: hash % svc.slot_count,
-    };
-    // SAFETY: values are copied out at once.
-    let id = unsafe { *LB_SLOTS_V1.get(&slot)? };
+    let index = hash % svc.slot_count;
+    // SAFETY: values are copied out at once; the agent replaces a table by
+    // swapping in a new inner map, never by writing into a live one.
+    let id = unsafe { *LB_MAGLEV_V1.get_value(&svc.svc_id, &index)? };
     let backend = unsafe { *LB_BACKENDS_V1.get(&id)? };
     Some((id, backend))
 }

@@ -20,6 +20,9 @@ use lb_agent::{
 };
 use lb_common::Config;
 
+/// Maglev table size of the fixtures: the smallest supported, for speed.
+pub const TABLE_SIZE: u32 = 251;
+
 /// The node address the fixture's config map holds (the SNAT source).
 pub const NODE_ADDR: &str = "10.99.0.1";
 
@@ -45,7 +48,6 @@ impl Datapath {
         bpffs::ensure(&dir).expect("mount a bpffs for the test (run as root)");
         let sizes = MapSizes {
             services: 1024,
-            slots: 4096,
             backends: 1024,
             conntrack: 4096,
         };
@@ -71,7 +73,7 @@ impl Datapath {
         Self {
             progs,
             maps,
-            reconciler: Reconciler::default(),
+            reconciler: Reconciler::new(TABLE_SIZE),
             dir,
         }
     }

@@ -415,6 +415,11 @@ fn every_map_is_pinned_with_btf_and_the_layout_of_lb_common() {
             path.display()
         );
         let info = String::from_utf8_lossy(&out.stdout);
+        // The kernel gives a map of maps no BTF: its values are inner map ids.
+        if name == lb_common::maps::MAGLEV {
+            assert!(info.contains("hash_of_maps"), "{name}: {info}");
+            continue;
+        }
         assert!(
             info.contains("\"btf_id\":"),
             "{name} carries no BTF: {info}"

@@ -5,21 +5,24 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
 use lb_common::{
-    maps, stats::Counter, Backend, BackendId, Config, CtKey, CtValue, ServiceKey, ServiceName,
-    ServiceValue, SlotKey,
+    maps, service::SERVICE_NAME_LEN, stats::Counter, Backend, BackendId, Config, CtKey, CtValue,
+    ServiceInfo, ServiceKey, ServiceValue,
 };
 
 use super::bpffs;
-use crate::reconcile::{Snapshot, Store, StoreError};
+use crate::reconcile::{Info, Snapshot, Store, StoreError};
+
+/// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 /// Every map of the datapath.
 pub struct Maps {
     /// Frontends.
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    /// Backend tables.
-    pub slots: HashMap<MapData, SlotKey, BackendId>,
+    /// Maglev tables.
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
     /// Backends.
     pub backends: HashMap<MapData, BackendId, Backend>,
     /// Connection tracking.
@@ -28,8 +31,8 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     /// Datapath counters.
     pub stats: PerCpuArray<MapData, Counter>,
-    /// Service port names.
-    pub names: HashMap<MapData, u32, ServiceName>,
+    /// Service port records.
+    pub infos: HashMap<MapData, u32, ServiceInfo>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -57,34 +60,40 @@ impl Maps {
     pub fn open(bpffs: &Path) -> Result<Self> {
         Ok(Self {
             services: typed!(bpffs, maps::SERVICES),
-            slots: typed!(bpffs, maps::SLOTS),
+            maglev: typed!(bpffs, maps::MAGLEV),
             backends: typed!(bpffs, maps::BACKENDS),
             conntrack: typed!(bpffs, maps::CONNTRACK),
             config: typed!(bpffs, maps::CONFIG),
             stats: typed!(bpffs, maps::STATS),
-            names: typed!(bpffs, maps::NAMES),
+            infos: typed!(bpffs, maps::SVC_INFO),
         })
     }
 }
 
-/// Decodes a NUL-padded [`ServiceName`].
-pub fn name_str(name: &ServiceName) -> String {
-    let end = name
-        .bytes
+/// Decodes a [`ServiceInfo`].
+pub fn decode_info(raw: &ServiceInfo) -> Info {
+    let end = raw
+        .name
         .iter()
         .position(|&b| b == 0)
-        .unwrap_or(name.bytes.len());
-    String::from_utf8_lossy(&name.bytes[..end]).into_owned()
+        .unwrap_or(raw.name.len());
+    Info {
+        name: String::from_utf8_lossy(&raw.name[..end]).into_owned(),
+        table_fingerprint: raw.table_fingerprint,
+    }
 }
 
-/// Encodes a name into a [`ServiceName`], truncating at a char boundary.
-pub fn name_bytes(name: &str) -> ServiceName {
-    let mut out = ServiceName::default();
-    let mut end = name.len().min(out.bytes.len());
-    while !name.is_char_boundary(end) {
+/// Encodes an [`Info`], truncating the name at a char boundary.
+pub fn encode_info(info: &Info) -> ServiceInfo {
+    let mut out = ServiceInfo {
+        table_fingerprint: info.table_fingerprint,
+        ..ServiceInfo::default()
+    };
+    let mut end = info.name.len().min(SERVICE_NAME_LEN);
+    while !info.name.is_char_boundary(end) {
         end -= 1;
     }
-    out.bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+    out.name[..end].copy_from_slice(&info.name.as_bytes()[..end]);
     out
 }
 
@@ -108,14 +117,24 @@ impl Store for Maps {
             .map_err(|e| store_err("remove", maps::BACKENDS, &e))
     }
 
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), StoreError> {
-        self.slots
-            .insert(key, id, 0)
-            .map_err(|e| store_err("insert", maps::SLOTS, &e))
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
+        // A fresh inner array, filled while no packet can see it, then
+        // swapped in with one update of the outer map.
+        let mut inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
+            .map_err(|e| store_err("create", maps::MAGLEV, &e))?;
+        for (i, id) in table.iter().enumerate() {
+            inner
+                .set(i as u32, id, 0)
+                .map_err(|e| store_err("fill", maps::MAGLEV, &e))?;
+        }
+        self.maglev
+            .insert(svc_id, &inner, 0)
+            .map_err(|e| store_err("insert", maps::MAGLEV, &e))
     }
 
-    fn del_slot(&mut self, key: SlotKey) -> Result<(), StoreError> {
-        ignore_missing(self.slots.remove(&key)).map_err(|e| store_err("remove", maps::SLOTS, &e))
+    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        ignore_missing(self.maglev.remove(&svc_id))
+            .map_err(|e| store_err("remove", maps::MAGLEV, &e))
     }
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
@@ -129,14 +148,15 @@ impl Store for Maps {
             .map_err(|e| store_err("remove", maps::SERVICES, &e))
     }
 
-    fn put_name(&mut self, svc_id: u32, name: &str) -> Result<(), StoreError> {
-        self.names
-            .insert(svc_id, name_bytes(name), 0)
-            .map_err(|e| store_err("insert", maps::NAMES, &e))
+    fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError> {
+        self.infos
+            .insert(svc_id, encode_info(info), 0)
+            .map_err(|e| store_err("insert", maps::SVC_INFO, &e))
     }
 
-    fn del_name(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        ignore_missing(self.names.remove(&svc_id)).map_err(|e| store_err("remove", maps::NAMES, &e))
+    fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        ignore_missing(self.infos.remove(&svc_id))
+            .map_err(|e| store_err("remove", maps::SVC_INFO, &e))
     }
 }
 
@@ -161,19 +181,28 @@ impl Maps {
             let (k, v) = entry.context("read services map")?;
             snap.services.insert(k, v);
         }
-        for entry in self.slots.iter() {
-            let (k, v) = entry.context("read slots map")?;
-            snap.slots.insert((k.svc_id, k.generation, k.index), v);
-        }
         for entry in self.backends.iter() {
             let (k, v) = entry.context("read backends map")?;
             snap.backends.insert(k, v);
         }
-        for entry in self.names.iter() {
-            let (k, v) = entry.context("read names map")?;
-            snap.names.insert(k, name_str(&v));
+        for entry in self.infos.iter() {
+            let (k, v) = entry.context("read service info map")?;
+            snap.infos.insert(k, decode_info(&v));
         }
         Ok(snap)
+    }
+
+    /// A Service port's Maglev table as the datapath sees it.
+    pub fn table(&self, svc_id: u32) -> Result<Vec<BackendId>> {
+        let inner = match self.maglev.get(&svc_id, 0) {
+            Ok(inner) => inner,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(Vec::new()),
+            Err(e) => return Err(e).context("read maglev map"),
+        };
+        inner
+            .iter()
+            .map(|e| e.context("read maglev table"))
+            .collect()
     }
 
     /// Sums the per-CPU counters.

@@ -35,8 +35,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct MapSizes {
     /// Frontends.
     pub services: u32,
-    /// Backend slots over all Services.
-    pub slots: u32,
     /// Backends.
     pub backends: u32,
     /// Conntrack entries (two per flow).
@@ -47,7 +45,6 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             services: maps::SERVICES_MAX,
-            slots: maps::SLOTS_MAX,
             backends: maps::BACKENDS_MAX,
             conntrack: maps::CONNTRACK_MAX,
         }
@@ -114,8 +111,8 @@ impl Programs {
         }
         loader
             .map_max_entries(maps::SERVICES, sizes.services)
-            .map_max_entries(maps::NAMES, sizes.services)
-            .map_max_entries(maps::SLOTS, sizes.slots)
+            .map_max_entries(maps::SVC_INFO, sizes.services)
+            .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack);
         let mut ebpf = loader.load(EBPF_OBJECT).context(
@@ -299,8 +296,8 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
     // Nothing but the pass program runs: keep the unused maps tiny.
     for name in [
         maps::SERVICES,
-        maps::NAMES,
-        maps::SLOTS,
+        maps::SVC_INFO,
+        maps::MAGLEV,
         maps::BACKENDS,
         maps::CONNTRACK,
     ] {

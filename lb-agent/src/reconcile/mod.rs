@@ -1,14 +1,15 @@
 //! Turning the desired model into map contents, changing only what differs.
 //!
 //! Order is what keeps the datapath whole (STYLE.md 7): backends first, then
-//! the new slot table under the inactive generation, then the frontend
-//! records that point at it, and only then the old generation's slots and the
-//! backends nobody uses any more. A packet therefore always finds a complete
+//! the Service's Maglev table (built whole in a new inner map and swapped in
+//! with one update), then the frontend records that point at it, and only
+//! then what nobody uses any more. A packet therefore always finds a complete
 //! table behind any frontend it matches.
 //!
 //! The reconciler keeps a mirror of what it wrote. At start it builds that
 //! mirror from the maps themselves ([`Reconciler::adopt`]), so a restarted
-//! agent compares against reality and rewrites nothing that is already right.
+//! agent compares against reality and rewrites nothing that is already right;
+//! a table is recognised by the fingerprint recorded beside it.
 
 mod store;
 
@@ -18,24 +19,28 @@ use std::net::IpAddr;
 use lb_common::{
     family, proto,
     service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
-    Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue, SlotKey,
+    Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue,
 };
 use tracing::{debug, warn};
 
-use crate::model::{Endpoint, FrontendKind, Model, Protocol};
+use crate::{
+    maglev,
+    model::{Endpoint, FrontendKind, Model, Protocol},
+};
 
-pub use store::{MemStore, Snapshot, Store, StoreError};
+pub use store::{Info, MemStore, Snapshot, Store, StoreError};
 
 /// What the maps should hold for one Service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DesiredService {
     frontends: BTreeMap<ServiceKey, u32>,
-    /// Backends in table order (the model's endpoint order: sorted, so every
-    /// node builds the same table).
+    /// Backends that take new flows.
     backends: Vec<Backend>,
     /// Terminating backends: kept in the backends map so that their
     /// established flows go on, but in no table, so they get no new flows.
     draining: Vec<Backend>,
+    /// ClientIP affinity timeout in seconds (0: none).
+    affinity_timeout_s: u32,
 }
 
 /// What the reconciler last wrote for one Service port.
@@ -43,9 +48,10 @@ struct DesiredService {
 struct AppliedService {
     name: String,
     frontends: BTreeMap<ServiceKey, ServiceValue>,
-    generation: u32,
-    table: Vec<BackendId>,
-    draining: Vec<BackendId>,
+    /// Fingerprint of the table in place (0: none).
+    fingerprint: u64,
+    /// Backends the table holds and backends draining: all in use.
+    used: Vec<BackendId>,
 }
 
 /// Identity of a backend: the same address and port is one backend id
@@ -121,8 +127,9 @@ pub struct Report {
 }
 
 /// Keeps the maps equal to the model.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Reconciler {
+    table_size: u32,
     services: BTreeMap<u32, AppliedService>,
     by_name: HashMap<String, u32>,
     /// Which Service port owns each frontend key.
@@ -131,10 +138,37 @@ pub struct Reconciler {
     backend_ids: HashMap<BackendIdentity, BackendId>,
 }
 
+/// The name a backend has in Maglev: `address:port`, as every node spells it.
+fn maglev_name(b: &Backend) -> String {
+    std::net::SocketAddr::new(addr_from_be(b.addr_be, b.family), u16::from_be(b.port_be))
+        .to_string()
+}
+
+/// Identifies a table: its size and its backends with their ids. Never 0.
+fn fingerprint(table_size: u32, backends: &[(String, BackendId)]) -> u64 {
+    let mut text = table_size.to_string();
+    for (name, id) in backends {
+        text.push_str(&format!(" {name}={id}"));
+    }
+    maglev::hash(maglev::OFFSET_SEED, text.as_bytes()).max(1)
+}
+
 impl Reconciler {
+    /// A reconciler for empty maps, building Maglev tables of `table_size`.
+    pub fn new(table_size: u32) -> Self {
+        Self {
+            table_size,
+            services: BTreeMap::new(),
+            by_name: HashMap::new(),
+            owners: BTreeMap::new(),
+            backends: HashMap::new(),
+            backend_ids: HashMap::new(),
+        }
+    }
+
     /// Builds the mirror from what the maps hold now (left by an earlier agent).
-    pub fn adopt(snap: &Snapshot) -> Self {
-        let mut r = Self::default();
+    pub fn adopt(snap: &Snapshot, table_size: u32) -> Self {
+        let mut r = Self::new(table_size);
         for (id, b) in &snap.backends {
             r.backends.insert(*id, *b);
             r.backend_ids.insert(identity(b), *id);
@@ -142,32 +176,13 @@ impl Reconciler {
         for (key, value) in &snap.services {
             let svc = r.services.entry(value.svc_id).or_default();
             svc.frontends.insert(*key, *value);
-            svc.generation = value.generation;
             r.owners.insert(*key, value.svc_id);
         }
-        for (svc_id, svc) in &mut r.services {
-            let count = svc
-                .frontends
-                .values()
-                .map(|v| v.slot_count)
-                .max()
-                .unwrap_or(0);
-            svc.table = (0..count)
-                .map(|index| {
-                    let key = SlotKey {
-                        svc_id: *svc_id,
-                        generation: svc.generation,
-                        index,
-                    };
-                    snap.slot(&key).unwrap_or(0)
-                })
-                .collect();
-        }
-        for (svc_id, name) in &snap.names {
-            if let Some(svc) = r.services.get_mut(svc_id) {
-                svc.name.clone_from(name);
-                r.by_name.insert(name.clone(), *svc_id);
-            }
+        for (svc_id, info) in &snap.infos {
+            let svc = r.services.entry(*svc_id).or_default();
+            svc.name.clone_from(&info.name);
+            svc.fingerprint = info.table_fingerprint;
+            r.by_name.insert(info.name.clone(), *svc_id);
         }
         // Records without a name cannot be matched to the model: they are
         // removed on the first apply like any other Service that is gone.
@@ -209,7 +224,7 @@ impl Reconciler {
         let used: BTreeSet<BackendId> = self
             .services
             .values()
-            .flat_map(|s| s.table.iter().chain(&s.draining).copied())
+            .flat_map(|s| s.used.iter().copied())
             .collect();
         let unused: Vec<BackendId> = self
             .backends
@@ -239,64 +254,60 @@ impl Reconciler {
         report: &mut Report,
     ) -> Result<(), StoreError> {
         let existing = self.by_name.get(name).copied();
-        let svc_id = match existing {
-            Some(id) => id,
-            None => self.allocate_svc_id(),
-        };
+        let svc_id = existing.unwrap_or_else(|| self.allocate_svc_id());
 
-        let mut table = Vec::with_capacity(want.backends.len());
+        let mut active = Vec::with_capacity(want.backends.len());
         for b in &want.backends {
-            table.push(self.ensure_backend(b, store, report)?);
+            active.push((maglev_name(b), self.ensure_backend(b, store, report)?));
         }
-
-        let mut draining = Vec::with_capacity(want.draining.len());
+        active.sort();
+        let mut used: Vec<BackendId> = active.iter().map(|(_, id)| *id).collect();
         for b in &want.draining {
-            draining.push(self.ensure_backend(b, store, report)?);
+            used.push(self.ensure_backend(b, store, report)?);
         }
 
-        let (old_gen, old_table) = match self.services.get(&svc_id) {
-            Some(s) => (s.generation, s.table.clone()),
-            None => (1, Vec::new()),
-        };
-        let generation = if existing.is_some() && old_table == table {
-            old_gen
+        let old = self.services.get(&svc_id).map_or(0, |s| s.fingerprint);
+        let fp = if active.is_empty() {
+            0
         } else {
-            1 - old_gen
+            fingerprint(self.table_size, &active)
         };
-        if generation != old_gen {
-            for (index, id) in table.iter().enumerate() {
-                let key = SlotKey {
-                    svc_id,
-                    generation,
-                    index: index as u32,
-                };
-                store.put_slot(key, *id)?;
-                report.writes += 1;
-            }
-        }
-
-        if existing.is_none() {
-            store.put_name(svc_id, name)?;
+        if fp != 0 && fp != old {
+            let names: Vec<&str> = active.iter().map(|(n, _)| n.as_str()).collect();
+            let table: Vec<BackendId> = maglev::table(&names, self.table_size)
+                .iter()
+                .map(|i| active[*i as usize].1)
+                .collect();
+            store.put_table(svc_id, &table)?;
             report.writes += 1;
-            self.by_name.insert(name.to_string(), svc_id);
         }
-        let applied = self
-            .services
-            .entry(svc_id)
-            .or_insert_with(|| AppliedService {
-                name: name.to_string(),
-                generation: old_gen,
-                ..AppliedService::default()
-            });
+        if existing.is_none() || fp != old {
+            store.put_info(
+                svc_id,
+                &Info {
+                    name: name.to_string(),
+                    table_fingerprint: fp,
+                },
+            )?;
+            report.writes += 1;
+        }
+        self.by_name.insert(name.to_string(), svc_id);
+        let applied = self.services.entry(svc_id).or_default();
+        applied.name = name.to_string();
+        applied.fingerprint = fp;
+        applied.used = used;
 
-        applied.draining = draining;
-        let slot_count = table.len() as u32;
+        let slot_count = if active.is_empty() {
+            0
+        } else {
+            self.table_size
+        };
         for (key, flags) in &want.frontends {
             let value = ServiceValue {
                 svc_id,
                 slot_count,
-                generation,
                 flags: *flags,
+                affinity_timeout_s: want.affinity_timeout_s,
             };
             if applied.frontends.get(key) != Some(&value) {
                 store.put_service(*key, value)?;
@@ -320,19 +331,10 @@ impl Reconciler {
             }
             applied.frontends.remove(&key);
         }
-
-        if generation != old_gen {
-            applied.generation = generation;
-            applied.table = table;
-            for index in 0..old_table.len() {
-                let key = SlotKey {
-                    svc_id,
-                    generation: old_gen,
-                    index: index as u32,
-                };
-                store.del_slot(key)?;
-                report.deletes += 1;
-            }
+        // No frontend points at a table any more: drop it.
+        if fp == 0 && old != 0 {
+            store.del_table(svc_id)?;
+            report.deletes += 1;
         }
         debug!(service = name, svc_id, "programmed");
         Ok(())
@@ -354,16 +356,11 @@ impl Reconciler {
                 self.owners.remove(key);
             }
         }
-        for index in 0..applied.table.len() {
-            let key = SlotKey {
-                svc_id,
-                generation: applied.generation,
-                index: index as u32,
-            };
-            store.del_slot(key)?;
+        if applied.fingerprint != 0 {
+            store.del_table(svc_id)?;
             report.deletes += 1;
         }
-        store.del_name(svc_id)?;
+        store.del_info(svc_id)?;
         report.deletes += 1;
         self.services.remove(&svc_id);
         self.by_name.remove(&applied.name);
@@ -455,6 +452,7 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 frontends,
                 backends,
                 draining,
+                affinity_timeout_s: 0,
             },
         );
     }

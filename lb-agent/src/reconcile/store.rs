@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendId, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{Backend, BackendId, ServiceKey, ServiceValue};
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} in {map} failed: {message}")]
 pub struct StoreError {
-    /// `insert` or `remove`.
+    /// `insert`, `remove` or `create`.
     pub op: &'static str,
     /// The map's name.
     pub map: &'static str,
@@ -16,26 +16,27 @@ pub struct StoreError {
     pub message: String,
 }
 
-/// Everything the service maps hold, as read at start.
+/// What the agent recorded about a Service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Info {
+    /// `namespace/name:port/PROTO`.
+    pub name: String,
+    /// Fingerprint of the Maglev table in place (0: none).
+    pub table_fingerprint: u64,
+}
+
+/// What the service maps hold, as read at start (tables are not read back:
+/// their fingerprints in [`Info`] say what they hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Frontends.
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    /// Slots of every generation.
-    pub slots: BTreeMap<(u32, u32, u32), BackendId>,
     /// Backends.
     pub backends: BTreeMap<BackendId, Backend>,
-    /// Service port names by svc_id.
-    pub names: BTreeMap<u32, String>,
-}
-
-impl Snapshot {
-    /// Looks up a slot.
-    pub fn slot(&self, key: &SlotKey) -> Option<BackendId> {
-        self.slots
-            .get(&(key.svc_id, key.generation, key.index))
-            .copied()
-    }
+    /// Service port records by svc_id.
+    pub infos: BTreeMap<u32, Info>,
+    /// Maglev tables by svc_id (only [`MemStore`] fills this).
+    pub tables: BTreeMap<u32, Vec<BackendId>>,
 }
 
 /// The writes the reconciler needs.
@@ -44,18 +45,18 @@ pub trait Store {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError>;
     /// Deletes a backend.
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError>;
-    /// Inserts or replaces a slot.
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), StoreError>;
-    /// Deletes a slot.
-    fn del_slot(&mut self, key: SlotKey) -> Result<(), StoreError>;
+    /// Installs a Service port's Maglev table, replacing any old one whole.
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError>;
+    /// Deletes a Service port's Maglev table.
+    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError>;
     /// Inserts or replaces a frontend record.
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError>;
     /// Deletes a frontend record.
     fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError>;
-    /// Records a Service port's name.
-    fn put_name(&mut self, svc_id: u32, name: &str) -> Result<(), StoreError>;
-    /// Forgets a Service port's name.
-    fn del_name(&mut self, svc_id: u32) -> Result<(), StoreError>;
+    /// Records a Service port's name and table fingerprint.
+    fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError>;
+    /// Forgets a Service port's record.
+    fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError>;
 }
 
 /// An in-memory store: the maps as plain collections.
@@ -80,19 +81,15 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), StoreError> {
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap
-            .slots
-            .insert((key.svc_id, key.generation, key.index), id);
+        self.snap.tables.insert(svc_id, table.to_vec());
         Ok(())
     }
 
-    fn del_slot(&mut self, key: SlotKey) -> Result<(), StoreError> {
+    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap
-            .slots
-            .remove(&(key.svc_id, key.generation, key.index));
+        self.snap.tables.remove(&svc_id);
         Ok(())
     }
 
@@ -108,15 +105,15 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn put_name(&mut self, svc_id: u32, name: &str) -> Result<(), StoreError> {
+    fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.names.insert(svc_id, name.to_string());
+        self.snap.infos.insert(svc_id, info.clone());
         Ok(())
     }
 
-    fn del_name(&mut self, svc_id: u32) -> Result<(), StoreError> {
+    fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.names.remove(&svc_id);
+        self.snap.infos.remove(&svc_id);
         Ok(())
     }
 }

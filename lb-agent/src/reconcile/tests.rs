@@ -16,18 +16,22 @@ impl CheckedStore {
     fn check(&mut self, op: &str) {
         let snap = &self.inner.snap;
         for (key, v) in &snap.services {
-            for index in 0..v.slot_count {
-                let slot = SlotKey {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    index,
-                };
-                match snap.slot(&slot) {
-                    Some(id) if snap.backends.contains_key(&id) => {}
-                    other => self.violations.push(format!(
-                        "after {op}: frontend {key:?} slot {index} -> {other:?}"
-                    )),
+            if v.slot_count == 0 {
+                continue;
+            }
+            match snap.tables.get(&v.svc_id) {
+                Some(t) if t.len() == v.slot_count as usize => {
+                    if let Some(id) = t.iter().find(|id| !snap.backends.contains_key(id)) {
+                        self.violations.push(format!(
+                            "after {op}: frontend {key:?} table names missing backend {id}"
+                        ));
+                    }
                 }
+                other => self.violations.push(format!(
+                    "after {op}: frontend {key:?} wants {} slots, table {:?}",
+                    v.slot_count,
+                    other.map(Vec::len)
+                )),
             }
         }
     }
@@ -48,12 +52,12 @@ macro_rules! checked {
 checked!(
     put_backend(id: BackendId, b: &Backend),
     del_backend(id: BackendId),
-    put_slot(key: SlotKey, id: BackendId),
-    del_slot(key: SlotKey),
+    put_table(svc_id: u32, table: &[BackendId]),
+    del_table(svc_id: u32),
     put_service(key: ServiceKey, value: ServiceValue),
     del_service(key: ServiceKey),
-    put_name(svc_id: u32, name: &str),
-    del_name(svc_id: u32),
+    put_info(svc_id: u32, info: &Info),
+    del_info(svc_id: u32),
 );
 
 fn ip(s: &str) -> IpAddr {
@@ -94,6 +98,10 @@ fn model(services: &[(ServicePortRef, ServicePort)]) -> Model {
     }
 }
 
+/// Table size of these tests: small and prime.
+const M: u32 = 251;
+
+/// The distinct backends a frontend's table leads to, sorted.
 fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
     let (addr, fam) = addr_be(ip(vip));
     let key = ServiceKey {
@@ -105,26 +113,28 @@ fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
     let Some(v) = store.snap.services.get(&key) else {
         return Vec::new();
     };
-    (0..v.slot_count)
-        .map(|index| {
-            let id = store
-                .snap
-                .slot(&SlotKey {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    index,
-                })
-                .expect("slot");
-            let b = store.snap.backends[&id];
+    let table = store
+        .snap
+        .tables
+        .get(&v.svc_id)
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<IpAddr> = table
+        .iter()
+        .map(|id| {
+            let b = store.snap.backends[id];
             addr_from_be(b.addr_be, b.family)
         })
-        .collect()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[test]
-fn programs_a_service_and_its_backends_in_table_order() {
+fn programs_a_service_with_a_full_maglev_table() {
     let mut store = CheckedStore::default();
-    let mut r = Reconciler::default();
+    let mut r = Reconciler::new(M);
     let m = model(&[svc(
         "web",
         "10.96.0.10",
@@ -138,8 +148,18 @@ fn programs_a_service_and_its_backends_in_table_order() {
         vec![ip("10.244.1.10"), ip("10.244.2.10")]
     );
     assert_eq!(
-        store.inner.snap.names.values().next().map(String::as_str),
+        store
+            .inner
+            .snap
+            .infos
+            .values()
+            .next()
+            .map(|i| i.name.as_str()),
         Some("default/web/TCP")
+    );
+    assert_eq!(
+        store.inner.snap.tables.values().next().map(Vec::len),
+        Some(M as usize)
     );
     assert!(store.violations.is_empty(), "{:?}", store.violations);
 }
@@ -147,7 +167,7 @@ fn programs_a_service_and_its_backends_in_table_order() {
 #[test]
 fn applying_the_same_model_twice_writes_nothing() {
     let mut store = CheckedStore::default();
-    let mut r = Reconciler::default();
+    let mut r = Reconciler::new(M);
     let m = model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10"])]);
     r.apply(&m, &mut store);
     let before = store.inner.ops;
@@ -159,7 +179,7 @@ fn applying_the_same_model_twice_writes_nothing() {
 #[test]
 fn every_change_is_make_before_break() {
     let mut store = CheckedStore::default();
-    let mut r = Reconciler::default();
+    let mut r = Reconciler::new(M);
     let steps = [
         vec![svc("a", "10.96.0.1", 80, &["10.244.1.10", "10.244.1.11"])],
         vec![svc("a", "10.96.0.1", 80, &["10.244.1.11", "10.244.2.10"])],
@@ -187,7 +207,7 @@ fn every_change_is_make_before_break() {
 #[test]
 fn frontend_taken_over_by_another_service_stays_programmed() {
     let mut store = CheckedStore::default();
-    let mut r = Reconciler::default();
+    let mut r = Reconciler::new(M);
     r.apply(
         &model(&[svc("a", "10.96.0.1", 80, &["10.244.1.10"])]),
         &mut store,
@@ -205,7 +225,7 @@ fn frontend_taken_over_by_another_service_stays_programmed() {
 #[test]
 fn no_ready_endpoint_leaves_an_empty_table() {
     let mut store = CheckedStore::default();
-    let mut r = Reconciler::default();
+    let mut r = Reconciler::new(M);
     let (rf, mut sp) = svc("a", "10.96.0.1", 80, &["10.244.1.10"]);
     sp.endpoints[0].ready = false;
     r.apply(&model(&[(rf, sp)]), &mut store);
@@ -229,9 +249,8 @@ fn adopting_the_maps_of_an_earlier_agent_changes_nothing() {
         svc("b", "10.96.0.2", 80, &["10.244.1.10"]),
     ]);
     let mut store = CheckedStore::default();
-    Reconciler::default().apply(&m, &mut store);
-    // A second apply on a fresh reconciler flips the generation once.
-    let mut again = Reconciler::adopt(&store.inner.snap);
+    Reconciler::new(M).apply(&m, &mut store);
+    let mut again = Reconciler::adopt(&store.inner.snap, M);
     let report = again.apply(&m, &mut store);
     assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
     assert!(store.violations.is_empty(), "{:?}", store.violations);
