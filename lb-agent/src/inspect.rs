@@ -62,7 +62,7 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
     let snap = maps.snapshot()?;
     let mut by_id: BTreeMap<u32, ServiceView> = BTreeMap::new();
     for (key, value) in &snap.services {
-        if !by_id.contains_key(&value.svc_id) {
+        if let std::collections::btree_map::Entry::Vacant(entry) = by_id.entry(value.svc_id) {
             // Backends in the order of their first slot, with their share.
             let mut slots: Vec<(u32, u32)> = Vec::new();
             for id in maps.table(value.svc_id)? {
@@ -87,19 +87,16 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
                     })
                 })
                 .collect();
-            by_id.insert(
-                value.svc_id,
-                ServiceView {
-                    svc_id: value.svc_id,
-                    name: snap
-                        .infos
-                        .get(&value.svc_id)
-                        .map(|i| i.name.clone())
-                        .unwrap_or_default(),
-                    frontends: Vec::new(),
-                    backends,
-                },
-            );
+            entry.insert(ServiceView {
+                svc_id: value.svc_id,
+                name: snap
+                    .infos
+                    .get(&value.svc_id)
+                    .map(|i| i.name.clone())
+                    .unwrap_or_default(),
+                frontends: Vec::new(),
+                backends,
+            });
         }
         let kinds = [
             (SVC_F_CLUSTER_IP, "ClusterIP"),
