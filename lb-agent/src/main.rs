@@ -22,7 +22,7 @@ use lb_agent::{
 };
 use lb_common::{config::DEFAULT_SNAT_PORTS, Config};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// eBPF/XDP Service load balancer for Kubernetes: the node agent.
 #[derive(Parser)]
@@ -129,6 +129,10 @@ struct RunArgs {
     /// Capacity of the backends map.
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     backends_size: u32,
+    /// Capacity of the ClientIP affinity map (LRU; one entry per client per
+    /// Service port with affinity; 40 bytes each).
+    #[arg(long, default_value_t = lb_common::maps::AFFINITY_MAX)]
+    affinity_size: u32,
     /// Maglev table size per Service port: a prime from 251 to 131071
     /// (4 bytes a slot; 1% balance holds up to size/100 backends).
     #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
@@ -304,6 +308,7 @@ fn run(args: &RunArgs) -> Result<()> {
         services: args.services_size,
         backends: args.backends_size,
         conntrack: args.conntrack_size,
+        affinity: args.affinity_size,
     };
     let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
     let mut maps = Maps::open(&args.bpffs)?;
@@ -418,6 +423,14 @@ fn sync(dir: &Path, node: &NodeInfo, reconciler: &mut Reconciler, maps: &mut Map
         warn!(object = %p.object, "skipped: {}", p.message);
     }
     let report = reconciler.apply(&model, maps);
+    match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
+        Ok(0) => {}
+        Ok(n) => debug!(
+            entries = n,
+            "dropped affinity entries of backends that take no new flows"
+        ),
+        Err(e) => warn!("purging affinity entries failed: {e:#}"),
+    }
     info!(
         services = model.services.len(),
         writes = report.writes,

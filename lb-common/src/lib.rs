@@ -12,6 +12,7 @@
 //! With the `user` feature each type implements `aya::Pod`.
 #![no_std]
 
+pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod hash;
@@ -19,6 +20,7 @@ pub mod maps;
 pub mod service;
 pub mod stats;
 
+pub use affinity::{AffinityKey, AffinityValue};
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
 pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue};

@@ -16,6 +16,8 @@ pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V2";
 
+/// ClientIP affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
+pub const AFFINITY: &str = "LB_AFFINITY_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
 pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 
@@ -23,12 +25,14 @@ pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 pub const SERVICES_MAX: u32 = 65536;
 /// Default capacity of the backends map.
 pub const BACKENDS_MAX: u32 = 65536;
+/// Default capacity of the affinity map.
+pub const AFFINITY_MAX: u32 = 65536;
 /// Default capacity of the conntrack map.
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 7] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, CONFIG, STATS, SVC_INFO,
+pub const ALL: [&str; 8] = [
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, CONFIG, STATS, SVC_INFO,
 ];
 
 /// The XDP program on the node's external interfaces.

@@ -6,10 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    maps::{BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX},
+    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX},
     service::MAGLEV_MAX,
     stats::{Counter, COUNT},
-    Backend, BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
+    ServiceKey, ServiceValue,
 };
 
 /// Frontends.
@@ -35,6 +36,11 @@ pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }
 /// Connection tracking; LRU so a full table evicts the idlest flow, never fails.
 #[btf_map]
 pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = LruHashMap::new();
+
+/// ClientIP affinity; LRU so that idle clients make room.
+#[btf_map]
+pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX as usize }> =
+    LruHashMap::new();
 
 /// Node settings (one entry).
 #[btf_map]

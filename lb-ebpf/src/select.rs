@@ -4,18 +4,63 @@
 //! Service's Maglev table, which every node builds identically from the same
 //! backend set, so every node picks the same backend for the same flow.
 
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::CT_F_REPLY, hash::flow_hash, Backend, BackendId, CtValue, ServiceValue,
+    conntrack::CT_F_REPLY, hash::flow_hash, AffinityKey, AffinityValue, Backend, BackendId,
+    CtValue, ServiceValue,
 };
 
 use crate::{
-    maps::{LB_BACKENDS_V1, LB_MAGLEV_V1},
+    maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V1},
     parse::Flow,
 };
 
-/// Picks the backend for a new flow; `None` if the table is inconsistent.
+/// Picks the backend for a new flow: the client's affinity backend while it
+/// is fresh, else by Maglev. `None` if the table is inconsistent.
 #[inline(always)]
 pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
+    if svc.affinity_timeout_s == 0 {
+        return pick_maglev(svc, flow);
+    }
+    let key = AffinityKey {
+        svc_id: svc.svc_id,
+        family: flow.family,
+        _pad: [0; 3],
+        client_be: flow.saddr,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+    // SAFETY: the value is copied out at once.
+    if let Some(a) = unsafe { LB_AFFINITY_V1.get(&key).copied() } {
+        if now.wrapping_sub(a.last_seen_ns) <= timeout_ns {
+            // The agent deletes entries whose backend leaves the table; a
+            // backend id that vanished meanwhile falls through to Maglev.
+            if let Some(b) = unsafe { LB_BACKENDS_V1.get(&a.backend_id).copied() } {
+                remember(&key, a.backend_id, now);
+                return Some((a.backend_id, b));
+            }
+        }
+    }
+    let (id, b) = pick_maglev(svc, flow)?;
+    remember(&key, id, now);
+    Some((id, b))
+}
+
+/// Records the client's backend; a full LRU map evicts the idlest client.
+#[inline(always)]
+fn remember(key: &AffinityKey, backend_id: BackendId, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let _ = LB_AFFINITY_V1.insert(key, &value, u64::from(BPF_ANY));
+}
+
+/// Picks by the flow's hash in the Service's Maglev table.
+#[inline(always)]
+fn pick_maglev(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
     let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
     let hash = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
     let index = hash % svc.slot_count;

@@ -33,26 +33,39 @@ pub struct Datapath {
     /// The maps.
     pub maps: Maps,
     reconciler: Reconciler,
-    dir: PathBuf,
+    // Last, so that maps and programs are closed before it is unmounted.
+    dir: BpffsDir,
+}
+
+/// A private bpffs, unmounted and removed on drop, also when `new` panics
+/// half-way.
+struct BpffsDir(PathBuf);
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Datapath {
     /// Loads the programs into a fresh bpffs under /run/lb-tests.
     pub fn new() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = PathBuf::from(format!(
+        let dir = BpffsDir(PathBuf::from(format!(
             "/run/lb-tests/unit-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        bpffs::ensure(&dir).expect("mount a bpffs for the test (run as root)");
+        )));
+        bpffs::ensure(&dir.0).expect("mount a bpffs for the test (run as root)");
         let sizes = MapSizes {
             services: 1024,
             backends: 1024,
             conntrack: 4096,
+            affinity: 1024,
         };
-        let progs = Programs::load(&dir, sizes, XdpMode::Default).expect("load programs");
-        let mut maps = Maps::open(&dir).expect("open maps");
+        let progs = Programs::load(&dir.0, sizes, XdpMode::Default).expect("load programs");
+        let mut maps = Maps::open(&dir.0).expect("open maps");
         let node: IpAddr = NODE_ADDR.parse().expect("addr");
         maps.config
             .set(
@@ -85,16 +98,20 @@ impl Datapath {
         };
         let report = self.reconciler.apply(&model, &mut self.maps);
         assert!(report.failures.is_empty(), "apply failed: {report:?}");
+        let reconciler = &self.reconciler;
+        self.maps
+            .purge_affinity(|svc, backend| reconciler.is_active(svc, backend))
+            .expect("purge affinity");
     }
 
     /// The bpffs directory the maps are pinned under.
     pub fn bpffs(&self) -> &std::path::Path {
-        &self.dir
+        &self.dir.0
     }
 
     /// Where the maps are pinned.
     pub fn maps_dir(&self) -> PathBuf {
-        bpffs::maps_dir(&self.dir)
+        bpffs::maps_dir(&self.dir.0)
     }
 
     /// Makes every tracked flow look idle for `secs` seconds.
@@ -124,16 +141,15 @@ impl Datapath {
     }
 }
 
+/// `bpf_ktime_get_ns`'s clock, read from user space.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
 impl Default for Datapath {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -171,6 +187,29 @@ pub fn service(
                 terminating: false,
             })
             .collect(),
+        affinity_timeout_s: 0,
     };
     (r, sp)
+}
+
+impl Datapath {
+    /// Makes every affinity entry look `secs` seconds old.
+    pub fn age_affinity(&mut self, secs: u64) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+        let then =
+            now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64 - secs * 1_000_000_000;
+        let entries: Vec<_> = self
+            .maps
+            .affinity
+            .iter()
+            .map(|e| e.expect("read affinity"))
+            .collect();
+        for (k, mut v) in entries {
+            v.last_seen_ns = then;
+            self.maps
+                .affinity
+                .insert(k, v, 0)
+                .expect("age affinity entry");
+        }
+    }
 }

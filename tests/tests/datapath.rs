@@ -630,3 +630,65 @@ fn idle_flows_time_out_by_protocol_and_tcp_state() {
         "established TCP idle 3601 s is forgotten"
     );
 }
+
+#[test]
+fn client_ip_affinity_holds_within_its_timeout_and_follows_backend_changes() {
+    let mut dp = Datapath::new();
+    let eps = [
+        ("10.244.1.10", 8080, true),
+        ("10.244.1.11", 8080, true),
+        ("10.244.2.10", 8080, true),
+    ];
+    let (r, mut sp) = service("web", Protocol::Tcp, &[("10.96.0.10", 80, ClusterIp)], &eps);
+    sp.affinity_timeout_s = 60;
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let dst = |dp: &mut Datapath, client: &str, port: u16| {
+        let syn = Packet::tcp(
+            addr(&format!("{client}:{port}")),
+            addr("10.96.0.10:80"),
+            flags::SYN,
+            b"",
+        );
+        let (_, out) = dp.run(TcPod, &syn.bytes());
+        std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]).to_string()
+    };
+    // Every new connection of one client lands on one backend.
+    let first = dst(&mut dp, "10.244.2.20", 20000);
+    for port in 20001..20040 {
+        assert_eq!(
+            dst(&mut dp, "10.244.2.20", port),
+            first,
+            "flow from port {port}"
+        );
+    }
+    // Other clients spread over the backends.
+    let others: std::collections::BTreeSet<String> = (1..40)
+        .map(|i| dst(&mut dp, &format!("10.244.3.{i}"), 20000))
+        .collect();
+    assert!(others.len() > 1, "clients spread: {others:?}");
+    // After the timeout the client may move: over many new ports it does.
+    dp.age_affinity(61);
+    let moved: std::collections::BTreeSet<String> = (20100..20140)
+        .map(|port| {
+            dp.age_affinity(61);
+            dst(&mut dp, "10.244.2.20", port)
+        })
+        .collect();
+    assert!(
+        moved.len() > 1,
+        "affinity released after its timeout: {moved:?}"
+    );
+    // A backend that leaves the table loses its clients at once.
+    let sticky = dst(&mut dp, "10.244.2.21", 20000);
+    sp.endpoints.retain(|e| e.addr.to_string() != sticky);
+    dp.apply(&[(r, sp)]);
+    let now = dst(&mut dp, "10.244.2.21", 20001);
+    assert_ne!(now, sticky, "affinity to a removed backend is dropped");
+    for port in 20002..20010 {
+        assert_eq!(
+            dst(&mut dp, "10.244.2.21", port),
+            now,
+            "and a new one holds"
+        );
+    }
+}

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
 use lb_common::{
-    maps, service::SERVICE_NAME_LEN, stats::Counter, Backend, BackendId, Config, CtKey, CtValue,
-    ServiceInfo, ServiceKey, ServiceValue,
+    maps, service::SERVICE_NAME_LEN, stats::Counter, AffinityKey, AffinityValue, Backend,
+    BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey, ServiceValue,
 };
 
 use super::bpffs;
@@ -33,6 +33,8 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, Counter>,
     /// Service port records.
     pub infos: HashMap<MapData, u32, ServiceInfo>,
+    /// ClientIP affinity.
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -66,6 +68,7 @@ impl Maps {
             config: typed!(bpffs, maps::CONFIG),
             stats: typed!(bpffs, maps::STATS),
             infos: typed!(bpffs, maps::SVC_INFO),
+            affinity: typed!(bpffs, maps::AFFINITY),
         })
     }
 }
@@ -190,6 +193,22 @@ impl Maps {
             snap.infos.insert(k, decode_info(&v));
         }
         Ok(snap)
+    }
+
+    /// Deletes affinity entries whose backend may no longer take new flows
+    /// of their Service port (removed, or terminating); returns how many.
+    pub fn purge_affinity(&mut self, keep: impl Fn(u32, BackendId) -> bool) -> Result<usize> {
+        let mut stale = Vec::new();
+        for entry in self.affinity.iter() {
+            let (k, v) = entry.context("read affinity map")?;
+            if !keep(k.svc_id, v.backend_id) {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k)).context("remove affinity entry")?;
+        }
+        Ok(stale.len())
     }
 
     /// A Service port's Maglev table as the datapath sees it.

@@ -39,6 +39,8 @@ pub struct MapSizes {
     pub backends: u32,
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
+    /// ClientIP affinity entries (one per client per Service port).
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -47,6 +49,7 @@ impl Default for MapSizes {
             services: maps::SERVICES_MAX,
             backends: maps::BACKENDS_MAX,
             conntrack: maps::CONNTRACK_MAX,
+            affinity: maps::AFFINITY_MAX,
         }
     }
 }
@@ -114,7 +117,8 @@ impl Programs {
             .map_max_entries(maps::SVC_INFO, sizes.services)
             .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
-            .map_max_entries(maps::CONNTRACK, sizes.conntrack);
+            .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::AFFINITY, sizes.affinity);
         let mut ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
@@ -298,6 +302,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
         maps::SERVICES,
         maps::SVC_INFO,
         maps::MAGLEV,
+        maps::AFFINITY,
         maps::BACKENDS,
         maps::CONNTRACK,
     ] {

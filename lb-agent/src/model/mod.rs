@@ -11,6 +11,11 @@ use std::net::IpAddr;
 
 pub use translate::build;
 
+/// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API's largest accepted affinity timeout (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
 /// Everything the node needs to know about itself to translate Services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -100,6 +105,8 @@ pub struct ServicePort {
     pub frontends: Vec<Frontend>,
     /// Endpoints from all slices of the Service, sorted, one per address:port.
     pub endpoints: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl ServicePort {

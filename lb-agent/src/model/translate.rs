@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::{
     Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
-    ServicePortRef,
+    ServicePortRef, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
 };
 
 /// Links an EndpointSlice to the Service (same namespace) it belongs to.
@@ -426,18 +426,20 @@ fn translate_service(
     let service_slices = slices
         .get(&(namespace.clone(), name.clone()))
         .map_or(&[][..], Vec::as_slice);
+    let affinity = affinity_timeout(svc, &object, problems);
     let mut seen = BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
-        let (r, sp) = match translate_port(port, &addrs, node, service_slices, &namespace, &name) {
-            Ok(v) => v,
-            Err(msg) => {
-                problems.push(Problem {
-                    object: object.clone(),
-                    message: format!("spec.ports[{i}]: {msg}"),
-                });
-                continue;
-            }
-        };
+        let (r, mut sp) =
+            match translate_port(port, &addrs, node, service_slices, &namespace, &name) {
+                Ok(v) => v,
+                Err(msg) => {
+                    problems.push(Problem {
+                        object: object.clone(),
+                        message: format!("spec.ports[{i}]: {msg}"),
+                    });
+                    continue;
+                }
+            };
         if !seen.insert(r.clone()) {
             problems.push(Problem {
                 object: object.clone(),
@@ -458,7 +460,47 @@ fn translate_service(
             });
             continue;
         }
+        sp.affinity_timeout_s = affinity;
         model.services.insert(r, sp);
+    }
+}
+
+/// `sessionAffinity: ClientIP` with its timeout (the API's default when
+/// unset), or 0 for `None`. A timeout outside what the API accepts is
+/// reported and replaced by the default rather than losing the affinity.
+fn affinity_timeout(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> u32 {
+    let Some(spec) = svc.spec.as_ref() else {
+        return 0;
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => 0,
+        Some("ClientIP") => {
+            let configured = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match configured {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => t as u32,
+                Some(t) => {
+                    problems.push(Problem {
+                        object: object.to_owned(),
+                        message: format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{MAX_AFFINITY_TIMEOUT_S}; the default {DEFAULT_AFFINITY_TIMEOUT_S} is used"
+                        ),
+                    });
+                    DEFAULT_AFFINITY_TIMEOUT_S
+                }
+            }
+        }
+        Some(other) => {
+            problems.push(Problem {
+                object: object.to_owned(),
+                message: format!("unknown sessionAffinity {other:?}; no affinity"),
+            });
+            0
+        }
     }
 }
 
@@ -527,6 +569,7 @@ fn translate_port(
         ServicePort {
             frontends,
             endpoints,
+            affinity_timeout_s: 0,
         },
     ))
 }

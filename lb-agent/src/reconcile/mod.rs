@@ -52,6 +52,8 @@ struct AppliedService {
     fingerprint: u64,
     /// Backends the table holds and backends draining: all in use.
     used: Vec<BackendId>,
+    /// Backends the table holds: the only ones new flows may go to.
+    active: Vec<BackendId>,
 }
 
 /// Identity of a backend: the same address and port is one backend id
@@ -189,6 +191,14 @@ impl Reconciler {
         r
     }
 
+    /// Whether new flows of Service port `svc_id` may go to `backend`: what
+    /// affinity entries must agree with.
+    pub fn is_active(&self, svc_id: u32, backend: BackendId) -> bool {
+        self.services
+            .get(&svc_id)
+            .is_some_and(|s| s.active.contains(&backend))
+    }
+
     /// Number of Service ports currently programmed.
     pub fn service_count(&self) -> usize {
         self.services.len()
@@ -261,7 +271,8 @@ impl Reconciler {
             active.push((maglev_name(b), self.ensure_backend(b, store, report)?));
         }
         active.sort();
-        let mut used: Vec<BackendId> = active.iter().map(|(_, id)| *id).collect();
+        let active_ids: Vec<BackendId> = active.iter().map(|(_, id)| *id).collect();
+        let mut used = active_ids.clone();
         for b in &want.draining {
             used.push(self.ensure_backend(b, store, report)?);
         }
@@ -296,6 +307,7 @@ impl Reconciler {
         applied.name = name.to_string();
         applied.fingerprint = fp;
         applied.used = used;
+        applied.active = active_ids;
 
         let slot_count = if active.is_empty() {
             0
@@ -452,7 +464,7 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 frontends,
                 backends,
                 draining,
-                affinity_timeout_s: 0,
+                affinity_timeout_s: sp.affinity_timeout_s,
             },
         );
     }

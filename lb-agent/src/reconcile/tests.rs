@@ -88,6 +88,7 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
                 terminating: false,
             })
             .collect(),
+        affinity_timeout_s: 0,
     };
     (r, sp)
 }
