@@ -116,8 +116,7 @@ impl Datapath {
 
     /// Makes every tracked flow look idle for `secs` seconds.
     pub fn age_flows(&mut self, secs: u64) {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let now_ns = monotonic_ns();
         let entries: Vec<_> = self
             .maps
             .conntrack
@@ -195,9 +194,7 @@ pub fn service(
 impl Datapath {
     /// Makes every affinity entry look `secs` seconds old.
     pub fn age_affinity(&mut self, secs: u64) {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-        let then =
-            now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64 - secs * 1_000_000_000;
+        let then = monotonic_ns() - secs * 1_000_000_000;
         let entries: Vec<_> = self
             .maps
             .affinity

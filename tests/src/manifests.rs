@@ -10,6 +10,8 @@ pub struct Ep<'a> {
     pub node: &'a str,
     /// `conditions.ready`.
     pub ready: bool,
+    /// Terminating but still serving (then `ready` is ignored: false).
+    pub terminating: bool,
 }
 
 /// A Service with one port: ClusterIP `cluster_ip:port`, target port
@@ -36,16 +38,31 @@ pub fn service(
     s
 }
 
+/// Adds `sessionAffinity: ClientIP` with `timeout` seconds to a Service.
+pub fn with_affinity(service: &str, timeout: u32) -> String {
+    format!("{service}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n")
+}
+
+/// Adds `externalIPs` to a Service.
+pub fn with_external_ips(service: &str, ips: &[&str]) -> String {
+    format!("{service}  externalIPs: [{}]\n", ips.join(", "))
+}
+
 /// An EndpointSlice for Service `service` whose port `p` is `port`.
 pub fn slice(service: &str, name: &str, port: u16, proto: &str, endpoints: &[Ep<'_>]) -> String {
     let mut s = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: test\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: p\n    protocol: {proto}\n    port: {port}\nendpoints:\n"
     );
     for e in endpoints {
+        let conditions = if e.terminating {
+            "{ready: false, serving: true, terminating: true}".to_string()
+        } else {
+            format!("{{ready: {}}}", e.ready)
+        };
         let _ = write!(
             s,
-            "  - addresses: [{}]\n    nodeName: {}\n    conditions: {{ready: {}}}\n",
-            e.addr, e.node, e.ready
+            "  - addresses: [{}]\n    nodeName: {}\n    conditions: {conditions}\n",
+            e.addr, e.node
         );
     }
     if endpoints.is_empty() {

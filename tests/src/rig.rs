@@ -153,6 +153,20 @@ impl Node {
         }
     }
 
+    /// How many reconciliations the agent has logged.
+    pub fn syncs(&self) -> usize {
+        self.agent_log().matches("synced services=").count()
+    }
+
+    /// Waits until the agent has logged more than `before` reconciliations.
+    pub fn wait_synced(&self, before: usize, timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("{} reconciles a change", self.name),
+            || self.syncs() > before,
+        );
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop_agent(&mut self) {
         self.signal_agent(nix::sys::signal::Signal::SIGTERM);

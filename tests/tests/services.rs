@@ -80,6 +80,7 @@ fn one_port(
             addr: a,
             node: n,
             ready: true,
+            terminating: false,
         })
         .collect();
     docs(&[

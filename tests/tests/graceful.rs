@@ -1,0 +1,331 @@
+//! Maglev, session affinity and graceful endpoint changes with real traffic
+//! in the namespace cluster.
+//!
+//! Needs root. Run through `cargo xtask test`.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    manifests::{docs, service, slice, with_affinity, with_external_ips, Ep},
+    rig::{in_ns, sh, tcp_hello, Cluster, ClusterSpec, TcpServer, UdpServer},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const IO: Duration = Duration::from_secs(3);
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn ep<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
+    Ep {
+        addr,
+        node,
+        ready: true,
+        terminating: false,
+    }
+}
+
+fn start(c: &mut Cluster) -> (Vec<TcpServer>, Vec<UdpServer>) {
+    let mut servers = (Vec::new(), Vec::new());
+    for p in c.pods() {
+        servers.0.push(TcpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 8080),
+            &p.name,
+        ));
+        servers.1.push(UdpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), 5353),
+            &p.name,
+        ));
+    }
+    for n in ["a", "b"] {
+        c.node_mut(n).start_agent(&[]);
+    }
+    for n in ["a", "b"] {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+    servers
+}
+
+/// Rewrites a manifest and waits until both agents have reconciled it.
+fn update(c: &Cluster, name: &str, body: &str) {
+    let before = [c.node("a").syncs(), c.node("b").syncs()];
+    c.write_manifest(name, body);
+    c.node("a").wait_synced(before[0], WAIT);
+    c.node("b").wait_synced(before[1], WAIT);
+}
+
+fn backend_of(line: &str) -> String {
+    line.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn web(eps: &[Ep<'_>]) -> String {
+    docs(&[
+        service("web", "10.96.0.10", 80, 8080, None, "TCP"),
+        slice("web", "web-1", 8080, "TCP", eps),
+    ])
+}
+
+#[test]
+fn the_same_flow_reaches_the_same_backend_through_either_node() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let eps = [
+        ep("10.244.1.10", "node-a"),
+        ep("10.244.1.11", "node-a"),
+        ep("10.244.2.10", "node-b"),
+        ep("10.244.2.11", "node-b"),
+    ];
+    let svc = with_external_ips(
+        &service("dns", "10.96.0.53", 53, 5353, None, "UDP"),
+        &["10.99.0.50"],
+    );
+    c.write_manifest(
+        "dns.yaml",
+        &docs(&[svc, slice("dns", "dns-1", 5353, "UDP", &eps)]),
+    );
+    let _s = start(&mut c);
+    let client = c.client_ns();
+    // The external IP as an ECMP router would spread it: the same 5-tuple
+    // first through node-a, then through node-b.
+    let ask = |port: u16| {
+        in_ns(&client, || {
+            let s = UdpSocket::bind(("10.99.0.100", port))?;
+            s.set_read_timeout(Some(IO))?;
+            s.send_to(b"hello", sa("10.99.0.50:53"))?;
+            let mut buf = [0u8; 256];
+            let (n, from) = s.recv_from(&mut buf)?;
+            assert_eq!(
+                from,
+                sa("10.99.0.50:53"),
+                "the reply comes from the external IP"
+            );
+            Ok::<_, std::io::Error>(backend_of(&String::from_utf8_lossy(&buf[..n])))
+        })
+    };
+    let mut via = [Vec::new(), Vec::new()];
+    for (i, gw) in ["10.99.0.1", "10.99.0.2"].iter().enumerate() {
+        sh(
+            Some(&client),
+            &["ip", "route", "replace", "10.99.0.50/32", "via", gw],
+        );
+        for port in 41000..41020 {
+            via[i].push(ask(port).unwrap_or_else(|e| panic!("via {gw}, port {port}: {e}")));
+        }
+    }
+    assert_eq!(via[0], via[1], "node-a and node-b pick the same backends");
+    let distinct: BTreeSet<&String> = via[0].iter().collect();
+    assert!(distinct.len() > 1, "and flows spread: {distinct:?}");
+}
+
+/// A long-lived echo stream.
+struct Stream {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    backend: String,
+    n: usize,
+}
+
+impl Stream {
+    fn open(ns: &str, dst: SocketAddr) -> Self {
+        let s = in_ns(ns, || TcpStream::connect_timeout(&dst, IO)).expect("open stream");
+        s.set_read_timeout(Some(IO)).expect("timeout");
+        let writer = s.try_clone().expect("clone");
+        let mut reader = BufReader::new(s);
+        let mut hello = String::new();
+        reader.read_line(&mut hello).expect("greeting");
+        Self {
+            reader,
+            writer,
+            backend: backend_of(&hello),
+            n: 0,
+        }
+    }
+
+    fn round_trip(&mut self) {
+        self.n += 1;
+        let msg = format!("ping {}\n", self.n);
+        self.writer
+            .write_all(msg.as_bytes())
+            .unwrap_or_else(|e| panic!("write {}: {e}", self.n));
+        let mut back = String::new();
+        self.reader
+            .read_line(&mut back)
+            .unwrap_or_else(|e| panic!("read {}: {e}", self.n));
+        assert_eq!(back, msg);
+    }
+}
+
+#[test]
+fn a_long_lived_stream_survives_twenty_changes_of_other_backends() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let all = ["10.244.1.11", "10.244.2.10", "10.244.2.11"];
+    let node = |a: &str| {
+        if a.starts_with("10.244.1.") {
+            "node-a"
+        } else {
+            "node-b"
+        }
+    };
+    let eps: Vec<Ep<'_>> = all.iter().map(|a| ep(a, node(a))).collect();
+    c.write_manifest("web.yaml", &web(&eps));
+    let _s = start(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    let mine = c
+        .pods()
+        .iter()
+        .find(|p| p.name == stream.backend)
+        .map(|p| p.addr.to_string())
+        .expect("stream backend");
+    let others: Vec<&str> = all.iter().copied().filter(|a| *a != mine).collect();
+    for change in 0..20 {
+        // Drop one of the other backends, then bring it back, in turn.
+        let mut eps = vec![ep(&mine, node(&mine))];
+        if change % 2 == 0 {
+            eps.push(ep(
+                others[(change / 2) % others.len()],
+                node(others[(change / 2) % others.len()]),
+            ));
+        } else {
+            eps.extend(others.iter().map(|a| ep(a, node(a))));
+        }
+        update(&c, "web.yaml", &web(&eps));
+        stream.round_trip();
+    }
+}
+
+#[test]
+fn a_terminating_endpoint_drains() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    c.write_manifest(
+        "web.yaml",
+        &web(&[ep("10.244.1.11", "node-a"), ep("10.244.2.10", "node-b")]),
+    );
+    let _s = start(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    stream.round_trip();
+    let (draining, other) = if stream.backend == "a1" {
+        ("10.244.1.11", "10.244.2.10")
+    } else {
+        ("10.244.2.10", "10.244.1.11")
+    };
+    let node = |a: &str| {
+        if a.starts_with("10.244.1.") {
+            "node-a"
+        } else {
+            "node-b"
+        }
+    };
+    let eps = [
+        Ep {
+            addr: draining,
+            node: node(draining),
+            ready: false,
+            terminating: true,
+        },
+        ep(other, node(other)),
+    ];
+    update(&c, "web.yaml", &web(&eps));
+    for _ in 0..30 {
+        let (line, _) = tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("new connection");
+        assert_ne!(
+            backend_of(&line),
+            stream.backend,
+            "no new flow goes to the terminating endpoint"
+        );
+        stream.round_trip();
+    }
+}
+
+#[test]
+fn udp_moves_off_a_removed_backend_at_once() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let body = |eps: &[Ep<'_>]| {
+        docs(&[
+            service("dns", "10.96.0.53", 53, 5353, None, "UDP"),
+            slice("dns", "dns-1", 5353, "UDP", eps),
+        ])
+    };
+    c.write_manifest(
+        "dns.yaml",
+        &body(&[ep("10.244.1.11", "node-a"), ep("10.244.2.10", "node-b")]),
+    );
+    let _s = start(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let sock = in_ns(&client, || UdpSocket::bind("0.0.0.0:0")).expect("socket");
+    sock.connect(sa("10.96.0.53:53")).expect("connect");
+    sock.set_read_timeout(Some(IO)).expect("timeout");
+    let ask = || {
+        sock.send(b"q").expect("send");
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("answer");
+        backend_of(&String::from_utf8_lossy(&buf[..n]))
+    };
+    let first = ask();
+    assert_eq!(ask(), first, "a UDP flow keeps its backend");
+    let keep = if first == "a1" {
+        ep("10.244.2.10", "node-b")
+    } else {
+        ep("10.244.1.11", "node-a")
+    };
+    update(&c, "dns.yaml", &body(&[keep]));
+    assert_ne!(
+        ask(),
+        first,
+        "the very next datagram is answered by a live backend"
+    );
+}
+
+#[test]
+fn client_ip_affinity_holds_within_the_timeout_and_releases_after_it() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let eps = [
+        ep("10.244.1.11", "node-a"),
+        ep("10.244.2.10", "node-b"),
+        ep("10.244.2.11", "node-b"),
+    ];
+    let svc = with_affinity(&service("web", "10.96.0.10", 80, 8080, None, "TCP"), 1);
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[svc, slice("web", "web-1", 8080, "TCP", &eps)]),
+    );
+    let _s = start(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let hello = || {
+        backend_of(
+            &tcp_hello(&client, sa("10.96.0.10:80"), IO)
+                .expect("connection")
+                .0,
+        )
+    };
+    let first = hello();
+    for _ in 0..20 {
+        assert_eq!(
+            hello(),
+            first,
+            "new connections within the timeout keep the backend"
+        );
+    }
+    // Idle for longer than the 1 s timeout, the next connection is placed
+    // afresh by Maglev; it lands elsewhere with probability 2/3 each time.
+    let mut released = false;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        if hello() != first {
+            released = true;
+            break;
+        }
+    }
+    assert!(released, "affinity never released after its timeout");
+}
