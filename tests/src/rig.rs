@@ -37,6 +37,10 @@ pub struct ClusterSpec {
     pub nodes: usize,
     /// Pods per node.
     pub pods_per_node: usize,
+    /// Short tag in every name, so `ip netns list` shows which test made what.
+    pub tag: String,
+    /// The agent binary; `None` means [`agent_bin`].
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl Default for ClusterSpec {
@@ -44,7 +48,29 @@ impl Default for ClusterSpec {
         Self {
             nodes: 2,
             pods_per_node: 2,
+            tag: String::new(),
+            agent_bin: None,
         }
+    }
+}
+
+impl ClusterSpec {
+    /// Sets the tag; kept to 8 characters of `[a-z0-9]` so names stay short.
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.tag = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .take(8)
+            .collect();
+        self
+    }
+
+    /// Uses another agent binary for this cluster only (an env var would
+    /// leak into tests running in parallel).
+    pub fn agent_bin(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.agent_bin = Some(bin.into());
+        self
     }
 }
 
@@ -69,8 +95,11 @@ pub struct Node {
     pub ns: String,
     /// Its address on the fabric.
     pub addr: Ipv4Addr,
+    /// The CIDR its pods' addresses come from (`10.244.1.0/24`).
+    pub pod_cidr: String,
     dir: PathBuf,
     manifests: PathBuf,
+    bin: PathBuf,
     agent: Option<Child>,
     ready_lines: usize,
 }
@@ -105,7 +134,7 @@ impl Node {
             .append(true)
             .open(self.log_path())
             .expect("open agent log");
-        let bin = agent_bin();
+        let bin = &self.bin;
         assert!(
             bin.exists(),
             "no agent binary at {} (build it or set LB_AGENT_BIN)",
@@ -113,7 +142,7 @@ impl Node {
         );
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
-            .arg(&bin)
+            .arg(bin)
             .args([
                 "run",
                 "--node-name",
@@ -186,6 +215,11 @@ impl Node {
         }
     }
 
+    /// The running agent's pid (`ip netns exec` execs it, so it is the child's).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Everything the agent has logged so far.
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
@@ -201,10 +235,12 @@ pub struct Cluster {
     namespaces: Vec<String>,
     /// Pass-only XDP on the fabric ports, held for the cluster's lifetime.
     fabric_xdp: Option<aya::Ebpf>,
+    bin: PathBuf,
 }
 
-/// Runs a command, panicking with its output when it fails.
-pub fn sh(ns: Option<&str>, args: &[&str]) {
+/// Runs a command (under `ip netns exec NS` when `ns` is given) and returns
+/// its stdout; panics with stdout and stderr when it fails.
+pub fn sh(ns: Option<&str>, args: &[&str]) -> String {
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -224,6 +260,7 @@ pub fn sh(ns: Option<&str>, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `ip -n NS ARGS…`.
@@ -255,11 +292,20 @@ impl Cluster {
     /// Builds the cluster; panics with the failing command's output.
     pub fn new(spec: ClusterSpec) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "lb{:04x}{:02x}",
-            std::process::id() & 0xffff,
+        assert!(
+            (1..=26).contains(&spec.nodes) && spec.pods_per_node <= 200,
+            "unsupported cluster shape {spec:?}"
+        );
+        // The whole pid, not a part of it: test binaries of other crates or
+        // other engineers may run at the same time, and netns names are global.
+        let mut prefix = format!(
+            "lb{:x}-{}",
+            std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        if !spec.tag.is_empty() {
+            prefix = format!("{prefix}-{}", spec.tag);
+        }
         let root = PathBuf::from("/run/lb-tests").join(&prefix);
         let mut c = Self {
             prefix,
@@ -268,6 +314,7 @@ impl Cluster {
             pods: Vec::new(),
             namespaces: Vec::new(),
             fabric_xdp: None,
+            bin: spec.agent_bin.clone().unwrap_or_else(agent_bin),
         };
         // Drop cleans up whatever was made before a failure.
         c.build(&spec);
@@ -310,8 +357,10 @@ impl Cluster {
                 name: name.clone(),
                 ns: ns.clone(),
                 addr,
+                pod_cidr: format!("10.244.{}.0/24", i + 1),
                 dir,
                 manifests: self.root.join("manifests"),
+                bin: self.bin.clone(),
                 agent: None,
                 ready_lines: 0,
             });
@@ -325,12 +374,14 @@ impl Cluster {
         let ports: Vec<String> = (0..spec.nodes)
             .map(|i| format!("n{}", node_letter(i)))
             .collect();
+if std::env::var_os("RIG_NO_XDP_PASS").is_none() {
         let ebpf = in_ns(&fabric, || {
             let names: Vec<&str> = ports.iter().map(String::as_str).collect();
             lb_agent::datapath::programs::attach_xdp_pass(&names)
         })
         .unwrap_or_else(|e| panic!("attach XDP pass on the fabric: {e:#}"));
         self.fabric_xdp = Some(ebpf);
+}
         // Each node routes the other nodes' pod CIDRs through them.
         for i in 0..spec.nodes {
             for k in 0..spec.nodes {
@@ -357,6 +408,9 @@ impl Cluster {
         );
         ip(&fabric, &format!("link set {port} master br0 up"));
         veth_offloads(&fabric, port);
+        // GRO gives the fabric end a NAPI queue, which a veth needs to take
+        // XDP_TX'd frames from a peer whose XDP program bounces them.
+        sh(Some(&fabric), &["ethtool", "-K", port, "gro", "on"]);
         ip(ns, &format!("addr add {cidr} dev eth0"));
         ip(ns, "link set eth0 up");
         veth_offloads(ns, "eth0");
@@ -486,15 +540,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let bin = agent_bin();
         for node in &mut self.nodes {
             node.kill_agent();
             let bpffs = node.bpffs();
-            let _ = Command::new(&bin)
+            let _ = Command::new(&node.bin)
                 .args(["cleanup", "--bpffs"])
                 .arg(&bpffs)
                 .output();
-            let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+            // An agent started more than once may have stacked mounts.
+            for _ in 0..8 {
+                if nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+            }
         }
         self.fabric_xdp = None;
         for ns in self.namespaces.iter().rev() {
@@ -682,4 +740,75 @@ pub fn udp_hello(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<(St
             from,
         ))
     })
+}
+
+/// Opens a TCP connection from `ns` to `dst`, with `timeout` for the connect
+/// and for every read and write after it.
+pub fn tcp_connect(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    in_ns(ns, || {
+        let s = TcpStream::connect_timeout(&dst, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
+    })
+}
+
+/// A long-lived connection to a [`TcpServer`], to check that a flow survives
+/// changes around it (agent restarts, endpoint updates).
+pub struct EchoStream {
+    /// The server's greeting, `"<name> <peer-ip>:<peer-port>"`.
+    pub greeting: String,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl EchoStream {
+    /// Connects from `ns` and reads the greeting.
+    pub fn open(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let s = tcp_connect(ns, dst, timeout)?;
+        let writer = s.try_clone()?;
+        let mut reader = BufReader::new(s);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        if greeting.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the greeting",
+            ));
+        }
+        Ok(Self {
+            greeting: greeting.trim_end().to_string(),
+            reader,
+            writer,
+        })
+    }
+
+    /// The server's name, the greeting's first word.
+    pub fn server(&self) -> &str {
+        self.greeting.split_whitespace().next().unwrap_or_default()
+    }
+
+    /// Sends `msg` as one line and returns the line that comes back; an
+    /// error or a different line means the flow broke.
+    pub fn echo(&mut self, msg: &str) -> io::Result<String> {
+        self.writer.write_all(format!("{msg}\n").as_bytes())?;
+        let mut back = String::new();
+        if self.reader.read_line(&mut back)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream closed",
+            ));
+        }
+        Ok(back.trim_end().to_string())
+    }
+
+    /// The client socket's own address (what the server should see, absent NAT).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.writer.local_addr().expect("local address")
+    }
+
+    /// The address the client socket is connected to.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.writer.peer_addr().expect("peer address")
+    }
 }

@@ -123,6 +123,38 @@ fn the_same_flow_reaches_the_same_backend_through_either_node() {
         }
     }
     assert_eq!(via[0], via[1], "node-a and node-b pick the same backends");
+    // Because the two agents built identical Maglev tables.
+    let tables: Vec<Vec<String>> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let maps =
+                lb_agent::datapath::maps::Maps::open(&c.node(n).bpffs()).expect("open node maps");
+            let snap = maps.snapshot().expect("snapshot");
+            let svc_id = snap
+                .infos
+                .iter()
+                .find(|(_, i)| i.name == "test/dns:p/UDP")
+                .map(|(id, _)| *id)
+                .expect("dns record");
+            maps.table(svc_id)
+                .expect("table")
+                .iter()
+                .map(|id| {
+                    let b = snap.backends[id];
+                    format!(
+                        "{}:{}",
+                        lb_agent::reconcile::addr_from_be(b.addr_be, b.family),
+                        u16::from_be(b.port_be)
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(tables[0].len(), 16381);
+    assert!(
+        tables[0] == tables[1],
+        "the two agents' Maglev tables differ"
+    );
     let distinct: BTreeSet<&String> = via[0].iter().collect();
     assert!(distinct.len() > 1, "and flows spread: {distinct:?}");
 }
