@@ -374,14 +374,12 @@ impl Cluster {
         let ports: Vec<String> = (0..spec.nodes)
             .map(|i| format!("n{}", node_letter(i)))
             .collect();
-if std::env::var_os("RIG_NO_XDP_PASS").is_none() {
         let ebpf = in_ns(&fabric, || {
             let names: Vec<&str> = ports.iter().map(String::as_str).collect();
             lb_agent::datapath::programs::attach_xdp_pass(&names)
         })
         .unwrap_or_else(|e| panic!("attach XDP pass on the fabric: {e:#}"));
         self.fabric_xdp = Some(ebpf);
-}
         // Each node routes the other nodes' pod CIDRs through them.
         for i in 0..spec.nodes {
             for k in 0..spec.nodes {
@@ -753,18 +751,61 @@ pub fn tcp_connect(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<T
     })
 }
 
-/// A long-lived connection to a [`TcpServer`], to check that a flow survives
-/// changes around it (agent restarts, endpoint updates).
+/// The port every pod's [`TcpServer`] listens on in [`serve_all_pods`].
+pub const POD_TCP_PORT: u16 = 8080;
+/// The port every pod's [`UdpServer`] listens on in [`serve_all_pods`].
+pub const POD_UDP_PORT: u16 = 5353;
+
+/// Servers in every pod, stopped when dropped.
+pub struct PodServers {
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+}
+
+/// Starts a TCP server on [`POD_TCP_PORT`] and a UDP server on
+/// [`POD_UDP_PORT`] in every pod, each answering with the pod's name.
+pub fn serve_all_pods(c: &Cluster) -> PodServers {
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for p in c.pods() {
+        tcp.push(TcpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), POD_TCP_PORT),
+            &p.name,
+        ));
+        udp.push(UdpServer::start(
+            &p.ns,
+            SocketAddr::new(p.addr.into(), POD_UDP_PORT),
+            &p.name,
+        ));
+    }
+    PodServers {
+        _tcp: tcp,
+        _udp: udp,
+    }
+}
+
+/// A long-lived TCP stream to a [`TcpServer`], to check that a flow survives
+/// changes around it (agent restarts, endpoint updates): every round trip
+/// must come back intact.
 pub struct EchoStream {
-    /// The server's greeting, `"<name> <peer-ip>:<peer-port>"`.
-    pub greeting: String,
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// The server's greeting, `"<name> <peer-ip>:<peer-port>"`.
+    pub greeting: String,
+    /// The name of the server (pod) that answered: the greeting's first word.
+    pub backend: String,
+    sent: usize,
 }
 
 impl EchoStream {
-    /// Connects from `ns` and reads the greeting.
-    pub fn open(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
+    /// Connects from `ns` to `dst` and reads the greeting; panics on failure.
+    pub fn open(ns: &str, dst: SocketAddr, timeout: Duration) -> Self {
+        Self::try_open(ns, dst, timeout).unwrap_or_else(|e| panic!("open stream to {dst}: {e}"))
+    }
+
+    /// Like [`EchoStream::open`], for tests that expect the connection to fail.
+    pub fn try_open(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<Self> {
         let s = tcp_connect(ns, dst, timeout)?;
         let writer = s.try_clone()?;
         let mut reader = BufReader::new(s);
@@ -776,16 +817,19 @@ impl EchoStream {
                 "closed before the greeting",
             ));
         }
+        let greeting = greeting.trim_end().to_string();
+        let backend = greeting
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         Ok(Self {
-            greeting: greeting.trim_end().to_string(),
             reader,
             writer,
+            greeting,
+            backend,
+            sent: 0,
         })
-    }
-
-    /// The server's name, the greeting's first word.
-    pub fn server(&self) -> &str {
-        self.greeting.split_whitespace().next().unwrap_or_default()
     }
 
     /// Sends `msg` as one line and returns the line that comes back; an
@@ -800,6 +844,16 @@ impl EchoStream {
             ));
         }
         Ok(back.trim_end().to_string())
+    }
+
+    /// Sends a numbered line and expects it back, panicking otherwise.
+    pub fn round_trip(&mut self) {
+        self.sent += 1;
+        let msg = format!("ping {}", self.sent);
+        match self.echo(&msg) {
+            Ok(back) => assert_eq!(back, msg, "stream echo {}", self.sent),
+            Err(e) => panic!("stream round trip {}: {e}", self.sent),
+        }
     }
 
     /// The client socket's own address (what the server should see, absent NAT).

@@ -87,6 +87,22 @@ fn seeded() -> Datapath {
     dp
 }
 
+/// The reset the datapath must answer `input` with: from the frontend `from`
+/// back to the client, MACs swapped, with this sequence, ack and flags.
+fn expected_rst(input: &Packet, from: SocketAddrV4, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let mut rst = input.with_addrs(from, input.src);
+    rst.src_mac = MAC_B;
+    rst.dst_mac = MAC_A;
+    rst.l4 = L4::Tcp {
+        seq,
+        ack,
+        flags,
+        window: 0,
+        payload: Vec::new(),
+    };
+    rst.bytes()
+}
+
 struct Translation {
     name: &'static str,
     input: Packet,
@@ -257,33 +273,21 @@ fn tcp_to_a_service_without_endpoints_is_reset() {
         };
         let (verdict, out) = dp.run(prog, &syn.bytes());
         assert_eq!(verdict, bounce(prog), "{prog:?}");
-        let mut rst = syn.with_addrs(addr("10.96.0.99:80"), client);
-        rst.src_mac = MAC_B;
-        rst.dst_mac = MAC_A;
-        rst.l4 = L4::Tcp {
-            seq: 0,
-            ack: 778,
-            flags: flags::RST | flags::ACK,
-            window: 0,
-            payload: Vec::new(),
-        };
-        assert_eq!(out, rst.bytes(), "{prog:?}: RST bytes");
+        assert_eq!(
+            out,
+            expected_rst(&syn, addr("10.96.0.99:80"), 0, 778, flags::RST | flags::ACK),
+            "{prog:?}: RST bytes"
+        );
 
         // An ACK is answered with its own ack number as sequence.
         let ack = Packet::tcp(client, addr("10.96.0.99:80"), flags::ACK, b"data");
         let (verdict, out) = dp.run(prog, &ack.bytes());
         assert_eq!(verdict, bounce(prog));
-        let mut rst = ack.with_addrs(addr("10.96.0.99:80"), client);
-        rst.src_mac = MAC_B;
-        rst.dst_mac = MAC_A;
-        rst.l4 = L4::Tcp {
-            seq: 5000,
-            ack: 0,
-            flags: flags::RST,
-            window: 0,
-            payload: Vec::new(),
-        };
-        assert_eq!(out, rst.bytes(), "{prog:?}: RST to an ACK");
+        assert_eq!(
+            out,
+            expected_rst(&ack, addr("10.96.0.99:80"), 5000, 0, flags::RST),
+            "{prog:?}: RST to an ACK"
+        );
 
         // A RST is never answered.
         let reset = Packet::tcp(client, addr("10.96.0.99:80"), flags::RST, b"");
@@ -460,17 +464,10 @@ fn a_flow_whose_backend_is_removed_ends_at_once() {
     let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"more");
     let (verdict, out) = dp.run(TcPod, &ack.bytes());
     assert_eq!(verdict, TC_ACT_REDIRECT, "bounced back to the client");
-    let mut rst = ack.with_addrs(addr("10.96.0.10:80"), client);
-    rst.src_mac = MAC_B;
-    rst.dst_mac = MAC_A;
-    rst.l4 = L4::Tcp {
-        seq: 5000,
-        ack: 0,
-        flags: flags::RST,
-        window: 0,
-        payload: Vec::new(),
-    };
-    assert_eq!(out, rst.bytes());
+    assert_eq!(
+        out,
+        expected_rst(&ack, addr("10.96.0.10:80"), 5000, 0, flags::RST)
+    );
     // UDP: the next datagram goes to a live backend.
     assert_eq!(
         dp.run(TcPod, &query.bytes()).1,

@@ -5,14 +5,13 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     time::Duration,
 };
 
 use lb_tests::{
     manifests::{docs, service, slice, with_affinity, with_external_ips, Ep},
-    rig::{in_ns, sh, tcp_hello, Cluster, ClusterSpec, TcpServer, UdpServer},
+    rig::{in_ns, serve_all_pods, sh, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers},
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -31,20 +30,8 @@ fn ep<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
     }
 }
 
-fn start(c: &mut Cluster) -> (Vec<TcpServer>, Vec<UdpServer>) {
-    let mut servers = (Vec::new(), Vec::new());
-    for p in c.pods() {
-        servers.0.push(TcpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 8080),
-            &p.name,
-        ));
-        servers.1.push(UdpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 5353),
-            &p.name,
-        ));
-    }
+fn start(c: &mut Cluster) -> PodServers {
+    let servers = serve_all_pods(c);
     for n in ["a", "b"] {
         c.node_mut(n).start_agent(&[]);
     }
@@ -159,44 +146,6 @@ fn the_same_flow_reaches_the_same_backend_through_either_node() {
     assert!(distinct.len() > 1, "and flows spread: {distinct:?}");
 }
 
-/// A long-lived echo stream.
-struct Stream {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    backend: String,
-    n: usize,
-}
-
-impl Stream {
-    fn open(ns: &str, dst: SocketAddr) -> Self {
-        let s = in_ns(ns, || TcpStream::connect_timeout(&dst, IO)).expect("open stream");
-        s.set_read_timeout(Some(IO)).expect("timeout");
-        let writer = s.try_clone().expect("clone");
-        let mut reader = BufReader::new(s);
-        let mut hello = String::new();
-        reader.read_line(&mut hello).expect("greeting");
-        Self {
-            reader,
-            writer,
-            backend: backend_of(&hello),
-            n: 0,
-        }
-    }
-
-    fn round_trip(&mut self) {
-        self.n += 1;
-        let msg = format!("ping {}\n", self.n);
-        self.writer
-            .write_all(msg.as_bytes())
-            .unwrap_or_else(|e| panic!("write {}: {e}", self.n));
-        let mut back = String::new();
-        self.reader
-            .read_line(&mut back)
-            .unwrap_or_else(|e| panic!("read {}: {e}", self.n));
-        assert_eq!(back, msg);
-    }
-}
-
 #[test]
 fn a_long_lived_stream_survives_twenty_changes_of_other_backends() {
     let mut c = Cluster::new(ClusterSpec::default());
@@ -212,7 +161,7 @@ fn a_long_lived_stream_survives_twenty_changes_of_other_backends() {
     c.write_manifest("web.yaml", &web(&eps));
     let _s = start(&mut c);
     let client = c.pod("a0").ns.clone();
-    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    let mut stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
     let mine = c
         .pods()
         .iter()
@@ -245,7 +194,7 @@ fn a_terminating_endpoint_drains() {
     );
     let _s = start(&mut c);
     let client = c.pod("a0").ns.clone();
-    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
+    let mut stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
     stream.round_trip();
     let (draining, other) = if stream.backend == "a1" {
         ("10.244.1.11", "10.244.2.10")

@@ -66,7 +66,8 @@ fn pod_reaches_a_pod_on_the_other_node_with_its_own_address() {
     let _tcp = TcpServer::start(&b0.ns, dst, "b0");
     let _udp = UdpServer::start(&b0.ns, dst, "b0");
 
-    let mut s = EchoStream::open(&a0.ns, dst, IO).expect("TCP a0 -> b0");
+    let mut s = EchoStream::open(&a0.ns, dst, IO);
+    assert_eq!(s.backend, "b0");
     assert_eq!(s.greeting, format!("b0 {}", s.local_addr()), "no NAT");
     assert_eq!(s.local_addr().ip(), a0.addr);
     assert_eq!(s.peer_addr(), dst);

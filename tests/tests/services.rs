@@ -5,14 +5,15 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     manifests::{docs, service, slice, Ep},
-    rig::{in_ns, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec, TcpServer, UdpServer},
+    rig::{
+        in_ns, serve_all_pods, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec, EchoStream,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -20,33 +21,6 @@ const IO: Duration = Duration::from_secs(3);
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
-}
-
-/// Every pod serves TCP on 8080 and UDP on 5353, answering with its name.
-struct Servers {
-    _tcp: Vec<TcpServer>,
-    _udp: Vec<UdpServer>,
-}
-
-fn serve_everywhere(c: &Cluster) -> Servers {
-    let mut tcp = Vec::new();
-    let mut udp = Vec::new();
-    for p in c.pods() {
-        tcp.push(TcpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 8080),
-            &p.name,
-        ));
-        udp.push(UdpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 5353),
-            &p.name,
-        ));
-    }
-    Servers {
-        _tcp: tcp,
-        _udp: udp,
-    }
 }
 
 fn start_agents(c: &mut Cluster) {
@@ -125,7 +99,7 @@ fn tcp_spread(
 #[test]
 fn pod_to_cluster_ip_tcp_reaches_every_backend_on_both_nodes() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest(
         "web.yaml",
         &web(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
@@ -147,7 +121,7 @@ fn pod_to_cluster_ip_tcp_reaches_every_backend_on_both_nodes() {
 #[test]
 fn pod_to_cluster_ip_udp_answers_from_the_cluster_ip() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest(
         "dns.yaml",
         &dns(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
@@ -178,7 +152,7 @@ fn pod_to_cluster_ip_udp_answers_from_the_cluster_ip() {
 #[test]
 fn client_to_node_port_on_each_node_reaches_local_and_remote_backends() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(A0, "node-a"), (B0, "node-b")]));
     c.write_manifest("dns.yaml", &dns(&[(A0, "node-a"), (B0, "node-b")]));
     start_agents(&mut c);
@@ -232,56 +206,16 @@ fn client_to_node_port_on_each_node_reaches_local_and_remote_backends() {
     }
 }
 
-/// A long-lived echo stream: each round trip must come back intact.
-struct Stream {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    backend: String,
-}
-
-impl Stream {
-    fn open(ns: &str, dst: SocketAddr) -> Self {
-        let s = in_ns(ns, || TcpStream::connect_timeout(&dst, IO)).expect("open stream");
-        s.set_read_timeout(Some(IO)).expect("timeout");
-        let writer = s.try_clone().expect("clone");
-        let mut reader = BufReader::new(s);
-        let mut hello = String::new();
-        reader.read_line(&mut hello).expect("hello line");
-        let backend = hello
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        Self {
-            reader,
-            writer,
-            backend,
-        }
-    }
-
-    fn round_trip(&mut self, i: usize) {
-        let msg = format!("ping {i}\n");
-        self.writer
-            .write_all(msg.as_bytes())
-            .unwrap_or_else(|e| panic!("stream write {i}: {e}"));
-        let mut back = String::new();
-        self.reader
-            .read_line(&mut back)
-            .unwrap_or_else(|e| panic!("stream read {i}: {e}"));
-        assert_eq!(back, msg, "stream echo {i}");
-    }
-}
-
 #[test]
 fn removing_a_backend_moves_new_connections_and_spares_other_streams() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     let all = [(A1, "node-a"), (B0, "node-b"), (B1, "node-b")];
     c.write_manifest("web.yaml", &web(&all));
     start_agents(&mut c);
     let client = c.pod("a0").ns.clone();
-    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
-    stream.round_trip(0);
+    let mut stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
+    stream.round_trip();
     // Remove a backend other than the stream's.
     let names: Vec<(String, (&str, &str))> = all
         .iter()
@@ -299,15 +233,13 @@ fn removing_a_backend_moves_new_connections_and_spares_other_streams() {
         .collect();
     c.write_manifest("web.yaml", &web(&keep));
     let changed = Instant::now();
-    let mut i = 1;
     // Within a second, 30 new connections in a row avoid the removed backend.
     let mut clean = 0;
     wait_until(
         Duration::from_secs(1),
         "new connections avoid the removed backend",
         || {
-            stream.round_trip(i);
-            i += 1;
+            stream.round_trip();
             let hits = tcp_spread(&client, sa("10.96.0.10:80"), 1, None);
             if hits.contains_key(&gone) {
                 clean = 0
@@ -319,15 +251,14 @@ fn removing_a_backend_moves_new_connections_and_spares_other_streams() {
     );
     eprintln!("removal took effect within {:?}", changed.elapsed());
     for _ in 0..20 {
-        stream.round_trip(i);
-        i += 1;
+        stream.round_trip();
     }
 }
 
 #[test]
 fn deleted_service_is_refused_and_works_again_when_recreated() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
     start_agents(&mut c);
     let client = c.pod("a0").ns.clone();
@@ -375,7 +306,7 @@ fn service_without_endpoints_refuses_with_reset_and_port_unreachable() {
 #[test]
 fn bad_manifests_are_reported_and_the_rest_keeps_working() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
     c.write_manifest(
         "broken.yaml",
@@ -424,15 +355,15 @@ fn bad_manifests_are_reported_and_the_rest_keeps_working() {
 #[test]
 fn restarted_agent_readopts_pins_and_keeps_an_open_connection() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(B0, "node-b"), (A1, "node-a")]));
     start_agents(&mut c);
     let client = c.pod("a0").ns.clone();
-    let mut stream = Stream::open(&client, sa("10.96.0.10:80"));
-    stream.round_trip(0);
+    let mut stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
+    stream.round_trip();
     c.node_mut("a").stop_agent();
     // With the agent gone the datapath keeps working.
-    stream.round_trip(1);
+    stream.round_trip();
     tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("new connections while the agent is down");
     c.node_mut("a").start_agent(&[]);
     c.node("a").wait_agent_ready(WAIT);
@@ -445,15 +376,15 @@ fn restarted_agent_readopts_pins_and_keeps_an_open_connection() {
         log.contains("synced services=1 writes=0 deletes=0"),
         "maps re-adopted unchanged:\n{log}"
     );
-    for i in 2..10 {
-        stream.round_trip(i);
+    for _ in 2..10 {
+        stream.round_trip();
     }
 }
 
 #[test]
 fn pod_interfaces_that_appear_later_are_attached_and_detached() {
     let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_everywhere(&c);
+    let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
     start_agents(&mut c);
     let name = c.add_pod_to("a", 7);

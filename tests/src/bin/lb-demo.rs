@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::rig::{tcp_hello, udp_hello, Cluster, ClusterSpec, TcpServer, UdpServer};
+use lb_tests::rig::{serve_all_pods, tcp_hello, udp_hello, Cluster, ClusterSpec};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -53,19 +53,7 @@ fn run() {
         let body = std::fs::read_to_string(&path).expect("read manifest");
         cluster.write_manifest(&name, &body);
     }
-    let mut servers = (Vec::new(), Vec::new());
-    for p in cluster.pods() {
-        servers.0.push(TcpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 8080),
-            &p.name,
-        ));
-        servers.1.push(UdpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), 5353),
-            &p.name,
-        ));
-    }
+    let servers = serve_all_pods(&cluster);
     check_interrupt();
     println!(
         "== starting one lb-agent per node on {}",
