@@ -27,8 +27,13 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 const SNAT_TRIES: u32 = 16;
 
 /// The translation of an existing flow, refreshing its idle timer; `None`
-/// when there is none or it has been idle longer than its timeout (then it
-/// is removed, and the packet starts a new flow).
+/// when there is none or its forward entry has been idle longer than its
+/// timeout (then it is removed, and the packet starts a new flow).
+///
+/// Only forward entries time out: a flow is as alive as its client, and a
+/// reply entry must keep translating while the client still sends (one-way
+/// UDP streams refresh only the forward entry). A stale reply entry is
+/// overwritten by the next flow with its tuple, or evicted by the LRU.
 #[inline(always)]
 pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
     let entry = LB_CT_V1.get_ptr_mut(key)?;
@@ -37,19 +42,48 @@ pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
     unsafe {
         let now = bpf_ktime_get_ns();
         let idle = now.wrapping_sub((*entry).last_seen_ns);
-        if idle > timeout_ns(flow.proto, (*entry).flags) {
+        let reply = (*entry).flags & CT_F_REPLY != 0;
+        if !reply && idle > timeout_ns(flow.proto, (*entry).flags) {
             remove(key);
             return None;
         }
-        if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
-            && (*entry).flags & CT_F_CLOSING == 0
-        {
-            (*entry).flags |= CT_F_CLOSING;
+        if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+            if reply {
+                mark_forward_closing(flow, &*entry);
+            } else {
+                (*entry).flags |= CT_F_CLOSING;
+            }
         }
         if idle > TOUCH_INTERVAL_NS {
             (*entry).last_seen_ns = now;
         }
         Some(*entry)
+    }
+}
+
+/// A FIN or RST from the backend closes the flow too: find the forward
+/// entry from the reply entry's translation and give it the short timeout.
+#[inline(always)]
+fn mark_forward_closing(flow: &Flow, reply: &CtValue) {
+    // After SNAT the reply's destination is this node; the client is in the
+    // entry's rewrite. Otherwise the reply goes to the client directly.
+    let (client, client_port) = if reply.flags & CT_F_DNAT != 0 {
+        (reply.nat_daddr_be, reply.nat_dport_be)
+    } else {
+        (flow.daddr, flow.dport)
+    };
+    let key = CtKey {
+        saddr_be: client,
+        daddr_be: reply.nat_saddr_be,
+        sport_be: client_port,
+        dport_be: reply.nat_sport_be,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    };
+    if let Some(fwd) = LB_CT_V1.get_ptr_mut(&key) {
+        // SAFETY: as in `lookup`.
+        unsafe { (*fwd).flags |= CT_F_CLOSING };
     }
 }
 

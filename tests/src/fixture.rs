@@ -192,6 +192,25 @@ pub fn service(
 }
 
 impl Datapath {
+    /// Makes every reply-direction conntrack entry look idle for `secs` seconds.
+    pub fn age_replies(&mut self, secs: u64) {
+        let then = monotonic_ns() - secs * 1_000_000_000;
+        let entries: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .map(|e| e.expect("read conntrack"))
+            .filter(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
+            .collect();
+        for (k, mut v) in entries {
+            v.last_seen_ns = then;
+            self.maps
+                .conntrack
+                .insert(k, v, 0)
+                .expect("age conntrack entry");
+        }
+    }
+
     /// Makes every affinity entry look `secs` seconds old.
     pub fn age_affinity(&mut self, secs: u64) {
         let then = monotonic_ns() - secs * 1_000_000_000;

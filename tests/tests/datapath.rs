@@ -689,3 +689,67 @@ fn client_ip_affinity_holds_within_its_timeout_and_follows_backend_changes() {
         );
     }
 }
+
+#[test]
+fn reply_entries_outlive_the_timeout_while_the_client_sends_and_a_backend_fin_closes_the_flow() {
+    use lb_agent::model::Endpoint;
+    let mut dp = Datapath::new();
+    let (r, mut sp) = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    let dns = service(
+        "dns",
+        Protocol::Udp,
+        &[("10.96.0.53", 53, ClusterIp)],
+        &[("10.244.1.10", 5353, true)],
+    );
+    dp.apply(&[(r.clone(), sp.clone()), dns]);
+    let client = addr("10.244.2.20:40014");
+    // A one-way UDP stream: only the client sends, then the server answers
+    // after longer than the UDP timeout.
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
+    dp.run(TcPod, &query.bytes());
+    dp.age_replies(31);
+    let answer = Packet::udp(addr("10.244.1.10:5353"), client, b"a");
+    let (_, out) = dp.run(TcPod, &answer.bytes());
+    assert_eq!(
+        out,
+        answer.with_addrs(addr("10.96.0.53:53"), client).bytes(),
+        "the late answer is still reverse-translated"
+    );
+
+    // TCP: the backend closes; the flow gets the short timeout.
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"x");
+    dp.run(TcPod, &ack.bytes());
+    let fin = Packet::tcp(
+        addr("10.244.1.10:8080"),
+        client,
+        flags::FIN | flags::ACK,
+        b"",
+    );
+    dp.run(TcPod, &fin.bytes());
+    // .10 drains and .11 takes new flows: where the next packet goes tells
+    // whether the flow was forgotten after the closing timeout (60 s).
+    sp.endpoints[0] = Endpoint {
+        ready: false,
+        terminating: true,
+        ..sp.endpoints[0]
+    };
+    sp.endpoints.push(Endpoint {
+        addr: "10.244.1.11".parse().expect("addr"),
+        ready: true,
+        terminating: false,
+        ..sp.endpoints[0]
+    });
+    dp.apply(&[(r, sp)]);
+    dp.age_flows(61);
+    let (_, out) = dp.run(TcPod, &ack.bytes());
+    assert_eq!(
+        &out[30..34],
+        &[10, 244, 1, 11],
+        "closed by the backend, forgotten after 61 s"
+    );
+}
