@@ -407,3 +407,37 @@ fn pod_interfaces_that_appear_later_are_attached_and_detached() {
         .agent_log()
         .contains("detached from pod interface"));
 }
+
+#[test]
+fn killing_and_restarting_the_agent_fails_no_connection() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut streams: Vec<EchoStream> = (0..3).map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO)).collect();
+    let mut connect_and_echo = |streams: &mut Vec<EchoStream>| {
+        tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("a new connection");
+        for s in streams.iter_mut() {
+            s.round_trip();
+        }
+    };
+    connect_and_echo(&mut streams);
+    c.node_mut("a").kill_agent();
+    for _ in 0..10 {
+        connect_and_echo(&mut streams);
+    }
+    c.node_mut("a").start_agent(&[]);
+    // Traffic goes on while the new agent loads and adopts.
+    let node = c.node("a");
+    let mut during = 0;
+    wait_until(WAIT, "the restarted agent is ready", || {
+        connect_and_echo(&mut streams);
+        during += 1;
+        node.agent_log().matches("lb-agent ready").count() >= 2
+    });
+    for _ in 0..10 {
+        connect_and_echo(&mut streams);
+    }
+    assert!(during > 0);
+}
