@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use lb_common::{
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
@@ -152,4 +152,266 @@ pub fn services_table(views: &[ServiceView]) -> String {
         }
     }
     s
+}
+
+/// One datapath counter.
+#[derive(Debug, Serialize)]
+pub struct CounterView {
+    /// Counter name.
+    pub name: &'static str,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Reads the counters, summed over CPUs.
+pub fn stats(maps: &Maps) -> Result<Vec<CounterView>> {
+    Ok(maps
+        .counters()?
+        .into_iter()
+        .map(|(name, c)| CounterView {
+            name,
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect())
+}
+
+/// Renders counters as a table.
+pub fn stats_table(v: &[CounterView]) -> String {
+    let mut s = format!("{:<24} {:>12} {:>14}\n", "COUNTER", "PACKETS", "BYTES");
+    for c in v {
+        let _ = writeln!(s, "{:<24} {:>12} {:>14}", c.name, c.packets, c.bytes);
+    }
+    s
+}
+
+fn socket(addr: lb_common::IpAddrBe, family: u8, port_be: u16) -> String {
+    std::net::SocketAddr::new(addr_from_be(addr, family), u16::from_be(port_be)).to_string()
+}
+
+/// Every backend in the backends map, by id.
+pub fn backends(maps: &Maps) -> Result<Vec<BackendView>> {
+    let snap = maps.snapshot()?;
+    Ok(snap
+        .backends
+        .iter()
+        .map(|(id, b)| BackendView {
+            id: *id,
+            address: socket(b.addr_be, b.family, b.port_be),
+            local: b.flags & BACKEND_F_LOCAL != 0,
+            slots: 0,
+        })
+        .collect())
+}
+
+/// Renders backends as a table.
+pub fn backends_table(v: &[BackendView]) -> String {
+    let mut s = format!("{:>6}  {:<28} {}\n", "ID", "ADDRESS", "WHERE");
+    for b in v {
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<28} {}",
+            b.id,
+            b.address,
+            if b.local { "local" } else { "remote" }
+        );
+    }
+    s
+}
+
+/// Which flows `conntrack` prints.
+#[derive(Debug, Default)]
+pub struct FlowFilter {
+    /// An address on either side, before or after translation.
+    pub addr: Option<std::net::IpAddr>,
+    /// A port on either side, before or after translation.
+    pub port: Option<u16>,
+    /// A Service port by name or id.
+    pub service: Option<String>,
+}
+
+/// One conntrack entry.
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    /// `forward` (client side) or `reply` (backend side).
+    pub direction: &'static str,
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// Source as on the wire.
+    pub src: String,
+    /// Destination as on the wire.
+    pub dst: String,
+    /// Source after translation.
+    pub new_src: String,
+    /// Destination after translation.
+    pub new_dst: String,
+    /// Service port id.
+    pub svc_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+    /// A FIN or RST was seen.
+    pub closing: bool,
+    /// Seconds since the entry was last refreshed (refreshed at most once a second).
+    pub idle_s: u64,
+}
+
+/// Reads the conntrack map, keeping the flows `filter` selects.
+pub fn conntrack(maps: &Maps, filter: &FlowFilter) -> Result<Vec<FlowView>> {
+    use lb_common::conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_REPLY, CT_F_SNAT};
+    let svc_id = match &filter.service {
+        Some(s) => Some(service_id(maps, s)?),
+        None => None,
+    };
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    for entry in maps.conntrack.iter() {
+        let (k, v) = entry.context("read conntrack map")?;
+        if svc_id.is_some_and(|id| id != v.svc_id) {
+            continue;
+        }
+        let (new_src, new_sport) = if v.flags & CT_F_SNAT != 0 {
+            (v.nat_saddr_be, v.nat_sport_be)
+        } else {
+            (k.saddr_be, k.sport_be)
+        };
+        let (new_dst, new_dport) = if v.flags & CT_F_DNAT != 0 {
+            (v.nat_daddr_be, v.nat_dport_be)
+        } else {
+            (k.daddr_be, k.dport_be)
+        };
+        let addrs = [k.saddr_be, k.daddr_be, new_src, new_dst].map(|a| addr_from_be(a, k.family));
+        let ports = [k.sport_be, k.dport_be, new_sport, new_dport].map(u16::from_be);
+        if filter.addr.is_some_and(|a| !addrs.contains(&a))
+            || filter.port.is_some_and(|p| !ports.contains(&p))
+        {
+            continue;
+        }
+        out.push(FlowView {
+            direction: if v.flags & CT_F_REPLY != 0 {
+                "reply"
+            } else {
+                "forward"
+            },
+            protocol: proto_name(k.proto),
+            src: socket(k.saddr_be, k.family, k.sport_be),
+            dst: socket(k.daddr_be, k.family, k.dport_be),
+            new_src: socket(new_src, k.family, new_sport),
+            new_dst: socket(new_dst, k.family, new_dport),
+            svc_id: v.svc_id,
+            backend_id: v.backend_id,
+            closing: v.flags & CT_F_CLOSING != 0,
+            idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+        });
+    }
+    out.sort_by(|a, b| (a.svc_id, &a.src, &a.dst).cmp(&(b.svc_id, &b.src, &b.dst)));
+    Ok(out)
+}
+
+/// Renders flows as a table.
+pub fn conntrack_table(v: &[FlowView]) -> String {
+    let mut s = format!(
+        "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:>4} {:>6}\n",
+        "DIR", "PROTO", "SRC", "DST", "NEW SRC", "NEW DST", "SVC", "IDLE"
+    );
+    for f in v {
+        let _ = writeln!(
+            s,
+            "{:<8} {:<5} {:<22} {:<22} {:<22} {:<22} {:>4} {:>5}s{}",
+            f.direction,
+            f.protocol,
+            f.src,
+            f.dst,
+            f.new_src,
+            f.new_dst,
+            f.svc_id,
+            f.idle_s,
+            if f.closing { " closing" } else { "" }
+        );
+    }
+    s
+}
+
+/// A Service port's Maglev table.
+#[derive(Debug, Serialize)]
+pub struct MaglevView {
+    /// Service port name.
+    pub service: String,
+    /// Service port id.
+    pub svc_id: u32,
+    /// Backends with the number of slots each owns, in order of first slot.
+    pub shares: Vec<BackendView>,
+    /// Every slot's backend id.
+    pub table: Vec<u32>,
+}
+
+/// Reads one Service port's Maglev table.
+pub fn maglev(maps: &Maps, service: &str) -> Result<MaglevView> {
+    let svc_id = service_id(maps, service)?;
+    let snap = maps.snapshot()?;
+    let table = maps.table(svc_id)?;
+    let mut shares: Vec<BackendView> = Vec::new();
+    for id in &table {
+        match shares.iter_mut().find(|b| b.id == *id) {
+            Some(b) => b.slots += 1,
+            None => {
+                let (address, local) =
+                    snap.backends.get(id).map_or(("?".to_string(), false), |b| {
+                        (
+                            socket(b.addr_be, b.family, b.port_be),
+                            b.flags & BACKEND_F_LOCAL != 0,
+                        )
+                    });
+                shares.push(BackendView {
+                    id: *id,
+                    address,
+                    local,
+                    slots: 1,
+                });
+            }
+        }
+    }
+    Ok(MaglevView {
+        service: snap
+            .infos
+            .get(&svc_id)
+            .map(|i| i.name.clone())
+            .unwrap_or_default(),
+        svc_id,
+        shares,
+        table,
+    })
+}
+
+/// Renders a Maglev table as its backends' shares.
+pub fn maglev_table(v: &MaglevView) -> String {
+    let mut s = format!("{} (id {}): {} slots\n", v.service, v.svc_id, v.table.len());
+    for b in &v.shares {
+        let pct = 100.0 * f64::from(b.slots) / v.table.len().max(1) as f64;
+        let _ = writeln!(s, "  {:<28} {:>7} slots {:>6.2}%", b.address, b.slots, pct);
+    }
+    s
+}
+
+/// Resolves a Service port given by id or by the name `services` prints.
+fn service_id(maps: &Maps, service: &str) -> Result<u32> {
+    if let Ok(id) = service.parse::<u32>() {
+        return Ok(id);
+    }
+    let snap = maps.snapshot()?;
+    snap.infos
+        .iter()
+        .find(|(_, i)| i.name == service)
+        .map(|(id, _)| *id)
+        .ok_or_else(|| {
+            anyhow::anyhow!("no Service port named {service:?}; `lb-agent services` lists them")
+        })
+}
+
+/// `bpf_ktime_get_ns`'s clock.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }

@@ -63,22 +63,32 @@ enum Command {
     /// the Services and EndpointSlices of the manifests folder.
     Run(RunArgs),
     /// Print the frontends, their backends and flags, as the maps hold them.
-    Services {
-        /// The agent's bpffs directory.
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        bpffs: PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    Services(View),
     /// Print the datapath counters.
-    Stats {
-        /// The agent's bpffs directory.
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
-        bpffs: PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+    Stats(View),
+    /// Print every backend the maps hold.
+    Backends(View),
+    /// Print tracked flows, optionally filtered.
+    Conntrack {
+        #[command(flatten)]
+        view: View,
+        /// Only flows with this address on either side.
+        #[arg(long)]
+        addr: Option<IpAddr>,
+        /// Only flows with this port on either side.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows of this Service port (`namespace/name[:port]/PROTO` or its id).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Print a Service port's Maglev table: each backend's share, and with
+    /// `-o json` every slot.
+    Maglev {
+        #[command(flatten)]
+        view: View,
+        /// `namespace/name[:port]/PROTO` as `services` prints it, or its id.
+        service: String,
     },
     /// Detach every program and remove every pin under the bpffs directory.
     Cleanup {
@@ -86,6 +96,28 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/lb")]
         bpffs: PathBuf,
     },
+}
+
+/// Where the maps are pinned and how to print what they hold.
+#[derive(clap::Args)]
+struct View {
+    /// The agent's bpffs directory.
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+impl View {
+    /// Prints `value` as JSON, or as the table `render` makes of it.
+    fn print<T: serde::Serialize>(&self, value: &T, render: impl Fn(&T) -> String) -> Result<()> {
+        match self.output {
+            Output::Table => print!("{}", render(value)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -170,9 +202,14 @@ fn real_main(mut cli: Cli) -> Result<()> {
             args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
             args.manifests = std::path::absolute(&args.manifests).context("--manifests")?;
         }
-        Command::Services { bpffs, .. }
-        | Command::Stats { bpffs, .. }
-        | Command::Cleanup { bpffs } => {
+        Command::Services(view)
+        | Command::Stats(view)
+        | Command::Backends(view)
+        | Command::Conntrack { view, .. }
+        | Command::Maglev { view, .. } => {
+            view.bpffs = std::path::absolute(&view.bpffs).context("--bpffs")?;
+        }
+        Command::Cleanup { bpffs } => {
             *bpffs = std::path::absolute(&*bpffs).context("--bpffs")?;
         }
     }
@@ -180,39 +217,39 @@ fn real_main(mut cli: Cli) -> Result<()> {
     bpffs::enter_outer_mount_ns()?;
     match cli.command {
         Command::Run(args) => run(&args),
-        Command::Services { bpffs, output } => {
-            let maps = Maps::open(&bpffs)?;
-            let view = inspect::services(&maps)?;
-            match output {
-                Output::Table => print!("{}", inspect::services_table(&view)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-            }
-            Ok(())
+        Command::Services(view) => {
+            let maps = Maps::open(&view.bpffs)?;
+            view.print(&inspect::services(&maps)?, |v| inspect::services_table(v))
         }
-        Command::Stats { bpffs, output } => {
-            let maps = Maps::open(&bpffs)?;
-            let counters = maps.counters()?;
-            match output {
-                Output::Table => {
-                    println!("{:<24} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES");
-                    for (name, c) in &counters {
-                        println!("{name:<24} {:>12} {:>14}", c.packets, c.bytes);
-                    }
-                }
-                Output::Json => {
-                    let map: serde_json::Map<String, serde_json::Value> = counters
-                        .iter()
-                        .map(|(n, c)| {
-                            (
-                                (*n).to_string(),
-                                serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
-                            )
-                        })
-                        .collect();
-                    println!("{}", serde_json::to_string_pretty(&map)?);
-                }
-            }
-            Ok(())
+        Command::Stats(view) => {
+            let maps = Maps::open(&view.bpffs)?;
+            view.print(&inspect::stats(&maps)?, |v| inspect::stats_table(v))
+        }
+        Command::Backends(view) => {
+            let maps = Maps::open(&view.bpffs)?;
+            view.print(&inspect::backends(&maps)?, |v| inspect::backends_table(v))
+        }
+        Command::Conntrack {
+            view,
+            addr,
+            port,
+            service,
+        } => {
+            let maps = Maps::open(&view.bpffs)?;
+            let filter = inspect::FlowFilter {
+                addr,
+                port,
+                service,
+            };
+            view.print(&inspect::conntrack(&maps, &filter)?, |v| {
+                inspect::conntrack_table(v)
+            })
+        }
+        Command::Maglev { view, service } => {
+            let maps = Maps::open(&view.bpffs)?;
+            view.print(&inspect::maglev(&maps, &service)?, |v| {
+                inspect::maglev_table(v)
+            })
         }
         Command::Cleanup { bpffs } => {
             programs::cleanup(&bpffs)?;

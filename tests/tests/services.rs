@@ -415,8 +415,10 @@ fn killing_and_restarting_the_agent_fails_no_connection() {
     c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
     start_agents(&mut c);
     let client = c.pod("a0").ns.clone();
-    let mut streams: Vec<EchoStream> = (0..3).map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO)).collect();
-    let mut connect_and_echo = |streams: &mut Vec<EchoStream>| {
+    let mut streams: Vec<EchoStream> = (0..3)
+        .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
+        .collect();
+    let connect_and_echo = |streams: &mut [EchoStream]| {
         tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("a new connection");
         for s in streams.iter_mut() {
             s.round_trip();
@@ -440,4 +442,83 @@ fn killing_and_restarting_the_agent_fails_no_connection() {
         connect_and_echo(&mut streams);
     }
     assert!(during > 0);
+}
+
+/// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
+fn inspect(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lb_tests::rig::agent_bin())
+        .args(args)
+        .args(["-o", "json", "--bpffs"])
+        .arg(c.node(node).bpffs())
+        .output()
+        .expect("run lb-agent");
+    assert!(
+        out.status.success(),
+        "lb-agent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("lb-agent {args:?} printed no JSON: {e}"))
+}
+
+#[test]
+fn inspection_commands_show_flows_tables_and_backends() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
+    let flows = inspect(
+        &c,
+        "a",
+        &[
+            "conntrack",
+            "--service",
+            "test/web:p/TCP",
+            "--port",
+            &stream.local_addr().port().to_string(),
+        ],
+    );
+    let flows = flows.as_array().expect("a list of flows");
+    let dirs: Vec<&str> = flows
+        .iter()
+        .filter_map(|f| f["direction"].as_str())
+        .collect();
+    assert!(
+        dirs.contains(&"forward") && dirs.contains(&"reply"),
+        "both directions of the stream: {flows:?}"
+    );
+    let fwd = flows
+        .iter()
+        .find(|f| f["direction"] == "forward")
+        .expect("forward entry");
+    assert_eq!(fwd["dst"], "10.96.0.10:80");
+    assert_eq!(fwd["src"], stream.local_addr().to_string());
+
+    let table = inspect(&c, "a", &["maglev", "test/web:p/TCP"]);
+    assert_eq!(table["table"].as_array().map(Vec::len), Some(16381));
+    let shares = table["shares"].as_array().expect("shares");
+    assert_eq!(shares.len(), 2);
+    let total: u64 = shares.iter().filter_map(|s| s["slots"].as_u64()).sum();
+    assert_eq!(total, 16381);
+
+    let backends = inspect(&c, "a", &["backends"]);
+    let addrs: Vec<&str> = backends
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|b| b["address"].as_str())
+        .collect();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    assert!(addrs.contains(&"10.244.1.11:8080") && addrs.contains(&"10.244.2.10:8080"));
+
+    let stats = inspect(&c, "a", &["stats"]);
+    let new_flows = stats
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["name"] == "new_flow")
+        .and_then(|s| s["packets"].as_u64());
+    assert!(new_flows.is_some_and(|n| n >= 1), "{stats:?}");
 }
