@@ -127,8 +127,12 @@ pub fn create(
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // Traffic from outside the cluster to another node's backend must come
-    // back through this node: give it this node's address as source.
-    let snat = hook.is_external() && backend.flags & BACKEND_F_LOCAL == 0;
+    // back through this node: give it this node's address as source. So must
+    // hairpin traffic, a pod that reached its own Service and was picked
+    // itself: with its own address as source it would answer itself
+    // directly and never see the frontend.
+    let hairpin = backend.addr_be == flow.saddr && backend.family == flow.family;
+    let snat = (hook.is_external() && backend.flags & BACKEND_F_LOCAL == 0) || hairpin;
     let mut fwd = CtValue {
         nat_daddr_be: backend.addr_be,
         nat_dport_be: backend.port_be,

@@ -522,3 +522,23 @@ fn inspection_commands_show_flows_tables_and_backends() {
         .and_then(|s| s["packets"].as_u64());
     assert!(new_flows.is_some_and(|n| n >= 1), "{stats:?}");
 }
+
+#[test]
+fn a_pod_reaching_its_own_service_gets_its_answer() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    // a0 is the only backend of both Services and their client too.
+    c.write_manifest("web.yaml", &web(&[(A0, "node-a")]));
+    c.write_manifest("dns.yaml", &dns(&[(A0, "node-a")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    for _ in 0..5 {
+        let (line, _) = tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("hairpin TCP");
+        // The pod sees the connection coming from its node, so its answer
+        // goes back through the datapath and out as the ClusterIP.
+        assert!(line.starts_with("a0 10.99.0.1:"), "{line}");
+        let (line, from) = udp_hello(&client, sa("10.96.0.53:53"), IO).expect("hairpin UDP");
+        assert!(line.starts_with("a0 10.99.0.1:"), "{line}");
+        assert_eq!(from, sa("10.96.0.53:53"));
+    }
+}

@@ -67,8 +67,7 @@ fn run() {
     }
     check_interrupt();
 
-    // b1 is not ready in any Service, so it is a pure client (a backend that
-    // reaches its own Service is hairpin traffic, which is not handled yet).
+    // b1 is not ready in any Service, so the table shows a pure client.
     let pod = cluster.pod("b1").ns.clone();
     let client = cluster.client_ns().to_string();
     let flows: Vec<(&str, String, &str, &str)> = vec![
