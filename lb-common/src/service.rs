@@ -34,6 +34,9 @@ pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
 pub const SVC_F_NODEPORT: u32 = 1 << 1;
 /// The frontend is a LoadBalancer ingress IP or an externalIP.
 pub const SVC_F_EXTERNAL: u32 = 1 << 2;
+/// A Local traffic policy applies: the table holds only this node's
+/// endpoints, and with none the packet is dropped, not refused.
+pub const SVC_F_LOCAL_ONLY: u32 = 1 << 3;
 
 /// What a frontend leads to.
 #[repr(C)]

@@ -28,8 +28,10 @@ pub const XDP_TO_TC: u32 = 10;
 pub const PASS_UNSUPPORTED: u32 = 11;
 /// A tracked flow whose backend was removed (TCP reset, UDP re-picked).
 pub const BACKEND_GONE: u32 = 12;
+/// A Local-policy frontend with no endpoint on this node (dropped).
+pub const DROP_NO_LOCAL_ENDPOINT: u32 = 13;
 /// Number of counters.
-pub const COUNT: u32 = 13;
+pub const COUNT: u32 = 14;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -46,6 +48,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_to_tc",
     "pass_unsupported",
     "backend_gone",
+    "drop_no_local_endpoint",
 ];
 
 /// One counter: packets and bytes.

@@ -48,7 +48,7 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V2: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V3: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]

@@ -1,7 +1,7 @@
 //! The per-packet ladder shared by every entry point:
 //! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
 
-use lb_common::{conntrack::CT_F_FORWARD, proto, stats, CtValue};
+use lb_common::{conntrack::CT_F_FORWARD, proto, service::SVC_F_LOCAL_ONLY, stats, CtValue};
 
 use crate::{
     conntrack, forward,
@@ -67,6 +67,12 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         return Verdict::Pass;
     };
     if svc.slot_count == 0 {
+        // Local traffic policy without a local endpoint: kube-proxy drops,
+        // so that the client's load balancer, which health-checks the
+        // node, retries elsewhere.
+        if svc.flags & SVC_F_LOCAL_ONLY != 0 {
+            return drop(stats::DROP_NO_LOCAL_ENDPOINT, len);
+        }
         return match reject::reject(pkt, &flow) {
             Ok(()) => {
                 count(stats::REJECT_NO_ENDPOINT, len);

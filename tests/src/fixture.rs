@@ -187,6 +187,9 @@ pub fn service(
             })
             .collect(),
         affinity_timeout_s: 0,
+        external_local: false,
+        internal_local: false,
+        health_check_node_port: 0,
     };
     (r, sp)
 }

@@ -43,6 +43,19 @@ pub fn with_affinity(service: &str, timeout: u32) -> String {
     format!("{service}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n")
 }
 
+/// Sets `externalTrafficPolicy` and `internalTrafficPolicy` to `Local`
+/// where asked.
+pub fn with_local_policies(service: &str, external: bool, internal: bool) -> String {
+    let mut s = service.to_string();
+    if external {
+        s.push_str("  externalTrafficPolicy: Local\n");
+    }
+    if internal {
+        s.push_str("  internalTrafficPolicy: Local\n");
+    }
+    s
+}
+
 /// Adds `externalIPs` to a Service.
 pub fn with_external_ips(service: &str, ips: &[&str]) -> String {
     format!("{service}  externalIPs: [{}]\n", ips.join(", "))

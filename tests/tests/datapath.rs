@@ -753,3 +753,63 @@ fn reply_entries_outlive_the_timeout_while_the_client_sends_and_a_backend_fin_cl
         "closed by the backend, forgotten after 61 s"
     );
 }
+
+#[test]
+fn local_traffic_policies_keep_traffic_on_this_node_and_drop_without_a_local_endpoint() {
+    let mut dp = Datapath::new();
+    let fronts = [
+        ("10.96.0.10", 80, ClusterIp),
+        ("10.99.0.1", 30080, NodePort),
+    ];
+    let eps = [
+        ("10.244.1.10", 8080, true),
+        ("10.244.2.10", 8080, false),
+        ("10.244.2.11", 8080, false),
+    ];
+    let (r, mut sp) = service("web", Protocol::Tcp, &fronts, &eps);
+    sp.external_local = true;
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let dst = |dp: &mut Datapath, prog: TestProgram, to: &str, port: u16| {
+        let syn = Packet::tcp(
+            addr(&format!("10.99.0.100:{port}")),
+            addr(to),
+            flags::SYN,
+            b"",
+        );
+        let (verdict, out) = dp.run(prog, &syn.bytes());
+        (
+            verdict,
+            std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]).to_string(),
+        )
+    };
+    let mut via_cluster_ip = std::collections::BTreeSet::new();
+    for port in 20000..20040 {
+        // externalTrafficPolicy: Local: the NodePort leads to the local endpoint only,
+        // untranslated source (no SNAT: the backend sees the client).
+        let (verdict, to) = dst(&mut dp, XdpNode, "10.99.0.1:30080", port);
+        assert_eq!((verdict, to.as_str()), (XDP_PASS, "10.244.1.10"));
+        via_cluster_ip.insert(dst(&mut dp, TcPod, "10.96.0.10:80", port).1);
+    }
+    assert!(
+        via_cluster_ip.len() > 1,
+        "the ClusterIP still uses every endpoint: {via_cluster_ip:?}"
+    );
+
+    // Without a local endpoint the NodePort drops, the ClusterIP still works.
+    sp.endpoints.retain(|e| !e.local);
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let (verdict, _) = dst(&mut dp, XdpNode, "10.99.0.1:30080", 21000);
+    assert_eq!(
+        verdict, XDP_DROP,
+        "eTP Local without a local endpoint drops"
+    );
+    assert_eq!(dst(&mut dp, TcPod, "10.96.0.10:80", 21000).0, TC_ACT_OK);
+
+    // internalTrafficPolicy: Local: the ClusterIP leads to local endpoints only.
+    let (r, mut sp) = service("web", Protocol::Tcp, &fronts, &eps);
+    sp.internal_local = true;
+    dp.apply(&[(r, sp)]);
+    for port in 22000..22040 {
+        assert_eq!(dst(&mut dp, TcPod, "10.96.0.10:80", port).1, "10.244.1.10");
+    }
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, service, slice, with_affinity, with_external_ips, Ep},
+    manifests::{docs, service, slice, with_affinity, with_external_ips, with_local_policies, Ep},
     rig::{in_ns, serve_all_pods, sh, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers},
 };
 
@@ -309,4 +309,74 @@ fn client_ip_affinity_holds_within_the_timeout_and_releases_after_it() {
         }
     }
     assert!(released, "affinity never released after its timeout");
+}
+
+#[test]
+fn local_traffic_policies_preserve_the_client_and_stay_on_the_node() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    // One endpoint per node: a1 on node-a, b0 on node-b.
+    let eps = [ep("10.244.1.11", "node-a"), ep("10.244.2.10", "node-b")];
+    let external = with_local_policies(
+        &service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+        true,
+        false,
+    );
+    let internal = with_local_policies(
+        &service("dns", "10.96.0.53", 53, 5353, None, "UDP"),
+        false,
+        true,
+    );
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            external,
+            slice("web", "web-1", 8080, "TCP", &eps),
+            internal,
+            slice("dns", "dns-1", 5353, "UDP", &eps),
+        ]),
+    );
+    let _s = start(&mut c);
+    let client = c.client_ns();
+    // externalTrafficPolicy: Local: the local backend sees the client itself.
+    for node in ["10.99.0.1", "10.99.0.2"] {
+        for _ in 0..10 {
+            let (line, _) = tcp_hello(&client, sa(&format!("{node}:30080")), IO)
+                .expect("NodePort with a local endpoint");
+            let local = if node == "10.99.0.1" { "a1" } else { "b0" };
+            assert!(
+                line.starts_with(&format!("{local} 10.99.0.100:")),
+                "via {node}: {line}"
+            );
+        }
+    }
+    // internalTrafficPolicy: Local: pods reach only endpoints on their node.
+    for (pod, local) in [("a0", "a1"), ("b1", "b0")] {
+        let ns = c.pod(pod).ns.clone();
+        for _ in 0..10 {
+            let (line, _) =
+                lb_tests::rig::udp_hello(&ns, sa("10.96.0.53:53"), IO).expect("ClusterIP");
+            assert_eq!(backend_of(&line), local, "from {pod}");
+        }
+    }
+    // A node without a local endpoint drops external traffic.
+    update(
+        &c,
+        "svc.yaml",
+        &docs(&[
+            with_local_policies(
+                &service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+                true,
+                false,
+            ),
+            slice("web", "web-1", 8080, "TCP", &[ep("10.244.1.11", "node-a")]),
+        ]),
+    );
+    let err = tcp_hello(&client, sa("10.99.0.2:30080"), Duration::from_millis(500))
+        .expect_err("dropped on node-b");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {err}"
+    );
+    tcp_hello(&client, sa("10.99.0.1:30080"), IO).expect("node-a still serves");
 }

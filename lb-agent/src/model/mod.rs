@@ -107,6 +107,14 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
+    /// `externalTrafficPolicy: Local`: NodePort and external frontends lead
+    /// only to endpoints on this node.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: ClusterIP frontends lead only to
+    /// endpoints on this node.
+    pub internal_local: bool,
+    /// `healthCheckNodePort` (0 when unset).
+    pub health_check_node_port: u16,
 }
 
 impl ServicePort {
@@ -114,23 +122,39 @@ impl ServicePort {
     /// the serving terminating ones, as kube-proxy does, so that a Service
     /// whose pods are all being replaced keeps answering.
     pub fn active_endpoints(&self) -> Vec<&Endpoint> {
-        let ready: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.ready).collect();
+        self.active_in(false)
+    }
+
+    /// [`Self::active_endpoints`] among the endpoints on this node only
+    /// (when `local_only`), for the Local traffic policies.
+    pub fn active_in(&self, local_only: bool) -> Vec<&Endpoint> {
+        let mine = |e: &&Endpoint| !local_only || e.local;
+        let ready: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(mine)
+            .filter(|e| e.ready)
+            .collect();
         if !ready.is_empty() {
             return ready;
         }
         self.endpoints
             .iter()
+            .filter(mine)
             .filter(|e| e.serving && e.terminating)
             .collect()
     }
 
     /// Endpoints that take no new flows but keep their established ones:
-    /// terminating endpoints that still serve, unless they are active.
-    pub fn draining_endpoints(&self) -> Vec<&Endpoint> {
-        let active = self.active_endpoints();
+    /// terminating endpoints that still serve, unless they are active
+    /// (among this node's only, when `local_only`).
+    pub fn draining_in(&self, local_only: bool) -> Vec<&Endpoint> {
+        let active = self.active_in(local_only);
         self.endpoints
             .iter()
-            .filter(|e| e.serving && e.terminating && !active.contains(e))
+            .filter(|e| {
+                (!local_only || e.local) && e.serving && e.terminating && !active.contains(e)
+            })
             .collect()
     }
 }

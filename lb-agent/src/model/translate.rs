@@ -461,6 +461,14 @@ fn translate_service(
             continue;
         }
         sp.affinity_timeout_s = affinity;
+        if let Some(spec) = svc.spec.as_ref() {
+            sp.external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+            sp.internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+            sp.health_check_node_port = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0);
+        }
         model.services.insert(r, sp);
     }
 }
@@ -570,6 +578,9 @@ fn translate_port(
             frontends,
             endpoints,
             affinity_timeout_s: 0,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: 0,
         },
     ))
 }

@@ -18,7 +18,9 @@ use std::net::IpAddr;
 
 use lb_common::{
     family, proto,
-    service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
+    service::{
+        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT,
+    },
     Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue,
 };
 use tracing::{debug, warn};
@@ -417,7 +419,11 @@ fn lowest_free(taken: impl Fn(u32) -> bool) -> u32 {
     (1..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
 }
 
-/// The map-level picture of the model, by Service port name.
+/// The map-level picture of the model, by table name.
+///
+/// A Service port is one table, or two when a Local traffic policy applies
+/// to some of its frontends: those lead to a table of this node's endpoints
+/// only, named with an `@local` suffix.
 fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
     let mut out = BTreeMap::new();
     for (r, sp) in &model.services {
@@ -428,25 +434,23 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
             continue;
         }
         let p = proto_number(r.protocol);
-        let frontends = sp
-            .frontends
-            .iter()
-            .map(|f| {
-                let (addr, fam) = addr_be(f.addr);
-                (
-                    ServiceKey {
-                        addr_be: addr,
-                        port_be: f.port.to_be(),
-                        proto: p,
-                        family: fam,
-                    },
-                    kind_flags(f.kind),
-                )
-            })
-            .fold(BTreeMap::new(), |mut m, (k, flags)| {
-                *m.entry(k).or_insert(0) |= flags;
-                m
-            });
+        // Frontends by scope: false = all endpoints, true = local ones.
+        let mut scopes: [BTreeMap<ServiceKey, u32>; 2] = [BTreeMap::new(), BTreeMap::new()];
+        for f in &sp.frontends {
+            let local = match f.kind {
+                FrontendKind::ClusterIp => sp.internal_local,
+                FrontendKind::NodePort | FrontendKind::External => sp.external_local,
+            };
+            let (addr, fam) = addr_be(f.addr);
+            let key = ServiceKey {
+                addr_be: addr,
+                port_be: f.port.to_be(),
+                proto: p,
+                family: fam,
+            };
+            let flags = kind_flags(f.kind) | if local { SVC_F_LOCAL_ONLY } else { 0 };
+            *scopes[usize::from(local)].entry(key).or_insert(0) |= flags;
+        }
         let backend = |e: &&Endpoint| {
             let (addr, fam) = addr_be(e.addr);
             Backend {
@@ -456,17 +460,28 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 flags: if e.local { BACKEND_F_LOCAL } else { 0 },
             }
         };
-        let backends = sp.active_endpoints().iter().map(backend).collect();
-        let draining = sp.draining_endpoints().iter().map(backend).collect();
-        out.insert(
-            name,
-            DesiredService {
-                frontends,
-                backends,
-                draining,
-                affinity_timeout_s: sp.affinity_timeout_s,
-            },
-        );
+        for (local, frontends) in scopes.into_iter().enumerate() {
+            if frontends.is_empty() {
+                continue;
+            }
+            let local = local == 1;
+            let active = sp.active_in(local);
+            let draining = sp.draining_in(local).iter().map(backend).collect();
+            let table_name = if local {
+                format!("{name}@local")
+            } else {
+                name.clone()
+            };
+            out.insert(
+                table_name,
+                DesiredService {
+                    frontends,
+                    backends: active.iter().map(backend).collect(),
+                    draining,
+                    affinity_timeout_s: sp.affinity_timeout_s,
+                },
+            );
+        }
     }
     out
 }

@@ -89,6 +89,9 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
             })
             .collect(),
         affinity_timeout_s: 0,
+        external_local: false,
+        internal_local: false,
+        health_check_node_port: 0,
     };
     (r, sp)
 }
