@@ -6,6 +6,7 @@
 //! BPF maps, programs and links).
 
 pub mod datapath;
+pub mod health;
 pub mod inspect;
 pub mod maglev;
 pub mod model;

@@ -15,6 +15,7 @@ use lb_agent::{
         maps::Maps,
         programs::{self, MapSizes, Programs},
     },
+    health::HealthServers,
     inspect, maglev,
     model::{self, NodeInfo},
     reconcile::{addr_be, Reconciler},
@@ -378,10 +379,11 @@ fn run(args: &RunArgs) -> Result<()> {
     rt.block_on(async {
         let (_watcher, mut manifest_events) = manifests::watch(&args.manifests)?;
         let mut link_events = link_events()?;
+        let mut health = HealthServers::default();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
 
-        sync(&args.manifests, &node, &mut reconciler, &mut maps)?;
+        sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health)?;
         info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
 
         loop {
@@ -390,7 +392,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     // Coalesce a burst of file events into one reload.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while manifest_events.try_recv().is_ok() {}
-                    if let Err(e) = sync(&args.manifests, &node, &mut reconciler, &mut maps) {
+                    if let Err(e) = sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health) {
                         error!("reload failed, datapath keeps its last state: {e:#}");
                     }
                 }
@@ -404,7 +406,7 @@ fn run(args: &RunArgs) -> Result<()> {
                             info!(addresses = ?addrs, "node addresses changed");
                             node.addresses = addrs;
                             if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts)
-                                .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps))
+                                .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health))
                             {
                                 error!("resync after address change failed: {e:#}");
                             }
@@ -451,8 +453,15 @@ fn write_config(
     maps.config.set(0, cfg, 0).context("write config map")
 }
 
-/// Reads the manifests folder and makes the maps match it.
-fn sync(dir: &Path, node: &NodeInfo, reconciler: &mut Reconciler, maps: &mut Maps) -> Result<()> {
+/// Reads the manifests folder and makes the maps, and the health check
+/// ports, match it.
+fn sync(
+    dir: &Path,
+    node: &NodeInfo,
+    reconciler: &mut Reconciler,
+    maps: &mut Maps,
+    health: &mut HealthServers,
+) -> Result<()> {
     let objects =
         manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
     let (model, problems) = model::build(&objects.services, &objects.slices, node);
@@ -460,6 +469,7 @@ fn sync(dir: &Path, node: &NodeInfo, reconciler: &mut Reconciler, maps: &mut Map
         warn!(object = %p.object, "skipped: {}", p.message);
     }
     let report = reconciler.apply(&model, maps);
+    health.update(&lb_agent::health::desired(&model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
         Ok(0) => {}
         Ok(n) => debug!(

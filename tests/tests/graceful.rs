@@ -380,3 +380,59 @@ fn local_traffic_policies_preserve_the_client_and_stay_on_the_node() {
     );
     tcp_hello(&client, sa("10.99.0.1:30080"), IO).expect("node-a still serves");
 }
+
+/// `GET /` on a health check port from the client: (status code, body).
+fn health_check(c: &Cluster, addr: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let client = c.client_ns();
+    in_ns(&client, || {
+        let mut s = std::net::TcpStream::connect_timeout(&sa(addr), IO)?;
+        s.set_read_timeout(Some(IO))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        Ok((status, body))
+    })
+}
+
+#[test]
+fn health_check_node_port_follows_the_local_endpoints() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let svc = |node_ep: Ep<'_>| {
+        let s = with_local_policies(
+            &service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+            true,
+            false,
+        );
+        docs(&[
+            format!("{s}  healthCheckNodePort: 32000\n"),
+            slice("web", "web-1", 8080, "TCP", &[node_ep]),
+        ])
+    };
+    c.write_manifest("web.yaml", &svc(ep("10.244.1.11", "node-a")));
+    let _s = start(&mut c);
+    let (code, body) = health_check(&c, "10.99.0.1:32000").expect("node-a answers");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"{"service":{"namespace":"test","name":"web"},"localEndpoints":1,"serviceProxyHealthy":true}"#
+    );
+    assert_eq!(
+        health_check(&c, "10.99.0.2:32000")
+            .expect("node-b answers")
+            .0,
+        503
+    );
+    // The endpoint moves to node-b: both answers flip within a second.
+    c.write_manifest("web.yaml", &svc(ep("10.244.2.10", "node-b")));
+    lb_tests::rig::wait_until(Duration::from_secs(1), "the health checks flip", || {
+        health_check(&c, "10.99.0.1:32000").is_ok_and(|(s, _)| s == 503)
+            && health_check(&c, "10.99.0.2:32000").is_ok_and(|(s, _)| s == 200)
+    });
+}
