@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use anyhow::{Context as _, Result};
 use lb_common::{
     proto,
-    service::{BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_NODEPORT},
+    service::{
+        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_NODEPORT,
+        SVC_F_SRC_RANGES,
+    },
 };
 use serde::Serialize;
 
@@ -102,6 +105,8 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
             (SVC_F_CLUSTER_IP, "ClusterIP"),
             (SVC_F_NODEPORT, "NodePort"),
             (SVC_F_EXTERNAL, "External"),
+            (SVC_F_LOAD_BALANCER, "LoadBalancer"),
+            (SVC_F_SRC_RANGES, "SourceRanges"),
         ]
         .iter()
         .filter(|(f, _)| value.flags & f != 0)

@@ -23,7 +23,7 @@ pub mod stats;
 pub use affinity::{AffinityKey, AffinityValue};
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
-pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue};
+pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue, SrcRange};
 
 /// Address families as carried in keys (the values of `AF_INET`/`AF_INET6`).
 pub mod family {

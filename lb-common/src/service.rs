@@ -34,6 +34,11 @@ pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
 pub const SVC_F_NODEPORT: u32 = 1 << 1;
 /// The frontend is a LoadBalancer ingress IP or an externalIP.
 pub const SVC_F_EXTERNAL: u32 = 1 << 2;
+/// The frontend is a LoadBalancer ingress IP.
+pub const SVC_F_LOAD_BALANCER: u32 = 1 << 4;
+/// Only sources in the Service's ranges may open flows (`loadBalancerSourceRanges`).
+pub const SVC_F_SRC_RANGES: u32 = 1 << 5;
+
 /// A Local traffic policy applies: the table holds only this node's
 /// endpoints, and with none the packet is dropped, not refused.
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 3;
@@ -55,6 +60,27 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// Largest Maglev table (the inner array's template size).
 pub const MAGLEV_MAX: u32 = 131_071;
+
+/// The data of a source-range key (the LPM trie's key is this behind a
+/// prefix length): a Service port, then the address. A range's prefix
+/// length is 64 (id, family and padding, always matched whole) plus the
+/// range's own; a lookup uses 64 + 128.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange {
+    /// The Service port's table id.
+    pub svc_id: u32,
+    /// Address family ([`crate::family`]).
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+    /// Address, network byte order.
+    pub addr_be: IpAddrBe,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange>() == 24);
+
+/// Bits of a [`SrcRange`] before the address.
+pub const SRC_RANGE_HEAD_BITS: u32 = 64;
 
 /// The backend runs on this node (reached without SNAT).
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
@@ -101,4 +127,4 @@ impl Default for ServiceInfo {
     }
 }
 
-pod!(ServiceKey, ServiceValue, Backend, ServiceInfo);
+pod!(ServiceKey, ServiceValue, Backend, ServiceInfo, SrcRange);

@@ -30,8 +30,10 @@ pub const PASS_UNSUPPORTED: u32 = 11;
 pub const BACKEND_GONE: u32 = 12;
 /// A Local-policy frontend with no endpoint on this node (dropped).
 pub const DROP_NO_LOCAL_ENDPOINT: u32 = 13;
+/// A new flow from outside a Service's `loadBalancerSourceRanges` (dropped).
+pub const DROP_SOURCE_RANGE: u32 = 14;
 /// Number of counters.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 15;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -49,6 +51,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_unsupported",
     "backend_gone",
     "drop_no_local_endpoint",
+    "drop_source_range",
 ];
 
 /// One counter: packets and bytes.

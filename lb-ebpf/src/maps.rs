@@ -2,15 +2,15 @@
 //! resizes the hash maps at load time, so the sizes here are only defaults.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX},
+    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX, SRC_RANGES_MAX},
     service::MAGLEV_MAX,
     stats::{Counter, COUNT},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, SrcRange,
 };
 
 /// Frontends.
@@ -42,13 +42,17 @@ pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = Lr
 pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX as usize }> =
     LruHashMap::new();
 
+/// `loadBalancerSourceRanges` of every Service port that has them.
+#[btf_map]
+pub static LB_SRC_RANGES_V1: LpmTrie<SrcRange, u32, { SRC_RANGES_MAX as usize }> = LpmTrie::new();
+
 /// Node settings (one entry).
 #[btf_map]
 pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V3: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V4: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]

@@ -66,6 +66,9 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         count(stats::PASS_NO_SERVICE, len);
         return Verdict::Pass;
     };
+    if !frontend::source_allowed(&svc, &flow) {
+        return drop(stats::DROP_SOURCE_RANGE, len);
+    }
     if svc.slot_count == 0 {
         // Local traffic policy without a local endpoint: kube-proxy drops,
         // so that the client's load balancer, which health-checks the

@@ -190,6 +190,7 @@ pub fn service(
         external_local: false,
         internal_local: false,
         health_check_node_port: 0,
+        source_ranges: Vec::new(),
     };
     (r, sp)
 }
@@ -231,4 +232,14 @@ impl Datapath {
                 .expect("age affinity entry");
         }
     }
+}
+
+/// The packets a datapath counter has counted so far.
+pub fn counter(dp: &Datapath, name: &str) -> u64 {
+    dp.maps
+        .counters()
+        .expect("read counters")
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or_else(|| panic!("no counter {name}"), |(_, c)| c.packets)
 }

@@ -56,6 +56,24 @@ pub fn with_local_policies(service: &str, external: bool, internal: bool) -> Str
     s
 }
 
+/// Makes a Service a LoadBalancer with ingress IP `ip`, guarded by
+/// `ranges` (none: open).
+pub fn with_load_balancer(service: &str, ip: &str, ranges: &[&str]) -> String {
+    let mut s = service
+        .replace("  type: ClusterIP\n", "  type: LoadBalancer\n")
+        .replace("  type: NodePort\n", "  type: LoadBalancer\n");
+    if !ranges.is_empty() {
+        s.push_str(&format!(
+            "  loadBalancerSourceRanges: [{}]\n",
+            ranges.join(", ")
+        ));
+    }
+    s.push_str(&format!(
+        "status:\n  loadBalancer:\n    ingress: [{{ip: {ip}}}]\n"
+    ));
+    s
+}
+
 /// Adds `externalIPs` to a Service.
 pub fn with_external_ips(service: &str, ips: &[&str]) -> String {
     format!("{service}  externalIPs: [{}]\n", ips.join(", "))

@@ -813,3 +813,58 @@ fn local_traffic_policies_keep_traffic_on_this_node_and_drop_without_a_local_end
         assert_eq!(dst(&mut dp, TcPod, "10.96.0.10:80", port).1, "10.244.1.10");
     }
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources() {
+    let mut dp = Datapath::new();
+    let fronts = [
+        ("10.96.0.10", 80, ClusterIp),
+        ("203.0.113.10", 80, LoadBalancer),
+        ("10.99.0.1", 30080, NodePort),
+    ];
+    let (r, mut sp) = service(
+        "web",
+        Protocol::Tcp,
+        &fronts,
+        &[("10.244.1.10", 8080, true)],
+    );
+    sp.source_ranges = vec![
+        "10.99.0.100/32".parse().expect("cidr"),
+        "192.168.0.0/16".parse().expect("cidr"),
+    ];
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let verdict = |dp: &mut Datapath, from: &str, to: &str| {
+        let syn = Packet::tcp(addr(from), addr(to), flags::SYN, b"");
+        dp.run(XdpNode, &syn.bytes()).0
+    };
+    assert_eq!(
+        verdict(&mut dp, "10.99.0.100:40000", "203.0.113.10:80"),
+        XDP_PASS,
+        "a /32 admits its address"
+    );
+    assert_eq!(
+        verdict(&mut dp, "192.168.7.9:40000", "203.0.113.10:80"),
+        XDP_PASS,
+        "a /16 admits its network"
+    );
+    assert_eq!(
+        verdict(&mut dp, "10.99.0.101:40000", "203.0.113.10:80"),
+        XDP_DROP,
+        "others are dropped"
+    );
+    // The ranges guard the load balancer's addresses only.
+    assert_eq!(
+        verdict(&mut dp, "10.99.0.101:40001", "10.99.0.1:30080"),
+        XDP_PASS,
+        "NodePort unguarded"
+    );
+    let stats = lb_tests::fixture::counter(&dp, "drop_source_range");
+    assert_eq!(stats, 1, "the denied packet is counted");
+    // Removing the ranges opens the frontend.
+    sp.source_ranges.clear();
+    dp.apply(&[(r, sp)]);
+    assert_eq!(
+        verdict(&mut dp, "10.99.0.101:40002", "203.0.113.10:80"),
+        XDP_PASS
+    );
+}

@@ -10,7 +10,10 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, service, slice, with_affinity, with_external_ips, with_local_policies, Ep},
+    manifests::{
+        docs, service, slice, with_affinity, with_external_ips, with_load_balancer,
+        with_local_policies, Ep,
+    },
     rig::{in_ns, serve_all_pods, sh, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers},
 };
 
@@ -435,4 +438,76 @@ fn health_check_node_port_follows_the_local_endpoints() {
         health_check(&c, "10.99.0.1:32000").is_ok_and(|(s, _)| s == 503)
             && health_check(&c, "10.99.0.2:32000").is_ok_and(|(s, _)| s == 200)
     });
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let svc = with_load_balancer(
+        &service("dns", "10.96.0.53", 53, 5353, None, "UDP"),
+        "10.99.0.50",
+        &["10.99.0.100/32"],
+    );
+    c.write_manifest(
+        "dns.yaml",
+        &docs(&[
+            svc,
+            slice(
+                "dns",
+                "dns-1",
+                5353,
+                "UDP",
+                &[ep("10.244.1.11", "node-a"), ep("10.244.2.10", "node-b")],
+            ),
+        ]),
+    );
+    let _s = start(&mut c);
+    let client = c.client_ns();
+    sh(
+        Some(&client),
+        &["ip", "addr", "add", "10.99.0.101/24", "dev", "eth0"],
+    );
+    sh(
+        Some(&client),
+        &[
+            "ip",
+            "route",
+            "replace",
+            "10.99.0.50/32",
+            "via",
+            "10.99.0.1",
+        ],
+    );
+    let ask = |src: &str, timeout: Duration| {
+        in_ns(&client, || {
+            let s = UdpSocket::bind((src, 0))?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send_to(b"hello", sa("10.99.0.50:53"))?;
+            let mut buf = [0u8; 256];
+            s.recv_from(&mut buf)
+                .map(|(n, from)| (String::from_utf8_lossy(&buf[..n]).to_string(), from))
+        })
+    };
+    let (line, from) = ask("10.99.0.100", IO).expect("the allowed client is answered");
+    assert_eq!(from, sa("10.99.0.50:53"), "{line}");
+    let err =
+        ask("10.99.0.101", Duration::from_millis(500)).expect_err("the other client is dropped");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    let out = std::process::Command::new(lb_tests::rig::agent_bin())
+        .args(["stats", "-o", "json", "--bpffs"])
+        .arg(c.node("a").bpffs())
+        .output()
+        .expect("lb-agent stats");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let dropped = stats
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "drop_source_range"))
+        .and_then(|s| s["packets"].as_u64());
+    assert_eq!(dropped, Some(1), "{stats}");
 }

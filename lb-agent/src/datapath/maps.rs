@@ -5,14 +5,18 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
+};
 use lb_common::{
-    maps, service::SERVICE_NAME_LEN, stats::Counter, AffinityKey, AffinityValue, Backend,
-    BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey, ServiceValue,
+    maps, service::SERVICE_NAME_LEN, service::SRC_RANGE_HEAD_BITS, stats::Counter, AffinityKey,
+    AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey,
+    ServiceValue, SrcRange,
 };
 
 use super::bpffs;
-use crate::reconcile::{Info, Snapshot, Store, StoreError};
+use crate::reconcile::{Info, Range, Snapshot, Store, StoreError};
 
 /// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -35,6 +39,8 @@ pub struct Maps {
     pub infos: HashMap<MapData, u32, ServiceInfo>,
     /// ClientIP affinity.
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Source ranges.
+    pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -69,6 +75,7 @@ impl Maps {
             stats: typed!(bpffs, maps::STATS),
             infos: typed!(bpffs, maps::SVC_INFO),
             affinity: typed!(bpffs, maps::AFFINITY),
+            src_ranges: typed!(bpffs, maps::SRC_RANGES),
         })
     }
 }
@@ -161,6 +168,30 @@ impl Store for Maps {
         ignore_missing(self.infos.remove(&svc_id))
             .map_err(|e| store_err("remove", maps::SVC_INFO, &e))
     }
+
+    fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        self.src_ranges
+            .insert(&range_key(svc_id, range), 1, 0)
+            .map_err(|e| store_err("insert", maps::SRC_RANGES, &e))
+    }
+
+    fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        ignore_missing(self.src_ranges.remove(&range_key(svc_id, range)))
+            .map_err(|e| store_err("remove", maps::SRC_RANGES, &e))
+    }
+}
+
+/// The LPM key of a source range of a Service port.
+fn range_key(svc_id: u32, (addr_be, family, prefix): Range) -> LpmKey<SrcRange> {
+    LpmKey::new(
+        SRC_RANGE_HEAD_BITS + u32::from(prefix),
+        SrcRange {
+            svc_id,
+            family,
+            _pad: [0; 3],
+            addr_be,
+        },
+    )
 }
 
 /// Deleting what is already gone is success: the goal state holds.
@@ -187,6 +218,15 @@ impl Maps {
         for entry in self.backends.iter() {
             let (k, v) = entry.context("read backends map")?;
             snap.backends.insert(k, v);
+        }
+        for key in self.src_ranges.keys() {
+            let key = key.context("read source ranges map")?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(SRC_RANGE_HEAD_BITS) as u8;
+            snap.ranges
+                .entry(data.svc_id)
+                .or_default()
+                .insert((data.addr_be, data.family, prefix));
         }
         for entry in self.infos.iter() {
             let (k, v) = entry.context("read service info map")?;

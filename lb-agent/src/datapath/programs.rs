@@ -118,7 +118,8 @@ impl Programs {
             .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
-            .map_max_entries(maps::AFFINITY, sizes.affinity);
+            .map_max_entries(maps::AFFINITY, sizes.affinity)
+            .map_max_entries(maps::SRC_RANGES, maps::SRC_RANGES_MAX);
         let mut ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
@@ -303,6 +304,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
         maps::SVC_INFO,
         maps::MAGLEV,
         maps::AFFINITY,
+        maps::SRC_RANGES,
         maps::BACKENDS,
         maps::CONNTRACK,
     ] {

@@ -66,8 +66,10 @@ pub enum FrontendKind {
     ClusterIp,
     /// A node address with `spec.ports[].nodePort`.
     NodePort,
-    /// A LoadBalancer ingress IP or an externalIP, with `spec.ports[].port`.
+    /// An externalIP, with `spec.ports[].port`.
     External,
+    /// A LoadBalancer ingress IP, with `spec.ports[].port`.
+    LoadBalancer,
 }
 
 /// One virtual address, port and kind that leads to a Service port.
@@ -115,6 +117,56 @@ pub struct ServicePort {
     pub internal_local: bool,
     /// `healthCheckNodePort` (0 when unset).
     pub health_check_node_port: u16,
+    /// `loadBalancerSourceRanges`: who may reach the LoadBalancer ingress
+    /// IPs (empty: everyone).
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// An address range, `address/prefix`, with the host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not address/prefix"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?}: bad address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: prefix must be 0-{max}"))?;
+        // Clear the host bits, as the API server does.
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - prefix)
+                };
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - prefix)
+                };
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Ok(Self { addr, prefix })
+    }
 }
 
 impl ServicePort {
@@ -178,5 +230,22 @@ pub struct Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.object, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn cidrs_parse_and_clear_host_bits() {
+        let c: Cidr = "10.99.0.100/24".parse().expect("valid");
+        assert_eq!((c.addr.to_string().as_str(), c.prefix), ("10.99.0.0", 24));
+        let c: Cidr = "fd00::1/64".parse().expect("valid");
+        assert_eq!((c.addr.to_string().as_str(), c.prefix), ("fd00::", 64));
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().map(|c| c.prefix), Ok(0));
+        for bad in ["10.0.0.1", "10.0.0.1/33", "x/8", "fd00::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
     }
 }

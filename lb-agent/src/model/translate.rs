@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use super::{
-    Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
+    Cidr, Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
     ServicePortRef, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
 };
 
@@ -308,6 +308,7 @@ fn indexed<'a>(
 struct ServiceAddrs {
     cluster: Vec<IpAddr>,
     external: Vec<IpAddr>,
+    load_balancer: Vec<IpAddr>,
     /// NodePorts are served only by these Service types.
     node_ports: bool,
 }
@@ -366,7 +367,7 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
         ),
     };
 
-    let mut external = parse_addresses(
+    let external = parse_addresses(
         indexed(
             "spec.externalIPs",
             spec.external_ips.as_deref().unwrap_or_default(),
@@ -394,10 +395,11 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
             }
             Some((format!("status.loadBalancer.ingress[{i}].ip"), ip))
         });
-    external.extend(parse_addresses(ingress_ips, object, problems));
+    let load_balancer = parse_addresses(ingress_ips, object, problems);
     Some(ServiceAddrs {
         cluster,
         external,
+        load_balancer,
         node_ports,
     })
 }
@@ -427,6 +429,7 @@ fn translate_service(
         .get(&(namespace.clone(), name.clone()))
         .map_or(&[][..], Vec::as_slice);
     let affinity = affinity_timeout(svc, &object, problems);
+    let ranges = source_ranges(svc, &object, problems);
     let mut seen = BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
         let (r, mut sp) =
@@ -468,9 +471,34 @@ fn translate_service(
                 .health_check_node_port
                 .and_then(|p| u16::try_from(p).ok())
                 .unwrap_or(0);
+            sp.source_ranges.clone_from(&ranges);
         }
         model.services.insert(r, sp);
     }
+}
+
+/// `spec.loadBalancerSourceRanges`, parsed; a bad entry is reported and
+/// skipped. When every entry is bad the Service is left open rather than
+/// closed, as an empty list means.
+fn source_ranges(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Vec<Cidr> {
+    let raw = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        match r.parse::<Cidr>() {
+            Ok(c) => out.push(c),
+            Err(e) => problems.push(Problem {
+                object: object.to_owned(),
+                message: format!("spec.loadBalancerSourceRanges[{i}]: {e}; range skipped"),
+            }),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// `sessionAffinity: ClientIP` with its timeout (the API's default when
@@ -554,6 +582,11 @@ fn translate_port(
             port: number,
             kind: FrontendKind::External,
         }))
+        .chain(addrs.load_balancer.iter().map(|&addr| Frontend {
+            addr,
+            port: number,
+            kind: FrontendKind::LoadBalancer,
+        }))
         .chain(node_port.into_iter().flat_map(|np| {
             node.addresses.iter().map(move |&addr| Frontend {
                 addr,
@@ -581,6 +614,7 @@ fn translate_port(
             external_local: false,
             internal_local: false,
             health_check_node_port: 0,
+            source_ranges: Vec::new(),
         },
     ))
 }
@@ -885,8 +919,8 @@ status:
                     vec![
                         ("10.96.0.30:443", C),
                         ("192.168.1.10:30443", N),
-                        ("198.51.100.7:443", X),
-                        ("198.51.100.9:443", X),
+                        ("198.51.100.7:443", FrontendKind::LoadBalancer),
+                        ("198.51.100.9:443", FrontendKind::LoadBalancer),
                         ("203.0.113.5:443", X),
                         ("[fd00::10]:30443", N),
                         ("[fd00:96::30]:443", C),

@@ -19,7 +19,8 @@ use std::net::IpAddr;
 use lb_common::{
     family, proto,
     service::{
-        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT,
+        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_LOCAL_ONLY,
+        SVC_F_NODEPORT, SVC_F_SRC_RANGES,
     },
     Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue,
 };
@@ -30,7 +31,7 @@ use crate::{
     model::{Endpoint, FrontendKind, Model, Protocol},
 };
 
-pub use store::{Info, MemStore, Snapshot, Store, StoreError};
+pub use store::{Info, MemStore, Range, Snapshot, Store, StoreError};
 
 /// What the maps should hold for one Service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +44,8 @@ struct DesiredService {
     draining: Vec<Backend>,
     /// ClientIP affinity timeout in seconds (0: none).
     affinity_timeout_s: u32,
+    /// Source ranges guarding the LoadBalancer frontends.
+    ranges: BTreeSet<Range>,
 }
 
 /// What the reconciler last wrote for one Service port.
@@ -56,6 +59,8 @@ struct AppliedService {
     used: Vec<BackendId>,
     /// Backends the table holds: the only ones new flows may go to.
     active: Vec<BackendId>,
+    /// Source ranges in the map.
+    ranges: BTreeSet<Range>,
 }
 
 /// Identity of a backend: the same address and port is one backend id
@@ -107,6 +112,7 @@ fn kind_flags(k: FrontendKind) -> u32 {
         FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
         FrontendKind::NodePort => SVC_F_NODEPORT,
         FrontendKind::External => SVC_F_EXTERNAL,
+        FrontendKind::LoadBalancer => SVC_F_EXTERNAL | SVC_F_LOAD_BALANCER,
     }
 }
 
@@ -187,6 +193,13 @@ impl Reconciler {
             svc.name.clone_from(&info.name);
             svc.fingerprint = info.table_fingerprint;
             r.by_name.insert(info.name.clone(), *svc_id);
+        }
+        for (svc_id, ranges) in &snap.ranges {
+            r.services
+                .entry(*svc_id)
+                .or_default()
+                .ranges
+                .clone_from(ranges);
         }
         // Records without a name cannot be matched to the model: they are
         // removed on the first apply like any other Service that is gone.
@@ -311,6 +324,18 @@ impl Reconciler {
         applied.used = used;
         applied.active = active_ids;
 
+        // New ranges go in before any frontend is guarded by them.
+
+        let new_ranges: Vec<Range> = want.ranges.difference(&applied.ranges).copied().collect();
+
+        for range in new_ranges {
+            store.put_range(svc_id, range)?;
+
+            report.writes += 1;
+
+            applied.ranges.insert(range);
+        }
+
         let slot_count = if active.is_empty() {
             0
         } else {
@@ -345,6 +370,12 @@ impl Reconciler {
             }
             applied.frontends.remove(&key);
         }
+        let stale: Vec<Range> = applied.ranges.difference(&want.ranges).copied().collect();
+        for range in stale {
+            store.del_range(svc_id, range)?;
+            report.deletes += 1;
+            applied.ranges.remove(&range);
+        }
         // No frontend points at a table any more: drop it.
         if fp == 0 && old != 0 {
             store.del_table(svc_id)?;
@@ -372,6 +403,10 @@ impl Reconciler {
         }
         if applied.fingerprint != 0 {
             store.del_table(svc_id)?;
+            report.deletes += 1;
+        }
+        for range in &applied.ranges {
+            store.del_range(svc_id, *range)?;
             report.deletes += 1;
         }
         store.del_info(svc_id)?;
@@ -439,7 +474,9 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
         for f in &sp.frontends {
             let local = match f.kind {
                 FrontendKind::ClusterIp => sp.internal_local,
-                FrontendKind::NodePort | FrontendKind::External => sp.external_local,
+                FrontendKind::NodePort | FrontendKind::External | FrontendKind::LoadBalancer => {
+                    sp.external_local
+                }
             };
             let (addr, fam) = addr_be(f.addr);
             let key = ServiceKey {
@@ -448,7 +485,11 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 proto: p,
                 family: fam,
             };
-            let flags = kind_flags(f.kind) | if local { SVC_F_LOCAL_ONLY } else { 0 };
+            let mut flags = kind_flags(f.kind) | if local { SVC_F_LOCAL_ONLY } else { 0 };
+            // The ranges guard the load balancer's addresses only, as in kube-proxy.
+            if f.kind == FrontendKind::LoadBalancer && !sp.source_ranges.is_empty() {
+                flags |= SVC_F_SRC_RANGES;
+            }
             *scopes[usize::from(local)].entry(key).or_insert(0) |= flags;
         }
         let backend = |e: &&Endpoint| {
@@ -460,6 +501,14 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                 flags: if e.local { BACKEND_F_LOCAL } else { 0 },
             }
         };
+        let ranges: BTreeSet<Range> = sp
+            .source_ranges
+            .iter()
+            .map(|c| {
+                let (addr, fam) = addr_be(c.addr);
+                (addr, fam, c.prefix)
+            })
+            .collect();
         for (local, frontends) in scopes.into_iter().enumerate() {
             if frontends.is_empty() {
                 continue;
@@ -479,6 +528,7 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
                     backends: active.iter().map(backend).collect(),
                     draining,
                     affinity_timeout_s: sp.affinity_timeout_s,
+                    ranges: ranges.clone(),
                 },
             );
         }

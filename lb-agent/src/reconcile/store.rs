@@ -2,7 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendId, ServiceKey, ServiceValue};
+use lb_common::{Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue};
+
+/// One `loadBalancerSourceRanges` entry as the datapath keys it: address,
+/// family, prefix length.
+pub type Range = (IpAddrBe, u8, u8);
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,8 @@ pub struct Snapshot {
     pub infos: BTreeMap<u32, Info>,
     /// Maglev tables by svc_id (only [`MemStore`] fills this).
     pub tables: BTreeMap<u32, Vec<BackendId>>,
+    /// Source ranges by svc_id.
+    pub ranges: BTreeMap<u32, std::collections::BTreeSet<Range>>,
 }
 
 /// The writes the reconciler needs.
@@ -57,6 +63,10 @@ pub trait Store {
     fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError>;
     /// Forgets a Service port's record.
     fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError>;
+    /// Allows a source range for a Service port.
+    fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError>;
+    /// Removes a source range of a Service port.
+    fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError>;
 }
 
 /// An in-memory store: the maps as plain collections.
@@ -114,6 +124,23 @@ impl Store for MemStore {
     fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError> {
         self.ops += 1;
         self.snap.infos.remove(&svc_id);
+        Ok(())
+    }
+
+    fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        self.ops += 1;
+        self.snap.ranges.entry(svc_id).or_default().insert(range);
+        Ok(())
+    }
+
+    fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        self.ops += 1;
+        if let Some(set) = self.snap.ranges.get_mut(&svc_id) {
+            set.remove(&range);
+            if set.is_empty() {
+                self.snap.ranges.remove(&svc_id);
+            }
+        }
         Ok(())
     }
 }

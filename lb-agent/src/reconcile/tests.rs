@@ -16,6 +16,15 @@ impl CheckedStore {
     fn check(&mut self, op: &str) {
         let snap = &self.inner.snap;
         for (key, v) in &snap.services {
+            if v.flags & lb_common::service::SVC_F_SRC_RANGES != 0
+                && snap
+                    .ranges
+                    .get(&v.svc_id)
+                    .is_none_or(std::collections::BTreeSet::is_empty)
+            {
+                self.violations
+                    .push(format!("after {op}: frontend {key:?} guarded by no range"));
+            }
             if v.slot_count == 0 {
                 continue;
             }
@@ -58,6 +67,8 @@ checked!(
     del_service(key: ServiceKey),
     put_info(svc_id: u32, info: &Info),
     del_info(svc_id: u32),
+    put_range(svc_id: u32, range: Range),
+    del_range(svc_id: u32, range: Range),
 );
 
 fn ip(s: &str) -> IpAddr {
@@ -92,6 +103,7 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
         external_local: false,
         internal_local: false,
         health_check_node_port: 0,
+        source_ranges: Vec::new(),
     };
     (r, sp)
 }
@@ -270,4 +282,49 @@ fn addresses_round_trip() {
         addr_be(ip("10.0.0.1")).0[0],
         u32::from_ne_bytes([10, 0, 0, 1])
     );
+}
+
+#[test]
+fn source_ranges_are_written_before_and_removed_after_the_frontends_they_guard() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::new(M);
+    let (rf, mut sp) = svc("lb", "10.96.0.1", 80, &["10.244.1.10"]);
+    sp.frontends.push(Frontend {
+        addr: ip("203.0.113.10"),
+        port: 80,
+        kind: FrontendKind::LoadBalancer,
+    });
+    sp.source_ranges = vec![
+        "10.0.0.0/8".parse().expect("cidr"),
+        "192.168.1.0/24".parse().expect("cidr"),
+    ];
+    r.apply(&model(&[(rf.clone(), sp.clone())]), &mut store);
+    assert_eq!(
+        store
+            .inner
+            .snap
+            .ranges
+            .values()
+            .next()
+            .map(std::collections::BTreeSet::len),
+        Some(2)
+    );
+    sp.source_ranges.truncate(1);
+    r.apply(&model(&[(rf.clone(), sp.clone())]), &mut store);
+    assert_eq!(
+        store
+            .inner
+            .snap
+            .ranges
+            .values()
+            .next()
+            .map(std::collections::BTreeSet::len),
+        Some(1)
+    );
+    sp.source_ranges.clear();
+    r.apply(&model(&[(rf, sp)]), &mut store);
+    assert!(store.inner.snap.ranges.is_empty());
+    r.apply(&model(&[]), &mut store);
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+    assert_eq!(store.inner.snap, Snapshot::default());
 }
