@@ -601,6 +601,49 @@ fn leaked(namespaces: Vec<String>, alive: impl Fn(u32) -> bool) -> Vec<String> {
         .collect()
 }
 
+/// Removes what test processes that no longer exist left behind (a run
+/// killed with SIGKILL never runs its Drop): their namespaces, and their
+/// directories under /run/lb-tests with any bpffs mounted there. Without
+/// this, one killed run would fail every later one.
+fn sweep_leftovers() {
+    for ns in leaked_namespaces() {
+        println!("test: removing network namespace {ns} left by a test run that is gone");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+    let Ok(entries) = fs::read_dir("/run/lb-tests") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Rig directories are named like their namespaces (`lb<hex pid>-…`),
+        // fixture ones `unit-<decimal pid>-<n>`.
+        let pid = match name.strip_prefix("unit-") {
+            Some(rest) => rest.split('-').next().and_then(|p| p.parse::<u32>().ok()),
+            None => owner_pid(&name),
+        };
+        if pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+            continue;
+        }
+        let path = entry.path();
+        println!(
+            "test: removing {} left by a test run that is gone",
+            path.display()
+        );
+        // Unmount every bpffs below it, deepest first.
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut targets: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|t| Path::new(t).starts_with(&path))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = Command::new("umount").args(["-l", t]).status();
+        }
+        let _ = fs::remove_dir_all(&path);
+    }
+}
+
 fn leaked_namespaces() -> Vec<String> {
     leaked(rig_namespaces(), |pid| {
         Path::new(&format!("/proc/{pid}")).exists()
@@ -637,6 +680,7 @@ fn test(no_integration: bool, args: &[String]) -> Result<()> {
         return res;
     }
     build()?;
+    sweep_leftovers();
     let before = rig_namespaces();
     println!("test: unit tests");
     let unit_res = run_tests(&mut unit, &mut tally);
