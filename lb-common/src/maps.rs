@@ -14,7 +14,7 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V4";
+pub const STATS: &str = "LB_STATS_V5";
 
 /// ClientIP affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
 pub const AFFINITY: &str = "LB_AFFINITY_V1";

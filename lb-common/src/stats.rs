@@ -32,8 +32,10 @@ pub const BACKEND_GONE: u32 = 12;
 pub const DROP_NO_LOCAL_ENDPOINT: u32 = 13;
 /// A new flow from outside a Service's `loadBalancerSourceRanges` (dropped).
 pub const DROP_SOURCE_RANGE: u32 = 14;
+/// An ICMP error about a translated flow, translated back.
+pub const ICMP_ERROR: u32 = 15;
 /// Number of counters.
-pub const COUNT: u32 = 15;
+pub const COUNT: u32 = 16;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -52,6 +54,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "backend_gone",
     "drop_no_local_endpoint",
     "drop_source_range",
+    "icmp_error",
 ];
 
 /// One counter: packets and bytes.

@@ -7,6 +7,7 @@ mod conntrack;
 mod csum;
 mod forward;
 mod frontend;
+mod icmp;
 mod maps;
 mod nat;
 mod packet;

@@ -52,7 +52,7 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V4: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V5: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]

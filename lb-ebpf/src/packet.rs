@@ -102,9 +102,9 @@ pub trait Packet {
     }
 }
 
-// data and data_end are read with volatile loads: otherwise LLVM folds a
-// bounds check into an earlier, wider one made through another pointer, and
-// the verifier, which tracks each pointer separately, rejects the access.
+// data_end is read with a volatile load: otherwise LLVM folds a bounds check
+// into an earlier, wider one made through another pointer, and the
+// verifier, which tracks each pointer separately, rejects the access.
 
 impl Packet for XdpContext {
     #[inline(always)]
@@ -119,8 +119,7 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        // SAFETY: reading a field of the program's own context.
-        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
+        XdpContext::data(self)
     }
 
     #[inline(always)]
@@ -198,8 +197,7 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        // SAFETY: reading a field of the program's own context.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+        TcContext::data(self)
     }
 
     #[inline(always)]

@@ -6,7 +6,7 @@ use lb_common::{conntrack::CT_F_FORWARD, proto, service::SVC_F_LOCAL_ONLY, stats
 use crate::{
     conntrack, forward,
     forward::Route,
-    frontend, nat,
+    frontend, icmp, nat,
     packet::{Hook, Packet},
     parse::{self, Flow},
     reject, select,
@@ -34,8 +34,17 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let flow = match parse::parse(pkt) {
         Ok(Some(flow)) => flow,
         Ok(None) => {
-            count(stats::PASS_UNSUPPORTED, len);
-            return Verdict::Pass;
+            return match icmp::translate_error(pkt) {
+                Ok(true) => {
+                    count(stats::ICMP_ERROR, len);
+                    Verdict::Pass
+                }
+                Ok(false) => {
+                    count(stats::PASS_UNSUPPORTED, len);
+                    Verdict::Pass
+                }
+                Err(_) => drop(stats::DROP_REWRITE, len),
+            };
         }
         Err(_) => {
             count(stats::PASS_MALFORMED, len);

@@ -253,6 +253,40 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
 }
 
+/// An ICMP error from `src` to `dst` quoting `quoted`'s IP header and the
+/// first `quote_len` bytes after it, with correct checksums.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: u32,
+    quoted: &Packet,
+    quote_len: usize,
+) -> Vec<u8> {
+    let q = quoted.bytes();
+    let ihl = usize::from(q[14] & 0x0f) * 4;
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(&q[14..14 + ihl + quote_len]);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAC_A);
+    out.extend_from_slice(&MAC_B);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&icmp);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -868,3 +868,66 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
         XDP_PASS
     );
 }
+
+#[test]
+fn icmp_errors_about_translated_flows_quote_what_the_sender_sent() {
+    use lb_tests::packet::icmp_error;
+    use std::net::Ipv4Addr;
+    let mut dp = seeded();
+    let router = Ipv4Addr::new(10, 99, 0, 254);
+    // A pod's flow to a ClusterIP; a router on the way to the backend says
+    // "fragmentation needed" to the pod about the translated packet.
+    let client = addr("10.244.2.20:40020");
+    let big = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, &[0u8; 64]);
+    dp.run(TcPod, &big.bytes());
+    let translated = big.with_addrs(client, addr("10.244.1.10:8080"));
+    let err = icmp_error(router, *client.ip(), 3, 4, 1400, &translated, 8);
+    for prog in [XdpNode, TcNode] {
+        let (verdict, out) = dp.run(prog, &err);
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        assert_eq!(
+            out,
+            icmp_error(router, *client.ip(), 3, 4, 1400, &big, 8),
+            "{prog:?}: quotes the ClusterIP"
+        );
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+    }
+
+    // After SNAT the error comes to the node; it goes on to the client.
+    let outside = addr("10.99.0.100:40021");
+    let syn = Packet::tcp(outside, addr("10.99.0.1:30080"), flags::SYN, b"");
+    let mut dp = Datapath::new();
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[("10.99.0.1", 30080, NodePort)],
+        &[("10.244.2.10", 8080, false)],
+    )]);
+    dp.run(XdpNode, &syn.bytes());
+    let snat_port = dp
+        .maps
+        .conntrack
+        .iter()
+        .map(|e| e.expect("conntrack"))
+        .find(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
+        .map(|(k, _)| u16::from_be(k.dport_be))
+        .expect("the SNAT flow's reply entry");
+    let sent = syn.with_addrs(
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), snat_port),
+        addr("10.244.2.10:8080"),
+    );
+    let err = icmp_error(router, Ipv4Addr::new(10, 99, 0, 1), 11, 0, 0, &sent, 8);
+    let (verdict, out) = dp.run(XdpNode, &err);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        icmp_error(router, *outside.ip(), 11, 0, 0, &syn, 8),
+        "to the client, quoting its own packet"
+    );
+    assert_eq!(lb_tests::fixture::counter(&dp, "icmp_error"), 1);
+
+    // An error about a flow nobody translated passes untouched.
+    let other = Packet::udp(addr("10.244.2.20:1234"), addr("10.244.1.99:53"), b"q");
+    let err = icmp_error(router, Ipv4Addr::new(10, 244, 2, 20), 3, 3, 0, &other, 8);
+    assert_eq!(dp.run(XdpNode, &err), (XDP_PASS, err.clone()));
+}
