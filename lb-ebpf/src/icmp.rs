@@ -19,17 +19,12 @@ use lb_common::{
 use crate::{
     maps::LB_CT_V1,
     packet::{Packet, PacketError},
-    parse::{ETH_HLEN, IP4_CSUM, IP4_DADDR, IP4_SADDR},
+    parse::{ETH_HLEN, ETH_P_IP, IP4_CSUM, IP4_DADDR, IP4_SADDR},
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-/// Offset of the ICMP checksum within the ICMP header.
-const ICMP_CSUM: usize = 2;
-/// ICMP header length (type, code, checksum, 4 more bytes).
-const ICMP_HLEN: usize = 8;
+use crate::parse::icmp::{
+    CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP, TIME_EXCEEDED,
+};
 
 /// Translates the packet if it is an ICMP error about a translated flow;
 /// `Ok(true)` when it did.
@@ -51,7 +46,7 @@ pub fn translate_error<P: Packet>(pkt: &mut P) -> Result<bool, PacketError> {
     // become checks the verifier cannot follow.
     let l4 = l3 + ihl;
     let icmp: [u8; ICMP_HLEN] = pkt.load(l4)?;
-    if icmp[0] != ICMP_DEST_UNREACH && icmp[0] != ICMP_TIME_EXCEEDED {
+    if icmp[0] != DEST_UNREACH && icmp[0] != TIME_EXCEEDED {
         return Ok(false);
     }
     // The quoted packet: its IP header and at least its ports.

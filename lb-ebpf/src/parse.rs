@@ -10,7 +10,8 @@ use crate::packet::{Packet, PacketError};
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
 /// Offset of the IPv4 header checksum within the header.
 pub const IP4_CSUM: usize = 10;
 /// Offset of the IPv4 source address within the header.
@@ -25,6 +26,22 @@ pub const UDP_CSUM: usize = 6;
 pub const TCP_HLEN: usize = 20;
 /// UDP header length.
 pub const UDP_HLEN: usize = 8;
+
+/// ICMP, as the datapath reads and writes it.
+pub mod icmp {
+    /// IP protocol number of ICMP.
+    pub const IPPROTO_ICMP: u8 = 1;
+    /// ICMP header length (type, code, checksum, 4 more bytes).
+    pub const HLEN: usize = 8;
+    /// Offset of the checksum within the header.
+    pub const CSUM: usize = 2;
+    /// Destination unreachable.
+    pub const DEST_UNREACH: u8 = 3;
+    /// Code of destination unreachable: port unreachable.
+    pub const PORT_UNREACH: u8 = 3;
+    /// Time exceeded.
+    pub const TIME_EXCEEDED: u8 = 11;
+}
 
 /// TCP flag bits (byte 13 of the header).
 pub mod tcp_flags {

@@ -13,11 +13,12 @@ use crate::{
     },
 };
 
-const IPPROTO_ICMP: u8 = 1;
+use crate::parse::icmp::{
+    DEST_UNREACH as ICMP_DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP,
+    PORT_UNREACH as ICMP_PORT_UNREACH,
+};
+
 const IP4_HLEN: usize = 20;
-const ICMP_HLEN: usize = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
 
 /// Rewrites the packet into its refusal. `Err` means: drop it instead (for
 /// example a RST, which is never answered).
