@@ -186,11 +186,7 @@ pub fn service(
                 terminating: false,
             })
             .collect(),
-        affinity_timeout_s: 0,
-        external_local: false,
-        internal_local: false,
-        health_check_node_port: 0,
-        source_ranges: Vec::new(),
+        ..ServicePort::default()
     };
     (r, sp)
 }

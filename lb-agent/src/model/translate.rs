@@ -610,11 +610,7 @@ fn translate_port(
         ServicePort {
             frontends,
             endpoints,
-            affinity_timeout_s: 0,
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: 0,
-            source_ranges: Vec::new(),
+            ..ServicePort::default()
         },
     ))
 }

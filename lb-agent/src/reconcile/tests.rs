@@ -99,11 +99,7 @@ fn svc(name: &str, vip: &str, port: u16, endpoints: &[&str]) -> (ServicePortRef,
                 terminating: false,
             })
             .collect(),
-        affinity_timeout_s: 0,
-        external_local: false,
-        internal_local: false,
-        health_check_node_port: 0,
-        source_ranges: Vec::new(),
+        ..ServicePort::default()
     };
     (r, sp)
 }
