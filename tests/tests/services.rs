@@ -399,13 +399,17 @@ fn pod_interfaces_that_appear_later_are_attached_and_detached() {
     let pins = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
     let with_pod = pins();
     c.delete_pod(&name);
-    wait_until(WAIT, "the deleted pod's link pin is removed", || {
-        pins() == with_pod - 1
-    });
-    assert!(c
-        .node("a")
-        .agent_log()
-        .contains("detached from pod interface"));
+    // The agent removes the pin, then logs it: wait for both.
+    wait_until(
+        WAIT,
+        "the deleted pod's link pin is removed and logged",
+        || {
+            pins() == with_pod - 1
+                && c.node("a")
+                    .agent_log()
+                    .contains("detached from pod interface")
+        },
+    );
 }
 
 #[test]
