@@ -15,6 +15,7 @@
 pub mod affinity;
 pub mod config;
 pub mod conntrack;
+pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod service;
@@ -23,6 +24,7 @@ pub mod stats;
 pub use affinity::{AffinityKey, AffinityValue};
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
+pub use frag::{FragKey, FragValue};
 pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue, SrcRange};
 
 /// Address families as carried in keys (the values of `AF_INET`/`AF_INET6`).

@@ -14,12 +14,14 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V5";
+pub const STATS: &str = "LB_STATS_V6";
 
 /// ClientIP affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
 pub const AFFINITY: &str = "LB_AFFINITY_V1";
 /// Source ranges (LPM trie): prefix + [`crate::SrcRange`] → `u32` 1.
 pub const SRC_RANGES: &str = "LB_SRC_RANGES_V1";
+/// First fragments' ports (LRU): [`crate::FragKey`] → [`crate::FragValue`].
+pub const FRAGS: &str = "LB_FRAGS_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
 pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 
@@ -31,12 +33,14 @@ pub const BACKENDS_MAX: u32 = 65536;
 pub const AFFINITY_MAX: u32 = 65536;
 /// Default capacity of the source-range map.
 pub const SRC_RANGES_MAX: u32 = 16384;
+/// Default capacity of the fragment map (datagrams in flight at once).
+pub const FRAGS_MAX: u32 = 8192;
 /// Default capacity of the conntrack map.
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 9] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO,
+pub const ALL: [&str; 10] = [
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO, FRAGS,
 ];
 
 /// The XDP program on the node's external interfaces.

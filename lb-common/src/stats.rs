@@ -24,7 +24,7 @@ pub const DROP_REWRITE: u32 = 8;
 pub const DROP_NO_ROUTE: u32 = 9;
 /// XDP could not finish (no neighbour entry) and left the packet to TC.
 pub const XDP_TO_TC: u32 = 10;
-/// IP fragments and protocols the datapath does not translate (passed).
+/// Protocols the datapath does not translate (passed).
 pub const PASS_UNSUPPORTED: u32 = 11;
 /// A tracked flow whose backend was removed (TCP reset, UDP re-picked).
 pub const BACKEND_GONE: u32 = 12;
@@ -34,8 +34,12 @@ pub const DROP_NO_LOCAL_ENDPOINT: u32 = 13;
 pub const DROP_SOURCE_RANGE: u32 = 14;
 /// An ICMP error about a translated flow, translated back.
 pub const ICMP_ERROR: u32 = 15;
+/// A later IPv4 fragment translated like its datagram's first fragment.
+pub const FRAG_TRACKED: u32 = 16;
+/// A later IPv4 fragment with no translated first fragment (passed).
+pub const FRAG_UNTRACKED: u32 = 17;
 /// Number of counters.
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 18;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -55,6 +59,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_no_local_endpoint",
     "drop_source_range",
     "icmp_error",
+    "frag_tracked",
+    "frag_untracked",
 ];
 
 /// One counter: packets and bytes.

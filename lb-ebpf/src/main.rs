@@ -6,6 +6,7 @@
 mod conntrack;
 mod csum;
 mod forward;
+mod frag;
 mod frontend;
 mod icmp;
 mod maps;

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX, SRC_RANGES_MAX},
+    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
     service::MAGLEV_MAX,
     stats::{Counter, COUNT},
-    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
-    ServiceKey, ServiceValue, SrcRange,
+    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
+    ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
 
 /// Frontends.
@@ -52,8 +52,12 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V5: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V6: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]
 pub static LB_SVC_INFO_V1: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> = HashMap::new();
+
+/// Ports of translated first fragments, for the datagram's later fragments.
+#[btf_map]
+pub static LB_FRAGS_V1: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHashMap::new();

@@ -37,6 +37,11 @@ fn set_addr<P: Packet>(
     }
     pkt.store(flow.l3_off + field, new)?;
     pkt.l3_csum_replace(flow.l3_off + IP4_CSUM, old, new)?;
+    // A later fragment has no L4 checksum: the first fragment's update
+    // covers the whole datagram's pseudo-header.
+    if !flow.has_l4() {
+        return Ok(());
+    }
     pkt.l4_csum_replace(
         flow.l4_csum_off(),
         old,
@@ -55,7 +60,7 @@ fn set_port<P: Packet>(
     old: u16,
     new: u16,
 ) -> Result<(), PacketError> {
-    if old == new {
+    if old == new || !flow.has_l4() {
         return Ok(());
     }
     pkt.store(flow.l4_off + field, new)?;

@@ -2,7 +2,9 @@
 //!
 //! The parser reads, never writes. Anything it cannot read completely is
 //! `Err` (passed untouched); anything it can read but does not translate
-//! (other protocols, VLAN tags, later IP fragments) is `Ok(None)`.
+//! (other protocols, VLAN tags) is `Ok(None)`. A later IPv4 fragment is a
+//! [`Flow`] without ports ([`Frag::Later`]): the pipeline takes them from
+//! the datagram's first fragment (`lb_common::frag`).
 
 use lb_common::{family, proto, CtKey, IpAddrBe};
 
@@ -18,6 +20,10 @@ pub const IP4_CSUM: usize = 10;
 pub const IP4_SADDR: usize = 12;
 /// Offset of the IPv4 destination address within the header.
 pub const IP4_DADDR: usize = 16;
+/// Fragment offset bits of the IPv4 flags/offset field.
+pub const IP4_OFFSET_MASK: u16 = 0x1fff;
+/// "More fragments" bit of the IPv4 flags/offset field.
+pub const IP4_MORE_FRAGMENTS: u16 = 0x2000;
 /// Offset of the TCP checksum within the TCP header.
 pub const TCP_CSUM: usize = 16;
 /// Offset of the UDP checksum within the UDP header.
@@ -94,6 +100,17 @@ pub struct UdpHdr {
     pub check: u16,
 }
 
+/// Where a packet stands in its IP datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// A whole datagram.
+    None,
+    /// The first fragment: it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, so the ports are unknown (zero).
+    Later,
+}
+
 /// A parsed packet: its 5-tuple and where its headers are.
 #[derive(Clone, Copy)]
 pub struct Flow {
@@ -113,8 +130,12 @@ pub struct Flow {
     pub dport: u16,
     /// Offset of the L3 header.
     pub l3_off: usize,
-    /// Offset of the L4 header.
+    /// Offset of the L4 header (where it would be, for a later fragment).
     pub l4_off: usize,
+    /// Fragment position.
+    pub frag: Frag,
+    /// IP identification, network order (ties fragments together).
+    pub ip_id_be: u16,
 }
 
 impl Flow {
@@ -130,6 +151,12 @@ impl Flow {
             family: self.family,
             _pad: [0; 2],
         }
+    }
+
+    /// Whether the packet carries the L4 header (ports and checksum).
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.frag != Frag::Later
     }
 
     /// Offset of the L4 checksum.
@@ -160,16 +187,20 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
     if ihl < 20 {
         return Err(PacketError);
     }
-    // Later fragments carry no ports, and a first fragment's ports would
-    // send its tail elsewhere: fragments are not translated (for now).
-    let frag: u16 = u16::from_be(pkt.load(l3_off + 6)?);
-    if frag & 0x3fff != 0 {
-        return Ok(None);
-    }
+    let frag_off: u16 = u16::from_be(pkt.load(l3_off + 6)?);
+    let frag = if frag_off & IP4_OFFSET_MASK != 0 {
+        Frag::Later
+    } else if frag_off & IP4_MORE_FRAGMENTS != 0 {
+        Frag::First
+    } else {
+        Frag::None
+    };
+    let ip_id_be: u16 = pkt.load(l3_off + 4)?;
     let l4_proto: u8 = pkt.load(l3_off + 9)?;
     let l4_off = l3_off + ihl;
     // The whole fixed L4 header must be there before anything is rewritten.
     let (sport, dport, tcp_flags) = match l4_proto {
+        proto::TCP | proto::UDP if frag == Frag::Later => (0, 0, 0),
         proto::TCP => {
             let h: TcpHdr = pkt.load(l4_off)?;
             (h.sport, h.dport, h.flags)
@@ -192,5 +223,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
         dport,
         l3_off,
         l4_off,
+        frag,
+        ip_id_be,
     }))
 }

@@ -6,9 +6,9 @@ use lb_common::{conntrack::CT_F_FORWARD, proto, service::SVC_F_LOCAL_ONLY, stats
 use crate::{
     conntrack, forward,
     forward::Route,
-    frontend, icmp, nat,
+    frag, frontend, icmp, nat,
     packet::{Hook, Packet},
-    parse::{self, Flow},
+    parse::{self, Flow, Frag},
     reject, select,
     stats::count,
 };
@@ -31,7 +31,7 @@ pub enum Verdict {
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let len = pkt.len();
-    let flow = match parse::parse(pkt) {
+    let mut flow = match parse::parse(pkt) {
         Ok(Some(flow)) => flow,
         Ok(None) => {
             return match icmp::translate_error(pkt) {
@@ -51,6 +51,10 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
             return Verdict::Pass;
         }
     };
+
+    if flow.frag == Frag::Later {
+        return later_fragment(pkt, &mut flow, hook, len);
+    }
 
     let key = flow.ct_key();
     if let Some(ct) = conntrack::lookup(&flow, &key) {
@@ -105,6 +109,25 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     }
 }
 
+/// A later fragment takes its first fragment's flow, or passes untouched: it
+/// has no header to start a flow or to answer with a reset.
+#[inline(always)]
+fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32) -> Verdict {
+    if !frag::recall(flow) {
+        count(stats::FRAG_UNTRACKED, len);
+        return Verdict::Pass;
+    }
+    let Some(ct) = conntrack::lookup(flow, &flow.ct_key()) else {
+        count(stats::FRAG_UNTRACKED, len);
+        return Verdict::Pass;
+    };
+    if !select::backend_alive(&ct) {
+        return drop(stats::BACKEND_GONE, len);
+    }
+    count(stats::FRAG_TRACKED, len);
+    translate(pkt, flow, &ct, hook)
+}
+
 #[inline(always)]
 fn drop(reason: u32, len: u32) -> Verdict {
     count(reason, len);
@@ -115,6 +138,7 @@ fn drop(reason: u32, len: u32) -> Verdict {
 #[inline(always)]
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
     let len = pkt.len();
+    frag::remember(flow);
     if ct.flags & CT_F_FORWARD == 0 {
         return match nat::rewrite(pkt, flow, ct) {
             Ok(()) => Verdict::Pass,

@@ -253,6 +253,34 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Splits an Ethernet/IPv4 frame into two fragments, the first carrying
+/// `first_len` bytes of the IP payload (a multiple of 8), as a router would.
+pub fn fragment(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let (eth_ip, payload) = frame.split_at(14 + ihl);
+    assert!(
+        first_len < payload.len(),
+        "nothing left for a second fragment"
+    );
+    let make = |part: &[u8], offset: usize, more: bool| {
+        let mut f = eth_ip.to_vec();
+        let total = (ihl + part.len()) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        f[20..22].copy_from_slice(&flags.to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[14..14 + ihl]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    };
+    (
+        make(&payload[..first_len], 0, true),
+        make(&payload[first_len..], first_len, false),
+    )
+}
+
 /// An ICMP error from `src` to `dst` quoting `quoted`'s IP header and the
 /// first `quote_len` bytes after it, with correct checksums.
 pub fn icmp_error(

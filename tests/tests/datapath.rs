@@ -10,8 +10,8 @@ use lb_agent::{
     model::{FrontendKind::*, Protocol},
 };
 use lb_tests::{
-    fixture::{service, Datapath},
-    packet::{flags, verify_checksums, Packet, L4, MAC_A, MAC_B},
+    fixture::{counter, service, Datapath},
+    packet::{flags, fragment, verify_checksums, Packet, L4, MAC_A, MAC_B},
 };
 
 const XDP_DROP: u32 = 1;
@@ -368,11 +368,6 @@ fn malformed_packets_pass_untouched() {
     bad_ihl[14] = 0x43;
     let mut not_v4 = syn.clone();
     not_v4[14] = 0x65;
-    let mut fragment = syn.clone();
-    fragment[20] = 0x20; // MF
-    let mut later_fragment = udp.clone();
-    later_fragment[20] = 0x00;
-    later_fragment[21] = 0x10; // offset 16 bytes
     let mut vlan = syn.clone();
     vlan.splice(12..12, [0x81, 0x00, 0x00, 0x01]);
     let mut ihl_past_end = syn.clone();
@@ -383,8 +378,6 @@ fn malformed_packets_pass_untouched() {
         ("truncated UDP header", udp[..14 + 20 + 4].to_vec()),
         ("IHL below 5", bad_ihl),
         ("IP version 6 in an IPv4 frame", not_v4),
-        ("first fragment", fragment),
-        ("later fragment", later_fragment),
         ("VLAN tag", vlan),
         ("IHL past the end", ihl_past_end),
     ];
@@ -400,6 +393,62 @@ fn malformed_packets_pass_untouched() {
             assert_eq!(verdict, pass(prog), "{name}: {prog:?}");
             assert_eq!(&out, input, "{name}: {prog:?} must not be modified");
         }
+    }
+}
+
+/// A datagram of `payload` bytes from `src` to `dst`, split after 16 bytes
+/// of UDP payload.
+fn udp_fragments(src: SocketAddrV4, dst: SocketAddrV4, id: u16) -> (Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0..200u8).collect();
+    let mut p = Packet::udp(src, dst, &payload);
+    p.id = id;
+    fragment(&p.bytes(), 24)
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_and_untracked_ones_pass() {
+    let client = addr("10.244.2.20:40100");
+    let vip = addr("10.96.0.53:53");
+    let backend = addr("10.244.1.11:5353");
+    for prog in ALL {
+        let mut dp = seeded();
+        // The whole datagram, translated and then cut the same way, is what
+        // both fragments must become: the first fragment's UDP checksum
+        // covers the whole datagram, so exact bytes prove it right.
+        let (first, later) = udp_fragments(client, vip, 0x4242);
+        let (want_first, want_later) = udp_fragments(client, backend, 0x4242);
+        let (verdict, out) = dp.run(prog, &first);
+        assert_eq!(verdict, pass(prog), "{prog:?}: first fragment");
+        assert_eq!(out, want_first, "{prog:?}: first fragment translated");
+        let (verdict, out) = dp.run(prog, &later);
+        assert_eq!(verdict, pass(prog), "{prog:?}: later fragment");
+        assert_eq!(out, want_later, "{prog:?}: later fragment follows");
+        assert_eq!(counter(&dp, "frag_tracked"), 1, "{prog:?}");
+
+        // The reply, fragmented by the backend, comes back from the frontend
+        // (where replies are translated: see the reply test above).
+        if prog != TcNode {
+            let (r_first, r_later) = udp_fragments(backend, client, 0x0707);
+            let (want_first, want_later) = udp_fragments(vip, client, 0x0707);
+            assert_eq!(dp.run(prog, &r_first), (pass(prog), want_first), "{prog:?}");
+            assert_eq!(dp.run(prog, &r_later), (pass(prog), want_later), "{prog:?}");
+            assert_eq!(counter(&dp, "frag_tracked"), 2, "{prog:?}");
+        }
+
+        // A later fragment whose first fragment never came (another id), or
+        // was not translated (not for a Service), passes untouched.
+        let (_, orphan) = udp_fragments(client, vip, 0x4243);
+        let (other_first, other_later) = udp_fragments(client, addr("10.96.0.54:53"), 0x4244);
+        for (name, input) in [
+            ("orphan", &orphan),
+            ("first not for a Service", &other_first),
+            ("later not for a Service", &other_later),
+        ] {
+            let (verdict, out) = dp.run(prog, input);
+            assert_eq!(verdict, pass(prog), "{prog:?}: {name}");
+            assert_eq!(&out, input, "{prog:?}: {name} must pass untouched");
+        }
+        assert_eq!(counter(&dp, "frag_untracked"), 2, "{prog:?}");
     }
 }
 

@@ -546,3 +546,65 @@ fn a_pod_reaching_its_own_service_gets_its_answer() {
         assert_eq!(from, sa("10.96.0.53:53"));
     }
 }
+
+#[test]
+fn udp_datagrams_larger_than_the_mtu_cross_the_cluster_ip_in_fragments() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    // One remote backend that echoes whole datagrams, so both directions
+    // are fragmented: the client's on the way in, the backend's on the way
+    // back.
+    let backend = c.pod("b0").ns.clone();
+    let sock = in_ns(&backend, || std::net::UdpSocket::bind(sa("0.0.0.0:5353")))
+        .expect("bind the echo server");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    c.write_manifest("dns.yaml", &dns(&[(B0, "node-b")]));
+    start_agents(&mut c);
+
+    let client = c.pod("a0").ns.clone();
+    let payload: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    let (reply, from) = in_ns(&client, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(IO))?;
+        s.send_to(&payload, sa("10.96.0.53:53"))?;
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = s.recv_from(&mut buf)?;
+        buf.truncate(n);
+        Ok::<_, std::io::Error>((buf, from))
+    })
+    .expect("a 6000-byte datagram through the ClusterIP is echoed");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    echo.join().expect("echo thread");
+    assert_eq!(
+        from,
+        sa("10.96.0.53:53"),
+        "the reply comes from the ClusterIP"
+    );
+    assert!(
+        reply == payload,
+        "the echo is the datagram sent, byte for byte"
+    );
+    // Node a saw the client's later fragments go out and the backend's come
+    // back, each translated through its first fragment.
+    let stats = inspect(&c, "a", &["stats"]);
+    let tracked = stats
+        .as_array()
+        .or_else(|| stats["counters"].as_array())
+        .and_then(|cs| cs.iter().find(|x| x["name"] == "frag_tracked"))
+        .and_then(|x| x["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no frag_tracked counter in {stats}"));
+    assert!(
+        tracked >= 8,
+        "6000 bytes each way is 4+ fragments each: {tracked}"
+    );
+}
