@@ -63,6 +63,8 @@ pub enum TestProgram {
     TcNode,
     /// TC ingress on a pod interface.
     TcPod,
+    /// The pass-only XDP program (loaded on first use).
+    XdpPass,
 }
 
 /// Kinds of attachment, each with its own pin name prefix.
@@ -263,24 +265,37 @@ impl Programs {
     /// involved; map side effects are real) and returns its return code and
     /// the packet as it left the program.
     pub fn test_run(&mut self, program: TestProgram, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let hook = match program {
-            TestProgram::XdpNode => Hook::Xdp,
-            TestProgram::TcNode => Hook::TcNode,
-            TestProgram::TcPod => Hook::TcPod,
+        let name = match program {
+            TestProgram::XdpNode => Hook::Xdp.program(),
+            TestProgram::TcNode => Hook::TcNode.program(),
+            TestProgram::TcPod => Hook::TcPod.program(),
+            TestProgram::XdpPass => maps::PROG_XDP_PASS,
         };
         // Room for packets that grow (an ICMP error is 28 bytes longer).
         let mut out = vec![0u8; packet.len() + 256];
-        let prog = self.program(hook)?;
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?;
         let o = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         };
-        let res = match hook {
-            Hook::Xdp => <&mut Xdp>::try_from(prog)?.test_run(o),
-            Hook::TcNode | Hook::TcPod => <&mut SchedClassifier>::try_from(prog)?.test_run(o),
+        let res = match program {
+            TestProgram::XdpNode | TestProgram::XdpPass => {
+                let xdp = <&mut Xdp>::try_from(prog)?;
+                if xdp.fd().is_err() {
+                    xdp.load()
+                        .with_context(|| format!("verifier rejected {name}"))?;
+                }
+                xdp.test_run(o)
+            }
+            TestProgram::TcNode | TestProgram::TcPod => {
+                <&mut SchedClassifier>::try_from(prog)?.test_run(o)
+            }
         }
-        .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out))
     }
