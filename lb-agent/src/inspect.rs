@@ -101,17 +101,7 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
                 backends,
             });
         }
-        let kinds = [
-            (SVC_F_CLUSTER_IP, "ClusterIP"),
-            (SVC_F_NODEPORT, "NodePort"),
-            (SVC_F_EXTERNAL, "External"),
-            (SVC_F_LOAD_BALANCER, "LoadBalancer"),
-            (SVC_F_SRC_RANGES, "SourceRanges"),
-        ]
-        .iter()
-        .filter(|(f, _)| value.flags & f != 0)
-        .map(|(_, n)| *n)
-        .collect();
+        let kinds = frontend_kinds(value.flags);
         let addr = std::net::SocketAddr::new(
             addr_from_be(key.addr_be, key.family),
             u16::from_be(key.port_be),
@@ -414,8 +404,23 @@ fn service_id(maps: &Maps, service: &str) -> Result<u32> {
         })
 }
 
+/// The names of a frontend's `SVC_F_` flags.
+pub fn frontend_kinds(flags: u32) -> Vec<&'static str> {
+    [
+        (SVC_F_CLUSTER_IP, "ClusterIP"),
+        (SVC_F_NODEPORT, "NodePort"),
+        (SVC_F_EXTERNAL, "External"),
+        (SVC_F_LOAD_BALANCER, "LoadBalancer"),
+        (SVC_F_SRC_RANGES, "SourceRanges"),
+    ]
+    .iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| *n)
+    .collect()
+}
+
 /// `bpf_ktime_get_ns`'s clock.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
     })

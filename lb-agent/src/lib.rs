@@ -10,5 +10,7 @@ pub mod health;
 pub mod inspect;
 pub mod maglev;
 pub mod model;
+pub mod packet;
 pub mod reconcile;
 pub mod source;
+pub mod trace;

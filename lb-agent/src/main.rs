@@ -53,6 +53,12 @@ enum XdpModeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TraceProto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -90,6 +96,28 @@ enum Command {
         view: View,
         /// `namespace/name[:port]/PROTO` as `services` prints it, or its id.
         service: String,
+    },
+    /// Run one hand-built packet through a private copy of the datapath
+    /// (BPF_PROG_TEST_RUN; nothing live changes) and explain the verdict.
+    Trace {
+        #[command(flatten)]
+        view: View,
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: TraceProto,
+        /// Source address and port.
+        #[arg(long)]
+        src: std::net::SocketAddrV4,
+        /// Destination address and port.
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        /// TCP flags as letters (S, A, F, R, P).
+        #[arg(long, default_value = "S", value_parser = lb_agent::trace::parse_tcp_flags)]
+        flags: u8,
+        /// The interface the packet arrives on (its program runs, with FIB
+        /// lookups through it); default: from a pod, without a device.
+        #[arg(long)]
+        iface: Option<String>,
     },
     /// Detach every program and remove every pin under the bpffs directory.
     Cleanup {
@@ -207,6 +235,7 @@ fn real_main(mut cli: Cli) -> Result<()> {
         | Command::Stats(view)
         | Command::Backends(view)
         | Command::Conntrack { view, .. }
+        | Command::Trace { view, .. }
         | Command::Maglev { view, .. } => {
             view.bpffs = std::path::absolute(&view.bpffs).context("--bpffs")?;
         }
@@ -251,6 +280,27 @@ fn real_main(mut cli: Cli) -> Result<()> {
             view.print(&inspect::maglev(&maps, &service)?, |v| {
                 inspect::maglev_table(v)
             })
+        }
+        Command::Trace {
+            view,
+            proto,
+            src,
+            dst,
+            flags,
+            iface,
+        } => {
+            let req = lb_agent::trace::Request {
+                proto: match proto {
+                    TraceProto::Tcp => lb_common::proto::TCP,
+                    TraceProto::Udp => lb_common::proto::UDP,
+                },
+                src,
+                dst,
+                tcp_flags: flags,
+                iface,
+            };
+            let report = lb_agent::trace::run(&view.bpffs, &req)?;
+            view.print(&report, lb_agent::trace::table)
         }
         Command::Cleanup { bpffs } => {
             programs::cleanup(&bpffs)?;

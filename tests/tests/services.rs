@@ -608,3 +608,157 @@ fn udp_datagrams_larger_than_the_mtu_cross_the_cluster_ip_in_fragments() {
         "6000 bytes each way is 4+ fragments each: {tracked}"
     );
 }
+
+/// `lb-agent trace ARGS -o json` inside node `node`'s network namespace.
+fn trace(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let bin = lb_tests::rig::agent_bin();
+    let bpffs = c.node(node).bpffs();
+    let mut all = vec![
+        bin.to_str().expect("utf-8 path"),
+        "trace",
+        "-o",
+        "json",
+        "--bpffs",
+        bpffs.to_str().expect("utf-8 path"),
+    ];
+    all.extend_from_slice(args);
+    let out = lb_tests::rig::sh(Some(&c.node(node).ns), &all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("trace printed no JSON ({e}): {out}"))
+}
+
+/// Node `node`'s tracked flows and its new_flow counter.
+fn live_state(c: &Cluster, node: &str) -> (usize, u64) {
+    let flows = inspect(c, node, &["conntrack"])
+        .as_array()
+        .map_or(0, Vec::len);
+    let stats = inspect(c, node, &["stats"]);
+    let new_flows = stats
+        .as_array()
+        .or_else(|| stats["counters"].as_array())
+        .and_then(|cs| cs.iter().find(|x| x["name"] == "new_flow"))
+        .and_then(|x| x["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no new_flow counter in {stats}"));
+    (flows, new_flows)
+}
+
+#[test]
+fn trace_explains_verdicts_without_touching_live_state() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c);
+    // An open stream from a0, whose flow the trace must find.
+    let a0 = c.pod("a0").ns.clone();
+    let mut stream = EchoStream::open(&a0, sa("10.96.0.10:80"), IO);
+    stream.round_trip();
+    let before = live_state(&c, "a");
+
+    // A new connection from outside to the NodePort, arriving on eth0.
+    let r = trace(
+        &c,
+        "a",
+        &[
+            "--proto",
+            "tcp",
+            "--src",
+            "10.99.0.100:41000",
+            "--dst",
+            "10.99.0.1:30080",
+            "--iface",
+            "eth0",
+        ],
+    );
+    assert_eq!(r["stages"][0]["program"], "lb_xdp_node", "{r}");
+    assert!(
+        r["frontend"].as_str().is_some_and(|f| f.contains("web")),
+        "{r}"
+    );
+    let backend = r["backend"].as_str().unwrap_or_default().to_string();
+    assert!(
+        backend.starts_with(&format!("{A1}:8080")) || backend.starts_with(&format!("{B0}:8080")),
+        "{r}"
+    );
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("Maglev")),
+        "{r}"
+    );
+    let last = r["stages"]
+        .as_array()
+        .and_then(|s| s.last())
+        .expect("a stage");
+    let leaves = last["output"]["dst"].as_str().unwrap_or_default();
+    assert!(
+        backend.starts_with(leaves),
+        "the packet leaves for {leaves}: {r}"
+    );
+
+    // The stream's next packet, from a0's interface: conntrack keeps it on
+    // the backend the live entry names.
+    let local = stream.local_addr().to_string();
+    let r = trace(
+        &c,
+        "a",
+        &[
+            "--proto",
+            "tcp",
+            "--src",
+            &local,
+            "--dst",
+            "10.96.0.10:80",
+            "--flags",
+            "A",
+            "--iface",
+            "lxc0",
+        ],
+    );
+    assert_eq!(r["stages"][0]["program"], "lb_tc_pod", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("conntrack")),
+        "{r}"
+    );
+    let flows = inspect(
+        &c,
+        "a",
+        &[
+            "conntrack",
+            "--port",
+            &stream.local_addr().port().to_string(),
+        ],
+    );
+    let live_backend = flows
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["direction"] == "forward"))
+        .and_then(|f| f["new_dst"].as_str())
+        .expect("the stream's forward entry")
+        .to_string();
+    assert!(
+        r["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with(&live_backend)),
+        "trace {r} vs live {live_backend}"
+    );
+
+    // Nothing listens there.
+    let r = trace(
+        &c,
+        "a",
+        &[
+            "--proto",
+            "udp",
+            "--src",
+            "10.99.0.100:41000",
+            "--dst",
+            "10.96.0.77:53",
+        ],
+    );
+    assert_eq!(r["stages"][0]["outcome"][0], "pass_no_service", "{r}");
+    assert!(r["frontend"].is_null() && r["backend"].is_null(), "{r}");
+
+    // Three traces later, the live maps hold what they held.
+    assert_eq!(live_state(&c, "a"), before, "trace changed live state");
+    stream.round_trip();
+}

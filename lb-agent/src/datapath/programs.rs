@@ -122,9 +122,43 @@ impl Programs {
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SRC_RANGES, maps::SRC_RANGES_MAX);
-        let mut ebpf = loader.load(EBPF_OBJECT).context(
+        let ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
+        Self::verify(ebpf, bpffs, xdp_mode)
+    }
+
+    /// Loads a private copy for tracing: it reads the live frontends, Maglev
+    /// tables, backends, source ranges and config through their pins (only
+    /// the agent writes those), while its conntrack, affinity, fragment and
+    /// counter maps are its own, small and empty, so that running it changes
+    /// nothing the live datapath sees. It attaches nothing.
+    pub fn load_shadow(bpffs: &Path) -> Result<Self> {
+        let maps_dir = bpffs::maps_dir(bpffs);
+        let mut loader = EbpfLoader::new();
+        for name in AGENT_WRITTEN {
+            let path = maps_dir.join(name);
+            if !path.exists() {
+                bail!(
+                    "{} is missing: no datapath is pinned under {} (is the agent running?)",
+                    path.display(),
+                    bpffs.display()
+                );
+            }
+            loader.map_pin_path(name, path);
+        }
+        loader
+            .map_max_entries(maps::CONNTRACK, SHADOW_ENTRIES)
+            .map_max_entries(maps::AFFINITY, SHADOW_ENTRIES)
+            .map_max_entries(maps::FRAGS, SHADOW_ENTRIES);
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("load a private copy of the eBPF object")?;
+        Self::verify(ebpf, bpffs, XdpMode::default())
+    }
+
+    /// Runs the verifier on every attachable program of a loaded object.
+    fn verify(mut ebpf: Ebpf, bpffs: &Path, xdp_mode: XdpMode) -> Result<Self> {
         for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod] {
             let name = hook.program();
             let prog = ebpf
@@ -142,6 +176,14 @@ impl Programs {
             owned: HashSet::new(),
             xdp_mode,
         })
+    }
+
+    /// One of the loaded object's maps (a shadow copy's private ones
+    /// included), for seeding and reading back around a test run.
+    pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
     }
 
     /// Attaches XDP and the TC fallback to a node interface.
@@ -265,6 +307,18 @@ impl Programs {
     /// involved; map side effects are real) and returns its return code and
     /// the packet as it left the program.
     pub fn test_run(&mut self, program: TestProgram, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.test_run_on(program, packet, None)
+    }
+
+    /// [`Self::test_run`] as if the packet arrived on interface `ifindex`
+    /// (in the caller's network namespace), so that FIB lookups and the
+    /// interface checks see a real device.
+    pub fn test_run_on(
+        &mut self,
+        program: TestProgram,
+        packet: &[u8],
+        ifindex: Option<u32>,
+    ) -> Result<(u32, Vec<u8>)> {
         let name = match program {
             TestProgram::XdpNode => Hook::Xdp.program(),
             TestProgram::TcNode => Hook::TcNode.program(),
@@ -277,9 +331,12 @@ impl Programs {
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?;
+        let is_xdp = matches!(program, TestProgram::XdpNode | TestProgram::XdpPass);
+        let ctx = ifindex.map(|i| test_ctx(is_xdp, i, packet.len()));
         let o = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
             ..TestRunOptions::default()
         };
         let res = match program {
@@ -306,6 +363,53 @@ impl Programs {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))
     }
+}
+
+/// Maps only the agent writes, which a shadow copy shares with the live
+/// datapath.
+const AGENT_WRITTEN: [&str; 6] = [
+    maps::SERVICES,
+    maps::MAGLEV,
+    maps::BACKENDS,
+    maps::SRC_RANGES,
+    maps::CONFIG,
+    maps::SVC_INFO,
+];
+
+/// Capacity of a shadow copy's private conntrack, affinity and fragment maps.
+const SHADOW_ENTRIES: u32 = 1024;
+
+/// A BPF_PROG_TEST_RUN context naming the ingress interface: `xdp_md`'s
+/// `ingress_ifindex` (offset 12 of 24 bytes; `data_end`, offset 4, must
+/// then be the packet's length) or `__sk_buff`'s `ifindex` (offset 40 of 192
+/// bytes, the only device field the kernel accepts).
+fn test_ctx(xdp: bool, ifindex: u32, packet_len: usize) -> Vec<u8> {
+    let put =
+        |ctx: &mut [u8], off: usize, v: u32| ctx[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    if xdp {
+        let mut ctx = vec![0u8; 24];
+        put(&mut ctx, 4, packet_len as u32);
+        put(&mut ctx, 12, ifindex);
+        ctx
+    } else {
+        let mut ctx = vec![0u8; 192];
+        put(&mut ctx, 40, ifindex);
+        ctx
+    }
+}
+
+/// Which of the agent's programs is attached to interface `ifindex`, from
+/// the link pins under `bpffs`.
+pub fn attached_program(bpffs: &Path, ifindex: u32) -> Option<TestProgram> {
+    let links = bpffs::links_dir(bpffs);
+    [
+        (Hook::Xdp, TestProgram::XdpNode),
+        (Hook::TcPod, TestProgram::TcPod),
+        (Hook::TcNode, TestProgram::TcNode),
+    ]
+    .into_iter()
+    .find(|(hook, _)| links.join(pin_name(*hook, ifindex)).exists())
+    .map(|(_, p)| p)
 }
 
 /// Loads the object without pins and attaches its pass-only XDP program to

@@ -1,0 +1,344 @@
+//! Hand-built Ethernet/IPv4/TCP/UDP packets with correct checksums, for
+//! `lb-agent trace` and the BPF_PROG_TEST_RUN tests.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Source MAC of built packets (locally administered).
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+/// Destination MAC of built packets (locally administered).
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+
+/// TCP flag bits.
+pub mod flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// The L4 part of a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// A TCP segment (no options).
+    Tcp {
+        /// Sequence number.
+        seq: u32,
+        /// Acknowledgment number.
+        ack: u32,
+        /// Flags.
+        flags: u8,
+        /// Window.
+        window: u16,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// A UDP datagram; `no_checksum` sends a zero checksum.
+    Udp {
+        /// Payload.
+        payload: Vec<u8>,
+        /// Leave the checksum zero ("none").
+        no_checksum: bool,
+    },
+}
+
+/// An Ethernet + IPv4 + TCP/UDP packet description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Destination MAC.
+    pub dst_mac: [u8; 6],
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Destination address and port.
+    pub dst: SocketAddrV4,
+    /// IP TTL.
+    pub ttl: u8,
+    /// IP identification.
+    pub id: u16,
+    /// IP options (length a multiple of 4, at most 40 bytes).
+    pub ip_options: Vec<u8>,
+    /// L4 header and payload.
+    pub l4: L4,
+}
+
+impl Packet {
+    /// A TCP segment from `src` to `dst` with default MACs, TTL 64.
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Self {
+        Self {
+            src_mac: MAC_A,
+            dst_mac: MAC_B,
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1234,
+            ip_options: Vec::new(),
+            l4: L4::Tcp {
+                seq: 1000,
+                ack: if flags & flags::ACK != 0 { 5000 } else { 0 },
+                flags,
+                window: 64240,
+                payload: payload.to_vec(),
+            },
+        }
+    }
+
+    /// A UDP datagram from `src` to `dst` with default MACs, TTL 64.
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
+        Self {
+            src_mac: MAC_A,
+            dst_mac: MAC_B,
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1234,
+            ip_options: Vec::new(),
+            l4: L4::Udp {
+                payload: payload.to_vec(),
+                no_checksum: false,
+            },
+        }
+    }
+
+    /// The same packet with source and destination rewritten.
+    pub fn with_addrs(&self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self {
+            src,
+            dst,
+            ..self.clone()
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+        }
+    }
+
+    /// Serializes with correct IP and L4 checksums.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.src.port().to_be_bytes());
+        l4.extend_from_slice(&self.dst.port().to_be_bytes());
+        match &self.l4 {
+            L4::Tcp {
+                seq,
+                ack,
+                flags,
+                window,
+                payload,
+            } => {
+                l4.extend_from_slice(&seq.to_be_bytes());
+                l4.extend_from_slice(&ack.to_be_bytes());
+                l4.push(5 << 4);
+                l4.push(*flags);
+                l4.extend_from_slice(&window.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.extend_from_slice(payload);
+                let c = l4_checksum(*self.src.ip(), *self.dst.ip(), 6, &l4);
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            L4::Udp {
+                payload,
+                no_checksum,
+            } => {
+                l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(payload);
+                if !no_checksum {
+                    let mut c = l4_checksum(*self.src.ip(), *self.dst.ip(), 17, &l4);
+                    if c == 0 {
+                        c = 0xffff;
+                    }
+                    l4[6..8].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+        }
+        let ihl = 20 + self.ip_options.len();
+        let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
+        ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&self.id.to_be_bytes());
+        ip.extend_from_slice(&0x4000u16.to_be_bytes());
+        ip.push(self.ttl);
+        ip.push(self.proto());
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&self.src.ip().octets());
+        ip.extend_from_slice(&self.dst.ip().octets());
+        ip.extend_from_slice(&self.ip_options);
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.dst_mac);
+        out.extend_from_slice(&self.src_mac);
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        out.extend_from_slice(&ip);
+        out.extend_from_slice(&l4);
+        out
+    }
+}
+
+/// One's-complement sum of big-endian 16-bit words.
+fn sum(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// The Internet checksum of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum(data))
+}
+
+/// The TCP/UDP checksum with the IPv4 pseudo header.
+pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.push(0);
+    pseudo.push(proto);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    !fold(sum(&pseudo) + sum(l4))
+}
+
+/// Checks every checksum of an Ethernet/IPv4 frame (IP, and TCP, UDP or
+/// ICMP); returns what is wrong.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if frame.len() < 34 {
+        return Err(format!("frame of {} bytes is too short", frame.len()));
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total > ip.len() || ihl > total {
+        return Err(format!("IP total length {total} beyond the frame"));
+    }
+    if checksum(&ip[..ihl]) != 0 {
+        return Err("bad IPv4 header checksum".into());
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let l4 = &ip[ihl..total];
+    match ip[9] {
+        1 => (checksum(l4) == 0)
+            .then_some(())
+            .ok_or_else(|| "bad ICMP checksum".into()),
+        6 => (l4_checksum(src, dst, 6, l4) == 0)
+            .then_some(())
+            .ok_or_else(|| "bad TCP checksum".into()),
+        17 => {
+            if l4.len() >= 8 && l4[6..8] == [0, 0] {
+                return Ok(());
+            }
+            (l4_checksum(src, dst, 17, l4) == 0)
+                .then_some(())
+                .ok_or_else(|| "bad UDP checksum".into())
+        }
+        p => Err(format!("unexpected protocol {p}")),
+    }
+}
+
+/// The headers of an Ethernet/IPv4 frame, as `trace` prints them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// `TCP`, `UDP`, `ICMP` or the protocol number.
+    pub proto: String,
+    /// Source address, with the port for TCP and UDP.
+    pub src: String,
+    /// Destination address, with the port for TCP and UDP.
+    pub dst: String,
+    /// TCP flags as letters (`S`, `A`, `F`, `R`, `P`), empty otherwise.
+    pub tcp_flags: String,
+    /// IP TTL.
+    pub ttl: u8,
+    /// Frame length in bytes.
+    pub len: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} > {}", self.proto, self.src, self.dst)?;
+        if !self.tcp_flags.is_empty() {
+            write!(f, " [{}]", self.tcp_flags)?;
+        }
+        write!(f, " ttl {} len {}", self.ttl, self.len)
+    }
+}
+
+/// Reads back a frame's IPv4 and L4 headers; `None` when it is not a
+/// complete Ethernet/IPv4 frame.
+pub fn summarize(frame: &[u8]) -> Option<Summary> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], *ip.get(15)?);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], *ip.get(19)?);
+    let l4 = ip.get(ihl..)?;
+    let port = |off: usize| {
+        l4.get(off..off + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let (proto, src, dst, tcp_flags) = match ip[9] {
+        p @ (6 | 17) => {
+            let letters = if p == 6 {
+                let f = *l4.get(13)?;
+                [
+                    (flags::SYN, 'S'),
+                    (flags::ACK, 'A'),
+                    (flags::FIN, 'F'),
+                    (flags::RST, 'R'),
+                    (flags::PSH, 'P'),
+                ]
+                .iter()
+                .filter(|(bit, _)| f & bit != 0)
+                .map(|(_, c)| *c)
+                .collect()
+            } else {
+                String::new()
+            };
+            (
+                if p == 6 { "TCP" } else { "UDP" }.to_string(),
+                format!("{src}:{}", port(0)?),
+                format!("{dst}:{}", port(2)?),
+                letters,
+            )
+        }
+        1 => (
+            "ICMP".into(),
+            src.to_string(),
+            dst.to_string(),
+            String::new(),
+        ),
+        p => (
+            p.to_string(),
+            src.to_string(),
+            dst.to_string(),
+            String::new(),
+        ),
+    };
+    Some(Summary {
+        proto,
+        src,
+        dst,
+        tcp_flags,
+        ttl: ip[8],
+        len: frame.len(),
+    })
+}

@@ -1,0 +1,404 @@
+//! `lb-agent trace`: one hand-built packet through a private copy of the
+//! datapath, explained.
+//!
+//! The copy reads the live frontends, tables and backends but keeps its own
+//! conntrack, affinity, fragment and counter maps
+//! ([`Programs::load_shadow`]), seeded with the live entries this packet
+//! would meet, so the verdict is the one the live datapath would give while
+//! nothing live changes. The counters the run moved say what happened; the
+//! seeded entries and the flow hash say why.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{HashMap, PerCpuArray};
+use lb_common::{
+    hash::flow_hash, proto, stats::Counter, AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey,
+    ServiceValue,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::{
+        bpffs,
+        maps::{decode_info, Maps},
+        programs::{self, Programs, TestProgram},
+    },
+    inspect::{frontend_kinds, monotonic_ns},
+    packet::{self, Packet, Summary, MAC_A, MAC_B},
+    reconcile::{addr_be, addr_from_be},
+};
+
+/// The packet to trace.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Destination address and port.
+    pub dst: SocketAddrV4,
+    /// TCP flags (ignored for UDP).
+    pub tcp_flags: u8,
+    /// The interface it arrives on; `None`: from a pod, without a device.
+    pub iface: Option<String>,
+}
+
+/// One program's run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stage {
+    /// The program.
+    pub program: &'static str,
+    /// Its return code, named.
+    pub verdict: String,
+    /// The counters the run moved: what happened (`new_flow`, `ct_hit`,
+    /// `drop_source_range`, …).
+    pub outcome: Vec<&'static str>,
+    /// The packet as the program left it.
+    pub output: Option<Summary>,
+    /// The packet as the program left it, in hex.
+    pub output_hex: String,
+}
+
+/// What `trace` found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The packet sent in.
+    pub input: Summary,
+    /// The interface it was given as arriving on.
+    pub iface: Option<String>,
+    /// The frontend it matched: `namespace/name:port/PROTO (kinds)`.
+    pub frontend: Option<String>,
+    /// The backend its flow goes to: `address:port (id N)`.
+    pub backend: Option<String>,
+    /// Why that backend: conntrack, affinity or the Maglev slot.
+    pub reason: Option<String>,
+    /// The programs it went through, in order (XDP may hand over to TC).
+    pub stages: Vec<Stage>,
+}
+
+/// Traces `req` through the datapath pinned under `bpffs`.
+pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
+    if req.proto != proto::TCP && req.proto != proto::UDP {
+        bail!("only TCP and UDP can be traced");
+    }
+    let live = Maps::open(bpffs)?;
+    let mut shadow = Programs::load_shadow(bpffs)?;
+    let (program, ifindex, dst_mac) = match &req.iface {
+        Some(iface) => {
+            let ifindex = programs::ifindex(iface)?;
+            let program = programs::attached_program(bpffs, ifindex).with_context(|| {
+                format!(
+                    "the agent has no program on {iface} (no link pin for ifindex {ifindex} under {})",
+                    bpffs::links_dir(bpffs).display()
+                )
+            })?;
+            (program, Some(ifindex), iface_mac(iface).unwrap_or(MAC_B))
+        }
+        None => (TestProgram::TcPod, None, MAC_B),
+    };
+    let pkt = build(req, dst_mac);
+    let frame = pkt.bytes();
+    let input = packet::summarize(&frame).context("the built packet reads back")?;
+
+    // Seed the copy with what the live maps hold for this packet.
+    let (saddr, family) = addr_be(IpAddr::V4(*req.src.ip()));
+    let (daddr, _) = addr_be(IpAddr::V4(*req.dst.ip()));
+    let ct_key = CtKey {
+        saddr_be: saddr,
+        daddr_be: daddr,
+        sport_be: req.src.port().to_be(),
+        dport_be: req.dst.port().to_be(),
+        proto: req.proto,
+        family,
+        _pad: [0; 2],
+    };
+    let live_ct = live.conntrack.get(&ct_key, 0).ok();
+    if let Some(v) = live_ct {
+        conntrack(&mut shadow)?.insert(ct_key, v, 0)?;
+    }
+    let svc_key = ServiceKey {
+        addr_be: daddr,
+        port_be: req.dst.port().to_be(),
+        proto: req.proto,
+        family,
+    };
+    let svc = live.services.get(&svc_key, 0).ok();
+    let aff_key = svc.map(|s| AffinityKey {
+        svc_id: s.svc_id,
+        family,
+        _pad: [0; 3],
+        client_be: saddr,
+    });
+    let live_affinity = match (svc, aff_key) {
+        (Some(s), Some(k)) if s.affinity_timeout_s > 0 => live.affinity.get(&k, 0).ok(),
+        _ => None,
+    };
+    if let (Some(k), Some(v)) = (aff_key, live_affinity) {
+        affinity(&mut shadow)?.insert(k, v, 0)?;
+    }
+
+    let mut stages = vec![run_stage(&mut shadow, program, &frame, ifindex)?];
+    // XDP hands packets it cannot finish to TC on the same interface, which
+    // finds the conntrack entry XDP just made.
+    if program == TestProgram::XdpNode && stages[0].outcome.contains(&"xdp_to_tc") {
+        stages.push(run_stage(
+            &mut shadow,
+            TestProgram::TcNode,
+            &frame,
+            ifindex,
+        )?);
+    }
+
+    let frontend = svc.map(|s| {
+        let name = live
+            .infos
+            .get(&s.svc_id, 0)
+            .map(|i| decode_info(&i).name)
+            .unwrap_or_else(|_| format!("svc {}", s.svc_id));
+        format!("{name} ({})", frontend_kinds(s.flags).join(", "))
+    });
+    let after = conntrack(&mut shadow)?.get(&ct_key, 0).ok();
+    let backend = after
+        .filter(|v| v.flags & lb_common::conntrack::CT_F_DNAT != 0)
+        .map(|v| {
+            let addr = addr_from_be(v.nat_daddr_be, family);
+            format!(
+                "{addr}:{} (id {})",
+                u16::from_be(v.nat_dport_be),
+                v.backend_id
+            )
+        });
+    let reason = explain(
+        &live,
+        &stages,
+        &ct_key,
+        svc.as_ref(),
+        live_ct.as_ref(),
+        live_affinity.as_ref(),
+        after.as_ref(),
+    );
+    Ok(Report {
+        input,
+        iface: req.iface.clone(),
+        frontend,
+        backend,
+        reason,
+        stages,
+    })
+}
+
+/// Why the flow got its backend, or what stopped it.
+fn explain(
+    live: &Maps,
+    stages: &[Stage],
+    key: &CtKey,
+    svc: Option<&ServiceValue>,
+    live_ct: Option<&CtValue>,
+    live_affinity: Option<&AffinityValue>,
+    after: Option<&CtValue>,
+) -> Option<String> {
+    let moved = |name: &str| stages.iter().any(|s| s.outcome.contains(&name));
+    let now = monotonic_ns();
+    if moved("ct_hit") {
+        let idle = live_ct.map_or(0, |c| now.saturating_sub(c.last_seen_ns) / 1_000_000_000);
+        return Some(format!(
+            "conntrack: an established flow (idle {idle} s) keeps its backend"
+        ));
+    }
+    if moved("new_flow") {
+        let (svc, chosen) = (svc?, after?);
+        if let Some(a) = live_affinity {
+            let age = now.saturating_sub(a.last_seen_ns);
+            if a.backend_id == chosen.backend_id
+                && age <= u64::from(svc.affinity_timeout_s) * 1_000_000_000
+            {
+                return Some(format!(
+                    "ClientIP affinity: this client's last new flow, {} s ago, went there \
+                     (timeout {} s)",
+                    age / 1_000_000_000,
+                    svc.affinity_timeout_s
+                ));
+            }
+        }
+        let ports = (u32::from(key.sport_be) << 16) | u32::from(key.dport_be);
+        let hash = flow_hash(&key.saddr_be, &key.daddr_be, ports, key.proto);
+        let slot = hash % svc.slot_count.max(1);
+        let table = live.table(svc.svc_id).unwrap_or_default();
+        let check = match table.get(slot as usize) {
+            Some(id) if *id == chosen.backend_id => String::new(),
+            Some(id) => format!(" (the live table now holds backend {id} there)"),
+            None => " (the live table is shorter)".to_string(),
+        };
+        return Some(format!(
+            "Maglev: flow hash {hash:#010x} is slot {slot} of {}{check}",
+            svc.slot_count
+        ));
+    }
+    let notes = [
+        (
+            "pass_no_service",
+            "no frontend has this address, port and protocol",
+        ),
+        (
+            "drop_source_range",
+            "the source is outside the loadBalancerSourceRanges",
+        ),
+        (
+            "drop_no_local_endpoint",
+            "Local traffic policy and no endpoint on this node",
+        ),
+        ("reject_no_endpoint", "the Service has no endpoint: refused"),
+        ("backend_gone", "the flow's backend was removed"),
+        ("pass_malformed", "the packet could not be parsed"),
+    ];
+    notes
+        .iter()
+        .find(|(c, _)| moved(c))
+        .map(|(_, why)| (*why).to_string())
+}
+
+/// Runs one program on the copy and reads which counters moved.
+fn run_stage(
+    shadow: &mut Programs,
+    program: TestProgram,
+    frame: &[u8],
+    ifindex: Option<u32>,
+) -> Result<Stage> {
+    let before = counters(shadow)?;
+    let (code, out) = shadow.test_run_on(program, frame, ifindex)?;
+    let after = counters(shadow)?;
+    let outcome = lb_common::stats::NAMES
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a.packets > b.packets)
+        .map(|(n, _)| *n)
+        .collect();
+    let xdp = program == TestProgram::XdpNode;
+    Ok(Stage {
+        program: program_name(program),
+        verdict: verdict_name(xdp, code),
+        outcome,
+        output: packet::summarize(&out),
+        output_hex: out.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        }),
+    })
+}
+
+fn program_name(p: TestProgram) -> &'static str {
+    use lb_common::maps::*;
+    match p {
+        TestProgram::XdpNode => PROG_XDP_NODE,
+        TestProgram::TcNode => PROG_TC_NODE,
+        TestProgram::TcPod => PROG_TC_POD,
+        TestProgram::XdpPass => PROG_XDP_PASS,
+    }
+}
+
+/// Names a program's return code.
+fn verdict_name(xdp: bool, code: u32) -> String {
+    let name = match (xdp, code) {
+        (true, 0) => "XDP_ABORTED",
+        (true, 1) => "XDP_DROP",
+        (true, 2) => "XDP_PASS",
+        (true, 3) => "XDP_TX (back out the interface)",
+        (true, 4) => "XDP_REDIRECT",
+        (false, 0) => "TC_ACT_OK (pass)",
+        (false, 2) => "TC_ACT_SHOT (drop)",
+        (false, 7) => "TC_ACT_REDIRECT",
+        _ => return format!("{code}"),
+    };
+    name.to_string()
+}
+
+/// Sums the copy's per-CPU counters.
+fn counters(shadow: &mut Programs) -> Result<Vec<Counter>> {
+    let map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(shadow.map_mut(lb_common::maps::STATS)?)?;
+    (0..lb_common::stats::COUNT)
+        .map(|i| {
+            let per_cpu = map.get(&i, 0).context("read the copy's counters")?;
+            Ok(per_cpu.iter().fold(Counter::default(), |s, c| Counter {
+                packets: s.packets + c.packets,
+                bytes: s.bytes + c.bytes,
+            }))
+        })
+        .collect()
+}
+
+fn conntrack(shadow: &mut Programs) -> Result<HashMap<&mut aya::maps::MapData, CtKey, CtValue>> {
+    Ok(HashMap::try_from(
+        shadow.map_mut(lb_common::maps::CONNTRACK)?,
+    )?)
+}
+
+fn affinity(
+    shadow: &mut Programs,
+) -> Result<HashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue>> {
+    Ok(HashMap::try_from(
+        shadow.map_mut(lb_common::maps::AFFINITY)?,
+    )?)
+}
+
+/// The interface's MAC, so the packet looks addressed to it (read through
+/// getifaddrs, which answers for this network namespace whatever /sys shows).
+fn iface_mac(iface: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+}
+
+fn build(req: &Request, dst_mac: [u8; 6]) -> Packet {
+    let mut p = if req.proto == proto::TCP {
+        Packet::tcp(req.src, req.dst, req.tcp_flags, b"")
+    } else {
+        Packet::udp(req.src, req.dst, b"lb-agent trace")
+    };
+    p.src_mac = MAC_A;
+    p.dst_mac = dst_mac;
+    p
+}
+
+/// Parses TCP flags given as letters (`S`, `SA`, `A`, `F`, `R`, `P`).
+pub fn parse_tcp_flags(s: &str) -> Result<u8, String> {
+    s.chars().try_fold(0u8, |acc, c| {
+        let bit = match c.to_ascii_uppercase() {
+            'S' => packet::flags::SYN,
+            'A' => packet::flags::ACK,
+            'F' => packet::flags::FIN,
+            'R' => packet::flags::RST,
+            'P' => packet::flags::PSH,
+            _ => return Err(format!("{c:?} is not a TCP flag (S, A, F, R, P)")),
+        };
+        Ok(acc | bit)
+    })
+}
+
+/// Renders a report for people.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "packet    {}", r.input);
+    if let Some(i) = &r.iface {
+        let _ = writeln!(s, "arrives   on {i}");
+    }
+    for st in &r.stages {
+        let _ = writeln!(s, "program   {}: {}", st.program, st.verdict);
+        let _ = writeln!(s, "  outcome {}", st.outcome.join(", "));
+        if let Some(o) = &st.output {
+            let _ = writeln!(s, "  leaves  {o}");
+        }
+    }
+    let _ = writeln!(s, "frontend  {}", r.frontend.as_deref().unwrap_or("none"));
+    let _ = writeln!(s, "backend   {}", r.backend.as_deref().unwrap_or("none"));
+    if let Some(why) = &r.reason {
+        let _ = writeln!(s, "why       {why}");
+    }
+    s
+}
