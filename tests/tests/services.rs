@@ -694,6 +694,31 @@ fn trace_explains_verdicts_without_touching_live_state() {
         "the packet leaves for {leaves}: {r}"
     );
 
+    // The same, for people.
+    let bpffs = c.node("a").bpffs();
+    let text = lb_tests::rig::sh(
+        Some(&c.node("a").ns),
+        &[
+            lb_tests::rig::agent_bin().to_str().expect("utf-8 path"),
+            "trace",
+            "--bpffs",
+            bpffs.to_str().expect("utf-8 path"),
+            "--proto",
+            "tcp",
+            "--src",
+            "10.99.0.100:41000",
+            "--dst",
+            "10.99.0.1:30080",
+            "--iface",
+            "eth0",
+        ],
+    );
+    println!("{text}");
+    assert!(
+        text.contains("frontend  test/web") && text.contains("why       Maglev"),
+        "{text}"
+    );
+
     // The stream's next packet, from a0's interface: conntrack keeps it on
     // the backend the live entry names.
     let local = stream.local_addr().to_string();
