@@ -14,6 +14,7 @@ use lb_agent::{
         bpffs,
         maps::Maps,
         programs::{self, MapSizes, Programs},
+        upgrade,
     },
     health::HealthServers,
     inspect, maglev,
@@ -411,10 +412,10 @@ fn run(args: &RunArgs) -> Result<()> {
         args.conntrack_udp_timeout,
     ];
     write_config(&mut maps, &node, snat_ports, timeouts)?;
-    for iface in &args.iface {
-        progs.attach_node(iface)?;
+    let old_pins = upgrade::older_pins(&args.bpffs)?;
+    for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
+        info!(map = %name, entries = n, "converted an older map layout");
     }
-    progs.sync_pods(&patterns)?;
 
     let mut reconciler = Reconciler::adopt(&maps.snapshot()?, args.maglev_table_size);
     info!(
@@ -434,6 +435,17 @@ fn run(args: &RunArgs) -> Result<()> {
             .context("install SIGTERM handler")?;
 
         sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health)?;
+        // Programs are attached (or swapped, on a restart or upgrade) only
+        // now that the maps hold the whole desired state: new programs never
+        // see a half-filled map, and old ones keep theirs until the swap.
+        for iface in &args.iface {
+            progs.attach_node(iface)?;
+        }
+        progs.sync_pods(&patterns)?;
+        upgrade::retire(&args.bpffs, &old_pins)?;
+        for pin in &old_pins {
+            info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
+        }
         info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
 
         loop {

@@ -448,6 +448,67 @@ fn killing_and_restarting_the_agent_fails_no_connection() {
     assert!(during > 0);
 }
 
+/// The pin name one layout version older than `name` (`LB_SERVICES_V2` →
+/// `LB_SERVICES_V1`).
+fn older(name: &str) -> String {
+    let (fam, v) = name.rsplit_once("_V").expect("versioned map name");
+    let v: u32 = v.parse().expect("version number");
+    format!("{fam}_V{}", v - 1)
+}
+
+#[test]
+fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
+    use lb_common::maps::{BACKENDS, SERVICES, STATS};
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c);
+    let client = c.pod("a0").ns.clone();
+    let mut streams: Vec<EchoStream> = (0..3)
+        .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
+        .collect();
+    let connect_and_echo = |streams: &mut [EchoStream]| {
+        tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("a new connection");
+        for s in streams.iter_mut() {
+            s.round_trip();
+        }
+    };
+    connect_and_echo(&mut streams);
+    // Make the running datapath look like an older release's: its programs
+    // keep their maps, which are now pinned under older layout names, so
+    // the new agent finds no pin of the current layouts for these three.
+    c.node_mut("a").stop_agent();
+    let maps = c.node("a").bpffs().join("maps");
+    for name in [SERVICES, BACKENDS, STATS] {
+        std::fs::rename(maps.join(name), maps.join(older(name))).expect("rename pin");
+    }
+    connect_and_echo(&mut streams);
+    c.node_mut("a").start_agent(&[]);
+    let node = c.node("a");
+    wait_until(WAIT, "the upgraded agent is ready", || {
+        connect_and_echo(&mut streams);
+        node.agent_log().matches("lb-agent ready").count() >= 2
+    });
+    for _ in 0..10 {
+        connect_and_echo(&mut streams);
+    }
+    let log = node.agent_log();
+    for (name, fate) in [
+        (SERVICES, "rebuilt from the desired state"),
+        (BACKENDS, "rebuilt from the desired state"),
+        (STATS, "counters restart from zero"),
+    ] {
+        let old = older(name);
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&old) && l.contains(name) && l.contains(fate)),
+            "no log line says {old} was replaced by {name} ({fate}):\n{log}"
+        );
+        assert!(!maps.join(&old).exists(), "{old} is still pinned");
+        assert!(maps.join(name).exists(), "{name} is not pinned");
+    }
+}
+
 /// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
 fn inspect(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(lb_tests::rig::agent_bin())

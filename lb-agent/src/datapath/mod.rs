@@ -3,3 +3,4 @@
 pub mod bpffs;
 pub mod maps;
 pub mod programs;
+pub mod upgrade;
