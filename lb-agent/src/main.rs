@@ -53,6 +53,16 @@ enum XdpModeArg {
     Skb,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Traffic from outside to a backend on another node is SNATed to this
+    /// node, so replies come back through it.
+    Snat,
+    /// Direct server return: such traffic is encapsulated to the backend's
+    /// node, which answers the client itself; the backend sees the client.
+    Dsr,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum TraceProto {
     Tcp,
@@ -173,6 +183,10 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// How Cluster-policy traffic from outside reaches a backend on another
+    /// node (DSR needs the pod CIDRs routed between nodes).
+    #[arg(long, value_enum, default_value_t = Mode::Snat)]
+    mode: Mode,
     /// Idle timeout of established TCP flows (seconds, or with s/m/h).
     #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
     conntrack_tcp_timeout: u32,
@@ -411,7 +425,7 @@ fn run(args: &RunArgs) -> Result<()> {
         args.conntrack_tcp_closing_timeout,
         args.conntrack_udp_timeout,
     ];
-    write_config(&mut maps, &node, snat_ports, timeouts)?;
+    write_config(&mut maps, &node, snat_ports, timeouts, args.mode)?;
     let old_pins = upgrade::older_pins(&args.bpffs)?;
     for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
         info!(map = %name, entries = n, "converted an older map layout");
@@ -467,7 +481,7 @@ fn run(args: &RunArgs) -> Result<()> {
                         Ok(addrs) if addrs != node.addresses => {
                             info!(addresses = ?addrs, "node addresses changed");
                             node.addresses = addrs;
-                            if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts)
+                            if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts, args.mode)
                                 .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health))
                             {
                                 error!("resync after address change failed: {e:#}");
@@ -493,6 +507,7 @@ fn write_config(
     node: &NodeInfo,
     snat_ports: (u16, u16),
     timeouts: [u32; 3],
+    mode: Mode,
 ) -> Result<()> {
     let node_addr4_be = node
         .addresses
@@ -510,7 +525,11 @@ fn write_config(
         tcp_timeout_s: timeouts[0],
         tcp_closing_timeout_s: timeouts[1],
         udp_timeout_s: timeouts[2],
-        _pad: 0,
+        flags: if mode == Mode::Dsr {
+            lb_common::config::CONFIG_F_DSR
+        } else {
+            0
+        },
     };
     maps.config.set(0, cfg, 0).context("write config map")
 }

@@ -20,10 +20,15 @@ pub struct Config {
     pub tcp_closing_timeout_s: u32,
     /// Idle time after which a UDP flow is forgotten (seconds).
     pub udp_timeout_s: u32,
-    /// Explicit padding, always zero.
-    pub _pad: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+/// Direct server return: Cluster-policy traffic from outside to a remote
+/// backend is encapsulated to the backend's node, which answers the client
+/// itself (see [`crate::dsr`]). Without it such traffic is SNATed.
+pub const CONFIG_F_DSR: u32 = 1 << 0;
 
 /// Default established-TCP idle timeout: kube-proxy's 24 hours.
 pub const DEFAULT_TCP_TIMEOUT_S: u32 = 86_400;

@@ -42,6 +42,9 @@ pub const CT_F_FORWARD: u32 = 1 << 3;
 
 /// A FIN or RST was seen in this direction: the short timeout applies.
 pub const CT_F_CLOSING: u32 = 1 << 4;
+/// Direct server return: encapsulate to the backend's node, whose address
+/// is in `nat_saddr_be` (nothing is rewritten here; see [`crate::dsr`]).
+pub const CT_F_DSR: u32 = 1 << 5;
 
 /// How to translate a packet of a tracked flow.
 #[repr(C)]

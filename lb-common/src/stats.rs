@@ -38,8 +38,15 @@ pub const ICMP_ERROR: u32 = 15;
 pub const FRAG_TRACKED: u32 = 16;
 /// A later IPv4 fragment with no translated first fragment (passed).
 pub const FRAG_UNTRACKED: u32 = 17;
+/// Packets of DSR flows encapsulated to their backend's node.
+pub const DSR_ENCAP: u32 = 18;
+/// Encapsulated packets unwrapped for a local backend.
+pub const DSR_DECAP: u32 = 19;
+/// DSR packets too big for the path once encapsulated: answered with ICMP
+/// fragmentation needed when they carry DF, dropped otherwise.
+pub const DSR_TOO_BIG: u32 = 20;
 /// Number of counters.
-pub const COUNT: u32 = 18;
+pub const COUNT: u32 = 21;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -61,6 +68,9 @@ pub const NAMES: [&str; COUNT as usize] = [
     "icmp_error",
     "frag_tracked",
     "frag_untracked",
+    "dsr_encap",
+    "dsr_decap",
+    "dsr_too_big",
 ];
 
 /// One counter: packets and bytes.

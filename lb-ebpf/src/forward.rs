@@ -2,13 +2,16 @@
 //! would refuse it (its new source is one of this node's addresses).
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
     helpers::generated::bpf_fib_lookup,
 };
 use lb_common::IpAddrBe;
 
 use crate::{
-    packet::{Packet, PacketError},
+    packet::{Hook, Packet, PacketError},
     parse::Flow,
 };
 
@@ -30,6 +33,11 @@ pub enum Route {
         /// Egress interface.
         ifindex: u32,
     },
+    /// The packet, at the length asked about, exceeds the route's MTU.
+    TooBig {
+        /// The route's MTU.
+        mtu: u16,
+    },
     /// No usable route.
     Unreachable,
 }
@@ -44,33 +52,95 @@ pub fn lookup<P: Packet>(
     sport: u16,
     dport: u16,
 ) -> Route {
+    let mut p = params(pkt, flow.proto, saddr[0], daddr[0]);
+    p.sport = sport;
+    p.dport = dport;
+    fib(pkt, &mut p)
+}
+
+/// Looks up the route of an IPv4 packet of `tot_len` bytes (IP header
+/// included) from `saddr` to `daddr`, checking it against the route's MTU.
+#[inline(always)]
+pub fn lookup_sized<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32, tot_len: u16) -> Route {
+    let mut p = params(pkt, proto, saddr, daddr);
+    p.__bindgen_anon_1.tot_len = tot_len;
+    fib(pkt, &mut p)
+}
+
+/// The gateway the route to `daddr` goes through: the node behind which a
+/// remote pod lives. `None` for a directly connected destination.
+#[inline(always)]
+pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
+    let mut p = params(pkt, 0, saddr, daddr);
+    // SAFETY: `p` is a valid bpf_fib_lookup and the context is the program's.
+    let ret = unsafe { call(pkt, &mut p) };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    // On success the kernel leaves the next hop in ipv4_dst.
+    // SAFETY: reading the union member the lookup wrote.
+    let next_hop = unsafe { p.__bindgen_anon_4.ipv4_dst };
+    (next_hop != daddr).then_some(next_hop)
+}
+
+#[inline(always)]
+fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> FibParams {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = flow.proto;
-    p.sport = sport;
-    p.dport = dport;
+    p.l4_protocol = proto;
     p.ifindex = pkt.ifindex();
-    p.__bindgen_anon_3.ipv4_src = saddr[0];
-    p.__bindgen_anon_4.ipv4_dst = daddr[0];
-    // SAFETY: `p` is a valid bpf_fib_lookup and the context is the program's.
-    let ret = unsafe {
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p
+}
+
+/// # Safety
+/// `p` must be a valid bpf_fib_lookup.
+#[inline(always)]
+unsafe fn call<P: Packet>(pkt: &P, p: &mut FibParams) -> u32 {
+    // SAFETY: the caller passes a valid request; the context is the program's.
+    unsafe {
         bpf_fib_lookup(
             pkt.ctx_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<FibParams>() as i32,
             0,
-        )
-    };
-    match ret as u32 {
+        ) as u32
+    }
+}
+
+#[inline(always)]
+fn fib<P: Packet>(pkt: &P, p: &mut FibParams) -> Route {
+    // SAFETY: `params` built a valid request.
+    match unsafe { call(pkt, p) } {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
             ifindex: p.ifindex,
             smac: p.smac,
             dmac: p.dmac,
         },
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour { ifindex: p.ifindex },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig {
+            // SAFETY: on FRAG_NEEDED the kernel wrote mtu_result.
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        },
         _ => Route::Unreachable,
     }
+}
+
+/// Whether XDP must leave a packet to TC on the same interface: XDP sends
+/// only back out the interface it runs on. It cannot resolve a neighbour,
+/// and a frame redirected into a veth is lost unless the peer runs XDP or
+/// GRO; so otherwise it leaves the packet untouched for the TC program,
+/// which finds the conntrack entry just made and finishes the job with
+/// bpf_redirect or bpf_redirect_neigh.
+#[inline(always)]
+pub fn xdp_hands_over<P: Packet>(pkt: &P, hook: Hook, route: &Route) -> bool {
+    if hook != Hook::XdpNode {
+        return false;
+    }
+    let same_device = matches!(route, Route::Resolved { ifindex, .. } if *ifindex == pkt.ifindex());
+    !same_device && !matches!(route, Route::Unreachable)
 }
 
 /// Writes the next hop's MAC addresses.

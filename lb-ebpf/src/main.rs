@@ -2,9 +2,11 @@
 //! interfaces, all running one ladder of stages (see `pipeline`).
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod csum;
+mod dsr;
 mod forward;
 mod frag;
 mod frontend;

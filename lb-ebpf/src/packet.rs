@@ -5,10 +5,11 @@
 //! pointer from the context.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::generated::{
-        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_head, bpf_skb_change_tail,
-        bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
+        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_adjust_room, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_get_buff_len,
     },
     programs::{TcContext, XdpContext},
 };
@@ -64,6 +65,9 @@ pub trait Packet {
     ) -> Result<(), PacketError>;
     /// Grows (positive) the packet at its head by `len` bytes.
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError>;
+    /// Removes the `len` bytes that follow the Ethernet header (an
+    /// encapsulation), keeping the Ethernet header.
+    fn pop_after_eth(&mut self, len: u32) -> Result<(), PacketError>;
     /// Cuts the packet to `new_len` bytes.
     fn truncate(&mut self, new_len: u32) -> Result<(), PacketError>;
 
@@ -102,9 +106,32 @@ pub trait Packet {
     }
 }
 
-// data_end is read with a volatile load: otherwise LLVM folds a bounds check
-// into an earlier, wider one made through another pointer, and the
-// verifier, which tracks each pointer separately, rejects the access.
+// data_end is read afresh at every check, by one load instruction with the
+// field's offset: LLVM would otherwise fold a bounds check into an earlier,
+// wider one made through another pointer (which the verifier, tracking each
+// pointer separately, rejects), and a plain volatile load lets it keep the
+// field's address, a modified context pointer, in a register or on the
+// stack, which the verifier refuses to dereference.
+
+/// Loads the `u32` at byte `OFF` of a program context (zero-extended by
+/// the load itself: a cast would be arithmetic the verifier refuses on a
+/// packet-end pointer).
+#[inline(always)]
+fn ctx_u32<const OFF: i16>(ctx: *const core::ffi::c_void) -> usize {
+    let v: usize;
+    // SAFETY: `ctx` is the program's context and OFF a field of it; the
+    // instruction only reads.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({ctx} + {off})",
+            v = out(reg) v,
+            ctx = in(reg) ctx,
+            off = const OFF,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+    v
+}
 
 impl Packet for XdpContext {
     #[inline(always)]
@@ -124,8 +151,8 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        // SAFETY: reading a field of the program's own context.
-        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
+        // `xdp_md.data_end`.
+        ctx_u32::<4>(self.ctx.cast())
     }
 
     #[inline(always)]
@@ -175,6 +202,15 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn pop_after_eth(&mut self, len: u32) -> Result<(), PacketError> {
+        let eth: [u8; 14] = self.load(0)?;
+        self.store(len as usize, eth)?;
+        // SAFETY: the helper checks the new head against the data.
+        let ret = unsafe { bpf_xdp_adjust_head(self.ctx, len as i32) };
+        helper_result(ret)
+    }
+
+    #[inline(always)]
     fn truncate(&mut self, new_len: u32) -> Result<(), PacketError> {
         let delta = new_len as i32 - Packet::len(self) as i32;
         // SAFETY: the helper checks the new length itself.
@@ -202,8 +238,8 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        // SAFETY: reading a field of the program's own context.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+        // `__sk_buff.data_end`.
+        ctx_u32::<80>(self.skb.skb.cast())
     }
 
     #[inline(always)]
@@ -248,6 +284,13 @@ impl Packet for TcContext {
     fn grow_head(&mut self, len: u32) -> Result<(), PacketError> {
         // SAFETY: the helper checks the skb itself.
         let ret = unsafe { bpf_skb_change_head(self.skb.skb, len, 0) };
+        helper_result(ret)
+    }
+
+    #[inline(always)]
+    fn pop_after_eth(&mut self, len: u32) -> Result<(), PacketError> {
+        // SAFETY: the helper checks the skb itself.
+        let ret = unsafe { bpf_skb_adjust_room(self.skb.skb, -(len as i32), BPF_ADJ_ROOM_MAC, 0) };
         helper_result(ret)
     }
 

@@ -45,6 +45,8 @@ pub mod icmp {
     pub const DEST_UNREACH: u8 = 3;
     /// Code of destination unreachable: port unreachable.
     pub const PORT_UNREACH: u8 = 3;
+    /// Code of destination unreachable: fragmentation needed and DF set.
+    pub const FRAG_NEEDED: u8 = 4;
     /// Time exceeded.
     pub const TIME_EXCEEDED: u8 = 11;
 }

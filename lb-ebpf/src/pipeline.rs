@@ -1,10 +1,15 @@
 //! The per-packet ladder shared by every entry point:
 //! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
 
-use lb_common::{conntrack::CT_F_FORWARD, proto, service::SVC_F_LOCAL_ONLY, stats, CtValue};
+use lb_common::{
+    conntrack::{CT_F_DSR, CT_F_FORWARD},
+    proto,
+    service::SVC_F_LOCAL_ONLY,
+    stats, CtValue,
+};
 
 use crate::{
-    conntrack, forward,
+    conntrack, dsr, forward,
     forward::Route,
     frag, frontend, icmp, nat,
     packet::{Hook, Packet},
@@ -34,6 +39,11 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let mut flow = match parse::parse(pkt) {
         Ok(Some(flow)) => flow,
         Ok(None) => {
+            if hook != Hook::TcPod {
+                if let Some(verdict) = dsr::decap(pkt) {
+                    return verdict;
+                }
+            }
             return match icmp::translate_error(pkt) {
                 Ok(true) => {
                     count(stats::ICMP_ERROR, len);
@@ -100,6 +110,15 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
         return drop(stats::DROP_NO_BACKEND, len);
     };
+    if let Some(endpoint) = dsr::endpoint_for(pkt, &flow, &svc, &backend, hook) {
+        return match dsr::create(&flow, &svc, backend_id, &backend, endpoint) {
+            Ok(ct) => {
+                count(stats::NEW_FLOW, len);
+                translate(pkt, &flow, &ct, hook)
+            }
+            Err(reason) => drop(reason, len),
+        };
+    }
     match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
         Ok(ct) => {
             count(stats::NEW_FLOW, len);
@@ -128,8 +147,9 @@ fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32)
     translate(pkt, flow, &ct, hook)
 }
 
+/// Counts `reason` and drops.
 #[inline(always)]
-fn drop(reason: u32, len: u32) -> Verdict {
+pub fn drop(reason: u32, len: u32) -> Verdict {
     count(reason, len);
     Verdict::Drop
 }
@@ -139,6 +159,9 @@ fn drop(reason: u32, len: u32) -> Verdict {
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
     let len = pkt.len();
     frag::remember(flow);
+    if ct.flags & CT_F_DSR != 0 {
+        return dsr::encap(pkt, flow, ct, hook);
+    }
     if ct.flags & CT_F_FORWARD == 0 {
         return match nat::rewrite(pkt, flow, ct) {
             Ok(()) => Verdict::Pass,
@@ -156,18 +179,9 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         (flow.daddr, flow.dport)
     };
     let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
-    // XDP sends only back out the interface it runs on. It cannot resolve a
-    // neighbour, and a frame redirected into a veth is lost unless the peer
-    // runs XDP or GRO; so otherwise it leaves the packet untouched for the TC
-    // program on the same interface, which finds the conntrack entry just
-    // made and finishes the job with bpf_redirect or bpf_redirect_neigh.
-    if hook == Hook::XdpNode {
-        let same_device =
-            matches!(route, Route::Resolved { ifindex, .. } if ifindex == pkt.ifindex());
-        if !same_device && !matches!(route, Route::Unreachable) {
-            count(stats::XDP_TO_TC, len);
-            return Verdict::Pass;
-        }
+    if forward::xdp_hands_over(pkt, hook, &route) {
+        count(stats::XDP_TO_TC, len);
+        return Verdict::Pass;
     }
     if nat::rewrite(pkt, flow, ct).is_err() {
         return drop(stats::DROP_REWRITE, len);
@@ -182,6 +196,6 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
             Err(_) => drop(stats::DROP_REWRITE, len),
         },
         Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
-        Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
+        Route::TooBig { .. } | Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
     }
 }

@@ -8,14 +8,12 @@ use lb_common::proto;
 use crate::{
     csum,
     packet::{Packet, PacketError},
-    parse::{
-        tcp_flags, Flow, TcpHdr, ETH_HLEN, IP4_CSUM, IP4_DADDR, IP4_SADDR, TCP_HLEN, UDP_HLEN,
-    },
+    parse::{tcp_flags, Flow, TcpHdr, ETH_HLEN, IP4_DADDR, IP4_SADDR, TCP_HLEN, UDP_HLEN},
 };
 
 use crate::parse::icmp::{
-    DEST_UNREACH as ICMP_DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP,
-    PORT_UNREACH as ICMP_PORT_UNREACH,
+    DEST_UNREACH as ICMP_DEST_UNREACH, FRAG_NEEDED as ICMP_FRAG_NEEDED, HLEN as ICMP_HLEN,
+    IPPROTO_ICMP, PORT_UNREACH as ICMP_PORT_UNREACH,
 };
 
 const IP4_HLEN: usize = 20;
@@ -27,8 +25,16 @@ pub fn reject<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
     if flow.proto == proto::TCP {
         tcp_reset(pkt, flow)
     } else {
-        icmp_port_unreachable(pkt, flow)
+        icmp_unreachable(pkt, flow, ICMP_PORT_UNREACH, 0)
     }
+}
+
+/// Rewrites the packet into an ICMP "fragmentation needed" from its
+/// destination, announcing `mtu`: the answer to a packet with DF set that
+/// cannot go on at its size.
+#[inline(always)]
+pub fn frag_needed<P: Packet>(pkt: &mut P, flow: &Flow, mtu: u16) -> Result<(), PacketError> {
+    icmp_unreachable(pkt, flow, ICMP_FRAG_NEEDED, mtu)
 }
 
 #[inline(always)]
@@ -37,29 +43,6 @@ fn swap_macs<P: Packet>(pkt: &mut P) -> Result<(), PacketError> {
     let src: [u8; 6] = pkt.load(6)?;
     pkt.store(0, src)?;
     pkt.store(6, dst)
-}
-
-/// One's-complement sum of `len` bytes (even, at most 80) at `off`.
-#[inline(always)]
-fn sum_words<P: Packet>(pkt: &P, off: usize, len: usize) -> Result<u32, PacketError> {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 40 {
-        if i * 2 >= len {
-            break;
-        }
-        sum += u32::from(pkt.load::<u16>(off + i * 2)?);
-        i += 1;
-    }
-    Ok(sum)
-}
-
-/// Writes a fresh IPv4 header checksum for the header at `off`.
-#[inline(always)]
-fn ip_checksum<P: Packet>(pkt: &mut P, off: usize, ihl: usize) -> Result<(), PacketError> {
-    pkt.store::<u16>(off + IP4_CSUM, 0)?;
-    let sum = sum_words(pkt, off, ihl)?;
-    pkt.store(off + IP4_CSUM, !csum::fold(sum))
 }
 
 #[inline(always)]
@@ -119,13 +102,20 @@ fn tcp_reset<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
     pkt.store(l3 + 8, 64u8)?;
     pkt.store(l3 + IP4_SADDR, flow.daddr[0])?;
     pkt.store(l3 + IP4_DADDR, flow.saddr[0])?;
-    ip_checksum(pkt, l3, ihl)?;
+    csum::ip_checksum(pkt, l3, ihl)?;
     pkt.store(l4, rst)?;
     pkt.truncate((l4 + TCP_HLEN) as u32)
 }
 
+/// Rewrites the packet into an ICMP destination unreachable with `code`
+/// (and, for fragmentation needed, the next hop's `mtu`).
 #[inline(always)]
-fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
+fn icmp_unreachable<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    code: u8,
+    mtu: u16,
+) -> Result<(), PacketError> {
     let ihl = flow.l4_off - flow.l3_off;
     // The error quotes the offending IP header and the first 8 bytes after it.
     let quoted = ihl + UDP_HLEN;
@@ -149,13 +139,14 @@ fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), Pack
     pkt.store(ip + 9, IPPROTO_ICMP)?;
     pkt.store(ip + IP4_SADDR, flow.daddr[0])?;
     pkt.store(ip + IP4_DADDR, flow.saddr[0])?;
-    ip_checksum(pkt, ip, IP4_HLEN)?;
+    csum::ip_checksum(pkt, ip, IP4_HLEN)?;
 
     let icmp = ip + IP4_HLEN;
     pkt.store(icmp, ICMP_DEST_UNREACH)?;
-    pkt.store(icmp + 1, ICMP_PORT_UNREACH)?;
+    pkt.store(icmp + 1, code)?;
     pkt.store(icmp + 2, 0u16)?;
-    pkt.store(icmp + 4, 0u32)?;
-    let sum = sum_words(pkt, icmp, ICMP_HLEN + quoted)?;
+    pkt.store(icmp + 4, 0u16)?;
+    pkt.store(icmp + 6, mtu.to_be())?;
+    let sum = csum::sum_words(pkt, icmp, ICMP_HLEN + quoted)?;
     pkt.store(icmp + 2, !csum::fold(sum))
 }

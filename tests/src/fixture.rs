@@ -78,7 +78,7 @@ impl Datapath {
                     tcp_timeout_s: 3600,
                     tcp_closing_timeout_s: 60,
                     udp_timeout_s: 30,
-                    _pad: 0,
+                    flags: 0,
                 },
                 0,
             )
@@ -130,6 +130,13 @@ impl Datapath {
                 .insert(k, v, 0)
                 .expect("age conntrack entry");
         }
+    }
+
+    /// Sets the config map's `CONFIG_F_*` bits (for example DSR mode).
+    pub fn set_config_flags(&mut self, flags: u32) {
+        let mut cfg = self.maps.config.get(&0, 0).expect("read config");
+        cfg.flags = flags;
+        self.maps.config.set(0, cfg, 0).expect("write config");
     }
 
     /// Runs a program on a packet; returns its verdict and output bytes.

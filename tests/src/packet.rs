@@ -33,6 +33,33 @@ pub fn fragment(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// Wraps an Ethernet/IPv4 frame the way a DSR node does: outer IPv4 from
+/// `outer_src` to `outer_dst` (protocol 253) and a shim naming `backend`,
+/// with `magic` as the shim's first byte.
+pub fn dsr_wrap(
+    frame: &[u8],
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    backend: std::net::SocketAddrV4,
+    magic: u8,
+) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + 8 + inner.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, lb_common::dsr::IPPROTO_LB, 0, 0]);
+    ip.extend_from_slice(&outer_src.octets());
+    ip.extend_from_slice(&outer_dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..14].to_vec();
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&[magic, lb_common::dsr::SHIM_VERSION]);
+    out.extend_from_slice(&backend.port().to_be_bytes());
+    out.extend_from_slice(&backend.ip().octets());
+    out.extend_from_slice(inner);
+    out
+}
+
 /// An ICMP error from `src` to `dst` quoting `quoted`'s IP header and the
 /// first `quote_len` bytes after it, with correct checksums.
 pub fn icmp_error(

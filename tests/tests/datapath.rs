@@ -548,6 +548,41 @@ fn later_fragments_follow_their_first_fragment_and_untracked_ones_pass() {
 }
 
 #[test]
+fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names() {
+    use lb_common::dsr::SHIM_MAGIC;
+    use lb_tests::packet::dsr_wrap;
+    let client = addr("10.99.0.100:40200");
+    // Another node's NodePort, which this node does not serve itself.
+    let frontend = addr("10.99.0.2:30080");
+    let backend = addr("10.244.1.10:8080");
+    let inner = Packet::tcp(client, frontend, flags::SYN, b"");
+    let (other_node, this_node) = (*frontend.ip(), "10.99.0.1".parse().expect("addr"));
+    let wrapped = dsr_wrap(&inner.bytes(), other_node, this_node, backend, SHIM_MAGIC);
+    let elsewhere = dsr_wrap(&inner.bytes(), this_node, other_node, backend, SHIM_MAGIC);
+    let bad_magic = dsr_wrap(&inner.bytes(), other_node, this_node, backend, 0);
+    for prog in [XdpNode, TcNode] {
+        let mut dp = seeded();
+        let (verdict, out) = dp.run(prog, &wrapped);
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        assert_eq!(
+            out,
+            inner.with_addrs(client, backend).bytes(),
+            "{prog:?}: unwrapped and sent to the backend"
+        );
+        assert_eq!(counter(&dp, "dsr_decap"), 1, "{prog:?}");
+        for (name, input) in [("not for this node", &elsewhere), ("bad shim", &bad_magic)] {
+            let (verdict, out) = dp.run(prog, input);
+            assert_eq!(verdict, pass(prog), "{prog:?}: {name}");
+            assert_eq!(&out, input, "{prog:?}: {name} passes untouched");
+        }
+        assert_eq!(counter(&dp, "dsr_decap"), 1, "{prog:?}");
+    }
+    // Pods cannot have their packets unwrapped.
+    let mut dp = seeded();
+    assert_eq!(dp.run(TcPod, &wrapped), (TC_ACT_OK, wrapped.clone()));
+}
+
+#[test]
 fn every_map_is_pinned_with_btf_and_the_layout_of_lb_common() {
     let dp = Datapath::new();
     for name in lb_common::maps::ALL {

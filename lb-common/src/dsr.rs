@@ -1,0 +1,35 @@
+//! Direct server return: the encapsulation between nodes.
+//!
+//! The node that receives a new flow from outside for a backend on another
+//! node does not SNAT it: it wraps the client's packet, unchanged, in an
+//! outer IPv4 header to the backend's node (protocol [`IPPROTO_LB`]) followed
+//! by a [`Shim`] naming the chosen backend. The backend's node unwraps it,
+//! rewrites the destination to the backend, and remembers how to rewrite the
+//! backend's replies so that they leave with the frontend as source, straight
+//! to the client. The kernel needs no tunnel module: our programs add and
+//! remove the 28 bytes themselves.
+
+/// IP protocol of the outer header: 253, reserved for experimentation
+/// (RFC 3692), so nothing else on the fabric claims it.
+pub const IPPROTO_LB: u8 = 253;
+/// First byte of the shim, a sanity check against stray protocol-253 packets.
+pub const SHIM_MAGIC: u8 = 0x4c;
+/// Version of the shim layout.
+pub const SHIM_VERSION: u8 = 1;
+/// Bytes added in front of the client's IP header: outer IPv4 and shim.
+pub const ENCAP_LEN: usize = 28;
+
+/// What follows the outer IPv4 header: the backend the client's flow goes to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shim {
+    /// [`SHIM_MAGIC`].
+    pub magic: u8,
+    /// [`SHIM_VERSION`].
+    pub version: u8,
+    /// Backend port, network order.
+    pub port_be: u16,
+    /// Backend IPv4 address, network order.
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<Shim>() == 8);
