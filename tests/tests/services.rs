@@ -924,3 +924,76 @@ fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node()
         "node b rewrites the backend's replies to the frontend: {on_b}"
     );
 }
+
+#[test]
+fn a_large_upload_through_a_cluster_ip_completes_over_a_smaller_mtu_link() {
+    use std::io::{Read, Write};
+    let mut c = Cluster::new(ClusterSpec::default());
+    // b0 counts what it receives and answers with the count: the data flows
+    // one way only, towards the small link (a veth drops frames larger than
+    // its receiver's MTU without a word, so nothing big may flow back).
+    let backend = c.pod("b0").ns.clone();
+    let listener =
+        in_ns(&backend, || std::net::TcpListener::bind(sa("0.0.0.0:9000"))).expect("bind the sink");
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(WAIT))?;
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0usize;
+        loop {
+            match conn.read(&mut buf)? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        conn.write_all(format!("{total}\n").as_bytes())
+    });
+    c.write_manifest(
+        "sink.yaml",
+        &one_port(
+            "sink",
+            "10.96.0.30",
+            80,
+            9000,
+            30090,
+            "TCP",
+            &[(B0, "node-b")],
+        ),
+    );
+    start_agents(&mut c);
+    // Node b's link to b0 carries at most 1000 bytes: node b, a plain
+    // router here, answers bigger packets with "fragmentation needed",
+    // which must reach a0 about the ClusterIP, not about b0.
+    lb_tests::rig::sh(
+        None,
+        &[
+            "ip",
+            "-n",
+            &c.node("b").ns,
+            "link",
+            "set",
+            "lxc0",
+            "mtu",
+            "1000",
+        ],
+    );
+    let client = c.pod("a0").ns.clone();
+    let data = vec![0x5au8; 300_000];
+    let answer = in_ns(&client, || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&sa("10.96.0.30:80"), IO)?;
+        s.set_write_timeout(Some(WAIT))?;
+        s.set_read_timeout(Some(WAIT))?;
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .expect("300 kB through the ClusterIP over the 1000-byte link");
+    sink.join().expect("sink thread").expect("sink");
+    assert_eq!(answer.trim(), "300000");
+    assert!(
+        node_counter(&c, "a", "icmp_error") >= 1,
+        "node a translated the fragmentation-needed error"
+    );
+}
