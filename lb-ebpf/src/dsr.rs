@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use lb_common::{
     config::CONFIG_F_DSR,
-    conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
+    conntrack::{CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
     stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
@@ -16,7 +16,7 @@ use crate::{
     maps::{LB_CONFIG_V2, LB_CT_V1},
     nat,
     packet::{Hook, Packet, PacketError},
-    parse::{self, Flow, ETH_HLEN, ETH_P_IP, IP4_DADDR},
+    parse::{Flow, ETH_HLEN, ETH_P_IP, IP4_DADDR},
     pipeline::{drop, Verdict},
     reject,
     stats::count,
@@ -26,23 +26,21 @@ const IP4_HLEN: usize = 20;
 /// The IPv4 "don't fragment" bit.
 const IP4_DF: u16 = 0x4000;
 
-/// The node to wrap a new flow to, when DSR applies: this node runs in DSR
-/// mode, the flow comes from outside, the Service is not Local-only, and the
-/// backend is on another node that the FIB reaches through a gateway.
+/// The node to wrap a new flow from outside to, when DSR applies: this
+/// node runs in DSR mode, the Service (`svc_flags`) is not Local-only, and
+/// the backend is on another node that the FIB reaches through a gateway.
 #[inline(always)]
 pub fn endpoint_for<P: Packet>(
     pkt: &P,
-    flow: &Flow,
-    svc: &ServiceValue,
+    client: u32,
+    svc_flags: u32,
     backend: &Backend,
-    hook: Hook,
 ) -> Option<u32> {
     let cfg = LB_CONFIG_V2.get(0)?;
     if cfg.flags & CONFIG_F_DSR == 0
-        || !hook.is_external()
-        || svc.flags & SVC_F_LOCAL_ONLY != 0
+        || svc_flags & SVC_F_LOCAL_ONLY != 0
         || backend.flags & BACKEND_F_LOCAL != 0
-        || backend.addr_be == flow.saddr
+        || backend.addr_be[0] == client
         || cfg.node_addr4_be == 0
     {
         return None;
@@ -166,38 +164,49 @@ fn wrap<P: Packet>(
     )
 }
 
-/// Unwraps a packet another node wrapped to this one, rewrites it to the
-/// backend its shim names and remembers how to rewrite the backend's replies
-/// (source back to the frontend, forwarded straight to the client). `None`:
-/// not such a packet.
+/// Unwraps a packet another node wrapped to this one and returns its shim;
+/// `Ok(None)`: not such a packet (the cheap protocol check comes first, as
+/// every packet on a node interface passes here).
 #[inline(always)]
-pub fn decap<P: Packet>(pkt: &mut P) -> Option<Verdict> {
-    let len = pkt.len();
-    let cfg = LB_CONFIG_V2.get(0)?;
-    let ethertype = u16::from_be(pkt.load::<u16>(12).ok()?);
-    let ver_ihl: u8 = pkt.load(ETH_HLEN).ok()?;
-    let proto: u8 = pkt.load(ETH_HLEN + 9).ok()?;
-    let daddr: u32 = pkt.load(ETH_HLEN + IP4_DADDR).ok()?;
-    if ethertype != ETH_P_IP || ver_ihl != 0x45 || proto != IPPROTO_LB || daddr != cfg.node_addr4_be
+pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
+    // Too short to be ours is not an error here: the parser judges it.
+    if pkt
+        .load::<u8>(ETH_HLEN + 9)
+        .map_or(true, |p| p != IPPROTO_LB)
     {
-        return None;
+        return Ok(None);
     }
-    let shim: Shim = pkt.load(ETH_HLEN + IP4_HLEN).ok()?;
-    if shim.magic != SHIM_MAGIC || shim.version != SHIM_VERSION {
-        return None;
-    }
-    if pkt.pop_after_eth(ENCAP_LEN as u32).is_err() {
-        return Some(drop(stats::DROP_REWRITE, len));
-    }
-    let flow = match parse::parse(pkt) {
-        Ok(Some(flow)) if flow.has_l4() => flow,
-        _ => return Some(drop(stats::DROP_REWRITE, len)),
+    let Some(cfg) = LB_CONFIG_V2.get(0) else {
+        return Ok(None);
     };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let backend = [shim.addr_be, 0, 0, 0];
+    let ours = pkt
+        .load::<u16>(12)
+        .is_ok_and(|t| u16::from_be(t) == ETH_P_IP)
+        && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == 0x45)
+        && pkt
+            .load::<u32>(ETH_HLEN + IP4_DADDR)
+            .is_ok_and(|d| d == cfg.node_addr4_be);
+    let Ok(shim) = pkt.load::<Shim>(ETH_HLEN + IP4_HLEN) else {
+        return Ok(None);
+    };
+    if !ours || shim.magic != SHIM_MAGIC || shim.version != SHIM_VERSION {
+        return Ok(None);
+    }
+    pkt.pop_after_eth(ENCAP_LEN as u32)?;
+    Ok(Some(shim))
+}
+
+/// Sends an unwrapped packet to the backend its shim names and remembers how
+/// to rewrite the backend's replies: source back to the frontend, forwarded
+/// straight to the client.
+#[inline(always)]
+pub fn deliver<P: Packet>(pkt: &mut P, flow: &Flow, shim: &Shim) -> Verdict {
+    let len = pkt.len();
+    if !flow.has_l4() {
+        return drop(stats::DROP_REWRITE, len);
+    }
     let reply_key = CtKey {
-        saddr_be: backend,
+        saddr_be: [shim.addr_be, 0, 0, 0],
         daddr_be: flow.saddr,
         sport_be: shim.port_be,
         dport_be: flow.sport,
@@ -205,35 +214,30 @@ pub fn decap<P: Packet>(pkt: &mut P) -> Option<Verdict> {
         family: flow.family,
         _pad: [0; 2],
     };
-    // The frontend is another node's (or a shared) address, which this
-    // node's stack would not send from a pod's interface: forward by FIB.
-    let reply = CtValue {
-        nat_saddr_be: flow.daddr,
-        nat_sport_be: flow.dport,
-        flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
-        last_seen_ns: now,
-        ..CtValue::default()
-    };
     // SAFETY: the value is read at once.
-    let known = unsafe { LB_CT_V1.get(&reply_key) }.is_some_and(|v| {
-        v.nat_saddr_be == reply.nat_saddr_be && v.nat_sport_be == reply.nat_sport_be
-    });
-    if !known
-        && LB_CT_V1
+    let known = unsafe { LB_CT_V1.get(&reply_key) }
+        .is_some_and(|v| v.nat_saddr_be == flow.daddr && v.nat_sport_be == flow.dport);
+    if !known {
+        // The frontend is another node's (or a shared) address, which this
+        // node's stack would not send from a pod's interface: forward by FIB.
+        let reply = CtValue {
+            nat_saddr_be: flow.daddr,
+            nat_sport_be: flow.dport,
+            flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
+            // SAFETY: a plain helper call.
+            last_seen_ns: unsafe { bpf_ktime_get_ns() },
+            ..CtValue::default()
+        };
+        if LB_CT_V1
             .insert(&reply_key, &reply, u64::from(BPF_ANY))
             .is_err()
-    {
-        return Some(drop(stats::DROP_CT_FULL, len));
+        {
+            return drop(stats::DROP_CT_FULL, len);
+        }
     }
-    let fwd = CtValue {
-        nat_daddr_be: backend,
-        nat_dport_be: shim.port_be,
-        flags: CT_F_DNAT,
-        ..CtValue::default()
-    };
-    if nat::rewrite(pkt, &flow, &fwd).is_err() {
-        return Some(drop(stats::DROP_REWRITE, len));
+    if nat::set_dst(pkt, flow, shim.addr_be, shim.port_be).is_err() {
+        return drop(stats::DROP_REWRITE, len);
     }
     count(stats::DSR_DECAP, len);
-    Some(Verdict::Pass)
+    Verdict::Pass
 }

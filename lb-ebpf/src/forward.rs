@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lb_common::IpAddrBe;
 
 use crate::{
+    maps::LB_FIB_SCRATCH,
     packet::{Hook, Packet, PacketError},
     parse::Flow,
 };
@@ -52,28 +53,32 @@ pub fn lookup<P: Packet>(
     sport: u16,
     dport: u16,
 ) -> Route {
-    let mut p = params(pkt, flow.proto, saddr[0], daddr[0]);
+    let Some(p) = params(pkt, flow.proto, saddr[0], daddr[0]) else {
+        return Route::Unreachable;
+    };
     p.sport = sport;
     p.dport = dport;
-    fib(pkt, &mut p)
+    fib(pkt, p)
 }
 
 /// Looks up the route of an IPv4 packet of `tot_len` bytes (IP header
 /// included) from `saddr` to `daddr`, checking it against the route's MTU.
 #[inline(always)]
 pub fn lookup_sized<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32, tot_len: u16) -> Route {
-    let mut p = params(pkt, proto, saddr, daddr);
+    let Some(p) = params(pkt, proto, saddr, daddr) else {
+        return Route::Unreachable;
+    };
     p.__bindgen_anon_1.tot_len = tot_len;
-    fib(pkt, &mut p)
+    fib(pkt, p)
 }
 
 /// The gateway the route to `daddr` goes through: the node behind which a
 /// remote pod lives. `None` for a directly connected destination.
 #[inline(always)]
 pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
-    let mut p = params(pkt, 0, saddr, daddr);
-    // SAFETY: `p` is a valid bpf_fib_lookup and the context is the program's.
-    let ret = unsafe { call(pkt, &mut p) };
+    let p = params(pkt, 0, saddr, daddr)?;
+    // SAFETY: `params` built a valid request.
+    let ret = unsafe { call(pkt, p) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
@@ -83,16 +88,23 @@ pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
     (next_hop != daddr).then_some(next_hop)
 }
 
+/// A fresh lookup request in this CPU's scratch slot: 64 bytes that would
+/// otherwise take a share of the 512-byte stack at every call site.
 #[inline(always)]
-fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> FibParams {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> Option<&'static mut FibParams> {
+    let slot = LB_FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot, used by one program run at a time and only
+    // within this lookup; all-zero is a valid (empty) request.
+    let p = unsafe {
+        core::ptr::write_bytes(slot, 0, 1);
+        &mut *slot
+    };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.ifindex = pkt.ifindex();
     p.__bindgen_anon_3.ipv4_src = saddr;
     p.__bindgen_anon_4.ipv4_dst = daddr;
-    p
+    Some(p)
 }
 
 /// # Safety

@@ -61,3 +61,8 @@ pub static LB_SVC_INFO_V1: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> 
 /// Ports of translated first fragments, for the datagram's later fragments.
 #[btf_map]
 pub static LB_FRAGS_V1: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHashMap::new();
+
+/// Per-CPU scratch space for FIB lookup requests (not pinned: nothing
+/// outlives a program run).
+#[btf_map]
+pub static LB_FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();

@@ -14,14 +14,25 @@ use crate::{
 #[inline(always)]
 pub fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue) -> Result<(), PacketError> {
     if ct.flags & CT_F_DNAT != 0 {
-        set_addr(pkt, flow, IP4_DADDR, flow.daddr[0], ct.nat_daddr_be[0])?;
-        set_port(pkt, flow, 2, flow.dport, ct.nat_dport_be)?;
+        set_dst(pkt, flow, ct.nat_daddr_be[0], ct.nat_dport_be)?;
     }
     if ct.flags & CT_F_SNAT != 0 {
         set_addr(pkt, flow, IP4_SADDR, flow.saddr[0], ct.nat_saddr_be[0])?;
         set_port(pkt, flow, 0, flow.sport, ct.nat_sport_be)?;
     }
     Ok(())
+}
+
+/// Rewrites the destination address and port (network order).
+#[inline(always)]
+pub fn set_dst<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    addr: u32,
+    port: u16,
+) -> Result<(), PacketError> {
+    set_addr(pkt, flow, IP4_DADDR, flow.daddr[0], addr)?;
+    set_port(pkt, flow, 2, flow.dport, port)
 }
 
 #[inline(always)]

@@ -36,14 +36,19 @@ pub enum Verdict {
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let len = pkt.len();
+    // A packet another node wrapped for DSR is unwrapped first; then it is
+    // an ordinary packet, for the backend its shim names.
+    let unwrapped = if hook == Hook::TcPod {
+        None
+    } else {
+        match dsr::unwrap(pkt) {
+            Ok(shim) => shim,
+            Err(_) => return drop(stats::DROP_REWRITE, len),
+        }
+    };
     let mut flow = match parse::parse(pkt) {
         Ok(Some(flow)) => flow,
         Ok(None) => {
-            if hook != Hook::TcPod {
-                if let Some(verdict) = dsr::decap(pkt) {
-                    return verdict;
-                }
-            }
             return match icmp::translate_error(pkt) {
                 Ok(true) => {
                     count(stats::ICMP_ERROR, len);
@@ -62,6 +67,9 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         }
     };
 
+    if let Some(shim) = unwrapped {
+        return dsr::deliver(pkt, &flow, &shim);
+    }
     if flow.frag == Frag::Later {
         return later_fragment(pkt, &mut flow, hook, len);
     }
@@ -110,7 +118,12 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
         return drop(stats::DROP_NO_BACKEND, len);
     };
-    if let Some(endpoint) = dsr::endpoint_for(pkt, &flow, &svc, &backend, hook) {
+    let dsr_endpoint = if hook.is_external() {
+        dsr::endpoint_for(pkt, flow.saddr[0], svc.flags, &backend)
+    } else {
+        None
+    };
+    if let Some(endpoint) = dsr_endpoint {
         return match dsr::create(&flow, &svc, backend_id, &backend, endpoint) {
             Ok(ct) => {
                 count(stats::NEW_FLOW, len);

@@ -15,10 +15,11 @@ use anyhow::{bail, Context as _, Result};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
+    util::KernelVersion,
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
 };
 use lb_common::maps;
@@ -239,6 +240,11 @@ impl Programs {
         if self.owned.contains(&pin) {
             return Ok(());
         }
+        if hook != Hook::Xdp && !tcx_available() {
+            self.attach_clsact(hook, ifname)?;
+            self.owned.insert(pin);
+            return Ok(());
+        }
         let path = self.links.join(&pin);
         if path.exists() {
             match self.adopt(hook, &path) {
@@ -281,6 +287,47 @@ impl Programs {
             .with_context(|| format!("pin link {}", path.display()))?;
         info!(iface = ifname, pin, "attached");
         self.owned.insert(pin);
+        Ok(())
+    }
+
+    /// Attaches a TC program the way kernels before 6.6 (no TCX) allow: a
+    /// cls_bpf filter on the clsact qdisc, at a fixed priority and handle.
+    /// Such a filter outlives the agent by itself (the kernel holds it, no
+    /// pin is needed), and a restarted agent replaces the program in it
+    /// atomically by priority and handle; it goes away with its interface.
+    fn attach_clsact(&mut self, hook: Hook, ifname: &str) -> Result<()> {
+        let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
+        let existing = SchedClassifierLink::attached(
+            ifname,
+            TcAttachType::Ingress,
+            CLSACT_PRIORITY,
+            CLSACT_HANDLE,
+            None,
+        )
+        .with_context(|| format!("no interface {ifname}"))?;
+        let (id, how) = match prog.attach_to_link(existing) {
+            Ok(id) => (id, "replaced the program in the clsact filter"),
+            Err(_) => {
+                // EEXIST: the qdisc is there already, which is what we want.
+                let _ = tc::qdisc_add_clsact(ifname);
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: CLSACT_PRIORITY,
+                            handle: CLSACT_HANDLE,
+                            ..NlOptions::default()
+                        }),
+                    )
+                    .with_context(|| format!("attach a clsact ingress filter to {ifname}"))?;
+                (id, "attached a clsact filter (no TCX on this kernel)")
+            }
+        };
+        // Dropping the link would detach it: the filter must stay when this
+        // agent exits, like a pinned link.
+        std::mem::forget(prog.take_link(id)?);
+        info!(iface = ifname, "{how}");
         Ok(())
     }
 
@@ -363,6 +410,17 @@ impl Programs {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))
     }
+}
+
+/// Priority of the agent's clsact filters on kernels without TCX.
+const CLSACT_PRIORITY: u16 = 1;
+/// Handle of the agent's clsact filters on kernels without TCX.
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x1b);
+
+/// Whether TC programs attach through TCX links (Linux 6.6); otherwise
+/// through clsact filters.
+pub fn tcx_available() -> bool {
+    KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0))
 }
 
 /// Maps only the agent writes, which a shadow copy shares with the live
@@ -468,6 +526,22 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
 /// Removes every pin under `bpffs` (links first, so programs detach before
 /// their maps go) and the directories the agent made.
 pub fn cleanup(bpffs: &Path) -> Result<()> {
+    if !tcx_available() {
+        // Without TCX the TC programs sit in clsact filters, not pins: remove
+        // ours (by priority and handle) from every interface that has one.
+        for (_, name) in interfaces()? {
+            if let Ok(link) = SchedClassifierLink::attached(
+                &name,
+                TcAttachType::Ingress,
+                CLSACT_PRIORITY,
+                CLSACT_HANDLE,
+                None,
+            ) {
+                use aya::programs::Link as _;
+                let _ = link.detach();
+            }
+        }
+    }
     for dir in [bpffs::links_dir(bpffs), bpffs::maps_dir(bpffs)] {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
