@@ -14,7 +14,10 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V5";
+pub const STATS: &str = "LB_STATS_V6";
+/// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
+/// Sized one above the services map, as ids start at 1.
+pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
 
 /// ClientIP affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
 pub const AFFINITY: &str = "LB_AFFINITY_V1";
@@ -35,8 +38,8 @@ pub const SRC_RANGES_MAX: u32 = 16384;
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 9] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO,
+pub const ALL: [&str; 10] = [
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO, SVC_STATS,
 ];
 
 /// The XDP program on the node's external interfaces.

@@ -10,7 +10,7 @@ use crate::{
     packet::{Hook, Packet},
     parse::{self, Flow},
     reject, select,
-    stats::count,
+    stats::{count, count_new_flow, count_service},
 };
 
 /// What the entry point should do with the packet.
@@ -64,6 +64,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         conntrack::remove(&key);
         count(stats::BACKEND_GONE, len);
         if flow.proto == proto::TCP {
+            count_service(ct.svc_id, len, true);
             return match reject::reject(pkt, &flow) {
                 Ok(()) => Verdict::Bounce,
                 Err(_) => drop(stats::DROP_REWRITE, len),
@@ -75,33 +76,36 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         count(stats::PASS_NO_SERVICE, len);
         return Verdict::Pass;
     };
+    let svc_id = svc.svc_id;
     if !frontend::source_allowed(&svc, &flow) {
-        return drop(stats::DROP_SOURCE_RANGE, len);
+        return drop_for(svc_id, stats::DROP_SOURCE_RANGE, len);
     }
     if svc.slot_count == 0 {
         // Local traffic policy without a local endpoint: kube-proxy drops,
         // so that the client's load balancer, which health-checks the
         // node, retries elsewhere.
         if svc.flags & SVC_F_LOCAL_ONLY != 0 {
-            return drop(stats::DROP_NO_LOCAL_ENDPOINT, len);
+            return drop_for(svc_id, stats::DROP_NO_LOCAL_ENDPOINT, len);
         }
         return match reject::reject(pkt, &flow) {
             Ok(()) => {
                 count(stats::REJECT_NO_ENDPOINT, len);
+                count_service(svc_id, len, true);
                 Verdict::Bounce
             }
-            Err(_) => drop(stats::DROP_REWRITE, len),
+            Err(_) => drop_for(svc_id, stats::DROP_REWRITE, len),
         };
     }
     let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
-        return drop(stats::DROP_NO_BACKEND, len);
+        return drop_for(svc_id, stats::DROP_NO_BACKEND, len);
     };
     match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
         Ok(ct) => {
             count(stats::NEW_FLOW, len);
+            count_new_flow(svc_id);
             translate(pkt, &flow, &ct, hook)
         }
-        Err(reason) => drop(reason, len),
+        Err(reason) => drop_for(svc_id, reason, len),
     }
 }
 
@@ -111,16 +115,44 @@ fn drop(reason: u32, len: u32) -> Verdict {
     Verdict::Drop
 }
 
-/// Applies a flow's translation and decides where the packet goes.
+/// Drops a packet of Service port `svc_id`, counting it for the Service too.
+#[inline(always)]
+fn drop_for(svc_id: u32, reason: u32, len: u32) -> Verdict {
+    count_service(svc_id, len, true);
+    drop(reason, len)
+}
+
+/// Applies a flow's translation and decides where the packet goes, counting
+/// the packet for its Service port unless it is left to TC.
 #[inline(always)]
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
     let len = pkt.len();
-    if ct.flags & CT_F_FORWARD == 0 {
-        return match nat::rewrite(pkt, flow, ct) {
+    let verdict = if ct.flags & CT_F_FORWARD == 0 {
+        match nat::rewrite(pkt, flow, ct) {
             Ok(()) => Verdict::Pass,
             Err(_) => drop(stats::DROP_REWRITE, len),
-        };
-    }
+        }
+    } else {
+        match route_forwarded(pkt, flow, ct, hook) {
+            Some(v) => v,
+            // Left to TC, which counts it.
+            None => return Verdict::Pass,
+        }
+    };
+    count_service(ct.svc_id, len, matches!(verdict, Verdict::Drop));
+    verdict
+}
+
+/// Translates and routes a forwarded flow's packet; `None` when XDP leaves
+/// it untouched for TC.
+#[inline(always)]
+fn route_forwarded<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    ct: &CtValue,
+    hook: Hook,
+) -> Option<Verdict> {
+    let len = pkt.len();
     let (saddr, sport) = if ct.flags & lb_common::conntrack::CT_F_SNAT != 0 {
         (ct.nat_saddr_be, ct.nat_sport_be)
     } else {
@@ -142,13 +174,13 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
             matches!(route, Route::Resolved { ifindex, .. } if ifindex == pkt.ifindex());
         if !same_device && !matches!(route, Route::Unreachable) {
             count(stats::XDP_TO_TC, len);
-            return Verdict::Pass;
+            return None;
         }
     }
     if nat::rewrite(pkt, flow, ct).is_err() {
-        return drop(stats::DROP_REWRITE, len);
+        return Some(drop(stats::DROP_REWRITE, len));
     }
-    match route {
+    Some(match route {
         Route::Resolved {
             ifindex,
             smac,
@@ -159,5 +191,5 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         },
         Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
         Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
-    }
+    })
 }

@@ -239,3 +239,14 @@ pub fn counter(dp: &Datapath, name: &str) -> u64 {
         .find(|(n, _)| *n == name)
         .map_or_else(|| panic!("no counter {name}"), |(_, c)| c.packets)
 }
+
+/// The counters of the Service port named `name` (`default/NAME/PROTO` as
+/// the reconciler names fixture Services), summed over CPUs.
+pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCounters {
+    dp.maps
+        .service_counters()
+        .expect("read per-Service counters")
+        .into_iter()
+        .find(|(_, n, _)| n == name)
+        .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
+}

@@ -505,7 +505,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
         .output()
         .expect("lb-agent stats");
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let dropped = stats
+    let dropped = stats["counters"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "drop_source_range"))
         .and_then(|s| s["packets"].as_u64());

@@ -518,7 +518,7 @@ fn inspection_commands_show_flows_tables_and_backends() {
     assert!(addrs.contains(&"10.244.1.11:8080") && addrs.contains(&"10.244.2.10:8080"));
 
     let stats = inspect(&c, "a", &["stats"]);
-    let new_flows = stats
+    let new_flows = stats["counters"]
         .as_array()
         .expect("list")
         .iter()

@@ -10,9 +10,12 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    maps, service::SERVICE_NAME_LEN, service::SRC_RANGE_HEAD_BITS, stats::Counter, AffinityKey,
-    AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey,
-    ServiceValue, SrcRange,
+    maps,
+    service::SERVICE_NAME_LEN,
+    service::SRC_RANGE_HEAD_BITS,
+    stats::{Counter, SvcCounters},
+    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
+    ServiceKey, ServiceValue, SrcRange,
 };
 
 use super::bpffs;
@@ -41,6 +44,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Source ranges.
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
+    /// Per-Service counters.
+    pub svc_stats: PerCpuArray<MapData, SvcCounters>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -76,6 +81,7 @@ impl Maps {
             infos: typed!(bpffs, maps::SVC_INFO),
             affinity: typed!(bpffs, maps::AFFINITY),
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
+            svc_stats: typed!(bpffs, maps::SVC_STATS),
         })
     }
 }
@@ -108,12 +114,23 @@ pub fn encode_info(info: &Info) -> ServiceInfo {
 }
 
 fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> StoreError {
+    // The kernel says "argument list too long" for a full hash map and an
+    // index out of range: say what it means.
+    let full = matches!(e, aya::maps::MapError::SyscallError(s)
+        if s.io_error.raw_os_error() == Some(libc::E2BIG));
     StoreError {
         op,
         map,
-        message: e.to_string(),
+        message: if full {
+            format!("{MAP_FULL} (raise its size flag)")
+        } else {
+            e.to_string()
+        },
     }
 }
+
+/// How a [`StoreError`] says a map had no room.
+pub const MAP_FULL: &str = "map is full";
 
 impl Store for Maps {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
@@ -178,6 +195,25 @@ impl Store for Maps {
     fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
         ignore_missing(self.src_ranges.remove(&range_key(svc_id, range)))
             .map_err(|e| store_err("remove", maps::SRC_RANGES, &e))
+    }
+
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| StoreError {
+            op: "reset",
+            map: maps::SVC_STATS,
+            message: format!("count CPUs: {e}"),
+        })?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| {
+                StoreError {
+                    op: "reset",
+                    map: maps::SVC_STATS,
+                    message: e.to_string(),
+                }
+            })?;
+        self.svc_stats
+            .set(svc_id, zeros, 0)
+            .map_err(|e| store_err("reset", maps::SVC_STATS, &e))
     }
 }
 
@@ -262,6 +298,31 @@ impl Maps {
             .iter()
             .map(|e| e.context("read maglev table"))
             .collect()
+    }
+
+    /// Sums the per-CPU counters of every Service port the info map names,
+    /// by svc_id, with its name.
+    pub fn service_counters(&self) -> Result<Vec<(u32, String, SvcCounters)>> {
+        let mut out = Vec::new();
+        for entry in self.infos.iter() {
+            let (svc_id, info) = entry.context("read service info map")?;
+            let per_cpu = match self.svc_stats.get(&svc_id, 0) {
+                Ok(v) => v,
+                // An id beyond the stats map (an older, smaller pin) has no counters.
+                Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
+                Err(e) => return Err(e).context("read per-Service stats map"),
+            };
+            let mut sum = SvcCounters::default();
+            for c in per_cpu.iter() {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.new_flows += c.new_flows;
+                sum.drops += c.drops;
+            }
+            out.push((svc_id, decode_info(&info).name, sum));
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        Ok(out)
     }
 
     /// Sums the per-CPU counters.

@@ -115,6 +115,7 @@ impl Programs {
         loader
             .map_max_entries(maps::SERVICES, sizes.services)
             .map_max_entries(maps::SVC_INFO, sizes.services)
+            .map_max_entries(maps::SVC_STATS, sizes.services.saturating_add(1))
             .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
@@ -302,6 +303,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
     for name in [
         maps::SERVICES,
         maps::SVC_INFO,
+        maps::SVC_STATS,
         maps::MAGLEV,
         maps::AFFINITY,
         maps::SRC_RANGES,

@@ -280,6 +280,13 @@ impl Reconciler {
     ) -> Result<(), StoreError> {
         let existing = self.by_name.get(name).copied();
         let svc_id = existing.unwrap_or_else(|| self.allocate_svc_id());
+        if existing.is_none() {
+            // An id may be reused: the new Service port starts from zero.
+            // Counters are not worth refusing a Service over.
+            if let Err(e) = store.reset_stats(svc_id) {
+                debug!(service = name, svc_id, "cannot reset counters: {e}");
+            }
+        }
 
         let mut active = Vec::with_capacity(want.backends.len());
         for b in &want.backends {

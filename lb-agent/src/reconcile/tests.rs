@@ -69,6 +69,7 @@ checked!(
     del_info(svc_id: u32),
     put_range(svc_id: u32, range: Range),
     del_range(svc_id: u32, range: Range),
+    reset_stats(svc_id: u32),
 );
 
 fn ip(s: &str) -> IpAddr {
