@@ -63,6 +63,7 @@ impl Datapath {
             backends: 1024,
             conntrack: 4096,
             affinity: 1024,
+            src_ranges: 1024,
         };
         let progs = Programs::load(&dir.0, sizes, XdpMode::Default).expect("load programs");
         let mut maps = Maps::open(&dir.0).expect("open maps");

@@ -122,15 +122,13 @@ fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> St
         op,
         map,
         message: if full {
-            format!("{MAP_FULL} (raise its size flag)")
+            "map is full (raise its size flag)".to_string()
         } else {
             e.to_string()
         },
+        full,
     }
 }
-
-/// How a [`StoreError`] says a map had no room.
-pub const MAP_FULL: &str = "map is full";
 
 impl Store for Maps {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
@@ -202,6 +200,7 @@ impl Store for Maps {
             op: "reset",
             map: maps::SVC_STATS,
             message: format!("count CPUs: {e}"),
+            full: false,
         })?;
         let zeros =
             aya::maps::PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| {
@@ -209,6 +208,7 @@ impl Store for Maps {
                     op: "reset",
                     map: maps::SVC_STATS,
                     message: e.to_string(),
+                    full: false,
                 }
             })?;
         self.svc_stats
@@ -338,5 +338,48 @@ impl Maps {
             out.push((*name, sum));
         }
         Ok(out)
+    }
+}
+
+/// The capacity (`max_entries`) of the map `name` pinned under `bpffs`.
+pub fn capacity(bpffs: &Path, name: &str) -> Result<u32> {
+    let path = bpffs::maps_dir(bpffs).join(name);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("read map info of {}", path.display()))?;
+    Ok(info.max_entries())
+}
+
+/// The maps whose fill the agent watches, with how many entries each holds.
+pub const SIZED: [&str; 5] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::CONNTRACK,
+    maps::AFFINITY,
+    maps::SRC_RANGES,
+];
+
+impl Maps {
+    /// How many entries the map `name` (one of [`SIZED`]) holds now. Walks
+    /// its keys: O(entries) syscalls, so not for the packet path's pace.
+    pub fn entries(&self, name: &str) -> Result<u64> {
+        fn count<K, E: Into<anyhow::Error>>(
+            keys: impl Iterator<Item = Result<K, E>>,
+        ) -> Result<u64> {
+            let mut n = 0;
+            for k in keys {
+                k.map_err(Into::into)?;
+                n += 1;
+            }
+            Ok(n)
+        }
+        match name {
+            maps::SERVICES => count(self.services.keys()),
+            maps::BACKENDS => count(self.backends.keys()),
+            maps::CONNTRACK => count(self.conntrack.keys()),
+            maps::AFFINITY => count(self.affinity.keys()),
+            maps::SRC_RANGES => count(self.src_ranges.keys()),
+            other => anyhow::bail!("no entry count for map {other}"),
+        }
+        .with_context(|| format!("count entries of {name}"))
     }
 }

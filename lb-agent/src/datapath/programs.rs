@@ -41,6 +41,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// ClientIP affinity entries (one per client per Service port).
     pub affinity: u32,
+    /// Source ranges (one per CIDR per Service port).
+    pub src_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -50,6 +52,7 @@ impl Default for MapSizes {
             backends: maps::BACKENDS_MAX,
             conntrack: maps::CONNTRACK_MAX,
             affinity: maps::AFFINITY_MAX,
+            src_ranges: maps::SRC_RANGES_MAX,
         }
     }
 }
@@ -120,7 +123,7 @@ impl Programs {
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
-            .map_max_entries(maps::SRC_RANGES, maps::SRC_RANGES_MAX);
+            .map_max_entries(maps::SRC_RANGES, sizes.src_ranges);
         let mut ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;

@@ -11,6 +11,7 @@
 //! agent compares against reality and rewrites nothing that is already right;
 //! a table is recognised by the fingerprint recorded beside it.
 
+mod refusals;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +32,7 @@ use crate::{
     model::{Endpoint, FrontendKind, Model, Protocol},
 };
 
+pub use refusals::RefusalLog;
 pub use store::{Info, MemStore, Range, Snapshot, Store, StoreError};
 
 /// What the maps should hold for one Service port.
@@ -123,6 +125,8 @@ pub struct Failure {
     pub service: String,
     /// What went wrong.
     pub message: String,
+    /// The map that had no room, when that was the reason.
+    pub full_map: Option<&'static str>,
 }
 
 /// Counts of map operations one apply performed.
@@ -226,10 +230,13 @@ impl Reconciler {
 
         for (name, want) in &desired {
             if let Err(e) = self.apply_service(name, want, store, &mut report) {
-                warn!(service = %name, "cannot program Service port: {e}");
+                // Logged by the caller when the set of failures changes, not
+                // on every sync.
+                debug!(service = %name, "cannot program Service port: {e}");
                 report.failures.push(Failure {
                     service: name.clone(),
                     message: e.to_string(),
+                    full_map: e.full.then_some(e.map),
                 });
             }
         }

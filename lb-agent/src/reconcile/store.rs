@@ -18,6 +18,8 @@ pub struct StoreError {
     pub map: &'static str,
     /// The underlying error (for example "map full").
     pub message: String,
+    /// The map had no room for a new entry.
+    pub full: bool,
 }
 
 /// What the agent recorded about a Service port.
