@@ -105,7 +105,11 @@ where
                     let reply = handler(req.uri().path().to_string());
                     async move { Ok::<_, Infallible>(response(reply.await)) }
                 });
+                // One request per connection: health checkers and scrapers
+                // reconnect anyway, and no idle connection outlives a
+                // listener that was closed.
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
@@ -222,7 +226,18 @@ mod tests {
                 s.read_to_string(&mut out).await.expect("read");
                 out
             };
-            assert!(get("/readyz").await.starts_with("HTTP/1.1 503 "));
+            // Without `Connection: close` too: the server closes after answering.
+            let get_keepalive = || async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .expect("send");
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.expect("read");
+                out
+            };
+            assert!(get_keepalive().await.starts_with("HTTP/1.1 503 "));
             ready.set_ready();
             let ok = get("/readyz").await;
             assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");

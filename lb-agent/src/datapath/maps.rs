@@ -113,6 +113,18 @@ pub fn encode_info(info: &Info) -> ServiceInfo {
     out
 }
 
+/// The `lb-agent run` flag that sizes map `name`.
+pub fn size_flag(name: &str) -> &'static str {
+    match name {
+        maps::SERVICES | maps::MAGLEV | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
+        maps::BACKENDS => "--backends-size",
+        maps::CONNTRACK => "--conntrack-size",
+        maps::AFFINITY => "--affinity-size",
+        maps::SRC_RANGES => "--src-ranges-size",
+        _ => "its size flag",
+    }
+}
+
 fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> StoreError {
     // The kernel says "argument list too long" for a full hash map and an
     // index out of range: say what it means.
@@ -122,7 +134,7 @@ fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> St
         op,
         map,
         message: if full {
-            "map is full (raise its size flag)".to_string()
+            format!("map is full (raise {})", size_flag(map))
         } else {
             e.to_string()
         },

@@ -247,9 +247,28 @@ impl Reconciler {
             .filter(|(_, s)| !desired.contains_key(&s.name))
             .map(|(id, _)| *id)
             .collect();
+        let removed = !gone.is_empty();
         for svc_id in gone {
             if let Err(e) = self.remove_service(svc_id, store, &mut report) {
                 warn!(svc_id, "cannot remove Service port: {e}");
+            }
+        }
+        // New Service ports go in before old ones leave, so at capacity a
+        // replacement finds the maps full: try the refused ones again now
+        // that the gone ones made room, instead of waiting for another sync.
+        if removed && report.failures.iter().any(|f| f.full_map.is_some()) {
+            let retry = std::mem::take(&mut report.failures);
+            for failure in retry {
+                let Some(want) = desired.get(&failure.service) else {
+                    continue;
+                };
+                if let Err(e) = self.apply_service(&failure.service, want, store, &mut report) {
+                    report.failures.push(Failure {
+                        service: failure.service,
+                        message: e.to_string(),
+                        full_map: e.full.then_some(e.map),
+                    });
+                }
             }
         }
 
