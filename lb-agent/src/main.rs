@@ -157,22 +157,22 @@ struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
     conntrack_udp_timeout: u32,
     /// Capacity of the conntrack map (LRU: a full map evicts the idlest
-    /// flow; two entries per flow; about 150 bytes each, 38 MiB by default).
+    /// flow; two entries per flow; about 160 bytes each, 40 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
     conntrack_size: u32,
     /// Capacity of the services map: frontends (one per address, port and
     /// protocol); also bounds the Service ports (Maglev tables, their
-    /// records and counters). About 330 bytes plus 32 bytes per CPU per
-    /// entry, 24 MiB on 2 CPUs by default; each Service port's Maglev table
+    /// records and counters). About 390 bytes plus 32 bytes per CPU per
+    /// entry, 28 MiB on 2 CPUs by default; each Service port's Maglev table
     /// adds 4 bytes a slot when it has endpoints.
     #[arg(long, default_value_t = lb_common::maps::SERVICES_MAX)]
     services_size: u32,
     /// Capacity of the backends map (one entry per endpoint address and
-    /// port; about 80 bytes each, 5 MiB by default).
+    /// port; about 100 bytes each, 6 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     backends_size: u32,
     /// Capacity of the ClientIP affinity map (LRU; one entry per client per
-    /// Service port with affinity; about 90 bytes each, 6 MiB by default).
+    /// Service port with affinity; about 100 bytes each, 6.5 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::AFFINITY_MAX)]
     affinity_size: u32,
     /// Capacity of the source-range map (one entry per

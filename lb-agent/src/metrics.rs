@@ -38,7 +38,7 @@ use tracing::warn;
 
 use crate::{
     datapath::maps::{capacity, Maps, SIZED},
-    reconcile::Report,
+    reconcile::{Report, LOCAL_SUFFIX, V6_SUFFIX},
 };
 
 /// Labels of a map.
@@ -185,12 +185,17 @@ impl std::fmt::Debug for DatapathCollector {
     }
 }
 
-/// A Service port's name split into labels: `namespace/name[:port]/PROTO`
-/// with `@local` on the table of a Local traffic policy.
+/// A Service port's table name split into labels:
+/// `namespace/name[:port]/PROTO`, with `@local` on the table of a Local
+/// traffic policy and `@v6` on the table of IPv6 frontends.
 fn service_labels(full: &str) -> Vec<(&'static str, String)> {
-    let (rest, scope) = match full.strip_suffix("@local") {
+    let (rest, family) = match full.strip_suffix(V6_SUFFIX) {
+        Some(rest) => (rest, "IPv6"),
+        None => (full, "IPv4"),
+    };
+    let (rest, scope) = match rest.strip_suffix(LOCAL_SUFFIX) {
         Some(rest) => (rest, "local"),
-        None => (full, "cluster"),
+        None => (rest, "cluster"),
     };
     let (namespace, rest) = rest.split_once('/').unwrap_or(("", rest));
     let (svc, proto) = rest.rsplit_once('/').unwrap_or((rest, ""));
@@ -201,6 +206,7 @@ fn service_labels(full: &str) -> Vec<(&'static str, String)> {
         ("port", port.to_string()),
         ("proto", proto.to_string()),
         ("scope", scope.to_string()),
+        ("family", family.to_string()),
     ]
 }
 
@@ -392,7 +398,7 @@ mod tests {
 
     #[test]
     fn service_names_split_into_labels() {
-        let l = service_labels("demo/web:http/TCP@local");
+        let l = service_labels("demo/web:http/TCP@local@v6");
         assert_eq!(
             l,
             vec![
@@ -401,6 +407,7 @@ mod tests {
                 ("port", "http".to_string()),
                 ("proto", "TCP".to_string()),
                 ("scope", "local".to_string()),
+                ("family", "IPv6".to_string()),
             ]
         );
         let l = service_labels("demo/dns/UDP");
@@ -408,6 +415,7 @@ mod tests {
         assert_eq!(l[2].1, "");
         assert_eq!(l[3].1, "UDP");
         assert_eq!(l[4].1, "cluster");
+        assert_eq!(l[5].1, "IPv4");
     }
 
     #[test]

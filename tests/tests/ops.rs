@@ -181,8 +181,9 @@ fn metrics_and_readiness_report_the_datapath_and_the_sync() {
         text
     };
     let text = metrics();
-    let web = r#"{namespace="test",name="web",port="p",proto="TCP",scope="cluster"}"#;
-    let empty = r#"{namespace="test",name="empty",port="p",proto="TCP",scope="cluster"}"#;
+    let web = r#"{namespace="test",name="web",port="p",proto="TCP",scope="cluster",family="IPv4"}"#;
+    let empty =
+        r#"{namespace="test",name="empty",port="p",proto="TCP",scope="cluster",family="IPv4"}"#;
     assert_eq!(
         sample(&text, &format!("lb_service_new_flows_total{web}")),
         Some(3.0),

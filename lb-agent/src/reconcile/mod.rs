@@ -487,11 +487,18 @@ fn lowest_free(taken: impl Fn(u32) -> bool) -> u32 {
     (1..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
 }
 
+/// Suffix of the table of a Service port's frontends under a Local traffic
+/// policy.
+pub const LOCAL_SUFFIX: &str = "@local";
+/// Suffix of the table of a Service port's IPv6 frontends.
+pub const V6_SUFFIX: &str = "@v6";
+
 /// The map-level picture of the model, by table name.
 ///
-/// A Service port is one table, or two when a Local traffic policy applies
-/// to some of its frontends: those lead to a table of this node's endpoints
-/// only, named with an `@local` suffix.
+/// A Service port is one table per address family of its frontends (an
+/// IPv6 table is named with an `@v6` suffix), times two when a Local
+/// traffic policy applies to some of its frontends: those lead to a table
+/// of this node's endpoints only, named with an `@local` suffix.
 fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
     let mut out = BTreeMap::new();
     for (r, sp) in &model.services {
@@ -543,27 +550,35 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
             })
             .collect();
         for (local, frontends) in scopes.into_iter().enumerate() {
-            if frontends.is_empty() {
-                continue;
-            }
             let local = local == 1;
-            let active = sp.active_in(local);
-            let draining = sp.draining_in(local).iter().map(backend).collect();
-            let table_name = if local {
-                format!("{name}@local")
-            } else {
-                name.clone()
-            };
-            out.insert(
-                table_name,
-                DesiredService {
-                    frontends,
-                    backends: active.iter().map(backend).collect(),
-                    draining,
-                    affinity_timeout_s: sp.affinity_timeout_s,
-                    ranges: ranges.clone(),
-                },
-            );
+            // One table per address family: the datapath rewrites addresses
+            // in place, so an IPv4 frontend may only lead to IPv4 backends.
+            let mut by_family: BTreeMap<u8, BTreeMap<ServiceKey, u32>> = BTreeMap::new();
+            for (key, flags) in frontends {
+                by_family.entry(key.family).or_default().insert(key, flags);
+            }
+            for (fam, frontends) in by_family {
+                let same_family = |e: &&&Endpoint| addr_be(e.addr).1 == fam;
+                let active = sp.active_in(local);
+                let draining = sp.draining_in(local);
+                let mut table_name = name.clone();
+                if local {
+                    table_name.push_str(LOCAL_SUFFIX);
+                }
+                if fam == family::V6 {
+                    table_name.push_str(V6_SUFFIX);
+                }
+                out.insert(
+                    table_name,
+                    DesiredService {
+                        frontends,
+                        backends: active.iter().filter(same_family).map(backend).collect(),
+                        draining: draining.iter().filter(same_family).map(backend).collect(),
+                        affinity_timeout_s: sp.affinity_timeout_s,
+                        ranges: ranges.clone(),
+                    },
+                );
+            }
         }
     }
     out
