@@ -3,16 +3,11 @@
 //!
 //! Needs root. Run through `cargo xtask test`.
 
-use std::{
-    collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use lb_tests::{
     manifests::{docs, service, slice, with_local_policies, Ep},
-    rig::{in_ns, serve_all_pods, sh, tcp_hello, wait_until, Cluster, ClusterSpec},
+    rig::{serve_all_pods, sh, tcp_hello, wait_until, Cluster, ClusterSpec},
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -22,22 +17,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
-/// `GET path` on `addr` from inside network namespace `ns`: (status, body).
 fn http_get(ns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    in_ns(ns, || {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, IO)?;
-        s.set_read_timeout(Some(IO))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        Ok((status, body))
-    })
+    lb_tests::rig::http_get(ns, addr, path, IO)
 }
 
 /// The value of the sample `series` (name with labels, exactly as printed)
