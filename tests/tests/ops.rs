@@ -318,3 +318,51 @@ fn json_logs_are_one_json_object_per_line() {
         "the bad manifest is reported as a structured warning: {log}"
     );
 }
+
+#[test]
+fn a_packet_xdp_leaves_to_tc_is_counted_once_for_its_service() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    let ep = Ep {
+        addr: "10.244.2.10",
+        node: "node-b",
+        ready: true,
+        terminating: false,
+    };
+    c.write_manifest(
+        "dns.yaml",
+        &docs(&[
+            service("dns", "10.96.0.53", 53, 5353, Some(30053), "UDP"),
+            slice("dns", "dns-1", 5353, "UDP", &[ep]),
+        ]),
+    );
+    for n in ["a", "b"] {
+        c.node_mut(n).start_agent(&[]);
+    }
+    for n in ["a", "b"] {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+    // Node-a's only backend is on node-b: XDP opens the flow and leaves the
+    // request to TC, which sends it on; the answer comes back through XDP.
+    let (line, from) =
+        lb_tests::rig::udp_hello(&c.client_ns(), sa("10.99.0.1:30053"), IO).expect("answer");
+    assert!(line.starts_with("b0 "), "{line}");
+    assert_eq!(from, sa("10.99.0.1:30053"));
+    let (_, text) =
+        http_get(&c.node("a").ns, sa("127.0.0.1:10249"), "/metrics").expect("scrape node-a");
+    let dns = r#"{namespace="test",name="dns",port="p",proto="UDP",scope="cluster",family="IPv4"}"#;
+    assert_eq!(
+        sample(&text, r#"lb_packets_total{outcome="xdp_to_tc"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("lb_service_packets_total{dns}")),
+        Some(2.0),
+        "request and answer, each once: {text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("lb_service_new_flows_total{dns}")),
+        Some(1.0)
+    );
+}
