@@ -521,8 +521,8 @@ impl Syncer<'_> {
 }
 
 /// Reads the manifests folder and makes the maps, and the health check
-/// ports, match it. Returns how many objects were skipped as invalid, and
-/// what the reconciler did.
+/// ports, match it. Returns how many problems (invalid objects or fields)
+/// were skipped, and what the reconciler did.
 fn sync(
     dir: &Path,
     node: &NodeInfo,

@@ -51,7 +51,7 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     sync_errors: Counter,
     refused: Gauge,
-    invalid_objects: Gauge,
+    problems: Gauge,
     map_full: Family<MapLabels, Gauge>,
 }
 
@@ -78,11 +78,11 @@ impl Metrics {
             "Service ports the last sync could not program (see the log for why)",
             refused.clone(),
         );
-        let invalid_objects = Gauge::default();
+        let problems = Gauge::default();
         registry.register(
-            "invalid_objects",
-            "Services, EndpointSlices or manifest documents the last sync skipped as invalid",
-            invalid_objects.clone(),
+            "sync_problems",
+            "Invalid objects, documents or fields the last sync skipped (each logged as a warning)",
+            problems.clone(),
         );
         let map_full = Family::<MapLabels, Gauge>::default();
         registry.register(
@@ -106,7 +106,7 @@ impl Metrics {
             reconcile_seconds,
             sync_errors,
             refused,
-            invalid_objects,
+            problems,
             map_full,
         })
     }
@@ -121,10 +121,10 @@ impl Metrics {
         self.sync_errors.inc();
     }
 
-    /// Records the outcome of a sync: `invalid` objects skipped, and what the
-    /// reconciler could not program.
-    pub fn record_sync(&self, invalid: usize, report: &Report) {
-        self.invalid_objects.set(gauge(invalid));
+    /// Records the outcome of a sync: `problems` (invalid objects or fields)
+    /// skipped, and what the reconciler could not program.
+    pub fn record_sync(&self, problems: usize, report: &Report) {
+        self.problems.set(gauge(problems));
         self.refused.set(gauge(report.failures.len()));
         for name in SIZED.iter().chain(&[maps::SVC_INFO, maps::MAGLEV]) {
             let full = report.failures.iter().any(|f| f.full_map == Some(*name));
@@ -447,14 +447,14 @@ impl SyncRecorder {
         }
     }
 
-    /// A sync reached the maps: `invalid` objects were skipped, `report`
-    /// says what the reconciler did; `seen` is when the change that caused
-    /// it was first noticed, if a change did.
-    pub fn synced(&mut self, seen: Option<std::time::Instant>, invalid: usize, report: &Report) {
+    /// A sync reached the maps: `problems` (invalid objects or fields) were
+    /// skipped, `report` says what the reconciler did; `seen` is when the
+    /// change that caused it was first noticed, if a change did.
+    pub fn synced(&mut self, seen: Option<std::time::Instant>, problems: usize, report: &Report) {
         if let Some(seen) = seen {
             self.metrics.observe_reconcile(seen.elapsed());
         }
-        self.metrics.record_sync(invalid, report);
+        self.metrics.record_sync(problems, report);
         self.refusals.update(report);
     }
 

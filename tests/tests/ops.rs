@@ -207,9 +207,22 @@ fn metrics_and_readiness_report_the_datapath_and_the_sync() {
     assert_eq!(sample(&text, "lb_conntrack_evictions_total"), Some(0.0));
     assert_eq!(sample(&text, "lb_sync_errors_total"), Some(0.0));
     assert_eq!(sample(&text, "lb_refused_service_ports"), Some(0.0));
+    assert_eq!(sample(&text, "lb_sync_problems"), Some(0.0));
+
+    // A bad manifest is skipped, counted, and breaks nothing.
+    let before = sample(&text, "lb_reconcile_latency_seconds_count").unwrap_or(0.0);
+    c.write_manifest("bad.yaml", "kind: Service\nspec: [not a mapping\n");
+    wait_until(WAIT, "the bad manifest is counted", || {
+        sample(&metrics(), "lb_sync_problems") == Some(1.0)
+    });
+    tcp_hello(&pod, sa("10.96.0.10:80"), IO).expect("web still answers");
 
     // A change is timed from the file event to the maps.
-    let before = sample(&text, "lb_reconcile_latency_seconds_count").unwrap_or(0.0);
+    assert!(
+        sample(&metrics(), "lb_reconcile_latency_seconds_count").is_some_and(|n| n > before),
+        "the bad manifest's sync was timed"
+    );
+    let before = sample(&metrics(), "lb_reconcile_latency_seconds_count").unwrap_or(0.0);
     c.remove_manifest("empty.yaml");
     wait_until(WAIT, "a reconcile latency is recorded", || {
         sample(&metrics(), "lb_reconcile_latency_seconds_count").is_some_and(|n| n > before)
