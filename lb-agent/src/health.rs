@@ -10,14 +10,13 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::model::Model;
+use crate::{
+    endpoints::{self, Reply},
+    model::Model,
+};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,29 +91,23 @@ impl HealthServers {
                 continue;
             }
             let addr = SocketAddr::new(key.0, key.1);
-            let std_listener = match std::net::TcpListener::bind(addr) {
+            let listener = match endpoints::bind("healthCheckNodePort", addr) {
                 Ok(l) => l,
                 Err(e) => {
                     // One taken port must not stop the others.
-                    warn!(%addr, "cannot serve health check port: {e}");
-                    continue;
-                }
-            };
-            let listener = match std_listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(std_listener))
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!(%addr, "cannot serve health check port: {e}");
+                    warn!(%addr, "cannot serve health check port: {e:#}");
                     continue;
                 }
             };
             debug!(%addr, "health check port open");
-            self.listeners.insert(
-                key,
-                tokio::spawn(serve(listener, key.1, self.state.clone())),
-            );
+            let state = self.state.clone();
+            let port = key.1;
+            let task = endpoints::spawn(listener, move |_path| {
+                // Any path answers, as kube-proxy's servers do.
+                let health = state.read().ok().and_then(|s| s.get(&port).cloned());
+                async move { reply(health.as_ref()) }
+            });
+            self.listeners.insert(key, task);
         }
     }
 }
@@ -127,40 +120,23 @@ impl Drop for HealthServers {
     }
 }
 
-async fn serve(listener: TcpListener, port: u16, state: State) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            // The request itself does not matter; read what came and answer.
-            let mut buf = [0u8; 1024];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-            let health = state.read().ok().and_then(|s| s.get(&port).cloned());
-            let _ = conn.write_all(response(health.as_ref()).as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
-}
-
-/// The HTTP response for a Service's health.
-pub fn response(health: Option<&Health>) -> String {
+/// The HTTP answer for a Service's health.
+pub fn reply(health: Option<&Health>) -> Reply {
     let (status, body) = match health {
         Some(h) => (
-            if h.local_endpoints > 0 { "200 OK" } else { "503 Service Unavailable" },
+            if h.local_endpoints > 0 { 200 } else { 503 },
             format!(
                 "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{},\"serviceProxyHealthy\":true}}",
                 h.namespace, h.name, h.local_endpoints
             ),
         ),
-        None => ("503 Service Unavailable", "{\"localEndpoints\":0}".to_string()),
+        None => (503, "{\"localEndpoints\":0}".to_string()),
     };
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    Reply {
+        status,
+        content_type: "application/json",
+        body,
+    }
 }
 
 #[cfg(test)]
@@ -174,14 +150,14 @@ mod tests {
             name: "web".into(),
             local_endpoints: 2,
         };
-        let ok = response(Some(&h));
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.ends_with("{\"service\":{\"namespace\":\"demo\",\"name\":\"web\"},\"localEndpoints\":2,\"serviceProxyHealthy\":true}"));
+        let ok = reply(Some(&h));
+        assert_eq!(ok.status, 200, "{ok:?}");
+        assert_eq!(ok.body, "{\"service\":{\"namespace\":\"demo\",\"name\":\"web\"},\"localEndpoints\":2,\"serviceProxyHealthy\":true}");
         let none = Health {
             local_endpoints: 0,
             ..h
         };
-        assert!(response(Some(&none)).starts_with("HTTP/1.1 503 "));
-        assert!(response(None).starts_with("HTTP/1.1 503 "));
+        assert_eq!(reply(Some(&none)).status, 503);
+        assert_eq!(reply(None).status, 503);
     }
 }

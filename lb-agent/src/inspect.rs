@@ -160,9 +160,35 @@ pub struct CounterView {
     pub bytes: u64,
 }
 
+/// One Service port's counters.
+#[derive(Debug, Serialize)]
+pub struct ServiceStatsView {
+    /// Service port id.
+    pub svc_id: u32,
+    /// `namespace/name:port/PROTO`.
+    pub name: String,
+    /// Packets of its flows, both directions.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// Flows opened.
+    pub new_flows: u64,
+    /// Packets that reached no backend (dropped or refused).
+    pub drops: u64,
+}
+
+/// The datapath counters: by outcome, and by Service port.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    /// Counters by outcome (drop reasons among them), summed over CPUs.
+    pub counters: Vec<CounterView>,
+    /// Counters by Service port, summed over CPUs.
+    pub services: Vec<ServiceStatsView>,
+}
+
 /// Reads the counters, summed over CPUs.
-pub fn stats(maps: &Maps) -> Result<Vec<CounterView>> {
-    Ok(maps
+pub fn stats(maps: &Maps) -> Result<StatsView> {
+    let counters = maps
         .counters()?
         .into_iter()
         .map(|(name, c)| CounterView {
@@ -170,14 +196,39 @@ pub fn stats(maps: &Maps) -> Result<Vec<CounterView>> {
             packets: c.packets,
             bytes: c.bytes,
         })
-        .collect())
+        .collect();
+    let services = maps
+        .service_counters()?
+        .into_iter()
+        .map(|(svc_id, name, c)| ServiceStatsView {
+            svc_id,
+            name,
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            drops: c.drops,
+        })
+        .collect();
+    Ok(StatsView { counters, services })
 }
 
-/// Renders counters as a table.
-pub fn stats_table(v: &[CounterView]) -> String {
+/// Renders counters as two tables: by outcome, then by Service port.
+pub fn stats_table(v: &StatsView) -> String {
     let mut s = format!("{:<24} {:>12} {:>14}\n", "COUNTER", "PACKETS", "BYTES");
-    for c in v {
+    for c in &v.counters {
         let _ = writeln!(s, "{:<24} {:>12} {:>14}", c.name, c.packets, c.bytes);
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<40} {:>12} {:>14} {:>10} {:>10}",
+        "SERVICE", "PACKETS", "BYTES", "NEW FLOWS", "DROPS"
+    );
+    for c in &v.services {
+        let _ = writeln!(
+            s,
+            "{:<40} {:>12} {:>14} {:>10} {:>10}",
+            c.name, c.packets, c.bytes, c.new_flows, c.drops
+        );
     }
     s
 }

@@ -6,9 +6,11 @@
 //! BPF maps, programs and links).
 
 pub mod datapath;
+pub mod endpoints;
 pub mod health;
 pub mod inspect;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod packet;
 pub mod reconcile;

@@ -1,9 +1,10 @@
 //! `lb-agent`: run the node agent, inspect its maps, or remove everything.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -16,8 +17,10 @@ use lb_agent::{
         programs::{self, MapSizes, Programs},
         upgrade,
     },
+    endpoints::{self, Readiness},
     health::HealthServers,
     inspect, maglev,
+    metrics::{Metrics, SyncRecorder},
     model::{self, NodeInfo},
     reconcile::{addr_be, Reconciler},
     source::manifests,
@@ -196,19 +199,40 @@ struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
     conntrack_udp_timeout: u32,
-    /// Capacity of the conntrack map (two entries per flow; 56+40 bytes each).
+    /// Capacity of the conntrack map (LRU: a full map evicts the idlest
+    /// flow; two entries per flow; about 160 bytes each, 40 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
     conntrack_size: u32,
-    /// Capacity of the services map (one entry per frontend).
+    /// Capacity of the services map: frontends (one per address, port and
+    /// protocol); also bounds the Service ports (Maglev tables, their
+    /// records and counters). About 390 bytes plus 32 bytes per CPU per
+    /// entry, 28 MiB on 2 CPUs by default; each Service port's Maglev table
+    /// adds 4 bytes a slot when it has endpoints.
     #[arg(long, default_value_t = lb_common::maps::SERVICES_MAX)]
     services_size: u32,
-    /// Capacity of the backends map.
+    /// Capacity of the backends map (one entry per endpoint address and
+    /// port; about 100 bytes each, 6 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     backends_size: u32,
     /// Capacity of the ClientIP affinity map (LRU; one entry per client per
-    /// Service port with affinity; 40 bytes each).
+    /// Service port with affinity; about 100 bytes each, 6.5 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::AFFINITY_MAX)]
     affinity_size: u32,
+    /// Capacity of the source-range map (one entry per
+    /// `loadBalancerSourceRanges` CIDR per Service port; allocated as used,
+    /// about 100 bytes each).
+    #[arg(long, default_value_t = lb_common::maps::SRC_RANGES_MAX)]
+    src_ranges_size: u32,
+    /// Where Prometheus scrapes `/metrics`. Loopback and kube-proxy's metrics
+    /// port by default: this agent replaces kube-proxy, so scrape configs
+    /// written for it keep working, and nothing off the node sees the data.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: SocketAddr,
+    /// Where `/healthz` and `/readyz` answer. kube-proxy's healthz port on
+    /// every address by default: kubelet probes and cloud load balancers
+    /// check it from outside the node.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    health_addr: SocketAddr,
     /// Maglev table size per Service port: a prime from 251 to 131071
     /// (4 bytes a slot; 1% balance holds up to size/100 backends).
     #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
@@ -268,7 +292,7 @@ fn real_main(mut cli: Cli) -> Result<()> {
         }
         Command::Stats(view) => {
             let maps = Maps::open(&view.bpffs)?;
-            view.print(&inspect::stats(&maps)?, |v| inspect::stats_table(v))
+            view.print(&inspect::stats(&maps)?, inspect::stats_table)
         }
         Command::Backends(view) => {
             let maps = Maps::open(&view.bpffs)?;
@@ -412,6 +436,7 @@ fn run(args: &RunArgs) -> Result<()> {
         backends: args.backends_size,
         conntrack: args.conntrack_size,
         affinity: args.affinity_size,
+        src_ranges: args.src_ranges_size,
     };
     let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
     let mut maps = Maps::open(&args.bpffs)?;
@@ -431,6 +456,9 @@ fn run(args: &RunArgs) -> Result<()> {
         info!(map = %name, entries = n, "converted an older map layout");
     }
 
+    let metrics = Arc::new(Metrics::new(&args.bpffs)?);
+    let mut recorder = SyncRecorder::new(metrics.clone());
+
     let mut reconciler = Reconciler::adopt(&maps.snapshot()?, args.maglev_table_size);
     info!(
         services = reconciler.service_count(),
@@ -447,8 +475,17 @@ fn run(args: &RunArgs) -> Result<()> {
         let mut health = HealthServers::default();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
+        let ready = Readiness::default();
+        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics)?;
+        let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
 
-        sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health)?;
+        let mut s = Syncer {
+            reconciler: &mut reconciler,
+            maps: &mut maps,
+            health: &mut health,
+            recorder: &mut recorder,
+        };
+        s.run(&args.manifests, &node, None)?;
         // Programs are attached (or swapped, on a restart or upgrade) only
         // now that the maps hold the whole desired state: new programs never
         // see a half-filled map, and old ones keep theirs until the swap.
@@ -460,19 +497,28 @@ fn run(args: &RunArgs) -> Result<()> {
         for pin in &old_pins {
             info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
         }
-        info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
+        ready.set_ready();
+        info!(
+            node = %node.name,
+            addresses = ?node.addresses,
+            metrics = %args.metrics_addr,
+            health = %args.health_addr,
+            "lb-agent ready"
+        );
 
         loop {
             tokio::select! {
                 Some(()) = manifest_events.recv() => {
+                    let seen = Instant::now();
                     // Coalesce a burst of file events into one reload.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while manifest_events.try_recv().is_ok() {}
-                    if let Err(e) = sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health) {
+                    if let Err(e) = s.run(&args.manifests, &node, Some(seen)) {
                         error!("reload failed, datapath keeps its last state: {e:#}");
                     }
                 }
                 Some(()) = link_events.recv() => {
+                    let seen = Instant::now();
                     while link_events.try_recv().is_ok() {}
                     if let Err(e) = progs.sync_pods(&patterns) {
                         warn!("pod interface sync failed: {e:#}");
@@ -481,8 +527,8 @@ fn run(args: &RunArgs) -> Result<()> {
                         Ok(addrs) if addrs != node.addresses => {
                             info!(addresses = ?addrs, "node addresses changed");
                             node.addresses = addrs;
-                            if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts, args.mode)
-                                .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health))
+                            if let Err(e) = write_config(s.maps, &node, snat_ports, timeouts, args.mode)
+                                .and_then(|()| s.run(&args.manifests, &node, Some(seen)))
                             {
                                 error!("resync after address change failed: {e:#}");
                             }
@@ -534,15 +580,37 @@ fn write_config(
     maps.config.set(0, cfg, 0).context("write config map")
 }
 
+/// What a sync changes and reports to.
+struct Syncer<'a> {
+    reconciler: &'a mut Reconciler,
+    maps: &'a mut Maps,
+    health: &'a mut HealthServers,
+    recorder: &'a mut SyncRecorder,
+}
+
+impl Syncer<'_> {
+    /// Syncs, recording the outcome in the metrics (a failure too); `seen` is
+    /// when the change that triggered it was noticed.
+    fn run(&mut self, dir: &Path, node: &NodeInfo, seen: Option<Instant>) -> Result<()> {
+        let res = sync(dir, node, self.reconciler, self.maps, self.health);
+        match &res {
+            Ok((invalid, report)) => self.recorder.synced(seen, *invalid, report),
+            Err(_) => self.recorder.failed(),
+        }
+        res.map(|_| ())
+    }
+}
+
 /// Reads the manifests folder and makes the maps, and the health check
-/// ports, match it.
+/// ports, match it. Returns how many problems (invalid objects or fields)
+/// were skipped, and what the reconciler did.
 fn sync(
     dir: &Path,
     node: &NodeInfo,
     reconciler: &mut Reconciler,
     maps: &mut Maps,
     health: &mut HealthServers,
-) -> Result<()> {
+) -> Result<(usize, lb_agent::reconcile::Report)> {
     let objects =
         manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
     let (model, problems) = model::build(&objects.services, &objects.slices, node);
@@ -566,7 +634,7 @@ fn sync(
         failures = report.failures.len(),
         "synced"
     );
-    Ok(())
+    Ok((objects.problems.len() + problems.len(), report))
 }
 
 /// Link and address changes in this network namespace, as a stream of

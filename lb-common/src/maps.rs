@@ -15,6 +15,9 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V6";
+/// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
+/// Sized one above the services map, as ids start at 1.
+pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
 
 /// ClientIP affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
 pub const AFFINITY: &str = "LB_AFFINITY_V1";
@@ -39,8 +42,9 @@ pub const FRAGS_MAX: u32 = 8192;
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 10] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO, FRAGS,
+pub const ALL: [&str; 11] = [
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO, SVC_STATS,
+    FRAGS,
 ];
 
 /// The XDP program on the node's external interfaces.

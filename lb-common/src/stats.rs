@@ -34,19 +34,27 @@ pub const DROP_NO_LOCAL_ENDPOINT: u32 = 13;
 pub const DROP_SOURCE_RANGE: u32 = 14;
 /// An ICMP error about a translated flow, translated back.
 pub const ICMP_ERROR: u32 = 15;
+/// Conntrack entries inserted under a new key (two per flow; a stale entry
+/// overwritten in place is not counted). With [`CT_REMOVE`] and the map's
+/// entry count this gives the LRU evictions: nothing else deletes entries
+/// (the agent never does), so `evictions = inserts - removes - entries`.
+pub const CT_INSERT: u32 = 16;
+/// Conntrack entries the datapath deleted itself (idle timeout, backend gone,
+/// an SNAT port given back).
+pub const CT_REMOVE: u32 = 17;
 /// A later IPv4 fragment translated like its datagram's first fragment.
-pub const FRAG_TRACKED: u32 = 16;
+pub const FRAG_TRACKED: u32 = 18;
 /// A later IPv4 fragment with no translated first fragment (passed).
-pub const FRAG_UNTRACKED: u32 = 17;
+pub const FRAG_UNTRACKED: u32 = 19;
 /// Packets of DSR flows encapsulated to their backend's node.
-pub const DSR_ENCAP: u32 = 18;
+pub const DSR_ENCAP: u32 = 20;
 /// Encapsulated packets unwrapped for a local backend.
-pub const DSR_DECAP: u32 = 19;
+pub const DSR_DECAP: u32 = 21;
 /// DSR packets too big for the path once encapsulated: answered with ICMP
 /// fragmentation needed when they carry DF, dropped otherwise.
-pub const DSR_TOO_BIG: u32 = 20;
+pub const DSR_TOO_BIG: u32 = 22;
 /// Number of counters.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 23;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -66,12 +74,31 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_no_local_endpoint",
     "drop_source_range",
     "icmp_error",
+    "ct_insert",
+    "ct_remove",
     "frag_tracked",
     "frag_untracked",
     "dsr_encap",
     "dsr_decap",
     "dsr_too_big",
 ];
+
+/// Whether counter `idx` counts packets that were dropped (or refused), as
+/// opposed to passed, translated or bookkeeping.
+pub const fn is_drop(idx: u32) -> bool {
+    matches!(
+        idx,
+        REJECT_NO_ENDPOINT
+            | DROP_NO_BACKEND
+            | DROP_SNAT_EXHAUSTED
+            | DROP_CT_FULL
+            | DROP_REWRITE
+            | DROP_NO_ROUTE
+            | DROP_NO_LOCAL_ENDPOINT
+            | DROP_SOURCE_RANGE
+            | DSR_TOO_BIG
+    )
+}
 
 /// One counter: packets and bytes.
 #[repr(C)]
@@ -85,3 +112,24 @@ pub struct Counter {
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 crate::pod!(Counter);
+
+/// Counters of one Service port, indexed by its svc_id in the per-CPU
+/// per-Service stats map.
+///
+/// A packet is counted once, where the datapath decides its fate: XDP does
+/// not count a packet it leaves to TC. Both directions of a flow count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCounters {
+    /// Packets of the Service port's flows (both directions).
+    pub packets: u64,
+    /// Bytes of those packets (whole frames, as received).
+    pub bytes: u64,
+    /// Flows opened (a backend was chosen and tracked).
+    pub new_flows: u64,
+    /// Packets that reached no backend: dropped or refused (RST/ICMP).
+    pub drops: u64,
+}
+const _: () = assert!(core::mem::size_of::<SvcCounters>() == 32);
+
+crate::pod!(SvcCounters);

@@ -17,6 +17,7 @@ use crate::{
     maps::{LB_CONFIG_V2, LB_CT_V1},
     packet::Hook,
     parse::{tcp_flags, Flow},
+    stats::count,
 };
 
 /// Refresh `last_seen_ns` at most this often, so that busy flows do not
@@ -108,10 +109,27 @@ fn timeout_ns(l4: u8, flags: u32) -> u64 {
     }
 }
 
-/// Forgets a flow's entry (one direction).
+/// Forgets a flow's entry (one direction), counting the removal so that the
+/// agent can tell removals from LRU evictions.
 #[inline(always)]
 pub fn remove(key: &CtKey) {
-    let _ = LB_CT_V1.remove(key);
+    if LB_CT_V1.remove(key).is_ok() {
+        count(stats::CT_REMOVE, 0);
+    }
+}
+
+/// Writes an entry, replacing a stale one with the same key. Only a new key
+/// counts as an insert: a replacement does not add an entry, and the agent
+/// derives evictions from inserts, removals and the entry count.
+#[inline(always)]
+pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), u32> {
+    if LB_CT_V1.insert(key, value, u64::from(BPF_NOEXIST)).is_ok() {
+        count(stats::CT_INSERT, 0);
+        return Ok(());
+    }
+    LB_CT_V1
+        .insert(key, value, u64::from(BPF_ANY))
+        .map_err(|_| stats::DROP_CT_FULL)
 }
 
 /// Records a new flow to `backend` in both directions and returns the
@@ -171,12 +189,8 @@ pub fn create(
     }
 
     if !snat {
-        LB_CT_V1
-            .insert(&reply_key, &reply, u64::from(BPF_ANY))
-            .map_err(|_| stats::DROP_CT_FULL)?;
-        LB_CT_V1
-            .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))
-            .map_err(|_| stats::DROP_CT_FULL)?;
+        insert(&reply_key, &reply)?;
+        insert(&flow.ct_key(), &fwd)?;
         return Ok(fwd);
     }
 
@@ -203,13 +217,11 @@ pub fn create(
             .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
+            count(stats::CT_INSERT, 0);
             fwd.nat_sport_be = port.to_be();
-            if LB_CT_V1
-                .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))
-                .is_err()
-            {
-                let _ = LB_CT_V1.remove(&reply_key);
-                return Err(stats::DROP_CT_FULL);
+            if let Err(reason) = insert(&flow.ct_key(), &fwd) {
+                remove(&reply_key);
+                return Err(reason);
             }
             return Ok(fwd);
         }

@@ -1,7 +1,7 @@
 //! Direct server return (`lb_common::dsr`): wrapping a client's packet to
 //! the backend's node, and unwrapping it there.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     config::CONFIG_F_DSR,
     conntrack::{CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    csum, forward,
+    conntrack, csum, forward,
     forward::Route,
     maps::{LB_CONFIG_V2, LB_CT_V1},
     nat,
@@ -69,9 +69,7 @@ pub fn create(
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
         ..CtValue::default()
     };
-    LB_CT_V1
-        .insert(&flow.ct_key(), &fwd, u64::from(BPF_ANY))
-        .map_err(|_| stats::DROP_CT_FULL)?;
+    conntrack::insert(&flow.ct_key(), &fwd)?;
     Ok(fwd)
 }
 
@@ -228,11 +226,8 @@ pub fn deliver<P: Packet>(pkt: &mut P, flow: &Flow, shim: &Shim) -> Verdict {
             last_seen_ns: unsafe { bpf_ktime_get_ns() },
             ..CtValue::default()
         };
-        if LB_CT_V1
-            .insert(&reply_key, &reply, u64::from(BPF_ANY))
-            .is_err()
-        {
-            return drop(stats::DROP_CT_FULL, len);
+        if let Err(reason) = conntrack::insert(&reply_key, &reply) {
+            return drop(reason, len);
         }
     }
     if nat::set_dst(pkt, flow, shim.addr_be, shim.port_be).is_err() {

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
     service::MAGLEV_MAX,
-    stats::{Counter, COUNT},
+    stats::{Counter, SvcCounters, COUNT},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
     ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
@@ -53,6 +53,11 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 /// Counters by `lb_common::stats` index.
 #[btf_map]
 pub static LB_STATS_V6: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+
+/// Counters by svc_id (ids start at 1, hence one more than the services map).
+#[btf_map]
+pub static LB_SVC_STATS_V1: PerCpuArray<SvcCounters, { SERVICES_MAX as usize + 1 }> =
+    PerCpuArray::new();
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]

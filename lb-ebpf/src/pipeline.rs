@@ -15,7 +15,7 @@ use crate::{
     packet::{Hook, Packet},
     parse::{self, Flow, Frag},
     reject, select,
-    stats::count,
+    stats::{count, count_new_flow, count_service},
 };
 
 /// What the entry point should do with the packet.
@@ -86,6 +86,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         conntrack::remove(&key);
         count(stats::BACKEND_GONE, len);
         if flow.proto == proto::TCP {
+            count_service(ct.svc_id, len, true);
             return match reject::reject(pkt, &flow) {
                 Ok(()) => Verdict::Bounce,
                 Err(_) => drop(stats::DROP_REWRITE, len),
@@ -97,26 +98,28 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         count(stats::PASS_NO_SERVICE, len);
         return Verdict::Pass;
     };
+    let svc_id = svc.svc_id;
     if !frontend::source_allowed(&svc, &flow) {
-        return drop(stats::DROP_SOURCE_RANGE, len);
+        return drop_for(svc_id, stats::DROP_SOURCE_RANGE, len);
     }
     if svc.slot_count == 0 {
         // Local traffic policy without a local endpoint: kube-proxy drops,
         // so that the client's load balancer, which health-checks the
         // node, retries elsewhere.
         if svc.flags & SVC_F_LOCAL_ONLY != 0 {
-            return drop(stats::DROP_NO_LOCAL_ENDPOINT, len);
+            return drop_for(svc_id, stats::DROP_NO_LOCAL_ENDPOINT, len);
         }
         return match reject::reject(pkt, &flow) {
             Ok(()) => {
                 count(stats::REJECT_NO_ENDPOINT, len);
+                count_service(svc_id, len, true);
                 Verdict::Bounce
             }
-            Err(_) => drop(stats::DROP_REWRITE, len),
+            Err(_) => drop_for(svc_id, stats::DROP_REWRITE, len),
         };
     }
     let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
-        return drop(stats::DROP_NO_BACKEND, len);
+        return drop_for(svc_id, stats::DROP_NO_BACKEND, len);
     };
     let dsr_endpoint = if hook.is_external() {
         dsr::endpoint_for(pkt, flow.saddr[0], svc.flags, &backend)
@@ -127,17 +130,19 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         return match dsr::create(&flow, &svc, backend_id, &backend, endpoint) {
             Ok(ct) => {
                 count(stats::NEW_FLOW, len);
+                count_new_flow(svc_id);
                 translate(pkt, &flow, &ct, hook)
             }
-            Err(reason) => drop(reason, len),
+            Err(reason) => drop_for(svc_id, reason, len),
         };
     }
     match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
         Ok(ct) => {
             count(stats::NEW_FLOW, len);
+            count_new_flow(svc_id);
             translate(pkt, &flow, &ct, hook)
         }
-        Err(reason) => drop(reason, len),
+        Err(reason) => drop_for(svc_id, reason, len),
     }
 }
 
@@ -154,7 +159,7 @@ fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32)
         return Verdict::Pass;
     };
     if !select::backend_alive(&ct) {
-        return drop(stats::BACKEND_GONE, len);
+        return drop_for(ct.svc_id, stats::BACKEND_GONE, len);
     }
     count(stats::FRAG_TRACKED, len);
     translate(pkt, flow, &ct, hook)
@@ -167,20 +172,51 @@ pub fn drop(reason: u32, len: u32) -> Verdict {
     Verdict::Drop
 }
 
-/// Applies a flow's translation and decides where the packet goes.
+/// Drops a packet of Service port `svc_id`, counting it for the Service too.
+#[inline(always)]
+fn drop_for(svc_id: u32, reason: u32, len: u32) -> Verdict {
+    count_service(svc_id, len, true);
+    drop(reason, len)
+}
+
+/// Applies a flow's translation and decides where the packet goes, counting
+/// the packet for its Service port unless it is left to TC.
 #[inline(always)]
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
     let len = pkt.len();
     frag::remember(flow);
-    if ct.flags & CT_F_DSR != 0 {
-        return dsr::encap(pkt, flow, ct, hook);
-    }
-    if ct.flags & CT_F_FORWARD == 0 {
-        return match nat::rewrite(pkt, flow, ct) {
+    let verdict = if ct.flags & CT_F_DSR != 0 {
+        match dsr::encap(pkt, flow, ct, hook) {
+            // Left to TC, which counts it.
+            Verdict::Pass => return Verdict::Pass,
+            v => v,
+        }
+    } else if ct.flags & CT_F_FORWARD == 0 {
+        match nat::rewrite(pkt, flow, ct) {
             Ok(()) => Verdict::Pass,
             Err(_) => drop(stats::DROP_REWRITE, len),
-        };
-    }
+        }
+    } else {
+        match route_forwarded(pkt, flow, ct, hook) {
+            Some(v) => v,
+            // Left to TC, which counts it.
+            None => return Verdict::Pass,
+        }
+    };
+    count_service(ct.svc_id, len, matches!(verdict, Verdict::Drop));
+    verdict
+}
+
+/// Translates and routes a forwarded flow's packet; `None` when XDP leaves
+/// it untouched for TC.
+#[inline(always)]
+fn route_forwarded<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    ct: &CtValue,
+    hook: Hook,
+) -> Option<Verdict> {
+    let len = pkt.len();
     let (saddr, sport) = if ct.flags & lb_common::conntrack::CT_F_SNAT != 0 {
         (ct.nat_saddr_be, ct.nat_sport_be)
     } else {
@@ -194,12 +230,12 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
     let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
     if forward::xdp_hands_over(pkt, hook, &route) {
         count(stats::XDP_TO_TC, len);
-        return Verdict::Pass;
+        return None;
     }
     if nat::rewrite(pkt, flow, ct).is_err() {
-        return drop(stats::DROP_REWRITE, len);
+        return Some(drop(stats::DROP_REWRITE, len));
     }
-    match route {
+    Some(match route {
         Route::Resolved {
             ifindex,
             smac,
@@ -210,5 +246,5 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         },
         Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
         Route::TooBig { .. } | Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
-    }
+    })
 }

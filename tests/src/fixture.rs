@@ -63,6 +63,7 @@ impl Datapath {
             backends: 1024,
             conntrack: 4096,
             affinity: 1024,
+            src_ranges: 1024,
         };
         let progs = Programs::load(&dir.0, sizes, XdpMode::Default).expect("load programs");
         let mut maps = Maps::open(&dir.0).expect("open maps");
@@ -114,7 +115,9 @@ impl Datapath {
         bpffs::maps_dir(&self.dir.0)
     }
 
-    /// Makes every tracked flow look idle for `secs` seconds.
+    /// Makes every tracked flow look idle for `secs` seconds. The datapath
+    /// subtracts timestamps with wrapping arithmetic, so this holds even
+    /// when the machine has been up for less than `secs`.
     pub fn age_flows(&mut self, secs: u64) {
         let now_ns = monotonic_ns();
         let entries: Vec<_> = self
@@ -124,7 +127,7 @@ impl Datapath {
             .map(|e| e.expect("read conntrack"))
             .collect();
         for (k, mut v) in entries {
-            v.last_seen_ns = now_ns - secs * 1_000_000_000;
+            v.last_seen_ns = now_ns.wrapping_sub(secs * 1_000_000_000);
             self.maps
                 .conntrack
                 .insert(k, v, 0)
@@ -201,7 +204,7 @@ pub fn service(
 impl Datapath {
     /// Makes every reply-direction conntrack entry look idle for `secs` seconds.
     pub fn age_replies(&mut self, secs: u64) {
-        let then = monotonic_ns() - secs * 1_000_000_000;
+        let then = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
         let entries: Vec<_> = self
             .maps
             .conntrack
@@ -220,7 +223,7 @@ impl Datapath {
 
     /// Makes every affinity entry look `secs` seconds old.
     pub fn age_affinity(&mut self, secs: u64) {
-        let then = monotonic_ns() - secs * 1_000_000_000;
+        let then = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
         let entries: Vec<_> = self
             .maps
             .affinity
@@ -245,4 +248,15 @@ pub fn counter(dp: &Datapath, name: &str) -> u64 {
         .iter()
         .find(|(n, _)| *n == name)
         .map_or_else(|| panic!("no counter {name}"), |(_, c)| c.packets)
+}
+
+/// The counters of the Service port named `name` (`default/NAME/PROTO` as
+/// the reconciler names fixture Services), summed over CPUs.
+pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCounters {
+    dp.maps
+        .service_counters()
+        .expect("read per-Service counters")
+        .into_iter()
+        .find(|(_, n, _)| n == name)
+        .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
 }

@@ -10,7 +10,7 @@ use lb_agent::{
     model::{FrontendKind::*, Protocol},
 };
 use lb_tests::{
-    fixture::{counter, service, Datapath},
+    fixture::{counter, service, service_counters, Datapath},
     packet::{flags, fragment, verify_checksums, Packet, L4, MAC_A, MAC_B},
 };
 
@@ -1109,4 +1109,100 @@ fn icmp_errors_about_translated_flows_quote_what_the_sender_sent() {
     let other = Packet::udp(addr("10.244.2.20:1234"), addr("10.244.1.99:53"), b"q");
     let err = icmp_error(router, Ipv4Addr::new(10, 244, 2, 20), 3, 3, 0, &other, 8);
     assert_eq!(dp.run(XdpNode, &err), (XDP_PASS, err.clone()));
+}
+
+#[test]
+fn per_service_counters_count_packets_bytes_new_flows_and_drops() {
+    let mut dp = seeded();
+    let client = addr("10.244.2.20:40100");
+    let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"").bytes();
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"hello").bytes();
+    let reply = Packet::tcp(addr("10.244.1.10:8080"), client, flags::ACK, b"hi").bytes();
+    for p in [&syn, &ack, &reply] {
+        assert_eq!(dp.run(TcPod, p).0, TC_ACT_OK);
+    }
+    let web = service_counters(&dp, "default/web/TCP");
+    assert_eq!(web.packets, 3, "{web:?}");
+    assert_eq!(web.bytes, (syn.len() + ack.len() + reply.len()) as u64);
+    assert_eq!((web.new_flows, web.drops), (1, 0), "{web:?}");
+
+    // A refused flow counts as a packet and a drop of its own Service only.
+    let refused = Packet::tcp(client, addr("10.96.0.99:80"), flags::SYN, b"").bytes();
+    assert_eq!(dp.run(XdpNode, &refused).0, XDP_TX);
+    let empty = service_counters(&dp, "default/empty/TCP");
+    assert_eq!(
+        (empty.packets, empty.bytes, empty.new_flows, empty.drops),
+        (1, refused.len() as u64, 0, 1)
+    );
+    assert_eq!(service_counters(&dp, "default/web/TCP"), web);
+    let dns = service_counters(&dp, "default/dns/UDP");
+    assert_eq!(dns, lb_common::stats::SvcCounters::default());
+
+    // XDP counts the flows it finishes itself too (a local backend).
+    let udp = Packet::udp(addr("10.244.2.20:40101"), addr("10.96.0.53:53"), b"q").bytes();
+    assert_eq!(dp.run(XdpNode, &udp).0, XDP_PASS);
+    let dns = service_counters(&dp, "default/dns/UDP");
+    assert_eq!(
+        (dns.packets, dns.new_flows, dns.drops),
+        (1, 1, 0),
+        "{dns:?}"
+    );
+}
+
+#[test]
+fn a_reused_service_id_starts_its_counters_from_zero() {
+    let mut dp = Datapath::new();
+    let web = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    dp.apply(std::slice::from_ref(&web));
+    let syn = Packet::tcp(
+        addr("10.244.2.20:40102"),
+        addr("10.96.0.10:80"),
+        flags::SYN,
+        b"",
+    );
+    dp.run(TcPod, &syn.bytes());
+    assert_eq!(service_counters(&dp, "default/web/TCP").packets, 1);
+    let old_id = dp.maps.service_counters().expect("counters")[0].0;
+
+    let other = service(
+        "other",
+        Protocol::Tcp,
+        &[("10.96.0.11", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    // New Service ports are programmed before gone ones are removed: the
+    // id is free for the next sync.
+    dp.apply(&[]);
+    dp.apply(&[other]);
+    let now = dp.maps.service_counters().expect("counters");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].0, old_id, "the freed id is reused");
+    assert_eq!(now[0].2, lb_common::stats::SvcCounters::default());
+}
+
+#[test]
+fn conntrack_inserts_minus_removals_equal_the_entries_without_eviction() {
+    let mut dp = seeded();
+    let query = Packet::udp(addr("10.244.2.20:40103"), addr("10.96.0.53:53"), b"q");
+    dp.run(TcPod, &query.bytes());
+    assert_eq!(counter(&dp, "ct_insert"), 2, "forward and reply entry");
+    // The forward entry times out (UDP: 30 s) and the next packet opens the
+    // flow again: one removal, one new forward entry, and the stale reply
+    // entry overwritten in place (no insert).
+    dp.age_flows(60);
+    dp.run(TcPod, &query.bytes());
+    let entries = dp.maps.conntrack.keys().count() as u64;
+    assert_eq!(entries, 2);
+    assert_eq!(counter(&dp, "ct_remove"), 1);
+    assert_eq!(counter(&dp, "ct_insert"), 3);
+    assert_eq!(
+        counter(&dp, "ct_insert") - counter(&dp, "ct_remove"),
+        entries,
+        "no eviction: inserts - removals = entries"
+    );
 }

@@ -386,22 +386,7 @@ fn local_traffic_policies_preserve_the_client_and_stay_on_the_node() {
 
 /// `GET /` on a health check port from the client: (status code, body).
 fn health_check(c: &Cluster, addr: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let client = c.client_ns();
-    in_ns(&client, || {
-        let mut s = std::net::TcpStream::connect_timeout(&sa(addr), IO)?;
-        s.set_read_timeout(Some(IO))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        Ok((status, body))
-    })
+    lb_tests::rig::http_get(&c.client_ns(), sa(addr), "/", IO)
 }
 
 #[test]
@@ -505,7 +490,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
         .output()
         .expect("lb-agent stats");
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let dropped = stats
+    let dropped = stats["counters"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "drop_source_range"))
         .and_then(|s| s["packets"].as_u64());

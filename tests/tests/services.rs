@@ -579,13 +579,24 @@ fn inspection_commands_show_flows_tables_and_backends() {
     assert!(addrs.contains(&"10.244.1.11:8080") && addrs.contains(&"10.244.2.10:8080"));
 
     let stats = inspect(&c, "a", &["stats"]);
-    let new_flows = stats
+    let new_flows = stats["counters"]
         .as_array()
         .expect("list")
         .iter()
         .find(|s| s["name"] == "new_flow")
         .and_then(|s| s["packets"].as_u64());
     assert!(new_flows.is_some_and(|n| n >= 1), "{stats:?}");
+    let web = stats["services"]
+        .as_array()
+        .expect("per-Service counters")
+        .iter()
+        .find(|s| s["name"] == "test/web:p/TCP")
+        .cloned()
+        .unwrap_or_else(|| panic!("web's counters: {stats}"));
+    assert_eq!(web["new_flows"], 1, "one stream: {web}");
+    assert!(web["packets"].as_u64().is_some_and(|n| n >= 3), "{web}");
+    assert!(web["bytes"].as_u64().is_some_and(|n| n > 0), "{web}");
+    assert_eq!(web["drops"], 0, "{web}");
 }
 
 #[test]

@@ -10,9 +10,12 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
 };
 use lb_common::{
-    maps, service::SERVICE_NAME_LEN, service::SRC_RANGE_HEAD_BITS, stats::Counter, AffinityKey,
-    AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo, ServiceKey,
-    ServiceValue, SrcRange,
+    maps,
+    service::SERVICE_NAME_LEN,
+    service::SRC_RANGE_HEAD_BITS,
+    stats::{Counter, SvcCounters},
+    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
+    ServiceKey, ServiceValue, SrcRange,
 };
 
 use super::bpffs;
@@ -41,6 +44,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Source ranges.
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
+    /// Per-Service counters.
+    pub svc_stats: PerCpuArray<MapData, SvcCounters>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -76,6 +81,7 @@ impl Maps {
             infos: typed!(bpffs, maps::SVC_INFO),
             affinity: typed!(bpffs, maps::AFFINITY),
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
+            svc_stats: typed!(bpffs, maps::SVC_STATS),
         })
     }
 }
@@ -107,11 +113,32 @@ pub fn encode_info(info: &Info) -> ServiceInfo {
     out
 }
 
+/// The `lb-agent run` flag that sizes map `name`.
+pub fn size_flag(name: &str) -> &'static str {
+    match name {
+        maps::SERVICES | maps::MAGLEV | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
+        maps::BACKENDS => "--backends-size",
+        maps::CONNTRACK => "--conntrack-size",
+        maps::AFFINITY => "--affinity-size",
+        maps::SRC_RANGES => "--src-ranges-size",
+        _ => "its size flag",
+    }
+}
+
 fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> StoreError {
+    // The kernel says "argument list too long" for a full hash map and an
+    // index out of range: say what it means.
+    let full = matches!(e, aya::maps::MapError::SyscallError(s)
+        if s.io_error.raw_os_error() == Some(libc::E2BIG));
     StoreError {
         op,
         map,
-        message: e.to_string(),
+        message: if full {
+            format!("map is full (raise {})", size_flag(map))
+        } else {
+            e.to_string()
+        },
+        full,
     }
 }
 
@@ -178,6 +205,27 @@ impl Store for Maps {
     fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
         ignore_missing(self.src_ranges.remove(&range_key(svc_id, range)))
             .map_err(|e| store_err("remove", maps::SRC_RANGES, &e))
+    }
+
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| StoreError {
+            op: "reset",
+            map: maps::SVC_STATS,
+            message: format!("count CPUs: {e}"),
+            full: false,
+        })?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| {
+                StoreError {
+                    op: "reset",
+                    map: maps::SVC_STATS,
+                    message: e.to_string(),
+                    full: false,
+                }
+            })?;
+        self.svc_stats
+            .set(svc_id, zeros, 0)
+            .map_err(|e| store_err("reset", maps::SVC_STATS, &e))
     }
 }
 
@@ -264,6 +312,31 @@ impl Maps {
             .collect()
     }
 
+    /// Sums the per-CPU counters of every Service port the info map names,
+    /// by svc_id, with its name.
+    pub fn service_counters(&self) -> Result<Vec<(u32, String, SvcCounters)>> {
+        let mut out = Vec::new();
+        for entry in self.infos.iter() {
+            let (svc_id, info) = entry.context("read service info map")?;
+            let per_cpu = match self.svc_stats.get(&svc_id, 0) {
+                Ok(v) => v,
+                // An id beyond the stats map (an older, smaller pin) has no counters.
+                Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
+                Err(e) => return Err(e).context("read per-Service stats map"),
+            };
+            let mut sum = SvcCounters::default();
+            for c in per_cpu.iter() {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.new_flows += c.new_flows;
+                sum.drops += c.drops;
+            }
+            out.push((svc_id, decode_info(&info).name, sum));
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<Vec<(&'static str, Counter)>> {
         let mut out = Vec::new();
@@ -277,5 +350,48 @@ impl Maps {
             out.push((*name, sum));
         }
         Ok(out)
+    }
+}
+
+/// The capacity (`max_entries`) of the map `name` pinned under `bpffs`.
+pub fn capacity(bpffs: &Path, name: &str) -> Result<u32> {
+    let path = bpffs::maps_dir(bpffs).join(name);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("read map info of {}", path.display()))?;
+    Ok(info.max_entries())
+}
+
+/// The maps whose fill the agent watches, with how many entries each holds.
+pub const SIZED: [&str; 5] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::CONNTRACK,
+    maps::AFFINITY,
+    maps::SRC_RANGES,
+];
+
+impl Maps {
+    /// How many entries the map `name` (one of [`SIZED`]) holds now. Walks
+    /// its keys: O(entries) syscalls, so not for the packet path's pace.
+    pub fn entries(&self, name: &str) -> Result<u64> {
+        fn count<K, E: Into<anyhow::Error>>(
+            keys: impl Iterator<Item = Result<K, E>>,
+        ) -> Result<u64> {
+            let mut n = 0;
+            for k in keys {
+                k.map_err(Into::into)?;
+                n += 1;
+            }
+            Ok(n)
+        }
+        match name {
+            maps::SERVICES => count(self.services.keys()),
+            maps::BACKENDS => count(self.backends.keys()),
+            maps::CONNTRACK => count(self.conntrack.keys()),
+            maps::AFFINITY => count(self.affinity.keys()),
+            maps::SRC_RANGES => count(self.src_ranges.keys()),
+            other => anyhow::bail!("no entry count for map {other}"),
+        }
+        .with_context(|| format!("count entries of {name}"))
     }
 }

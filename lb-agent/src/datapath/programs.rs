@@ -42,6 +42,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// ClientIP affinity entries (one per client per Service port).
     pub affinity: u32,
+    /// Source ranges (one per CIDR per Service port).
+    pub src_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -51,6 +53,7 @@ impl Default for MapSizes {
             backends: maps::BACKENDS_MAX,
             conntrack: maps::CONNTRACK_MAX,
             affinity: maps::AFFINITY_MAX,
+            src_ranges: maps::SRC_RANGES_MAX,
         }
     }
 }
@@ -118,11 +121,12 @@ impl Programs {
         loader
             .map_max_entries(maps::SERVICES, sizes.services)
             .map_max_entries(maps::SVC_INFO, sizes.services)
+            .map_max_entries(maps::SVC_STATS, sizes.services.saturating_add(1))
             .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
-            .map_max_entries(maps::SRC_RANGES, maps::SRC_RANGES_MAX);
+            .map_max_entries(maps::SRC_RANGES, sizes.src_ranges);
         let ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
@@ -479,6 +483,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
     for name in [
         maps::SERVICES,
         maps::SVC_INFO,
+        maps::SVC_STATS,
         maps::MAGLEV,
         maps::AFFINITY,
         maps::SRC_RANGES,

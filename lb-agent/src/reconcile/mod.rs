@@ -11,6 +11,7 @@
 //! agent compares against reality and rewrites nothing that is already right;
 //! a table is recognised by the fingerprint recorded beside it.
 
+mod refusals;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +32,7 @@ use crate::{
     model::{Endpoint, FrontendKind, Model, Protocol},
 };
 
+pub use refusals::RefusalLog;
 pub use store::{Info, MemStore, Range, Snapshot, Store, StoreError};
 
 /// What the maps should hold for one Service port.
@@ -123,6 +125,8 @@ pub struct Failure {
     pub service: String,
     /// What went wrong.
     pub message: String,
+    /// The map that had no room, when that was the reason.
+    pub full_map: Option<&'static str>,
 }
 
 /// Counts of map operations one apply performed.
@@ -226,10 +230,13 @@ impl Reconciler {
 
         for (name, want) in &desired {
             if let Err(e) = self.apply_service(name, want, store, &mut report) {
-                warn!(service = %name, "cannot program Service port: {e}");
+                // Logged by the caller when the set of failures changes, not
+                // on every sync.
+                debug!(service = %name, "cannot program Service port: {e}");
                 report.failures.push(Failure {
                     service: name.clone(),
                     message: e.to_string(),
+                    full_map: e.full.then_some(e.map),
                 });
             }
         }
@@ -240,9 +247,28 @@ impl Reconciler {
             .filter(|(_, s)| !desired.contains_key(&s.name))
             .map(|(id, _)| *id)
             .collect();
+        let removed = !gone.is_empty();
         for svc_id in gone {
             if let Err(e) = self.remove_service(svc_id, store, &mut report) {
                 warn!(svc_id, "cannot remove Service port: {e}");
+            }
+        }
+        // New Service ports go in before old ones leave, so at capacity a
+        // replacement finds the maps full: try the refused ones again now
+        // that the gone ones made room, instead of waiting for another sync.
+        if removed && report.failures.iter().any(|f| f.full_map.is_some()) {
+            let retry = std::mem::take(&mut report.failures);
+            for failure in retry {
+                let Some(want) = desired.get(&failure.service) else {
+                    continue;
+                };
+                if let Err(e) = self.apply_service(&failure.service, want, store, &mut report) {
+                    report.failures.push(Failure {
+                        service: failure.service,
+                        message: e.to_string(),
+                        full_map: e.full.then_some(e.map),
+                    });
+                }
             }
         }
 
@@ -280,6 +306,13 @@ impl Reconciler {
     ) -> Result<(), StoreError> {
         let existing = self.by_name.get(name).copied();
         let svc_id = existing.unwrap_or_else(|| self.allocate_svc_id());
+        if existing.is_none() {
+            // An id may be reused: the new Service port starts from zero.
+            // Counters are not worth refusing a Service over.
+            if let Err(e) = store.reset_stats(svc_id) {
+                debug!(service = name, svc_id, "cannot reset counters: {e}");
+            }
+        }
 
         let mut active = Vec::with_capacity(want.backends.len());
         for b in &want.backends {
@@ -454,11 +487,18 @@ fn lowest_free(taken: impl Fn(u32) -> bool) -> u32 {
     (1..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
 }
 
+/// Suffix of the table of a Service port's frontends under a Local traffic
+/// policy.
+pub const LOCAL_SUFFIX: &str = "@local";
+/// Suffix of the table of a Service port's IPv6 frontends.
+pub const V6_SUFFIX: &str = "@v6";
+
 /// The map-level picture of the model, by table name.
 ///
-/// A Service port is one table, or two when a Local traffic policy applies
-/// to some of its frontends: those lead to a table of this node's endpoints
-/// only, named with an `@local` suffix.
+/// A Service port is one table per address family of its frontends (an
+/// IPv6 table is named with an `@v6` suffix), times two when a Local
+/// traffic policy applies to some of its frontends: those lead to a table
+/// of this node's endpoints only, named with an `@local` suffix.
 fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
     let mut out = BTreeMap::new();
     for (r, sp) in &model.services {
@@ -510,27 +550,35 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
             })
             .collect();
         for (local, frontends) in scopes.into_iter().enumerate() {
-            if frontends.is_empty() {
-                continue;
-            }
             let local = local == 1;
-            let active = sp.active_in(local);
-            let draining = sp.draining_in(local).iter().map(backend).collect();
-            let table_name = if local {
-                format!("{name}@local")
-            } else {
-                name.clone()
-            };
-            out.insert(
-                table_name,
-                DesiredService {
-                    frontends,
-                    backends: active.iter().map(backend).collect(),
-                    draining,
-                    affinity_timeout_s: sp.affinity_timeout_s,
-                    ranges: ranges.clone(),
-                },
-            );
+            // One table per address family: the datapath rewrites addresses
+            // in place, so an IPv4 frontend may only lead to IPv4 backends.
+            let mut by_family: BTreeMap<u8, BTreeMap<ServiceKey, u32>> = BTreeMap::new();
+            for (key, flags) in frontends {
+                by_family.entry(key.family).or_default().insert(key, flags);
+            }
+            for (fam, frontends) in by_family {
+                let same_family = |e: &&&Endpoint| addr_be(e.addr).1 == fam;
+                let active = sp.active_in(local);
+                let draining = sp.draining_in(local);
+                let mut table_name = name.clone();
+                if local {
+                    table_name.push_str(LOCAL_SUFFIX);
+                }
+                if fam == family::V6 {
+                    table_name.push_str(V6_SUFFIX);
+                }
+                out.insert(
+                    table_name,
+                    DesiredService {
+                        frontends,
+                        backends: active.iter().filter(same_family).map(backend).collect(),
+                        draining: draining.iter().filter(same_family).map(backend).collect(),
+                        affinity_timeout_s: sp.affinity_timeout_s,
+                        ranges: ranges.clone(),
+                    },
+                );
+            }
         }
     }
     out

@@ -18,6 +18,8 @@ pub struct StoreError {
     pub map: &'static str,
     /// The underlying error (for example "map full").
     pub message: String,
+    /// The map had no room for a new entry.
+    pub full: bool,
 }
 
 /// What the agent recorded about a Service port.
@@ -67,6 +69,8 @@ pub trait Store {
     fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError>;
     /// Removes a source range of a Service port.
     fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError>;
+    /// Zeroes a Service port's counters (its id is new, or reused).
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError>;
 }
 
 /// An in-memory store: the maps as plain collections.
@@ -141,6 +145,11 @@ impl Store for MemStore {
                 self.snap.ranges.remove(&svc_id);
             }
         }
+        Ok(())
+    }
+
+    fn reset_stats(&mut self, _svc_id: u32) -> Result<(), StoreError> {
+        self.ops += 1;
         Ok(())
     }
 }

@@ -69,6 +69,7 @@ checked!(
     del_info(svc_id: u32),
     put_range(svc_id: u32, range: Range),
     del_range(svc_id: u32, range: Range),
+    reset_stats(svc_id: u32),
 );
 
 fn ip(s: &str) -> IpAddr {
@@ -323,4 +324,123 @@ fn source_ranges_are_written_before_and_removed_after_the_frontends_they_guard()
     r.apply(&model(&[]), &mut store);
     assert!(store.violations.is_empty(), "{:?}", store.violations);
     assert_eq!(store.inner.snap, Snapshot::default());
+}
+
+/// A store whose frontend and backend maps hold only so many entries, like
+/// the kernel's: inserting a new key into a full map fails, replacing an
+/// existing one does not.
+struct Limited {
+    inner: CheckedStore,
+    services_max: usize,
+    backends_max: usize,
+}
+
+fn full(map: &'static str) -> StoreError {
+    StoreError {
+        op: "insert",
+        map,
+        message: "map is full".into(),
+        full: true,
+    }
+}
+
+impl Store for Limited {
+    fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
+        let backends = &self.inner.inner.snap.backends;
+        if !backends.contains_key(&id) && backends.len() >= self.backends_max {
+            return Err(full("backends"));
+        }
+        self.inner.put_backend(id, b)
+    }
+    fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
+        self.inner.del_backend(id)
+    }
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
+        self.inner.put_table(svc_id, table)
+    }
+    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        self.inner.del_table(svc_id)
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
+        let services = &self.inner.inner.snap.services;
+        if !services.contains_key(&key) && services.len() >= self.services_max {
+            return Err(full("services"));
+        }
+        self.inner.put_service(key, value)
+    }
+    fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError> {
+        self.inner.del_service(key)
+    }
+    fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError> {
+        self.inner.put_info(svc_id, info)
+    }
+    fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        self.inner.del_info(svc_id)
+    }
+    fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        self.inner.put_range(svc_id, range)
+    }
+    fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
+        self.inner.del_range(svc_id, range)
+    }
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError> {
+        self.inner.reset_stats(svc_id)
+    }
+}
+
+#[test]
+fn full_maps_refuse_only_the_service_ports_that_do_not_fit() {
+    let mut store = Limited {
+        inner: CheckedStore::default(),
+        services_max: 2,
+        backends_max: 3,
+    };
+    let mut r = Reconciler::new(M);
+    let a = svc("a", "10.96.0.11", 80, &["10.244.1.10"]);
+    let b = svc("b", "10.96.0.12", 80, &["10.244.1.11"]);
+    let c = svc("c", "10.96.0.13", 80, &["10.244.1.12"]);
+    let refused = |report: &Report| -> Vec<(String, Option<&'static str>)> {
+        report
+            .failures
+            .iter()
+            .map(|f| (f.service.clone(), f.full_map))
+            .collect()
+    };
+    let backends = |store: &Limited, vip: &str| frontend_backends(&store.inner.inner, vip, 80);
+
+    let report = r.apply(&model(&[a.clone(), b.clone(), c.clone()]), &mut store);
+    assert_eq!(
+        refused(&report),
+        vec![("default/c/TCP".to_string(), Some("services"))]
+    );
+    assert_eq!(backends(&store, "10.96.0.11"), vec![ip("10.244.1.10")]);
+    assert_eq!(backends(&store, "10.96.0.12"), vec![ip("10.244.1.11")]);
+    assert!(backends(&store, "10.96.0.13").is_empty());
+
+    // With room for c's frontend, c goes in; the backends map fills: d,
+    // needing two new backends, is refused; a, b and c are untouched.
+    let d = svc("d", "10.96.0.14", 80, &["10.244.2.10", "10.244.2.11"]);
+    store.services_max = 4;
+    let report = r.apply(&model(&[a, b.clone(), c.clone(), d]), &mut store);
+    assert_eq!(
+        refused(&report),
+        vec![("default/d/TCP".to_string(), Some("backends"))]
+    );
+    assert_eq!(backends(&store, "10.96.0.11"), vec![ip("10.244.1.10")]);
+    assert_eq!(backends(&store, "10.96.0.12"), vec![ip("10.244.1.11")]);
+    assert_eq!(backends(&store, "10.96.0.13"), vec![ip("10.244.1.12")]);
+
+    // At capacity, replacing a by e works in one sync: e is retried once a
+    // has left.
+    store.services_max = 3;
+    let e = svc("e", "10.96.0.15", 80, &["10.244.1.12"]);
+    let report = r.apply(&model(&[b, c, e]), &mut store);
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(backends(&store, "10.96.0.15"), vec![ip("10.244.1.12")]);
+    assert!(backends(&store, "10.96.0.11").is_empty());
+    assert!(
+        store.inner.violations.is_empty(),
+        "{:?}",
+        store.inner.violations
+    );
 }

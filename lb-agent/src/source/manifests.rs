@@ -78,6 +78,14 @@ fn is_manifest_name(name: &str) -> bool {
             .is_some_and(|ext| ext == "yaml" || ext == "yml")
 }
 
+/// Reads the text of one manifest file named `name` exactly as
+/// [`load_dir`] reads each file (what the fuzz tests feed).
+pub fn load_text(name: &str, text: &str) -> Objects {
+    let mut objects = Objects::default();
+    load_file(name, text, &mut objects);
+    objects
+}
+
 /// Adds the objects of one file, one document at a time.
 fn load_file(name: &str, text: &str, objects: &mut Objects) {
     for doc in split_documents(text) {
