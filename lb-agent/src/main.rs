@@ -1,10 +1,6 @@
 //! `lb-agent`: run the node agent, inspect its maps, or remove everything.
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::XdpMode;
@@ -17,9 +13,10 @@ use lb_agent::{
     },
     health::HealthServers,
     inspect, maglev,
-    model::{self, NodeInfo},
+    model::{self, Cidr, NodeInfo, Problem},
+    ready,
     reconcile::{addr_be, Reconciler},
-    source::manifests,
+    source::{self, manifests, Objects},
 };
 use lb_common::{config::DEFAULT_SNAT_PORTS, Config};
 use tokio::sync::mpsc;
@@ -61,7 +58,8 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach the datapath and keep its maps equal to
-    /// the Services and EndpointSlices of the manifests folder.
+    /// the Services and EndpointSlices of the manifests folder or the
+    /// Kubernetes API.
     Run(RunArgs),
     /// Print the frontends, their backends and flags, as the maps hold them.
     Services(View),
@@ -129,9 +127,18 @@ struct RunArgs {
     /// External interfaces (XDP); NodePorts listen on their addresses.
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,
-    /// Folder of Service and EndpointSlice manifests (YAML), watched live.
+    /// Folder of Service and EndpointSlice manifests (YAML), watched live,
+    /// instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig file for the Kubernetes API; without it and without
+    /// --manifests, the in-cluster configuration of the pod is used.
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// Only node addresses inside these CIDRs serve NodePorts (as
+    /// kube-proxy's flag); all of them when unset.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Cidr>,
     /// Directory for pinned maps and links; a bpffs is mounted there if needed.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -201,7 +208,12 @@ fn real_main(mut cli: Cli) -> Result<()> {
     match &mut cli.command {
         Command::Run(args) => {
             args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
-            args.manifests = std::path::absolute(&args.manifests).context("--manifests")?;
+            if let Some(dir) = &mut args.manifests {
+                *dir = std::path::absolute(&*dir).context("--manifests")?;
+            }
+            if let Some(file) = &mut args.kubeconfig {
+                *file = std::path::absolute(&*file).context("--kubeconfig")?;
+            }
         }
         Command::Services(view)
         | Command::Stats(view)
@@ -311,7 +323,7 @@ fn parse_port_range(s: &str) -> Result<(u16, u16)> {
 }
 
 /// IPv4 addresses of the given interfaces, in interface order.
-fn node_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
+fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let all: Vec<_> = nix::ifaddrs::getifaddrs()
         .context("list interface addresses")?
@@ -351,16 +363,15 @@ fn run(args: &RunArgs) -> Result<()> {
     let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
     let mut maps = Maps::open(&args.bpffs)?;
 
-    let mut node = NodeInfo {
-        name: args.node_name.clone(),
-        addresses: node_addresses(&args.iface)?,
-    };
+    // The SNAT source is an address of the external interfaces in both
+    // modes: it is what replies must come back to.
+    let mut iface_addrs = iface_addresses(&args.iface)?;
     let timeouts = [
         args.conntrack_tcp_timeout,
         args.conntrack_tcp_closing_timeout,
         args.conntrack_udp_timeout,
     ];
-    write_config(&mut maps, &node, snat_ports, timeouts)?;
+    write_config(&mut maps, &iface_addrs, snat_ports, timeouts)?;
     for iface in &args.iface {
         progs.attach_node(iface)?;
     }
@@ -377,42 +388,64 @@ fn run(args: &RunArgs) -> Result<()> {
         .build()
         .context("start the async runtime")?;
     rt.block_on(async {
-        let (_watcher, mut manifest_events) = manifests::watch(&args.manifests)?;
+        let (mut source, mut changes) = Source::start(args).await?;
         let mut link_events = link_events()?;
         let mut health = HealthServers::default();
+        let mut reported = ProblemLog::default();
+        let mut node = NodeInfo {
+            name: args.node_name.clone(),
+            addresses: Vec::new(),
+        };
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
 
-        sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health)?;
-        info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
-
+        // The manifests folder is complete at once; the API once listed.
+        let mut due = true;
         loop {
-            tokio::select! {
-                Some(()) = manifest_events.recv() => {
-                    // Coalesce a burst of file events into one reload.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    while manifest_events.try_recv().is_ok() {}
-                    if let Err(e) = sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health) {
-                        error!("reload failed, datapath keeps its last state: {e:#}");
+            if due {
+                due = false;
+                match source.load(&iface_addrs, &args.nodeport_addresses) {
+                    Ok(None) => {}
+                    Ok(Some((objects, addresses))) => {
+                        if addresses != node.addresses {
+                            info!(addresses = ?addresses, "NodePort addresses");
+                            node.addresses = addresses;
+                        }
+                        let problems = sync(objects, &node, &mut reconciler, &mut maps, &mut health);
+                        reported.log(&problems);
+                        source.report(&problems);
+                        if ready::mark() {
+                            info!(node = %node.name, addresses = ?node.addresses, "lb-agent ready");
+                        }
                     }
+                    // Without a first state there is nothing to keep.
+                    Err(e) if !ready::is_ready() => return Err(e),
+                    Err(e) => error!("reload failed, datapath keeps its last state: {e:#}"),
+                }
+            }
+            tokio::select! {
+                Some(()) = changes.recv() => {
+                    // Coalesce a burst of changes into one sync.
+                    tokio::time::sleep(source.debounce()).await;
+                    while changes.try_recv().is_ok() {}
+                    due = true;
                 }
                 Some(()) = link_events.recv() => {
                     while link_events.try_recv().is_ok() {}
                     if let Err(e) = progs.sync_pods(&patterns) {
                         warn!("pod interface sync failed: {e:#}");
                     }
-                    match node_addresses(&args.iface) {
-                        Ok(addrs) if addrs != node.addresses => {
-                            info!(addresses = ?addrs, "node addresses changed");
-                            node.addresses = addrs;
-                            if let Err(e) = write_config(&mut maps, &node, snat_ports, timeouts)
-                                .and_then(|()| sync(&args.manifests, &node, &mut reconciler, &mut maps, &mut health))
-                            {
-                                error!("resync after address change failed: {e:#}");
+                    match iface_addresses(&args.iface) {
+                        Ok(addrs) if addrs != iface_addrs => {
+                            info!(addresses = ?addrs, "interface addresses changed");
+                            iface_addrs = addrs;
+                            if let Err(e) = write_config(&mut maps, &iface_addrs, snat_ports, timeouts) {
+                                error!("rewriting the config after an address change failed: {e:#}");
                             }
+                            due = true;
                         }
                         Ok(_) => {}
-                        Err(e) => warn!("reading node addresses failed: {e:#}"),
+                        Err(e) => warn!("reading interface addresses failed: {e:#}"),
                     }
                 }
                 _ = sigterm.recv() => break,
@@ -424,16 +457,118 @@ fn run(args: &RunArgs) -> Result<()> {
     })
 }
 
-/// Writes the config map; `timeouts` are the TCP, TCP-closing and UDP idle
-/// timeouts in seconds.
+/// Where the Services and EndpointSlices come from.
+enum Source {
+    /// A folder of manifests, watched (the watcher lives as long as this).
+    Manifests {
+        dir: PathBuf,
+        _watcher: notify::RecommendedWatcher,
+    },
+    /// The Kubernetes API.
+    Kube {
+        watch: source::kube::Watch,
+        events: source::kube::EventPoster,
+    },
+}
+
+impl Source {
+    /// Starts the source the flags name; the receiver wakes on changes.
+    async fn start(args: &RunArgs) -> Result<(Self, mpsc::Receiver<()>)> {
+        if let Some(dir) = &args.manifests {
+            let (watcher, changes) = manifests::watch(dir)?;
+            return Ok((
+                Self::Manifests {
+                    dir: dir.clone(),
+                    _watcher: watcher,
+                },
+                changes,
+            ));
+        }
+        let client = source::kube::connect(args.kubeconfig.as_deref()).await?;
+        let (watch, changes) = source::kube::watch(&client, &args.node_name);
+        let events = source::kube::EventPoster::new(client, &args.node_name);
+        Ok((Self::Kube { watch, events }, changes))
+    }
+
+    /// How long to wait for more changes before syncing: file events come
+    /// in bursts of a few milliseconds, API changes (a rollout) in longer ones.
+    fn debounce(&self) -> Duration {
+        match self {
+            Self::Manifests { .. } => Duration::from_millis(20),
+            Self::Kube { .. } => Duration::from_millis(50),
+        }
+    }
+
+    /// The objects and the NodePort addresses as of now; `None` until the
+    /// source has been read in full once.
+    fn load(
+        &self,
+        iface_addrs: &[IpAddr],
+        filter: &[Cidr],
+    ) -> Result<Option<(Objects, Vec<IpAddr>)>> {
+        match self {
+            Self::Manifests { dir, .. } => {
+                let objects = manifests::load_dir(dir)
+                    .with_context(|| format!("read manifests in {}", dir.display()))?;
+                let addresses = source::kube::filter_addresses(iface_addrs.to_vec(), filter);
+                Ok(Some((objects, addresses)))
+            }
+            Self::Kube { watch, .. } => {
+                if !watch.is_synced() {
+                    return Ok(None);
+                }
+                let addresses = match watch.node() {
+                    Some(n) => source::kube::node_addresses(&n, filter),
+                    None => {
+                        warn!("this agent's Node is not in the API: no NodePort addresses until it is");
+                        Vec::new()
+                    }
+                };
+                Ok(Some((watch.objects(), addresses)))
+            }
+        }
+    }
+
+    /// Tells the cluster about Services that cannot be programmed.
+    fn report(&mut self, problems: &[Problem]) {
+        if let Self::Kube { watch, events } = self {
+            events.report(watch, problems);
+        }
+    }
+}
+
+/// Logs each problem when it appears, not again at every sync while it lasts.
+#[derive(Default)]
+struct ProblemLog {
+    last: std::collections::BTreeSet<(String, String)>,
+}
+
+impl ProblemLog {
+    fn log(&mut self, problems: &[Problem]) {
+        let now: std::collections::BTreeSet<(String, String)> = problems
+            .iter()
+            .map(|p| (p.object.clone(), p.message.clone()))
+            .collect();
+        for (object, message) in now.difference(&self.last) {
+            warn!(%object, "skipped: {message}");
+        }
+        for (object, message) in self.last.difference(&now) {
+            info!(%object, "resolved: {message}");
+        }
+        self.last = now;
+    }
+}
+
+/// Writes the config map: the first IPv4 of `addresses` is the SNAT
+/// source; `timeouts` are the TCP, TCP-closing and UDP idle timeouts in
+/// seconds.
 fn write_config(
     maps: &mut Maps,
-    node: &NodeInfo,
+    addresses: &[IpAddr],
     snat_ports: (u16, u16),
     timeouts: [u32; 3],
 ) -> Result<()> {
-    let node_addr4_be = node
-        .addresses
+    let node_addr4_be = addresses
         .iter()
         .find(|a| a.is_ipv4())
         .map_or(0, |a| addr_be(*a).0[0]);
@@ -453,21 +588,17 @@ fn write_config(
     maps.config.set(0, cfg, 0).context("write config map")
 }
 
-/// Reads the manifests folder and makes the maps, and the health check
-/// ports, match it.
+/// Makes the maps, and the health check ports, match `objects`; returns
+/// every problem found: untranslatable input and Service ports the maps
+/// refused.
 fn sync(
-    dir: &Path,
+    objects: Objects,
     node: &NodeInfo,
     reconciler: &mut Reconciler,
     maps: &mut Maps,
     health: &mut HealthServers,
-) -> Result<()> {
-    let objects =
-        manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
+) -> Vec<Problem> {
     let (model, problems) = model::build(&objects.services, &objects.slices, node);
-    for p in objects.problems.iter().chain(&problems) {
-        warn!(object = %p.object, "skipped: {}", p.message);
-    }
     let report = reconciler.apply(&model, maps);
     health.update(&lb_agent::health::desired(&model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
@@ -485,7 +616,10 @@ fn sync(
         failures = report.failures.len(),
         "synced"
     );
-    Ok(())
+    let mut all = objects.problems;
+    all.extend(problems);
+    all.extend(report.failures.iter().map(|f| f.to_problem()));
+    all
 }
 
 /// Link and address changes in this network namespace, as a stream of
