@@ -5,6 +5,8 @@
 //! produce the same model from the same objects.
 
 mod translate;
+#[cfg(test)]
+mod translation_lines;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -191,6 +193,12 @@ impl std::str::FromStr for Cidr {
             }
         };
         Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 

@@ -399,3 +399,54 @@ impl EventPoster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addresses: &[(&str, &str)]) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": addresses
+                .iter()
+                .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+                .collect::<Vec<_>>()},
+        }))
+        .expect("test Node")
+    }
+
+    #[test]
+    fn node_addresses_are_its_ips_filtered_like_nodeport_addresses() {
+        let n = node(&[
+            ("InternalIP", "10.99.0.1"),
+            ("ExternalIP", "203.0.113.1"),
+            ("InternalIP", "fd00::1"),
+            ("Hostname", "node-a"),
+            ("InternalDNS", "node-a.example.org"),
+        ]);
+        let ips =
+            |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().expect("ip")).collect() };
+        let cidrs =
+            |v: &[&str]| -> Vec<Cidr> { v.iter().map(|c| c.parse().expect("cidr")).collect() };
+        let cases: &[(&[&str], &[&str])] = &[
+            (&[], &["10.99.0.1", "203.0.113.1", "fd00::1"]),
+            (&["10.99.0.0/24"], &["10.99.0.1"]),
+            (&["10.99.0.0/24", "fd00::/64"], &["10.99.0.1", "fd00::1"]),
+            (&["192.168.0.0/16"], &[]),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(node_addresses(&n, &cidrs(filter)), ips(want), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn retry_backoff_grows_to_its_cap_and_resets() {
+        let mut b = RetryBackoff::new();
+        let first: Vec<Duration> = b.by_ref().take(7).collect();
+        assert_eq!(first[0], RetryBackoff::FIRST);
+        assert!(first.windows(2).all(|w| w[0] <= w[1]), "{first:?}");
+        assert_eq!(first[6], RetryBackoff::MAX);
+        b.reset();
+        assert_eq!(b.next(), Some(RetryBackoff::FIRST));
+    }
+}
