@@ -135,10 +135,10 @@ struct RunArgs {
     /// --manifests, the in-cluster configuration of the pod is used.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Only node addresses inside these CIDRs serve NodePorts (as
-    /// kube-proxy's flag); all of them when unset.
-    #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<Cidr>,
+    /// Only node addresses inside these CIDRs (comma-separated) serve
+    /// NodePorts, as kube-proxy's flag; all of them when empty.
+    #[arg(long, default_value = "", value_parser = parse_cidrs)]
+    nodeport_addresses: Cidrs,
     /// Directory for pinned maps and links; a bpffs is mounted there if needed.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -270,6 +270,19 @@ fn real_main(mut cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A comma-separated list of CIDRs; empty entries are ignored, so an empty
+/// value (as a templated manifest may pass) means none.
+#[derive(Clone, Debug, Default)]
+struct Cidrs(Vec<Cidr>);
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    s.split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<Cidr>, String>>()
+        .map(Cidrs)
 }
 
 /// Accepts only the Maglev table sizes the datapath is built for.
@@ -404,7 +417,7 @@ fn run(args: &RunArgs) -> Result<()> {
         loop {
             if due {
                 due = false;
-                match source.load(&iface_addrs, &args.nodeport_addresses) {
+                match source.load(&iface_addrs, &args.nodeport_addresses.0) {
                     Ok(None) => {}
                     Ok(Some((objects, addresses))) => {
                         if addresses != node.addresses {
@@ -675,5 +688,13 @@ mod tests {
         assert!(parse_port_range("61000").is_err());
         assert_eq!(parse_table_size("16381"), Ok(16381));
         assert!(parse_table_size("16384").is_err());
+    }
+
+    #[test]
+    fn nodeport_address_lists_parse_and_may_be_empty() {
+        assert!(parse_cidrs("").is_ok_and(|c| c.0.is_empty()));
+        let two = parse_cidrs("10.0.0.0/8, fd00::/64").map(|c| c.0.len());
+        assert_eq!(two, Ok(2));
+        assert!(parse_cidrs("10.0.0.0/8,nope").is_err());
     }
 }
