@@ -151,7 +151,7 @@ fn the_cluster_role_grants_exactly_what_the_agent_uses() {
 #[test]
 fn the_daemonset_runs_everywhere_on_the_host_network_unprivileged_with_probes() {
     let ds: DaemonSet = find("DaemonSet");
-    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let pod = ds.spec.template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.service_account_name.as_deref(), Some("lb-agent"));
     let tolerations = pod.tolerations.expect("tolerations");

@@ -98,7 +98,9 @@ fn no_problems(name: &str, problems: &[Problem]) {
 #[test]
 fn clusterip_clusterips_nodeport_loadbalancer_and_externalips_become_frontends() {
     use FrontendKind::{ClusterIp as C, External as X, LoadBalancer as L, NodePort as N};
-    let cases: &[(&str, &str, &[(&str, FrontendKind)])] = &[
+    /// (case, Service YAML, expected frontends)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, FrontendKind)]);
+    let cases: &[Case<'_>] = &[
         (
             "ClusterIP",
             "metadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
@@ -187,7 +189,9 @@ spec:
   ports:
     - {name: http, port: 80, targetPort: web}
     - {name: admin, port: 81, targetPort: 9000}";
-    let cases: &[(&str, &str, &[(&str, &[&str])])] = &[
+    /// (case, slices YAML, expected endpoints per Service port)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a [&'a str])]);
+    let cases: &[Case<'_>] = &[
         (
             "two ports, number and name resolved from one slice",
             "
