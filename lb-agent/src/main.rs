@@ -189,8 +189,12 @@ fn main() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // kube-client logs every failed request at error level; while the API
+    // is away that repeats, at each retry, the watch error the source
+    // already logs once per outage.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -481,6 +485,8 @@ enum Source {
     Kube {
         watch: source::kube::Watch,
         events: source::kube::EventPoster,
+        /// Whether the Node was missing at the last load (warned once).
+        node_missing: std::cell::Cell<bool>,
     },
 }
 
@@ -500,7 +506,14 @@ impl Source {
         let client = source::kube::connect(args.kubeconfig.as_deref()).await?;
         let (watch, changes) = source::kube::watch(&client, &args.node_name);
         let events = source::kube::EventPoster::new(client, &args.node_name);
-        Ok((Self::Kube { watch, events }, changes))
+        Ok((
+            Self::Kube {
+                watch,
+                events,
+                node_missing: std::cell::Cell::new(false),
+            },
+            changes,
+        ))
     }
 
     /// How long to wait for more changes before syncing: file events come
@@ -526,17 +539,22 @@ impl Source {
                 let addresses = source::kube::filter_addresses(iface_addrs.to_vec(), filter);
                 Ok(Some((objects, addresses)))
             }
-            Self::Kube { watch, .. } => {
+            Self::Kube {
+                watch,
+                node_missing,
+                ..
+            } => {
                 if !watch.is_synced() {
                     return Ok(None);
                 }
-                let addresses = match watch.node() {
-                    Some(n) => source::kube::node_addresses(&n, filter),
-                    None => {
-                        warn!("this agent's Node is not in the API: no NodePort addresses until it is");
-                        Vec::new()
-                    }
-                };
+                let node = watch.node();
+                if node.is_none() && !node_missing.get() {
+                    warn!("this agent's Node is not in the API (is --node-name right?): no NodePort addresses until it is");
+                }
+                node_missing.set(node.is_none());
+                let addresses = node
+                    .map(|n| source::kube::node_addresses(&n, filter))
+                    .unwrap_or_default();
                 Ok(Some((watch.objects(), addresses)))
             }
         }
@@ -544,7 +562,7 @@ impl Source {
 
     /// Tells the cluster about Services that cannot be programmed.
     fn report(&mut self, problems: &[Problem]) {
-        if let Self::Kube { watch, events } = self {
+        if let Self::Kube { watch, events, .. } = self {
             events.report(watch, problems);
         }
     }

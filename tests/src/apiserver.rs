@@ -305,29 +305,20 @@ impl ApiServer {
     }
 
     /// Forgets the change history, as etcd compaction does, and ends every
-    /// open watch: the clients' next watch gets 410 Gone and they must
-    /// relist. `changes`, applied while the history is gone, reach the
-    /// clients only through that relist.
+    /// open watch; then applies `changes`. The clients' next watch starts
+    /// from a version older than the history and gets 410 Gone, so
+    /// `changes` reach them only through the relist that forces.
     pub fn expire_history(&self, changes: impl FnOnce(&Self)) {
-        changes(self);
         let mut st = self.shared.lock();
-        // The next list returns this version, which a watch may start from.
+        // The next list returns at least this version, which a watch may
+        // start from.
         st.rv += 1;
         st.oldest = st.rv;
         st.history.clear();
         let rv = st.rv;
         drop(st);
         self.notify(rv, true);
-    }
-
-    /// Deletes an object without a watch event, as if the event had been
-    /// compacted away; only a relist shows that it is gone. Use inside
-    /// [`ApiServer::expire_history`].
-    pub fn delete_silently(&self, kind: Kind, namespace: &str, name: &str) {
-        let mut st = self.shared.lock();
-        st.objects
-            .remove(&(kind, namespace.to_owned(), name.to_owned()));
-        st.rv += 1;
+        changes(self);
     }
 
     fn notify(&self, rv: u64, end_watches: bool) {

@@ -250,10 +250,10 @@ fn gone_410_forces_a_relist_that_converges_and_removes_only_what_is_gone() {
     let mut stream = EchoStream::open(&r.c.client_ns(), sa("10.99.0.1:30080"), IO);
     let lists = r.api.lists(Kind::Service);
 
-    // Changes whose watch events are compacted away: only a relist shows
+    // Changes made after the history is compacted: only a relist shows
     // them.
     r.api.expire_history(|api| {
-        api.delete_silently(Kind::Service, "test", "old");
+        assert!(api.delete(Kind::Service, "test", "old"));
         put_web(api, "new", "10.96.0.12", 30082, &[ep(A1, "node-a")]);
     });
     wait_until(WAIT, "the agent relists Services", || {
