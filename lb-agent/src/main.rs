@@ -359,6 +359,14 @@ fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
+    // Before anything is attached: a source that cannot work is an error
+    // the user should see at once, not after programs are in place.
+    if args.manifests.is_none()
+        && args.kubeconfig.is_none()
+        && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
+    {
+        bail!("no --manifests DIR or --kubeconfig FILE, and not in a pod (KUBERNETES_SERVICE_HOST is unset): pass one of the two flags");
+    }
     let snat_ports = parse_port_range(&args.snat_ports)?;
     let patterns = args
         .pod_ifaces
@@ -484,7 +492,8 @@ enum Source {
     /// The Kubernetes API.
     Kube {
         watch: source::kube::Watch,
-        events: source::kube::EventPoster,
+        // Boxed: the largest variant by far, and there is one Source.
+        events: Box<source::kube::EventPoster>,
         /// Whether the Node was missing at the last load (warned once).
         node_missing: std::cell::Cell<bool>,
     },
@@ -505,7 +514,7 @@ impl Source {
         }
         let client = source::kube::connect(args.kubeconfig.as_deref()).await?;
         let (watch, changes) = source::kube::watch(&client, &args.node_name);
-        let events = source::kube::EventPoster::new(client, &args.node_name);
+        let events = Box::new(source::kube::EventPoster::new(client, &args.node_name));
         Ok((
             Self::Kube {
                 watch,
