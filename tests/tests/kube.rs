@@ -369,3 +369,100 @@ fn nodeport_addresses_filter_the_nodes_api_addresses() {
     assert_eq!(lands_on(&c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
     drop(api);
 }
+
+/// What a node's maps program, without what depends on the node: Service
+/// port → (frontends other than NodePorts, backend addresses).
+fn programmed_anywhere(c: &Cluster, letter: &str) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+    let maps = Maps::open(&c.node(letter).bpffs()).expect("open maps");
+    inspect::services(&maps)
+        .expect("read maps")
+        .into_iter()
+        .map(|s| {
+            let mut f: Vec<String> = s
+                .frontends
+                .into_iter()
+                .filter(|f| !f.kinds.contains(&"NodePort"))
+                .map(|f| f.frontend)
+                .collect();
+            f.sort();
+            let mut b: Vec<String> = s.backends.into_iter().map(|b| b.address).collect();
+            b.sort();
+            (s.name, (f, b))
+        })
+        .collect()
+}
+
+#[test]
+fn the_api_and_the_manifests_folder_program_the_same_services_from_the_same_objects() {
+    let mut r = rig("ksame", &[]);
+    let objects = [
+        service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+        slice(
+            "web",
+            "web-1",
+            8080,
+            "TCP",
+            &[ep(B0, "node-b"), ep(A1, "node-a")],
+        ),
+        service("dns", "10.96.0.53", 53, 5353, None, "UDP")
+            .replace("  ports:\n", "  externalIPs: [10.99.0.53]\n  ports:\n"),
+        slice("dns", "dns-1", 5353, "UDP", &[ep(B0, "node-b")]),
+        // A slice whose Service does not exist, and a bad Service.
+        slice("ghost", "ghost-1", 8080, "TCP", &[ep(B0, "node-b")]),
+        service("bad", "10.96.0.999", 80, 8080, None, "TCP"),
+    ];
+    for (i, o) in objects.iter().enumerate() {
+        r.api.apply(o);
+        r.c.write_manifest(&format!("{i}.yaml"), o);
+    }
+    r.c.node_mut("b").start_agent(&[]);
+    r.c.node("b").wait_agent_ready(WAIT);
+    wait_until(WAIT, "node-a has both Services from the API", || {
+        programmed_anywhere(&r.c, "a").len() == 2
+    });
+    let from_api = programmed_anywhere(&r.c, "a");
+    assert_eq!(from_api, programmed_anywhere(&r.c, "b"));
+    assert_eq!(
+        from_api.get("test/dns:p/UDP"),
+        Some(&(
+            vec![
+                "10.96.0.53:53/UDP".to_owned(),
+                "10.99.0.53:53/UDP".to_owned()
+            ],
+            vec![format!("{B0}:5353")]
+        ))
+    );
+}
+
+#[test]
+fn an_agent_started_without_the_api_is_not_ready_and_keeps_the_pinned_state() {
+    let mut r = rig("kready", &[]);
+    put_web(&r.api, "web", "10.96.0.10", 30080, &[ep(B0, "node-b")]);
+    wait_until(WAIT, "web answers", || {
+        lands_on(&r.c, "10.99.0.1:30080", Duration::from_millis(300)).is_some()
+    });
+    let kubeconfig = r.api.kubeconfig().to_owned();
+    r.c.node_mut("a").stop_agent();
+    r.api.stop();
+    r.c.node_mut("a").start_agent_api(&kubeconfig, &[]);
+    let failures = |c: &Cluster| c.node("a").agent_log().matches("watch failed").count();
+    wait_until(WAIT, "the new agent finds the API away", || {
+        failures(&r.c) >= 3
+    });
+    let log = r.c.node("a").agent_log();
+    assert_eq!(
+        log.matches("lb-agent ready").count(),
+        1,
+        "ready only once, before:\n{log}"
+    );
+    // Nothing was flushed: the maps the earlier agent wrote still serve.
+    assert_eq!(lands_on(&r.c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
+    r.api.resume();
+    r.c.node("a").wait_agent_ready(WAIT);
+    assert_eq!(lands_on(&r.c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
+    let log = r.c.node("a").agent_log();
+    assert!(
+        log.contains("synced services=1 writes=0 deletes=0"),
+        "the first sync after the outage rewrites nothing:\n{log}"
+    );
+}
