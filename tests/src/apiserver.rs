@@ -105,6 +105,8 @@ struct State {
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest: u64,
     events: Vec<Value>,
+    /// Answer Event posts with 500 instead of recording them.
+    refuse_events: bool,
     /// `METHOD path?query` of every request, in order.
     requests: Vec<String>,
     next_uid: u64,
@@ -330,6 +332,11 @@ impl ApiServer {
         });
     }
 
+    /// Makes Event posts fail with 500 (`true`) or succeed again.
+    pub fn refuse_events(&self, refuse: bool) {
+        self.shared.lock().refuse_events = refuse;
+    }
+
     /// Every Event posted so far, as JSON.
     pub fn events(&self) -> Vec<Value> {
         self.shared.lock().events.clone()
@@ -450,6 +457,12 @@ async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Re
         req.uri().path_and_query().map_or("", |p| p.as_str())
     ));
     if req.method() == Method::POST && path.ends_with("/events") {
+        if shared.lock().refuse_events {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError", "events refused by the test"),
+            );
+        }
         let body = req.into_body().collect().await.map(|b| b.to_bytes());
         return match body
             .ok()

@@ -284,6 +284,8 @@ fn unprogrammable_services_get_one_event_each_and_the_rest_keep_working() {
         lands_on(&r.c, "10.99.0.1:30080", Duration::from_millis(300)).as_deref() == Some("b0")
     });
     // The datapath refuses SCTP; zz-full needs two frontends, one too many.
+    // The first posts fail: they are tried again at the next sync.
+    r.api.refuse_events(true);
     r.api
         .apply(&service("sig", "10.96.0.20", 3868, 3868, None, "SCTP"));
     r.api.apply(
@@ -297,6 +299,23 @@ fn unprogrammable_services_get_one_event_each_and_the_rest_keep_working() {
             .filter(|e| e["regarding"]["name"] == name)
             .collect()
     };
+    // The agent logs a failed post just before it queues the retry.
+    wait_until(WAIT, "both Events tried and failed", || {
+        r.c.node("a")
+            .agent_log()
+            .matches("posting event failed")
+            .count()
+            >= 2
+    });
+    assert!(r.api.events().is_empty());
+    r.api.refuse_events(false);
+    r.api.apply(&slice(
+        "web",
+        "web-1",
+        8080,
+        "TCP",
+        &[ep(B0, "node-b"), ep(A1, "node-a")],
+    ));
     wait_until(WAIT, "an Event for each unprogrammable Service", || {
         !events_for("sig").is_empty() && !events_for("zz-full").is_empty()
     });

@@ -287,15 +287,21 @@ const EVENTS_PER_SYNC: usize = 20;
 /// describe service` shows them, as it does core v1 ones), type Warning,
 /// regarding the Service. Each distinct message is posted once while it
 /// lasts, and again only if it returns after [`EVENT_QUIET`]; posting
-/// runs in the background, so an unreachable API never delays a sync.
+/// runs in the background, so an unreachable API never delays a sync, and
+/// an Event that could not be posted is tried again at the next sync.
 pub struct EventPoster {
     client: Client,
     node: String,
-    /// When each `(namespace, name, message)` was last posted.
-    posted: HashMap<(String, String, String), Instant>,
-    /// Keys reported in the last sync.
-    current: BTreeMap<(String, String, String), ()>,
+    /// When each problem was last posted.
+    posted: HashMap<ProblemKey, Instant>,
+    /// Problems reported in the last sync.
+    current: BTreeMap<ProblemKey, ()>,
+    /// Problems whose Event the API did not take.
+    failed: Arc<std::sync::Mutex<Vec<ProblemKey>>>,
 }
+
+/// `(namespace, name, message)` of a Service's problem.
+type ProblemKey = (String, String, String);
 
 impl EventPoster {
     /// A poster reporting as `lb-agent` on `node`.
@@ -305,6 +311,7 @@ impl EventPoster {
             node: node.to_owned(),
             posted: HashMap::new(),
             current: BTreeMap::new(),
+            failed: Arc::default(),
         }
     }
 
@@ -312,6 +319,16 @@ impl EventPoster {
     /// `problems` are all the problems of this sync; those about objects
     /// other than Services are only logged by the caller.
     pub fn report(&mut self, watch: &Watch, problems: &[Problem]) {
+        let failed = std::mem::take(
+            &mut *self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for key in failed {
+            self.posted.remove(&key);
+            self.current.remove(&key);
+        }
         let mut now_current = BTreeMap::new();
         let mut budget = EVENTS_PER_SYNC;
         for p in problems {
@@ -338,21 +355,30 @@ impl EventPoster {
                 continue;
             }
             budget -= 1;
-            self.posted.insert(key, Instant::now());
+            self.posted.insert(key.clone(), Instant::now());
             let event = self.event(&svc, &p.message);
             let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+            let failed = Arc::clone(&self.failed);
             tokio::spawn(async move {
                 let name = event.metadata.name.clone().unwrap_or_default();
-                match tokio::time::timeout(
+                let error = match tokio::time::timeout(
                     Duration::from_secs(10),
                     api.create(&PostParams::default(), &event),
                 )
                 .await
                 {
-                    Ok(Ok(_)) => debug!(event = %name, "event posted"),
-                    Ok(Err(e)) => warn!(event = %name, "posting event failed: {e}"),
-                    Err(_) => warn!(event = %name, "posting event timed out"),
-                }
+                    Ok(Ok(_)) => {
+                        debug!(event = %name, "event posted");
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                };
+                warn!(event = %name, "posting event failed, retried at the next sync: {error}");
+                failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(key);
             });
         }
         self.current = now_current;
