@@ -8,7 +8,7 @@
 //! really gone disappear. The agent therefore keeps programming the last
 //! state it saw while the API is away; nothing is flushed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -295,7 +295,7 @@ pub struct EventPoster {
     /// When each problem was last posted.
     posted: HashMap<ProblemKey, Instant>,
     /// Problems reported in the last sync.
-    current: BTreeMap<ProblemKey, ()>,
+    current: BTreeSet<ProblemKey>,
     /// Problems whose Event the API did not take.
     failed: Arc<std::sync::Mutex<Vec<ProblemKey>>>,
 }
@@ -310,7 +310,7 @@ impl EventPoster {
             client,
             node: node.to_owned(),
             posted: HashMap::new(),
-            current: BTreeMap::new(),
+            current: BTreeSet::new(),
             failed: Arc::default(),
         }
     }
@@ -329,15 +329,15 @@ impl EventPoster {
             self.posted.remove(&key);
             self.current.remove(&key);
         }
-        let mut now_current = BTreeMap::new();
+        let mut now_current = BTreeSet::new();
         let mut budget = EVENTS_PER_SYNC;
         for p in problems {
             let Some((namespace, name)) = p.service() else {
                 continue;
             };
             let key = (namespace.to_owned(), name.to_owned(), p.message.clone());
-            now_current.insert(key.clone(), ());
-            if self.current.contains_key(&key) {
+            now_current.insert(key.clone());
+            if self.current.contains(&key) {
                 continue;
             }
             if self
