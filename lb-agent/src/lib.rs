@@ -1,6 +1,6 @@
 //! lb-agent: the node agent of the lb eBPF Service load balancer.
 //!
-//! One pipeline: `source` (manifests folder, later the Kubernetes API) →
+//! One pipeline: `source` (manifests folder or the Kubernetes API) →
 //! `model` (pure translation of Services and EndpointSlices) → `reconcile`
 //! (diff against what the maps hold) → `datapath` (the only code that touches
 //! BPF maps, programs and links).

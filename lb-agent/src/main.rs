@@ -2,7 +2,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,9 +21,9 @@ use lb_agent::{
     health::HealthServers,
     inspect, maglev,
     metrics::{Metrics, SyncRecorder},
-    model::{self, NodeInfo},
+    model::{self, Cidr, NodeInfo, Problem},
     reconcile::{addr_be, Reconciler},
-    source::manifests,
+    source::{self, manifests, Objects},
 };
 use lb_common::{config::DEFAULT_SNAT_PORTS, Config};
 use tokio::sync::mpsc;
@@ -81,8 +81,9 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach the datapath and keep its maps equal to
-    /// the Services and EndpointSlices of the manifests folder.
-    Run(RunArgs),
+    /// the Services and EndpointSlices of the manifests folder or the
+    /// Kubernetes API.
+    Run(Box<RunArgs>),
     /// Print the frontends, their backends and flags, as the maps hold them.
     Services(View),
     /// Print the datapath counters.
@@ -171,9 +172,18 @@ struct RunArgs {
     /// External interfaces (XDP); NodePorts listen on their addresses.
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,
-    /// Folder of Service and EndpointSlice manifests (YAML), watched live.
+    /// Folder of Service and EndpointSlice manifests (YAML), watched live,
+    /// instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig file for the Kubernetes API; without it and without
+    /// --manifests, the in-cluster configuration of the pod is used.
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// Only node addresses inside these CIDRs (comma-separated) serve
+    /// NodePorts, as kube-proxy's flag; all of them when empty.
+    #[arg(long, default_value = "", value_parser = parse_cidrs)]
+    nodeport_addresses: Cidrs,
     /// Directory for pinned maps and links; a bpffs is mounted there if needed.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -249,8 +259,12 @@ fn main() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // kube-client logs every failed request at error level; while the API
+    // is away that repeats, at each retry, the watch error the source
+    // already logs once per outage.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -268,7 +282,12 @@ fn real_main(mut cli: Cli) -> Result<()> {
     match &mut cli.command {
         Command::Run(args) => {
             args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
-            args.manifests = std::path::absolute(&args.manifests).context("--manifests")?;
+            if let Some(dir) = &mut args.manifests {
+                *dir = std::path::absolute(&*dir).context("--manifests")?;
+            }
+            if let Some(file) = &mut args.kubeconfig {
+                *file = std::path::absolute(&*file).context("--kubeconfig")?;
+            }
         }
         Command::Services(view)
         | Command::Stats(view)
@@ -349,6 +368,19 @@ fn real_main(mut cli: Cli) -> Result<()> {
     }
 }
 
+/// A comma-separated list of CIDRs; empty entries are ignored, so an empty
+/// value (as a templated manifest may pass) means none.
+#[derive(Clone, Debug, Default)]
+struct Cidrs(Vec<Cidr>);
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    s.split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<Cidr>, String>>()
+        .map(Cidrs)
+}
+
 /// Accepts only the Maglev table sizes the datapath is built for.
 fn parse_table_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
@@ -400,7 +432,7 @@ fn parse_port_range(s: &str) -> Result<(u16, u16)> {
 }
 
 /// IPv4 addresses of the given interfaces, in interface order.
-fn node_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
+fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let all: Vec<_> = nix::ifaddrs::getifaddrs()
         .context("list interface addresses")?
@@ -419,6 +451,14 @@ fn node_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
+    // Before anything is attached: a source that cannot work is an error
+    // the user should see at once, not after programs are in place.
+    if args.manifests.is_none()
+        && args.kubeconfig.is_none()
+        && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
+    {
+        bail!("no --manifests DIR or --kubeconfig FILE, and not in a pod (KUBERNETES_SERVICE_HOST is unset): pass one of the two flags");
+    }
     let snat_ports = parse_port_range(&args.snat_ports)?;
     let patterns = args
         .pod_ifaces
@@ -441,16 +481,15 @@ fn run(args: &RunArgs) -> Result<()> {
     let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
     let mut maps = Maps::open(&args.bpffs)?;
 
-    let mut node = NodeInfo {
-        name: args.node_name.clone(),
-        addresses: node_addresses(&args.iface)?,
-    };
+    // The SNAT source is an address of the external interfaces in both
+    // modes: it is what replies must come back to.
+    let mut iface_addrs = iface_addresses(&args.iface)?;
     let timeouts = [
         args.conntrack_tcp_timeout,
         args.conntrack_tcp_closing_timeout,
         args.conntrack_udp_timeout,
     ];
-    write_config(&mut maps, &node, snat_ports, timeouts, args.mode)?;
+    write_config(&mut maps, &iface_addrs, snat_ports, timeouts, args.mode)?;
     let old_pins = upgrade::older_pins(&args.bpffs)?;
     for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
         info!(map = %name, entries = n, "converted an older map layout");
@@ -470,71 +509,100 @@ fn run(args: &RunArgs) -> Result<()> {
         .build()
         .context("start the async runtime")?;
     rt.block_on(async {
-        let (_watcher, mut manifest_events) = manifests::watch(&args.manifests)?;
+        let (mut source, mut changes) = Source::start(args).await?;
         let mut link_events = link_events()?;
         let mut health = HealthServers::default();
+        let mut reported = ProblemLog::default();
+        let mut node = NodeInfo {
+            name: args.node_name.clone(),
+            addresses: Vec::new(),
+        };
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
         let ready = Readiness::default();
         let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics)?;
         let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
 
-        let mut s = Syncer {
-            reconciler: &mut reconciler,
-            maps: &mut maps,
-            health: &mut health,
-            recorder: &mut recorder,
-        };
-        s.run(&args.manifests, &node, None)?;
-        // Programs are attached (or swapped, on a restart or upgrade) only
-        // now that the maps hold the whole desired state: new programs never
-        // see a half-filled map, and old ones keep theirs until the swap.
-        for iface in &args.iface {
-            progs.attach_node(iface)?;
-        }
-        progs.sync_pods(&patterns)?;
-        upgrade::retire(&args.bpffs, &old_pins)?;
-        for pin in &old_pins {
-            info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
-        }
-        ready.set_ready();
-        info!(
-            node = %node.name,
-            addresses = ?node.addresses,
-            metrics = %args.metrics_addr,
-            health = %args.health_addr,
-            "lb-agent ready"
-        );
-
+        // The manifests folder is complete at once; the API once listed.
+        let mut due = true;
+        // When the change a pending sync answers was first noticed.
+        let mut seen: Option<Instant> = None;
         loop {
-            tokio::select! {
-                Some(()) = manifest_events.recv() => {
-                    let seen = Instant::now();
-                    // Coalesce a burst of file events into one reload.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    while manifest_events.try_recv().is_ok() {}
-                    if let Err(e) = s.run(&args.manifests, &node, Some(seen)) {
+            if due {
+                due = false;
+                match source.load(&iface_addrs, &args.nodeport_addresses.0) {
+                    Ok(None) => {}
+                    Ok(Some((objects, addresses))) => {
+                        if addresses != node.addresses {
+                            info!(addresses = ?addresses, "NodePort addresses");
+                            node.addresses = addresses;
+                        }
+                        let (problems, report) =
+                            sync(objects, &node, &mut reconciler, &mut maps, &mut health);
+                        let invalid = problems.len().saturating_sub(report.failures.len());
+                        recorder.synced(seen.take(), invalid, &report);
+                        reported.log(&problems);
+                        source.report(&problems);
+                        if !ready.is_ready() {
+                            // Programs are attached (or swapped, on a restart
+                            // or upgrade) only now that the maps hold the
+                            // whole desired state: new programs never see a
+                            // half-filled map, and old ones keep theirs until
+                            // the swap.
+                            for iface in &args.iface {
+                                progs.attach_node(iface)?;
+                            }
+                            progs.sync_pods(&patterns)?;
+                            upgrade::retire(&args.bpffs, &old_pins)?;
+                            for pin in &old_pins {
+                                info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
+                            }
+                            ready.set_ready();
+                            info!(
+                                node = %node.name,
+                                addresses = ?node.addresses,
+                                metrics = %args.metrics_addr,
+                                health = %args.health_addr,
+                                "lb-agent ready"
+                            );
+                        }
+                    }
+                    // Without a first state there is nothing to keep.
+                    Err(e) if !ready.is_ready() => return Err(e),
+                    Err(e) => {
+                        recorder.failed();
                         error!("reload failed, datapath keeps its last state: {e:#}");
                     }
                 }
+            }
+            tokio::select! {
+                Some(()) = changes.recv() => {
+                    seen.get_or_insert_with(Instant::now);
+                    // Coalesce a burst of changes into one sync.
+                    tokio::time::sleep(source.debounce()).await;
+                    while changes.try_recv().is_ok() {}
+                    due = true;
+                }
                 Some(()) = link_events.recv() => {
-                    let seen = Instant::now();
                     while link_events.try_recv().is_ok() {}
-                    if let Err(e) = progs.sync_pods(&patterns) {
-                        warn!("pod interface sync failed: {e:#}");
+                    // Before the first sync nothing is attached yet.
+                    if ready.is_ready() {
+                        if let Err(e) = progs.sync_pods(&patterns) {
+                            warn!("pod interface sync failed: {e:#}");
+                        }
                     }
-                    match node_addresses(&args.iface) {
-                        Ok(addrs) if addrs != node.addresses => {
-                            info!(addresses = ?addrs, "node addresses changed");
-                            node.addresses = addrs;
-                            if let Err(e) = write_config(s.maps, &node, snat_ports, timeouts, args.mode)
-                                .and_then(|()| s.run(&args.manifests, &node, Some(seen)))
-                            {
-                                error!("resync after address change failed: {e:#}");
+                    match iface_addresses(&args.iface) {
+                        Ok(addrs) if addrs != iface_addrs => {
+                            info!(addresses = ?addrs, "interface addresses changed");
+                            iface_addrs = addrs;
+                            if let Err(e) = write_config(&mut maps, &iface_addrs, snat_ports, timeouts, args.mode) {
+                                error!("rewriting the config after an address change failed: {e:#}");
                             }
+                            seen.get_or_insert_with(Instant::now);
+                            due = true;
                         }
                         Ok(_) => {}
-                        Err(e) => warn!("reading node addresses failed: {e:#}"),
+                        Err(e) => warn!("reading interface addresses failed: {e:#}"),
                     }
                 }
                 _ = sigterm.recv() => break,
@@ -546,17 +614,134 @@ fn run(args: &RunArgs) -> Result<()> {
     })
 }
 
-/// Writes the config map; `timeouts` are the TCP, TCP-closing and UDP idle
-/// timeouts in seconds.
+/// Where the Services and EndpointSlices come from.
+enum Source {
+    /// A folder of manifests, watched (the watcher lives as long as this).
+    Manifests {
+        dir: PathBuf,
+        _watcher: notify::RecommendedWatcher,
+    },
+    /// The Kubernetes API.
+    Kube {
+        watch: source::kube::Watch,
+        // Boxed: the largest variant by far, and there is one Source.
+        events: Box<source::kube::EventPoster>,
+        /// Whether the Node was missing at the last load (warned once).
+        node_missing: std::cell::Cell<bool>,
+    },
+}
+
+impl Source {
+    /// Starts the source the flags name; the receiver wakes on changes.
+    async fn start(args: &RunArgs) -> Result<(Self, mpsc::Receiver<()>)> {
+        if let Some(dir) = &args.manifests {
+            let (watcher, changes) = manifests::watch(dir)?;
+            return Ok((
+                Self::Manifests {
+                    dir: dir.clone(),
+                    _watcher: watcher,
+                },
+                changes,
+            ));
+        }
+        let client = source::kube::connect(args.kubeconfig.as_deref()).await?;
+        let (watch, changes) = source::kube::watch(&client, &args.node_name);
+        let events = Box::new(source::kube::EventPoster::new(client, &args.node_name));
+        Ok((
+            Self::Kube {
+                watch,
+                events,
+                node_missing: std::cell::Cell::new(false),
+            },
+            changes,
+        ))
+    }
+
+    /// How long to wait for more changes before syncing: file events come
+    /// in bursts of a few milliseconds, API changes (a rollout) in longer ones.
+    fn debounce(&self) -> Duration {
+        match self {
+            Self::Manifests { .. } => Duration::from_millis(20),
+            Self::Kube { .. } => Duration::from_millis(50),
+        }
+    }
+
+    /// The objects and the NodePort addresses as of now; `None` until the
+    /// source has been read in full once.
+    fn load(
+        &self,
+        iface_addrs: &[IpAddr],
+        filter: &[Cidr],
+    ) -> Result<Option<(Objects, Vec<IpAddr>)>> {
+        match self {
+            Self::Manifests { dir, .. } => {
+                let objects = manifests::load_dir(dir)
+                    .with_context(|| format!("read manifests in {}", dir.display()))?;
+                let addresses = source::kube::filter_addresses(iface_addrs.to_vec(), filter);
+                Ok(Some((objects, addresses)))
+            }
+            Self::Kube {
+                watch,
+                node_missing,
+                ..
+            } => {
+                if !watch.is_synced() {
+                    return Ok(None);
+                }
+                let node = watch.node();
+                if node.is_none() && !node_missing.get() {
+                    warn!("this agent's Node is not in the API (is --node-name right?): no NodePort addresses until it is");
+                }
+                node_missing.set(node.is_none());
+                let addresses = node
+                    .map(|n| source::kube::node_addresses(&n, filter))
+                    .unwrap_or_default();
+                Ok(Some((watch.objects(), addresses)))
+            }
+        }
+    }
+
+    /// Tells the cluster about Services that cannot be programmed.
+    fn report(&mut self, problems: &[Problem]) {
+        if let Self::Kube { watch, events, .. } = self {
+            events.report(watch, problems);
+        }
+    }
+}
+
+/// Logs each problem when it appears, not again at every sync while it lasts.
+#[derive(Default)]
+struct ProblemLog {
+    last: std::collections::BTreeSet<(String, String)>,
+}
+
+impl ProblemLog {
+    fn log(&mut self, problems: &[Problem]) {
+        let now: std::collections::BTreeSet<(String, String)> = problems
+            .iter()
+            .map(|p| (p.object.clone(), p.message.clone()))
+            .collect();
+        for (object, message) in now.difference(&self.last) {
+            warn!(%object, "skipped: {message}");
+        }
+        for (object, message) in self.last.difference(&now) {
+            info!(%object, "resolved: {message}");
+        }
+        self.last = now;
+    }
+}
+
+/// Writes the config map: the first IPv4 of `addresses` is the SNAT
+/// source; `timeouts` are the TCP, TCP-closing and UDP idle timeouts in
+/// seconds.
 fn write_config(
     maps: &mut Maps,
-    node: &NodeInfo,
+    addresses: &[IpAddr],
     snat_ports: (u16, u16),
     timeouts: [u32; 3],
     mode: Mode,
 ) -> Result<()> {
-    let node_addr4_be = node
-        .addresses
+    let node_addr4_be = addresses
         .iter()
         .find(|a| a.is_ipv4())
         .map_or(0, |a| addr_be(*a).0[0]);
@@ -580,43 +765,17 @@ fn write_config(
     maps.config.set(0, cfg, 0).context("write config map")
 }
 
-/// What a sync changes and reports to.
-struct Syncer<'a> {
-    reconciler: &'a mut Reconciler,
-    maps: &'a mut Maps,
-    health: &'a mut HealthServers,
-    recorder: &'a mut SyncRecorder,
-}
-
-impl Syncer<'_> {
-    /// Syncs, recording the outcome in the metrics (a failure too); `seen` is
-    /// when the change that triggered it was noticed.
-    fn run(&mut self, dir: &Path, node: &NodeInfo, seen: Option<Instant>) -> Result<()> {
-        let res = sync(dir, node, self.reconciler, self.maps, self.health);
-        match &res {
-            Ok((invalid, report)) => self.recorder.synced(seen, *invalid, report),
-            Err(_) => self.recorder.failed(),
-        }
-        res.map(|_| ())
-    }
-}
-
-/// Reads the manifests folder and makes the maps, and the health check
-/// ports, match it. Returns how many problems (invalid objects or fields)
-/// were skipped, and what the reconciler did.
+/// Makes the maps, and the health check ports, match `objects`; returns
+/// every problem found (untranslatable input and Service ports the maps
+/// refused) and what the reconciler did.
 fn sync(
-    dir: &Path,
+    objects: Objects,
     node: &NodeInfo,
     reconciler: &mut Reconciler,
     maps: &mut Maps,
     health: &mut HealthServers,
-) -> Result<(usize, lb_agent::reconcile::Report)> {
-    let objects =
-        manifests::load_dir(dir).with_context(|| format!("read manifests in {}", dir.display()))?;
+) -> (Vec<Problem>, lb_agent::reconcile::Report) {
     let (model, problems) = model::build(&objects.services, &objects.slices, node);
-    for p in objects.problems.iter().chain(&problems) {
-        warn!(object = %p.object, "skipped: {}", p.message);
-    }
     let report = reconciler.apply(&model, maps);
     health.update(&lb_agent::health::desired(&model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
@@ -634,7 +793,10 @@ fn sync(
         failures = report.failures.len(),
         "synced"
     );
-    Ok((objects.problems.len() + problems.len(), report))
+    let mut all = objects.problems;
+    all.extend(problems);
+    all.extend(report.failures.iter().map(|f| f.to_problem()));
+    (all, report)
 }
 
 /// Link and address changes in this network namespace, as a stream of
@@ -690,5 +852,13 @@ mod tests {
         assert!(parse_port_range("61000").is_err());
         assert_eq!(parse_table_size("16381"), Ok(16381));
         assert!(parse_table_size("16384").is_err());
+    }
+
+    #[test]
+    fn nodeport_address_lists_parse_and_may_be_empty() {
+        assert!(parse_cidrs("").is_ok_and(|c| c.0.is_empty()));
+        let two = parse_cidrs("10.0.0.0/8, fd00::/64").map(|c| c.0.len());
+        assert_eq!(two, Ok(2));
+        assert!(parse_cidrs("10.0.0.0/8,nope").is_err());
     }
 }

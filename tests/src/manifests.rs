@@ -103,6 +103,13 @@ pub fn slice(service: &str, name: &str, port: u16, proto: &str, endpoints: &[Ep<
     s
 }
 
+/// A Node named `name` whose InternalIP is `addr`.
+pub fn node(name: &str, addr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n    - {{type: InternalIP, address: {addr}}}\n    - {{type: Hostname, address: {name}}}\n"
+    )
+}
+
 /// Joins documents into one multi-document YAML file.
 pub fn docs(parts: &[String]) -> String {
     parts.join("---\n")

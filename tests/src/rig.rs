@@ -125,8 +125,19 @@ impl Node {
         self.dir.join("agent.log")
     }
 
-    /// Starts the agent under `ip netns exec`, appending to its log.
+    /// Starts the agent under `ip netns exec` on the cluster's manifests
+    /// folder, appending to its log.
     pub fn start_agent(&mut self, extra: &[&str]) {
+        let manifests = self.manifests.clone();
+        self.spawn_agent(&["--manifests".as_ref(), manifests.as_os_str()], extra);
+    }
+
+    /// Starts the agent on the Kubernetes API that `kubeconfig` points at.
+    pub fn start_agent_api(&mut self, kubeconfig: &Path, extra: &[&str]) {
+        self.spawn_agent(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()], extra);
+    }
+
+    fn spawn_agent(&mut self, source: &[&std::ffi::OsStr], extra: &[&str]) {
         assert!(self.agent.is_none(), "{}: agent already running", self.name);
         self.ready_lines = self.agent_log().matches(READY).count();
         let log = fs::OpenOptions::new()
@@ -152,8 +163,7 @@ impl Node {
                 "--pod-ifaces",
                 "lxc*",
             ])
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(source)
             .arg("--bpffs")
             .arg(self.bpffs())
             .args(extra)
@@ -514,6 +524,11 @@ impl Cluster {
             .iter()
             .find(|p| p.addr.to_string() == addr)
             .unwrap_or_else(|| panic!("no pod at {addr}"))
+    }
+
+    /// The cluster's own directory under `/run/lb-tests`, removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.root
     }
 
     /// The folder every node's agent watches.

@@ -5,6 +5,8 @@
 //! produce the same model from the same objects.
 
 mod translate;
+#[cfg(test)]
+mod translation_lines;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -120,6 +122,31 @@ pub struct ServicePort {
     /// `loadBalancerSourceRanges`: who may reach the LoadBalancer ingress
     /// IPs (empty: everyone).
     pub source_ranges: Vec<Cidr>,
+    /// `spec.trafficDistribution` as the API spells it (`PreferClose`,
+    /// `PreferSameZone`, `PreferSameNode`), for topology-aware routing.
+    pub traffic_distribution: Option<String>,
+    /// Zone and topology hints of the endpoint addresses that have any,
+    /// from the slice each endpoint was taken from.
+    pub topology: BTreeMap<IpAddr, Topology>,
+}
+
+/// Where an endpoint runs and where the EndpointSlice controller suggests
+/// it be used from (`endpoints[].zone` and `endpoints[].hints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topology {
+    /// `zone` of the endpoint.
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`: zones whose clients should use it.
+    pub for_zones: Vec<String>,
+    /// `hints.forNodes[].name`: nodes whose clients should use it.
+    pub for_nodes: Vec<String>,
+}
+
+impl Topology {
+    /// True when the slice said nothing about where the endpoint is.
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none() && self.for_zones.is_empty() && self.for_nodes.is_empty()
+    }
 }
 
 /// An address range, `address/prefix`, with the host bits cleared.
@@ -166,6 +193,29 @@ impl std::str::FromStr for Cidr {
             }
         };
         Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr {
+    /// True when `addr` is inside this range (of the same family).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.addr, addr) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let shift = 32 - u32::from(self.prefix);
+                u32::from(net).checked_shr(shift) == u32::from(a).checked_shr(shift)
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let shift = 128 - u32::from(self.prefix);
+                u128::from(net).checked_shr(shift) == u128::from(a).checked_shr(shift)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -227,6 +277,14 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// `(namespace, name)` when the object at fault is a Service.
+    pub fn service(&self) -> Option<(&str, &str)> {
+        let (namespace, name) = self.object.strip_prefix("Service ")?.split_once('/')?;
+        (!name.is_empty()).then_some((namespace, name))
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.object, self.message)
@@ -235,7 +293,7 @@ impl std::fmt::Display for Problem {
 
 #[cfg(test)]
 mod tests {
-    use super::Cidr;
+    use super::{Cidr, Problem};
 
     #[test]
     fn cidrs_parse_and_clear_host_bits() {
@@ -247,5 +305,29 @@ mod tests {
         for bad in ["10.0.0.1", "10.0.0.1/33", "x/8", "fd00::/129"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cidrs_contain_their_addresses_only() {
+        let c: Cidr = "10.99.0.0/24".parse().expect("valid");
+        assert!(c.contains("10.99.0.1".parse().expect("ip")));
+        assert!(!c.contains("10.99.1.1".parse().expect("ip")));
+        assert!(!c.contains("fd00::1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("valid");
+        assert!(all.contains("192.0.2.1".parse().expect("ip")));
+        let one: Cidr = "fd00::1/128".parse().expect("valid");
+        assert!(one.contains("fd00::1".parse().expect("ip")));
+        assert!(!one.contains("fd00::2".parse().expect("ip")));
+    }
+
+    #[test]
+    fn problems_name_their_service() {
+        let p = |object: &str| Problem {
+            object: object.to_owned(),
+            message: String::new(),
+        };
+        assert_eq!(p("Service demo/web").service(), Some(("demo", "web")));
+        assert_eq!(p("Service demo/").service(), None);
+        assert_eq!(p("EndpointSlice demo/web-1").service(), None);
     }
 }

@@ -17,13 +17,16 @@ use tracing::debug;
 
 use super::{
     Cidr, Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
-    ServicePortRef, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
+    ServicePortRef, Topology, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
 };
 
 /// Links an EndpointSlice to the Service (same namespace) it belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Marks a Service handled by another proxy: kube-proxy leaves it alone, so do we.
 const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Marks the EndpointSlices of a headless Service: DNS serves them, and
+/// kube-proxy does not watch them.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// Translates Services and their EndpointSlices into the desired state of
 /// this node, plus whatever had to be skipped and why.
@@ -99,8 +102,9 @@ fn unique_services<'a>(services: &'a [Service], problems: &mut Vec<Problem>) -> 
 struct Slice {
     /// Port number by `(name, protocol)`: how this slice resolves a targetPort.
     ports: BTreeMap<(String, Protocol), u16>,
-    /// One entry per valid address; `port` is filled in per Service port.
-    endpoints: Vec<Endpoint>,
+    /// One entry per valid address, with its zone and hints; `port` is
+    /// filled in per Service port.
+    endpoints: Vec<(Endpoint, Topology)>,
 }
 
 /// Validates every EndpointSlice once and groups them by owning Service.
@@ -113,15 +117,21 @@ fn index_slices(
     for slice in slices {
         let (namespace, name) = identity(&slice.metadata);
         let object = format!("EndpointSlice {namespace}/{name}");
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let labels = slice.metadata.labels.as_ref();
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             debug!(slice = %object, "no {SERVICE_NAME_LABEL} label; slice ignored");
             continue;
         };
+        // The EndpointSlice controller copies these labels from the Service;
+        // kube-proxy filters on them, so the slices are skipped even when
+        // their Service is (wrongly) not.
+        if let Some(label) = [HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL]
+            .into_iter()
+            .find(|l| labels.is_some_and(|ls| ls.contains_key(*l)))
+        {
+            debug!(slice = %object, "labelled {label}; slice ignored");
+            continue;
+        }
         if let Some(parsed) = parse_slice(slice, &object, node, problems) {
             out.entry((namespace, service.clone()))
                 .or_default()
@@ -208,13 +218,25 @@ fn parse_slice(
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         // An agent that does not know its name must not call everything local.
         let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+        let hints = ep.hints.as_ref();
+        let topology = Topology {
+            zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            for_zones: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|zs| zs.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            for_nodes: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|ns| ns.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+        };
         // The API calls an endpoint's addresses fungible and kube-proxy uses
         // only the first; so do we, so that a pod with two addresses does not
         // get twice the traffic.
         for (j, a) in ep.addresses.iter().enumerate().take(1) {
             match a.parse::<IpAddr>() {
                 Ok(addr) if addr.is_ipv4() == want_v4 => {
-                    endpoints.push(Endpoint { addr, port: 0, local, ready, serving, terminating });
+                    endpoints.push((Endpoint { addr, port: 0, local, ready, serving, terminating }, topology.clone()));
                 }
                 Ok(_) => problems.push(Problem {
                     object: object.to_owned(),
@@ -465,6 +487,7 @@ fn translate_service(
         }
         sp.affinity_timeout_s = affinity;
         if let Some(spec) = svc.spec.as_ref() {
+            sp.traffic_distribution = spec.traffic_distribution.clone().filter(|t| !t.is_empty());
             sp.external_local = spec.external_traffic_policy.as_deref() == Some("Local");
             sp.internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             sp.health_check_node_port = spec
@@ -598,7 +621,7 @@ fn translate_port(
     frontends.sort();
     frontends.dedup();
 
-    let endpoints = merge_endpoints(slices, &port_name, protocol);
+    let (endpoints, topology) = merge_endpoints(slices, &port_name, protocol);
     let r = ServicePortRef {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
@@ -610,6 +633,7 @@ fn translate_port(
         ServicePort {
             frontends,
             endpoints,
+            topology,
             ..ServicePort::default()
         },
     ))
@@ -618,8 +642,13 @@ fn translate_port(
 /// The endpoints of one Service port across all slices of its Service.
 ///
 /// Each slice resolves the port by name on its own, which is how a named
-/// targetPort can map to different numbers on different pods.
-fn merge_endpoints(slices: &[Slice], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+/// targetPort can map to different numbers on different pods. The topology
+/// of an address comes with the endpoint entry that won.
+fn merge_endpoints(
+    slices: &[Slice],
+    port_name: &str,
+    protocol: Protocol,
+) -> (Vec<Endpoint>, BTreeMap<IpAddr, Topology>) {
     // An address:port listed by two slices (a pod moving between slices)
     // counts once; the preference is a total order on the remaining fields,
     // so the winner does not depend on slice order.
@@ -627,24 +656,38 @@ fn merge_endpoints(slices: &[Slice], port_name: &str, protocol: Protocol) -> Vec
         (e.ready, e.serving, !e.terminating, e.local)
     }
     let key = (port_name.to_owned(), protocol);
-    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, u16), (Endpoint, &Topology)> = BTreeMap::new();
     for slice in slices {
         let Some(&port) = slice.ports.get(&key) else {
             continue;
         };
-        for e in &slice.endpoints {
+        for (e, topology) in &slice.endpoints {
             let e = Endpoint { port, ..*e };
             merged
                 .entry((e.addr, e.port))
                 .and_modify(|old| {
-                    if preference(&e) > preference(old) {
-                        *old = e;
+                    // Ties on the endpoint go to the smaller topology, so
+                    // slice order never decides.
+                    if (preference(&e), std::cmp::Reverse(topology))
+                        > (preference(&old.0), std::cmp::Reverse(old.1))
+                    {
+                        *old = (e, topology);
                     }
                 })
-                .or_insert(e);
+                .or_insert((e, topology));
         }
     }
-    merged.into_values().collect()
+    let mut topologies = BTreeMap::new();
+    let endpoints = merged
+        .into_values()
+        .map(|(e, t)| {
+            if !t.is_empty() {
+                topologies.insert(e.addr, t.clone());
+            }
+            e
+        })
+        .collect();
+    (endpoints, topologies)
 }
 
 /// Gives each `(address, port, protocol)` to one Service port only.

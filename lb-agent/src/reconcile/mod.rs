@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use crate::{
     maglev,
-    model::{Endpoint, FrontendKind, Model, Protocol},
+    model::{Endpoint, FrontendKind, Model, Problem, Protocol},
 };
 
 pub use refusals::RefusalLog;
@@ -127,6 +127,20 @@ pub struct Failure {
     pub message: String,
     /// The map that had no room, when that was the reason.
     pub full_map: Option<&'static str>,
+}
+
+impl Failure {
+    /// The failure as a [`Problem`] of its Service, as sources report them.
+    pub fn to_problem(&self) -> Problem {
+        // `namespace/name[:port]/PROTO[@local]`: Kubernetes names hold
+        // neither `/` nor `:`.
+        let (namespace, rest) = self.service.split_once('/').unwrap_or(("", &self.service));
+        let name = rest.split([':', '/']).next().unwrap_or_default();
+        Problem {
+            object: format!("Service {namespace}/{name}"),
+            message: format!("{}: {}", self.service, self.message),
+        }
+    }
 }
 
 /// Counts of map operations one apply performed.
@@ -227,6 +241,18 @@ impl Reconciler {
     pub fn apply(&mut self, model: &Model, store: &mut dyn Store) -> Report {
         let mut report = Report::default();
         let desired = desired(model);
+        for r in model
+            .services
+            .keys()
+            .filter(|r| r.protocol == Protocol::Sctp)
+        {
+            report.failures.push(Failure {
+                service: format!("{r}/{}", protocol_name(r.protocol)),
+                message: "SCTP is not translated by the datapath yet; port not programmed"
+                    .to_owned(),
+                full_map: None,
+            });
+        }
 
         for (name, want) in &desired {
             if let Err(e) = self.apply_service(name, want, store, &mut report) {
@@ -504,8 +530,7 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
     for (r, sp) in &model.services {
         let name = format!("{r}/{}", protocol_name(r.protocol));
         if r.protocol == Protocol::Sctp {
-            // Carried by the model; the datapath does not translate SCTP yet.
-            debug!(service = %name, "SCTP is not supported by the datapath yet; skipped");
+            // Carried by the model; `apply` reports it as a failure.
             continue;
         }
         let p = proto_number(r.protocol);

@@ -1,0 +1,478 @@
+//! The Kubernetes API: Services, EndpointSlices and this agent's Node,
+//! watched with kube-rs reflectors.
+//!
+//! Each resource has a local store fed by a list+watch stream. A watch
+//! error (the API server gone, a 410 Gone) never empties a store: the
+//! watcher retries with backoff and relists, and a relist replaces the
+//! store's contents only once it is complete, so only objects that are
+//! really gone disappear. The agent therefore keeps programming the last
+//! state it saw while the API is away; nothing is flushed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::model::{Cidr, Problem};
+use crate::source::Objects;
+
+/// Connects with the kubeconfig at `path`, or with the in-cluster
+/// configuration (service account token, `KUBERNETES_SERVICE_HOST`).
+///
+/// # Errors
+///
+/// When the file cannot be read or names no usable cluster, or when there
+/// is no path and the agent does not run in a pod.
+pub async fn connect(path: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match path {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("use kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no --manifests or --kubeconfig given, and no in-cluster configuration \
+             (KUBERNETES_SERVICE_HOST and the service account token are what a pod has); \
+             pass one of the two flags",
+        )?,
+    };
+    info!(server = %config.cluster_url, "using the Kubernetes API");
+    Client::try_from(config).context("build the Kubernetes client")
+}
+
+/// Which of the three resources have completed their first full list.
+#[derive(Debug, Default)]
+struct Synced {
+    services: AtomicBool,
+    slices: AtomicBool,
+    node: AtomicBool,
+}
+
+/// Local copies of the watched objects, kept current in the background.
+#[derive(Clone)]
+pub struct Watch {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    synced: Arc<Synced>,
+}
+
+/// Backoff between watch retries: quick at first so a short outage costs
+/// little, capped so a long one is not hammered, reset once a watch works.
+struct RetryBackoff {
+    next: Duration,
+}
+
+impl RetryBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Starts watching Services and EndpointSlices in every namespace and the
+/// Node called `node_name`. The receiver gets a wake-up after every change
+/// (and after every completed list); read the state with [`Watch::objects`].
+pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
+    let (tx, rx) = mpsc::channel(1);
+    let synced = Arc::new(Synced::default());
+    let services = spawn_reflector(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        tx.clone(),
+        Arc::clone(&synced),
+        |s| &s.services,
+    );
+    let slices = spawn_reflector(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        tx.clone(),
+        Arc::clone(&synced),
+        |s| &s.slices,
+    );
+    let nodes = spawn_reflector(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        tx,
+        Arc::clone(&synced),
+        |s| &s.node,
+    );
+    (
+        Watch {
+            services,
+            slices,
+            nodes,
+            synced,
+        },
+        rx,
+    )
+}
+
+/// Runs one reflector until the agent exits; returns its store.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    tx: mpsc::Sender<()>,
+    synced: Arc<Synced>,
+    flag: fn(&Synced) -> &AtomicBool,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let kind = K::kind(&());
+    tokio::spawn(async move {
+        let stream =
+            reflector::reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if failing {
+                        info!(%kind, "watch works again");
+                        failing = false;
+                    }
+                    match event {
+                        watcher::Event::Init => debug!(%kind, "listing"),
+                        watcher::Event::InitDone => {
+                            if !flag(&synced).swap(true, Ordering::SeqCst) {
+                                debug!(%kind, "first full list done");
+                            }
+                        }
+                        watcher::Event::InitApply(_) => continue,
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+                    }
+                    // A full channel already holds a wake-up: the receiver
+                    // reads every store anyway.
+                    let _ = tx.try_send(());
+                }
+                Err(e) => {
+                    // Logged once per outage at warn; the retries at debug.
+                    if failing {
+                        debug!(%kind, "watch still failing: {e}");
+                    } else {
+                        warn!(%kind, "watch failed, the datapath keeps its last state; retrying with backoff: {e}");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    });
+    store
+}
+
+impl Watch {
+    /// True once Services, EndpointSlices and the Node have each been
+    /// listed in full at least once: before that a sync would remove
+    /// Services that are merely not listed yet.
+    pub fn is_synced(&self) -> bool {
+        self.synced.services.load(Ordering::SeqCst)
+            && self.synced.slices.load(Ordering::SeqCst)
+            && self.synced.node.load(Ordering::SeqCst)
+    }
+
+    /// The Services and EndpointSlices as the stores hold them now.
+    ///
+    /// Every slice is returned, also those whose Service is not (yet)
+    /// known: translation ignores them until the Service appears.
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// This agent's Node, once listed (`None` when it does not exist).
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.nodes.state().into_iter().next()
+    }
+
+    /// The Service `namespace/name`, if the store has it.
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// The NodePort addresses of a Node: its `status.addresses` of type
+/// InternalIP and ExternalIP, kept only when inside one of `filter` (all
+/// of them when `filter` is empty), as kube-proxy's `--nodeport-addresses`.
+pub fn node_addresses(node: &Node, filter: &[Cidr]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    out.dedup();
+    filter_addresses(out, filter)
+}
+
+/// Keeps the addresses inside one of `filter`; all when it is empty.
+pub fn filter_addresses(addrs: Vec<IpAddr>, filter: &[Cidr]) -> Vec<IpAddr> {
+    if filter.is_empty() {
+        return addrs;
+    }
+    addrs
+        .into_iter()
+        .filter(|a| filter.iter().any(|c| c.contains(*a)))
+        .collect()
+}
+
+/// How long a problem already posted as an Event stays quiet: it is
+/// posted again only after it went away and came back this much later.
+const EVENT_QUIET: Duration = Duration::from_secs(600);
+/// At most this many Events per sync; the rest are logged only, so that a
+/// flood of bad objects does not turn into a flood of API calls.
+const EVENTS_PER_SYNC: usize = 20;
+
+/// Posts a Kubernetes Event for each Service that cannot be programmed.
+///
+/// The Events are `events.k8s.io/v1` (the current Events API; `kubectl
+/// describe service` shows them, as it does core v1 ones), type Warning,
+/// regarding the Service. Each distinct message is posted once while it
+/// lasts, and again only if it returns after [`EVENT_QUIET`]; posting
+/// runs in the background, so an unreachable API never delays a sync, and
+/// an Event that could not be posted is tried again at the next sync.
+pub struct EventPoster {
+    client: Client,
+    node: String,
+    /// When each problem was last posted.
+    posted: HashMap<ProblemKey, Instant>,
+    /// Problems reported in the last sync.
+    current: BTreeSet<ProblemKey>,
+    /// Problems whose Event the API did not take.
+    failed: Arc<std::sync::Mutex<Vec<ProblemKey>>>,
+}
+
+/// `(namespace, name, message)` of a Service's problem.
+type ProblemKey = (String, String, String);
+
+impl EventPoster {
+    /// A poster reporting as `lb-agent` on `node`.
+    pub fn new(client: Client, node: &str) -> Self {
+        Self {
+            client,
+            node: node.to_owned(),
+            posted: HashMap::new(),
+            current: BTreeSet::new(),
+            failed: Arc::default(),
+        }
+    }
+
+    /// Posts Events for the problems that are new since the last call.
+    /// `problems` are all the problems of this sync; those about objects
+    /// other than Services are only logged by the caller.
+    pub fn report(&mut self, watch: &Watch, problems: &[Problem]) {
+        let failed = std::mem::take(
+            &mut *self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for key in failed {
+            self.posted.remove(&key);
+            self.current.remove(&key);
+        }
+        let mut now_current = BTreeSet::new();
+        let mut budget = EVENTS_PER_SYNC;
+        for p in problems {
+            let Some((namespace, name)) = p.service() else {
+                continue;
+            };
+            let key = (namespace.to_owned(), name.to_owned(), p.message.clone());
+            now_current.insert(key.clone());
+            if self.current.contains(&key) {
+                continue;
+            }
+            if self
+                .posted
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < EVENT_QUIET)
+            {
+                continue;
+            }
+            let Some(svc) = watch.service(namespace, name) else {
+                continue;
+            };
+            if budget == 0 {
+                debug!(service = %format!("{namespace}/{name}"), "event budget of this sync spent; not posted");
+                continue;
+            }
+            budget -= 1;
+            self.posted.insert(key.clone(), Instant::now());
+            let event = self.event(&svc, &p.message);
+            let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+            let failed = Arc::clone(&self.failed);
+            tokio::spawn(async move {
+                let name = event.metadata.name.clone().unwrap_or_default();
+                let error = match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    api.create(&PostParams::default(), &event),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        debug!(event = %name, "event posted");
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                };
+                warn!(event = %name, "posting event failed, retried at the next sync: {error}");
+                failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(key);
+            });
+        }
+        self.current = now_current;
+        self.posted.retain(|_, t| t.elapsed() < EVENT_QUIET);
+    }
+
+    /// The Event saying why `svc` cannot be (fully) programmed.
+    fn event(&self, svc: &Service, message: &str) -> Event {
+        let now = Timestamp::now();
+        let meta = &svc.metadata;
+        let name = meta.name.clone().unwrap_or_default();
+        let mut note = format!("{}: {message}", self.node);
+        // The API rejects notes over 1 kB.
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+                namespace: meta.namespace.clone(),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some("Program".to_owned()),
+            reason: Some("NotProgrammed".to_owned()),
+            note: Some(note),
+            type_: Some("Warning".to_owned()),
+            reporting_controller: Some("lb-agent".to_owned()),
+            reporting_instance: Some(format!("lb-agent-{}", self.node)),
+            regarding: Some(ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Service".to_owned()),
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addresses: &[(&str, &str)]) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": addresses
+                .iter()
+                .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+                .collect::<Vec<_>>()},
+        }))
+        .expect("test Node")
+    }
+
+    #[test]
+    fn node_addresses_are_its_ips_filtered_like_nodeport_addresses() {
+        let n = node(&[
+            ("InternalIP", "10.99.0.1"),
+            ("ExternalIP", "203.0.113.1"),
+            ("InternalIP", "fd00::1"),
+            ("Hostname", "node-a"),
+            ("InternalDNS", "node-a.example.org"),
+        ]);
+        let ips =
+            |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().expect("ip")).collect() };
+        let cidrs =
+            |v: &[&str]| -> Vec<Cidr> { v.iter().map(|c| c.parse().expect("cidr")).collect() };
+        let cases: &[(&[&str], &[&str])] = &[
+            (&[], &["10.99.0.1", "203.0.113.1", "fd00::1"]),
+            (&["10.99.0.0/24"], &["10.99.0.1"]),
+            (&["10.99.0.0/24", "fd00::/64"], &["10.99.0.1", "fd00::1"]),
+            (&["192.168.0.0/16"], &[]),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(node_addresses(&n, &cidrs(filter)), ips(want), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn retry_backoff_grows_to_its_cap_and_resets() {
+        let mut b = RetryBackoff::new();
+        let first: Vec<Duration> = b.by_ref().take(7).collect();
+        assert_eq!(first[0], RetryBackoff::FIRST);
+        assert!(first.windows(2).all(|w| w[0] <= w[1]), "{first:?}");
+        assert_eq!(first[6], RetryBackoff::MAX);
+        b.reset();
+        assert_eq!(b.next(), Some(RetryBackoff::FIRST));
+    }
+}
