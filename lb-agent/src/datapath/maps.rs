@@ -189,6 +189,10 @@ impl Store for Maps {
     }
 }
 
+/// Tables per outer-map batch in [`Maps::put_tables`]: few grace periods,
+/// few open file descriptors.
+const TABLES_PER_BATCH: usize = 1024;
+
 /// `BPF_MAP_UPDATE_BATCH`, from `enum bpf_cmd` in uapi/linux/bpf.h.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -276,6 +280,14 @@ impl Maps {
     /// milliseconds on a busy machine: one per table is what makes a large
     /// first sync slow, one per batch is not.
     pub fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
+        // Each pending table holds a file descriptor until its batch is in.
+        for chunk in tables.chunks(TABLES_PER_BATCH) {
+            self.put_table_batch(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn put_table_batch(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
         let mut inners = Vec::with_capacity(tables.len());
         for (_, table) in tables {
             let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
