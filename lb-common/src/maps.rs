@@ -43,8 +43,8 @@ pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
 pub const ALL: [&str; 11] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO, SVC_STATS,
-    FRAGS,
+    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO,
+    SVC_STATS, FRAGS,
 ];
 
 /// The XDP program on the node's external interfaces.

@@ -10,6 +10,7 @@
 //! cargo xtask test -- --test datapath -- --nocapture
 //! cargo xtask test --vm                  # also the tests in a VM (Debian's 6.1)
 //! cargo xtask vm-test [--kernel debian-6.1|PATH]
+//! cargo xtask bench [--quick]           # benchmarks: target/bench/report.md (root)
 //! ```
 //!
 //! `build`, `demo` and `test` run `setup` first, which installs what a fresh
@@ -60,8 +61,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (not yet implemented).
-    Bench,
+    /// Benchmarks (as root): per-packet cost, Maglev, control plane; writes
+    /// target/bench/report.md and plots and prints the summary.
+    Bench {
+        /// A smoke run of a few minutes at most: fewer runs, smaller scales.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Boot another kernel under QEMU and run the BPF_PROG_TEST_RUN tests
     /// and a namespace smoke test inside it (as root).
     VmTest {
@@ -83,7 +89,7 @@ fn main() -> ExitCode {
             vm,
             args,
         } => test(no_integration, vm, &args),
-        Task::Bench => Err(anyhow::anyhow!("bench: not yet implemented (issue 7)")),
+        Task::Bench { quick } => setup().and_then(|()| build()).and_then(|()| bench(quick)),
         Task::VmTest { kernel } => vm_test(&kernel),
     };
     match res {
@@ -500,6 +506,41 @@ fn demo() -> Result<()> {
             "lb-demo",
         ])
         .env("LB_AGENT_BIN", agent_bin()))
+}
+
+/// `target/bench` (under `CARGO_TARGET_DIR` when that is set).
+fn bench_dir() -> PathBuf {
+    agent_bin()
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| root().join("target"), Path::to_path_buf)
+        .join("bench")
+}
+
+fn bench(quick: bool) -> Result<()> {
+    require_root("bench", "")?;
+    // A bench run killed half-way leaves what a killed test run leaves.
+    sweep_leftovers();
+    let out = bench_dir();
+    println!("bench: lb-bench, report in {}", out.display());
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+        "--",
+        "--out",
+    ])
+    .arg(&out)
+    .env("LB_AGENT_BIN", agent_bin());
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 /// Passed and failed test counts over several `cargo test` runs.

@@ -46,6 +46,9 @@ pub struct Maps {
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     /// Per-Service counters.
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
+    /// The Maglev map again, untyped, for batch updates (aya's
+    /// `HashOfMaps` does not lend out its `MapData`).
+    maglev_raw: MapData,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -82,6 +85,11 @@ impl Maps {
             affinity: typed!(bpffs, maps::AFFINITY),
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
+            maglev_raw: {
+                let path = bpffs::maps_dir(bpffs).join(maps::MAGLEV);
+                MapData::from_pin(&path)
+                    .with_context(|| format!("open pinned map {}", path.display()))?
+            },
         })
     }
 }
@@ -157,13 +165,14 @@ impl Store for Maps {
     fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
         // A fresh inner array, filled while no packet can see it, then
         // swapped in with one update of the outer map.
-        let mut inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
+        let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
             .map_err(|e| store_err("create", maps::MAGLEV, &e))?;
-        for (i, id) in table.iter().enumerate() {
-            inner
-                .set(i as u32, id, 0)
-                .map_err(|e| store_err("fill", maps::MAGLEV, &e))?;
-        }
+        fill_array(&inner, table).map_err(|e| StoreError {
+            op: "fill",
+            map: maps::MAGLEV,
+            message: e.to_string(),
+            full: false,
+        })?;
         self.maglev
             .insert(svc_id, &inner, 0)
             .map_err(|e| store_err("insert", maps::MAGLEV, &e))
@@ -226,6 +235,124 @@ impl Store for Maps {
         self.svc_stats
             .set(svc_id, zeros, 0)
             .map_err(|e| store_err("reset", maps::SVC_STATS, &e))
+    }
+}
+
+/// Tables per outer-map batch in [`Maps::put_tables`]: few grace periods,
+/// few open file descriptors.
+const TABLES_PER_BATCH: usize = 1024;
+
+/// `BPF_MAP_UPDATE_BATCH`, from `enum bpf_cmd` in uapi/linux/bpf.h.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr` (uapi/linux/bpf.h, Linux 5.6+).
+/// The kernel accepts an attr shorter than its own and zero-extends it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `values` into slots `0..values.len()` of a fresh array map with
+/// one batch update: a 16381-slot Maglev table is one syscall instead of
+/// 16381, which was most of the time a large sync took.
+fn fill_array(array: &Array<MapData, BackendId>, values: &[BackendId]) -> std::io::Result<()> {
+    let count =
+        u32::try_from(values.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+    let keys: Vec<u32> = (0..count).collect();
+    update_batch(aya::maps::IterableMap::map(array), &keys, values)
+}
+
+/// Inserts or replaces `keys[i]` → `values[i]` in `map` with one
+/// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+). aya 0.14 has no batch operations,
+/// hence the raw syscall. `K` and `V` must be the map's key and value types
+/// (for a map of maps, the value is the inner map's fd as a `u32`).
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    if keys.len() != values.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count =
+        u32::try_from(keys.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: fd as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed; `keys`
+    // and `values` hold `count` elements of the map's key and value types
+    // (the kernel reads `count` times the map's key and value sizes, which
+    // the caller's types match) and outlive the call, which only reads
+    // them; the kernel writes only `attr.count` back.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count != count {
+        return Err(std::io::Error::other(format!(
+            "batch update wrote {} of {count} entries",
+            attr.count
+        )));
+    }
+    Ok(())
+}
+
+impl Maps {
+    /// Installs many Maglev tables with one update of the outer map. Every
+    /// update of a map of maps waits for an RCU grace period (so that no
+    /// program still uses the old inner map when the syscall returns),
+    /// milliseconds on a busy machine: one per table is what makes a large
+    /// first sync slow, one per batch is not.
+    pub fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
+        // Each pending table holds a file descriptor until its batch is in.
+        for chunk in tables.chunks(TABLES_PER_BATCH) {
+            self.put_table_batch(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn put_table_batch(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
+        let mut inners = Vec::with_capacity(tables.len());
+        for (_, table) in tables {
+            let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
+                .context("create a Maglev table")?;
+            fill_array(&inner, table).context("fill a Maglev table")?;
+            inners.push(inner);
+        }
+        let keys: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = inners
+            .iter()
+            .map(|a| {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                aya::maps::IterableMap::map(a).fd().as_fd().as_raw_fd() as u32
+            })
+            .collect();
+        update_batch(&self.maglev_raw, &keys, &fds).context("insert Maglev tables")
     }
 }
 

@@ -370,6 +370,31 @@ impl Programs {
         packet: &[u8],
         ifindex: Option<u32>,
     ) -> Result<(u32, Vec<u8>)> {
+        let (ret, out, _) = self.test_run_timed(program, packet, ifindex, 1)?;
+        Ok((ret, out))
+    }
+
+    /// Runs `program` on `packet` `repeat` times in one BPF_PROG_TEST_RUN
+    /// (map side effects of every run are real) and returns the last
+    /// return code and the kernel's mean time per run, which leaves out the
+    /// syscall: the benchmarks' per-packet cost.
+    pub fn test_run_repeat(
+        &mut self,
+        program: TestProgram,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration)> {
+        let (ret, _, duration) = self.test_run_timed(program, packet, None, repeat.max(1))?;
+        Ok((ret, duration))
+    }
+
+    fn test_run_timed(
+        &mut self,
+        program: TestProgram,
+        packet: &[u8],
+        ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, std::time::Duration)> {
         let name = match program {
             TestProgram::XdpNode => Hook::Xdp.program(),
             TestProgram::TcNode => Hook::TcNode.program(),
@@ -388,6 +413,7 @@ impl Programs {
             data_in: Some(packet),
             data_out: Some(&mut out),
             ctx_in: ctx.as_deref(),
+            repeat,
             ..TestRunOptions::default()
         };
         let res = match program {
@@ -405,7 +431,7 @@ impl Programs {
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        Ok((res.return_value, out, res.duration))
     }
 
     fn program(&mut self, hook: Hook) -> Result<&mut aya::programs::Program> {

@@ -164,6 +164,11 @@ pub struct Reconciler {
     owners: BTreeMap<ServiceKey, u32>,
     backends: HashMap<BackendId, Backend>,
     backend_ids: HashMap<BackendIdentity, BackendId>,
+    /// Every service id below this is taken: where the search for the
+    /// lowest free one starts, so that loading N Services is not O(N²).
+    svc_hint: u32,
+    /// The same for backend ids.
+    backend_hint: u32,
 }
 
 /// The name a backend has in Maglev: `address:port`, as every node spells it.
@@ -191,6 +196,8 @@ impl Reconciler {
             owners: BTreeMap::new(),
             backends: HashMap::new(),
             backend_ids: HashMap::new(),
+            svc_hint: 1,
+            backend_hint: 1,
         }
     }
 
@@ -313,6 +320,7 @@ impl Reconciler {
             match store.del_backend(id) {
                 Ok(()) => {
                     report.deletes += 1;
+                    self.backend_hint = self.backend_hint.min(id);
                     if let Some(b) = self.backends.remove(&id) {
                         self.backend_ids.remove(&identity(&b));
                     }
@@ -471,6 +479,7 @@ impl Reconciler {
         store.del_info(svc_id)?;
         report.deletes += 1;
         self.services.remove(&svc_id);
+        self.svc_hint = self.svc_hint.min(svc_id);
         self.by_name.remove(&applied.name);
         debug!(service = %applied.name, svc_id, "removed");
         Ok(())
@@ -485,7 +494,8 @@ impl Reconciler {
         let id = match self.backend_ids.get(&identity(b)) {
             Some(id) => *id,
             None => {
-                let id = lowest_free(|id| self.backends.contains_key(&id));
+                let id = lowest_free(self.backend_hint, |id| self.backends.contains_key(&id));
+                self.backend_hint = id;
                 self.backend_ids.insert(identity(b), id);
                 id
             }
@@ -503,14 +513,16 @@ impl Reconciler {
         Ok(id)
     }
 
-    fn allocate_svc_id(&self) -> u32 {
-        lowest_free(|id| self.services.contains_key(&id))
+    fn allocate_svc_id(&mut self) -> u32 {
+        let id = lowest_free(self.svc_hint, |id| self.services.contains_key(&id));
+        self.svc_hint = id;
+        id
     }
 }
 
-/// The lowest id from 1 up that `taken` says is free.
-fn lowest_free(taken: impl Fn(u32) -> bool) -> u32 {
-    (1..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
+/// The lowest id from `from` up that `taken` says is free.
+fn lowest_free(from: u32, taken: impl Fn(u32) -> bool) -> u32 {
+    (from.max(1)..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
 }
 
 /// Suffix of the table of a Service port's frontends under a Local traffic

@@ -1,0 +1,511 @@
+//! Figure 1: per-packet cost of the real programs through BPF_PROG_TEST_RUN,
+//! at 1 to 100 000 Services of 10 backends.
+//!
+//! Two datapaths are loaded side by side: a small one holding one Service
+//! and a big one grown to each scale in turn. Every run measures the pass-only
+//! program, the small datapath and the big one back to back, so that the
+//! ratios compare figures taken under the same load.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_agent::{
+    datapath::programs::{MapSizes, TestProgram},
+    model::{FrontendKind, Protocol, ServicePort, ServicePortRef},
+};
+use lb_tests::{
+    fixture::{service, Datapath},
+    packet::{flags, Packet},
+};
+
+use crate::{
+    report::{Report, Verdict},
+    stats::Stat,
+};
+
+/// How much to measure.
+pub struct Params {
+    /// Service counts of the big datapath.
+    pub scales: Vec<usize>,
+    /// Runs per figure.
+    pub runs: usize,
+    /// `repeat` of one BPF_PROG_TEST_RUN for the repeatable cases.
+    pub repeat: u32,
+    /// Single runs, each a distinct new flow, per run of a new-flow case.
+    pub singles: usize,
+}
+
+/// Maglev table size of the benchmark datapaths: the per-packet lookup is
+/// one array index whatever the size, and a small table keeps loading
+/// 100 000 Services quick.
+const TABLE_SIZE: u32 = 251;
+/// Backends per Service.
+const BACKENDS: usize = 10;
+/// NodePorts per node address (the port space is 16 bits).
+const PORTS_PER_ADDR: usize = 60_000;
+
+/// The ClusterIP of Service `i`.
+fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96 + (i >> 16) as u8, (i >> 8) as u8, i as u8)
+}
+
+/// The NodePort frontend of Service `i`. Beyond 60 000 Services the
+/// NodePorts spill over to further node addresses, which only the frontend
+/// map's key sees.
+fn node_port(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(10, 99, (i / PORTS_PER_ADDR) as u8, 1),
+        1024 + (i % PORTS_PER_ADDR) as u16,
+    )
+}
+
+/// Backend `j` of Service `i`, a pod on this node: a NodePort flow to a
+/// remote backend needs a FIB route to leave, which a test run (no ingress
+/// device) does not have, so it would measure a drop.
+fn backend(i: usize, j: usize) -> Ipv4Addr {
+    let e = i * BACKENDS + j;
+    Ipv4Addr::new(10, 128 + (e >> 16) as u8, (e >> 8) as u8, e as u8)
+}
+
+fn services(n: usize) -> Vec<(ServicePortRef, ServicePort)> {
+    (0..n)
+        .map(|i| {
+            let cip = cluster_ip(i).to_string();
+            let np = node_port(i);
+            let np_addr = np.ip().to_string();
+            let eps: Vec<String> = (0..BACKENDS).map(|j| backend(i, j).to_string()).collect();
+            let eps: Vec<(&str, u16, bool)> =
+                eps.iter().map(|a| (a.as_str(), 8080, true)).collect();
+            service(
+                &format!("svc-{i}"),
+                Protocol::Tcp,
+                &[
+                    (cip.as_str(), 80, FrontendKind::ClusterIp),
+                    (np_addr.as_str(), np.port(), FrontendKind::NodePort),
+                ],
+                &eps,
+            )
+        })
+        .collect()
+}
+
+/// The cases of the figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Case {
+    XdpNodePortEstablished,
+    XdpNodePortNew,
+    XdpNonService,
+    TcClusterIpEstablished,
+    TcClusterIpNew,
+    ReverseNat,
+}
+
+const CASES: [Case; 6] = [
+    Case::XdpNodePortEstablished,
+    Case::XdpNodePortNew,
+    Case::XdpNonService,
+    Case::TcClusterIpEstablished,
+    Case::TcClusterIpNew,
+    Case::ReverseNat,
+];
+
+/// The cases' names, in the report's order.
+pub const CASE_NAMES: [&str; 6] = [
+    "XDP NodePort, established flow",
+    "XDP NodePort, new flow",
+    "XDP non-service packet",
+    "TC ClusterIP, established flow",
+    "TC ClusterIP, new flow",
+    "reverse NAT (TC, backend reply)",
+];
+
+impl Case {
+    fn name(self) -> &'static str {
+        CASE_NAMES[self as usize]
+    }
+
+    fn is_new(self) -> bool {
+        matches!(self, Case::XdpNodePortNew | Case::TcClusterIpNew)
+    }
+
+    fn program(self) -> TestProgram {
+        match self {
+            Case::TcClusterIpEstablished | Case::TcClusterIpNew | Case::ReverseNat => {
+                TestProgram::TcPod
+            }
+            _ => TestProgram::XdpNode,
+        }
+    }
+}
+
+/// A datapath holding `n` Services with established flows to the one in
+/// the middle, and the packets of each case.
+struct Loaded {
+    dp: Datapath,
+    /// The Service every case aims at.
+    target: usize,
+    np_ack: Vec<u8>,
+    cip_ack: Vec<u8>,
+    reply: Vec<u8>,
+    non_service: Vec<u8>,
+    /// Source ports already used for new flows (each new flow is distinct).
+    next_flow: u32,
+}
+
+const EXTERNAL_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 50, 0, 1), 40000);
+const POD_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 20), 40000);
+
+fn sizes(n: usize) -> MapSizes {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    MapSizes {
+        services: (2 * n + 1024).max(1024),
+        backends: (n * BACKENDS as u32 + 1024).max(1024),
+        conntrack: 1 << 19,
+        affinity: 1024,
+        src_ranges: 1024,
+    }
+}
+
+impl Loaded {
+    fn new(capacity: usize) -> Self {
+        Self {
+            dp: Datapath::with_sizes(sizes(capacity), TABLE_SIZE),
+            target: 0,
+            np_ack: Vec::new(),
+            cip_ack: Vec::new(),
+            reply: Vec::new(),
+            non_service: Vec::new(),
+            next_flow: 0,
+        }
+    }
+
+    /// Grows to `n` Services and opens the established flows; returns the
+    /// time the reconciler took.
+    fn grow(&mut self, n: usize) -> Duration {
+        let t = Instant::now();
+        self.dp.apply_batched(&services(n));
+        let took = t.elapsed();
+        self.target = n / 2;
+        let np = node_port(self.target);
+        let cip = SocketAddrV4::new(cluster_ip(self.target), 80);
+        let syn = Packet::tcp(EXTERNAL_CLIENT, np, flags::SYN, b"");
+        self.dp.run(TestProgram::XdpNode, &syn.bytes());
+        self.np_ack = Packet::tcp(EXTERNAL_CLIENT, np, flags::ACK, b"").bytes();
+        let syn = Packet::tcp(POD_CLIENT, cip, flags::SYN, b"");
+        let (_, out) = self.dp.run(TestProgram::TcPod, &syn.bytes());
+        self.cip_ack = Packet::tcp(POD_CLIENT, cip, flags::ACK, b"").bytes();
+        // The backend the ClusterIP flow went to answers from its pod.
+        let chosen =
+            dst_of(&out).unwrap_or_else(|| SocketAddrV4::new(backend(self.target, 0), 8080));
+        self.reply = Packet::tcp(chosen, POD_CLIENT, flags::ACK, b"").bytes();
+        self.non_service = Packet::tcp(
+            EXTERNAL_CLIENT,
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 22),
+            flags::ACK,
+            b"",
+        )
+        .bytes();
+        took
+    }
+
+    /// A SYN of a flow this datapath has never seen.
+    fn new_flow(&mut self, case: Case) -> Vec<u8> {
+        self.next_flow += 1;
+        let k = self.next_flow;
+        let src = |base: Ipv4Addr| {
+            let o = base.octets();
+            SocketAddrV4::new(
+                Ipv4Addr::new(o[0], o[1], (k >> 14) as u8, (k >> 6) as u8),
+                1024 + (k & 63) as u16 * 512 + 7,
+            )
+        };
+        match case {
+            Case::XdpNodePortNew => Packet::tcp(
+                src(Ipv4Addr::new(10, 51, 0, 0)),
+                node_port(self.target),
+                flags::SYN,
+                b"",
+            )
+            .bytes(),
+            _ => Packet::tcp(
+                src(Ipv4Addr::new(10, 245, 0, 0)),
+                SocketAddrV4::new(cluster_ip(self.target), 80),
+                flags::SYN,
+                b"",
+            )
+            .bytes(),
+        }
+    }
+
+    fn packet(&self, case: Case) -> &[u8] {
+        match case {
+            Case::XdpNodePortEstablished => &self.np_ack,
+            Case::TcClusterIpEstablished => &self.cip_ack,
+            Case::ReverseNat => &self.reply,
+            _ => &self.non_service,
+        }
+    }
+
+    /// One measurement of `case`: mean kernel ns per packet, and the verdict.
+    fn measure(&mut self, case: Case, p: &Params) -> (f64, u32) {
+        let prog = case.program();
+        if case.is_new() {
+            let mut total = 0.0;
+            let mut verdict = 0;
+            for _ in 0..p.singles {
+                let pkt = self.new_flow(case);
+                let (v, d) = self
+                    .dp
+                    .progs
+                    .test_run_repeat(prog, &pkt, 1)
+                    .expect("BPF_PROG_TEST_RUN");
+                total += d.as_nanos() as f64;
+                verdict = v;
+            }
+            (total / p.singles as f64, verdict)
+        } else {
+            let pkt = self.packet(case).to_vec();
+            let (v, d) = self
+                .dp
+                .progs
+                .test_run_repeat(prog, &pkt, p.repeat)
+                .expect("BPF_PROG_TEST_RUN");
+            (d.as_nanos() as f64, v)
+        }
+    }
+
+    /// The pass-only program: `(repeated, single)` mean ns per packet.
+    fn pass(&mut self, p: &Params) -> (f64, f64) {
+        let pkt = self.np_ack.clone();
+        let (_, rep) = self
+            .dp
+            .progs
+            .test_run_repeat(TestProgram::XdpPass, &pkt, p.repeat)
+            .expect("BPF_PROG_TEST_RUN");
+        let mut total = 0.0;
+        for _ in 0..p.singles {
+            let (_, d) = self
+                .dp
+                .progs
+                .test_run_repeat(TestProgram::XdpPass, &pkt, 1)
+                .expect("BPF_PROG_TEST_RUN");
+            total += d.as_nanos() as f64;
+        }
+        (rep.as_nanos() as f64, total / p.singles as f64)
+    }
+}
+
+/// The destination of an Ethernet/IPv4/TCP frame.
+fn dst_of(frame: &[u8]) -> Option<SocketAddrV4> {
+    let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+    let ip: [u8; 4] = frame.get(30..34)?.try_into().ok()?;
+    let port = frame.get(14 + ihl + 2..14 + ihl + 4)?;
+    Some(SocketAddrV4::new(
+        ip.into(),
+        u16::from_be_bytes([port[0], port[1]]),
+    ))
+}
+
+/// One scale's results: per case, the big datapath's ns, its ratio to the
+/// pass-only program, and its ratio to the one-Service datapath.
+pub struct ScaleResult {
+    /// Services loaded.
+    pub n: usize,
+    /// Reconciler time to grow to this scale.
+    pub load: Duration,
+    /// (case name, ns/packet, ratio to pass, ratio to 1 Service, verdict).
+    pub cases: Vec<(&'static str, Stat, Stat, Stat, u32)>,
+}
+
+/// Runs figure 1, adding its section and summary rows to `report`.
+pub fn run(p: &Params, report: &mut Report) -> Vec<ScaleResult> {
+    let max = p.scales.iter().copied().max().unwrap_or(1);
+    let mut small = Loaded::new(1);
+    small.grow(1);
+    let mut big = Loaded::new(max);
+    let mut results = Vec::new();
+    for &n in &p.scales {
+        let load = if n == 1 { Duration::ZERO } else { big.grow(n) };
+        eprintln!("bench: figure 1 at {n} Services (loaded in {load:.1?})");
+        let mut pass_rep = Vec::new();
+        let mut pass_single = Vec::new();
+        let mut big_ns: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+        let mut small_ns: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+        let mut verdicts = vec![0u32; CASES.len()];
+        for _ in 0..p.runs {
+            // The pass-only program touches no map: either datapath will do.
+            let (r, s) = small.pass(p);
+            pass_rep.push(r);
+            pass_single.push(s);
+            for (c, case) in CASES.iter().enumerate() {
+                let (ns, v) = if n == 1 {
+                    small.measure(*case, p)
+                } else {
+                    big.measure(*case, p)
+                };
+                big_ns[c].push(ns);
+                verdicts[c] = v;
+                let (ns1, _) = small.measure(*case, p);
+                small_ns[c].push(ns1);
+            }
+        }
+        let cases = CASES
+            .iter()
+            .enumerate()
+            .filter_map(|(c, case)| {
+                let base = if case.is_new() {
+                    &pass_single
+                } else {
+                    &pass_rep
+                };
+                Some((
+                    case.name(),
+                    Stat::of(&big_ns[c])?,
+                    Stat::ratio(&big_ns[c], base)?,
+                    Stat::ratio(&big_ns[c], &small_ns[c])?,
+                    verdicts[c],
+                ))
+            })
+            .collect();
+        results.push(ScaleResult { n, load, cases });
+        if n == 1 {
+            // The pass-only figures once, for the report.
+            let (r, s) = (Stat::of(&pass_rep), Stat::of(&pass_single));
+            if let (Some(r), Some(s)) = (r, s) {
+                report.sections.push(format!(
+                    "Pass-only XDP program: {} ns/packet repeated, {} ns as a single run.\n",
+                    r.show(1),
+                    s.show(1)
+                ));
+            }
+        }
+    }
+    section(p, &results, report);
+    results
+}
+
+fn verdict_name(prog_is_xdp: bool, v: u32) -> String {
+    let names: &[&str] = if prog_is_xdp {
+        &[
+            "XDP_ABORTED",
+            "XDP_DROP",
+            "XDP_PASS",
+            "XDP_TX",
+            "XDP_REDIRECT",
+        ]
+    } else {
+        &[
+            "TC_ACT_OK",
+            "TC_ACT_RECLASSIFY",
+            "TC_ACT_SHOT",
+            "",
+            "",
+            "",
+            "",
+            "TC_ACT_REDIRECT",
+        ]
+    };
+    names
+        .get(v as usize)
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| v.to_string(), |s| (*s).to_string())
+}
+
+fn section(p: &Params, results: &[ScaleResult], report: &mut Report) {
+    let mut s = String::from("## Figure 1: per-packet cost (BPF_PROG_TEST_RUN)\n\n");
+    let _ = writeln!(
+        s,
+        "Method: the programs of the real object, maps seeded by the agent's reconciler \
+         (Services of {BACKENDS} backends on this node, a ClusterIP and a NodePort each, Maglev \
+         tables of {TABLE_SIZE} slots). Repeated cases: one BPF_PROG_TEST_RUN with \
+         repeat = {}; the figure is the kernel's mean time per run, which leaves out the \
+         syscall. New flows cannot be repeated (the second iteration already finds the \
+         conntrack entry the first made), so each new-flow figure is the mean of {} single \
+         runs, each a SYN of a never-seen flow (distinct source address and port), as timed \
+         by the kernel; single runs carry the kernel timer's own overhead, so their baseline \
+         is the pass-only program timed the same way (single runs). {} runs; each run \
+         measures the pass-only program, the datapath at this scale and a second datapath \
+         holding 1 Service back to back: 'vs 1 Service' is the per-run ratio between those. \
+         Verdicts are those of the last run. Not covered: NodePort to a remote backend (SNAT \
+         and XDP_TX), which needs a FIB route and an ingress device that test runs lack; \
+         it drops here. New flows fill the conntrack map as the run goes on (LRU, 512 Ki \
+         entries).\n",
+        p.repeat, p.singles, p.runs
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "### {} Service(s) (reconciler load {:.1?})\n\n| case | ns/packet | ratio to pass-only | vs 1 Service | verdict |\n|---|---|---|---|---|",
+            r.n, r.load
+        );
+        for (name, ns, rp, r1, v) in &r.cases {
+            let xdp = !name.starts_with("TC") && !name.starts_with("reverse");
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {} |",
+                ns.show(1),
+                rp.show(2),
+                r1.show(3),
+                verdict_name(xdp, *v)
+            );
+        }
+        s.push('\n');
+    }
+    report.sections.push(s);
+    // Target: cost at the largest scale within 10% of the cost at 1 Service.
+    let Some(last) = results.iter().filter(|r| r.n > 1).max_by_key(|r| r.n) else {
+        report.row(
+            "per-packet cost at scale vs 1 Service",
+            "-".into(),
+            "≤ 1.10",
+            Verdict::NotRun,
+            "no scale above 1 was run".into(),
+        );
+        return;
+    };
+    let worst = last
+        .cases
+        .iter()
+        .max_by(|a, b| a.3.median.total_cmp(&b.3.median));
+    if let Some((name, _, _, r1, _)) = worst {
+        let ok = r1.median <= 1.10;
+        report.row(
+            &format!("per-packet cost at {} Services vs 1 (worst case)", last.n),
+            r1.show(3),
+            "≤ 1.10",
+            if ok { Verdict::Pass } else { Verdict::Miss },
+            format!(
+                "worst: {name}{}",
+                if ok {
+                    String::new()
+                } else {
+                    format!(
+                        "; {:.0}% over: hash lookups in bigger maps miss the CPU cache more",
+                        (r1.median - 1.0) * 100.0
+                    )
+                }
+            ),
+        );
+    }
+    if last.n < 100_000 {
+        report.row(
+            "per-packet cost at 100 000 Services",
+            "-".into(),
+            "≤ 1.10 × 1 Service",
+            Verdict::NotRun,
+            format!("--quick stops at {} Services", last.n),
+        );
+    }
+    for (name, ns, rp, _, _) in &last.cases {
+        report.row(
+            &format!("{name} at {} Services", last.n),
+            format!("{} ns; {}× pass", ns.show(1), rp.show(2)),
+            "-",
+            Verdict::Info,
+            String::new(),
+        );
+    }
+}
