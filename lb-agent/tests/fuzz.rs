@@ -209,7 +209,16 @@ fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), Tes
     // What reaches the maps.
     let mut store = MemStore::default();
     let report = Reconciler::new(251).apply(&model, &mut store);
-    prop_assert!(report.failures.is_empty(), "{:?}", report.failures);
+    // SCTP ports are refused on purpose (the datapath does not translate
+    // SCTP); nothing else may fail.
+    prop_assert!(
+        report
+            .failures
+            .iter()
+            .all(|f| f.service.ends_with("/SCTP") && f.full_map.is_none()),
+        "{:?}",
+        report.failures
+    );
     for (key, value) in &store.snap.services {
         prop_assert!(key.port_be != 0, "{key:?}");
         prop_assert!(
