@@ -541,7 +541,9 @@ fn run(args: &RunArgs) -> Result<()> {
                             sync(objects, &node, &mut reconciler, &mut maps, &mut health);
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);
-                        reported.log(&problems);
+                        // Refused Service ports (the tail of `problems`)
+                        // are logged by the recorder's refusal log.
+                        reported.log(&problems[..invalid]);
                         source.report(&problems);
                         if !ready.is_ready() {
                             // Programs are attached (or swapped, on a restart

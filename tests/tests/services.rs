@@ -412,38 +412,54 @@ fn pod_interfaces_that_appear_later_are_attached_and_detached() {
     );
 }
 
+/// Three long-lived streams from a0 through web's ClusterIP, and a new
+/// connection at every round: what restarts and upgrades must not break.
+struct Traffic {
+    client: String,
+    streams: Vec<EchoStream>,
+}
+
+impl Traffic {
+    fn start(c: &Cluster) -> Self {
+        let client = c.pod("a0").ns.clone();
+        let streams = (0..3)
+            .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
+            .collect();
+        Self { client, streams }
+    }
+
+    /// One new connection, and one echo on every stream; panics on failure.
+    fn round(&mut self) {
+        tcp_hello(&self.client, sa("10.96.0.10:80"), IO).expect("a new connection");
+        for s in &mut self.streams {
+            s.round_trip();
+        }
+    }
+}
+
 #[test]
 fn killing_and_restarting_the_agent_fails_no_connection() {
     let mut c = Cluster::new(ClusterSpec::default());
     let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
     start_agents(&mut c);
-    let client = c.pod("a0").ns.clone();
-    let mut streams: Vec<EchoStream> = (0..3)
-        .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
-        .collect();
-    let connect_and_echo = |streams: &mut [EchoStream]| {
-        tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("a new connection");
-        for s in streams.iter_mut() {
-            s.round_trip();
-        }
-    };
-    connect_and_echo(&mut streams);
+    let mut traffic = Traffic::start(&c);
+    traffic.round();
     c.node_mut("a").kill_agent();
     for _ in 0..10 {
-        connect_and_echo(&mut streams);
+        traffic.round();
     }
     c.node_mut("a").start_agent(&[]);
     // Traffic goes on while the new agent loads and adopts.
     let node = c.node("a");
     let mut during = 0;
     wait_until(WAIT, "the restarted agent is ready", || {
-        connect_and_echo(&mut streams);
+        traffic.round();
         during += 1;
         node.agent_log().matches("lb-agent ready").count() >= 2
     });
     for _ in 0..10 {
-        connect_and_echo(&mut streams);
+        traffic.round();
     }
     assert!(during > 0);
 }
@@ -463,17 +479,8 @@ fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     let _s = serve_all_pods(&c);
     c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
     start_agents(&mut c);
-    let client = c.pod("a0").ns.clone();
-    let mut streams: Vec<EchoStream> = (0..3)
-        .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
-        .collect();
-    let connect_and_echo = |streams: &mut [EchoStream]| {
-        tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("a new connection");
-        for s in streams.iter_mut() {
-            s.round_trip();
-        }
-    };
-    connect_and_echo(&mut streams);
+    let mut traffic = Traffic::start(&c);
+    traffic.round();
     // Make the running datapath look like an older release's: its programs
     // keep their maps, which are now pinned under older layout names, so
     // the new agent finds no pin of the current layouts for these three.
@@ -482,15 +489,15 @@ fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     for name in [SERVICES, BACKENDS, STATS] {
         std::fs::rename(maps.join(name), maps.join(older(name))).expect("rename pin");
     }
-    connect_and_echo(&mut streams);
+    traffic.round();
     c.node_mut("a").start_agent(&[]);
     let node = c.node("a");
     wait_until(WAIT, "the upgraded agent is ready", || {
-        connect_and_echo(&mut streams);
+        traffic.round();
         node.agent_log().matches("lb-agent ready").count() >= 2
     });
     for _ in 0..10 {
-        connect_and_echo(&mut streams);
+        traffic.round();
     }
     let log = node.agent_log();
     for (name, fate) in [
