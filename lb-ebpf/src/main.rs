@@ -32,11 +32,17 @@ use crate::{
     pipeline::{process, Verdict},
 };
 
+// The entry points are `#[inline(always)]`: aya's macros wrap each in an
+// extern fn, and an outer frame of its own would cost 32 of the 512 bytes of
+// stack that 6.1's verifier allows a call chain (it rounds every frame up to
+// 32), which the main frame and a memset call already use up.
+
 /// Headers TC needs linear before the ladder reads them directly.
 const TC_PULL_LEN: u32 = 128;
 
 /// North-south traffic on a node's external interface.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp_node(mut ctx: XdpContext) -> u32 {
     let ingress = Packet::ifindex(&ctx);
     match process(&mut ctx, Hook::XdpNode) {
@@ -61,12 +67,14 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 
 /// XDP's slow path on a node's external interface.
 #[classifier]
+#[inline(always)]
 pub fn lb_tc_node(ctx: TcContext) -> i32 {
     tc(ctx, Hook::TcNode)
 }
 
 /// East-west traffic leaving pods (host side of the pod interface).
 #[classifier]
+#[inline(always)]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     tc(ctx, Hook::TcPod)
 }

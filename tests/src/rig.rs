@@ -177,6 +177,7 @@ impl Node {
 
     /// Waits until the agent started last has logged its first full sync.
     pub fn wait_agent_ready(&self, timeout: Duration) {
+        let timeout = patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.agent_log();
@@ -616,8 +617,23 @@ pub fn http_get(
     })
 }
 
-/// Polls `cond` until it holds, panicking with `what` after `timeout`.
+/// `timeout` stretched by `LB_TEST_SLOWDOWN` (a whole factor, 1 when unset):
+/// under software emulation (`cargo xtask vm-test`) the verifier and the
+/// agent's start take many times longer, while what the tests wait for is
+/// the same.
+pub fn patience(timeout: Duration) -> Duration {
+    let factor = std::env::var("LB_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    timeout * factor
+}
+
+/// Polls `cond` until it holds, panicking with `what` after `timeout`
+/// (stretched by [`patience`]).
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(

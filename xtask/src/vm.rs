@@ -298,7 +298,7 @@ done
 ip link set lo up
 echo "lb-vm: kernel $(uname -r)"
 cd /lb
-export LB_AGENT_BIN=/lb/lb-agent
+export LB_AGENT_BIN=/lb/lb-agent LB_TEST_SLOWDOWN=10
 ./datapath --test-threads=2
 a=$?
 ./services --test-threads=2 {smoke}
