@@ -34,7 +34,8 @@ const SNAT_TRIES: u32 = 16;
 /// Only forward entries time out: a flow is as alive as its client, and a
 /// reply entry must keep translating while the client still sends (one-way
 /// UDP streams refresh only the forward entry). A stale reply entry is
-/// overwritten by the next flow with its tuple, or evicted by the LRU.
+/// overwritten by the next flow with its tuple and translation, or evicted
+/// by the LRU; a new flow whose translation differs takes another port.
 #[inline(always)]
 pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
     let entry = LB_CT_V1.get_ptr_mut(key)?;
@@ -118,6 +119,29 @@ pub fn remove(key: &CtKey) {
     }
 }
 
+/// Writes the reply entry of a flow that keeps its source, unless its tuple
+/// holds another translation: `Ok(false)` then. An entry with the same
+/// translation is this flow's own from before (its forward entry timed out
+/// or was evicted) and is replaced.
+#[inline(always)]
+fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, u32> {
+    if LB_CT_V1.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        count(stats::CT_INSERT, 0);
+        return Ok(true);
+    }
+    // SAFETY: the value is read at once.
+    let same = unsafe { LB_CT_V1.get(key) }.is_none_or(|old| {
+        old.flags & CT_F_DNAT == 0
+            && old.nat_saddr_be == reply.nat_saddr_be
+            && old.nat_sport_be == reply.nat_sport_be
+    });
+    if !same {
+        return Ok(false);
+    }
+    insert(key, reply)?;
+    Ok(true)
+}
+
 /// Writes an entry, replacing a stale one with the same key. Only a new key
 /// counts as an insert: a replacement does not add an entry, and the agent
 /// derives evictions from inserts, removals and the entry count.
@@ -189,25 +213,39 @@ pub fn create(
     }
 
     if !snat {
-        insert(&reply_key, &reply)?;
-        insert(&flow.ct_key(), &fwd)?;
-        return Ok(fwd);
+        if claim_reply(&reply_key, &reply)? {
+            insert(&flow.ct_key(), &fwd)?;
+            return Ok(fwd);
+        }
+        // The reply tuple is another flow's: the same client address and
+        // port reached another Service, or the backend directly, and this
+        // flow's replies would be translated as that one's. Give this flow
+        // a source port of its own (its address stays), as the kernel's
+        // NAT resolves such a clash.
     }
 
     let cfg = LB_CONFIG_V2.get(0).ok_or(stats::DROP_SNAT_EXHAUSTED)?;
-    if cfg.node_addr4_be == 0 || cfg.snat_port_max < cfg.snat_port_min {
+    if cfg.snat_port_max < cfg.snat_port_min || (snat && cfg.node_addr4_be == 0) {
         return Err(stats::DROP_SNAT_EXHAUSTED);
     }
-    let node = [cfg.node_addr4_be, 0, 0, 0];
+    let src = if snat {
+        [cfg.node_addr4_be, 0, 0, 0]
+    } else {
+        flow.saddr
+    };
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
     let start = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
-    fwd.nat_saddr_be = node;
-    fwd.flags |= CT_F_SNAT | CT_F_FORWARD;
+    fwd.nat_saddr_be = src;
+    fwd.flags |= CT_F_SNAT;
     reply.nat_daddr_be = flow.saddr;
     reply.nat_dport_be = flow.sport;
-    reply.flags |= CT_F_DNAT | CT_F_FORWARD;
-    reply_key.daddr_be = node;
+    reply.flags |= CT_F_DNAT;
+    if snat {
+        fwd.flags |= CT_F_FORWARD;
+        reply.flags |= CT_F_FORWARD;
+    }
+    reply_key.daddr_be = src;
     let mut i = 0;
     while i < SNAT_TRIES {
         let port = cfg.snat_port_min + (start.wrapping_add(i) % range) as u16;

@@ -200,6 +200,68 @@ fn replies_are_reverse_translated_to_the_frontend() {
     }
 }
 
+/// One client address and port reaching two Services that share a backend:
+/// both flows would have the same reply tuple, so the second gets another
+/// source port, and each reply is translated to its own frontend.
+#[test]
+fn flows_whose_replies_would_clash_get_a_port_of_their_own() {
+    for prog in [TcPod, XdpNode] {
+        let mut dp = Datapath::new();
+        let backend = addr("10.244.1.10:8080");
+        dp.apply(&[
+            service(
+                "a",
+                Protocol::Tcp,
+                &[("10.96.0.10", 80, ClusterIp)],
+                &[("10.244.1.10", 8080, true)],
+            ),
+            service(
+                "b",
+                Protocol::Tcp,
+                &[("10.96.0.20", 80, ClusterIp)],
+                &[("10.244.1.10", 8080, true)],
+            ),
+        ]);
+        let client = addr("10.244.2.20:40001");
+        let (front_a, front_b) = (addr("10.96.0.10:80"), addr("10.96.0.20:80"));
+        let syn_a = Packet::tcp(client, front_a, flags::SYN, b"");
+        let (verdict, out) = dp.run(prog, &syn_a.bytes());
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        assert_eq!(out, syn_a.with_addrs(client, backend).bytes(), "{prog:?}");
+
+        let syn_b = Packet::tcp(client, front_b, flags::SYN, b"");
+        let (verdict, out) = dp.run(prog, &syn_b.bytes());
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        // Ethernet, a 20-byte IPv4 header, then the TCP source port.
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        assert_ne!(
+            port,
+            client.port(),
+            "{prog:?}: the clashing flow kept its port"
+        );
+        let moved = SocketAddrV4::new(*client.ip(), port);
+        assert_eq!(out, syn_b.with_addrs(moved, backend).bytes(), "{prog:?}");
+
+        // Later packets of both flows keep their translations.
+        let ack_b = Packet::tcp(client, front_b, flags::ACK, b"more");
+        assert_eq!(
+            dp.run(prog, &ack_b.bytes()).1,
+            ack_b.with_addrs(moved, backend).bytes(),
+            "{prog:?}"
+        );
+        for (to, front) in [(client, front_a), (moved, front_b)] {
+            let synack = Packet::tcp(backend, to, flags::SYN | flags::ACK, b"");
+            let (verdict, out) = dp.run(prog, &synack.bytes());
+            assert_eq!(verdict, pass(prog), "{prog:?}");
+            assert_eq!(
+                out,
+                synack.with_addrs(front, client).bytes(),
+                "{prog:?}: reply to {to}"
+            );
+        }
+    }
+}
+
 #[test]
 fn an_established_flow_keeps_its_backend_when_backends_change() {
     let mut dp = Datapath::new();
