@@ -1,6 +1,7 @@
 //! `lb-agent`: run the node agent, inspect its maps, or remove everything.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -21,7 +22,7 @@ use lb_agent::{
     health::HealthServers,
     inspect, maglev,
     metrics::{Metrics, SyncRecorder},
-    model::{self, Cidr, NodeInfo, Problem, Translator},
+    model::{self, Cidr, NodeInfo, Problem, ServicePortRef, Translator},
     reconcile::{addr_be, Reconciler},
     source::{self, manifests},
 };
@@ -538,9 +539,9 @@ fn run(args: &RunArgs) -> Result<()> {
                 due = false;
                 match source.load(&iface_addrs, &args.nodeport_addresses.0, &mut node, &mut translator) {
                     Ok(None) => {}
-                    Ok(Some(source_problems)) => {
+                    Ok(Some((source_problems, changed))) => {
                         let (problems, report) =
-                            sync(source_problems, &translator, &node, &mut reconciler, &mut maps, &mut health);
+                            sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);
                         // Refused Service ports (the tail of `problems`)
@@ -681,15 +682,15 @@ impl Source {
 
     /// Reads what changed into `translator` (and the NodePort addresses
     /// into `node`); returns the problems of the source itself (files that
-    /// cannot be read), or `None` until the source has been read in full
-    /// once.
+    /// cannot be read) and the Service ports whose translation may have
+    /// changed, or `None` until the source has been read in full once.
     fn load(
         &mut self,
         iface_addrs: &[IpAddr],
         filter: &[Cidr],
         node: &mut NodeInfo,
         translator: &mut Translator,
-    ) -> Result<Option<Vec<Problem>>> {
+    ) -> Result<Option<(Vec<Problem>, BTreeSet<ServicePortRef>)>> {
         match self {
             Self::Manifests {
                 dir,
@@ -707,8 +708,8 @@ impl Source {
                     node,
                     source::kube::filter_addresses(iface_addrs.to_vec(), filter),
                 );
-                translator.update(node, changed, |id| folder.inputs(id));
-                Ok(Some(folder.problems()))
+                let changed = translator.update(node, changed, |id| folder.inputs(id));
+                Ok(Some((folder.problems(), changed)))
             }
             Self::Kube {
                 watch,
@@ -736,8 +737,9 @@ impl Source {
                     .chain(translator.ids())
                     .cloned()
                     .collect();
-                translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
-                Ok(Some(objects.problems))
+                let changed =
+                    translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
+                Ok(Some((objects.problems, changed)))
             }
         }
     }
@@ -820,6 +822,7 @@ fn write_config(
 fn sync(
     source_problems: Vec<Problem>,
     translator: &Translator,
+    changed: &BTreeSet<ServicePortRef>,
     node: &NodeInfo,
     reconciler: &mut Reconciler,
     maps: &mut Maps,
@@ -827,7 +830,7 @@ fn sync(
 ) -> (Vec<Problem>, lb_agent::reconcile::Report) {
     let model = translator.model();
     let problems = translator.problems();
-    let report = reconciler.apply(model, maps);
+    let report = reconciler.apply_changed(model, changed, maps);
     health.update(&lb_agent::health::desired(model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
         Ok(0) => {}

@@ -160,12 +160,14 @@ impl Translator {
     /// Translates again the identities in `changed`, reading each one's
     /// objects through `inputs` (empty: the identity is gone). A changed
     /// `node` changes every Service, so then all are translated again.
+    /// Returns the Service ports of the model that may differ now (changed,
+    /// added or gone).
     pub fn update<'a>(
         &mut self,
         node: &NodeInfo,
         changed: impl IntoIterator<Item = Id>,
         mut inputs: impl FnMut(&Id) -> Inputs<'a>,
-    ) {
+    ) -> BTreeSet<ServicePortRef> {
         let mut changed: BTreeSet<Id> = changed.into_iter().collect();
         if *node != self.node {
             self.node = node.clone();
@@ -205,9 +207,10 @@ impl Translator {
                 self.parts.insert(id, part);
             }
         }
-        for r in affected {
-            self.settle(&r);
+        for r in &affected {
+            self.settle(r);
         }
+        affected
     }
 
     /// Gives each `(address, port, protocol)` to one Service port only.
@@ -1598,5 +1601,61 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
         let (model, problems) = build(&services, &slices, &NodeInfo::default());
         assert!(model.services.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn translator_updates_match_a_full_build() {
+        // Two Services claiming one frontend (a wins), a slice in its own
+        // document, and a Service defined twice differently.
+        let a = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let b = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.1, ports: [{port: 80}], externalIPs: [10.0.9.9]}\n";
+        let b_alone = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+        let slice = |svc: &str, addr: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {svc}-1, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{addr}]}}]\n"
+            )
+        };
+        let steps: Vec<Vec<String>> = vec![
+            vec![a.into(), slice("a", "10.0.0.1")],
+            vec![a.into(), slice("a", "10.0.0.1"), b.into(), slice("b", "10.0.0.2")],
+            vec![a.into(), slice("a", "10.0.0.3"), b.into(), slice("b", "10.0.0.2")],
+            vec![slice("a", "10.0.0.3"), b.into(), slice("b", "10.0.0.2")],
+            vec![b.into(), b_alone.into(), slice("b", "10.0.0.2")],
+            vec![b_alone.into(), slice("b", "10.0.0.4"), slice("c", "bad")],
+            vec![],
+        ];
+        let mut t = Translator::new(node());
+        let mut before: BTreeMap<Id, String> = BTreeMap::new();
+        for docs in &steps {
+            let (services, slices) = objects(&docs.join("---\n"));
+            let groups = group(&services, &slices);
+            // Only identities whose documents changed are updated.
+            let now: BTreeMap<Id, String> = groups
+                .iter()
+                .map(|(id, (s, l))| (id.clone(), format!("{s:?}{l:?}")))
+                .collect();
+            let changed: Vec<Id> = before
+                .keys()
+                .chain(now.keys())
+                .filter(|id| before.get(*id) != now.get(*id))
+                .cloned()
+                .collect();
+            let old_model = t.model().clone();
+            let affected = t.update(&node(), changed, |id| groups.get(id).cloned().unwrap_or_default());
+            let (model, problems) = build(&services, &slices, &node());
+            assert_eq!(t.model(), &model, "model after {docs:?}");
+            assert_eq!(t.problems(), problems, "problems after {docs:?}");
+            for r in old_model.services.keys().chain(model.services.keys()) {
+                if old_model.services.get(r) != model.services.get(r) {
+                    assert!(affected.contains(r), "{r} changed but was not reported");
+                }
+            }
+            before = now;
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! the Service's Maglev table (built whole in a new inner map and swapped in
 //! with one update), then the frontend records that point at it, and only
 //! then what nobody uses any more. A packet therefore always finds a complete
-//! table behind any frontend it matches.
+//! table behind any frontend it matches. Within one apply this holds per
+//! Service port while the work is done in phases over all of them, so that
+//! the tables go in with a few batch updates (see [`Reconciler::apply`]).
 //!
 //! The reconciler keeps a mirror of what it wrote. At start it builds that
 //! mirror from the maps themselves ([`Reconciler::adopt`]), so a restarted
@@ -174,11 +176,9 @@ pub struct Reconciler {
     svc_hint: u32,
     /// The same for backend ids.
     backend_hint: u32,
-    /// The model of the last apply; `None` before the first, which
-    /// compares every Service port with the maps. Later applies handle
-    /// only the Service ports that differ from it, so one changed Service
-    /// among 10 000 costs one Service's work plus a comparison.
-    last: Option<BTreeMap<ServicePortRef, ServicePort>>,
+    /// Whether a full apply has compared every Service port with the
+    /// maps yet: until then [`Self::apply_changed`] makes a full one.
+    synced: bool,
     /// Tables that could not be programmed, with the Service port they
     /// come from: retried at every apply, reported until they succeed.
     failed: BTreeMap<String, (ServicePortRef, Failure)>,
@@ -287,7 +287,7 @@ impl Reconciler {
             backend_users: HashMap::new(),
             svc_hint: 1,
             backend_hint: 1,
-            last: None,
+            synced: false,
             failed: BTreeMap::new(),
             maybe_unused: Vec::new(),
         }
@@ -336,7 +336,8 @@ impl Reconciler {
         self.services.len()
     }
 
-    /// Makes the maps hold `model`, in make-before-break order.
+    /// Makes the maps hold `model`, in make-before-break order, comparing
+    /// every Service port with what the maps hold.
     ///
     /// In three phases over every Service port that changed: backends;
     /// then all new Maglev tables, written in batches (each write of the
@@ -345,6 +346,29 @@ impl Reconciler {
     /// and frontends. Only then is anything removed that nothing points at
     /// any more.
     pub fn apply(&mut self, model: &Model, store: &mut dyn Store) -> Report {
+        self.apply_inner(model, None, store)
+    }
+
+    /// [`Self::apply`] for a model that differs from the last one applied
+    /// only in the Service ports in `changed` (changed, added or gone):
+    /// only those are looked at, so one changed Service among 10 000 costs
+    /// one Service's work. The first apply is a full one whatever
+    /// `changed` says.
+    pub fn apply_changed(
+        &mut self,
+        model: &Model,
+        changed: &BTreeSet<ServicePortRef>,
+        store: &mut dyn Store,
+    ) -> Report {
+        self.apply_inner(model, Some(changed), store)
+    }
+
+    fn apply_inner(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServicePortRef>>,
+        store: &mut dyn Store,
+    ) -> Report {
         let mut report = Report::default();
         let sctp: Vec<Failure> = model
             .services
@@ -358,10 +382,32 @@ impl Reconciler {
             })
             .collect();
 
-        let first = self.last.is_none();
+        let full = changed.is_none() || !self.synced;
+        self.synced = true;
         // What to write, and the ids of what is gone.
-        let (desired, gone) = match self.last.take() {
-            None => {
+        let (desired, gone) = match changed {
+            Some(changed) if !full => {
+                // Failed tables are retried at every apply.
+                let retry: Vec<ServicePortRef> =
+                    self.failed.values().map(|(r, _)| r.clone()).collect();
+                let refs: BTreeSet<&ServicePortRef> = changed.iter().chain(&retry).collect();
+                let mut desired = BTreeMap::new();
+                for r in &refs {
+                    if let Some(sp) = model.services.get(*r) {
+                        desired.extend(desired_for(r, sp));
+                    }
+                }
+                // A failure not wanted any more is over.
+                self.failed.retain(|name, _| desired.contains_key(name));
+                let gone: Vec<u32> = refs
+                    .iter()
+                    .flat_map(|r| table_names(r))
+                    .filter(|n| !desired.contains_key(n))
+                    .filter_map(|n| self.by_name.get(&n).copied())
+                    .collect();
+                (desired, gone)
+            }
+            _ => {
                 let desired = desired(model);
                 let gone: Vec<u32> = self
                     .services
@@ -370,37 +416,6 @@ impl Reconciler {
                     .map(|(id, _)| *id)
                     .collect();
                 self.failed.clear();
-                self.last = Some(model.services.clone());
-                (desired, gone)
-            }
-            Some(mut last) => {
-                let mut changed = changed_ports(&last, &model.services);
-                changed.extend(self.failed.values().map(|(r, _)| r.clone()));
-                let mut desired = BTreeMap::new();
-                let mut old_names = BTreeSet::new();
-                for r in &changed {
-                    if let Some(sp) = last.get(r) {
-                        old_names.extend(desired_for(r, sp).into_iter().map(|(n, _)| n));
-                    }
-                    match model.services.get(r) {
-                        Some(sp) => {
-                            desired.extend(desired_for(r, sp));
-                            last.insert(r.clone(), sp.clone());
-                        }
-                        None => {
-                            last.remove(r);
-                        }
-                    }
-                }
-                // Every failed table's Service port is in `changed`: a
-                // failure not wanted any more is over.
-                self.failed.retain(|name, _| desired.contains_key(name));
-                let gone = old_names
-                    .iter()
-                    .filter(|n| !desired.contains_key(*n))
-                    .filter_map(|n| self.by_name.get(n).copied())
-                    .collect();
-                self.last = Some(last);
                 (desired, gone)
             }
         };
@@ -432,9 +447,9 @@ impl Reconciler {
         }
 
         // Backends nothing uses any more: those whose last user went in
-        // this apply, or, on the first, any the maps hold.
+        // this apply, or, on a full apply, any the maps hold.
         let mut candidates = std::mem::take(&mut self.maybe_unused);
-        if first {
+        if full {
             candidates = self.backends.keys().copied().collect();
         }
         for id in candidates {
@@ -837,47 +852,6 @@ impl Reconciler {
     }
 }
 
-/// The Service ports of `new` that differ from `old`, and those of `old`
-/// that are gone: one pass over both (they are sorted alike).
-fn changed_ports(
-    old: &BTreeMap<ServicePortRef, ServicePort>,
-    new: &BTreeMap<ServicePortRef, ServicePort>,
-) -> BTreeSet<ServicePortRef> {
-    let mut out = BTreeSet::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some((r, _)), None) => {
-                out.insert((*r).clone());
-                a.next();
-            }
-            (None, Some((r, _))) => {
-                out.insert((*r).clone());
-                b.next();
-            }
-            (Some((ra, sa)), Some((rb, sb))) => match ra.cmp(rb) {
-                std::cmp::Ordering::Less => {
-                    out.insert((*ra).clone());
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.insert((*rb).clone());
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if sa != sb {
-                        out.insert((*ra).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-    out
-}
-
 /// The lowest id from `from` up that `taken` says is free.
 fn lowest_free(from: u32, taken: impl Fn(u32) -> bool) -> u32 {
     (from.max(1)..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
@@ -901,6 +875,17 @@ fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
         .iter()
         .flat_map(|(r, sp)| desired_for(r, sp))
         .collect()
+}
+
+/// Every name [`desired_for`] may give a table of Service port `r`.
+fn table_names(r: &ServicePortRef) -> [String; 4] {
+    let base = format!("{r}/{}", protocol_name(r.protocol));
+    [
+        format!("{base}{LOCAL_SUFFIX}"),
+        format!("{base}{V6_SUFFIX}"),
+        format!("{base}{LOCAL_SUFFIX}{V6_SUFFIX}"),
+        base,
+    ]
 }
 
 /// The tables of one Service port, by name (see [`desired`]).

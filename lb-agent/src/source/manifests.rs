@@ -764,4 +764,31 @@ mod tests {
             Scan::Files(BTreeSet::from(["new.yaml".to_owned()]))
         );
     }
+
+    #[test]
+    fn refresh_reads_again_only_what_changed() {
+        let dir = TempDir::new(&[("a.yaml", &service("a")), ("b.yaml", &slice("b-1"))]);
+        let mut folder = Folder::default();
+        let ids = |v: &[&str]| -> BTreeSet<Id> {
+            v.iter().map(|n| ("default".to_owned(), (*n).to_owned())).collect()
+        };
+        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&["a", "web"])));
+        // Nothing changed: a full scan reads nothing.
+        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&[])));
+        // A rewritten file changes what it held before and holds now.
+        fs::write(dir.0.join("a.yaml"), service("c")).expect("write");
+        let named = Scan::Files(BTreeSet::from(["a.yaml".to_owned()]));
+        assert_eq!(folder.refresh(&dir.0, &named).ok(), Some(ids(&["a", "c"])));
+        assert_eq!(folder.inputs(&ids(&["c"]).pop_first().expect("id")).0.len(), 1);
+        assert!(folder.inputs(&ids(&["a"]).pop_first().expect("id")).0.is_empty());
+        // A removed file, found by a full scan; hidden names are ignored.
+        fs::remove_file(dir.0.join("b.yaml")).expect("remove");
+        fs::write(dir.0.join(".b.yaml.tmp"), service("hidden")).expect("write");
+        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&["web"])));
+        let (services, slices) = {
+            let o = folder.objects();
+            (o.services.len(), o.slices.len())
+        };
+        assert_eq!((services, slices), (1, 0));
+    }
 }
