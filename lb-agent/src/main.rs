@@ -698,17 +698,26 @@ impl Source {
                 folder,
                 ..
             } => {
-                let scan = pending.take();
-                let changed = folder.refresh(dir, &scan).with_context(|| {
-                    // Whatever the events named is read again next time.
-                    pending.rescan();
-                    format!("read manifests in {}", dir.display())
-                })?;
                 set_addresses(
                     node,
                     source::kube::filter_addresses(iface_addrs.to_vec(), filter),
                 );
-                let changed = translator.update(node, changed, |id| folder.inputs(id));
+                // New node addresses change every Service: all files are
+                // parsed again (the folder keeps their text, not objects).
+                let mut scan = pending.take();
+                if translator.node() != node {
+                    scan = manifests::Scan::Reparse;
+                }
+                let mut changed = BTreeSet::new();
+                folder
+                    .refresh(dir, &scan, |folder, ids| {
+                        changed.extend(translator.update(node, ids, |id| folder.inputs(id)));
+                    })
+                    .with_context(|| {
+                        // Whatever the events named is read again next time.
+                        pending.rescan();
+                        format!("read manifests in {}", dir.display())
+                    })?;
                 Ok(Some((folder.problems(), changed)))
             }
             Self::Kube {
@@ -732,11 +741,7 @@ impl Source {
                 // Service is translated again.
                 let objects = watch.objects();
                 let groups = model::group(&objects.services, &objects.slices);
-                let ids: Vec<model::Id> = groups
-                    .keys()
-                    .chain(translator.ids())
-                    .cloned()
-                    .collect();
+                let ids: Vec<model::Id> = groups.keys().chain(translator.ids()).cloned().collect();
                 let changed =
                     translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
                 Ok(Some((objects.problems, changed)))

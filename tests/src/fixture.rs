@@ -268,4 +268,3 @@ pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCount
         .find(|(_, n, _)| n == name)
         .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
 }
-

@@ -132,6 +132,11 @@ impl Translator {
         }
     }
 
+    /// The node the model is for.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
     /// The model as of the last [`Self::update`].
     pub fn model(&self) -> &Model {
         &self.model
@@ -1622,8 +1627,18 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
         };
         let steps: Vec<Vec<String>> = vec![
             vec![a.into(), slice("a", "10.0.0.1")],
-            vec![a.into(), slice("a", "10.0.0.1"), b.into(), slice("b", "10.0.0.2")],
-            vec![a.into(), slice("a", "10.0.0.3"), b.into(), slice("b", "10.0.0.2")],
+            vec![
+                a.into(),
+                slice("a", "10.0.0.1"),
+                b.into(),
+                slice("b", "10.0.0.2"),
+            ],
+            vec![
+                a.into(),
+                slice("a", "10.0.0.3"),
+                b.into(),
+                slice("b", "10.0.0.2"),
+            ],
             vec![slice("a", "10.0.0.3"), b.into(), slice("b", "10.0.0.2")],
             vec![b.into(), b_alone.into(), slice("b", "10.0.0.2")],
             vec![b_alone.into(), slice("b", "10.0.0.4"), slice("c", "bad")],
@@ -1646,7 +1661,9 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
                 .cloned()
                 .collect();
             let old_model = t.model().clone();
-            let affected = t.update(&node(), changed, |id| groups.get(id).cloned().unwrap_or_default());
+            let affected = t.update(&node(), changed, |id| {
+                groups.get(id).cloned().unwrap_or_default()
+            });
             let (model, problems) = build(&services, &slices, &node());
             assert_eq!(t.model(), &model, "model after {docs:?}");
             assert_eq!(t.problems(), problems, "problems after {docs:?}");

@@ -223,31 +223,18 @@ fn build_tables(jobs: &[TableJob]) -> Vec<Vec<BackendId>> {
     let unique: Vec<usize> = (0..jobs.len())
         .filter(|i| first.insert(jobs[*i].fingerprint, *i).is_none())
         .collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(unique.len() / 64 + 1);
-    let built: Vec<Vec<BackendId>> = if threads <= 1 {
-        unique.iter().map(|i| build(&jobs[*i])).collect()
-    } else {
-        let per = unique.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = unique
-                .chunks(per)
-                .map(|chunk| scope.spawn(move || chunk.iter().map(|i| build(&jobs[*i])).collect::<Vec<_>>()))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        })
-    };
+    let built = crate::parallel::map(unique.clone(), 64, |i| build(&jobs[i]));
     let by_fp: HashMap<u64, &Vec<BackendId>> = unique
         .iter()
         .zip(&built)
         .map(|(i, t)| (jobs[*i].fingerprint, t))
         .collect();
     jobs.iter()
-        .map(|j| by_fp.get(&j.fingerprint).map_or_else(Vec::new, |t| (*t).clone()))
+        .map(|j| {
+            by_fp
+                .get(&j.fingerprint)
+                .map_or_else(Vec::new, |t| (*t).clone())
+        })
         .collect()
 }
 
@@ -438,7 +425,11 @@ impl Reconciler {
         // New Service ports go in before old ones leave, so at capacity a
         // replacement finds the maps full: try the refused ones again now
         // that the gone ones made room, instead of waiting for another sync.
-        if removed && refused.iter().any(|n| self.failed.get(*n).is_some_and(|f| f.1.full_map.is_some())) {
+        if removed
+            && refused
+                .iter()
+                .any(|n| self.failed.get(*n).is_some_and(|f| f.1.full_map.is_some()))
+        {
             let retry: Vec<(&String, &DesiredService)> = refused
                 .iter()
                 .filter_map(|n| desired.get_key_value(*n))
@@ -453,7 +444,9 @@ impl Reconciler {
             candidates = self.backends.keys().copied().collect();
         }
         for id in candidates {
-            if self.backend_users.get(&id).is_some_and(|n| *n > 0) || !self.backends.contains_key(&id) {
+            if self.backend_users.get(&id).is_some_and(|n| *n > 0)
+                || !self.backends.contains_key(&id)
+            {
                 continue;
             }
             match store.del_backend(id) {
@@ -484,23 +477,24 @@ impl Reconciler {
         report: &mut Report,
     ) -> Vec<&'a String> {
         let mut refused = Vec::new();
-        let mut fail = |this: &mut Self, name: &'a String, want: &DesiredService, e: &StoreError| {
-            // Logged by the caller when the set of failures changes, not on
-            // every sync.
-            debug!(service = %name, "cannot program Service port: {e}");
-            this.failed.insert(
-                name.clone(),
-                (
-                    want.port.clone(),
-                    Failure {
-                        service: name.clone(),
-                        message: e.to_string(),
-                        full_map: e.full.then_some(e.map),
-                    },
-                ),
-            );
-            refused.push(name);
-        };
+        let mut fail =
+            |this: &mut Self, name: &'a String, want: &DesiredService, e: &StoreError| {
+                // Logged by the caller when the set of failures changes, not on
+                // every sync.
+                debug!(service = %name, "cannot program Service port: {e}");
+                this.failed.insert(
+                    name.clone(),
+                    (
+                        want.port.clone(),
+                        Failure {
+                            service: name.clone(),
+                            message: e.to_string(),
+                            full_map: e.full.then_some(e.map),
+                        },
+                    ),
+                );
+                refused.push(name);
+            };
         for chunk in wanted.chunks(TABLE_BATCH) {
             // Phase 1: ids and backends.
             let mut prepared = Vec::with_capacity(chunk.len());
@@ -555,7 +549,11 @@ impl Reconciler {
             for (p, ok) in prepared.into_iter().zip(ok) {
                 let (name, want, svc_id, new) = (p.name, p.want, p.svc_id, p.new);
                 let written = p.table_written;
-                let res = if ok { self.finish(p, store, report) } else { Ok(()) };
+                let res = if ok {
+                    self.finish(p, store, report)
+                } else {
+                    Ok(())
+                };
                 if !ok || res.is_err() {
                     if new {
                         self.forget_new(svc_id, written, store);
@@ -761,12 +759,19 @@ impl Reconciler {
     /// Its record was not written: once it is, the Service port is
     /// known by name and the next apply carries on from what it holds.
     fn forget_new(&mut self, svc_id: u32, table_written: bool, store: &mut dyn Store) {
-        if !self.services.get(&svc_id).is_some_and(|s| s.name.is_empty()) {
+        if !self
+            .services
+            .get(&svc_id)
+            .is_some_and(|s| s.name.is_empty())
+        {
             return;
         }
         if table_written {
             if let Err(e) = store.del_table(svc_id) {
-                warn!(svc_id, "cannot remove the table of a refused Service port: {e}");
+                warn!(
+                    svc_id,
+                    "cannot remove the table of a refused Service port: {e}"
+                );
             }
         }
         self.services.remove(&svc_id);

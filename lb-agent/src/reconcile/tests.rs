@@ -540,7 +540,11 @@ fn applying_only_the_changes_matches_a_full_apply_and_resizes_make_before_break(
         last = m;
     }
     assert!(store.violations.is_empty(), "{:?}", store.violations);
-    assert_eq!(store.inner.snap, Snapshot::default(), "everything removed at the end");
+    assert_eq!(
+        store.inner.snap,
+        Snapshot::default(),
+        "everything removed at the end"
+    );
     // The sizes really changed along the way.
     let m = model(&[svc_n("a", "10.96.0.1", 11)]);
     let mut sized = MemStore::default();

@@ -45,7 +45,7 @@ pub struct Objects {
 /// Only when `dir` itself cannot be listed.
 pub fn load_dir(dir: &Path) -> io::Result<Objects> {
     let mut folder = Folder::default();
-    folder.refresh(dir, &Scan::All)?;
+    folder.refresh(dir, &Scan::All, |_, _| {})?;
     Ok(folder.objects())
 }
 
@@ -57,6 +57,9 @@ pub enum Scan {
     All,
     /// Read these files (by name) again; a missing one is removed.
     Files(BTreeSet<String>),
+    /// As [`Scan::All`], and every file is read again, changed or not:
+    /// what a new translation of every Service needs (the node changed).
+    Reparse,
 }
 
 /// When a file was last read: a change of any of these means read it again.
@@ -81,47 +84,69 @@ impl Stamp {
     }
 }
 
-/// One file as last read.
+/// One file as last read: its text, kept instead of its parsed objects,
+/// which take several times the space (k8s-openapi structs of several
+/// KiB per object).
 #[derive(Debug)]
 struct File {
+    /// `None` when the file could not be read (then it is tried again at
+    /// every full scan).
     stamp: Option<Stamp>,
-    objects: Objects,
+    text: Option<Box<str>>,
+    /// The Service identities its objects belong to, sorted.
+    ids: Vec<Id>,
+    problems: Vec<Problem>,
 }
 
-/// The manifests folder as last read: each file's objects, kept so that a
-/// change re-reads only the files it touched and re-translates only the
-/// Services whose objects those files hold.
+/// The manifests folder as last read. A change re-reads only the files it
+/// touched and re-translates only the Services whose objects those files
+/// hold. Only text is kept between syncs; objects are parsed for the sync
+/// that needs them, a bounded number of files at a time.
 #[derive(Debug, Default)]
 pub struct Folder {
     files: BTreeMap<String, File>,
     /// The files that hold objects of each Service identity (the Service
     /// itself, or an EndpointSlice that names it).
-    index: HashMap<Id, BTreeSet<String>>,
+    index: HashMap<Id, Vec<String>>,
+    /// Objects parsed for the Services being translated now, by file.
+    parsed: HashMap<String, Objects>,
 }
 
-/// The Service identities the objects of a file belong to.
-fn ids_of(objects: &Objects) -> BTreeSet<Id> {
-    objects
+/// The Service identities the objects of a file belong to, sorted.
+fn ids_of(objects: &Objects) -> Vec<Id> {
+    let ids: BTreeSet<Id> = objects
         .services
         .iter()
         .map(model::service_id)
         .chain(objects.slices.iter().filter_map(model::slice_owner))
-        .collect()
+        .collect();
+    ids.into_iter().collect()
 }
 
+/// Files whose objects are held in memory at once while a folder is read:
+/// bounds the memory of a first load of thousands of files.
+const FILES_PER_ROUND: usize = 1024;
+
 impl Folder {
-    /// Brings the folder up to date as `scan` says and returns the Service
-    /// identities whose objects may have changed.
+    /// Brings the folder up to date as `scan` says. `changed` is called
+    /// with the Service identities whose objects may have changed, as many
+    /// times as it takes (a bounded number of files is parsed at a time);
+    /// during the call, [`Self::inputs`] gives their objects.
     ///
     /// # Errors
     ///
     /// Only when `dir` itself cannot be listed (nothing is changed then).
-    pub fn refresh(&mut self, dir: &Path, scan: &Scan) -> io::Result<BTreeSet<Id>> {
+    pub fn refresh(
+        &mut self,
+        dir: &Path,
+        scan: &Scan,
+        mut changed: impl FnMut(&Self, BTreeSet<Id>),
+    ) -> io::Result<()> {
         // Files to read again (with their metadata), files gone.
         let mut read: Vec<(String, fs::Metadata)> = Vec::new();
         let mut gone: Vec<String> = Vec::new();
         match scan {
-            Scan::All => {
+            Scan::All | Scan::Reparse => {
                 let mut present = BTreeSet::new();
                 for entry in fs::read_dir(dir)? {
                     let entry = entry?;
@@ -129,32 +154,24 @@ impl Folder {
                     if !is_manifest_name(&name) {
                         continue;
                     }
-                    present.insert(name.clone());
                     // `metadata` follows symlinks: a mounted ConfigMap is a
                     // folder of them.
                     match fs::metadata(entry.path()) {
                         Ok(m) if !m.is_file() => {
                             debug!(file = %name, "not a regular file; ignored");
-                            present.remove(&name);
                         }
                         Ok(m) => {
+                            present.insert(name.clone());
                             let known = self.files.get(&name).and_then(|f| f.stamp);
-                            if known != Some(Stamp::of(&m)) {
+                            if known != Some(Stamp::of(&m)) || *scan == Scan::Reparse {
                                 read.push((name, m));
                             }
                         }
                         // Gone since the listing: as if not listed.
-                        Err(_) => {
-                            present.remove(&name);
-                        }
+                        Err(_) => {}
                     }
                 }
-                gone.extend(
-                    self.files
-                        .keys()
-                        .filter(|n| !present.contains(*n))
-                        .cloned(),
-                );
+                gone.extend(self.files.keys().filter(|n| !present.contains(*n)).cloned());
             }
             Scan::Files(names) => {
                 for name in names.iter().filter(|n| is_manifest_name(n)) {
@@ -165,48 +182,87 @@ impl Folder {
                 }
             }
         }
-        let loaded = load_files(dir, read);
-        let mut changed = BTreeSet::new();
+        let mut ids = BTreeSet::new();
         for name in gone {
             if let Some(old) = self.files.remove(&name) {
-                self.unindex(&name, &old.objects, &mut changed);
+                self.unindex(&name, &old.ids, &mut ids);
             }
         }
-        for (name, file) in loaded {
-            if let Some(old) = self.files.remove(&name) {
-                self.unindex(&name, &old.objects, &mut changed);
+        let mut rounds = read.into_iter().peekable();
+        loop {
+            let round: Vec<(String, fs::Metadata)> =
+                rounds.by_ref().take(FILES_PER_ROUND).collect();
+            for (name, file, objects) in load_files(dir, round) {
+                if let Some(old) = self.files.remove(&name) {
+                    self.unindex(&name, &old.ids, &mut ids);
+                }
+                for id in &file.ids {
+                    let files = self.index.entry(id.clone()).or_default();
+                    if !files.contains(&name) {
+                        files.push(name.clone());
+                    }
+                    ids.insert(id.clone());
+                }
+                self.parsed.insert(name.clone(), objects);
+                self.files.insert(name, file);
             }
-            for id in ids_of(&file.objects) {
-                self.index.entry(id.clone()).or_default().insert(name.clone());
-                changed.insert(id);
+            if !ids.is_empty() {
+                self.parse_files_of(&ids);
+                changed(self, std::mem::take(&mut ids));
             }
-            self.files.insert(name, file);
+            self.parsed.clear();
+            if rounds.peek().is_none() {
+                break;
+            }
         }
-        Ok(changed)
+        Ok(())
     }
 
-    fn unindex(&mut self, name: &str, objects: &Objects, changed: &mut BTreeSet<Id>) {
-        for id in ids_of(objects) {
-            if let Some(files) = self.index.get_mut(&id) {
-                files.remove(name);
+    fn unindex(&mut self, name: &str, ids: &[Id], changed: &mut BTreeSet<Id>) {
+        for id in ids {
+            if let Some(files) = self.index.get_mut(id) {
+                files.retain(|f| f != name);
                 if files.is_empty() {
-                    self.index.remove(&id);
+                    self.index.remove(id);
                 }
             }
-            changed.insert(id);
+            changed.insert(id.clone());
         }
     }
 
-    /// The objects of Service identity `id`, from every file that holds any.
+    /// Parses the files that hold objects of `ids` and are not parsed yet
+    /// (a Service whose slices live in other files than the ones read).
+    fn parse_files_of(&mut self, ids: &BTreeSet<Id>) {
+        let missing: BTreeSet<&String> = ids
+            .iter()
+            .filter_map(|id| self.index.get(id))
+            .flatten()
+            .filter(|name| !self.parsed.contains_key(*name))
+            .collect();
+        let parsed: Vec<(String, Objects)> = missing
+            .into_iter()
+            .filter_map(|name| {
+                let text = self.files.get(name)?.text.as_deref()?;
+                Some((name.clone(), load_text(name, text)))
+            })
+            .collect();
+        self.parsed.extend(parsed);
+    }
+
+    /// The objects of Service identity `id`, from every file that holds
+    /// any; only while [`Self::refresh`] reports `id` as changed.
     pub fn inputs(&self, id: &Id) -> Inputs<'_> {
         let mut out: Inputs<'_> = (Vec::new(), Vec::new());
         for name in self.index.get(id).into_iter().flatten() {
-            let Some(file) = self.files.get(name) else {
+            let Some(objects) = self.parsed.get(name) else {
                 continue;
             };
-            let objects = &file.objects;
-            out.0
-                .extend(objects.services.iter().filter(|s| model::service_id(s) == *id));
+            out.0.extend(
+                objects
+                    .services
+                    .iter()
+                    .filter(|s| model::service_id(s) == *id),
+            );
             out.1.extend(
                 objects
                     .slices
@@ -217,26 +273,22 @@ impl Folder {
         out
     }
 
-    /// Every Service identity the folder holds objects of.
-    pub fn ids(&self) -> impl Iterator<Item = &Id> {
-        self.index.keys()
-    }
-
     /// The problems of reading the files (unreadable files, bad documents).
     pub fn problems(&self) -> Vec<Problem> {
         self.files
             .values()
-            .flat_map(|f| f.objects.problems.iter().cloned())
+            .flat_map(|f| f.problems.iter().cloned())
             .collect()
     }
 
-    /// Every object, in file name order.
+    /// Every object, in file name order (each file parsed again).
     pub fn objects(&self) -> Objects {
         let mut out = Objects::default();
-        for file in self.files.values() {
-            out.services.extend(file.objects.services.iter().cloned());
-            out.slices.extend(file.objects.slices.iter().cloned());
-            out.problems.extend(file.objects.problems.iter().cloned());
+        for (name, file) in &self.files {
+            match &file.text {
+                Some(text) => load_file(name, text, &mut out),
+                None => out.problems.extend(file.problems.iter().cloned()),
+            }
         }
         out
     }
@@ -247,46 +299,33 @@ impl Folder {
 const FILES_PER_THREAD: usize = 256;
 
 /// Reads and parses files of `dir`, on every core when there are many.
-fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, File)> {
-    let load = |(name, meta): (String, fs::Metadata)| {
-        let mut objects = Objects::default();
-        match fs::read_to_string(dir.join(&name)) {
-            Ok(text) => load_file(&name, &text, &mut objects),
-            Err(e) => objects.problems.push(Problem {
+fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, File, Objects)> {
+    let load = |(name, meta): (String, fs::Metadata)| match fs::read_to_string(dir.join(&name)) {
+        Ok(text) => {
+            let objects = load_text(&name, &text);
+            let file = File {
+                stamp: Some(Stamp::of(&meta)),
+                text: Some(text.into_boxed_str()),
+                ids: ids_of(&objects),
+                problems: objects.problems.clone(),
+            };
+            (name, file, objects)
+        }
+        Err(e) => {
+            let problem = Problem {
                 object: format!("file {name}"),
                 message: format!("cannot be read as UTF-8 text: {e}; file skipped"),
-            }),
+            };
+            let file = File {
+                stamp: None,
+                text: None,
+                ids: Vec::new(),
+                problems: vec![problem],
+            };
+            (name, file, Objects::default())
         }
-        // A file that could not be read is tried again at the next scan.
-        let stamp = objects
-            .problems
-            .iter()
-            .all(|p| p.object != format!("file {name}"))
-            .then(|| Stamp::of(&meta));
-        (name, File { stamp, objects })
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(files.len() / FILES_PER_THREAD + 1);
-    if threads <= 1 {
-        return files.into_iter().map(load).collect();
-    }
-    let per = files.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<(String, fs::Metadata)>> = Vec::new();
-    let mut files = files.into_iter().peekable();
-    while files.peek().is_some() {
-        chunks.push(files.by_ref().take(per).collect());
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| scope.spawn(move || chunk.into_iter().map(load).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
+    crate::parallel::map(files, FILES_PER_THREAD, load)
 }
 
 /// True for names of manifest files, false for hidden files (editor swap and
@@ -336,13 +375,15 @@ fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
     let api_version = field("apiVersion")?;
     let kind = field("kind")?;
     match (api_version, kind) {
-        ("v1", "Service") => objects.services.push(
-            typed(text, &value).map_err(|e| format!("is not a valid v1 Service: {e}"))?,
-        ),
+        ("v1", "Service") => objects
+            .services
+            .push(typed(text, &value).map_err(|e| format!("is not a valid v1 Service: {e}"))?),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            objects.slices.push(typed(text, &value).map_err(|e| {
-                format!("is not a valid discovery.k8s.io/v1 EndpointSlice: {e}")
-            })?);
+            objects.slices.push(
+                typed(text, &value).map_err(|e| {
+                    format!("is not a valid discovery.k8s.io/v1 EndpointSlice: {e}")
+                })?,
+            );
         }
         _ => {
             return Err(format!(
@@ -360,7 +401,10 @@ fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
 /// time of loading a large folder); an invalid one is deserialized from
 /// the text again for the error, which then carries serde_yaml's field path
 /// and the line number in the file.
-fn typed<T: serde::de::DeserializeOwned>(text: &str, value: &Value) -> Result<T, serde_yaml::Error> {
+fn typed<T: serde::de::DeserializeOwned>(
+    text: &str,
+    value: &Value,
+) -> Result<T, serde_yaml::Error> {
     T::deserialize(value).or_else(|_| serde_yaml::from_str(text))
 }
 
@@ -444,18 +488,27 @@ impl Pending {
     /// What to read again, leaving nothing pending. The first call (before
     /// any event) says [`Scan::All`]: the first load reads everything.
     pub fn take(&self) -> Scan {
-        let mut scan = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut scan = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::replace(&mut *scan, Scan::Files(BTreeSet::new()))
     }
 
     /// Asks for a full scan next time (a load failed after taking the
     /// pending changes, which must not be lost).
     pub fn rescan(&self) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Scan::All;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Scan::All;
     }
 
     fn add(&self, event: &notify::Result<notify::Event>, dir: &Path) -> bool {
-        let mut scan = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut scan = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let event = match event {
             Ok(event) if event.need_rescan() => None,
             Ok(event) if !is_change(event.kind) => return false,
@@ -770,25 +823,56 @@ mod tests {
         let dir = TempDir::new(&[("a.yaml", &service("a")), ("b.yaml", &slice("b-1"))]);
         let mut folder = Folder::default();
         let ids = |v: &[&str]| -> BTreeSet<Id> {
-            v.iter().map(|n| ("default".to_owned(), (*n).to_owned())).collect()
+            v.iter()
+                .map(|n| ("default".to_owned(), (*n).to_owned()))
+                .collect()
         };
-        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&["a", "web"])));
+        // What each refresh reports, with how many Services and slices
+        // `inputs` gives for each identity meanwhile.
+        let refresh = |folder: &mut Folder, scan: Scan| {
+            let mut seen = BTreeMap::new();
+            folder
+                .refresh(&dir.0, &scan, |f, changed| {
+                    for id in changed {
+                        let (services, slices) = f.inputs(&id);
+                        seen.insert(id.1.clone(), (services.len(), slices.len()));
+                    }
+                })
+                .expect("dir is readable");
+            seen
+        };
+        let counts = |v: &[(&str, usize, usize)]| -> BTreeMap<String, (usize, usize)> {
+            v.iter()
+                .map(|(n, a, b)| ((*n).to_owned(), (*a, *b)))
+                .collect()
+        };
+        assert_eq!(
+            refresh(&mut folder, Scan::All),
+            counts(&[("a", 1, 0), ("web", 0, 1)])
+        );
         // Nothing changed: a full scan reads nothing.
-        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&[])));
+        assert_eq!(refresh(&mut folder, Scan::All), counts(&[]));
         // A rewritten file changes what it held before and holds now.
         fs::write(dir.0.join("a.yaml"), service("c")).expect("write");
         let named = Scan::Files(BTreeSet::from(["a.yaml".to_owned()]));
-        assert_eq!(folder.refresh(&dir.0, &named).ok(), Some(ids(&["a", "c"])));
-        assert_eq!(folder.inputs(&ids(&["c"]).pop_first().expect("id")).0.len(), 1);
-        assert!(folder.inputs(&ids(&["a"]).pop_first().expect("id")).0.is_empty());
+        assert_eq!(
+            refresh(&mut folder, named),
+            counts(&[("a", 0, 0), ("c", 1, 0)])
+        );
+        // A slice of "c" in another file: both files are parsed for it.
+        fs::write(
+            dir.0.join("d.yaml"),
+            slice("c-1").replace("service-name: web", "service-name: c"),
+        )
+        .expect("write");
+        let named = Scan::Files(BTreeSet::from(["d.yaml".to_owned()]));
+        assert_eq!(refresh(&mut folder, named), counts(&[("c", 1, 1)]));
         // A removed file, found by a full scan; hidden names are ignored.
         fs::remove_file(dir.0.join("b.yaml")).expect("remove");
         fs::write(dir.0.join(".b.yaml.tmp"), service("hidden")).expect("write");
-        assert_eq!(folder.refresh(&dir.0, &Scan::All).ok(), Some(ids(&["web"])));
-        let (services, slices) = {
-            let o = folder.objects();
-            (o.services.len(), o.slices.len())
-        };
-        assert_eq!((services, slices), (1, 0));
+        assert_eq!(refresh(&mut folder, Scan::All), counts(&[("web", 0, 0)]));
+        let o = folder.objects();
+        assert_eq!((o.services.len(), o.slices.len()), (1, 1));
+        assert_eq!(ids(&["c"]).len(), 1);
     }
 }
