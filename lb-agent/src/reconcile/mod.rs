@@ -554,10 +554,8 @@ impl Reconciler {
                 } else {
                     Ok(())
                 };
-                if !ok || res.is_err() {
-                    if new {
-                        self.forget_new(svc_id, written, store);
-                    }
+                if new && (!ok || res.is_err()) {
+                    self.forget_new(svc_id, written, store);
                 }
                 if let Err(e) = res {
                     fail(self, name, want, &e);
