@@ -276,11 +276,11 @@ pub fn run(p: &Params, report: &mut Report) -> Results {
                 scale_note.clone()
             } else {
                 format!(
-                    "{:.1}× over{scale_note}: on 2 shared cores, parsing the 20 000 YAML \
-                     documents (serde_yaml, on both cores) takes about half, the first \
-                     translation and reconcile (100 000 backends, 10 000 Maglev tables built \
-                     on both cores and written in batches of 1024) most of the rest, and \
-                     loading the programs about a second",
+                    "{:.1}× over{scale_note}: on 2 shared cores, in about equal parts parsing \
+                     the 20 000 YAML documents (serde_yaml, on both cores) and the first \
+                     translation and reconcile (100 000 backends written one syscall each, \
+                     10 000 Maglev tables built on both cores and written in batches of \
+                     1024); loading the programs takes about a second",
                     r.median
                 )
             },
