@@ -13,6 +13,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod packet;
+pub mod parallel;
 pub mod reconcile;
 pub mod source;
 pub mod trace;

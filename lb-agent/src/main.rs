@@ -1,6 +1,7 @@
 //! `lb-agent`: run the node agent, inspect its maps, or remove everything.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -21,9 +22,9 @@ use lb_agent::{
     health::HealthServers,
     inspect, maglev,
     metrics::{Metrics, SyncRecorder},
-    model::{self, Cidr, NodeInfo, Problem},
+    model::{self, Cidr, NodeInfo, Problem, ServicePortRef, Translator},
     reconcile::{addr_be, Reconciler},
-    source::{self, manifests, Objects},
+    source::{self, manifests},
 };
 use lb_common::{config::DEFAULT_SNAT_PORTS, Config};
 use tokio::sync::mpsc;
@@ -243,10 +244,12 @@ struct RunArgs {
     /// check it from outside the node.
     #[arg(long, default_value = "0.0.0.0:10256")]
     health_addr: SocketAddr,
-    /// Maglev table size per Service port: a prime from 251 to 131071
-    /// (4 bytes a slot; 1% balance holds up to size/100 backends).
-    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
-    maglev_table_size: u32,
+    /// Maglev table size of every Service port: a prime from 251 to
+    /// 131071 (4 bytes a slot; 1% balance holds up to size/100 backends).
+    /// Without it each table has the smallest of 251, 1021, 4093, 16381,
+    /// 65521 and 131071 slots that gives 100 per backend.
+    #[arg(long, value_parser = parse_table_size)]
+    maglev_table_size: Option<u32>,
 }
 
 fn main() {
@@ -498,7 +501,11 @@ fn run(args: &RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new(&args.bpffs)?);
     let mut recorder = SyncRecorder::new(metrics.clone());
 
-    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, args.maglev_table_size);
+    let table_size = args
+        .maglev_table_size
+        .map_or(maglev::TableSize::Scaled, maglev::TableSize::Fixed);
+    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, table_size);
+    let mut translator = Translator::default();
     info!(
         services = reconciler.service_count(),
         "adopted existing maps"
@@ -530,15 +537,11 @@ fn run(args: &RunArgs) -> Result<()> {
         loop {
             if due {
                 due = false;
-                match source.load(&iface_addrs, &args.nodeport_addresses.0) {
+                match source.load(&iface_addrs, &args.nodeport_addresses.0, &mut node, &mut translator) {
                     Ok(None) => {}
-                    Ok(Some((objects, addresses))) => {
-                        if addresses != node.addresses {
-                            info!(addresses = ?addresses, "NodePort addresses");
-                            node.addresses = addresses;
-                        }
+                    Ok(Some((source_problems, changed))) => {
                         let (problems, report) =
-                            sync(objects, &node, &mut reconciler, &mut maps, &mut health);
+                            sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);
                         // Refused Service ports (the tail of `problems`)
@@ -622,6 +625,10 @@ enum Source {
     Manifests {
         dir: PathBuf,
         _watcher: notify::RecommendedWatcher,
+        /// What changed since the last load.
+        pending: manifests::Pending,
+        /// The files as last read.
+        folder: manifests::Folder,
     },
     /// The Kubernetes API.
     Kube {
@@ -637,11 +644,13 @@ impl Source {
     /// Starts the source the flags name; the receiver wakes on changes.
     async fn start(args: &RunArgs) -> Result<(Self, mpsc::Receiver<()>)> {
         if let Some(dir) = &args.manifests {
-            let (watcher, changes) = manifests::watch(dir)?;
+            let (watcher, changes, pending) = manifests::watch(dir)?;
             return Ok((
                 Self::Manifests {
                     dir: dir.clone(),
                     _watcher: watcher,
+                    pending,
+                    folder: manifests::Folder::default(),
                 },
                 changes,
             ));
@@ -659,28 +668,57 @@ impl Source {
         ))
     }
 
-    /// How long to wait for more changes before syncing: file events come
-    /// in bursts of a few milliseconds, API changes (a rollout) in longer ones.
+    /// How long to wait for more changes before syncing: the events of
+    /// one file write (create, write, close, rename) come within
+    /// microseconds, and a sync that finds nothing new costs little, as
+    /// only the files the events name are read; API changes (a rollout)
+    /// come in longer bursts.
     fn debounce(&self) -> Duration {
         match self {
-            Self::Manifests { .. } => Duration::from_millis(20),
+            Self::Manifests { .. } => Duration::from_millis(2),
             Self::Kube { .. } => Duration::from_millis(50),
         }
     }
 
-    /// The objects and the NodePort addresses as of now; `None` until the
-    /// source has been read in full once.
+    /// Reads what changed into `translator` (and the NodePort addresses
+    /// into `node`); returns the problems of the source itself (files that
+    /// cannot be read) and the Service ports whose translation may have
+    /// changed, or `None` until the source has been read in full once.
     fn load(
-        &self,
+        &mut self,
         iface_addrs: &[IpAddr],
         filter: &[Cidr],
-    ) -> Result<Option<(Objects, Vec<IpAddr>)>> {
+        node: &mut NodeInfo,
+        translator: &mut Translator,
+    ) -> Result<Option<(Vec<Problem>, BTreeSet<ServicePortRef>)>> {
         match self {
-            Self::Manifests { dir, .. } => {
-                let objects = manifests::load_dir(dir)
-                    .with_context(|| format!("read manifests in {}", dir.display()))?;
-                let addresses = source::kube::filter_addresses(iface_addrs.to_vec(), filter);
-                Ok(Some((objects, addresses)))
+            Self::Manifests {
+                dir,
+                pending,
+                folder,
+                ..
+            } => {
+                set_addresses(
+                    node,
+                    source::kube::filter_addresses(iface_addrs.to_vec(), filter),
+                );
+                // New node addresses change every Service: all files are
+                // parsed again (the folder keeps their text, not objects).
+                let mut scan = pending.take();
+                if translator.node() != node {
+                    scan = manifests::Scan::Reparse;
+                }
+                let mut changed = BTreeSet::new();
+                folder
+                    .refresh(dir, &scan, |folder, ids| {
+                        changed.extend(translator.update(node, ids, |id| folder.inputs(id)));
+                    })
+                    .with_context(|| {
+                        // Whatever the events named is read again next time.
+                        pending.rescan();
+                        format!("read manifests in {}", dir.display())
+                    })?;
+                Ok(Some((folder.problems(), changed)))
             }
             Self::Kube {
                 watch,
@@ -690,15 +728,23 @@ impl Source {
                 if !watch.is_synced() {
                     return Ok(None);
                 }
-                let node = watch.node();
-                if node.is_none() && !node_missing.get() {
+                let this = watch.node();
+                if this.is_none() && !node_missing.get() {
                     warn!("this agent's Node is not in the API (is --node-name right?): no NodePort addresses until it is");
                 }
-                node_missing.set(node.is_none());
-                let addresses = node
+                node_missing.set(this.is_none());
+                let addresses = this
                     .map(|n| source::kube::node_addresses(&n, filter))
                     .unwrap_or_default();
-                Ok(Some((watch.objects(), addresses)))
+                set_addresses(node, addresses);
+                // The API's objects come whole at every sync: every
+                // Service is translated again.
+                let objects = watch.objects();
+                let groups = model::group(&objects.services, &objects.slices);
+                let ids: Vec<model::Id> = groups.keys().chain(translator.ids()).cloned().collect();
+                let changed =
+                    translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
+                Ok(Some((objects.problems, changed)))
             }
         }
     }
@@ -708,6 +754,14 @@ impl Source {
         if let Self::Kube { watch, events, .. } = self {
             events.report(watch, problems);
         }
+    }
+}
+
+/// Sets the NodePort addresses of `node`, saying when they change.
+fn set_addresses(node: &mut NodeInfo, addresses: Vec<IpAddr>) {
+    if addresses != node.addresses {
+        info!(addresses = ?addresses, "NodePort addresses");
+        node.addresses = addresses;
     }
 }
 
@@ -767,19 +821,22 @@ fn write_config(
     maps.config.set(0, cfg, 0).context("write config map")
 }
 
-/// Makes the maps, and the health check ports, match `objects`; returns
-/// every problem found (untranslatable input and Service ports the maps
-/// refused) and what the reconciler did.
+/// Makes the maps, and the health check ports, match the translated
+/// model; returns every problem found (the source's, untranslatable input
+/// and Service ports the maps refused) and what the reconciler did.
 fn sync(
-    objects: Objects,
+    source_problems: Vec<Problem>,
+    translator: &Translator,
+    changed: &BTreeSet<ServicePortRef>,
     node: &NodeInfo,
     reconciler: &mut Reconciler,
     maps: &mut Maps,
     health: &mut HealthServers,
 ) -> (Vec<Problem>, lb_agent::reconcile::Report) {
-    let (model, problems) = model::build(&objects.services, &objects.slices, node);
-    let report = reconciler.apply(&model, maps);
-    health.update(&lb_agent::health::desired(&model), &node.addresses);
+    let model = translator.model();
+    let problems = translator.problems();
+    let report = reconciler.apply_changed(model, changed, maps);
+    health.update(&lb_agent::health::desired(model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
         Ok(0) => {}
         Ok(n) => debug!(
@@ -795,7 +852,7 @@ fn sync(
         failures = report.failures.len(),
         "synced"
     );
-    let mut all = objects.problems;
+    let mut all = source_problems;
     all.extend(problems);
     all.extend(report.failures.iter().map(|f| f.to_problem()));
     (all, report)

@@ -16,9 +16,9 @@ use lb_agent::{
         programs::{MapSizes, Programs, TestProgram},
     },
     model::{Endpoint, Frontend, FrontendKind, Model, Protocol, ServicePort, ServicePortRef},
-    reconcile::{addr_be, Info, Range, Reconciler, Store, StoreError},
+    reconcile::{addr_be, Reconciler},
 };
-use lb_common::{Backend, BackendId, Config, ServiceKey, ServiceValue};
+use lb_common::Config;
 
 /// Maglev table size of the fixtures: the smallest supported, for speed.
 pub const TABLE_SIZE: u32 = 251;
@@ -111,27 +111,6 @@ impl Datapath {
         self.maps
             .purge_affinity(|svc, backend| reconciler.is_active(svc, backend))
             .expect("purge affinity");
-    }
-
-    /// [`Self::apply`] for large loads: the Maglev tables are written with
-    /// one update of the outer map (see [`Maps::put_tables`]) and the
-    /// frontends after them, so the benchmarks can load 100 000 Services.
-    pub fn apply_batched(&mut self, services: &[(ServicePortRef, ServicePort)]) {
-        let model = Model {
-            services: services.iter().cloned().collect(),
-        };
-        let mut store = Batched {
-            maps: &mut self.maps,
-            tables: Vec::new(),
-            frontends: Vec::new(),
-        };
-        let report = self.reconciler.apply(&model, &mut store);
-        assert!(report.failures.is_empty(), "apply failed: {report:?}");
-        let (tables, frontends) = (store.tables, store.frontends);
-        self.maps.put_tables(&tables).expect("write Maglev tables");
-        for (k, v) in frontends {
-            self.maps.put_service(k, v).expect("write a frontend");
-        }
     }
 
     /// The bpffs directory the maps are pinned under.
@@ -288,50 +267,4 @@ pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCount
         .into_iter()
         .find(|(_, n, _)| n == name)
         .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
-}
-
-/// A store that holds back Maglev tables and frontends, for
-/// [`Datapath::apply_batched`] to write tables first, then frontends.
-struct Batched<'a> {
-    maps: &'a mut Maps,
-    tables: Vec<(u32, Vec<BackendId>)>,
-    frontends: Vec<(ServiceKey, ServiceValue)>,
-}
-
-impl Store for Batched<'_> {
-    fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
-        self.maps.put_backend(id, b)
-    }
-    fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
-        self.maps.del_backend(id)
-    }
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
-        self.tables.push((svc_id, table.to_vec()));
-        Ok(())
-    }
-    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        self.maps.del_table(svc_id)
-    }
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
-        self.frontends.push((key, value));
-        Ok(())
-    }
-    fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError> {
-        self.maps.del_service(key)
-    }
-    fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError> {
-        self.maps.put_info(svc_id, info)
-    }
-    fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        self.maps.del_info(svc_id)
-    }
-    fn put_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
-        self.maps.put_range(svc_id, range)
-    }
-    fn del_range(&mut self, svc_id: u32, range: Range) -> Result<(), StoreError> {
-        self.maps.del_range(svc_id, range)
-    }
-    fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        self.maps.reset_stats(svc_id)
-    }
 }

@@ -18,6 +18,8 @@ use lb_common::{
     ServiceKey, ServiceValue, SrcRange,
 };
 
+use tracing::debug;
+
 use super::bpffs;
 use crate::reconcile::{Info, Range, Snapshot, Store, StoreError};
 
@@ -178,6 +180,22 @@ impl Store for Maps {
             .map_err(|e| store_err("insert", maps::MAGLEV, &e))
     }
 
+    fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(tables.len());
+        for chunk in tables.chunks(TABLES_PER_BATCH) {
+            match self.put_table_batch(chunk) {
+                Ok(()) => out.extend(chunk.iter().map(|_| Ok(()))),
+                // Which table failed, and why, is found one by one: a
+                // batch stops at its first error.
+                Err(e) => {
+                    debug!("batch of Maglev tables failed, writing them one by one: {e:#}");
+                    out.extend(chunk.iter().map(|(id, t)| self.put_table(*id, t)));
+                }
+            }
+        }
+        out
+    }
+
     fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
         ignore_missing(self.maglev.remove(&svc_id))
             .map_err(|e| store_err("remove", maps::MAGLEV, &e))
@@ -323,19 +341,12 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Maps {
-    /// Installs many Maglev tables with one update of the outer map. Every
-    /// update of a map of maps waits for an RCU grace period (so that no
-    /// program still uses the old inner map when the syscall returns),
-    /// milliseconds on a busy machine: one per table is what makes a large
+    /// Installs Maglev tables with one update of the outer map (at most
+    /// [`TABLES_PER_BATCH`], each holding a file descriptor until then).
+    /// Every update of a map of maps waits for an RCU grace period (so that
+    /// no program still uses the old inner map when the syscall returns),
+    /// milliseconds on a busy machine: one per table is what made a large
     /// first sync slow, one per batch is not.
-    pub fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
-        // Each pending table holds a file descriptor until its batch is in.
-        for chunk in tables.chunks(TABLES_PER_BATCH) {
-            self.put_table_batch(chunk)?;
-        }
-        Ok(())
-    }
-
     fn put_table_batch(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
         let mut inners = Vec::with_capacity(tables.len());
         for (_, table) in tables {

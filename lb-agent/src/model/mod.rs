@@ -11,7 +11,7 @@ mod translation_lines;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use translate::build;
+pub use translate::{build, group, service_id, slice_owner, Id, Inputs, Translator};
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;

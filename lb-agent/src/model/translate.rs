@@ -7,7 +7,7 @@
 //! port, one slice) so that one bad object never hides the others.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
@@ -39,18 +39,305 @@ pub fn build(
     slices: &[EndpointSlice],
     node: &NodeInfo,
 ) -> (Model, Vec<Problem>) {
-    let mut problems = Vec::new();
-    let slices = index_slices(slices, node, &mut problems);
-    let mut model = Model::default();
-    for svc in unique_services(services, &mut problems) {
-        translate_service(svc, &slices, node, &mut model, &mut problems);
+    let mut t = Translator::new(node.clone());
+    let groups = group(services, slices);
+    t.update(node, groups.keys().cloned(), |id| {
+        groups.get(id).cloned().unwrap_or_default()
+    });
+    let problems = t.problems();
+    (t.model, problems)
+}
+
+/// A Service's identity: `(namespace, name)`, with the API's defaults.
+pub type Id = (String, String);
+
+/// The identity of a Service.
+pub fn service_id(svc: &Service) -> Id {
+    identity(&svc.metadata)
+}
+
+/// The identity of the Service an EndpointSlice belongs to (its namespace
+/// and `kubernetes.io/service-name` label); `None` without the label, when
+/// the slice belongs to no Service and is ignored.
+pub fn slice_owner(slice: &EndpointSlice) -> Option<Id> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((identity(&slice.metadata).0, service.clone()))
+}
+
+/// What one Service identity is made of: its Service documents (one,
+/// unless the same Service is defined twice) and its EndpointSlices.
+pub type Inputs<'a> = (Vec<&'a Service>, Vec<&'a EndpointSlice>);
+
+/// Groups Services and EndpointSlices by the Service identity they
+/// belong to; slices without an owner are left out (with a debug line).
+pub fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> BTreeMap<Id, Inputs<'a>> {
+    let mut out: BTreeMap<Id, Inputs<'a>> = BTreeMap::new();
+    for svc in services {
+        out.entry(service_id(svc)).or_default().0.push(svc);
     }
-    resolve_frontend_conflicts(&mut model, &mut problems);
-    // Problems are collected in input order; sorting makes them as stable as
-    // the model, so a reload with the same files logs the same lines.
-    problems.sort_by(|a, b| (&a.object, &a.message).cmp(&(&b.object, &b.message)));
-    problems.dedup();
-    (model, problems)
+    for slice in slices {
+        match slice_owner(slice) {
+            Some(id) => out.entry(id).or_default().1.push(slice),
+            None => {
+                let (namespace, name) = identity(&slice.metadata);
+                debug!(slice = %format!("{namespace}/{name}"), "no {SERVICE_NAME_LABEL} label; slice ignored");
+            }
+        }
+    }
+    out
+}
+
+/// The translation of one Service identity, before frontend conflicts
+/// between Services are settled.
+#[derive(Debug, Default)]
+struct Part {
+    ports: Vec<(ServicePortRef, ServicePort)>,
+    problems: Vec<Problem>,
+}
+
+/// A frontend as the datapath keys it: what two Service ports cannot share.
+type FrontendKey = (IpAddr, u16, Protocol);
+
+/// [`build`] kept up to date between syncs: only the Service identities
+/// whose objects changed are translated again, and frontend conflicts are
+/// settled again only among the Service ports that claim a frontend one of
+/// them claims. One changed Service among 10 000 then costs one Service's
+/// translation, where [`build`] costs all of them.
+#[derive(Debug, Default)]
+pub struct Translator {
+    node: NodeInfo,
+    parts: HashMap<Id, Part>,
+    /// Every Service port that claims each frontend; the first in
+    /// `ServicePortRef` order owns it.
+    claims: HashMap<FrontendKey, BTreeSet<ServicePortRef>>,
+    /// The translated model, conflicts settled.
+    model: Model,
+    /// The problems of settling conflicts, by the Service port that lost.
+    conflicts: HashMap<ServicePortRef, Vec<Problem>>,
+}
+
+fn frontend_keys<'a>(
+    r: &'a ServicePortRef,
+    sp: &'a ServicePort,
+) -> impl Iterator<Item = FrontendKey> + 'a {
+    sp.frontends.iter().map(|f| (f.addr, f.port, r.protocol))
+}
+
+impl Translator {
+    /// An empty translation for `node`.
+    pub fn new(node: NodeInfo) -> Self {
+        Self {
+            node,
+            ..Self::default()
+        }
+    }
+
+    /// The node the model is for.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// The model as of the last [`Self::update`].
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Every problem of the current input, sorted, without duplicates.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .parts
+            .values()
+            .flat_map(|p| p.problems.iter().cloned())
+            .chain(self.conflicts.values().flatten().cloned())
+            .collect();
+        // Sorting makes them as stable as the model, so a reload with the
+        // same files logs the same lines.
+        problems.sort_by(|a, b| (&a.object, &a.message).cmp(&(&b.object, &b.message)));
+        problems.dedup();
+        problems
+    }
+
+    /// The identities translated now (those with any port or problem).
+    pub fn ids(&self) -> impl Iterator<Item = &Id> {
+        self.parts.keys()
+    }
+
+    /// Translates again the identities in `changed`, reading each one's
+    /// objects through `inputs` (empty: the identity is gone). A changed
+    /// `node` changes every Service, so then all are translated again.
+    /// Returns the Service ports of the model that may differ now (changed,
+    /// added or gone).
+    pub fn update<'a>(
+        &mut self,
+        node: &NodeInfo,
+        changed: impl IntoIterator<Item = Id>,
+        mut inputs: impl FnMut(&Id) -> Inputs<'a>,
+    ) -> BTreeSet<ServicePortRef> {
+        let mut changed: BTreeSet<Id> = changed.into_iter().collect();
+        if *node != self.node {
+            self.node = node.clone();
+            changed.extend(self.parts.keys().cloned());
+        }
+        // The Service ports whose settled frontends may differ now.
+        let mut affected: BTreeSet<ServicePortRef> = BTreeSet::new();
+        for id in changed {
+            if let Some(old) = self.parts.remove(&id) {
+                for (r, sp) in &old.ports {
+                    for key in frontend_keys(r, sp) {
+                        if let Some(set) = self.claims.get_mut(&key) {
+                            set.remove(r);
+                            affected.extend(set.iter().cloned());
+                            if set.is_empty() {
+                                self.claims.remove(&key);
+                            }
+                        }
+                    }
+                    affected.insert(r.clone());
+                }
+            }
+            let (services, slices) = inputs(&id);
+            if services.is_empty() && slices.is_empty() {
+                continue;
+            }
+            let part = translate_identity(&id, &services, &slices, &self.node);
+            for (r, sp) in &part.ports {
+                for key in frontend_keys(r, sp) {
+                    let set = self.claims.entry(key).or_default();
+                    affected.extend(set.iter().cloned());
+                    set.insert(r.clone());
+                }
+                affected.insert(r.clone());
+            }
+            if !part.ports.is_empty() || !part.problems.is_empty() {
+                self.parts.insert(id, part);
+            }
+        }
+        for r in &affected {
+            self.settle(r);
+        }
+        affected
+    }
+
+    /// Gives each `(address, port, protocol)` to one Service port only.
+    ///
+    /// The datapath keys frontends on exactly that triple, so two owners
+    /// cannot both be programmed; the first in `ServicePortRef` order wins
+    /// so the outcome does not depend on which file or event came first.
+    fn settle(&mut self, r: &ServicePortRef) {
+        self.conflicts.remove(r);
+        let id = (r.namespace.clone(), r.name.clone());
+        let unsettled = self
+            .parts
+            .get(&id)
+            .and_then(|p| p.ports.iter().find(|(pr, _)| pr == r))
+            .map(|(_, sp)| sp);
+        let Some(sp) = unsettled else {
+            self.model.services.remove(r);
+            return;
+        };
+        let mut sp = sp.clone();
+        let mut problems = Vec::new();
+        let had_frontends = !sp.frontends.is_empty();
+        sp.frontends.retain(|f| {
+            let owner = self
+                .claims
+                .get(&(f.addr, f.port, r.protocol))
+                .and_then(BTreeSet::first);
+            match owner {
+                // The same port may use one address:port as several kinds.
+                Some(o) if o != r => {
+                    problems.push(Problem {
+                        object: format!("Service {}/{}", r.namespace, r.name),
+                        message: format!(
+                            "{}: frontend {}/{} is already used by Service {}/{} {}; frontend dropped from this port",
+                            port_label(&r.port_name, r.protocol),
+                            SocketAddr::new(f.addr, f.port),
+                            protocol_name(r.protocol),
+                            o.namespace,
+                            o.name,
+                            port_label(&o.port_name, o.protocol),
+                        ),
+                    });
+                    false
+                }
+                _ => true,
+            }
+        });
+        if had_frontends && sp.frontends.is_empty() {
+            problems.push(Problem {
+                object: format!("Service {}/{}", r.namespace, r.name),
+                message: format!(
+                    "{} lost every frontend to other Services; port skipped",
+                    port_label(&r.port_name, r.protocol)
+                ),
+            });
+            self.model.services.remove(r);
+        } else {
+            self.model.services.insert(r.clone(), sp);
+        }
+        if !problems.is_empty() {
+            self.conflicts.insert(r.clone(), problems);
+        }
+    }
+}
+
+/// Translates one Service identity: its Service (when defined once, or in
+/// identical copies) with its slices, and the problems of both.
+fn translate_identity(
+    id: &Id,
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+) -> Part {
+    let mut part = Part::default();
+    let mut parsed = Vec::new();
+    for slice in slices {
+        let (namespace, name) = identity(&slice.metadata);
+        let object = format!("EndpointSlice {namespace}/{name}");
+        let labels = slice.metadata.labels.as_ref();
+        // The EndpointSlice controller copies these labels from the Service;
+        // kube-proxy filters on them, so the slices are skipped even when
+        // their Service is (wrongly) not.
+        if let Some(label) = [HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL]
+            .into_iter()
+            .find(|l| labels.is_some_and(|ls| ls.contains_key(*l)))
+        {
+            debug!(slice = %object, "labelled {label}; slice ignored");
+            continue;
+        }
+        if let Some(p) = parse_slice(slice, &object, node, &mut part.problems) {
+            parsed.push(p);
+        }
+    }
+    let (namespace, name) = id;
+    if name.is_empty() {
+        for _ in services {
+            part.problems.push(Problem {
+                object: format!("Service {namespace}/"),
+                message: "has no metadata.name; Service skipped".to_owned(),
+            });
+        }
+        return part;
+    }
+    let Some(first) = services.first() else {
+        return part;
+    };
+    // Identical copies (the same manifest in two files) collapse into one;
+    // differing copies cannot be told apart by order, so all are skipped.
+    if services.iter().all(|c| *c == *first) {
+        let mut ports = BTreeMap::new();
+        translate_service(first, &parsed, node, &mut ports, &mut part.problems);
+        part.ports = ports.into_iter().collect();
+    } else {
+        part.problems.push(Problem {
+            object: format!("Service {namespace}/{name}"),
+            message: format!(
+                "defined {} times with different contents; every copy skipped until only one remains",
+                services.len()
+            ),
+        });
+    }
+    part
 }
 
 /// `(namespace, name)` of an object, with the API server's defaults.
@@ -63,41 +350,6 @@ fn identity(meta: &ObjectMeta) -> (String, String) {
     (namespace.to_owned(), name.to_owned())
 }
 
-/// The Services to translate, sorted by identity, one per identity.
-///
-/// Identical copies (the same manifest in two files) collapse into one;
-/// differing copies cannot be told apart by order, so all of them are skipped.
-fn unique_services<'a>(services: &'a [Service], problems: &mut Vec<Problem>) -> Vec<&'a Service> {
-    let mut by_id: BTreeMap<(String, String), Vec<&Service>> = BTreeMap::new();
-    for svc in services {
-        let (namespace, name) = identity(&svc.metadata);
-        if name.is_empty() {
-            problems.push(Problem {
-                object: format!("Service {namespace}/"),
-                message: "has no metadata.name; Service skipped".to_owned(),
-            });
-            continue;
-        }
-        by_id.entry((namespace, name)).or_default().push(svc);
-    }
-    let mut out = Vec::with_capacity(by_id.len());
-    for ((namespace, name), copies) in by_id {
-        let first = copies[0];
-        if copies.iter().all(|c| *c == first) {
-            out.push(first);
-        } else {
-            problems.push(Problem {
-                object: format!("Service {namespace}/{name}"),
-                message: format!(
-                    "defined {} times with different contents; every copy skipped until only one remains",
-                    copies.len()
-                ),
-            });
-        }
-    }
-    out
-}
-
 /// The usable content of one EndpointSlice.
 struct Slice {
     /// Port number by `(name, protocol)`: how this slice resolves a targetPort.
@@ -105,40 +357,6 @@ struct Slice {
     /// One entry per valid address, with its zone and hints; `port` is
     /// filled in per Service port.
     endpoints: Vec<(Endpoint, Topology)>,
-}
-
-/// Validates every EndpointSlice once and groups them by owning Service.
-fn index_slices(
-    slices: &[EndpointSlice],
-    node: &NodeInfo,
-    problems: &mut Vec<Problem>,
-) -> BTreeMap<(String, String), Vec<Slice>> {
-    let mut out: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
-    for slice in slices {
-        let (namespace, name) = identity(&slice.metadata);
-        let object = format!("EndpointSlice {namespace}/{name}");
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            debug!(slice = %object, "no {SERVICE_NAME_LABEL} label; slice ignored");
-            continue;
-        };
-        // The EndpointSlice controller copies these labels from the Service;
-        // kube-proxy filters on them, so the slices are skipped even when
-        // their Service is (wrongly) not.
-        if let Some(label) = [HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL]
-            .into_iter()
-            .find(|l| labels.is_some_and(|ls| ls.contains_key(*l)))
-        {
-            debug!(slice = %object, "labelled {label}; slice ignored");
-            continue;
-        }
-        if let Some(parsed) = parse_slice(slice, &object, node, problems) {
-            out.entry((namespace, service.clone()))
-                .or_default()
-                .push(parsed);
-        }
-    }
-    out
 }
 
 /// Validates one slice; `None` when it has nothing for this datapath.
@@ -429,9 +647,9 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
 /// Adds every valid port of one Service to the model.
 fn translate_service(
     svc: &Service,
-    slices: &BTreeMap<(String, String), Vec<Slice>>,
+    service_slices: &[Slice],
     node: &NodeInfo,
-    model: &mut Model,
+    ports_out: &mut BTreeMap<ServicePortRef, ServicePort>,
     problems: &mut Vec<Problem>,
 ) {
     let (namespace, name) = identity(&svc.metadata);
@@ -447,9 +665,6 @@ fn translate_service(
     if ports.is_empty() {
         debug!(service = %object, "no ports; nothing to program");
     }
-    let service_slices = slices
-        .get(&(namespace.clone(), name.clone()))
-        .map_or(&[][..], Vec::as_slice);
     let affinity = affinity_timeout(svc, &object, problems);
     let ranges = source_ranges(svc, &object, problems);
     let mut seen = BTreeSet::new();
@@ -496,7 +711,7 @@ fn translate_service(
                 .unwrap_or(0);
             sp.source_ranges.clone_from(&ranges);
         }
-        model.services.insert(r, sp);
+        ports_out.insert(r, sp);
     }
 }
 
@@ -688,54 +903,6 @@ fn merge_endpoints(
         })
         .collect();
     (endpoints, topologies)
-}
-
-/// Gives each `(address, port, protocol)` to one Service port only.
-///
-/// The datapath keys frontends on exactly that triple, so two owners cannot
-/// both be programmed; the first in `ServicePortRef` order wins so the outcome
-/// does not depend on which file or event came first.
-fn resolve_frontend_conflicts(model: &mut Model, problems: &mut Vec<Problem>) {
-    let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortRef> = BTreeMap::new();
-    // `BTreeMap::retain` visits keys in ascending order.
-    model.services.retain(|r, sp| {
-        let had_frontends = !sp.frontends.is_empty();
-        sp.frontends.retain(|f| match owners.entry((f.addr, f.port, r.protocol)) {
-            Entry::Vacant(v) => {
-                v.insert(r.clone());
-                true
-            }
-            // The same port may use one address:port as several kinds.
-            Entry::Occupied(o) if o.get() == r => true,
-            Entry::Occupied(o) => {
-                let owner = o.get();
-                problems.push(Problem {
-                    object: format!("Service {}/{}", r.namespace, r.name),
-                    message: format!(
-                        "{}: frontend {}/{} is already used by Service {}/{} {}; frontend dropped from this port",
-                        port_label(&r.port_name, r.protocol),
-                        SocketAddr::new(f.addr, f.port),
-                        protocol_name(r.protocol),
-                        owner.namespace,
-                        owner.name,
-                        port_label(&owner.port_name, owner.protocol),
-                    ),
-                });
-                false
-            }
-        });
-        if had_frontends && sp.frontends.is_empty() {
-            problems.push(Problem {
-                object: format!("Service {}/{}", r.namespace, r.name),
-                message: format!(
-                    "{} lost every frontend to other Services; port skipped",
-                    port_label(&r.port_name, r.protocol)
-                ),
-            });
-            return false;
-        }
-        true
-    });
 }
 
 #[cfg(test)]
@@ -1439,5 +1606,73 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
         let (model, problems) = build(&services, &slices, &NodeInfo::default());
         assert!(model.services.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn translator_updates_match_a_full_build() {
+        // Two Services claiming one frontend (a wins), a slice in its own
+        // document, and a Service defined twice differently.
+        let a = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let b = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.1, ports: [{port: 80}], externalIPs: [10.0.9.9]}\n";
+        let b_alone = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+                 spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+        let slice = |svc: &str, addr: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {svc}-1, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{addr}]}}]\n"
+            )
+        };
+        let steps: Vec<Vec<String>> = vec![
+            vec![a.into(), slice("a", "10.0.0.1")],
+            vec![
+                a.into(),
+                slice("a", "10.0.0.1"),
+                b.into(),
+                slice("b", "10.0.0.2"),
+            ],
+            vec![
+                a.into(),
+                slice("a", "10.0.0.3"),
+                b.into(),
+                slice("b", "10.0.0.2"),
+            ],
+            vec![slice("a", "10.0.0.3"), b.into(), slice("b", "10.0.0.2")],
+            vec![b.into(), b_alone.into(), slice("b", "10.0.0.2")],
+            vec![b_alone.into(), slice("b", "10.0.0.4"), slice("c", "bad")],
+            vec![],
+        ];
+        let mut t = Translator::new(node());
+        let mut before: BTreeMap<Id, String> = BTreeMap::new();
+        for docs in &steps {
+            let (services, slices) = objects(&docs.join("---\n"));
+            let groups = group(&services, &slices);
+            // Only identities whose documents changed are updated.
+            let now: BTreeMap<Id, String> = groups
+                .iter()
+                .map(|(id, (s, l))| (id.clone(), format!("{s:?}{l:?}")))
+                .collect();
+            let changed: Vec<Id> = before
+                .keys()
+                .chain(now.keys())
+                .filter(|id| before.get(*id) != now.get(*id))
+                .cloned()
+                .collect();
+            let old_model = t.model().clone();
+            let affected = t.update(&node(), changed, |id| {
+                groups.get(id).cloned().unwrap_or_default()
+            });
+            let (model, problems) = build(&services, &slices, &node());
+            assert_eq!(t.model(), &model, "model after {docs:?}");
+            assert_eq!(t.problems(), problems, "problems after {docs:?}");
+            for r in old_model.services.keys().chain(model.services.keys()) {
+                if old_model.services.get(r) != model.services.get(r) {
+                    assert!(affected.contains(r), "{r} changed but was not reported");
+                }
+            }
+            before = now;
+        }
     }
 }

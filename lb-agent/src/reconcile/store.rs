@@ -55,6 +55,16 @@ pub trait Store {
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError>;
     /// Installs a Service port's Maglev table, replacing any old one whole.
     fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError>;
+    /// Installs many Service ports' tables, each as [`Store::put_table`]
+    /// would; one result per table, in order. Stores where each install
+    /// has a fixed cost (the kernel's wait after a map-of-maps update)
+    /// install them together.
+    fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Vec<Result<(), StoreError>> {
+        tables
+            .iter()
+            .map(|(svc_id, table)| self.put_table(*svc_id, table))
+            .collect()
+    }
     /// Deletes a Service port's Maglev table.
     fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError>;
     /// Inserts or replaces a frontend record.

@@ -1,6 +1,8 @@
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::*;
+use crate::maglev::TableSize;
 use crate::model::{Endpoint, Frontend, ServicePort, ServicePortRef};
 
 /// A store that checks, after every single operation, that each frontend
@@ -29,7 +31,9 @@ impl CheckedStore {
                 continue;
             }
             match snap.tables.get(&v.svc_id) {
-                Some(t) if t.len() == v.slot_count as usize => {
+                // A frontend may index fewer slots than its table holds
+                // while a table is resized; never more.
+                Some(t) if t.len() >= v.slot_count as usize => {
                     if let Some(id) = t.iter().find(|id| !snap.backends.contains_key(id)) {
                         self.violations.push(format!(
                             "after {op}: frontend {key:?} table names missing backend {id}"
@@ -466,5 +470,109 @@ fn sctp_ports_are_refused_with_a_failure_naming_the_service() {
             .message
             .starts_with("default/sig/SCTP: SCTP is not translated"),
         "{problem:?}"
+    );
+}
+
+/// The Service ports whose entries differ between two models.
+fn changes(old: &Model, new: &Model) -> BTreeSet<ServicePortRef> {
+    old.services
+        .keys()
+        .chain(new.services.keys())
+        .filter(|r| old.services.get(*r) != new.services.get(*r))
+        .cloned()
+        .collect()
+}
+
+/// Every frontend with the backends its table leads to.
+fn routes(store: &MemStore) -> BTreeMap<ServiceKey, (u32, Vec<IpAddr>)> {
+    store
+        .snap
+        .services
+        .iter()
+        .map(|(k, v)| {
+            let addr = addr_from_be(k.addr_be, k.family);
+            (
+                *k,
+                (
+                    v.slot_count,
+                    frontend_backends(store, &addr.to_string(), u16::from_be(k.port_be)),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn applying_only_the_changes_matches_a_full_apply_and_resizes_make_before_break() {
+    let eps = |n: usize| -> Vec<String> { (0..n).map(|i| format!("10.244.1.{}", i + 1)).collect() };
+    let svc_n = |name: &str, vip: &str, n: usize| {
+        let e = eps(n);
+        let refs: Vec<&str> = e.iter().map(String::as_str).collect();
+        svc(name, vip, 80, &refs)
+    };
+    // Table sizes 251 (2 backends), 1021 (3 to 10), 4093 (11): grown and
+    // shrunk again, beside Service ports that come and go.
+    let steps = [
+        vec![svc_n("a", "10.96.0.1", 2), svc_n("b", "10.96.0.2", 1)],
+        vec![svc_n("a", "10.96.0.1", 3), svc_n("b", "10.96.0.2", 1)],
+        vec![svc_n("a", "10.96.0.1", 11), svc_n("c", "10.96.0.3", 4)],
+        vec![svc_n("a", "10.96.0.1", 2), svc_n("c", "10.96.0.3", 4)],
+        vec![svc_n("a", "10.96.0.1", 0), svc_n("c", "10.96.0.3", 5)],
+        vec![svc_n("c", "10.96.0.3", 5)],
+        vec![],
+    ];
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::new(TableSize::Scaled);
+    let mut last = Model::default();
+    for step in &steps {
+        let m = model(step);
+        let report = r.apply_changed(&m, &changes(&last, &m), &mut store);
+        assert!(report.failures.is_empty(), "{report:?}");
+        let mut fresh = MemStore::default();
+        Reconciler::new(TableSize::Scaled).apply(&m, &mut fresh);
+        assert_eq!(routes(&store.inner), routes(&fresh), "after {step:?}");
+        assert_eq!(
+            store.inner.snap.backends.len(),
+            fresh.snap.backends.len(),
+            "unused backends are deleted"
+        );
+        assert_eq!(store.inner.snap.infos.len(), fresh.snap.infos.len());
+        last = m;
+    }
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+    assert_eq!(
+        store.inner.snap,
+        Snapshot::default(),
+        "everything removed at the end"
+    );
+    // The sizes really changed along the way.
+    let m = model(&[svc_n("a", "10.96.0.1", 11)]);
+    let mut sized = MemStore::default();
+    Reconciler::new(TableSize::Scaled).apply(&m, &mut sized);
+    assert_eq!(sized.snap.tables.values().next().map(Vec::len), Some(4093));
+}
+
+#[test]
+fn a_failed_table_is_retried_by_later_applies_of_other_changes() {
+    let mut store = Limited {
+        inner: CheckedStore::default(),
+        services_max: 1,
+        backends_max: 10,
+    };
+    let mut r = Reconciler::new(M);
+    let a = svc("a", "10.96.0.11", 80, &["10.244.1.10"]);
+    let b = svc("b", "10.96.0.12", 80, &["10.244.1.11"]);
+    let m1 = model(&[a.clone(), b.clone()]);
+    let report = r.apply_changed(&m1, &changes(&Model::default(), &m1), &mut store);
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    // Room appears; the next apply changes only a, and b goes in too.
+    store.services_max = 2;
+    let a2 = svc("a", "10.96.0.11", 80, &["10.244.1.12"]);
+    let m2 = model(&[a2, b]);
+    let report = r.apply_changed(&m2, &changes(&m1, &m2), &mut store);
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        frontend_backends(&store.inner.inner, "10.96.0.12", 80),
+        vec![ip("10.244.1.11")]
     );
 }

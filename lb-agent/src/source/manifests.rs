@@ -1,12 +1,18 @@
 //! The manifests folder: Services and EndpointSlices as Kubernetes YAML files.
 //!
-//! Every load reads the whole folder, so a reload after any change yields the
-//! same objects as a fresh start. Bad documents become [`Problem`]s and are
-//! skipped one by one: a typo in one manifest never hides the others.
+//! The folder is read once in full; after that, the watcher names the files
+//! that changed and only those are read again ([`Folder`]), and a full scan
+//! (when the watcher cannot say, e.g. a ConfigMap's `..data` link swapped)
+//! re-reads only files whose size, times or inode changed. Either way the
+//! result is the objects a fresh start would read. Bad documents become
+//! [`Problem`]s and are skipped one by one: a typo in one manifest never
+//! hides the others.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Service;
@@ -17,7 +23,7 @@ use serde_yaml::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::model::Problem;
+use crate::model::{self, Id, Inputs, Problem};
 
 /// The objects read from the manifests folder, and what could not be read.
 #[derive(Clone, Debug, Default)]
@@ -38,35 +44,288 @@ pub struct Objects {
 ///
 /// Only when `dir` itself cannot be listed.
 pub fn load_dir(dir: &Path) -> io::Result<Objects> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_manifest_name(&name) {
-            files.push((name, entry.path()));
+    let mut folder = Folder::default();
+    folder.refresh(dir, &Scan::All, |_, _| {})?;
+    Ok(folder.objects())
+}
+
+/// What to read again from the folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// List the folder and read every file that is new or whose size,
+    /// times or inode changed (a reload that cannot miss anything).
+    All,
+    /// Read these files (by name) again; a missing one is removed.
+    Files(BTreeSet<String>),
+    /// As [`Scan::All`], and every file is read again, changed or not:
+    /// what a new translation of every Service needs (the node changed).
+    Reparse,
+}
+
+/// When a file was last read: a change of any of these means read it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Self {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
         }
     }
-    files.sort();
+}
 
-    let mut objects = Objects::default();
-    for (name, path) in files {
-        // `metadata` follows symlinks: a mounted ConfigMap is a folder of them.
-        match fs::metadata(&path) {
-            Ok(m) if !m.is_file() => {
-                debug!(file = %name, "not a regular file; ignored");
-                continue;
+/// One file as last read: its text, kept instead of its parsed objects,
+/// which take several times the space (k8s-openapi structs of several
+/// KiB per object).
+#[derive(Debug)]
+struct File {
+    /// `None` when the file could not be read (then it is tried again at
+    /// every full scan).
+    stamp: Option<Stamp>,
+    text: Option<Box<str>>,
+    /// The Service identities its objects belong to, sorted.
+    ids: Vec<Id>,
+    problems: Vec<Problem>,
+}
+
+/// The manifests folder as last read. A change re-reads only the files it
+/// touched and re-translates only the Services whose objects those files
+/// hold. Only text is kept between syncs; objects are parsed for the sync
+/// that needs them, a bounded number of files at a time.
+#[derive(Debug, Default)]
+pub struct Folder {
+    files: BTreeMap<String, File>,
+    /// The files that hold objects of each Service identity (the Service
+    /// itself, or an EndpointSlice that names it).
+    index: HashMap<Id, Vec<String>>,
+    /// Objects parsed for the Services being translated now, by file.
+    parsed: HashMap<String, Objects>,
+}
+
+/// The Service identities the objects of a file belong to, sorted.
+fn ids_of(objects: &Objects) -> Vec<Id> {
+    let ids: BTreeSet<Id> = objects
+        .services
+        .iter()
+        .map(model::service_id)
+        .chain(objects.slices.iter().filter_map(model::slice_owner))
+        .collect();
+    ids.into_iter().collect()
+}
+
+/// Files whose objects are held in memory at once while a folder is read:
+/// bounds the memory of a first load of thousands of files.
+const FILES_PER_ROUND: usize = 1024;
+
+impl Folder {
+    /// Brings the folder up to date as `scan` says. `changed` is called
+    /// with the Service identities whose objects may have changed, as many
+    /// times as it takes (a bounded number of files is parsed at a time);
+    /// during the call, [`Self::inputs`] gives their objects.
+    ///
+    /// # Errors
+    ///
+    /// Only when `dir` itself cannot be listed (nothing is changed then).
+    pub fn refresh(
+        &mut self,
+        dir: &Path,
+        scan: &Scan,
+        mut changed: impl FnMut(&Self, BTreeSet<Id>),
+    ) -> io::Result<()> {
+        // Files to read again (with their metadata), files gone.
+        let mut read: Vec<(String, fs::Metadata)> = Vec::new();
+        let mut gone: Vec<String> = Vec::new();
+        match scan {
+            Scan::All | Scan::Reparse => {
+                let mut present = BTreeSet::new();
+                for entry in fs::read_dir(dir)? {
+                    let entry = entry?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !is_manifest_name(&name) {
+                        continue;
+                    }
+                    // `metadata` follows symlinks: a mounted ConfigMap is a
+                    // folder of them.
+                    match fs::metadata(entry.path()) {
+                        Ok(m) if !m.is_file() => {
+                            debug!(file = %name, "not a regular file; ignored");
+                        }
+                        Ok(m) => {
+                            present.insert(name.clone());
+                            let known = self.files.get(&name).and_then(|f| f.stamp);
+                            if known != Some(Stamp::of(&m)) || *scan == Scan::Reparse {
+                                read.push((name, m));
+                            }
+                        }
+                        // Gone since the listing: as if not listed.
+                        Err(_) => {}
+                    }
+                }
+                gone.extend(self.files.keys().filter(|n| !present.contains(*n)).cloned());
             }
-            _ => {}
+            Scan::Files(names) => {
+                for name in names.iter().filter(|n| is_manifest_name(n)) {
+                    match fs::metadata(dir.join(name)) {
+                        Ok(m) if m.is_file() => read.push((name.clone(), m)),
+                        _ => gone.push(name.clone()),
+                    }
+                }
+            }
         }
-        match fs::read_to_string(&path) {
-            Ok(text) => load_file(&name, &text, &mut objects),
-            Err(e) => objects.problems.push(Problem {
+        let mut ids = BTreeSet::new();
+        for name in gone {
+            if let Some(old) = self.files.remove(&name) {
+                self.unindex(&name, &old.ids, &mut ids);
+            }
+        }
+        let mut rounds = read.into_iter().peekable();
+        loop {
+            let round: Vec<(String, fs::Metadata)> =
+                rounds.by_ref().take(FILES_PER_ROUND).collect();
+            for (name, file, objects) in load_files(dir, round) {
+                if let Some(old) = self.files.remove(&name) {
+                    self.unindex(&name, &old.ids, &mut ids);
+                }
+                for id in &file.ids {
+                    let files = self.index.entry(id.clone()).or_default();
+                    if !files.contains(&name) {
+                        files.push(name.clone());
+                    }
+                    ids.insert(id.clone());
+                }
+                self.parsed.insert(name.clone(), objects);
+                self.files.insert(name, file);
+            }
+            if !ids.is_empty() {
+                self.parse_files_of(&ids);
+                changed(self, std::mem::take(&mut ids));
+            }
+            self.parsed.clear();
+            if rounds.peek().is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn unindex(&mut self, name: &str, ids: &[Id], changed: &mut BTreeSet<Id>) {
+        for id in ids {
+            if let Some(files) = self.index.get_mut(id) {
+                files.retain(|f| f != name);
+                if files.is_empty() {
+                    self.index.remove(id);
+                }
+            }
+            changed.insert(id.clone());
+        }
+    }
+
+    /// Parses the files that hold objects of `ids` and are not parsed yet
+    /// (a Service whose slices live in other files than the ones read).
+    fn parse_files_of(&mut self, ids: &BTreeSet<Id>) {
+        let missing: BTreeSet<&String> = ids
+            .iter()
+            .filter_map(|id| self.index.get(id))
+            .flatten()
+            .filter(|name| !self.parsed.contains_key(*name))
+            .collect();
+        let parsed: Vec<(String, Objects)> = missing
+            .into_iter()
+            .filter_map(|name| {
+                let text = self.files.get(name)?.text.as_deref()?;
+                Some((name.clone(), load_text(name, text)))
+            })
+            .collect();
+        self.parsed.extend(parsed);
+    }
+
+    /// The objects of Service identity `id`, from every file that holds
+    /// any; only while [`Self::refresh`] reports `id` as changed.
+    pub fn inputs(&self, id: &Id) -> Inputs<'_> {
+        let mut out: Inputs<'_> = (Vec::new(), Vec::new());
+        for name in self.index.get(id).into_iter().flatten() {
+            let Some(objects) = self.parsed.get(name) else {
+                continue;
+            };
+            out.0.extend(
+                objects
+                    .services
+                    .iter()
+                    .filter(|s| model::service_id(s) == *id),
+            );
+            out.1.extend(
+                objects
+                    .slices
+                    .iter()
+                    .filter(|s| model::slice_owner(s).as_ref() == Some(id)),
+            );
+        }
+        out
+    }
+
+    /// The problems of reading the files (unreadable files, bad documents).
+    pub fn problems(&self) -> Vec<Problem> {
+        self.files
+            .values()
+            .flat_map(|f| f.problems.iter().cloned())
+            .collect()
+    }
+
+    /// Every object, in file name order (each file parsed again).
+    pub fn objects(&self) -> Objects {
+        let mut out = Objects::default();
+        for (name, file) in &self.files {
+            match &file.text {
+                Some(text) => load_file(name, text, &mut out),
+                None => out.problems.extend(file.problems.iter().cloned()),
+            }
+        }
+        out
+    }
+}
+
+/// Files parsed per thread before a folder is read on several threads: a
+/// few files are read at once, a first load of thousands on every core.
+const FILES_PER_THREAD: usize = 256;
+
+/// Reads and parses files of `dir`, on every core when there are many.
+fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, File, Objects)> {
+    let load = |(name, meta): (String, fs::Metadata)| match fs::read_to_string(dir.join(&name)) {
+        Ok(text) => {
+            let objects = load_text(&name, &text);
+            let file = File {
+                stamp: Some(Stamp::of(&meta)),
+                text: Some(text.into_boxed_str()),
+                ids: ids_of(&objects),
+                problems: objects.problems.clone(),
+            };
+            (name, file, objects)
+        }
+        Err(e) => {
+            let problem = Problem {
                 object: format!("file {name}"),
                 message: format!("cannot be read as UTF-8 text: {e}; file skipped"),
-            }),
+            };
+            let file = File {
+                stamp: None,
+                text: None,
+                ids: Vec::new(),
+                problems: vec![problem],
+            };
+            (name, file, Objects::default())
         }
-    }
-    Ok(objects)
+    };
+    crate::parallel::map(files, FILES_PER_THREAD, load)
 }
 
 /// True for names of manifest files, false for hidden files (editor swap and
@@ -115,15 +374,13 @@ fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
     };
     let api_version = field("apiVersion")?;
     let kind = field("kind")?;
-    // Deserializing from the text again, not from `value`, keeps serde_yaml's
-    // field path and line number in the message.
     match (api_version, kind) {
-        ("v1", "Service") => objects.services.push(
-            serde_yaml::from_str(text).map_err(|e| format!("is not a valid v1 Service: {e}"))?,
-        ),
+        ("v1", "Service") => objects
+            .services
+            .push(typed(text, &value).map_err(|e| format!("is not a valid v1 Service: {e}"))?),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             objects.slices.push(
-                serde_yaml::from_str(text).map_err(|e| {
+                typed(text, &value).map_err(|e| {
                     format!("is not a valid discovery.k8s.io/v1 EndpointSlice: {e}")
                 })?,
             );
@@ -136,6 +393,19 @@ fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The object `value` (parsed from `text`) as a `T`.
+///
+/// From the parsed value, so that a document is parsed once (most of the
+/// time of loading a large folder); an invalid one is deserialized from
+/// the text again for the error, which then carries serde_yaml's field path
+/// and the line number in the file.
+fn typed<T: serde::de::DeserializeOwned>(
+    text: &str,
+    value: &Value,
+) -> Result<T, serde_yaml::Error> {
+    T::deserialize(value).or_else(|_| serde_yaml::from_str(text))
 }
 
 /// One YAML document of a file.
@@ -209,28 +479,100 @@ fn is_blank(doc: &str) -> bool {
     })
 }
 
-/// Watches `dir` and sends `()` after any change in it.
+/// What the watcher has seen since the last [`Pending::take`]: shared
+/// between the watcher's thread and the agent.
+#[derive(Clone, Debug)]
+pub struct Pending(Arc<Mutex<Scan>>);
+
+impl Pending {
+    /// What to read again, leaving nothing pending. The first call (before
+    /// any event) says [`Scan::All`]: the first load reads everything.
+    pub fn take(&self) -> Scan {
+        let mut scan = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *scan, Scan::Files(BTreeSet::new()))
+    }
+
+    /// Asks for a full scan next time (a load failed after taking the
+    /// pending changes, which must not be lost).
+    pub fn rescan(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Scan::All;
+    }
+
+    fn add(&self, event: &notify::Result<notify::Event>, dir: &Path) -> bool {
+        let mut scan = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let event = match event {
+            Ok(event) if event.need_rescan() => None,
+            Ok(event) if !is_change(event.kind) => return false,
+            Ok(event) => Some(event),
+            Err(e) => {
+                // A lost event could hide a change: a full scan is the safe side.
+                warn!("watching the manifests folder: {e}");
+                None
+            }
+        };
+        let Scan::Files(names) = &mut *scan else {
+            return true;
+        };
+        let Some(event) = event.filter(|e| !e.paths.is_empty()) else {
+            *scan = Scan::All;
+            return true;
+        };
+        let mut wake = false;
+        for path in &event.paths {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            match name {
+                Some(name) if path.parent() == Some(dir) => {
+                    if is_manifest_name(&name) {
+                        names.insert(name);
+                        wake = true;
+                    } else if name.starts_with("..") {
+                        // A ConfigMap mount swaps its `..data` link: every
+                        // file may now point elsewhere.
+                        *scan = Scan::All;
+                        return true;
+                    }
+                    // Other names (hidden temporary files, backups) are
+                    // never read: nothing to do until they are renamed.
+                }
+                // The folder itself, or something the watcher cannot place.
+                _ => {
+                    *scan = Scan::All;
+                    return true;
+                }
+            }
+        }
+        wake
+    }
+}
+
+/// Watches `dir` and sends `()` after a change in it; [`Pending`] says
+/// which files changed.
 ///
-/// The receiver should reload the whole folder; a burst of changes may arrive
-/// as a single wake-up. Keep the returned watcher alive as long as events are
-/// wanted.
+/// A burst of changes may arrive as a single wake-up. Keep the returned
+/// watcher alive as long as events are wanted.
 ///
 /// # Errors
 ///
 /// When the platform watcher cannot be created or cannot watch `dir`.
-pub fn watch(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+pub fn watch(
+    dir: &Path,
+) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>, Pending)> {
     // Capacity 1: a pending wake-up already means "reload", more add nothing.
     let (tx, rx) = mpsc::channel(1);
+    let pending = Pending(Arc::new(Mutex::new(Scan::All)));
+    let shared = pending.clone();
+    let watched = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let wake = match event {
-            Ok(event) => is_change(event.kind),
-            Err(e) => {
-                // A lost event could hide a change: reloading is the safe side.
-                warn!("watching the manifests folder: {e}");
-                true
-            }
-        };
-        if wake {
+        if shared.add(&event, &watched) {
             // Full means a wake-up is pending; closed means nobody listens.
             let _ = tx.try_send(());
         }
@@ -239,14 +581,12 @@ pub fn watch(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Re
     watcher
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watch {}", dir.display()))?;
-    Ok((watcher, rx))
+    Ok((watcher, rx, pending))
 }
 
 /// True for events that can change what [`load_dir`] reads.
 ///
-/// Names are not filtered: a ConfigMap mount updates by renaming its hidden
-/// `..data` link. Opens and reads are skipped, or every reload would trigger
-/// the next one.
+/// Opens and reads are skipped, or every reload would trigger the next one.
 fn is_change(kind: EventKind) -> bool {
     match kind {
         EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any => true,
@@ -467,9 +807,72 @@ mod tests {
     #[tokio::test]
     async fn watcher_fires_on_write() {
         let dir = TempDir::new(&[]);
-        let (_watcher, mut rx) = watch(&dir.0).expect("watch temp dir");
+        let (_watcher, mut rx, pending) = watch(&dir.0).expect("watch temp dir");
+        assert_eq!(pending.take(), Scan::All, "the first load reads everything");
         fs::write(dir.0.join("new.yaml"), service("new")).expect("write");
         let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         assert_eq!(got, Ok(Some(())), "no event within 5 s");
+        assert_eq!(
+            pending.take(),
+            Scan::Files(BTreeSet::from(["new.yaml".to_owned()]))
+        );
+    }
+
+    #[test]
+    fn refresh_reads_again_only_what_changed() {
+        let dir = TempDir::new(&[("a.yaml", &service("a")), ("b.yaml", &slice("b-1"))]);
+        let mut folder = Folder::default();
+        let ids = |v: &[&str]| -> BTreeSet<Id> {
+            v.iter()
+                .map(|n| ("default".to_owned(), (*n).to_owned()))
+                .collect()
+        };
+        // What each refresh reports, with how many Services and slices
+        // `inputs` gives for each identity meanwhile.
+        let refresh = |folder: &mut Folder, scan: Scan| {
+            let mut seen = BTreeMap::new();
+            folder
+                .refresh(&dir.0, &scan, |f, changed| {
+                    for id in changed {
+                        let (services, slices) = f.inputs(&id);
+                        seen.insert(id.1.clone(), (services.len(), slices.len()));
+                    }
+                })
+                .expect("dir is readable");
+            seen
+        };
+        let counts = |v: &[(&str, usize, usize)]| -> BTreeMap<String, (usize, usize)> {
+            v.iter()
+                .map(|(n, a, b)| ((*n).to_owned(), (*a, *b)))
+                .collect()
+        };
+        assert_eq!(
+            refresh(&mut folder, Scan::All),
+            counts(&[("a", 1, 0), ("web", 0, 1)])
+        );
+        // Nothing changed: a full scan reads nothing.
+        assert_eq!(refresh(&mut folder, Scan::All), counts(&[]));
+        // A rewritten file changes what it held before and holds now.
+        fs::write(dir.0.join("a.yaml"), service("c")).expect("write");
+        let named = Scan::Files(BTreeSet::from(["a.yaml".to_owned()]));
+        assert_eq!(
+            refresh(&mut folder, named),
+            counts(&[("a", 0, 0), ("c", 1, 0)])
+        );
+        // A slice of "c" in another file: both files are parsed for it.
+        fs::write(
+            dir.0.join("d.yaml"),
+            slice("c-1").replace("service-name: web", "service-name: c"),
+        )
+        .expect("write");
+        let named = Scan::Files(BTreeSet::from(["d.yaml".to_owned()]));
+        assert_eq!(refresh(&mut folder, named), counts(&[("c", 1, 1)]));
+        // A removed file, found by a full scan; hidden names are ignored.
+        fs::remove_file(dir.0.join("b.yaml")).expect("remove");
+        fs::write(dir.0.join(".b.yaml.tmp"), service("hidden")).expect("write");
+        assert_eq!(refresh(&mut folder, Scan::All), counts(&[("web", 0, 0)]));
+        let o = folder.objects();
+        assert_eq!((o.services.len(), o.slices.len()), (1, 1));
+        assert_eq!(ids(&["c"]).len(), 1);
     }
 }

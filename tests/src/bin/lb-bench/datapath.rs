@@ -186,7 +186,7 @@ impl Loaded {
     /// time the reconciler took.
     fn grow(&mut self, n: usize) -> Duration {
         let t = Instant::now();
-        self.dp.apply_batched(&services(n));
+        self.dp.apply(&services(n));
         let took = t.elapsed();
         self.target = n / 2;
         let np = node_port(self.target);

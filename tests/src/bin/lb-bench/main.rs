@@ -138,9 +138,7 @@ fn main() {
     if wanted(4) {
         let fig4 = control::Params {
             services: if o.quick { 1000 } else { 10_000 },
-            // At 10 000 Services a cold start takes minutes (see the
-            // report): three keep the full run near its 15 minutes.
-            starts: if o.quick { 5 } else { 3 },
+            starts: 5,
             changes: if o.quick { 100 } else { 1000 },
             budget: Duration::from_secs(if o.quick { 20 } else { 150 }),
         };
