@@ -120,18 +120,8 @@ impl Datapath {
         let model = Model {
             services: services.iter().cloned().collect(),
         };
-        let mut store = Batched {
-            maps: &mut self.maps,
-            tables: Vec::new(),
-            frontends: Vec::new(),
-        };
-        let report = self.reconciler.apply(&model, &mut store);
+        let report = apply_batched(&mut self.reconciler, &mut self.maps, &model);
         assert!(report.failures.is_empty(), "apply failed: {report:?}");
-        let (tables, frontends) = (store.tables, store.frontends);
-        self.maps.put_tables(&tables).expect("write Maglev tables");
-        for (k, v) in frontends {
-            self.maps.put_service(k, v).expect("write a frontend");
-        }
     }
 
     /// The bpffs directory the maps are pinned under.
@@ -290,8 +280,32 @@ pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCount
         .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
 }
 
+/// Makes `maps` hold `model` through `reconciler` as the agent would, but
+/// with the Maglev tables written in batches (see [`Maps::put_tables`]) and
+/// the frontends after them: loads of many Services in seconds, where one
+/// outer-map update per table takes minutes. Panics if the maps refuse a
+/// batch; per-Service failures are in the report.
+pub fn apply_batched(
+    reconciler: &mut Reconciler,
+    maps: &mut Maps,
+    model: &Model,
+) -> lb_agent::reconcile::Report {
+    let mut store = Batched {
+        maps,
+        tables: Vec::new(),
+        frontends: Vec::new(),
+    };
+    let report = reconciler.apply(model, &mut store);
+    let (tables, frontends) = (store.tables, store.frontends);
+    maps.put_tables(&tables).expect("write Maglev tables");
+    for (k, v) in frontends {
+        maps.put_service(k, v).expect("write a frontend");
+    }
+    report
+}
+
 /// A store that holds back Maglev tables and frontends, for
-/// [`Datapath::apply_batched`] to write tables first, then frontends.
+/// [`apply_batched`] to write tables first, then frontends.
 struct Batched<'a> {
     maps: &'a mut Maps,
     tables: Vec<(u32, Vec<BackendId>)>,
