@@ -196,14 +196,15 @@ fn main() {
     }
     if wanted(2) || wanted(3) {
         let p = cluster::Params {
+            // --quick: two scales the rule sets load in a second.
             scales: if o.quick {
-                vec![10, 1000]
+                vec![10, 100]
             } else {
                 vec![10, 10_000]
             },
             runs: 5,
-            window: Duration::from_millis(if o.quick { 200 } else { 1000 }),
-            conn_window: Duration::from_millis(if o.quick { 200 } else { 600 }),
+            window: Duration::from_millis(if o.quick { 100 } else { 1000 }),
+            conn_window: Duration::from_millis(if o.quick { 100 } else { 600 }),
             fig2: wanted(2),
             fig3: wanted(3),
         };
