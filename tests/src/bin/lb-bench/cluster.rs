@@ -328,17 +328,20 @@ impl Rig {
                     sh(Some(&d_ns), &["iptables-restore", &file.to_string_lossy()]);
                 })
             });
-            let agent = timed(|| start_agent(&mut cluster, svcs.len()));
+            let mut writes = 0;
+            let agent = timed(|| writes = start_agent(&mut cluster, svcs.len()));
             let join = |h: std::thread::ScopedJoinHandle<'_, Duration>| {
                 h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
             };
-            (join(nft), join(ipt), agent)
+            (join(nft), join(ipt), (agent, writes))
         });
+        let (agent_s, writes) = agent_s;
         let version = sh(None, &["iptables-restore", "--version"]);
         let _ = write!(
             setup,
-            "agent ready in {:.1} s (maps seeded, then started); in parallel, nftables \
-             rules loaded in {:.1} s ({} transactions), iptables rules in {:.1} s ({})",
+            "agent ready in {:.1} s (maps seeded, then started; its first sync wrote {writes} \
+             entries); in parallel, nftables rules loaded in {:.1} s ({} transactions), \
+             iptables rules in {:.1} s ({})",
             agent_s.as_secs_f64(),
             nft_s.as_secs_f64(),
             nft.len(),
@@ -536,8 +539,9 @@ impl Rig {
 /// Maglev tables written in batches: a cold start writes each table with
 /// its own outer-map update, which waits for an RCU grace period, and takes
 /// minutes at 10 000 Services (figure 4). The agent adopts the pinned maps
-/// as after a restart, finds every table right and writes none.
-fn start_agent(cluster: &mut Cluster, n: usize) {
+/// as after a restart, finds every table right and writes none. Returns
+/// the writes of its first sync, as it logged them.
+fn start_agent(cluster: &mut Cluster, n: usize) -> u64 {
     let bpffs = cluster.node("a").bpffs();
     bpffs::ensure(&bpffs).expect("mount node-a's bpffs");
     let sizes = MapSizes {
@@ -571,9 +575,18 @@ fn start_agent(cluster: &mut Cluster, n: usize) {
         &be_size,
     ]);
     node.wait_agent_ready(Duration::from_secs(120));
-    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
-        eprintln!("{}", node.agent_log());
-    }
+    // Its first sync's map writes: 0 when it adopted the seeded maps whole.
+    node.agent_log()
+        .lines()
+        .find_map(|l| {
+            l.split("writes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// A backend for figure 3: answers one request per connection and closes

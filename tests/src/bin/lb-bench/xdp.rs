@@ -114,9 +114,9 @@ fn assemble(head: Vec<Insn>, body: &[Insn], fail_verdict: i32) -> Vec<u64> {
         .collect()
 }
 
-/// `r2` = data (also in `r6`), `r3` = data_end; to the fail tail unless
-/// the frame is at least `min_len` bytes of Ethernet + IPv4 + UDP.
-fn ipv4_udp(min_len: i32) -> Vec<Insn> {
+/// `r2` = data (also in `r6`, which survives helper calls), `r3` =
+/// data_end; to the fail tail unless the frame has `min_len` bytes.
+fn bounds(min_len: i32) -> Vec<Insn> {
     vec![
         op(LDXW, 2, 1, 0, 0),
         op(LDXW, 3, 1, 4, 0),
@@ -124,12 +124,21 @@ fn ipv4_udp(min_len: i32) -> Vec<Insn> {
         op(MOV_X, 4, 2, 0, 0),
         op(ADD_K, 4, 0, 0, min_len),
         to_fail(JGT_X, 4, 3, 0),
+    ]
+}
+
+/// [`bounds`], and to the fail tail unless the frame is Ethernet + IPv4 +
+/// UDP.
+fn ipv4_udp(min_len: i32) -> Vec<Insn> {
+    let mut head = bounds(min_len);
+    head.extend([
         op(LDXH, 5, 2, 12, 0),
         // EtherType 0x0800 as a little-endian load of its two bytes.
         to_fail(JNE_K, 5, 0, 0x0008),
         op(LDXB, 5, 2, 23, 0),
         to_fail(JNE_K, 5, 0, 17),
-    ]
+    ]);
+    head
 }
 
 /// [`ipv4_udp`], and to the fail tail unless the payload starts with
@@ -195,14 +204,7 @@ pub const HEADERS: usize = 42;
 /// rewrote (NAT, MACs) would otherwise come round again as it left.
 pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16) -> Vec<u64> {
     assert!(ports.is_power_of_two(), "ports must be a power of two");
-    let head = vec![
-        op(LDXW, 2, 1, 0, 0),
-        op(LDXW, 3, 1, 4, 0),
-        op(MOV_X, 6, 2, 0, 0),
-        op(MOV_X, 4, 2, 0, 0),
-        op(ADD_K, 4, 0, 0, HEADERS as i32),
-        to_fail(JGT_X, 4, 3, 0),
-    ];
+    let head = bounds(HEADERS as i32);
     let mut body: Vec<Insn> = headers[..40]
         .chunks(4)
         .enumerate()
