@@ -14,6 +14,19 @@ pub struct Ep<'a> {
     pub terminating: bool,
 }
 
+/// Ready endpoints at `addrs`, all on node `node`.
+pub fn ready_on<'a>(node: &'a str, addrs: &'a [String]) -> Vec<Ep<'a>> {
+    addrs
+        .iter()
+        .map(|a| Ep {
+            addr: a,
+            node,
+            ready: true,
+            terminating: false,
+        })
+        .collect()
+}
+
 /// A Service with one port: ClusterIP `cluster_ip:port`, target port
 /// `target`, optional NodePort, protocol `TCP` or `UDP`.
 pub fn service(

@@ -41,6 +41,9 @@ pub struct ClusterSpec {
     pub tag: String,
     /// The agent binary; `None` means [`agent_bin`].
     pub agent_bin: Option<PathBuf>,
+    /// Whether the fabric ends of the veths get the pass-only XDP program
+    /// (see [`Cluster::new`]); a user that attaches its own there says no.
+    pub fabric_xdp: bool,
 }
 
 impl Default for ClusterSpec {
@@ -50,6 +53,7 @@ impl Default for ClusterSpec {
             pods_per_node: 2,
             tag: String::new(),
             agent_bin: None,
+            fabric_xdp: true,
         }
     }
 }
@@ -382,6 +386,9 @@ impl Cluster {
         // veth delivers XDP_TX frames promptly only to a peer that runs XDP
         // itself (without one they wait for unrelated traffic to flush them),
         // so the fabric side of every node port gets a pass-only program.
+        if !spec.fabric_xdp {
+            return self.route_pod_cidrs(spec);
+        }
         let ports: Vec<String> = (0..spec.nodes)
             .map(|i| format!("n{}", node_letter(i)))
             .collect();
@@ -391,7 +398,11 @@ impl Cluster {
         })
         .unwrap_or_else(|e| panic!("attach XDP pass on the fabric: {e:#}"));
         self.fabric_xdp = Some(ebpf);
-        // Each node routes the other nodes' pod CIDRs through them.
+        self.route_pod_cidrs(spec);
+    }
+
+    /// Each node routes the other nodes' pod CIDRs through them.
+    fn route_pod_cidrs(&mut self, spec: &ClusterSpec) {
         for i in 0..spec.nodes {
             for k in 0..spec.nodes {
                 if i != k {
@@ -407,7 +418,7 @@ impl Cluster {
 
     /// Connects `ns`'s new `eth0` to the fabric bridge.
     fn plug(&mut self, ns: &str, cidr: &str, port: &str) {
-        let fabric = format!("{}-fabric", self.prefix);
+        let fabric = self.fabric_ns();
         sh(
             None,
             &[
@@ -481,6 +492,12 @@ impl Cluster {
     /// The unique prefix of this cluster's names.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The fabric bridge's namespace, which holds the fabric end of every
+    /// `eth0` (`client`, `na`, `nb`, …).
+    pub fn fabric_ns(&self) -> String {
+        format!("{}-fabric", self.prefix)
     }
 
     /// The external client's namespace.

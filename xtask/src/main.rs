@@ -196,13 +196,16 @@ fn setup() -> Result<()> {
     setup_bpffs()
 }
 
-/// Tools the tests, the rig and `bpftool` inspection call, with the Debian
-/// package that has each.
-const PACKAGES: [(&str, &str); 4] = [
+/// Tools the tests, the rig, the benchmarks and `bpftool` inspection call,
+/// with the Debian package that has each. `nft` and `iptables-restore` load
+/// the kube-proxy rule sets the benchmarks compare against.
+const PACKAGES: [(&str, &str); 6] = [
     ("bpftool", "bpftool"),
     ("ethtool", "ethtool"),
     ("ip", "iproute2"),
     ("tcpdump", "tcpdump"),
+    ("nft", "nftables"),
+    ("iptables-restore", "iptables"),
 ];
 
 /// Whether a tool is installed (PATH, plus the sbin directories a non-login

@@ -13,7 +13,7 @@ use std::{
 use lb_agent::datapath::maps::Maps;
 use lb_common::ServiceKey;
 use lb_tests::{
-    manifests::{docs, service, slice, Ep},
+    manifests::{docs, ready_on, service, slice},
     rig::{agent_bin, Cluster, ClusterSpec},
 };
 
@@ -58,15 +58,7 @@ fn manifest(i: usize, first: Option<&str>) -> String {
             _ => endpoint(i, j),
         })
         .collect();
-    let eps: Vec<Ep<'_>> = addrs
-        .iter()
-        .map(|a| Ep {
-            addr: a,
-            node: "node-b",
-            ready: true,
-            terminating: false,
-        })
-        .collect();
+    let eps = ready_on("node-b", &addrs);
     docs(&[
         service(&name, &cluster_ip(i).to_string(), 80, 8080, None, "TCP"),
         slice(&name, &format!("{name}-1"), 8080, "TCP", &eps),

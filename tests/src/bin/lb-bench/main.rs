@@ -2,7 +2,7 @@
 //! `<out>/report.md` and plots, and prints the summary table.
 //!
 //! ```text
-//! lb-bench [--quick] [--out DIR] [--only 1,4,5]
+//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5]
 //! ```
 //!
 //! Every figure is the median of several runs with min and max beside it;
@@ -10,12 +10,15 @@
 //! because the machine is shared. Benchmarks report; they never fail on a
 //! figure, but a benchmark that cannot run says so at the top of the report.
 
+mod cluster;
 mod control;
 mod datapath;
+mod kubeproxy;
 mod maglev;
 mod plot;
 mod report;
 mod stats;
+mod xdp;
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -53,7 +56,7 @@ fn options() -> Result<Options, String> {
             }
             other => {
                 return Err(format!(
-                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,4,5]"
+                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5]"
             ))
             }
         }
@@ -189,16 +192,59 @@ fn main() {
             add_plot(&mut report, &o.out, "fig5-maglev-build.svg", &axes, &series);
         }
     }
-    for (fig, n, why) in [
-        ("figure 2: throughput", 2, "not implemented yet"),
-        (
-            "figure 3: connect rate and latency",
-            3,
-            "not implemented yet",
-        ),
-    ] {
-        if wanted(n) {
-            report.failed(fig, why);
+    if wanted(2) || wanted(3) {
+        let p = cluster::Params {
+            // --quick: two scales the rule sets load in a second.
+            scales: if o.quick {
+                vec![10, 100]
+            } else {
+                vec![10, 10_000]
+            },
+            // Full: about 3 minutes, most of it loading the rule sets of
+            // 10 000 Services; the whole run stays under 15 minutes.
+            runs: 5,
+            window: Duration::from_millis(if o.quick { 100 } else { 600 }),
+            conn_window: Duration::from_millis(if o.quick { 100 } else { 400 }),
+            fig2: wanted(2),
+            fig3: wanted(3),
+        };
+        let what = match (p.fig2, p.fig3) {
+            (true, true) => "figures 2 and 3: throughput, connections",
+            (true, false) => "figure 2: throughput",
+            _ => "figure 3: connections",
+        };
+        if let Some(res) = guarded(&mut report, what, |r| cluster::run(&p, r)) {
+            for (wanted, points, file, title, y) in [
+                (
+                    p.fig2,
+                    res.throughput,
+                    "fig2-throughput.svg",
+                    "UDP NodePort throughput (delivered, median)",
+                    "Mpps",
+                ),
+                (
+                    p.fig3,
+                    res.connections,
+                    "fig3-connections.svg",
+                    "TCP connect + request + close to a ClusterIP (median)",
+                    "connections per second",
+                ),
+            ] {
+                if !wanted {
+                    continue;
+                }
+                let axes = plot::Axes {
+                    title,
+                    x: "Services loaded",
+                    y,
+                    log_x: true,
+                };
+                let series: Vec<plot::Series> = points
+                    .into_iter()
+                    .map(|(label, points)| plot::Series { label, points })
+                    .collect();
+                add_plot(&mut report, &o.out, file, &axes, &series);
+            }
         }
     }
     let header = format!(
