@@ -349,7 +349,7 @@ pub fn load_text(name: &str, text: &str) -> Objects {
 fn load_file(name: &str, text: &str, objects: &mut Objects) {
     for doc in split_documents(text) {
         let object = format!("file {name} document {}", doc.number);
-        if let Err(message) = load_document(&doc.text, objects) {
+        if let Err(message) = load_document(&doc, objects) {
             objects.problems.push(Problem {
                 object,
                 message: format!("{message}; document skipped"),
@@ -359,8 +359,10 @@ fn load_file(name: &str, text: &str, objects: &mut Objects) {
 }
 
 /// Adds one document to `objects`; `Err` says why it was skipped.
-fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
-    let value: Value = serde_yaml::from_str(text).map_err(|e| format!("is not valid YAML: {e}"))?;
+fn load_document(doc: &Document, objects: &mut Objects) -> Result<(), String> {
+    let text = doc.text.as_str();
+    let value: Value =
+        serde_yaml::from_str(text).map_err(|e| format!("is not valid YAML: {}", doc.locate(&e)))?;
     let Value::Mapping(map) = &value else {
         if value.is_null() {
             return Ok(());
@@ -375,15 +377,17 @@ fn load_document(text: &str, objects: &mut Objects) -> Result<(), String> {
     let api_version = field("apiVersion")?;
     let kind = field("kind")?;
     match (api_version, kind) {
-        ("v1", "Service") => objects
-            .services
-            .push(typed(text, &value).map_err(|e| format!("is not a valid v1 Service: {e}"))?),
+        ("v1", "Service") => objects.services.push(
+            typed(text, &value)
+                .map_err(|e| format!("is not a valid v1 Service: {}", doc.locate(&e)))?,
+        ),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            objects.slices.push(
-                typed(text, &value).map_err(|e| {
-                    format!("is not a valid discovery.k8s.io/v1 EndpointSlice: {e}")
-                })?,
-            );
+            objects.slices.push(typed(text, &value).map_err(|e| {
+                format!(
+                    "is not a valid discovery.k8s.io/v1 EndpointSlice: {}",
+                    doc.locate(&e)
+                )
+            })?);
         }
         _ => {
             return Err(format!(
@@ -412,9 +416,43 @@ fn typed<T: serde::de::DeserializeOwned>(
 struct Document {
     /// Numbered from 1 as a YAML parser counts them, including empty ones.
     number: usize,
-    /// The document, preceded by blank lines so that parser errors give line
-    /// numbers of the whole file.
+    /// The line of the file (from 0) the document's text starts on.
+    first_line: usize,
+    /// The document, its `---` marker blanked so that columns stay those of
+    /// the file.
     text: String,
+}
+
+impl Document {
+    /// A parser error with the line number of the whole file rather than
+    /// of the document. (Padding each document with the blank lines before
+    /// it would do the same, but costs memory quadratic in the file's
+    /// length: a file of 10 000 Services took gigabytes.)
+    fn locate(&self, e: &serde_yaml::Error) -> String {
+        const AT: &str = "at line ";
+        let message = e.to_string();
+        if self.first_line == 0 {
+            return message;
+        }
+        // The error's own mark and any context mark ("while parsing … at
+        // line N column M") are all relative to the document.
+        let mut out = String::with_capacity(message.len() + 8);
+        let mut rest = message.as_str();
+        while let Some(i) = rest.find(AT) {
+            let (head, tail) = rest.split_at(i + AT.len());
+            out.push_str(head);
+            let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+            match tail[..digits].parse::<usize>() {
+                Ok(n) if tail[digits..].starts_with(" column ") => {
+                    out.push_str(&(n + self.first_line).to_string());
+                }
+                _ => out.push_str(&tail[..digits]),
+            }
+            rest = &tail[digits..];
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// Splits a YAML stream into documents without parsing it.
@@ -431,12 +469,14 @@ fn split_documents(text: &str) -> Vec<Document> {
     // (an explicit document counts even when empty).
     let mut current = String::new();
     let mut explicit = false;
-    let mut flush = |current: &mut String, explicit: bool| {
+    let mut first_line = 0;
+    let mut flush = |current: &mut String, explicit: bool, first_line: usize| {
         if explicit || !is_blank(current) {
             number += 1;
             if !is_blank(current) {
                 docs.push(Document {
                     number,
+                    first_line,
                     text: std::mem::take(current),
                 });
             }
@@ -445,22 +485,22 @@ fn split_documents(text: &str) -> Vec<Document> {
     };
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if let Some(rest) = marker(line, "---") {
-            flush(&mut current, explicit);
+            flush(&mut current, explicit, first_line);
             explicit = true;
-            // Keep line and column numbers: pad to this line, and blank the
-            // marker itself (content may follow it, as in `--- !tag`).
-            current.push_str(&"\n".repeat(i));
+            first_line = i;
+            // Keep column numbers: blank the marker itself (content may
+            // follow it, as in `--- !tag`).
             current.push_str("   ");
             current.push_str(rest);
         } else if marker(line, "...").is_some() {
-            flush(&mut current, explicit);
+            flush(&mut current, explicit, first_line);
             explicit = false;
-            current.push_str(&"\n".repeat(i + 1));
+            first_line = i + 1;
         } else {
             current.push_str(line);
         }
     }
-    flush(&mut current, explicit);
+    flush(&mut current, explicit, first_line);
     docs
 }
 
@@ -728,6 +768,26 @@ mod tests {
                 "file k.yaml document 5: is not a YAML mapping (a Kubernetes object); document skipped",
             ]
         );
+    }
+
+    /// Documents hold their own text only: a file of many documents costs
+    /// memory linear in its length (padding each with the lines before it
+    /// made a 12 MB file take gigabytes).
+    #[test]
+    fn documents_of_a_long_file_hold_only_their_own_lines() {
+        let text: String = (0..2000)
+            .map(|i| format!("---\n{}", service(&format!("s{i}"))))
+            .collect();
+        let docs = split_documents(&text);
+        assert_eq!(docs.len(), 2000);
+        let held: usize = docs.iter().map(|d| d.text.len()).sum();
+        assert!(
+            held <= text.len(),
+            "documents hold {held} bytes of a {}-byte file",
+            text.len()
+        );
+        let objects = load(&[("many.yaml", &text)]);
+        assert_eq!(objects.services.len(), 2000, "{:?}", objects.problems);
     }
 
     #[test]
