@@ -994,8 +994,9 @@ fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
                 "-",
                 Verdict::Info,
                 format!(
-                    "lb {} vs direct {} per s",
+                    "per s: lb {}, nftables {}, direct {}",
                     show(Stat::of(&c.rate[1]), 1.0, 0),
+                    show(Stat::of(&c.rate[2]), 1.0, 0),
                     show(Stat::of(&c.rate[0]), 1.0, 0)
                 ),
             );
@@ -1007,9 +1008,10 @@ fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
                 "-",
                 Verdict::Info,
                 format!(
-                    "lb {} µs, nftables {} µs",
+                    "µs: lb {}, nftables {}, direct {}",
                     show(Stat::of(&c.p99_us[1]), 1.0, 1),
-                    show(Stat::of(&c.p99_us[2]), 1.0, 1)
+                    show(Stat::of(&c.p99_us[2]), 1.0, 1),
+                    show(Stat::of(&c.p99_us[0]), 1.0, 1)
                 ),
             );
         }
