@@ -906,11 +906,11 @@ fn merge_endpoints(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Parses `---`-separated Services and EndpointSlices.
-    fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    pub(crate) fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
         let mut services = Vec::new();
         let mut slices = Vec::new();
         for doc in serde_yaml::Deserializer::from_str(yaml) {

@@ -5,27 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
+use super::translate::tests::objects;
 use super::{build, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort, Topology};
-
-/// Parses `---`-separated Services and EndpointSlices (told apart by
-/// `addressType`).
-fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value =
-            <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("test YAML parses");
-        if value.get("addressType").is_some() {
-            slices.push(serde_yaml::from_value(value).expect("test slice deserializes"));
-        } else {
-            services.push(serde_yaml::from_value(value).expect("test Service deserializes"));
-        }
-    }
-    (services, slices)
-}
 
 fn node() -> NodeInfo {
     NodeInfo {
