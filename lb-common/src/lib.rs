@@ -15,6 +15,7 @@
 pub mod affinity;
 pub mod config;
 pub mod conntrack;
+pub mod csum;
 pub mod dsr;
 pub mod frag;
 pub mod hash;

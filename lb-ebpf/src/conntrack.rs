@@ -14,9 +14,10 @@ use lb_common::{
 };
 
 use crate::{
+    hdr::tcp_flags,
     maps::{LB_CONFIG_V2, LB_CT_V1},
     packet::Hook,
-    parse::{tcp_flags, Flow},
+    parse::Flow,
     stats::count,
 };
 

@@ -13,18 +13,18 @@ use lb_common::{
 use crate::{
     conntrack, csum, forward,
     forward::Route,
+    hdr::{
+        ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
+        IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
+    },
     maps::{LB_CONFIG_V2, LB_CT_V1},
     nat,
     packet::{Hook, Packet, PacketError},
-    parse::{Flow, ETH_HLEN, ETH_P_IP, IP4_DADDR},
+    parse::Flow,
     pipeline::{drop, Verdict},
     reject,
     stats::count,
 };
-
-const IP4_HLEN: usize = 20;
-/// The IPv4 "don't fragment" bit.
-const IP4_DF: u16 = 0x4000;
 
 /// The node to wrap a new flow from outside to, when DSR applies: this
 /// node runs in DSR mode, the Service (`svc_flags`) is not Local-only, and
@@ -83,14 +83,14 @@ pub fn encap<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
         return drop(stats::DROP_NO_ROUTE, len);
     };
     let (node, endpoint) = (cfg.node_addr4_be, ct.nat_saddr_be[0]);
-    let Ok(inner_len) = pkt.load::<u16>(flow.l3_off + 2).map(u16::from_be) else {
+    let Ok(inner_len) = pkt.load::<u16>(flow.l3_off + IP4_TOT_LEN).map(u16::from_be) else {
         return drop(stats::DROP_REWRITE, len);
     };
     let outer_len = inner_len.saturating_add(ENCAP_LEN as u16);
     let route = forward::lookup_sized(pkt, IPPROTO_LB, node, endpoint, outer_len);
     if let Route::TooBig { mtu } = route {
         let df = pkt
-            .load::<u16>(flow.l3_off + 6)
+            .load::<u16>(flow.l3_off + IP4_FRAG_OFF)
             .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
         count(stats::DSR_TOO_BIG, len);
         if !df || !flow.has_l4() {
@@ -139,16 +139,16 @@ fn wrap<P: Packet>(
     pkt.grow_head(ENCAP_LEN as u32)?;
     pkt.store(0, dmac)?;
     pkt.store(6, smac)?;
-    pkt.store(12, ETH_P_IP.to_be())?;
+    pkt.store(ETH_TYPE, ETH_P_IP.to_be())?;
     let ip = ETH_HLEN;
-    pkt.store(ip, 0x45u8)?;
+    pkt.store(ip, IP4_VER_IHL)?;
     pkt.store(ip + 1, 0u8)?;
-    pkt.store(ip + 2, outer_len.to_be())?;
-    pkt.store(ip + 4, 0u16)?;
-    pkt.store(ip + 6, IP4_DF.to_be())?;
-    pkt.store(ip + 8, 64u8)?;
-    pkt.store(ip + 9, IPPROTO_LB)?;
-    pkt.store(ip + 12, node)?;
+    pkt.store(ip + IP4_TOT_LEN, outer_len.to_be())?;
+    pkt.store(ip + IP4_ID, 0u16)?;
+    pkt.store(ip + IP4_FRAG_OFF, IP4_DF.to_be())?;
+    pkt.store(ip + IP4_TTL, IP4_DEFAULT_TTL)?;
+    pkt.store(ip + IP4_PROTO, IPPROTO_LB)?;
+    pkt.store(ip + IP4_SADDR, node)?;
     pkt.store(ip + IP4_DADDR, endpoint)?;
     csum::ip_checksum(pkt, ip, IP4_HLEN)?;
     pkt.store(
@@ -169,7 +169,7 @@ fn wrap<P: Packet>(
 pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
     // Too short to be ours is not an error here: the parser judges it.
     if pkt
-        .load::<u8>(ETH_HLEN + 9)
+        .load::<u8>(ETH_HLEN + IP4_PROTO)
         .map_or(true, |p| p != IPPROTO_LB)
     {
         return Ok(None);
@@ -178,9 +178,9 @@ pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
         return Ok(None);
     };
     let ours = pkt
-        .load::<u16>(12)
+        .load::<u16>(ETH_TYPE)
         .is_ok_and(|t| u16::from_be(t) == ETH_P_IP)
-        && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == 0x45)
+        && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == IP4_VER_IHL)
         && pkt
             .load::<u32>(ETH_HLEN + IP4_DADDR)
             .is_ok_and(|d| d == cfg.node_addr4_be);

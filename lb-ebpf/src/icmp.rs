@@ -17,29 +17,29 @@ use lb_common::{
 };
 
 use crate::{
+    hdr::{
+        icmp::{CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP, TIME_EXCEEDED},
+        ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_CSUM, IP4_DADDR, IP4_FRAG_MASK, IP4_FRAG_OFF, IP4_PROTO,
+        IP4_SADDR,
+    },
     maps::LB_CT_V1,
     packet::{Packet, PacketError},
-    parse::{ETH_HLEN, ETH_P_IP, IP4_CSUM, IP4_DADDR, IP4_SADDR},
-};
-
-use crate::parse::icmp::{
-    CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP, TIME_EXCEEDED,
 };
 
 /// Translates the packet if it is an ICMP error about a translated flow;
 /// `Ok(true)` when it did.
 #[inline(always)]
 pub fn translate_error<P: Packet>(pkt: &mut P) -> Result<bool, PacketError> {
-    if u16::from_be(pkt.load::<u16>(12)?) != ETH_P_IP {
+    if u16::from_be(pkt.load::<u16>(ETH_TYPE)?) != ETH_P_IP {
         return Ok(false);
     }
     let l3 = ETH_HLEN;
     let ver_ihl: u8 = pkt.load(l3)?;
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 || pkt.load::<u8>(l3 + 9)? != IPPROTO_ICMP {
+    if ver_ihl >> 4 != 4 || ihl < 20 || pkt.load::<u8>(l3 + IP4_PROTO)? != IPPROTO_ICMP {
         return Ok(false);
     }
-    if u16::from_be(pkt.load::<u16>(l3 + 6)?) & 0x3fff != 0 {
+    if u16::from_be(pkt.load::<u16>(l3 + IP4_FRAG_OFF)?) & IP4_FRAG_MASK != 0 {
         return Ok(false);
     }
     // Headers at variable offsets are read whole: single-byte reads there

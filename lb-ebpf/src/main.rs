@@ -10,6 +10,7 @@ mod dsr;
 mod forward;
 mod frag;
 mod frontend;
+mod hdr;
 mod icmp;
 mod maps;
 mod nat;

@@ -6,8 +6,9 @@ use lb_common::{
 };
 
 use crate::{
+    hdr::{IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT},
     packet::{Packet, PacketError},
-    parse::{Flow, IP4_CSUM, IP4_DADDR, IP4_SADDR},
+    parse::Flow,
 };
 
 /// Applies a conntrack entry's rewrite to the packet.
@@ -18,7 +19,7 @@ pub fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue) -> Result<(), 
     }
     if ct.flags & CT_F_SNAT != 0 {
         set_addr(pkt, flow, IP4_SADDR, flow.saddr[0], ct.nat_saddr_be[0])?;
-        set_port(pkt, flow, 0, flow.sport, ct.nat_sport_be)?;
+        set_port(pkt, flow, L4_SPORT, flow.sport, ct.nat_sport_be)?;
     }
     Ok(())
 }
@@ -32,7 +33,7 @@ pub fn set_dst<P: Packet>(
     port: u16,
 ) -> Result<(), PacketError> {
     set_addr(pkt, flow, IP4_DADDR, flow.daddr[0], addr)?;
-    set_port(pkt, flow, 2, flow.dport, port)
+    set_port(pkt, flow, L4_DPORT, flow.dport, port)
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::csum;
+use lb_common::csum;
 
 /// Where a program runs, which decides SNAT and how packets are forwarded.
 #[derive(Clone, Copy, PartialEq, Eq)]

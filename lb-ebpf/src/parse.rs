@@ -8,99 +8,13 @@
 
 use lb_common::{family, proto, CtKey, IpAddrBe};
 
-use crate::packet::{Packet, PacketError};
-
-/// Ethernet header length.
-pub const ETH_HLEN: usize = 14;
-/// EtherType of IPv4.
-pub const ETH_P_IP: u16 = 0x0800;
-/// Offset of the IPv4 header checksum within the header.
-pub const IP4_CSUM: usize = 10;
-/// Offset of the IPv4 source address within the header.
-pub const IP4_SADDR: usize = 12;
-/// Offset of the IPv4 destination address within the header.
-pub const IP4_DADDR: usize = 16;
-/// Fragment offset bits of the IPv4 flags/offset field.
-pub const IP4_OFFSET_MASK: u16 = 0x1fff;
-/// "More fragments" bit of the IPv4 flags/offset field.
-pub const IP4_MORE_FRAGMENTS: u16 = 0x2000;
-/// Offset of the TCP checksum within the TCP header.
-pub const TCP_CSUM: usize = 16;
-/// Offset of the UDP checksum within the UDP header.
-pub const UDP_CSUM: usize = 6;
-/// TCP header length without options.
-pub const TCP_HLEN: usize = 20;
-/// UDP header length.
-pub const UDP_HLEN: usize = 8;
-
-/// ICMP, as the datapath reads and writes it.
-pub mod icmp {
-    /// IP protocol number of ICMP.
-    pub const IPPROTO_ICMP: u8 = 1;
-    /// ICMP header length (type, code, checksum, 4 more bytes).
-    pub const HLEN: usize = 8;
-    /// Offset of the checksum within the header.
-    pub const CSUM: usize = 2;
-    /// Destination unreachable.
-    pub const DEST_UNREACH: u8 = 3;
-    /// Code of destination unreachable: port unreachable.
-    pub const PORT_UNREACH: u8 = 3;
-    /// Code of destination unreachable: fragmentation needed and DF set.
-    pub const FRAG_NEEDED: u8 = 4;
-    /// Time exceeded.
-    pub const TIME_EXCEEDED: u8 = 11;
-}
-
-/// TCP flag bits (byte 13 of the header).
-pub mod tcp_flags {
-    /// FIN.
-    pub const FIN: u8 = 0x01;
-    /// SYN.
-    pub const SYN: u8 = 0x02;
-    /// RST.
-    pub const RST: u8 = 0x04;
-    /// ACK.
-    pub const ACK: u8 = 0x10;
-}
-
-/// The fixed TCP header. Variable-offset headers are read whole: one bounds
-/// check the verifier can follow, instead of one per field.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TcpHdr {
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
-    /// Sequence number, network order.
-    pub seq: u32,
-    /// Acknowledgment number, network order.
-    pub ack: u32,
-    /// Data offset (high nibble, in 32-bit words).
-    pub doff: u8,
-    /// Flags.
-    pub flags: u8,
-    /// Window, network order.
-    pub window: u16,
-    /// Checksum.
-    pub check: u16,
-    /// Urgent pointer.
-    pub urg: u16,
-}
-
-/// The UDP header.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct UdpHdr {
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
-    /// Length, network order.
-    pub len: u16,
-    /// Checksum.
-    pub check: u16,
-}
+use crate::{
+    hdr::{
+        TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_FRAG_OFF, IP4_ID, IP4_MF,
+        IP4_OFFSET_MASK, IP4_PROTO, IP4_SADDR, TCP_CSUM, UDP_CSUM,
+    },
+    packet::{Packet, PacketError},
+};
 
 /// Where a packet stands in its IP datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -176,7 +90,7 @@ impl Flow {
 /// Parses the packet's headers.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
-    let ethertype = u16::from_be(pkt.load::<u16>(12)?);
+    let ethertype = u16::from_be(pkt.load::<u16>(ETH_TYPE)?);
     if ethertype != ETH_P_IP {
         return Ok(None);
     }
@@ -189,16 +103,16 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
     if ihl < 20 {
         return Err(PacketError);
     }
-    let frag_off: u16 = u16::from_be(pkt.load(l3_off + 6)?);
+    let frag_off: u16 = u16::from_be(pkt.load(l3_off + IP4_FRAG_OFF)?);
     let frag = if frag_off & IP4_OFFSET_MASK != 0 {
         Frag::Later
-    } else if frag_off & IP4_MORE_FRAGMENTS != 0 {
+    } else if frag_off & IP4_MF != 0 {
         Frag::First
     } else {
         Frag::None
     };
-    let ip_id_be: u16 = pkt.load(l3_off + 4)?;
-    let l4_proto: u8 = pkt.load(l3_off + 9)?;
+    let ip_id_be: u16 = pkt.load(l3_off + IP4_ID)?;
+    let l4_proto: u8 = pkt.load(l3_off + IP4_PROTO)?;
     let l4_off = l3_off + ihl;
     // The whole fixed L4 header must be there before anything is rewritten.
     let (sport, dport, tcp_flags) = match l4_proto {

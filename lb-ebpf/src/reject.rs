@@ -3,20 +3,26 @@
 //! The packet is turned into the answer in place and sent back where it came
 //! from.
 
-use lb_common::proto;
+use lb_common::{
+    csum::{add32, fold},
+    proto,
+};
 
 use crate::{
     csum,
+    hdr::{
+        icmp::{
+            CODE as ICMP_CODE, CSUM as ICMP_CSUM, DEST_UNREACH as ICMP_DEST_UNREACH,
+            FRAG_NEEDED as ICMP_FRAG_NEEDED, HLEN as ICMP_HLEN, IPPROTO_ICMP, MTU as ICMP_MTU,
+            PORT_UNREACH as ICMP_PORT_UNREACH, TYPE as ICMP_TYPE, UNUSED as ICMP_UNUSED,
+        },
+        tcp_flags, TcpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF,
+        IP4_FRAG_OFF, IP4_HLEN, IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
+        TCP_HLEN, UDP_HLEN,
+    },
     packet::{Packet, PacketError},
-    parse::{tcp_flags, Flow, TcpHdr, ETH_HLEN, IP4_DADDR, IP4_SADDR, TCP_HLEN, UDP_HLEN},
+    parse::Flow,
 };
-
-use crate::parse::icmp::{
-    DEST_UNREACH as ICMP_DEST_UNREACH, FRAG_NEEDED as ICMP_FRAG_NEEDED, HLEN as ICMP_HLEN,
-    IPPROTO_ICMP, PORT_UNREACH as ICMP_PORT_UNREACH,
-};
-
-const IP4_HLEN: usize = 20;
 
 /// Rewrites the packet into its refusal. `Err` means: drop it instead (for
 /// example a RST, which is never answered).
@@ -53,7 +59,7 @@ fn tcp_reset<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
     let l3 = flow.l3_off;
     let l4 = flow.l4_off;
     let ihl = l4 - l3;
-    let tot_len = usize::from(u16::from_be(pkt.load(l3 + 2)?));
+    let tot_len = usize::from(u16::from_be(pkt.load(l3 + IP4_TOT_LEN)?));
     let tcp: TcpHdr = pkt.load(l4)?;
     let doff = usize::from(tcp.doff >> 4) * 4;
     let payload = tot_len.saturating_sub(ihl + doff) as u32;
@@ -86,20 +92,20 @@ fn tcp_reset<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<(), PacketError> {
         check: 0,
         urg: 0,
     };
-    let mut sum = csum::add32(0, flow.daddr[0]);
-    sum = csum::add32(sum, flow.saddr[0]);
+    let mut sum = add32(0, flow.daddr[0]);
+    sum = add32(sum, flow.saddr[0]);
     sum += u32::from(u16::from(proto::TCP).to_be()) + u32::from((TCP_HLEN as u16).to_be());
     // SAFETY: TcpHdr is 20 bytes of plain integers.
     let words: [u16; TCP_HLEN / 2] = unsafe { core::mem::transmute(rst) };
     for w in words {
         sum += u32::from(w);
     }
-    rst.check = !csum::fold(sum);
+    rst.check = !fold(sum);
 
     swap_macs(pkt)?;
-    pkt.store(l3 + 2, ((ihl + TCP_HLEN) as u16).to_be())?;
-    pkt.store(l3 + 6, 0x4000u16.to_be())?;
-    pkt.store(l3 + 8, 64u8)?;
+    pkt.store(l3 + IP4_TOT_LEN, ((ihl + TCP_HLEN) as u16).to_be())?;
+    pkt.store(l3 + IP4_FRAG_OFF, IP4_DF.to_be())?;
+    pkt.store(l3 + IP4_TTL, IP4_DEFAULT_TTL)?;
     pkt.store(l3 + IP4_SADDR, flow.daddr[0])?;
     pkt.store(l3 + IP4_DADDR, flow.saddr[0])?;
     csum::ip_checksum(pkt, l3, ihl)?;
@@ -129,24 +135,27 @@ fn icmp_unreachable<P: Packet>(
 
     pkt.store(0, src)?;
     pkt.store(6, dst)?;
-    pkt.store(12, 0x0800u16.to_be())?;
+    pkt.store(ETH_TYPE, ETH_P_IP.to_be())?;
     let ip = ETH_HLEN;
-    pkt.store(ip, 0x45u8)?;
+    pkt.store(ip, IP4_VER_IHL)?;
     pkt.store(ip + 1, 0u8)?;
-    pkt.store(ip + 2, ((IP4_HLEN + ICMP_HLEN + quoted) as u16).to_be())?;
-    pkt.store(ip + 4, 0u32)?;
-    pkt.store(ip + 8, 64u8)?;
-    pkt.store(ip + 9, IPPROTO_ICMP)?;
+    pkt.store(
+        ip + IP4_TOT_LEN,
+        ((IP4_HLEN + ICMP_HLEN + quoted) as u16).to_be(),
+    )?;
+    pkt.store(ip + IP4_ID, 0u32)?;
+    pkt.store(ip + IP4_TTL, IP4_DEFAULT_TTL)?;
+    pkt.store(ip + IP4_PROTO, IPPROTO_ICMP)?;
     pkt.store(ip + IP4_SADDR, flow.daddr[0])?;
     pkt.store(ip + IP4_DADDR, flow.saddr[0])?;
     csum::ip_checksum(pkt, ip, IP4_HLEN)?;
 
     let icmp = ip + IP4_HLEN;
-    pkt.store(icmp, ICMP_DEST_UNREACH)?;
-    pkt.store(icmp + 1, code)?;
-    pkt.store(icmp + 2, 0u16)?;
-    pkt.store(icmp + 4, 0u16)?;
-    pkt.store(icmp + 6, mtu.to_be())?;
+    pkt.store(icmp + ICMP_TYPE, ICMP_DEST_UNREACH)?;
+    pkt.store(icmp + ICMP_CODE, code)?;
+    pkt.store(icmp + ICMP_CSUM, 0u16)?;
+    pkt.store(icmp + ICMP_UNUSED, 0u16)?;
+    pkt.store(icmp + ICMP_MTU, mtu.to_be())?;
     let sum = csum::sum_words(pkt, icmp, ICMP_HLEN + quoted)?;
-    pkt.store(icmp + 2, !csum::fold(sum))
+    pkt.store(icmp + ICMP_CSUM, !fold(sum))
 }
