@@ -1,26 +1,27 @@
 //! Direct server return (`lb_common::dsr`): wrapping a client's packet to
 //! the backend's node, and unwrapping it there.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     config::CONFIG_F_DSR,
     conntrack::{CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
+    family,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
-    stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
+    stats, Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
 use crate::{
-    conntrack, csum, forward,
-    forward::Route,
+    conntrack, csum,
+    env::{Ctx, Env},
+    forward::{self, Route},
     hdr::{
         ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
-        IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
+        IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOS, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
     },
-    maps::{LB_CONFIG_V2, LB_CT_V1},
+    maps::LB_CT_V1,
     nat,
-    packet::{Hook, Packet, PacketError},
-    parse::Flow,
+    packet::{Packet, PacketError},
+    parse::Layout,
     pipeline::{drop, Verdict},
     reject,
     stats::count,
@@ -35,28 +36,30 @@ pub fn endpoint_for<P: Packet>(
     client: u32,
     svc_flags: u32,
     backend: &Backend,
+    env: &Env,
 ) -> Option<u32> {
-    let cfg = LB_CONFIG_V2.get(0)?;
+    let cfg = env.cfg();
     if cfg.flags & CONFIG_F_DSR == 0
         || svc_flags & SVC_F_LOCAL_ONLY != 0
         || backend.flags & BACKEND_F_LOCAL != 0
         || backend.addr_be[0] == client
-        || cfg.node_addr4_be == 0
     {
         return None;
     }
-    forward::gateway(pkt, cfg.node_addr4_be, backend.addr_be[0])
+    let [node, ..] = cfg.node_addr(family::V4)?;
+    forward::gateway(pkt, node, backend.addr_be[0])
 }
 
 /// Records a new DSR flow: one forward entry on this node (the replies
 /// never come back through it).
 #[inline(always)]
 pub fn create(
-    flow: &Flow,
+    t: &Tuple,
     svc: &ServiceValue,
     backend_id: BackendId,
     backend: &Backend,
     endpoint: u32,
+    env: &Env,
 ) -> Result<CtValue, u32> {
     let fwd = CtValue {
         nat_saddr_be: [endpoint, 0, 0, 0],
@@ -65,11 +68,10 @@ pub fn create(
         flags: CT_F_DSR,
         backend_id,
         svc_id: svc.svc_id,
-        // SAFETY: a plain helper call.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: env.now(),
         ..CtValue::default()
     };
-    conntrack::insert(&flow.ct_key(), &fwd)?;
+    conntrack::insert(t, &fwd)?;
     Ok(fwd)
 }
 
@@ -77,32 +79,41 @@ pub fn create(
 /// goes. Too big for the path once wrapped: ICMP fragmentation needed back
 /// to the client when it set DF (it then sends smaller), else a drop.
 #[inline(always)]
-pub fn encap<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
-    let len = pkt.len();
-    let Some(cfg) = LB_CONFIG_V2.get(0) else {
+pub fn encap<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ct: &CtValue,
+    ctx: &Ctx,
+) -> Verdict {
+    let len = ctx.len;
+    let Some([node, ..]) = ctx.env.cfg().node_addr(family::V4) else {
         return drop(stats::DROP_NO_ROUTE, len);
     };
-    let (node, endpoint) = (cfg.node_addr4_be, ct.nat_saddr_be[0]);
-    let Ok(inner_len) = pkt.load::<u16>(flow.l3_off + IP4_TOT_LEN).map(u16::from_be) else {
+    let endpoint = ct.nat_saddr_be[0];
+    let Ok(inner_len) = pkt
+        .load::<u16>(layout.l3_off + IP4_TOT_LEN)
+        .map(u16::from_be)
+    else {
         return drop(stats::DROP_REWRITE, len);
     };
     let outer_len = inner_len.saturating_add(ENCAP_LEN as u16);
     let route = forward::lookup_sized(pkt, IPPROTO_LB, node, endpoint, outer_len);
     if let Route::TooBig { mtu } = route {
         let df = pkt
-            .load::<u16>(flow.l3_off + IP4_FRAG_OFF)
+            .load::<u16>(layout.l3_off + IP4_FRAG_OFF)
             .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
         count(stats::DSR_TOO_BIG, len);
-        if !df || !flow.has_l4() {
+        if !df || !layout.has_l4() {
             return Verdict::Drop;
         }
         let inner_mtu = mtu.saturating_sub(ENCAP_LEN as u16);
-        return match reject::frag_needed(pkt, flow, inner_mtu) {
+        return match reject::frag_needed(pkt, t, layout, inner_mtu) {
             Ok(()) => Verdict::Bounce,
             Err(_) => drop(stats::DROP_REWRITE, len),
         };
     }
-    if forward::xdp_hands_over(pkt, hook, &route) {
+    if forward::xdp_hands_over(pkt, ctx.hook, &route) {
         count(stats::XDP_TO_TC, len);
         return Verdict::Pass;
     }
@@ -142,7 +153,7 @@ fn wrap<P: Packet>(
     pkt.store(ETH_TYPE, ETH_P_IP.to_be())?;
     let ip = ETH_HLEN;
     pkt.store(ip, IP4_VER_IHL)?;
-    pkt.store(ip + 1, 0u8)?;
+    pkt.store(ip + IP4_TOS, 0u8)?;
     pkt.store(ip + IP4_TOT_LEN, outer_len.to_be())?;
     pkt.store(ip + IP4_ID, 0u16)?;
     pkt.store(ip + IP4_FRAG_OFF, IP4_DF.to_be())?;
@@ -166,7 +177,7 @@ fn wrap<P: Packet>(
 /// `Ok(None)`: not such a packet (the cheap protocol check comes first, as
 /// every packet on a node interface passes here).
 #[inline(always)]
-pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
+pub fn unwrap<P: Packet>(pkt: &mut P, env: &Env) -> Result<Option<Shim>, PacketError> {
     // Too short to be ours is not an error here: the parser judges it.
     if pkt
         .load::<u8>(ETH_HLEN + IP4_PROTO)
@@ -174,7 +185,7 @@ pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
     {
         return Ok(None);
     }
-    let Some(cfg) = LB_CONFIG_V2.get(0) else {
+    let Some([node, ..]) = env.cfg().node_addr(family::V4) else {
         return Ok(None);
     };
     let ours = pkt
@@ -183,7 +194,7 @@ pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
         && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == IP4_VER_IHL)
         && pkt
             .load::<u32>(ETH_HLEN + IP4_DADDR)
-            .is_ok_and(|d| d == cfg.node_addr4_be);
+            .is_ok_and(|d| d == node);
     let Ok(shim) = pkt.load::<Shim>(ETH_HLEN + IP4_HLEN) else {
         return Ok(None);
     };
@@ -198,39 +209,45 @@ pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
 /// to rewrite the backend's replies: source back to the frontend, forwarded
 /// straight to the client.
 #[inline(always)]
-pub fn deliver<P: Packet>(pkt: &mut P, flow: &Flow, shim: &Shim) -> Verdict {
-    let len = pkt.len();
-    if !flow.has_l4() {
+pub fn deliver<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    shim: &Shim,
+    ctx: &Ctx,
+) -> Verdict {
+    let len = ctx.len;
+    if !layout.has_l4() {
         return drop(stats::DROP_REWRITE, len);
     }
-    let reply_key = CtKey {
-        saddr_be: [shim.addr_be, 0, 0, 0],
-        daddr_be: flow.saddr,
+    let backend = [shim.addr_be, 0, 0, 0];
+    let reply_key = Tuple {
+        saddr_be: backend,
+        daddr_be: t.saddr_be,
         sport_be: shim.port_be,
-        dport_be: flow.sport,
-        proto: flow.proto,
-        family: flow.family,
+        dport_be: t.sport_be,
+        proto: t.proto,
+        family: t.family,
         _pad: [0; 2],
     };
     // SAFETY: the value is read at once.
     let known = unsafe { LB_CT_V1.get(&reply_key) }
-        .is_some_and(|v| v.nat_saddr_be == flow.daddr && v.nat_sport_be == flow.dport);
+        .is_some_and(|v| v.nat_saddr_be == t.daddr_be && v.nat_sport_be == t.dport_be);
     if !known {
         // The frontend is another node's (or a shared) address, which this
         // node's stack would not send from a pod's interface: forward by FIB.
         let reply = CtValue {
-            nat_saddr_be: flow.daddr,
-            nat_sport_be: flow.dport,
+            nat_saddr_be: t.daddr_be,
+            nat_sport_be: t.dport_be,
             flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
-            // SAFETY: a plain helper call.
-            last_seen_ns: unsafe { bpf_ktime_get_ns() },
+            last_seen_ns: ctx.env.now(),
             ..CtValue::default()
         };
         if let Err(reason) = conntrack::insert(&reply_key, &reply) {
             return drop(reason, len);
         }
     }
-    if nat::set_dst(pkt, flow, shim.addr_be, shim.port_be).is_err() {
+    if nat::set_dst(pkt, t, layout, &backend, shim.port_be).is_err() {
         return drop(stats::DROP_REWRITE, len);
     }
     count(stats::DSR_DECAP, len);

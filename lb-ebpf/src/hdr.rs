@@ -14,6 +14,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const IP4_HLEN: usize = 20;
 /// First byte of an IPv4 header without options: version 4, IHL 5.
 pub const IP4_VER_IHL: u8 = 0x45;
+/// Offset of the type of service (DSCP and ECN).
+pub const IP4_TOS: usize = 1;
 /// Offset of the total length.
 pub const IP4_TOT_LEN: usize = 2;
 /// Offset of the identification.

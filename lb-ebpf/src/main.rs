@@ -7,6 +7,7 @@
 mod conntrack;
 mod csum;
 mod dsr;
+mod env;
 mod forward;
 mod frag;
 mod frontend;
@@ -29,7 +30,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    packet::{tc_pull, Hook, Packet},
+    env::Hook,
+    packet::{tc_pull, Packet},
     pipeline::{process, Verdict},
 };
 

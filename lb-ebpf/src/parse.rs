@@ -1,17 +1,18 @@
-//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into one [`Flow`].
+//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into the flow's
+//! [`Tuple`] and the packet's [`Layout`].
 //!
 //! The parser reads, never writes. Anything it cannot read completely is
 //! `Err` (passed untouched); anything it can read but does not translate
-//! (other protocols, VLAN tags) is `Ok(None)`. A later IPv4 fragment is a
-//! [`Flow`] without ports ([`Frag::Later`]): the pipeline takes them from
-//! the datagram's first fragment (`lb_common::frag`).
+//! (other protocols, VLAN tags) is `Ok(None)`. A later IPv4 fragment has a
+//! tuple without ports ([`Frag::Later`]): the pipeline takes them from the
+//! datagram's first fragment (`lb_common::frag`).
 
-use lb_common::{family, proto, CtKey, IpAddrBe};
+use lb_common::{family, proto, Tuple};
 
 use crate::{
     hdr::{
-        TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_FRAG_OFF, IP4_ID, IP4_MF,
-        IP4_OFFSET_MASK, IP4_PROTO, IP4_SADDR, TCP_CSUM, UDP_CSUM,
+        tcp_flags, TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_FRAG_OFF, IP4_HLEN,
+        IP4_ID, IP4_MF, IP4_OFFSET_MASK, IP4_PROTO, IP4_SADDR, TCP_CSUM, UDP_CSUM,
     },
     packet::{Packet, PacketError},
 };
@@ -27,69 +28,45 @@ pub enum Frag {
     Later,
 }
 
-/// A parsed packet: its 5-tuple and where its headers are.
+/// Where a parsed packet's headers are, and what only the packet carries
+/// (the flow itself is its [`Tuple`]).
 #[derive(Clone, Copy)]
-pub struct Flow {
-    /// Address family.
-    pub family: u8,
-    /// IP protocol.
-    pub proto: u8,
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
-    /// Source address, network order.
-    pub saddr: IpAddrBe,
-    /// Destination address, network order.
-    pub daddr: IpAddrBe,
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
+pub struct Layout {
     /// Offset of the L3 header.
     pub l3_off: usize,
     /// Offset of the L4 header (where it would be, for a later fragment).
     pub l4_off: usize,
     /// Fragment position.
     pub frag: Frag,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
     /// IP identification, network order (ties fragments together).
     pub ip_id_be: u16,
 }
 
-impl Flow {
-    /// The conntrack key of this packet as it is on the wire.
-    #[inline(always)]
-    pub fn ct_key(&self) -> CtKey {
-        CtKey {
-            saddr_be: self.saddr,
-            daddr_be: self.daddr,
-            sport_be: self.sport,
-            dport_be: self.dport,
-            proto: self.proto,
-            family: self.family,
-            _pad: [0; 2],
-        }
-    }
-
+impl Layout {
     /// Whether the packet carries the L4 header (ports and checksum).
     #[inline(always)]
     pub fn has_l4(&self) -> bool {
         self.frag != Frag::Later
     }
 
-    /// Offset of the L4 checksum.
+    /// Whether the packet carries FIN or RST: its flow is closing.
     #[inline(always)]
-    pub fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.proto == proto::TCP {
-                TCP_CSUM
-            } else {
-                UDP_CSUM
-            }
+    pub fn closing(&self) -> bool {
+        self.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+    }
+
+    /// Offset of the L4 checksum of protocol `l4`.
+    #[inline(always)]
+    pub fn l4_csum_off(&self, l4: u8) -> usize {
+        self.l4_off + if l4 == proto::TCP { TCP_CSUM } else { UDP_CSUM }
     }
 }
 
 /// Parses the packet's headers.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
+pub fn parse<P: Packet>(pkt: &P) -> Result<Option<(Tuple, Layout)>, PacketError> {
     let ethertype = u16::from_be(pkt.load::<u16>(ETH_TYPE)?);
     if ethertype != ETH_P_IP {
         return Ok(None);
@@ -100,7 +77,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
         return Err(PacketError);
     }
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ihl < 20 {
+    if ihl < IP4_HLEN {
         return Err(PacketError);
     }
     let frag_off: u16 = u16::from_be(pkt.load(l3_off + IP4_FRAG_OFF)?);
@@ -129,17 +106,21 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
     };
     let saddr: u32 = pkt.load(l3_off + IP4_SADDR)?;
     let daddr: u32 = pkt.load(l3_off + IP4_DADDR)?;
-    Ok(Some(Flow {
-        family: family::V4,
+    let tuple = Tuple {
+        saddr_be: [saddr, 0, 0, 0],
+        daddr_be: [daddr, 0, 0, 0],
+        sport_be: sport,
+        dport_be: dport,
         proto: l4_proto,
-        tcp_flags,
-        saddr: [saddr, 0, 0, 0],
-        daddr: [daddr, 0, 0, 0],
-        sport,
-        dport,
+        family: family::V4,
+        _pad: [0; 2],
+    };
+    let layout = Layout {
         l3_off,
         l4_off,
         frag,
+        tcp_flags,
         ip_id_be,
-    }))
+    };
+    Ok(Some((tuple, layout)))
 }

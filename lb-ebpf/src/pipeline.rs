@@ -2,18 +2,21 @@
 //! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
 
 use lb_common::{
-    conntrack::{CT_F_DSR, CT_F_FORWARD},
+    conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_SNAT},
+    dsr::ENCAP_LEN,
     proto,
     service::SVC_F_LOCAL_ONLY,
-    stats, CtValue,
+    stats, CtValue, Tuple,
 };
 
 use crate::{
-    conntrack, dsr, forward,
-    forward::Route,
+    conntrack::{self, NewFlow},
+    dsr,
+    env::{Ctx, Env, Hook},
+    forward::{self, Route},
     frag, frontend, icmp, nat,
-    packet::{Hook, Packet},
-    parse::{self, Flow, Frag},
+    packet::Packet,
+    parse::{self, Frag, Layout},
     reject, select,
     stats::{count, count_new_flow, count_service},
 };
@@ -36,18 +39,29 @@ pub enum Verdict {
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let len = pkt.len();
+    let Some(env) = Env::load() else {
+        // The config array always has its one entry; without it nothing
+        // can be translated right, so the packet goes on untouched.
+        count(stats::PASS_UNSUPPORTED, len);
+        return Verdict::Pass;
+    };
+    let mut ctx = Ctx { env, hook, len };
     // A packet another node wrapped for DSR is unwrapped first; then it is
     // an ordinary packet, for the backend its shim names.
     let unwrapped = if hook == Hook::TcPod {
         None
     } else {
-        match dsr::unwrap(pkt) {
-            Ok(shim) => shim,
+        match dsr::unwrap(pkt, &ctx.env) {
+            Ok(Some(shim)) => {
+                ctx.len -= ENCAP_LEN as u32;
+                Some(shim)
+            }
+            Ok(None) => None,
             Err(_) => return drop(stats::DROP_REWRITE, len),
         }
     };
-    let mut flow = match parse::parse(pkt) {
-        Ok(Some(flow)) => flow,
+    let (mut t, layout) = match parse::parse(pkt) {
+        Ok(Some(parsed)) => parsed,
         Ok(None) => {
             return match icmp::translate_error(pkt) {
                 Ok(true) => {
@@ -68,38 +82,37 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     };
 
     if let Some(shim) = unwrapped {
-        return dsr::deliver(pkt, &flow, &shim);
+        return dsr::deliver(pkt, &t, &layout, &shim, &ctx);
     }
-    if flow.frag == Frag::Later {
-        return later_fragment(pkt, &mut flow, hook, len);
+    if layout.frag == Frag::Later {
+        return later_fragment(pkt, &mut t, &layout, &ctx);
     }
 
-    let key = flow.ct_key();
-    if let Some(ct) = conntrack::lookup(&flow, &key) {
+    if let Some(ct) = conntrack::lookup(&t, layout.closing(), &ctx.env) {
         if select::backend_alive(&ct) {
             count(stats::CT_HIT, len);
-            return translate(pkt, &flow, &ct, hook);
+            return translate(pkt, &t, &layout, &ct, &ctx);
         }
         // The flow's backend was removed: end the flow visibly instead of
         // sending it into the void. TCP gets a reset; UDP, which has no
         // connection to end, is given a live backend as a new flow.
-        conntrack::remove(&key);
+        conntrack::remove(&t);
         count(stats::BACKEND_GONE, len);
-        if flow.proto == proto::TCP {
+        if t.proto == proto::TCP {
             count_service(ct.svc_id, len, true);
-            return match reject::reject(pkt, &flow) {
+            return match reject::reject(pkt, &t, &layout) {
                 Ok(()) => Verdict::Bounce,
                 Err(_) => drop(stats::DROP_REWRITE, len),
             };
         }
     }
 
-    let Some(svc) = frontend::lookup(&flow) else {
+    let Some(svc) = frontend::lookup(&t) else {
         count(stats::PASS_NO_SERVICE, len);
         return Verdict::Pass;
     };
     let svc_id = svc.svc_id;
-    if !frontend::source_allowed(&svc, &flow) {
+    if !frontend::source_allowed(&svc, &t) {
         return drop_for(svc_id, stats::DROP_SOURCE_RANGE, len);
     }
     if svc.slot_count == 0 {
@@ -109,7 +122,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         if svc.flags & SVC_F_LOCAL_ONLY != 0 {
             return drop_for(svc_id, stats::DROP_NO_LOCAL_ENDPOINT, len);
         }
-        return match reject::reject(pkt, &flow) {
+        return match reject::reject(pkt, &t, &layout) {
             Ok(()) => {
                 count(stats::REJECT_NO_ENDPOINT, len);
                 count_service(svc_id, len, true);
@@ -118,29 +131,35 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
             Err(_) => drop_for(svc_id, stats::DROP_REWRITE, len),
         };
     }
-    let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
+    let hash = t.hash();
+    let Some((backend_id, backend)) = select::pick(&svc, &t, hash, ctx.env.now()) else {
         return drop_for(svc_id, stats::DROP_NO_BACKEND, len);
     };
     let dsr_endpoint = if hook.is_external() {
-        dsr::endpoint_for(pkt, flow.saddr[0], svc.flags, &backend)
+        dsr::endpoint_for(pkt, t.saddr_be[0], svc.flags, &backend, &ctx.env)
     } else {
         None
     };
     if let Some(endpoint) = dsr_endpoint {
-        return match dsr::create(&flow, &svc, backend_id, &backend, endpoint) {
+        return match dsr::create(&t, &svc, backend_id, &backend, endpoint, &ctx.env) {
             Ok(ct) => {
                 count(stats::NEW_FLOW, len);
                 count_new_flow(svc_id);
-                translate(pkt, &flow, &ct, hook)
+                translate(pkt, &t, &layout, &ct, &ctx)
             }
             Err(reason) => drop_for(svc_id, reason, len),
         };
     }
-    match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
+    let new = NewFlow {
+        hash,
+        external: hook.is_external(),
+        closing: layout.closing(),
+    };
+    match conntrack::create(&t, new, &svc, backend_id, &backend, &ctx.env) {
         Ok(ct) => {
             count(stats::NEW_FLOW, len);
             count_new_flow(svc_id);
-            translate(pkt, &flow, &ct, hook)
+            translate(pkt, &t, &layout, &ct, &ctx)
         }
         Err(reason) => drop_for(svc_id, reason, len),
     }
@@ -149,12 +168,13 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
 /// A later fragment takes its first fragment's flow, or passes untouched: it
 /// has no header to start a flow or to answer with a reset.
 #[inline(always)]
-fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32) -> Verdict {
-    if !frag::recall(flow) {
+fn later_fragment<P: Packet>(pkt: &mut P, t: &mut Tuple, layout: &Layout, ctx: &Ctx) -> Verdict {
+    let len = ctx.len;
+    if !frag::recall(t, layout, &ctx.env) {
         count(stats::FRAG_UNTRACKED, len);
         return Verdict::Pass;
     }
-    let Some(ct) = conntrack::lookup(flow, &flow.ct_key()) else {
+    let Some(ct) = conntrack::lookup(t, layout.closing(), &ctx.env) else {
         count(stats::FRAG_UNTRACKED, len);
         return Verdict::Pass;
     };
@@ -162,7 +182,7 @@ fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32)
         return drop_for(ct.svc_id, stats::BACKEND_GONE, len);
     }
     count(stats::FRAG_TRACKED, len);
-    translate(pkt, flow, &ct, hook)
+    translate(pkt, t, layout, &ct, ctx)
 }
 
 /// Counts `reason` and drops.
@@ -182,22 +202,28 @@ fn drop_for(svc_id: u32, reason: u32, len: u32) -> Verdict {
 /// Applies a flow's translation and decides where the packet goes, counting
 /// the packet for its Service port unless it is left to TC.
 #[inline(always)]
-fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
-    let len = pkt.len();
-    frag::remember(flow);
+fn translate<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ct: &CtValue,
+    ctx: &Ctx,
+) -> Verdict {
+    let len = ctx.len;
+    frag::remember(t, layout, &ctx.env);
     let verdict = if ct.flags & CT_F_DSR != 0 {
-        match dsr::encap(pkt, flow, ct, hook) {
+        match dsr::encap(pkt, t, layout, ct, ctx) {
             // Left to TC, which counts it.
             Verdict::Pass => return Verdict::Pass,
             v => v,
         }
     } else if ct.flags & CT_F_FORWARD == 0 {
-        match nat::rewrite(pkt, flow, ct) {
+        match nat::rewrite(pkt, t, layout, ct) {
             Ok(()) => Verdict::Pass,
             Err(_) => drop(stats::DROP_REWRITE, len),
         }
     } else {
-        match route_forwarded(pkt, flow, ct, hook) {
+        match route_forwarded(pkt, t, layout, ct, ctx) {
             Some(v) => v,
             // Left to TC, which counts it.
             None => return Verdict::Pass,
@@ -212,27 +238,27 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> V
 #[inline(always)]
 fn route_forwarded<P: Packet>(
     pkt: &mut P,
-    flow: &Flow,
+    t: &Tuple,
+    layout: &Layout,
     ct: &CtValue,
-    hook: Hook,
+    ctx: &Ctx,
 ) -> Option<Verdict> {
-    let len = pkt.len();
-    let (saddr, sport) = if ct.flags & lb_common::conntrack::CT_F_SNAT != 0 {
-        (ct.nat_saddr_be, ct.nat_sport_be)
-    } else {
-        (flow.saddr, flow.sport)
-    };
-    let (daddr, dport) = if ct.flags & lb_common::conntrack::CT_F_DNAT != 0 {
-        (ct.nat_daddr_be, ct.nat_dport_be)
-    } else {
-        (flow.daddr, flow.dport)
-    };
-    let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
-    if forward::xdp_hands_over(pkt, hook, &route) {
+    let len = ctx.len;
+    let mut after = *t;
+    if ct.flags & CT_F_SNAT != 0 {
+        after.saddr_be = ct.nat_saddr_be;
+        after.sport_be = ct.nat_sport_be;
+    }
+    if ct.flags & CT_F_DNAT != 0 {
+        after.daddr_be = ct.nat_daddr_be;
+        after.dport_be = ct.nat_dport_be;
+    }
+    let route = forward::lookup(pkt, &after);
+    if forward::xdp_hands_over(pkt, ctx.hook, &route) {
         count(stats::XDP_TO_TC, len);
         return None;
     }
-    if nat::rewrite(pkt, flow, ct).is_err() {
+    if nat::rewrite(pkt, t, layout, ct).is_err() {
         return Some(drop(stats::DROP_REWRITE, len));
     }
     Some(match route {
