@@ -8,10 +8,15 @@ use lb_common::{
     conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
-    stats, Backend, BackendId, Config, CtKey, CtValue, ServiceValue, Tuple,
+    Backend, BackendId, Config, CtKey, CtValue, ServiceValue, Tuple,
 };
 
-use crate::{env::Env, maps::LB_CT_V1, stats::count};
+use crate::{
+    env::Env,
+    maps::LB_CT_V1,
+    stats::{count_ct, CtOp},
+    verdict::Reason,
+};
 
 /// Refresh `last_seen_ns` at most this often, so that busy flows do not
 /// bounce the entry's cache line between CPUs on every packet.
@@ -106,7 +111,7 @@ fn timeout_ns(l4: u8, flags: u32, cfg: &Config) -> u64 {
 #[inline(always)]
 pub fn remove(key: &CtKey) {
     if LB_CT_V1.remove(key).is_ok() {
-        count(stats::CT_REMOVE, 0);
+        count_ct(CtOp::Remove);
     }
 }
 
@@ -115,9 +120,9 @@ pub fn remove(key: &CtKey) {
 /// translation is this flow's own from before (its forward entry timed out
 /// or was evicted) and is replaced.
 #[inline(always)]
-fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, u32> {
+fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, Reason> {
     if LB_CT_V1.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-        count(stats::CT_INSERT, 0);
+        count_ct(CtOp::Insert);
         return Ok(true);
     }
     // SAFETY: the value is read at once.
@@ -137,14 +142,14 @@ fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, u32> {
 /// counts as an insert: a replacement does not add an entry, and the agent
 /// derives evictions from inserts, removals and the entry count.
 #[inline(always)]
-pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), u32> {
+pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), Reason> {
     if LB_CT_V1.insert(key, value, u64::from(BPF_NOEXIST)).is_ok() {
-        count(stats::CT_INSERT, 0);
+        count_ct(CtOp::Insert);
         return Ok(());
     }
     LB_CT_V1
         .insert(key, value, u64::from(BPF_ANY))
-        .map_err(|_| stats::DROP_CT_FULL)
+        .map_err(|_| Reason::DropCtFull)
 }
 
 /// What a new flow brings besides its tuple and its backend.
@@ -169,7 +174,7 @@ pub fn create(
     backend_id: BackendId,
     backend: &Backend,
     env: &Env,
-) -> Result<CtValue, u32> {
+) -> Result<CtValue, Reason> {
     let now = env.now();
     // Traffic from outside the cluster to another node's backend must come
     // back through this node: give it this node's address as source. So must
@@ -229,10 +234,10 @@ pub fn create(
 
     let cfg = env.cfg();
     if cfg.snat_port_max < cfg.snat_port_min {
-        return Err(stats::DROP_SNAT_EXHAUSTED);
+        return Err(Reason::DropSnatExhausted);
     }
     let src = if snat {
-        cfg.node_addr(t.family).ok_or(stats::DROP_SNAT_EXHAUSTED)?
+        cfg.node_addr(t.family).ok_or(Reason::DropSnatExhausted)?
     } else {
         t.saddr_be
     };
@@ -256,7 +261,7 @@ pub fn create(
             .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            count(stats::CT_INSERT, 0);
+            count_ct(CtOp::Insert);
             fwd.nat_sport_be = port.to_be();
             if let Err(reason) = insert(t, &fwd) {
                 remove(&reply_key);
@@ -266,5 +271,5 @@ pub fn create(
         }
         i += 1;
     }
-    Err(stats::DROP_SNAT_EXHAUSTED)
+    Err(Reason::DropSnatExhausted)
 }

@@ -7,12 +7,12 @@ use lb_common::{
     dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
     family,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
-    stats, Backend, BackendId, CtValue, ServiceValue, Tuple,
+    Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
 use crate::{
     conntrack, csum,
-    env::{Ctx, Env},
+    env::Env,
     forward::{self, Route},
     hdr::{
         ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
@@ -22,9 +22,7 @@ use crate::{
     nat,
     packet::{Packet, PacketError},
     parse::Layout,
-    pipeline::{drop, Verdict},
-    reject,
-    stats::count,
+    verdict::Reason,
 };
 
 /// The node to wrap a new flow from outside to, when DSR applies: this
@@ -60,7 +58,7 @@ pub fn create(
     backend: &Backend,
     endpoint: u32,
     env: &Env,
-) -> Result<CtValue, u32> {
+) -> Result<CtValue, Reason> {
     let fwd = CtValue {
         nat_saddr_be: [endpoint, 0, 0, 0],
         nat_daddr_be: backend.addr_be,
@@ -75,92 +73,76 @@ pub fn create(
     Ok(fwd)
 }
 
-/// Wraps the packet to the backend's node named in `ct` and says where it
-/// goes. Too big for the path once wrapped: ICMP fragmentation needed back
-/// to the client when it set DF (it then sends smaller), else a drop.
-#[inline(always)]
-pub fn encap<P: Packet>(
-    pkt: &mut P,
-    t: &Tuple,
-    layout: &Layout,
-    ct: &CtValue,
-    ctx: &Ctx,
-) -> Verdict {
-    let len = ctx.len;
-    let Some([node, ..]) = ctx.env.cfg().node_addr(family::V4) else {
-        return drop(stats::DROP_NO_ROUTE, len);
-    };
-    let endpoint = ct.nat_saddr_be[0];
-    let Ok(inner_len) = pkt
-        .load::<u16>(layout.l3_off + IP4_TOT_LEN)
-        .map(u16::from_be)
-    else {
-        return drop(stats::DROP_REWRITE, len);
-    };
-    let outer_len = inner_len.saturating_add(ENCAP_LEN as u16);
-    let route = forward::lookup_sized(pkt, IPPROTO_LB, node, endpoint, outer_len);
-    if let Route::TooBig { mtu } = route {
-        let df = pkt
-            .load::<u16>(layout.l3_off + IP4_FRAG_OFF)
-            .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
-        count(stats::DSR_TOO_BIG, len);
-        if !df || !layout.has_l4() {
-            return Verdict::Drop;
-        }
-        let inner_mtu = mtu.saturating_sub(ENCAP_LEN as u16);
-        return match reject::frag_needed(pkt, t, layout, inner_mtu) {
-            Ok(()) => Verdict::Bounce,
-            Err(_) => drop(stats::DROP_REWRITE, len),
-        };
-    }
-    if forward::xdp_hands_over(pkt, ctx.hook, &route) {
-        count(stats::XDP_TO_TC, len);
-        return Verdict::Pass;
-    }
-    let (smac, dmac) = match route {
-        Route::Resolved { smac, dmac, .. } => (smac, dmac),
-        // The neighbour helper writes the MACs itself.
-        _ => ([0; 6], [0; 6]),
-    };
-    if wrap(pkt, ct, node, endpoint, outer_len, smac, dmac).is_err() {
-        return drop(stats::DROP_REWRITE, len);
-    }
-    count(stats::DSR_ENCAP, len);
-    match route {
-        Route::Resolved { ifindex, .. } => Verdict::Redirect(ifindex),
-        Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
-        Route::TooBig { .. } | Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
-    }
+/// The outer IPv4 header of a DSR flow's packet.
+pub struct Outer {
+    /// Source: this node.
+    pub node: u32,
+    /// Destination: the backend's node.
+    pub endpoint: u32,
+    /// Total length of the wrapped packet (outer header included).
+    pub len: u16,
 }
 
-/// Puts Ethernet, the outer IPv4 header and the shim in front of the
-/// client's IP header.
+/// The outer header the packet of DSR flow `ct` gets.
 #[inline(always)]
-fn wrap<P: Packet>(
-    pkt: &mut P,
+pub fn outer<P: Packet>(
+    pkt: &P,
+    layout: &Layout,
     ct: &CtValue,
-    node: u32,
-    endpoint: u32,
-    outer_len: u16,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-) -> Result<(), PacketError> {
+    env: &Env,
+) -> Result<Outer, Reason> {
+    let [node, ..] = env.cfg().node_addr(family::V4).ok_or(Reason::DropNoRoute)?;
+    let inner_len = u16::from_be(pkt.load(layout.l3_off + IP4_TOT_LEN)?);
+    Ok(Outer {
+        node,
+        endpoint: ct.nat_saddr_be[0],
+        len: inner_len.saturating_add(ENCAP_LEN as u16),
+    })
+}
+
+/// The route of the packet once wrapped in `outer`.
+#[inline(always)]
+pub fn route<P: Packet>(pkt: &P, outer: &Outer) -> Route {
+    forward::lookup_sized(pkt, IPPROTO_LB, outer.node, outer.endpoint, outer.len)
+}
+
+/// Whether a packet too big for the path once wrapped may be answered with
+/// ICMP fragmentation needed (the client then sends smaller): it set DF
+/// and carries its L4 header to quote. Else it can only be dropped.
+#[inline(always)]
+pub fn may_answer_too_big<P: Packet>(pkt: &P, layout: &Layout) -> bool {
+    let df = pkt
+        .load::<u16>(layout.l3_off + IP4_FRAG_OFF)
+        .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
+    df && layout.has_l4()
+}
+
+/// The largest inner packet a path of `mtu` takes.
+#[inline(always)]
+pub fn inner_mtu(mtu: u16) -> u16 {
+    mtu.saturating_sub(ENCAP_LEN as u16)
+}
+
+/// Puts Ethernet (MACs zero: the route's are written by whoever sends it,
+/// or by the neighbour helper), the outer IPv4 header and the shim naming
+/// `ct`'s backend in front of the client's IP header.
+#[inline(always)]
+pub fn wrap<P: Packet>(pkt: &mut P, ct: &CtValue, outer: &Outer) -> Result<(), PacketError> {
     // The old Ethernet header ends up at 28..42, exactly where the outer
     // header's tail and the shim go: nothing needs moving.
     pkt.grow_head(ENCAP_LEN as u32)?;
-    pkt.store(0, dmac)?;
-    pkt.store(6, smac)?;
+    pkt.store(0, [0u8; 12])?;
     pkt.store(ETH_TYPE, ETH_P_IP.to_be())?;
     let ip = ETH_HLEN;
     pkt.store(ip, IP4_VER_IHL)?;
     pkt.store(ip + IP4_TOS, 0u8)?;
-    pkt.store(ip + IP4_TOT_LEN, outer_len.to_be())?;
+    pkt.store(ip + IP4_TOT_LEN, outer.len.to_be())?;
     pkt.store(ip + IP4_ID, 0u16)?;
     pkt.store(ip + IP4_FRAG_OFF, IP4_DF.to_be())?;
     pkt.store(ip + IP4_TTL, IP4_DEFAULT_TTL)?;
     pkt.store(ip + IP4_PROTO, IPPROTO_LB)?;
-    pkt.store(ip + IP4_SADDR, node)?;
-    pkt.store(ip + IP4_DADDR, endpoint)?;
+    pkt.store(ip + IP4_SADDR, outer.node)?;
+    pkt.store(ip + IP4_DADDR, outer.endpoint)?;
     csum::ip_checksum(pkt, ip, IP4_HLEN)?;
     pkt.store(
         ip + IP4_HLEN,
@@ -214,11 +196,10 @@ pub fn deliver<P: Packet>(
     t: &Tuple,
     layout: &Layout,
     shim: &Shim,
-    ctx: &Ctx,
-) -> Verdict {
-    let len = ctx.len;
+    env: &Env,
+) -> Result<(), Reason> {
     if !layout.has_l4() {
-        return drop(stats::DROP_REWRITE, len);
+        return Err(Reason::DropRewrite);
     }
     let backend = [shim.addr_be, 0, 0, 0];
     let reply_key = Tuple {
@@ -240,16 +221,11 @@ pub fn deliver<P: Packet>(
             nat_saddr_be: t.daddr_be,
             nat_sport_be: t.dport_be,
             flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
-            last_seen_ns: ctx.env.now(),
+            last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        if let Err(reason) = conntrack::insert(&reply_key, &reply) {
-            return drop(reason, len);
-        }
+        conntrack::insert(&reply_key, &reply)?;
     }
-    if nat::set_dst(pkt, t, layout, &backend, shim.port_be).is_err() {
-        return drop(stats::DROP_REWRITE, len);
-    }
-    count(stats::DSR_DECAP, len);
-    Verdict::Pass
+    nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;
+    Ok(())
 }

@@ -21,6 +21,7 @@ mod pipeline;
 mod reject;
 mod select;
 mod stats;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
@@ -32,7 +33,8 @@ use aya_ebpf::{
 use crate::{
     env::Hook,
     packet::{tc_pull, Packet},
-    pipeline::{process, Verdict},
+    pipeline::process,
+    verdict::Verdict,
 };
 
 // The entry points are `#[inline(always)]`: aya's macros wrap each in an
