@@ -38,8 +38,6 @@ pub const IP4_DF: u16 = 0x4000;
 pub const IP4_MF: u16 = 0x2000;
 /// Fragment offset bits of the flags/offset field.
 pub const IP4_OFFSET_MASK: u16 = 0x1fff;
-/// Bits set in any fragment of a fragmented datagram (MF and the offset).
-pub const IP4_FRAG_MASK: u16 = IP4_MF | IP4_OFFSET_MASK;
 /// TTL of the packets the datapath builds (Linux's default).
 pub const IP4_DEFAULT_TTL: u8 = 64;
 
@@ -93,6 +91,48 @@ pub mod icmp {
     pub const FRAG_NEEDED: u8 = 4;
     /// Time exceeded.
     pub const TIME_EXCEEDED: u8 = 11;
+}
+
+/// The IPv4 header without options. Read whole: one bounds check the
+/// verifier can follow, also at a variable offset (a quoted header).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ip4Hdr {
+    /// Version (high nibble) and header length in 32-bit words (low nibble).
+    pub ver_ihl: u8,
+    /// Type of service.
+    pub tos: u8,
+    /// Total length, network order.
+    pub tot_len: u16,
+    /// Identification, network order.
+    pub id: u16,
+    /// Flags and fragment offset, network order.
+    pub frag_off: u16,
+    /// Time to live.
+    pub ttl: u8,
+    /// Protocol.
+    pub proto: u8,
+    /// Header checksum.
+    pub check: u16,
+    /// Source address, network order.
+    pub saddr: u32,
+    /// Destination address, network order.
+    pub daddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<Ip4Hdr>() == IP4_HLEN);
+
+impl Ip4Hdr {
+    /// The IP version (4 for a header that is one).
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.ver_ihl >> 4
+    }
+
+    /// The header's length in bytes, options included.
+    #[inline(always)]
+    pub fn header_len(&self) -> usize {
+        usize::from(self.ver_ihl & 0x0f) * 4
+    }
 }
 
 /// The fixed TCP header. Variable-offset headers are read whole: one bounds

@@ -19,7 +19,7 @@ use crate::{
     forward::{self, Route},
     frag, frontend, icmp, nat,
     packet::Packet,
-    parse::{self, Frag, Layout},
+    parse::{self, Frag, Layout, Parsed},
     reject, select,
     stats::{count, count_new_flow, count_service},
     verdict::{Reason, Verdict},
@@ -49,15 +49,17 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
             Err(_) => return drop(Reason::DropRewrite, len),
         }
     };
-    let (mut t, layout) = match parse::parse(pkt) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => {
-            return match icmp::translate_error(pkt) {
+    let mut t = Tuple::default();
+    let layout = match parse::parse(pkt, &mut t) {
+        Ok(Parsed::Flow(layout)) => layout,
+        Ok(Parsed::Icmp(layout)) => {
+            return match icmp::translate_error(pkt, &layout, &mut t) {
                 Ok(true) => pass(Reason::IcmpError, len),
                 Ok(false) => pass(Reason::PassUnsupported, len),
                 Err(_) => drop(Reason::DropRewrite, len),
             };
         }
+        Ok(Parsed::Other) => return pass(Reason::PassUnsupported, len),
         Err(_) => return pass(Reason::PassMalformed, len),
     };
 
