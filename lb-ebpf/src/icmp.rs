@@ -28,12 +28,14 @@ use crate::{
 
 /// Translates the ICMP message of an IPv4 packet laid out as `layout` if it
 /// is an error about a translated flow; `Ok(true)` when it did. The quoted
-/// packet's tuple is parsed into `quote`.
+/// packet's tuple is parsed into `quote`, the key of its reply entry built
+/// in `key`.
 #[inline(always)]
 pub fn translate_error<P: Packet>(
     pkt: &mut P,
     layout: &Layout,
     quote: &mut Tuple,
+    key: &mut Tuple,
 ) -> Result<bool, PacketError> {
     if layout.frag != Frag::None {
         return Ok(false);
@@ -49,8 +51,11 @@ pub fn translate_error<P: Packet>(
     let Some(quoted) = parse::quoted(pkt, inner, quote)? else {
         return Ok(false);
     };
+    // The quote went from the client's side to the backend: reversed, it
+    // is the flow's reply entry.
+    *key = quote.reversed();
     // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { LB_CT_V1.get(&quote.reversed()).copied() }) else {
+    let Some(ct) = (unsafe { LB_CT_V1.get(key).copied() }) else {
         return Ok(false);
     };
     if ct.flags & CT_F_REPLY == 0 {

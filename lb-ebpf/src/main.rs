@@ -19,6 +19,7 @@ mod packet;
 mod parse;
 mod pipeline;
 mod reject;
+mod scratch;
 mod select;
 mod stats;
 mod verdict;
