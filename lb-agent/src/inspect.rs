@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context as _, Result};
 use lb_common::{
-    proto,
+    addr::{addr_from_be, socket_from_be},
     service::{
         BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_NODEPORT,
         SVC_F_SRC_RANGES,
@@ -12,7 +12,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{datapath::maps::Maps, reconcile::addr_from_be};
+use crate::{datapath::maps::Maps, reconcile::protocol_of};
 
 /// One Service port as the maps hold it.
 #[derive(Debug, Serialize)]
@@ -51,13 +51,9 @@ pub struct BackendView {
     pub slots: u32,
 }
 
+/// The protocol a map key names, as Kubernetes spells it.
 fn proto_name(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "TCP",
-        proto::UDP => "UDP",
-        proto::SCTP => "SCTP",
-        _ => "?",
-    }
+    protocol_of(p).map_or("?", |p| p.as_str())
 }
 
 /// Reads the maps into views, ordered by name.
@@ -80,11 +76,7 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
                     let b = snap.backends.get(id)?;
                     Some(BackendView {
                         id: *id,
-                        address: std::net::SocketAddr::new(
-                            addr_from_be(b.addr_be, b.family),
-                            u16::from_be(b.port_be),
-                        )
-                        .to_string(),
+                        address: socket(b.addr_be, b.family, b.port_be),
                         local: b.flags & BACKEND_F_LOCAL != 0,
                         slots: *n,
                     })
@@ -102,15 +94,12 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
             });
         }
         let kinds = frontend_kinds(value.flags);
-        let addr = std::net::SocketAddr::new(
-            addr_from_be(key.addr_be, key.family),
-            u16::from_be(key.port_be),
-        );
+        let addr = socket_from_be(key.addr_be, key.family, key.port_be);
         if let Some(view) = by_id.get_mut(&value.svc_id) {
             view.frontends.push(FrontendView {
                 frontend: format!("{addr}/{}", proto_name(key.proto)),
                 kinds,
-                table_size: value.slot_count,
+                table_size: value.slots.map_or(0, |s| s.count),
             });
         }
     }
@@ -234,7 +223,7 @@ pub fn stats_table(v: &StatsView) -> String {
 }
 
 fn socket(addr: lb_common::IpAddrBe, family: u8, port_be: u16) -> String {
-    std::net::SocketAddr::new(addr_from_be(addr, family), u16::from_be(port_be)).to_string()
+    socket_from_be(addr, family, port_be).to_string()
 }
 
 /// Every backend in the backends map, by id.

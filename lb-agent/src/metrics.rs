@@ -38,7 +38,8 @@ use tracing::warn;
 
 use crate::{
     datapath::maps::{capacity, Maps, SIZED},
-    reconcile::{Report, LOCAL_SUFFIX, V6_SUFFIX},
+    problem_log::RefusalLog,
+    reconcile::{Report, TableId},
 };
 
 /// Labels of a map.
@@ -185,28 +186,35 @@ impl std::fmt::Debug for DatapathCollector {
     }
 }
 
-/// A Service port's table name split into labels:
-/// `namespace/name[:port]/PROTO`, with `@local` on the table of a Local
-/// traffic policy and `@v6` on the table of IPv6 frontends.
+/// A table's name, as its record holds it, split into labels (see
+/// [`TableId`]). A name that does not read back (cut short at the record's
+/// length) is the `name` label whole.
 fn service_labels(full: &str) -> Vec<(&'static str, String)> {
-    let (rest, family) = match full.strip_suffix(V6_SUFFIX) {
-        Some(rest) => (rest, "IPv6"),
-        None => (full, "IPv4"),
+    let (namespace, name, port, proto, scope, family) = match full.parse::<TableId>() {
+        Ok(id) => (
+            id.port.namespace,
+            id.port.name,
+            id.port.port_name,
+            id.port.protocol.to_string(),
+            id.scope.to_string(),
+            id.family.to_string(),
+        ),
+        Err(_) => (
+            String::new(),
+            full.to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ),
     };
-    let (rest, scope) = match rest.strip_suffix(LOCAL_SUFFIX) {
-        Some(rest) => (rest, "local"),
-        None => (rest, "cluster"),
-    };
-    let (namespace, rest) = rest.split_once('/').unwrap_or(("", rest));
-    let (svc, proto) = rest.rsplit_once('/').unwrap_or((rest, ""));
-    let (name, port) = svc.split_once(':').unwrap_or((svc, ""));
     vec![
-        ("namespace", namespace.to_string()),
-        ("name", name.to_string()),
-        ("port", port.to_string()),
-        ("proto", proto.to_string()),
-        ("scope", scope.to_string()),
-        ("family", family.to_string()),
+        ("namespace", namespace),
+        ("name", name),
+        ("port", port),
+        ("proto", proto),
+        ("scope", scope),
+        ("family", family),
     ]
 }
 
@@ -419,6 +427,13 @@ mod tests {
     }
 
     #[test]
+    fn a_name_that_does_not_read_back_is_the_name_label() {
+        let l = service_labels("demo/a-very-long-name:po");
+        assert_eq!(l[0].1, "");
+        assert_eq!(l[1].1, "demo/a-very-long-name:po");
+    }
+
+    #[test]
     fn evictions_count_from_the_start_and_never_go_down() {
         let mut e = Evictions::default();
         // An older map may hold entries the counters never saw.
@@ -435,7 +450,7 @@ mod tests {
 #[derive(Debug)]
 pub struct SyncRecorder {
     metrics: std::sync::Arc<Metrics>,
-    refusals: crate::reconcile::RefusalLog,
+    refusals: RefusalLog,
 }
 
 impl SyncRecorder {
@@ -443,7 +458,7 @@ impl SyncRecorder {
     pub fn new(metrics: std::sync::Arc<Metrics>) -> Self {
         Self {
             metrics,
-            refusals: crate::reconcile::RefusalLog::default(),
+            refusals: RefusalLog::default(),
         }
     }
 

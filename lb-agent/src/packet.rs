@@ -314,7 +314,7 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
                 String::new()
             };
             (
-                if p == 6 { "TCP" } else { "UDP" }.to_string(),
+                crate::reconcile::protocol_of(p).map_or_else(|| p.to_string(), |p| p.to_string()),
                 format!("{src}:{}", port(0)?),
                 format!("{dst}:{}", port(2)?),
                 letters,

@@ -17,8 +17,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap, PerCpuArray};
 use lb_common::{
-    hash::flow_hash, proto, stats::Counter, AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey,
-    ServiceValue,
+    addr::{addr_be, socket_from_be},
+    hash::flow_hash,
+    proto,
+    stats::Counter,
+    AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey, ServiceValue,
 };
 use serde::Serialize;
 
@@ -30,7 +33,6 @@ use crate::{
     },
     inspect::{frontend_kinds, monotonic_ns},
     packet::{self, Packet, Summary, MAC_A, MAC_B},
-    reconcile::{addr_be, addr_from_be},
 };
 
 /// The packet to trace.
@@ -158,7 +160,7 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         let name = live
             .infos
             .get(&s.svc_id, 0)
-            .map(|i| decode_info(&i).name)
+            .map(|i| decode_info(s.svc_id, &i).name)
             .unwrap_or_else(|_| format!("svc {}", s.svc_id));
         format!("{name} ({})", frontend_kinds(s.flags).join(", "))
     });
@@ -166,12 +168,8 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
     let backend = after
         .filter(|v| v.flags & lb_common::conntrack::CT_F_DNAT != 0)
         .map(|v| {
-            let addr = addr_from_be(v.nat_daddr_be, family);
-            format!(
-                "{addr}:{} (id {})",
-                u16::from_be(v.nat_dport_be),
-                v.backend_id
-            )
+            let backend = socket_from_be(v.nat_daddr_be, family, v.nat_dport_be);
+            format!("{backend} (id {})", v.backend_id)
         });
     let reason = explain(
         &live,

@@ -215,7 +215,7 @@ fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), Tes
         report
             .failures
             .iter()
-            .all(|f| f.service.ends_with("/SCTP") && f.full_map.is_none()),
+            .all(|f| f.service.to_string().ends_with("/SCTP") && f.full_map.is_none()),
         "{:?}",
         report.failures
     );
@@ -232,12 +232,12 @@ fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), Tes
         if key.family == family::V4 {
             prop_assert!(key.addr_be[1..] == [0, 0, 0], "{key:?}");
         }
-        if value.slot_count == 0 {
+        let Some(slots) = value.slots else {
             continue;
-        }
-        let table = store.snap.tables.get(&value.svc_id);
+        };
+        let table = store.snap.tables.get(&slots.table);
         prop_assert!(
-            table.is_some_and(|t| t.len() == value.slot_count as usize),
+            table.is_some_and(|t| t.len() == slots.count as usize),
             "{key:?}"
         );
         for id in table.into_iter().flatten() {

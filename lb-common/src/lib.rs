@@ -9,9 +9,12 @@
 //! in word 0 with the other words zero, and every key that carries an address
 //! also carries its [`family`], so the two families never collide.
 //!
-//! With the `user` feature each type implements `aya::Pod`.
+//! With the `user` feature each type implements `aya::Pod`, and [`addr`]
+//! converts between `core::net` addresses and [`IpAddrBe`].
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod addr;
 pub mod affinity;
 pub mod config;
 pub mod conntrack;

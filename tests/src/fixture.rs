@@ -16,9 +16,9 @@ use lb_agent::{
         programs::{MapSizes, Programs, TestProgram},
     },
     model::{Endpoint, Frontend, FrontendKind, Model, Protocol, ServicePort, ServicePortRef},
-    reconcile::{addr_be, Reconciler},
+    reconcile::Reconciler,
 };
-use lb_common::Config;
+use lb_common::{addr::addr_be, Config};
 
 /// Maglev table size of the fixtures: the smallest supported, for speed.
 pub const TABLE_SIZE: u32 = 251;

@@ -133,7 +133,7 @@ fn the_same_flow_reaches_the_same_backend_through_either_node() {
                     let b = snap.backends[id];
                     format!(
                         "{}:{}",
-                        lb_agent::reconcile::addr_from_be(b.addr_be, b.family),
+                        lb_common::addr::addr_from_be(b.addr_be, b.family),
                         u16::from_be(b.port_be)
                     )
                 })

@@ -1,6 +1,12 @@
 //! Typed handles on the pinned maps, opened by path so that the running agent
 //! and the inspection commands (which work while the agent is down) share
-//! one way in.
+//! one way in; and the reconciler's [`Store`] over them, the one place that
+//! lays its records out in the maps.
+//!
+//! Table placement: a Service port's Maglev table is an inner array of
+//! `LB_MAGLEV_V1` under the Service port's id, replaced whole in place, so a
+//! [`TableHandle`] is that id, and a frontend's `ServiceValue` leads to its
+//! table through its `svc_id`.
 
 use std::path::Path;
 
@@ -21,7 +27,7 @@ use lb_common::{
 use tracing::debug;
 
 use super::bpffs;
-use crate::reconcile::{Info, Range, Snapshot, Store, StoreError};
+use crate::reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle};
 
 /// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -96,8 +102,8 @@ impl Maps {
     }
 }
 
-/// Decodes a [`ServiceInfo`].
-pub fn decode_info(raw: &ServiceInfo) -> Info {
+/// Decodes the [`ServiceInfo`] of Service port `svc_id`.
+pub fn decode_info(svc_id: u32, raw: &ServiceInfo) -> Info {
     let end = raw
         .name
         .iter()
@@ -106,10 +112,12 @@ pub fn decode_info(raw: &ServiceInfo) -> Info {
     Info {
         name: String::from_utf8_lossy(&raw.name[..end]).into_owned(),
         table_fingerprint: raw.table_fingerprint,
+        table: (raw.table_fingerprint != 0).then_some(TableHandle::from_raw(svc_id)),
     }
 }
 
-/// Encodes an [`Info`], truncating the name at a char boundary.
+/// Encodes an [`Info`], truncating the name at a char boundary (the table
+/// is where the Service port's id says).
 pub fn encode_info(info: &Info) -> ServiceInfo {
     let mut out = ServiceInfo {
         table_fingerprint: info.table_fingerprint,
@@ -121,6 +129,41 @@ pub fn encode_info(info: &Info) -> ServiceInfo {
     }
     out.name[..end].copy_from_slice(&info.name.as_bytes()[..end]);
     out
+}
+
+/// Lays a frontend's [`Record`] out as the datapath's [`ServiceValue`].
+fn encode_record(record: Record) -> Result<ServiceValue, StoreError> {
+    match record.slots {
+        Some(s) if s.table.raw() != record.svc_id => Err(StoreError {
+            op: "insert",
+            map: maps::SERVICES,
+            message: format!(
+                "frontend of Service port {} points at table {}: tables are found by Service port id",
+                record.svc_id,
+                s.table.raw()
+            ),
+            full: false,
+        }),
+        slots => Ok(ServiceValue {
+            svc_id: record.svc_id,
+            slot_count: slots.map_or(0, |s| s.count),
+            flags: record.flags,
+            affinity_timeout_s: record.affinity_timeout_s,
+        }),
+    }
+}
+
+/// Reads a [`ServiceValue`] back as the [`Record`] it was written from.
+pub fn decode_record(value: &ServiceValue) -> Record {
+    Record {
+        svc_id: value.svc_id,
+        slots: (value.slot_count != 0).then_some(Slots {
+            table: TableHandle::from_raw(value.svc_id),
+            count: value.slot_count,
+        }),
+        flags: value.flags,
+        affinity_timeout_s: value.affinity_timeout_s,
+    }
 }
 
 /// The `lb-agent run` flag that sizes map `name`.
@@ -164,7 +207,7 @@ impl Store for Maps {
             .map_err(|e| store_err("remove", maps::BACKENDS, &e))
     }
 
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError> {
         // A fresh inner array, filled while no packet can see it, then
         // swapped in with one update of the outer map.
         let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
@@ -177,14 +220,18 @@ impl Store for Maps {
         })?;
         self.maglev
             .insert(svc_id, &inner, 0)
-            .map_err(|e| store_err("insert", maps::MAGLEV, &e))
+            .map_err(|e| store_err("insert", maps::MAGLEV, &e))?;
+        Ok(TableHandle::from_raw(svc_id))
     }
 
-    fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Vec<Result<(), StoreError>> {
+    fn put_tables(
+        &mut self,
+        tables: &[(u32, Vec<BackendId>)],
+    ) -> Vec<Result<TableHandle, StoreError>> {
         let mut out = Vec::with_capacity(tables.len());
         for chunk in tables.chunks(TABLES_PER_BATCH) {
             match self.put_table_batch(chunk) {
-                Ok(()) => out.extend(chunk.iter().map(|_| Ok(()))),
+                Ok(()) => out.extend(chunk.iter().map(|(id, _)| Ok(TableHandle::from_raw(*id)))),
                 // Which table failed, and why, is found one by one: a
                 // batch stops at its first error.
                 Err(e) => {
@@ -196,14 +243,14 @@ impl Store for Maps {
         out
     }
 
-    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        ignore_missing(self.maglev.remove(&svc_id))
+    fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
+        ignore_missing(self.maglev.remove(&table.raw()))
             .map_err(|e| store_err("remove", maps::MAGLEV, &e))
     }
 
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
+    fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {
         self.services
-            .insert(key, value, 0)
+            .insert(key, encode_record(record)?, 0)
             .map_err(|e| store_err("insert", maps::SERVICES, &e))
     }
 
@@ -399,7 +446,7 @@ impl Maps {
         let mut snap = Snapshot::default();
         for entry in self.services.iter() {
             let (k, v) = entry.context("read services map")?;
-            snap.services.insert(k, v);
+            snap.services.insert(k, decode_record(&v));
         }
         for entry in self.backends.iter() {
             let (k, v) = entry.context("read backends map")?;
@@ -416,7 +463,7 @@ impl Maps {
         }
         for entry in self.infos.iter() {
             let (k, v) = entry.context("read service info map")?;
-            snap.infos.insert(k, decode_info(&v));
+            snap.infos.insert(k, decode_info(k, &v));
         }
         Ok(snap)
     }
@@ -469,7 +516,7 @@ impl Maps {
                 sum.new_flows += c.new_flows;
                 sum.drops += c.drops;
             }
-            out.push((svc_id, decode_info(&info).name, sum));
+            out.push((svc_id, decode_info(svc_id, &info).name, sum));
         }
         out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
         Ok(out)

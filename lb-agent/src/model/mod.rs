@@ -4,6 +4,7 @@
 //! the Kubernetes API) hand the same Kubernetes objects to [`build`], so the two
 //! produce the same model from the same objects.
 
+mod node;
 mod translate;
 #[cfg(test)]
 mod translation_lines;
@@ -11,21 +12,13 @@ mod translation_lines;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+pub use node::{AddressFilter, NodeInfo};
 pub use translate::{build, group, service_id, slice_owner, Id, Inputs, Translator};
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The API's largest accepted affinity timeout (1 day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
-
-/// Everything the node needs to know about itself to translate Services.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    /// This node's name, compared with `EndpointSlice.endpoints[].nodeName`.
-    pub name: String,
-    /// This node's addresses: every NodePort is a frontend on each of them.
-    pub addresses: Vec<IpAddr>,
-}
 
 /// L4 protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,6 +29,40 @@ pub enum Protocol {
     Udp,
     /// SCTP.
     Sctp,
+}
+
+impl Protocol {
+    /// The protocol as Kubernetes spells it (`TCP`, `UDP`, `SCTP`): the one
+    /// spelling of table names, metrics labels, logs and `lb-agent` output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    /// Parses the protocol as Kubernetes spells it (case matters, as in the API).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+            )),
+        }
+    }
 }
 
 /// Identity of one port of one Service: the unit the datapath programs.

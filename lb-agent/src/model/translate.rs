@@ -252,7 +252,7 @@ impl Translator {
                             "{}: frontend {}/{} is already used by Service {}/{} {}; frontend dropped from this port",
                             port_label(&r.port_name, r.protocol),
                             SocketAddr::new(f.addr, f.port),
-                            protocol_name(r.protocol),
+                            r.protocol,
                             o.namespace,
                             o.name,
                             port_label(&o.port_name, o.protocol),
@@ -422,7 +422,7 @@ fn parse_slice(
                 message: format!(
                     "ports[{i}] repeats name {:?} and protocol {}; the first one is used, this one skipped",
                     o.key().0,
-                    protocol_name(protocol)
+                    protocol
                 ),
             }),
         }
@@ -472,23 +472,7 @@ fn parse_slice(
 
 /// A Kubernetes protocol string; a missing one is TCP, as the API defaults it.
 fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
-    match p {
-        None | Some("TCP") => Ok(Protocol::Tcp),
-        Some("UDP") => Ok(Protocol::Udp),
-        Some("SCTP") => Ok(Protocol::Sctp),
-        Some(other) => Err(format!(
-            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
-        )),
-    }
-}
-
-/// The protocol as Kubernetes spells it.
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    }
+    p.map_or(Ok(Protocol::Tcp), str::parse)
 }
 
 /// A port number from the API's `i32`, if it is a usable L4 port.
@@ -499,9 +483,9 @@ fn valid_port(n: i32) -> Option<u16> {
 /// How a Problem names one port of a Service.
 fn port_label(name: &str, protocol: Protocol) -> String {
     if name.is_empty() {
-        format!("unnamed {} port", protocol_name(protocol))
+        format!("unnamed {} port", protocol)
     } else {
-        format!("port {name:?} ({})", protocol_name(protocol))
+        format!("port {name:?} ({})", protocol)
     }
 }
 
@@ -967,7 +951,7 @@ pub(super) mod tests {
             .iter()
             .map(|(r, sp)| {
                 (
-                    format!("{r}/{}", protocol_name(r.protocol)),
+                    format!("{r}/{}", r.protocol),
                     sp.frontends
                         .iter()
                         .map(|f| (SocketAddr::new(f.addr, f.port).to_string(), f.kind))

@@ -1,66 +1,65 @@
 //! Turning the desired model into map contents, changing only what differs.
 //!
 //! Order is what keeps the datapath whole (STYLE.md 7): backends first, then
-//! the Service's Maglev table (built whole in a new inner map and swapped in
-//! with one update), then the frontend records that point at it, and only
-//! then what nobody uses any more. A packet therefore always finds a complete
-//! table behind any frontend it matches. Within one apply this holds per
-//! Service port while the work is done in phases over all of them, so that
-//! the tables go in with a few batch updates (see [`Reconciler::apply`]).
+//! the Service's Maglev table (written whole where the store puts it, see
+//! [`Store::put_table`]), then the frontend records that point at it, and
+//! only then what nobody uses any more. A packet therefore always finds a
+//! complete table behind any frontend it matches. Within one apply this
+//! holds per Service port while the work is done in phases over all of
+//! them, so that the tables go in with a few batch updates (see
+//! [`Reconciler::apply`]).
+//!
+//! [`lower`](self::lower) turns the model into the tables each Service port
+//! needs, named by [`TableId`]; [`tables`](self::tables) builds and
+//! fingerprints them; the [`Store`] says where each table lives.
 //!
 //! The reconciler keeps a mirror of what it wrote. At start it builds that
 //! mirror from the maps themselves ([`Reconciler::adopt`]), so a restarted
 //! agent compares against reality and rewrites nothing that is already right;
 //! a table is recognised by the fingerprint recorded beside it.
 
-mod refusals;
+mod lower;
 mod store;
+mod table_id;
+mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 
-use lb_common::{
-    family, proto,
-    service::{
-        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_LOCAL_ONLY,
-        SVC_F_NODEPORT, SVC_F_SRC_RANGES,
-    },
-    Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue,
-};
+use lb_common::{Backend, BackendId, IpAddrBe, ServiceKey};
 use tracing::{debug, warn};
 
+use self::{
+    lower::{desired, desired_for, DesiredService},
+    tables::{build_tables, fingerprint, maglev_name, TableJob},
+};
 use crate::{
-    maglev::{self, TableSize},
-    model::{Endpoint, FrontendKind, Model, Problem, Protocol, ServicePort, ServicePortRef},
+    maglev::TableSize,
+    model::{Model, Problem, Protocol, ServicePortRef},
 };
 
-pub use refusals::RefusalLog;
-pub use store::{Info, MemStore, Range, Snapshot, Store, StoreError};
+pub use lower::{proto_number, protocol_of};
+pub use store::{
+    Info, MemStore, Placement, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle,
+};
+pub use table_id::{Family, ParseTableIdError, Scope, TableId};
 
-/// What the maps should hold for one Service port.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct DesiredService {
-    /// The Service port this table belongs to.
-    port: ServicePortRef,
-    frontends: BTreeMap<ServiceKey, u32>,
-    /// Backends that take new flows.
-    backends: Vec<Backend>,
-    /// Terminating backends: kept in the backends map so that their
-    /// established flows go on, but in no table, so they get no new flows.
-    draining: Vec<Backend>,
-    /// ClientIP affinity timeout in seconds (0: none).
-    affinity_timeout_s: u32,
-    /// Source ranges guarding the LoadBalancer frontends.
-    ranges: BTreeSet<Range>,
-}
-
-/// What the reconciler last wrote for one Service port.
+/// What the reconciler last wrote for one table of a Service port.
 #[derive(Clone, Debug, Default)]
 struct AppliedService {
-    name: String,
-    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    /// Which table it is; `None` for a record whose name does not read
+    /// back (removed by the first apply) and for an id an apply reserved.
+    id: Option<TableId>,
+    frontends: BTreeMap<ServiceKey, Record>,
     /// Fingerprint of the table in place (0: none).
     fingerprint: u64,
+    /// Where the table in place is: `Some` exactly when the fingerprint
+    /// is not 0.
+    table: Option<TableHandle>,
+    /// Other tables written for this Service port: one that frontends may
+    /// still point at after the table moved, or one written by an apply
+    /// that failed before recording it. Deleted once no frontend points
+    /// at them.
+    retired: BTreeSet<TableHandle>,
     /// Backends the table holds and backends draining: all in use.
     used: Vec<BackendId>,
     /// Backends the table holds: the only ones new flows may go to.
@@ -77,56 +76,11 @@ fn identity(b: &Backend) -> BackendIdentity {
     (b.addr_be, b.port_be, b.family)
 }
 
-/// Converts an address into the datapath's representation.
-pub fn addr_be(addr: IpAddr) -> (IpAddrBe, u8) {
-    match addr {
-        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], family::V4),
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let mut w = [0u32; 4];
-            for (i, word) in w.iter_mut().enumerate() {
-                *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
-            }
-            (w, family::V6)
-        }
-    }
-}
-
-/// Converts the datapath's representation back into an address.
-pub fn addr_from_be(addr: IpAddrBe, fam: u8) -> IpAddr {
-    if fam == family::V6 {
-        let mut o = [0u8; 16];
-        for (i, word) in addr.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::from(o)
-    } else {
-        IpAddr::from(addr[0].to_ne_bytes())
-    }
-}
-
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => proto::TCP,
-        Protocol::Udp => proto::UDP,
-        Protocol::Sctp => proto::SCTP,
-    }
-}
-
-fn kind_flags(k: FrontendKind) -> u32 {
-    match k {
-        FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
-        FrontendKind::NodePort => SVC_F_NODEPORT,
-        FrontendKind::External => SVC_F_EXTERNAL,
-        FrontendKind::LoadBalancer => SVC_F_EXTERNAL | SVC_F_LOAD_BALANCER,
-    }
-}
-
 /// A Service port the reconciler could not program, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
-    /// `namespace/name:port/PROTO`.
-    pub service: String,
+    /// The table that could not be programmed.
+    pub service: TableId,
     /// What went wrong.
     pub message: String,
     /// The map that had no room, when that was the reason.
@@ -136,12 +90,9 @@ pub struct Failure {
 impl Failure {
     /// The failure as a [`Problem`] of its Service, as sources report them.
     pub fn to_problem(&self) -> Problem {
-        // `namespace/name[:port]/PROTO[@local]`: Kubernetes names hold
-        // neither `/` nor `:`.
-        let (namespace, rest) = self.service.split_once('/').unwrap_or(("", &self.service));
-        let name = rest.split([':', '/']).next().unwrap_or_default();
+        let port = &self.service.port;
         Problem {
-            object: format!("Service {namespace}/{name}"),
+            object: format!("Service {}/{}", port.namespace, port.name),
             message: format!("{}: {}", self.service, self.message),
         }
     }
@@ -163,7 +114,7 @@ pub struct Report {
 pub struct Reconciler {
     table_size: TableSize,
     services: BTreeMap<u32, AppliedService>,
-    by_name: HashMap<String, u32>,
+    by_name: HashMap<TableId, u32>,
     /// Which Service port owns each frontend key.
     owners: BTreeMap<ServiceKey, u32>,
     backends: HashMap<BackendId, Backend>,
@@ -179,63 +130,11 @@ pub struct Reconciler {
     /// Whether a full apply has compared every Service port with the
     /// maps yet: until then [`Self::apply_changed`] makes a full one.
     synced: bool,
-    /// Tables that could not be programmed, with the Service port they
-    /// come from: retried at every apply, reported until they succeed.
-    failed: BTreeMap<String, (ServicePortRef, Failure)>,
+    /// Tables that could not be programmed: retried at every apply,
+    /// reported until they succeed.
+    failed: BTreeMap<TableId, Failure>,
     /// Backends that may have lost their last user during this apply.
     maybe_unused: Vec<BackendId>,
-}
-
-/// The name a backend has in Maglev: `address:port`, as every node spells it.
-fn maglev_name(b: &Backend) -> String {
-    std::net::SocketAddr::new(addr_from_be(b.addr_be, b.family), u16::from_be(b.port_be))
-        .to_string()
-}
-
-/// Identifies a table: its size and its backends with their ids. Never 0.
-fn fingerprint(table_size: u32, backends: &[(String, BackendId)]) -> u64 {
-    let mut text = table_size.to_string();
-    for (name, id) in backends {
-        text.push_str(&format!(" {name}={id}"));
-    }
-    maglev::hash(maglev::OFFSET_SEED, text.as_bytes()).max(1)
-}
-
-/// A table to build: its Service port and its backends, sorted by name.
-struct TableJob {
-    svc_id: u32,
-    size: u32,
-    fingerprint: u64,
-    active: Vec<(String, BackendId)>,
-}
-
-/// Builds the tables of `jobs`, on every core when there are many; jobs
-/// with the same fingerprint (the same size and backends) share one build.
-fn build_tables(jobs: &[TableJob]) -> Vec<Vec<BackendId>> {
-    let build = |job: &TableJob| -> Vec<BackendId> {
-        let names: Vec<&str> = job.active.iter().map(|(n, _)| n.as_str()).collect();
-        maglev::table(&names, job.size)
-            .iter()
-            .map(|i| job.active[*i as usize].1)
-            .collect()
-    };
-    let mut first: HashMap<u64, usize> = HashMap::new();
-    let unique: Vec<usize> = (0..jobs.len())
-        .filter(|i| first.insert(jobs[*i].fingerprint, *i).is_none())
-        .collect();
-    let built = crate::parallel::map(unique.clone(), 64, |i| build(&jobs[i]));
-    let by_fp: HashMap<u64, &Vec<BackendId>> = unique
-        .iter()
-        .zip(&built)
-        .map(|(i, t)| (jobs[*i].fingerprint, t))
-        .collect();
-    jobs.iter()
-        .map(|j| {
-            by_fp
-                .get(&j.fingerprint)
-                .map_or_else(Vec::new, |t| (*t).clone())
-        })
-        .collect()
 }
 
 /// Tables built and written together: bounds the memory a large first
@@ -246,7 +145,7 @@ const TABLE_BATCH: usize = 1024;
 /// A Service port between the phases of [`Reconciler::apply`]: its
 /// backends are written, its table not yet.
 struct Prepared<'a> {
-    name: &'a String,
+    name: &'a TableId,
     want: &'a DesiredService,
     svc_id: u32,
     /// The id was allocated by this apply (nothing of it is in the maps).
@@ -257,8 +156,10 @@ struct Prepared<'a> {
     fingerprint: u64,
     /// Fingerprint of the table in place.
     old: u64,
-    /// Whether the table in place is being replaced by this apply.
-    table_written: bool,
+    /// Where the table in place is.
+    old_table: Option<TableHandle>,
+    /// Where this apply wrote the new table, if it wrote one.
+    table: Option<TableHandle>,
 }
 
 impl Reconciler {
@@ -294,9 +195,12 @@ impl Reconciler {
         }
         for (svc_id, info) in &snap.infos {
             let svc = r.services.entry(*svc_id).or_default();
-            svc.name.clone_from(&info.name);
+            svc.id = info.name.parse().ok();
             svc.fingerprint = info.table_fingerprint;
-            r.by_name.insert(info.name.clone(), *svc_id);
+            svc.table = info.table;
+            if let Some(id) = &svc.id {
+                r.by_name.insert(id.clone(), *svc_id);
+            }
         }
         for (svc_id, ranges) in &snap.ranges {
             r.services
@@ -304,6 +208,16 @@ impl Reconciler {
                 .or_default()
                 .ranges
                 .clone_from(ranges);
+        }
+        // A table a frontend points at that is not the one recorded (left
+        // by an agent stopped half-way through a change) goes once no
+        // frontend points at it.
+        for svc in r.services.values_mut() {
+            for record in svc.frontends.values() {
+                if let Some(slots) = record.slots.filter(|s| Some(s.table) != svc.table) {
+                    svc.retired.insert(slots.table);
+                }
+            }
         }
         // Records without a name cannot be matched to the model: they are
         // removed on the first apply like any other Service that is gone.
@@ -362,7 +276,7 @@ impl Reconciler {
             .keys()
             .filter(|r| r.protocol == Protocol::Sctp)
             .map(|r| Failure {
-                service: format!("{r}/{}", protocol_name(r.protocol)),
+                service: TableId::new(r.clone(), Scope::Cluster, Family::V4),
                 message: "SCTP is not translated by the datapath yet; port not programmed"
                     .to_owned(),
                 full_map: None,
@@ -376,7 +290,7 @@ impl Reconciler {
             Some(changed) if !full => {
                 // Failed tables are retried at every apply.
                 let retry: Vec<ServicePortRef> =
-                    self.failed.values().map(|(r, _)| r.clone()).collect();
+                    self.failed.keys().map(|id| id.port.clone()).collect();
                 let refs: BTreeSet<&ServicePortRef> = changed.iter().chain(&retry).collect();
                 let mut desired = BTreeMap::new();
                 for r in &refs {
@@ -388,7 +302,7 @@ impl Reconciler {
                 self.failed.retain(|name, _| desired.contains_key(name));
                 let gone: Vec<u32> = refs
                     .iter()
-                    .flat_map(|r| table_names(r))
+                    .flat_map(|r| TableId::all_of(r))
                     .filter(|n| !desired.contains_key(n))
                     .filter_map(|n| self.by_name.get(&n).copied())
                     .collect();
@@ -399,7 +313,7 @@ impl Reconciler {
                 let gone: Vec<u32> = self
                     .services
                     .iter()
-                    .filter(|(_, s)| !desired.contains_key(&s.name))
+                    .filter(|(_, s)| !s.id.as_ref().is_some_and(|id| desired.contains_key(id)))
                     .map(|(id, _)| *id)
                     .collect();
                 self.failed.clear();
@@ -407,12 +321,12 @@ impl Reconciler {
             }
         };
 
-        let wanted: Vec<(&String, &DesiredService)> = desired.iter().collect();
+        let wanted: Vec<(&TableId, &DesiredService)> = desired.iter().collect();
         let refused = self.apply_services(&wanted, store, &mut report);
 
         let removed = !gone.is_empty();
         for svc_id in gone {
-            let name = self.services.get(&svc_id).map(|s| s.name.clone());
+            let name = self.services.get(&svc_id).and_then(|s| s.id.clone());
             match self.remove_service(svc_id, store, &mut report) {
                 Ok(()) => {
                     if let Some(name) = name {
@@ -428,9 +342,9 @@ impl Reconciler {
         if removed
             && refused
                 .iter()
-                .any(|n| self.failed.get(*n).is_some_and(|f| f.1.full_map.is_some()))
+                .any(|n| self.failed.get(*n).is_some_and(|f| f.full_map.is_some()))
         {
-            let retry: Vec<(&String, &DesiredService)> = refused
+            let retry: Vec<(&TableId, &DesiredService)> = refused
                 .iter()
                 .filter_map(|n| desired.get_key_value(*n))
                 .collect();
@@ -462,9 +376,7 @@ impl Reconciler {
             }
         }
         report.failures = sctp;
-        report
-            .failures
-            .extend(self.failed.values().map(|(_, f)| f.clone()));
+        report.failures.extend(self.failed.values().cloned());
         report
     }
 
@@ -472,29 +384,25 @@ impl Reconciler {
     /// the names that failed (recorded in `self.failed`).
     fn apply_services<'a>(
         &mut self,
-        wanted: &[(&'a String, &'a DesiredService)],
+        wanted: &[(&'a TableId, &'a DesiredService)],
         store: &mut dyn Store,
         report: &mut Report,
-    ) -> Vec<&'a String> {
+    ) -> Vec<&'a TableId> {
         let mut refused = Vec::new();
-        let mut fail =
-            |this: &mut Self, name: &'a String, want: &DesiredService, e: &StoreError| {
-                // Logged by the caller when the set of failures changes, not on
-                // every sync.
-                debug!(service = %name, "cannot program Service port: {e}");
-                this.failed.insert(
-                    name.clone(),
-                    (
-                        want.port.clone(),
-                        Failure {
-                            service: name.clone(),
-                            message: e.to_string(),
-                            full_map: e.full.then_some(e.map),
-                        },
-                    ),
-                );
-                refused.push(name);
-            };
+        let mut fail = |this: &mut Self, name: &'a TableId, e: &StoreError| {
+            // Logged by the caller when the set of failures changes, not on
+            // every sync.
+            debug!(service = %name, "cannot program Service port: {e}");
+            this.failed.insert(
+                name.clone(),
+                Failure {
+                    service: name.clone(),
+                    message: e.to_string(),
+                    full_map: e.full.then_some(e.map),
+                },
+            );
+            refused.push(name);
+        };
         for chunk in wanted.chunks(TABLE_BATCH) {
             // Phase 1: ids and backends.
             let mut prepared = Vec::with_capacity(chunk.len());
@@ -502,14 +410,16 @@ impl Reconciler {
                 self.failed.remove(*name);
                 match self.prepare(name, want, store, report) {
                     Ok(p) => prepared.push(p),
-                    Err(e) => fail(self, name, want, &e),
+                    Err(e) => fail(self, name, &e),
                 }
             }
             // Phase 2: the tables that changed, built and written together.
             let (jobs, idx): (Vec<TableJob>, Vec<usize>) = prepared
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| p.fingerprint != 0 && p.fingerprint != p.old)
+                .filter(|(_, p)| {
+                    p.fingerprint != 0 && (p.fingerprint != p.old || p.old_table.is_none())
+                })
                 .map(|(i, p)| {
                     (
                         TableJob {
@@ -533,32 +443,38 @@ impl Reconciler {
             let mut ok = vec![true; prepared.len()];
             for (i, res) in idx.into_iter().zip(results) {
                 match res {
-                    Ok(()) => {
+                    Ok(handle) => {
                         report.writes += 1;
-                        prepared[i].table_written = true;
+                        let p = &mut prepared[i];
+                        p.table = Some(handle);
+                        // Owned from now on, whatever happens to the rest
+                        // of this Service port's changes.
+                        if let Some(applied) = self.services.get_mut(&p.svc_id) {
+                            if applied.table != Some(handle) {
+                                applied.retired.insert(handle);
+                            }
+                        }
                     }
                     Err(e) => {
                         ok[i] = false;
-                        let p = &prepared[i];
-                        fail(self, p.name, p.want, &e);
+                        fail(self, prepared[i].name, &e);
                     }
                 }
             }
             // Phase 3: records, ranges, frontends; then what they no
             // longer point at.
             for (p, ok) in prepared.into_iter().zip(ok) {
-                let (name, want, svc_id, new) = (p.name, p.want, p.svc_id, p.new);
-                let written = p.table_written;
+                let (name, svc_id, new) = (p.name, p.svc_id, p.new);
                 let res = if ok {
                     self.finish(p, store, report)
                 } else {
                     Ok(())
                 };
                 if new && (!ok || res.is_err()) {
-                    self.forget_new(svc_id, written, store);
+                    self.forget_new(svc_id, store);
                 }
                 if let Err(e) = res {
-                    fail(self, name, want, &e);
+                    fail(self, name, &e);
                 }
             }
         }
@@ -568,7 +484,7 @@ impl Reconciler {
     /// Phase 1 of one Service port: its id and its backends.
     fn prepare<'a>(
         &mut self,
-        name: &'a String,
+        name: &'a TableId,
         want: &'a DesiredService,
         store: &mut dyn Store,
         report: &mut Report,
@@ -583,7 +499,7 @@ impl Reconciler {
                 // An id may be reused: the new Service port starts from
                 // zero. Counters are not worth refusing a Service over.
                 if let Err(e) = store.reset_stats(id) {
-                    debug!(service = name, svc_id = id, "cannot reset counters: {e}");
+                    debug!(service = %name, svc_id = id, "cannot reset counters: {e}");
                 }
                 id
             }
@@ -604,12 +520,15 @@ impl Reconciler {
             Ok(v) => v,
             Err(e) => {
                 if existing.is_none() {
-                    self.forget_new(svc_id, false, store);
+                    self.forget_new(svc_id, store);
                 }
                 return Err(e);
             }
         };
-        let old = self.services.get(&svc_id).map_or(0, |s| s.fingerprint);
+        let (old, old_table) = self
+            .services
+            .get(&svc_id)
+            .map_or((0, None), |s| (s.fingerprint, s.table));
         let size = self.table_size.for_backends(active.len());
         let fp = if active.is_empty() {
             0
@@ -622,9 +541,12 @@ impl Reconciler {
         if fp != 0 && fp != old {
             if let Some(applied) = self.services.get_mut(&svc_id) {
                 for (key, value) in &mut applied.frontends {
-                    if value.slot_count > size {
-                        let shrunk = ServiceValue {
-                            slot_count: size,
+                    if let Some(slots) = value.slots.filter(|s| s.count > size) {
+                        let shrunk = Record {
+                            slots: Some(Slots {
+                                count: size,
+                                ..slots
+                            }),
                             ..*value
                         };
                         store.put_service(*key, shrunk)?;
@@ -644,7 +566,8 @@ impl Reconciler {
             size,
             fingerprint: fp,
             old,
-            table_written: false,
+            old_table,
+            table: None,
         })
     }
 
@@ -665,22 +588,32 @@ impl Reconciler {
             size,
             fingerprint: fp,
             old,
-            ..
+            old_table,
+            table,
         } = p;
-        if new || fp != old {
+        // The table frontends are to point at: the one just written, or
+        // the one in place when it is still right.
+        let table = if fp == 0 { None } else { table.or(old_table) };
+        if new || fp != old || table != old_table {
             store.put_info(
                 svc_id,
                 &Info {
                     name: name.to_string(),
                     table_fingerprint: fp,
+                    table,
                 },
             )?;
             report.writes += 1;
         }
-        self.by_name.insert(name.to_string(), svc_id);
+        self.by_name.insert(name.clone(), svc_id);
         let applied = self.services.entry(svc_id).or_default();
-        applied.name = name.to_string();
+        applied.id = Some(name.clone());
         applied.fingerprint = fp;
+        applied.table = table;
+        applied.retired.retain(|h| Some(*h) != table);
+        if let Some(old_table) = old_table.filter(|h| Some(*h) != table) {
+            applied.retired.insert(old_table);
+        }
         let old_used = std::mem::replace(&mut applied.used, used.clone());
         applied.active = active.iter().map(|(_, id)| *id).collect();
         for id in &used {
@@ -707,11 +640,11 @@ impl Reconciler {
             applied.ranges.insert(range);
         }
 
-        let slot_count = if active.is_empty() { 0 } else { size };
+        let slots = table.map(|table| Slots { table, count: size });
         for (key, flags) in &want.frontends {
-            let value = ServiceValue {
+            let value = Record {
                 svc_id,
-                slot_count,
+                slots,
                 flags: *flags,
                 affinity_timeout_s: want.affinity_timeout_s,
             };
@@ -743,36 +676,67 @@ impl Reconciler {
             report.deletes += 1;
             applied.ranges.remove(&range);
         }
-        // No frontend points at a table any more: drop it.
-        if fp == 0 && old != 0 {
-            store.del_table(svc_id)?;
-            report.deletes += 1;
-        }
-        debug!(service = name, svc_id, "programmed");
+        // Tables no frontend points at any more go.
+        self.sweep(svc_id, store, report)?;
+        debug!(service = %name, svc_id, "programmed");
         Ok(())
+    }
+
+    /// Deletes the retired tables of Service port `svc_id` that no
+    /// frontend points at any more.
+    fn sweep(
+        &mut self,
+        svc_id: u32,
+        store: &mut dyn Store,
+        report: &mut Report,
+    ) -> Result<(), StoreError> {
+        let Some(applied) = self.services.get_mut(&svc_id) else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        for handle in std::mem::take(&mut applied.retired) {
+            if Some(handle) == applied.table {
+                continue;
+            }
+            let in_use = applied
+                .frontends
+                .values()
+                .any(|r| r.slots.is_some_and(|s| s.table == handle));
+            // Kept for a later sweep: in use, or after a failure.
+            if in_use || result.is_err() {
+                applied.retired.insert(handle);
+                continue;
+            }
+            match store.del_table(handle) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    applied.retired.insert(handle);
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 
     /// Gives back the id of a new Service port that could not be
     /// programmed, with the table written for it, if any.
     /// Its record was not written: once it is, the Service port is
     /// known by name and the next apply carries on from what it holds.
-    fn forget_new(&mut self, svc_id: u32, table_written: bool, store: &mut dyn Store) {
-        if !self
-            .services
-            .get(&svc_id)
-            .is_some_and(|s| s.name.is_empty())
-        {
+    fn forget_new(&mut self, svc_id: u32, store: &mut dyn Store) {
+        if self.services.get(&svc_id).is_none_or(|s| s.id.is_some()) {
             return;
         }
-        if table_written {
-            if let Err(e) = store.del_table(svc_id) {
+        let Some(applied) = self.services.remove(&svc_id) else {
+            return;
+        };
+        for handle in applied.table.into_iter().chain(applied.retired) {
+            if let Err(e) = store.del_table(handle) {
                 warn!(
                     svc_id,
                     "cannot remove the table of a refused Service port: {e}"
                 );
             }
         }
-        self.services.remove(&svc_id);
         self.svc_hint = self.svc_hint.min(svc_id);
     }
 
@@ -792,8 +756,15 @@ impl Reconciler {
                 self.owners.remove(key);
             }
         }
-        if applied.fingerprint != 0 {
-            store.del_table(svc_id)?;
+        let tables = applied.table.into_iter().chain(
+            applied
+                .retired
+                .iter()
+                .copied()
+                .filter(|h| Some(*h) != applied.table),
+        );
+        for handle in tables {
+            store.del_table(handle)?;
             report.deletes += 1;
         }
         for range in &applied.ranges {
@@ -812,8 +783,11 @@ impl Reconciler {
         }
         self.services.remove(&svc_id);
         self.svc_hint = self.svc_hint.min(svc_id);
-        self.by_name.remove(&applied.name);
-        debug!(service = %applied.name, svc_id, "removed");
+        if let Some(id) = &applied.id {
+            self.by_name.remove(id);
+        }
+        let name = applied.id.as_ref().map(ToString::to_string);
+        debug!(service = name.unwrap_or_default(), svc_id, "removed");
         Ok(())
     }
 
@@ -858,132 +832,6 @@ impl Reconciler {
 /// The lowest id from `from` up that `taken` says is free.
 fn lowest_free(from: u32, taken: impl Fn(u32) -> bool) -> u32 {
     (from.max(1)..).find(|id| !taken(*id)).unwrap_or(u32::MAX)
-}
-
-/// Suffix of the table of a Service port's frontends under a Local traffic
-/// policy.
-pub const LOCAL_SUFFIX: &str = "@local";
-/// Suffix of the table of a Service port's IPv6 frontends.
-pub const V6_SUFFIX: &str = "@v6";
-
-/// The map-level picture of the model, by table name.
-///
-/// A Service port is one table per address family of its frontends (an
-/// IPv6 table is named with an `@v6` suffix), times two when a Local
-/// traffic policy applies to some of its frontends: those lead to a table
-/// of this node's endpoints only, named with an `@local` suffix.
-fn desired(model: &Model) -> BTreeMap<String, DesiredService> {
-    model
-        .services
-        .iter()
-        .flat_map(|(r, sp)| desired_for(r, sp))
-        .collect()
-}
-
-/// Every name [`desired_for`] may give a table of Service port `r`.
-fn table_names(r: &ServicePortRef) -> [String; 4] {
-    let base = format!("{r}/{}", protocol_name(r.protocol));
-    [
-        format!("{base}{LOCAL_SUFFIX}"),
-        format!("{base}{V6_SUFFIX}"),
-        format!("{base}{LOCAL_SUFFIX}{V6_SUFFIX}"),
-        base,
-    ]
-}
-
-/// The tables of one Service port, by name (see [`desired`]).
-fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(String, DesiredService)> {
-    let mut out = Vec::new();
-    {
-        let name = format!("{r}/{}", protocol_name(r.protocol));
-        if r.protocol == Protocol::Sctp {
-            // Carried by the model; `apply` reports it as a failure.
-            return out;
-        }
-        let p = proto_number(r.protocol);
-        // Frontends by scope: false = all endpoints, true = local ones.
-        let mut scopes: [BTreeMap<ServiceKey, u32>; 2] = [BTreeMap::new(), BTreeMap::new()];
-        for f in &sp.frontends {
-            let local = match f.kind {
-                FrontendKind::ClusterIp => sp.internal_local,
-                FrontendKind::NodePort | FrontendKind::External | FrontendKind::LoadBalancer => {
-                    sp.external_local
-                }
-            };
-            let (addr, fam) = addr_be(f.addr);
-            let key = ServiceKey {
-                addr_be: addr,
-                port_be: f.port.to_be(),
-                proto: p,
-                family: fam,
-            };
-            let mut flags = kind_flags(f.kind) | if local { SVC_F_LOCAL_ONLY } else { 0 };
-            // The ranges guard the load balancer's addresses only, as in kube-proxy.
-            if f.kind == FrontendKind::LoadBalancer && !sp.source_ranges.is_empty() {
-                flags |= SVC_F_SRC_RANGES;
-            }
-            *scopes[usize::from(local)].entry(key).or_insert(0) |= flags;
-        }
-        let backend = |e: &&Endpoint| {
-            let (addr, fam) = addr_be(e.addr);
-            Backend {
-                addr_be: addr,
-                port_be: e.port.to_be(),
-                family: fam,
-                flags: if e.local { BACKEND_F_LOCAL } else { 0 },
-            }
-        };
-        let ranges: BTreeSet<Range> = sp
-            .source_ranges
-            .iter()
-            .map(|c| {
-                let (addr, fam) = addr_be(c.addr);
-                (addr, fam, c.prefix)
-            })
-            .collect();
-        for (local, frontends) in scopes.into_iter().enumerate() {
-            let local = local == 1;
-            // One table per address family: the datapath rewrites addresses
-            // in place, so an IPv4 frontend may only lead to IPv4 backends.
-            let mut by_family: BTreeMap<u8, BTreeMap<ServiceKey, u32>> = BTreeMap::new();
-            for (key, flags) in frontends {
-                by_family.entry(key.family).or_default().insert(key, flags);
-            }
-            for (fam, frontends) in by_family {
-                let same_family = |e: &&&Endpoint| addr_be(e.addr).1 == fam;
-                let active = sp.active_in(local);
-                let draining = sp.draining_in(local);
-                let mut table_name = name.clone();
-                if local {
-                    table_name.push_str(LOCAL_SUFFIX);
-                }
-                if fam == family::V6 {
-                    table_name.push_str(V6_SUFFIX);
-                }
-                out.push((
-                    table_name,
-                    DesiredService {
-                        port: r.clone(),
-                        frontends,
-                        backends: active.iter().filter(same_family).map(backend).collect(),
-                        draining: draining.iter().filter(same_family).map(backend).collect(),
-                        affinity_timeout_s: sp.affinity_timeout_s,
-                        ranges: ranges.clone(),
-                    },
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// The protocol as Kubernetes spells it.
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,66 @@
 //! Where the reconciler writes: the pinned maps in production, memory in tests.
+//!
+//! The reconciler speaks in its own terms and the store lays them out in
+//! the datapath's maps. In particular, where a Maglev table lives is the
+//! store's business: writing a table hands back a [`TableHandle`], and a
+//! frontend's [`Record`] names its table by that handle. Today a Service
+//! port's table is an inner array of the Maglev map keyed by the Service
+//! port's id and replaced whole in place, so the handle is that id; a store
+//! that puts every new table in a new place (regions of one flat array)
+//! hands back a new handle instead, and the reconciler deletes the old
+//! table once no frontend points at it. Either way no frontend ever points
+//! at a partial or missing table.
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, BackendId, IpAddrBe, ServiceKey, ServiceValue};
+use lb_common::{Backend, BackendId, IpAddrBe, ServiceKey};
 
 /// One `loadBalancerSourceRanges` entry as the datapath keys it: address,
 /// family, prefix length.
 pub type Range = (IpAddrBe, u8, u8);
+
+/// Where a store put a Maglev table. Opaque to the reconciler, which only
+/// hands it back to the store that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableHandle(u32);
+
+impl TableHandle {
+    /// The handle of a table a store placed at `raw` (stores only).
+    pub const fn from_raw(raw: u32) -> Self {
+        Self(raw)
+    }
+
+    /// Where the store placed the table (stores only).
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+/// The part of a table a frontend spreads new flows over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slots {
+    /// The table.
+    pub table: TableHandle,
+    /// How many of its first slots: all of them, or fewer while a table in
+    /// place is replaced by a smaller one.
+    pub count: u32,
+}
+
+/// What a frontend leads to, as the reconciler writes it; the store lays
+/// it out as the datapath's frontend record (`ServiceValue`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The Service port's id: its counters, affinity entries and source
+    /// ranges are keyed by it.
+    pub svc_id: u32,
+    /// The table new flows are spread over; `None`: no endpoint, new flows
+    /// are refused.
+    pub slots: Option<Slots>,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    /// ClientIP affinity timeout in seconds (0: none).
+    pub affinity_timeout_s: u32,
+}
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
@@ -25,10 +79,13 @@ pub struct StoreError {
 /// What the agent recorded about a Service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Info {
-    /// `namespace/name:port/PROTO`.
+    /// The text of its [`super::TableId`]; as read back, possibly cut short
+    /// or empty (a record the reconciler then treats as gone).
     pub name: String,
     /// Fingerprint of the Maglev table in place (0: none).
     pub table_fingerprint: u64,
+    /// Where that table is: `Some` exactly when the fingerprint is not 0.
+    pub table: Option<TableHandle>,
 }
 
 /// What the service maps hold, as read at start (tables are not read back:
@@ -36,13 +93,13 @@ pub struct Info {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Frontends.
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: BTreeMap<ServiceKey, Record>,
     /// Backends.
     pub backends: BTreeMap<BackendId, Backend>,
     /// Service port records by svc_id.
     pub infos: BTreeMap<u32, Info>,
-    /// Maglev tables by svc_id (only [`MemStore`] fills this).
-    pub tables: BTreeMap<u32, Vec<BackendId>>,
+    /// Maglev tables by handle (only [`MemStore`] fills this).
+    pub tables: BTreeMap<TableHandle, Vec<BackendId>>,
     /// Source ranges by svc_id.
     pub ranges: BTreeMap<u32, std::collections::BTreeSet<Range>>,
 }
@@ -53,25 +110,33 @@ pub trait Store {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError>;
     /// Deletes a backend.
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError>;
-    /// Installs a Service port's Maglev table, replacing any old one whole.
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError>;
-    /// Installs many Service ports' tables, each as [`Store::put_table`]
-    /// would; one result per table, in order. Stores where each install
+    /// Writes a Maglev table of Service port `svc_id`, whole, and says
+    /// where it is. A store may replace the Service port's table in place,
+    /// with one atomic swap (a packet sees the old table or the new one,
+    /// never a mix), and hand back the handle it had; or put the table in
+    /// a new place and hand back a new handle, the old table staying until
+    /// [`Store::del_table`].
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError>;
+    /// Writes many Service ports' tables, each as [`Store::put_table`]
+    /// would; one result per table, in order. Stores where each write
     /// has a fixed cost (the kernel's wait after a map-of-maps update)
-    /// install them together.
-    fn put_tables(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Vec<Result<(), StoreError>> {
+    /// write them together.
+    fn put_tables(
+        &mut self,
+        tables: &[(u32, Vec<BackendId>)],
+    ) -> Vec<Result<TableHandle, StoreError>> {
         tables
             .iter()
             .map(|(svc_id, table)| self.put_table(*svc_id, table))
             .collect()
     }
-    /// Deletes a Service port's Maglev table.
-    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError>;
+    /// Deletes a Maglev table that no frontend points at any more.
+    fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError>;
     /// Inserts or replaces a frontend record.
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError>;
+    fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError>;
     /// Deletes a frontend record.
     fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError>;
-    /// Records a Service port's name and table fingerprint.
+    /// Records a Service port's name and table.
     fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError>;
     /// Forgets a Service port's record.
     fn del_info(&mut self, svc_id: u32) -> Result<(), StoreError>;
@@ -83,6 +148,16 @@ pub trait Store {
     fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError>;
 }
 
+/// Where a [`MemStore`] puts tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// At the Service port's id, replaced in place: the Maglev map of maps.
+    #[default]
+    ById,
+    /// Every table in a new place: regions of one flat array.
+    Fresh,
+}
+
 /// An in-memory store: the maps as plain collections.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemStore {
@@ -90,6 +165,20 @@ pub struct MemStore {
     pub snap: Snapshot,
     /// Number of operations performed.
     pub ops: usize,
+    /// Where tables go.
+    pub placement: Placement,
+    /// The last place [`Placement::Fresh`] gave out.
+    last_place: u32,
+}
+
+impl MemStore {
+    /// An empty store that puts tables where `placement` says.
+    pub fn with_placement(placement: Placement) -> Self {
+        Self {
+            placement,
+            ..Self::default()
+        }
+    }
 }
 
 impl Store for MemStore {
@@ -105,21 +194,28 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError> {
         self.ops += 1;
-        self.snap.tables.insert(svc_id, table.to_vec());
+        let handle = match self.placement {
+            Placement::ById => TableHandle(svc_id),
+            Placement::Fresh => {
+                self.last_place += 1;
+                TableHandle(self.last_place)
+            }
+        };
+        self.snap.tables.insert(handle, table.to_vec());
+        Ok(handle)
+    }
+
+    fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
+        self.ops += 1;
+        self.snap.tables.remove(&table);
         Ok(())
     }
 
-    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
+    fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.tables.remove(&svc_id);
-        Ok(())
-    }
-
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
-        self.ops += 1;
-        self.snap.services.insert(key, value);
+        self.snap.services.insert(key, record);
         Ok(())
     }
 

@@ -1,9 +1,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use lb_common::{
+    addr::{addr_be, addr_from_be},
+    proto,
+};
+
 use super::*;
 use crate::maglev::TableSize;
-use crate::model::{Endpoint, Frontend, ServicePort, ServicePortRef};
+use crate::model::{Endpoint, Frontend, FrontendKind, ServicePort, ServicePortRef};
 
 /// A store that checks, after every single operation, that each frontend
 /// leads to a complete table of existing backends: what a packet could see
@@ -15,6 +20,14 @@ struct CheckedStore {
 }
 
 impl CheckedStore {
+    /// A checked store that puts tables where `placement` says.
+    fn with_placement(placement: Placement) -> Self {
+        Self {
+            inner: MemStore::with_placement(placement),
+            violations: Vec::new(),
+        }
+    }
+
     fn check(&mut self, op: &str) {
         let snap = &self.inner.snap;
         for (key, v) in &snap.services {
@@ -27,13 +40,13 @@ impl CheckedStore {
                 self.violations
                     .push(format!("after {op}: frontend {key:?} guarded by no range"));
             }
-            if v.slot_count == 0 {
+            let Some(slots) = v.slots else {
                 continue;
-            }
-            match snap.tables.get(&v.svc_id) {
+            };
+            match snap.tables.get(&slots.table) {
                 // A frontend may index fewer slots than its table holds
                 // while a table is resized; never more.
-                Some(t) if t.len() >= v.slot_count as usize => {
+                Some(t) if t.len() >= slots.count as usize => {
                     if let Some(id) = t.iter().find(|id| !snap.backends.contains_key(id)) {
                         self.violations.push(format!(
                             "after {op}: frontend {key:?} table names missing backend {id}"
@@ -42,7 +55,7 @@ impl CheckedStore {
                 }
                 other => self.violations.push(format!(
                     "after {op}: frontend {key:?} wants {} slots, table {:?}",
-                    v.slot_count,
+                    slots.count,
                     other.map(Vec::len)
                 )),
             }
@@ -51,29 +64,29 @@ impl CheckedStore {
 }
 
 macro_rules! checked {
-    ($($f:ident($($a:ident: $t:ty),*)),* $(,)?) => {
+    ($($f:ident($($a:ident: $t:ty),*) -> $r:ty),* $(,)?) => {
         impl Store for CheckedStore {
-            $(fn $f(&mut self, $($a: $t),*) -> Result<(), StoreError> {
-                self.inner.$f($($a),*)?;
+            $(fn $f(&mut self, $($a: $t),*) -> Result<$r, StoreError> {
+                let out = self.inner.$f($($a),*)?;
                 self.check(stringify!($f));
-                Ok(())
+                Ok(out)
             })*
         }
     };
 }
 
 checked!(
-    put_backend(id: BackendId, b: &Backend),
-    del_backend(id: BackendId),
-    put_table(svc_id: u32, table: &[BackendId]),
-    del_table(svc_id: u32),
-    put_service(key: ServiceKey, value: ServiceValue),
-    del_service(key: ServiceKey),
-    put_info(svc_id: u32, info: &Info),
-    del_info(svc_id: u32),
-    put_range(svc_id: u32, range: Range),
-    del_range(svc_id: u32, range: Range),
-    reset_stats(svc_id: u32),
+    put_backend(id: BackendId, b: &Backend) -> (),
+    del_backend(id: BackendId) -> (),
+    put_table(svc_id: u32, table: &[BackendId]) -> TableHandle,
+    del_table(table: TableHandle) -> (),
+    put_service(key: ServiceKey, record: Record) -> (),
+    del_service(key: ServiceKey) -> (),
+    put_info(svc_id: u32, info: &Info) -> (),
+    del_info(svc_id: u32) -> (),
+    put_range(svc_id: u32, range: Range) -> (),
+    del_range(svc_id: u32, range: Range) -> (),
+    reset_stats(svc_id: u32) -> (),
 );
 
 fn ip(s: &str) -> IpAddr {
@@ -127,13 +140,13 @@ fn frontend_backends(store: &MemStore, vip: &str, port: u16) -> Vec<IpAddr> {
         proto: proto::TCP,
         family: fam,
     };
-    let Some(v) = store.snap.services.get(&key) else {
+    let Some(slots) = store.snap.services.get(&key).and_then(|v| v.slots) else {
         return Vec::new();
     };
     let table = store
         .snap
         .tables
-        .get(&v.svc_id)
+        .get(&slots.table)
         .cloned()
         .unwrap_or_default();
     let mut out: Vec<IpAddr> = table
@@ -254,7 +267,7 @@ fn no_ready_endpoint_leaves_an_empty_table() {
         .next()
         .expect("frontend kept");
     assert_eq!(
-        v.slot_count, 0,
+        v.slots, None,
         "a frontend with no endpoint rejects instead of vanishing"
     );
 }
@@ -271,18 +284,6 @@ fn adopting_the_maps_of_an_earlier_agent_changes_nothing() {
     let report = again.apply(&m, &mut store);
     assert_eq!((report.writes, report.deletes), (0, 0), "{report:?}");
     assert!(store.violations.is_empty(), "{:?}", store.violations);
-}
-
-#[test]
-fn addresses_round_trip() {
-    for a in ["10.96.0.1", "255.1.2.3", "fd00::1", "2001:db8::42"] {
-        let (w, fam) = addr_be(ip(a));
-        assert_eq!(addr_from_be(w, fam), ip(a));
-    }
-    assert_eq!(
-        addr_be(ip("10.0.0.1")).0[0],
-        u32::from_ne_bytes([10, 0, 0, 1])
-    );
 }
 
 #[test]
@@ -359,18 +360,18 @@ impl Store for Limited {
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
         self.inner.del_backend(id)
     }
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<(), StoreError> {
+    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError> {
         self.inner.put_table(svc_id, table)
     }
-    fn del_table(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        self.inner.del_table(svc_id)
+    fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
+        self.inner.del_table(table)
     }
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), StoreError> {
+    fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {
         let services = &self.inner.inner.snap.services;
         if !services.contains_key(&key) && services.len() >= self.services_max {
             return Err(full("services"));
         }
-        self.inner.put_service(key, value)
+        self.inner.put_service(key, record)
     }
     fn del_service(&mut self, key: ServiceKey) -> Result<(), StoreError> {
         self.inner.del_service(key)
@@ -407,7 +408,7 @@ fn full_maps_refuse_only_the_service_ports_that_do_not_fit() {
         report
             .failures
             .iter()
-            .map(|f| (f.service.clone(), f.full_map))
+            .map(|f| (f.service.to_string(), f.full_map))
             .collect()
     };
     let backends = |store: &Limited, vip: &str| frontend_backends(&store.inner.inner, vip, 80);
@@ -494,7 +495,7 @@ fn routes(store: &MemStore) -> BTreeMap<ServiceKey, (u32, Vec<IpAddr>)> {
             (
                 *k,
                 (
-                    v.slot_count,
+                    v.slots.map_or(0, |s| s.count),
                     frontend_backends(store, &addr.to_string(), u16::from_be(k.port_be)),
                 ),
             )
@@ -574,5 +575,103 @@ fn a_failed_table_is_retried_by_later_applies_of_other_changes() {
     assert_eq!(
         frontend_backends(&store.inner.inner, "10.96.0.12", 80),
         vec![ip("10.244.1.11")]
+    );
+}
+
+/// Tables no Service port's record names: left behind by a change.
+fn orphan_tables(store: &MemStore) -> Vec<TableHandle> {
+    let named: BTreeSet<TableHandle> = store.snap.infos.values().filter_map(|i| i.table).collect();
+    store
+        .snap
+        .tables
+        .keys()
+        .filter(|h| !named.contains(h))
+        .copied()
+        .collect()
+}
+
+#[test]
+fn tables_that_move_to_a_new_place_are_make_before_break_and_never_left_behind() {
+    let eps = |n: usize| -> Vec<String> { (0..n).map(|i| format!("10.244.1.{}", i + 1)).collect() };
+    let svc_n = |name: &str, vip: &str, n: usize| {
+        let e = eps(n);
+        let refs: Vec<&str> = e.iter().map(String::as_str).collect();
+        svc(name, vip, 80, &refs)
+    };
+    // As above, and a frontend moving from one Service port to another: a
+    // store that puts every table in a new place (regions of a flat array)
+    // sees the same routes as one that replaces tables in place.
+    let steps = [
+        vec![svc_n("a", "10.96.0.1", 2), svc_n("b", "10.96.0.2", 1)],
+        vec![svc_n("a", "10.96.0.1", 3), svc_n("b", "10.96.0.2", 1)],
+        vec![svc_n("a", "10.96.0.1", 11), svc_n("c", "10.96.0.3", 4)],
+        vec![svc_n("a", "10.96.0.1", 2), svc_n("c", "10.96.0.3", 4)],
+        vec![svc_n("a", "10.96.0.1", 0), svc_n("c", "10.96.0.3", 5)],
+        vec![svc_n("z", "10.96.0.3", 5)],
+        vec![],
+    ];
+    let mut store = CheckedStore::with_placement(Placement::Fresh);
+    let mut r = Reconciler::new(TableSize::Scaled);
+    let mut last = Model::default();
+    for step in &steps {
+        let m = model(step);
+        let report = r.apply_changed(&m, &changes(&last, &m), &mut store);
+        assert!(report.failures.is_empty(), "{report:?}");
+        let mut in_place = MemStore::default();
+        Reconciler::new(TableSize::Scaled).apply(&m, &mut in_place);
+        assert_eq!(routes(&store.inner), routes(&in_place), "after {step:?}");
+        assert_eq!(orphan_tables(&store.inner), vec![], "after {step:?}");
+        // A restarted agent finds the tables where they are.
+        let mut copy = store.inner.clone();
+        let report = Reconciler::adopt(&copy.snap, TableSize::Scaled).apply(&m, &mut copy);
+        assert_eq!((report.writes, report.deletes), (0, 0), "after {step:?}");
+        last = m;
+    }
+    assert!(store.violations.is_empty(), "{:?}", store.violations);
+    assert_eq!(
+        store.inner.snap,
+        Snapshot::default(),
+        "everything removed at the end"
+    );
+}
+
+#[test]
+fn a_table_moved_by_a_change_that_failed_half_way_goes_once_the_change_is_done() {
+    let mut store = Limited {
+        inner: CheckedStore::with_placement(Placement::Fresh),
+        services_max: 1,
+        backends_max: 10,
+    };
+    let mut r = Reconciler::new(M);
+    let (rf, sp) = svc("a", "10.96.0.11", 80, &["10.244.1.10"]);
+    r.apply(&model(&[(rf.clone(), sp.clone())]), &mut store);
+    // New endpoints (a new table) and a second frontend that does not fit:
+    // the first frontend moves to the new table, the second is refused.
+    let mut grown = sp.clone();
+    grown.endpoints[0].addr = ip("10.244.1.20");
+    grown.frontends.push(Frontend {
+        addr: ip("10.96.0.12"),
+        port: 80,
+        kind: FrontendKind::ClusterIp,
+    });
+    let report = r.apply(&model(&[(rf.clone(), grown.clone())]), &mut store);
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert_eq!(
+        frontend_backends(&store.inner.inner, "10.96.0.11", 80),
+        vec![ip("10.244.1.20")]
+    );
+    store.services_max = 2;
+    let report = r.apply(&model(&[(rf, grown)]), &mut store);
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        frontend_backends(&store.inner.inner, "10.96.0.12", 80),
+        vec![ip("10.244.1.20")]
+    );
+    assert_eq!(orphan_tables(&store.inner.inner), vec![]);
+    assert_eq!(store.inner.inner.snap.tables.len(), 1);
+    assert!(
+        store.inner.violations.is_empty(),
+        "{:?}",
+        store.inner.violations
     );
 }

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::model::{Cidr, Problem};
+use crate::model::{AddressFilter, Problem};
 use crate::source::Objects;
 
 /// Connects with the kubeconfig at `path`, or with the in-cluster
@@ -249,9 +249,8 @@ impl Watch {
 }
 
 /// The NodePort addresses of a Node: its `status.addresses` of type
-/// InternalIP and ExternalIP, kept only when inside one of `filter` (all
-/// of them when `filter` is empty), as kube-proxy's `--nodeport-addresses`.
-pub fn node_addresses(node: &Node, filter: &[Cidr]) -> Vec<IpAddr> {
+/// InternalIP and ExternalIP, kept only when `filter` keeps them.
+pub fn node_addresses(node: &Node, filter: &AddressFilter) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = node
         .status
         .iter()
@@ -260,18 +259,7 @@ pub fn node_addresses(node: &Node, filter: &[Cidr]) -> Vec<IpAddr> {
         .filter_map(|a| a.address.parse().ok())
         .collect();
     out.dedup();
-    filter_addresses(out, filter)
-}
-
-/// Keeps the addresses inside one of `filter`; all when it is empty.
-pub fn filter_addresses(addrs: Vec<IpAddr>, filter: &[Cidr]) -> Vec<IpAddr> {
-    if filter.is_empty() {
-        return addrs;
-    }
-    addrs
-        .into_iter()
-        .filter(|a| filter.iter().any(|c| c.contains(*a)))
-        .collect()
+    filter.keep(out)
 }
 
 /// How long a problem already posted as an Event stays quiet: it is
@@ -453,7 +441,7 @@ mod tests {
         let ips =
             |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().expect("ip")).collect() };
         let cidrs =
-            |v: &[&str]| -> Vec<Cidr> { v.iter().map(|c| c.parse().expect("cidr")).collect() };
+            |v: &[&str]| AddressFilter(v.iter().map(|c| c.parse().expect("cidr")).collect());
         let cases: &[(&[&str], &[&str])] = &[
             (&[], &["10.99.0.1", "203.0.113.1", "fd00::1"]),
             (&["10.99.0.0/24"], &["10.99.0.1"]),

@@ -1,7 +1,170 @@
 //! Where Services and EndpointSlices come from: a folder of manifests or
-//! the Kubernetes API. Both hand the same objects to [`crate::model::build`].
+//! the Kubernetes API. Both hand the same objects to [`crate::model::build`]
+//! (through a [`Translator`]), and [`Source`] reads either into it.
 
 pub mod kube;
 pub mod manifests;
 
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::model::{self, AddressFilter, NodeInfo, Problem, ServicePortRef, Translator};
+
 pub use manifests::Objects;
+
+/// Where the Services and EndpointSlices come from, as the run loop reads them.
+pub enum Source {
+    /// A folder of manifests, watched (the watcher lives as long as this).
+    Manifests {
+        dir: PathBuf,
+        _watcher: notify::RecommendedWatcher,
+        /// What changed since the last load.
+        pending: manifests::Pending,
+        /// The files as last read.
+        folder: manifests::Folder,
+    },
+    /// The Kubernetes API.
+    Kube {
+        watch: kube::Watch,
+        // Boxed: the largest variant by far, and there is one Source.
+        events: Box<kube::EventPoster>,
+        /// Whether the Node was missing at the last load (warned once).
+        node_missing: std::cell::Cell<bool>,
+    },
+}
+
+impl Source {
+    /// Starts watching the manifests folder `manifests`, or else the API
+    /// (through `kubeconfig`, or in-cluster) for node `node_name`; the
+    /// receiver wakes on changes.
+    pub async fn start(
+        manifests: Option<&Path>,
+        kubeconfig: Option<&Path>,
+        node_name: &str,
+    ) -> Result<(Self, mpsc::Receiver<()>)> {
+        if let Some(dir) = manifests {
+            let (watcher, changes, pending) = manifests::watch(dir)?;
+            return Ok((
+                Self::Manifests {
+                    dir: dir.to_path_buf(),
+                    _watcher: watcher,
+                    pending,
+                    folder: manifests::Folder::default(),
+                },
+                changes,
+            ));
+        }
+        let client = kube::connect(kubeconfig).await?;
+        let (watch, changes) = kube::watch(&client, node_name);
+        let events = Box::new(kube::EventPoster::new(client, node_name));
+        Ok((
+            Self::Kube {
+                watch,
+                events,
+                node_missing: std::cell::Cell::new(false),
+            },
+            changes,
+        ))
+    }
+
+    /// How long to wait for more changes before syncing: the events of
+    /// one file write (create, write, close, rename) come within
+    /// microseconds, and a sync that finds nothing new costs little, as
+    /// only the files the events name are read; API changes (a rollout)
+    /// come in longer bursts.
+    pub fn debounce(&self) -> Duration {
+        match self {
+            Self::Manifests { .. } => Duration::from_millis(2),
+            Self::Kube { .. } => Duration::from_millis(50),
+        }
+    }
+
+    /// Reads what changed into `translator` (and the NodePort addresses
+    /// into `node`); returns the problems of the source itself (files that
+    /// cannot be read) and the Service ports whose translation may have
+    /// changed, or `None` until the source has been read in full once.
+    pub fn load(
+        &mut self,
+        iface_addrs: &[IpAddr],
+        filter: &AddressFilter,
+        node: &mut NodeInfo,
+        translator: &mut Translator,
+    ) -> Result<Option<(Vec<Problem>, BTreeSet<ServicePortRef>)>> {
+        match self {
+            Self::Manifests {
+                dir,
+                pending,
+                folder,
+                ..
+            } => {
+                set_addresses(node, filter.keep(iface_addrs.to_vec()));
+                // New node addresses change every Service: all files are
+                // parsed again (the folder keeps their text, not objects).
+                let mut scan = pending.take();
+                if translator.node() != node {
+                    scan = manifests::Scan::Reparse;
+                }
+                let mut changed = BTreeSet::new();
+                folder
+                    .refresh(dir, &scan, |folder, ids| {
+                        changed.extend(translator.update(node, ids, |id| folder.inputs(id)));
+                    })
+                    .with_context(|| {
+                        // Whatever the events named is read again next time.
+                        pending.rescan();
+                        format!("read manifests in {}", dir.display())
+                    })?;
+                Ok(Some((folder.problems(), changed)))
+            }
+            Self::Kube {
+                watch,
+                node_missing,
+                ..
+            } => {
+                if !watch.is_synced() {
+                    return Ok(None);
+                }
+                let this = watch.node();
+                if this.is_none() && !node_missing.get() {
+                    warn!("this agent's Node is not in the API (is --node-name right?): no NodePort addresses until it is");
+                }
+                node_missing.set(this.is_none());
+                let addresses = this
+                    .map(|n| kube::node_addresses(&n, filter))
+                    .unwrap_or_default();
+                set_addresses(node, addresses);
+                // The API's objects come whole at every sync: every
+                // Service is translated again.
+                let objects = watch.objects();
+                let groups = model::group(&objects.services, &objects.slices);
+                let ids: Vec<model::Id> = groups.keys().chain(translator.ids()).cloned().collect();
+                let changed =
+                    translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
+                Ok(Some((objects.problems, changed)))
+            }
+        }
+    }
+
+    /// Tells the cluster about Services that cannot be programmed.
+    pub fn report(&mut self, problems: &[Problem]) {
+        if let Self::Kube { watch, events, .. } = self {
+            events.report(watch, problems);
+        }
+    }
+}
+
+/// Sets the NodePort addresses of `node`, saying when they change.
+fn set_addresses(node: &mut NodeInfo, addresses: Vec<IpAddr>) {
+    if addresses != node.addresses {
+        info!(addresses = ?addresses, "NodePort addresses");
+        node.addresses = addresses;
+    }
+}

@@ -85,7 +85,7 @@ fn rss_mib(pid: u32) -> Option<(f64, f64)> {
 
 /// The svc_id behind Service `i`'s ClusterIP.
 fn svc_id(maps: &Maps, i: usize) -> Option<u32> {
-    let (addr_be, family) = lb_agent::reconcile::addr_be(IpAddr::V4(cluster_ip(i)));
+    let (addr_be, family) = lb_common::addr::addr_be(IpAddr::V4(cluster_ip(i)));
     let key = ServiceKey {
         addr_be,
         port_be: 80u16.to_be(),

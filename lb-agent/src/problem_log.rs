@@ -1,24 +1,53 @@
-//! Saying when Service ports are refused, once per change rather than on
-//! every sync: a full map stays full across many syncs, and the log must
-//! show the moment it filled and the moment it had room again.
+//! Logging what is wrong when it starts and when it ends, not again at
+//! every sync while it lasts: skipped input ([`ProblemLog`]) and refused
+//! Service ports ([`RefusalLog`]). A full map stays full across many
+//! syncs, and the log must show the moment it filled and the moment it had
+//! room again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{info, warn};
 
-use super::Report;
+use crate::{
+    model::Problem,
+    reconcile::{Report, TableId},
+};
+
+/// Logs each problem when it appears, not again at every sync while it lasts.
+#[derive(Debug, Default)]
+pub struct ProblemLog {
+    last: BTreeSet<(String, String)>,
+}
+
+impl ProblemLog {
+    /// Logs the problems that are new since the last call, and those that
+    /// went away.
+    pub fn log(&mut self, problems: &[Problem]) {
+        let now: BTreeSet<(String, String)> = problems
+            .iter()
+            .map(|p| (p.object.clone(), p.message.clone()))
+            .collect();
+        for (object, message) in now.difference(&self.last) {
+            warn!(%object, "skipped: {message}");
+        }
+        for (object, message) in self.last.difference(&now) {
+            info!(%object, "resolved: {message}");
+        }
+        self.last = now;
+    }
+}
 
 /// What the previous sync refused.
 #[derive(Debug, Default)]
 pub struct RefusalLog {
-    refused: BTreeMap<String, String>,
+    refused: BTreeMap<TableId, String>,
     full: BTreeSet<&'static str>,
 }
 
 impl RefusalLog {
     /// Logs the differences between this sync's refusals and the last one's.
     pub fn update(&mut self, report: &Report) {
-        let refused: BTreeMap<String, String> = report
+        let refused: BTreeMap<TableId, String> = report
             .failures
             .iter()
             .map(|f| (f.service.clone(), f.message.clone()))

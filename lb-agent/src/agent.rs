@@ -1,0 +1,245 @@
+//! `lb-agent run`: the agent's loop. Load the programs and open the maps,
+//! adopt what an earlier agent left, then on every change of the source or
+//! of the node's interfaces: load what changed, translate, reconcile the
+//! maps, serve the health check ports, and once the first sync is in,
+//! attach the programs and report ready.
+
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::XdpMode;
+use lb_agent::{
+    datapath::{
+        bpffs,
+        config::{write_config, Settings},
+        maps::Maps,
+        programs::{MapSizes, Programs},
+        upgrade,
+    },
+    endpoints::{self, Readiness},
+    health::{self, HealthServers},
+    maglev,
+    metrics::{Metrics, SyncRecorder},
+    model::{NodeInfo, Problem, ServicePortRef, Translator},
+    node::{iface_addresses, link_events},
+    problem_log::ProblemLog,
+    reconcile::{Reconciler, Report},
+    source::Source,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::cli::{self, Mode, RunArgs, XdpModeArg};
+
+/// Runs the agent until SIGTERM or Ctrl-C: programs stay attached and maps
+/// pinned when it returns.
+pub(crate) fn run(args: &RunArgs) -> Result<()> {
+    // Before anything is attached: a source that cannot work is an error
+    // the user should see at once, not after programs are in place.
+    if args.manifests.is_none()
+        && args.kubeconfig.is_none()
+        && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
+    {
+        bail!("no --manifests DIR or --kubeconfig FILE, and not in a pod (KUBERNETES_SERVICE_HOST is unset): pass one of the two flags");
+    }
+    let snat_ports = cli::parse_port_range(&args.snat_ports)?;
+    let patterns = args
+        .pod_ifaces
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-ifaces: bad pattern {p}")))
+        .collect::<Result<Vec<_>>>()?;
+    bpffs::ensure(&args.bpffs)?;
+    let xdp_mode = match args.xdp_mode {
+        XdpModeArg::Auto => XdpMode::Default,
+        XdpModeArg::Native => XdpMode::Driver,
+        XdpModeArg::Skb => XdpMode::Skb,
+    };
+    let sizes = MapSizes {
+        services: args.services_size,
+        backends: args.backends_size,
+        conntrack: args.conntrack_size,
+        affinity: args.affinity_size,
+        src_ranges: args.src_ranges_size,
+    };
+    let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
+    let mut maps = Maps::open(&args.bpffs)?;
+
+    // The SNAT source is an address of the external interfaces in both
+    // modes: it is what replies must come back to.
+    let mut iface_addrs = iface_addresses(&args.iface)?;
+    let settings = Settings {
+        snat_ports,
+        timeouts: [
+            args.conntrack_tcp_timeout,
+            args.conntrack_tcp_closing_timeout,
+            args.conntrack_udp_timeout,
+        ],
+        dsr: args.mode == Mode::Dsr,
+    };
+    write_config(&mut maps, &iface_addrs, &settings)?;
+    let old_pins = upgrade::older_pins(&args.bpffs)?;
+    for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
+        info!(map = %name, entries = n, "converted an older map layout");
+    }
+
+    let metrics = Arc::new(Metrics::new(&args.bpffs)?);
+    let mut recorder = SyncRecorder::new(metrics.clone());
+
+    let table_size = args
+        .maglev_table_size
+        .map_or(maglev::TableSize::Scaled, maglev::TableSize::Fixed);
+    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, table_size);
+    let mut translator = Translator::default();
+    info!(
+        services = reconciler.service_count(),
+        "adopted existing maps"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async {
+        let (mut source, mut changes) = Source::start(
+            args.manifests.as_deref(),
+            args.kubeconfig.as_deref(),
+            &args.node_name,
+        )
+        .await?;
+        let mut link_events = link_events()?;
+        let mut health = HealthServers::default();
+        let mut reported = ProblemLog::default();
+        let mut node = NodeInfo {
+            name: args.node_name.clone(),
+            addresses: Vec::new(),
+        };
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("install SIGTERM handler")?;
+        let ready = Readiness::default();
+        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics)?;
+        let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
+
+        // The manifests folder is complete at once; the API once listed.
+        let mut due = true;
+        // When the change a pending sync answers was first noticed.
+        let mut seen: Option<Instant> = None;
+        loop {
+            if due {
+                due = false;
+                match source.load(&iface_addrs, &args.nodeport_addresses, &mut node, &mut translator) {
+                    Ok(None) => {}
+                    Ok(Some((source_problems, changed))) => {
+                        let (problems, report) =
+                            sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
+                        let invalid = problems.len().saturating_sub(report.failures.len());
+                        recorder.synced(seen.take(), invalid, &report);
+                        // Refused Service ports (the tail of `problems`)
+                        // are logged by the recorder's refusal log.
+                        reported.log(&problems[..invalid]);
+                        source.report(&problems);
+                        if !ready.is_ready() {
+                            // Programs are attached (or swapped, on a restart
+                            // or upgrade) only now that the maps hold the
+                            // whole desired state: new programs never see a
+                            // half-filled map, and old ones keep theirs until
+                            // the swap.
+                            for iface in &args.iface {
+                                progs.attach_node(iface)?;
+                            }
+                            progs.sync_pods(&patterns)?;
+                            upgrade::retire(&args.bpffs, &old_pins)?;
+                            for pin in &old_pins {
+                                info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
+                            }
+                            ready.set_ready();
+                            info!(
+                                node = %node.name,
+                                addresses = ?node.addresses,
+                                metrics = %args.metrics_addr,
+                                health = %args.health_addr,
+                                "lb-agent ready"
+                            );
+                        }
+                    }
+                    // Without a first state there is nothing to keep.
+                    Err(e) if !ready.is_ready() => return Err(e),
+                    Err(e) => {
+                        recorder.failed();
+                        error!("reload failed, datapath keeps its last state: {e:#}");
+                    }
+                }
+            }
+            tokio::select! {
+                Some(()) = changes.recv() => {
+                    seen.get_or_insert_with(Instant::now);
+                    // Coalesce a burst of changes into one sync.
+                    tokio::time::sleep(source.debounce()).await;
+                    while changes.try_recv().is_ok() {}
+                    due = true;
+                }
+                Some(()) = link_events.recv() => {
+                    while link_events.try_recv().is_ok() {}
+                    // Before the first sync nothing is attached yet.
+                    if ready.is_ready() {
+                        if let Err(e) = progs.sync_pods(&patterns) {
+                            warn!("pod interface sync failed: {e:#}");
+                        }
+                    }
+                    match iface_addresses(&args.iface) {
+                        Ok(addrs) if addrs != iface_addrs => {
+                            info!(addresses = ?addrs, "interface addresses changed");
+                            iface_addrs = addrs;
+                            if let Err(e) = write_config(&mut maps, &iface_addrs, &settings) {
+                                error!("rewriting the config after an address change failed: {e:#}");
+                            }
+                            seen.get_or_insert_with(Instant::now);
+                            due = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("reading interface addresses failed: {e:#}"),
+                    }
+                }
+                _ = sigterm.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        info!("exiting; programs stay attached and maps stay pinned (`lb-agent cleanup` removes them)");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Makes the maps, and the health check ports, match the translated
+/// model; returns every problem found (the source's, untranslatable input
+/// and Service ports the maps refused) and what the reconciler did.
+fn sync(
+    source_problems: Vec<Problem>,
+    translator: &Translator,
+    changed: &BTreeSet<ServicePortRef>,
+    node: &NodeInfo,
+    reconciler: &mut Reconciler,
+    maps: &mut Maps,
+    health: &mut HealthServers,
+) -> (Vec<Problem>, Report) {
+    let model = translator.model();
+    let problems = translator.problems();
+    let report = reconciler.apply_changed(model, changed, maps);
+    health.update(&health::desired(model), &node.addresses);
+    match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
+        Ok(0) => {}
+        Ok(n) => debug!(
+            entries = n,
+            "dropped affinity entries of backends that take no new flows"
+        ),
+        Err(e) => warn!("purging affinity entries failed: {e:#}"),
+    }
+    info!(
+        services = model.services.len(),
+        writes = report.writes,
+        deletes = report.deletes,
+        failures = report.failures.len(),
+        "synced"
+    );
+    let mut all = source_problems;
+    all.extend(problems);
+    all.extend(report.failures.iter().map(|f| f.to_problem()));
+    (all, report)
+}

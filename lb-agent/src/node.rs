@@ -1,0 +1,58 @@
+//! The node's own network: the addresses of its external interfaces and the
+//! kernel's link and address events (interfaces coming and going, addresses
+//! changing), which the run loop answers by attaching to new pod interfaces
+//! and rewriting what depends on the addresses.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use tokio::sync::mpsc;
+
+/// IPv4 addresses of the given interfaces, in interface order.
+pub fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let all: Vec<_> = nix::ifaddrs::getifaddrs()
+        .context("list interface addresses")?
+        .collect();
+    for iface in ifaces {
+        for a in &all {
+            if &a.interface_name != iface {
+                continue;
+            }
+            if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                out.push(IpAddr::V4(sin.ip()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Link and address changes in this network namespace, as a stream of
+/// wake-ups (the receiver re-reads what it needs).
+pub fn link_events() -> Result<mpsc::Receiver<()>> {
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    const RTMGRP_LINK: u32 = 0x1;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    let mut socket = Socket::new(NETLINK_ROUTE).context("open netlink socket")?;
+    socket
+        .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+        .context("subscribe to netlink link events")?;
+    let (tx, rx) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(65536);
+            loop {
+                buf.clear();
+                if socket.recv(&mut buf, 0).is_err() {
+                    // ENOBUFS after a burst: events were lost, which a
+                    // wake-up covers, since the receiver rescans anyway.
+                }
+                if tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        })
+        .context("start netlink thread")?;
+    Ok(rx)
+}
