@@ -18,7 +18,9 @@ use lb_common::{
 
 use crate::{
     hdr::{
-        icmp::{CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED},
+        icmp::{
+            CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED, TYPE as ICMP_TYPE,
+        },
         IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT,
     },
     maps::LB_CT_V1,
@@ -44,7 +46,8 @@ pub fn translate_error<P: Packet>(
     // Headers at variable offsets are read whole: single-byte reads there
     // become checks the verifier cannot follow.
     let icmp: [u8; ICMP_HLEN] = pkt.load(l4)?;
-    if icmp[0] != DEST_UNREACH && icmp[0] != TIME_EXCEEDED {
+    let kind = icmp[ICMP_TYPE];
+    if kind != DEST_UNREACH && kind != TIME_EXCEEDED {
         return Ok(false);
     }
     let inner = l4 + ICMP_HLEN;
