@@ -3,6 +3,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use lb_common::proto;
+
+use crate::model::Protocol;
+
 /// Source MAC of built packets (locally administered).
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 /// Destination MAC of built packets (locally administered).
@@ -296,8 +300,9 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
     };
     let (proto, src, dst, tcp_flags) = match ip[9] {
-        p @ (6 | 17) => {
-            let letters = if p == 6 {
+        p @ (proto::TCP | proto::UDP) => {
+            let tcp = p == proto::TCP;
+            let letters = if tcp {
                 let f = *l4.get(13)?;
                 [
                     (flags::SYN, 'S'),
@@ -314,7 +319,7 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
                 String::new()
             };
             (
-                crate::reconcile::protocol_of(p).map_or_else(|| p.to_string(), |p| p.to_string()),
+                if tcp { Protocol::Tcp } else { Protocol::Udp }.to_string(),
                 format!("{src}:{}", port(0)?),
                 format!("{dst}:{}", port(2)?),
                 letters,

@@ -136,11 +136,6 @@ impl TableId {
             },
         ]
     }
-
-    /// The bytes of the text, without building it.
-    fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        self.pieces().into_iter().flat_map(str::bytes)
-    }
 }
 
 impl fmt::Display for TableId {
@@ -151,7 +146,7 @@ impl fmt::Display for TableId {
 
 impl PartialEq for TableId {
     fn eq(&self, other: &Self) -> bool {
-        self.bytes().eq(other.bytes())
+        self.cmp(other) == Ordering::Equal
     }
 }
 
@@ -164,17 +159,58 @@ impl PartialOrd for TableId {
 }
 
 impl Ord for TableId {
+    /// The order of the texts, compared a run of bytes at a time without
+    /// building them.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.bytes().cmp(other.bytes())
+        let (a, b) = (self.pieces(), other.pieces());
+        let (mut a, mut b) = (
+            a.iter().map(|p| p.as_bytes()),
+            b.iter().map(|p| p.as_bytes()),
+        );
+        let (mut x, mut y): (&[u8], &[u8]) = (&[], &[]);
+        loop {
+            while x.is_empty() {
+                match a.next() {
+                    Some(p) => x = p,
+                    None => break,
+                }
+            }
+            while y.is_empty() {
+                match b.next() {
+                    Some(p) => y = p,
+                    None => break,
+                }
+            }
+            if x.is_empty() || y.is_empty() {
+                return x.len().cmp(&y.len());
+            }
+            let n = x.len().min(y.len());
+            match x[..n].cmp(&y[..n]) {
+                Ordering::Equal => (x, y) = (&x[n..], &y[n..]),
+                other => return other,
+            }
+        }
     }
 }
 
 impl Hash for TableId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Byte by byte: equal texts cut into different pieces hash alike.
-        for b in self.bytes() {
-            state.write_u8(b);
+        // The text in chunks of a fixed size, so that equal texts cut into
+        // different pieces hash alike.
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        for mut piece in self.pieces().map(str::as_bytes) {
+            while !piece.is_empty() {
+                let k = piece.len().min(buf.len() - n);
+                buf[n..n + k].copy_from_slice(&piece[..k]);
+                (n, piece) = (n + k, &piece[k..]);
+                if n == buf.len() {
+                    state.write(&buf);
+                    n = 0;
+                }
+            }
         }
+        state.write(&buf[..n]);
     }
 }
 
@@ -313,6 +349,42 @@ mod tests {
         assert_eq!(texts, sorted);
     }
 
+    #[test]
+    fn equal_texts_cut_differently_are_equal_and_hash_alike() {
+        use std::hash::BuildHasher as _;
+        // A name holding a `/` (no valid Kubernetes name does) makes two
+        // ids one text: they are one table, as their records are.
+        let a = TableId::new(
+            port("a/b", "c", "", Protocol::Tcp),
+            Scope::Cluster,
+            Family::V4,
+        );
+        let b = TableId::new(
+            port("a", "b/c", "", Protocol::Tcp),
+            Scope::Cluster,
+            Family::V4,
+        );
+        assert_eq!(a.to_string(), b.to_string());
+        assert_eq!(a, b);
+        let s = std::collections::hash_map::RandomState::new();
+        assert_eq!(s.hash_one(&a), s.hash_one(&b));
+        // Long names span several chunks.
+        let x = |n: usize| "x".repeat(n);
+        let c = TableId::new(
+            port(&format!("{}/{}", x(100), x(49)), "y", "", Protocol::Tcp),
+            Scope::Local,
+            Family::V6,
+        );
+        let d = TableId::new(
+            port(&x(100), &format!("{}/y", x(49)), "", Protocol::Tcp),
+            Scope::Local,
+            Family::V6,
+        );
+        assert_eq!(c, d);
+        assert_eq!(s.hash_one(&c), s.hash_one(&d));
+        assert_ne!(s.hash_one(&c), s.hash_one(&a));
+    }
+
     /// DNS labels: what Kubernetes allows for namespaces (RFC 1123, may
     /// start with a digit) and Service names (RFC 1035); port names are
     /// IANA service names (letters, digits, inner `-`, at least a letter).
@@ -371,6 +443,7 @@ mod tests {
             let y = TableId::new(port("ns", &b, &pb, Protocol::Tcp), Scope::Cluster, Family::V4);
             prop_assert_eq!(x.cmp(&y), x.to_string().cmp(&y.to_string()));
             prop_assert_eq!(x == y, x.to_string() == y.to_string());
+            prop_assert_eq!(y.cmp(&x), x.cmp(&y).reverse());
         }
     }
 }

@@ -21,7 +21,10 @@ use crate::model::{self, AddressFilter, NodeInfo, Problem, ServicePortRef, Trans
 pub use manifests::Objects;
 
 /// Where the Services and EndpointSlices come from, as the run loop reads them.
-pub enum Source {
+pub struct Source(Kind);
+
+/// The two sources.
+enum Kind {
     /// A folder of manifests, watched (the watcher lives as long as this).
     Manifests {
         dir: PathBuf,
@@ -53,12 +56,12 @@ impl Source {
         if let Some(dir) = manifests {
             let (watcher, changes, pending) = manifests::watch(dir)?;
             return Ok((
-                Self::Manifests {
+                Self(Kind::Manifests {
                     dir: dir.to_path_buf(),
                     _watcher: watcher,
                     pending,
                     folder: manifests::Folder::default(),
-                },
+                }),
                 changes,
             ));
         }
@@ -66,11 +69,11 @@ impl Source {
         let (watch, changes) = kube::watch(&client, node_name);
         let events = Box::new(kube::EventPoster::new(client, node_name));
         Ok((
-            Self::Kube {
+            Self(Kind::Kube {
                 watch,
                 events,
                 node_missing: std::cell::Cell::new(false),
-            },
+            }),
             changes,
         ))
     }
@@ -81,9 +84,9 @@ impl Source {
     /// only the files the events name are read; API changes (a rollout)
     /// come in longer bursts.
     pub fn debounce(&self) -> Duration {
-        match self {
-            Self::Manifests { .. } => Duration::from_millis(2),
-            Self::Kube { .. } => Duration::from_millis(50),
+        match self.0 {
+            Kind::Manifests { .. } => Duration::from_millis(2),
+            Kind::Kube { .. } => Duration::from_millis(50),
         }
     }
 
@@ -98,8 +101,8 @@ impl Source {
         node: &mut NodeInfo,
         translator: &mut Translator,
     ) -> Result<Option<(Vec<Problem>, BTreeSet<ServicePortRef>)>> {
-        match self {
-            Self::Manifests {
+        match &mut self.0 {
+            Kind::Manifests {
                 dir,
                 pending,
                 folder,
@@ -124,7 +127,7 @@ impl Source {
                     })?;
                 Ok(Some((folder.problems(), changed)))
             }
-            Self::Kube {
+            Kind::Kube {
                 watch,
                 node_missing,
                 ..
@@ -155,7 +158,7 @@ impl Source {
 
     /// Tells the cluster about Services that cannot be programmed.
     pub fn report(&mut self, problems: &[Problem]) {
-        if let Self::Kube { watch, events, .. } = self {
+        if let Kind::Kube { watch, events, .. } = &mut self.0 {
             events.report(watch, problems);
         }
     }
