@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     datapath::{
@@ -17,6 +16,7 @@ use lb_agent::{
         maps::Maps,
         programs::{self, MapSizes, Programs},
         upgrade,
+        xdp_mode::XdpPolicy,
     },
     endpoints::{self, Readiness},
     health::HealthServers,
@@ -49,7 +49,9 @@ enum LogFormat {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum XdpModeArg {
-    /// Let the kernel choose (native when the driver supports it).
+    /// Per interface: generic (skb) mode on a veth, whose peer takes native
+    /// XDP_TX frames only when it runs XDP itself; native elsewhere, or
+    /// generic where the driver lacks native XDP.
     Auto,
     /// Native (driver) mode only.
     Native,
@@ -470,9 +472,9 @@ fn run(args: &RunArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     bpffs::ensure(&args.bpffs)?;
     let xdp_mode = match args.xdp_mode {
-        XdpModeArg::Auto => XdpMode::Default,
-        XdpModeArg::Native => XdpMode::Driver,
-        XdpModeArg::Skb => XdpMode::Skb,
+        XdpModeArg::Auto => XdpPolicy::Auto,
+        XdpModeArg::Native => XdpPolicy::Native,
+        XdpModeArg::Skb => XdpPolicy::Skb,
     };
     let sizes = MapSizes {
         services: args.services_size,
@@ -527,7 +529,7 @@ fn run(args: &RunArgs) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
         let ready = Readiness::default();
-        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics)?;
+        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics.clone())?;
         let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
 
         // The manifests folder is complete at once; the API once listed.
@@ -557,6 +559,7 @@ fn run(args: &RunArgs) -> Result<()> {
                             for iface in &args.iface {
                                 progs.attach_node(iface)?;
                             }
+                            metrics.xdp_attached(progs.xdp_attachments());
                             progs.sync_pods(&patterns)?;
                             upgrade::retire(&args.bpffs, &old_pins)?;
                             for pin in &old_pins {

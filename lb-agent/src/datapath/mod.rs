@@ -4,3 +4,4 @@ pub mod bpffs;
 pub mod maps;
 pub mod programs;
 pub mod upgrade;
+pub mod xdp_mode;
