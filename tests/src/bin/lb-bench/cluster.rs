@@ -285,7 +285,7 @@ impl Rig {
                 nodes: 5,
                 pods_per_node: 1,
                 // The fabric ports get the wire instead (below).
-                fabric_xdp: false,
+                xdp_far_side: false,
                 ..ClusterSpec::default()
             }
             .tag("thru"),
