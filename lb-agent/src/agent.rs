@@ -7,7 +7,6 @@
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
 use anyhow::{bail, Context as _, Result};
-use aya::programs::XdpMode;
 use lb_agent::{
     datapath::{
         bpffs,
@@ -15,6 +14,7 @@ use lb_agent::{
         maps::Maps,
         programs::{MapSizes, Programs},
         upgrade,
+        xdp_mode::XdpPolicy,
     },
     endpoints::{self, Readiness},
     health::{self, HealthServers},
@@ -49,9 +49,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     bpffs::ensure(&args.bpffs)?;
     let xdp_mode = match args.xdp_mode {
-        XdpModeArg::Auto => XdpMode::Default,
-        XdpModeArg::Native => XdpMode::Driver,
-        XdpModeArg::Skb => XdpMode::Skb,
+        XdpModeArg::Auto => XdpPolicy::Auto,
+        XdpModeArg::Native => XdpPolicy::Native,
+        XdpModeArg::Skb => XdpPolicy::Skb,
     };
     let sizes = MapSizes {
         services: args.services_size,
@@ -115,7 +115,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
         let ready = Readiness::default();
-        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics)?;
+        let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics.clone())?;
         let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
 
         // The manifests folder is complete at once; the API once listed.
@@ -145,6 +145,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             for iface in &args.iface {
                                 progs.attach_node(iface)?;
                             }
+                            metrics.xdp_attached(progs.xdp_attachments());
                             progs.sync_pods(&patterns)?;
                             upgrade::retire(&args.bpffs, &old_pins)?;
                             for pin in &old_pins {

@@ -31,7 +31,9 @@ pub(crate) enum LogFormat {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum XdpModeArg {
-    /// Let the kernel choose (native when the driver supports it).
+    /// Per interface: generic (skb) mode on a veth, whose peer takes native
+    /// XDP_TX frames only when it runs XDP itself; native elsewhere, or
+    /// generic where the driver lacks native XDP.
     Auto,
     /// Native (driver) mode only.
     Native,

@@ -37,13 +37,18 @@ use prometheus_client::{
 use tracing::warn;
 
 use crate::{
-    datapath::maps::{capacity, Maps, SIZED},
+    datapath::{
+        maps::{capacity, Maps, SIZED},
+        xdp_mode::Attachment,
+    },
     problem_log::RefusalLog,
     reconcile::{Report, TableId},
 };
 
 /// Labels of a map.
 type MapLabels = Vec<(&'static str, String)>;
+/// Labels of an XDP attachment: interface, mode, reason.
+type XdpLabels = Vec<(&'static str, String)>;
 
 /// The agent's metrics.
 #[derive(Debug)]
@@ -54,6 +59,7 @@ pub struct Metrics {
     refused: Gauge,
     problems: Gauge,
     map_full: Family<MapLabels, Gauge>,
+    xdp_attach: Family<XdpLabels, Gauge>,
 }
 
 impl Metrics {
@@ -91,6 +97,12 @@ impl Metrics {
             "1 while the last sync found the map without room for an entry it needed",
             map_full.clone(),
         );
+        let xdp_attach = Family::<XdpLabels, Gauge>::default();
+        registry.register(
+            "xdp_attach_info",
+            "1 for each node interface's XDP attach mode (native or skb) and why it was chosen",
+            xdp_attach.clone(),
+        );
         let mut capacities = Vec::new();
         for name in SIZED {
             capacities.push((name, capacity(bpffs, name)?));
@@ -109,7 +121,21 @@ impl Metrics {
             refused,
             problems,
             map_full,
+            xdp_attach,
         })
+    }
+
+    /// Records the XDP mode of each node interface and why.
+    pub fn xdp_attached(&self, attachments: &[Attachment]) {
+        self.xdp_attach.clear();
+        for a in attachments {
+            let labels = vec![
+                ("iface", a.iface.clone()),
+                ("mode", a.mode.as_str().to_string()),
+                ("reason", a.reason.clone()),
+            ];
+            self.xdp_attach.get_or_create(&labels).set(1);
+        }
     }
 
     /// Records how long a change took from being seen to being in the maps.

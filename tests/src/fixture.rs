@@ -8,12 +8,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::XdpMode;
 use lb_agent::{
     datapath::{
         bpffs,
         maps::Maps,
         programs::{MapSizes, Programs, TestProgram},
+        xdp_mode::XdpPolicy,
     },
     model::{Endpoint, Frontend, FrontendKind, Model, Protocol, ServicePort, ServicePortRef},
     reconcile::Reconciler,
@@ -73,7 +73,7 @@ impl Datapath {
             NEXT.fetch_add(1, Ordering::Relaxed)
         )));
         bpffs::ensure(&dir.0).expect("mount a bpffs for the test (run as root)");
-        let progs = Programs::load(&dir.0, sizes, XdpMode::Default).expect("load programs");
+        let progs = Programs::load(&dir.0, sizes, XdpPolicy::Auto).expect("load programs");
         let mut maps = Maps::open(&dir.0).expect("open maps");
         let node: IpAddr = NODE_ADDR.parse().expect("addr");
         maps.config

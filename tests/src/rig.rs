@@ -2,6 +2,13 @@
 //! nodes with an `eth0` on the bridge, and pods behind veth pairs on each
 //! node (DESIGN.md, Test rig).
 //!
+//! A node's `eth0` is a veth whose far side, a port of the bridge, runs
+//! nothing, as on kind, k3d or any container node: that is where users'
+//! nodes differ from a NIC (a veth delivers native XDP_TX frames only to a
+//! peer that runs XDP), so the tests run in that shape.
+//! [`ClusterSpec::xdp_far_side`] gives the ports an XDP program instead,
+//! for the tests that compare the two.
+//!
 //! Every name carries a unique prefix so tests run in parallel; nothing is
 //! created in the root network namespace, and everything is removed on drop,
 //! also when a test panics. Addresses are fixed because each cluster has
@@ -41,9 +48,11 @@ pub struct ClusterSpec {
     pub tag: String,
     /// The agent binary; `None` means [`agent_bin`].
     pub agent_bin: Option<PathBuf>,
-    /// Whether the fabric ends of the veths get the pass-only XDP program
-    /// (see [`Cluster::new`]); a user that attaches its own there says no.
-    pub fabric_xdp: bool,
+    /// Whether the far side of every node's `eth0` (its port on the
+    /// fabric bridge) runs an XDP program (pass-only): an XDP-capable far
+    /// side, which takes the frames a node sends with native XDP_TX at
+    /// once. Users' nodes never have one, hence the default `false`.
+    pub xdp_far_side: bool,
 }
 
 impl Default for ClusterSpec {
@@ -53,7 +62,7 @@ impl Default for ClusterSpec {
             pods_per_node: 2,
             tag: String::new(),
             agent_bin: None,
-            fabric_xdp: true,
+            xdp_far_side: false,
         }
     }
 }
@@ -248,7 +257,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     namespaces: Vec<String>,
-    /// Pass-only XDP on the fabric ports, held for the cluster's lifetime.
+    /// Pass-only XDP on the fabric ports ([`ClusterSpec::xdp_far_side`]),
+    /// held for the cluster's lifetime.
     fabric_xdp: Option<aya::Ebpf>,
     bin: PathBuf,
 }
@@ -383,10 +393,7 @@ impl Cluster {
                 self.add_pod(i, j);
             }
         }
-        // veth delivers XDP_TX frames promptly only to a peer that runs XDP
-        // itself (without one they wait for unrelated traffic to flush them),
-        // so the fabric side of every node port gets a pass-only program.
-        if !spec.fabric_xdp {
+        if !spec.xdp_far_side {
             return self.route_pod_cidrs(spec);
         }
         let ports: Vec<String> = (0..spec.nodes)
@@ -428,9 +435,6 @@ impl Cluster {
         );
         ip(&fabric, &format!("link set {port} master br0 up"));
         veth_offloads(&fabric, port);
-        // GRO gives the fabric end a NAPI queue, which a veth needs to take
-        // XDP_TX'd frames from a peer whose XDP program bounces them.
-        sh(Some(&fabric), &["ethtool", "-K", port, "gro", "on"]);
         ip(ns, &format!("addr add {cidr} dev eth0"));
         ip(ns, "link set eth0 up");
         veth_offloads(ns, "eth0");

@@ -126,8 +126,12 @@ fn layout_matches_what_the_agent_and_the_datapath_expect() {
         let k = sh(Some(ns), &["ethtool", "-k", iface]);
         assert!(k.contains("tx-checksumming: off"), "{ns} {iface}:\n{k}");
     }
+    // The users' shape: nothing on the far side of a node's wire, which
+    // then takes no XDP frames (no program, no GRO).
     let k = sh(Some(&fabric), &["ethtool", "-k", "nc"]);
-    assert!(k.contains("generic-receive-offload: on"), "{k}");
+    assert!(k.contains("generic-receive-offload: off"), "{k}");
+    let link = sh(Some(&fabric), &["ip", "link", "show", "nc"]);
+    assert!(!link.contains("xdp"), "{link}");
 
     let routes = sh(Some(&node.ns), &["ip", "route"]);
     for want in [

@@ -10,9 +10,10 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, service, slice, Ep},
+    manifests::{docs, service, slice, with_external_ips, with_load_balancer, Ep},
     rig::{
-        in_ns, serve_all_pods, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec, EchoStream,
+        in_ns, serve_all_pods, sh, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec,
+        EchoStream,
     },
 };
 
@@ -203,6 +204,97 @@ fn client_to_node_port_on_each_node_reaches_local_and_remote_backends() {
             seen.contains_key(&local) && seen.contains_key(&remote),
             "node-{node} UDP: {seen:?}"
         );
+    }
+}
+
+/// Backend name → count over `n` TCP connections and `n` UDP datagrams
+/// from the client to `dst` (same port for both), checking that a local
+/// backend sees the client and a remote one `node_addr` (SNAT), and that
+/// UDP replies come from `dst`.
+fn external_spread(
+    c: &Cluster,
+    dst: SocketAddr,
+    node_addr: &str,
+    local: &str,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let client = c.client_ns();
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let (line, _) = tcp_hello(&client, dst, IO)
+            .unwrap_or_else(|e| panic!("TCP connection {i} to {dst}: {e}"));
+        let mut parts = line.split_whitespace();
+        let name = parts.next().unwrap_or_default().to_string();
+        let peer = parts.next().unwrap_or_default().to_string();
+        let want = if name == local {
+            "10.99.0.100:".to_string()
+        } else {
+            format!("{node_addr}:")
+        };
+        assert!(peer.starts_with(&want), "{dst}: {name} saw {peer}");
+        *seen.entry(format!("{name}/TCP")).or_insert(0) += 1;
+        let (line, from) = udp_hello(&client, dst, IO)
+            .unwrap_or_else(|e| panic!("UDP datagram {i} to {dst}: {e}"));
+        assert_eq!(from, dst, "the UDP reply comes from the frontend");
+        let name = line.split_whitespace().next().unwrap_or_default();
+        *seen.entry(format!("{name}/UDP")).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn client_to_load_balancer_ips_and_external_ips_reaches_local_and_remote_backends() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    let eps = [(A0, "node-a"), (B0, "node-b")];
+    // One TCP and one UDP Service on the same frontends: a LoadBalancer
+    // ingress IP and an externalIP each.
+    for (name, vip, proto, target, np) in [
+        ("web", "10.96.0.10", "TCP", 8080, 30080),
+        ("dns", "10.96.0.53", "UDP", 5353, 30053),
+    ] {
+        let svc = with_load_balancer(
+            &with_external_ips(
+                &service(name, vip, 80, target, Some(np), proto),
+                &["10.99.1.2"],
+            ),
+            "10.99.1.1",
+            &[],
+        );
+        let eps: Vec<Ep<'_>> = eps
+            .iter()
+            .map(|(addr, node)| Ep {
+                addr,
+                node,
+                ready: true,
+                terminating: false,
+            })
+            .collect();
+        c.write_manifest(
+            &format!("{name}.yaml"),
+            &docs(&[svc, slice(name, &format!("{name}-1"), target, proto, &eps)]),
+        );
+    }
+    start_agents(&mut c);
+    // The client reaches the LoadBalancer IP through node-a and the
+    // externalIP through node-b, as an upstream router would.
+    let client = c.client_ns();
+    for (ip, via) in [("10.99.1.1/32", "10.99.0.1"), ("10.99.1.2/32", "10.99.0.2")] {
+        sh(Some(&client), &["ip", "route", "replace", ip, "via", via]);
+    }
+    for (dst, node, local, remote) in [
+        ("10.99.1.1:80", "10.99.0.1", "a0", "b0"),
+        ("10.99.1.2:80", "10.99.0.2", "b0", "a0"),
+    ] {
+        let seen = external_spread(&c, sa(dst), node, local, 40);
+        for want in [local, remote] {
+            for proto in ["TCP", "UDP"] {
+                assert!(
+                    seen.contains_key(&format!("{want}/{proto}")),
+                    "{dst} via {node}: {want} never answered over {proto}: {seen:?}"
+                );
+            }
+        }
     }
 }
 
@@ -412,25 +504,51 @@ fn pod_interfaces_that_appear_later_are_attached_and_detached() {
     );
 }
 
-/// Three long-lived streams from a0 through web's ClusterIP, and a new
-/// connection at every round: what restarts and upgrades must not break.
+/// Long-lived streams through web (backends a1 and b0): three from a0
+/// through its ClusterIP, and from the client through its NodePort on
+/// node-a, one to each backend (b0's crosses node-a's XDP both ways); and
+/// a new connection of each kind at every round: what restarts and
+/// upgrades must not break.
 struct Traffic {
+    pod: String,
     client: String,
     streams: Vec<EchoStream>,
 }
 
+/// web's NodePort on node-a.
+const NODE_PORT_A: &str = "10.99.0.1:30080";
+
 impl Traffic {
     fn start(c: &Cluster) -> Self {
-        let client = c.pod("a0").ns.clone();
-        let streams = (0..3)
-            .map(|_| EchoStream::open(&client, sa("10.96.0.10:80"), IO))
+        let pod = c.pod("a0").ns.clone();
+        let client = c.client_ns();
+        let mut streams: Vec<EchoStream> = (0..3)
+            .map(|_| EchoStream::open(&pod, sa("10.96.0.10:80"), IO))
             .collect();
-        Self { client, streams }
+        let mut missing = vec!["a1", "b0"];
+        for _ in 0..64 {
+            if missing.is_empty() {
+                break;
+            }
+            let s = EchoStream::open(&client, sa(NODE_PORT_A), IO);
+            if let Some(k) = missing.iter().position(|b| *b == s.backend) {
+                missing.remove(k);
+                streams.push(s);
+            }
+        }
+        assert!(missing.is_empty(), "no NodePort stream reached {missing:?}");
+        Self {
+            pod,
+            client,
+            streams,
+        }
     }
 
-    /// One new connection, and one echo on every stream; panics on failure.
+    /// A new connection of each kind, and one echo on every stream; panics
+    /// on failure.
     fn round(&mut self) {
-        tcp_hello(&self.client, sa("10.96.0.10:80"), IO).expect("a new connection");
+        tcp_hello(&self.pod, sa("10.96.0.10:80"), IO).expect("a new connection to the ClusterIP");
+        tcp_hello(&self.client, sa(NODE_PORT_A), IO).expect("a new connection to the NodePort");
         for s in &mut self.streams {
             s.round_trip();
         }

@@ -5,3 +5,4 @@ pub mod config;
 pub mod maps;
 pub mod programs;
 pub mod upgrade;
+pub mod xdp_mode;

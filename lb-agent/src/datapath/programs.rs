@@ -25,7 +25,10 @@ use aya::{
 use lb_common::maps;
 use tracing::{debug, info, warn};
 
-use super::bpffs;
+use super::{
+    bpffs,
+    xdp_mode::{self, Attachment, XdpPolicy},
+};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -103,12 +106,14 @@ pub struct Programs {
     links: PathBuf,
     /// Pins this process has attached or adopted.
     owned: HashSet<String>,
-    xdp_mode: XdpMode,
+    xdp_policy: XdpPolicy,
+    /// The XDP mode of each node interface attached so far, and why.
+    xdp_attachments: Vec<Attachment>,
 }
 
 impl Programs {
     /// Loads the object, creating or re-using the pinned maps under `bpffs`.
-    pub fn load(bpffs: &Path, sizes: MapSizes, xdp_mode: XdpMode) -> Result<Self> {
+    pub fn load(bpffs: &Path, sizes: MapSizes, xdp_policy: XdpPolicy) -> Result<Self> {
         let maps_dir = bpffs::maps_dir(bpffs);
         let paths: Vec<(&str, PathBuf)> = maps::ALL
             .iter()
@@ -130,7 +135,7 @@ impl Programs {
         let ebpf = loader.load(EBPF_OBJECT).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
-        Self::verify(ebpf, bpffs, xdp_mode)
+        Self::verify(ebpf, bpffs, xdp_policy)
     }
 
     /// Loads a private copy for tracing: it reads the live frontends, Maglev
@@ -159,11 +164,11 @@ impl Programs {
         let ebpf = loader
             .load(EBPF_OBJECT)
             .context("load a private copy of the eBPF object")?;
-        Self::verify(ebpf, bpffs, XdpMode::default())
+        Self::verify(ebpf, bpffs, XdpPolicy::default())
     }
 
     /// Runs the verifier on every attachable program of a loaded object.
-    fn verify(mut ebpf: Ebpf, bpffs: &Path, xdp_mode: XdpMode) -> Result<Self> {
+    fn verify(mut ebpf: Ebpf, bpffs: &Path, xdp_policy: XdpPolicy) -> Result<Self> {
         for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod] {
             let name = hook.program();
             let prog = ebpf
@@ -179,7 +184,8 @@ impl Programs {
             ebpf,
             links: bpffs::links_dir(bpffs),
             owned: HashSet::new(),
-            xdp_mode,
+            xdp_policy,
+            xdp_attachments: Vec::new(),
         })
     }
 
@@ -196,6 +202,11 @@ impl Programs {
         let ifindex = ifindex(ifname)?;
         self.attach(Hook::Xdp, ifname, ifindex)?;
         self.attach(Hook::TcNode, ifname, ifindex)
+    }
+
+    /// The XDP mode each node interface got, and why.
+    pub fn xdp_attachments(&self) -> &[Attachment] {
+        &self.xdp_attachments
     }
 
     /// Attaches the pod program to every interface matching `patterns` and
@@ -244,7 +255,10 @@ impl Programs {
         if self.owned.contains(&pin) {
             return Ok(());
         }
-        if hook != Hook::Xdp && !tcx_available() {
+        if hook == Hook::Xdp {
+            return self.attach_xdp(ifname, ifindex, pin);
+        }
+        if !tcx_available() {
             self.attach_clsact(hook, ifname)?;
             self.owned.insert(pin);
             return Ok(());
@@ -264,34 +278,122 @@ impl Programs {
                 }
             }
         }
-        let link: FdLink = match hook {
-            Hook::Xdp => {
-                let mode = self.xdp_mode;
-                let prog: &mut Xdp = self.program(hook)?.try_into()?;
-                let id = prog.attach_to_if_index(ifindex, mode).with_context(|| {
-                    format!(
-                        "attach XDP to {ifname}: another XDP program may be attached \
-                         (check `ip link show {ifname}`), or the driver lacks native XDP \
-                         (try --xdp-mode skb)"
-                    )
-                })?;
-                prog.take_link(id)?.try_into()?
-            }
-            Hook::TcNode | Hook::TcPod => {
-                let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
-                let id = prog
-                    .attach(ifname, TcAttachType::Ingress)
-                    .with_context(|| {
-                        format!("attach TC ingress to {ifname} (TCX needs Linux 6.6 or later)")
-                    })?;
-                prog.take_link(id)?.try_into()?
-            }
-        };
+        let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .with_context(|| {
+                format!("attach TC ingress to {ifname} (TCX needs Linux 6.6 or later)")
+            })?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pin link {}", path.display()))?;
         info!(iface = ifname, pin, "attached");
         self.owned.insert(pin);
         Ok(())
+    }
+
+    /// Attaches XDP to a node interface in the mode [`xdp_mode::plan`]
+    /// picks for it: a pinned link of that mode is re-adopted, one of
+    /// another mode (an older agent's, or another `--xdp-mode`'s) is
+    /// replaced, since a link keeps the mode it was made in. Logs the mode
+    /// and why, and records it for the metrics.
+    fn attach_xdp(&mut self, ifname: &str, ifindex: u32, pin: String) -> Result<()> {
+        let facts = xdp_mode::link_facts(ifindex)
+            .with_context(|| format!("look up {ifname} through netlink"))?;
+        let plan = xdp_mode::plan(self.xdp_policy, facts.kind.as_deref());
+        let path = self.links.join(&pin);
+
+        let mut how = "new";
+        if path.exists() {
+            if facts.xdp.is(plan.mode) {
+                match self.adopt(Hook::Xdp, &path) {
+                    Ok(()) => {
+                        self.xdp_attached(ifname, plan.mode, plan.reason, "re-adopted", pin);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // A link left behind by a deleted interface: replace it.
+                        debug!(pin, "stale pinned link ({e:#}); attaching afresh");
+                        fs::remove_file(&path)
+                            .with_context(|| format!("remove {}", path.display()))?;
+                    }
+                }
+            } else {
+                // The interface cannot hold programs of two modes: the old
+                // one goes first. TC on the interface carries the packets
+                // of the moment between.
+                xdp_mode::detach_pinned(&path).with_context(|| {
+                    format!(
+                        "replace the XDP link on {ifname}, attached in {} mode",
+                        facts.xdp
+                    )
+                })?;
+                how = match facts.xdp {
+                    xdp_mode::Attached::Native => "replaced a native-mode link",
+                    xdp_mode::Attached::Skb => "replaced an skb-mode link",
+                    _ => "replaced a stale link",
+                };
+            }
+        }
+        let (mode, reason, link) = match self.xdp_link(ifname, ifindex, plan.mode) {
+            Ok(link) => (plan.mode, plan.reason.to_string(), link),
+            Err(e) => {
+                let Some(fallback) = plan.fallback else {
+                    return Err(e);
+                };
+                let link = self
+                    .xdp_link(ifname, ifindex, fallback)
+                    .with_context(|| format!("after native mode failed on {ifname}: {e:#}"))?;
+                let reason = format!(
+                    "{} (native mode failed: {})",
+                    xdp_mode::REASON_NO_NATIVE,
+                    e.root_cause()
+                );
+                (fallback, reason, link)
+            }
+        };
+        link.pin(&path)
+            .with_context(|| format!("pin link {}", path.display()))?;
+        self.xdp_attached(ifname, mode, &reason, how, pin);
+        Ok(())
+    }
+
+    /// Attaches the XDP program to interface `ifindex` in `mode`.
+    fn xdp_link(&mut self, ifname: &str, ifindex: u32, mode: xdp_mode::Mode) -> Result<FdLink> {
+        let prog: &mut Xdp = self.program(Hook::Xdp)?.try_into()?;
+        let id = prog
+            .attach_to_if_index(ifindex, mode.aya())
+            .with_context(|| {
+                format!(
+                    "attach XDP to {ifname} in {mode} mode: another XDP program may be \
+                     attached (check `ip link show {ifname}`){}",
+                    if mode == xdp_mode::Mode::Native {
+                        ", or the driver lacks native XDP (try --xdp-mode auto or skb)"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
+        Ok(prog.take_link(id)?.try_into()?)
+    }
+
+    /// Logs an XDP attachment (one line per interface) and records it.
+    fn xdp_attached(
+        &mut self,
+        ifname: &str,
+        mode: xdp_mode::Mode,
+        reason: &str,
+        how: &str,
+        pin: String,
+    ) {
+        info!(iface = %ifname, mode = %mode, reason, link = how, pin, "XDP attached");
+        self.owned.insert(pin);
+        self.xdp_attachments.retain(|a| a.iface != ifname);
+        self.xdp_attachments.push(Attachment {
+            iface: ifname.to_string(),
+            mode,
+            reason: reason.to_string(),
+        });
     }
 
     /// Attaches a TC program the way kernels before 6.6 (no TCX) allow: a

@@ -21,12 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
 use lb_agent::{
     datapath::{
         bpffs,
         maps::Maps,
         programs::{self, MapSizes, Programs},
+        xdp_mode::XdpPolicy,
     },
     model::{self, NodeInfo},
     reconcile::Reconciler,
@@ -285,7 +285,7 @@ impl Rig {
                 nodes: 5,
                 pods_per_node: 1,
                 // The fabric ports get the wire instead (below).
-                fabric_xdp: false,
+                xdp_far_side: false,
                 ..ClusterSpec::default()
             }
             .tag("thru"),
@@ -550,7 +550,7 @@ fn start_agent(cluster: &mut Cluster, n: usize) -> u64 {
     };
     {
         let _progs =
-            Programs::load(&bpffs, sizes, XdpMode::Default).expect("load node-a's programs");
+            Programs::load(&bpffs, sizes, XdpPolicy::Auto).expect("load node-a's programs");
         let mut maps = Maps::open(&bpffs).expect("open node-a's maps");
         let objects = manifests::load_dir(&cluster.manifests_dir()).expect("read the manifests");
         let node = NodeInfo {
