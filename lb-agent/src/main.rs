@@ -13,7 +13,7 @@ use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     datapath::{
-        bpffs,
+        bpffs, cgroup,
         maps::Maps,
         programs::{self, MapSizes, Programs},
         upgrade,
@@ -250,6 +250,14 @@ struct RunArgs {
     /// 65521 and 131071 slots that gives 100 per backend.
     #[arg(long, value_parser = parse_table_size)]
     maglev_table_size: Option<u32>,
+    /// Socket-level load balancing for the node's own sockets (cgroup v2
+    /// hooks at the hierarchy's root, acting on this network namespace only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// A cgroup v2 mount whose root the socket hooks attach to; default:
+    /// the mounted one, else one mounted at /run/lb/cgroup2.
+    #[arg(long)]
+    cgroup2: Option<PathBuf>,
 }
 
 fn main() {
@@ -285,6 +293,9 @@ fn real_main(mut cli: Cli) -> Result<()> {
     match &mut cli.command {
         Command::Run(args) => {
             args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
+            if let Some(dir) = &mut args.cgroup2 {
+                *dir = std::path::absolute(&*dir).context("--cgroup2")?;
+            }
             if let Some(dir) = &mut args.manifests {
                 *dir = std::path::absolute(&*dir).context("--manifests")?;
             }
@@ -314,7 +325,8 @@ fn real_main(mut cli: Cli) -> Result<()> {
         }
         Command::Stats(view) => {
             let maps = Maps::open(&view.bpffs)?;
-            view.print(&inspect::stats(&maps)?, inspect::stats_table)
+            let stats = inspect::with_socket_counters(inspect::stats(&maps)?, &view.bpffs)?;
+            view.print(&stats, inspect::stats_table)
         }
         Command::Backends(view) => {
             let maps = Maps::open(&view.bpffs)?;
@@ -493,6 +505,12 @@ fn run(args: &RunArgs) -> Result<()> {
         args.conntrack_udp_timeout,
     ];
     write_config(&mut maps, &iface_addrs, snat_ports, timeouts, args.mode)?;
+    let sock_cgroup = cgroup::prepare(
+        &args.bpffs,
+        args.socket_lb,
+        args.cgroup2.as_deref(),
+        progs.sock_error(),
+    );
     let old_pins = upgrade::older_pins(&args.bpffs)?;
     for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
         info!(map = %name, entries = n, "converted an older map layout");
@@ -558,6 +576,11 @@ fn run(args: &RunArgs) -> Result<()> {
                                 progs.attach_node(iface)?;
                             }
                             progs.sync_pods(&patterns)?;
+                            if let Some(dir) = &sock_cgroup {
+                                if let Err(e) = progs.attach_sockets(dir) {
+                                    warn!("socket-level load balancing is off: {e:#}");
+                                }
+                            }
                             upgrade::retire(&args.bpffs, &old_pins)?;
                             for pin in &old_pins {
                                 info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));

@@ -20,6 +20,7 @@ pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 pub use affinity::{AffinityKey, AffinityValue};

@@ -18,6 +18,7 @@ mod parse;
 mod pipeline;
 mod reject;
 mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

@@ -1,6 +1,7 @@
 //! The only code that touches BPF maps, programs, links and bpffs.
 
 pub mod bpffs;
+pub mod cgroup;
 pub mod maps;
 pub mod programs;
 pub mod upgrade;

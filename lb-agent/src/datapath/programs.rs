@@ -104,6 +104,8 @@ pub struct Programs {
     /// Pins this process has attached or adopted.
     owned: HashSet<String>,
     xdp_mode: XdpMode,
+    /// Why the socket hooks could not be loaded, if they could not.
+    sock_error: Option<anyhow::Error>,
 }
 
 impl Programs {
@@ -175,12 +177,30 @@ impl Programs {
             };
             res.with_context(|| format!("verifier rejected {name}"))?;
         }
+        // The socket hooks are an addition the packet path does not need:
+        // a kernel that refuses them runs without (the caller says so).
+        let sock_error = super::cgroup::load(&mut ebpf).err();
         Ok(Self {
             ebpf,
             links: bpffs::links_dir(bpffs),
             owned: HashSet::new(),
             xdp_mode,
+            sock_error,
         })
+    }
+
+    /// Why the socket hooks are not loaded, if they are not.
+    pub fn sock_error(&self) -> Option<&anyhow::Error> {
+        self.sock_error.as_ref()
+    }
+
+    /// Attaches the socket hooks at the root of the cgroup v2 hierarchy
+    /// mounted at `cgroup` (see [`super::cgroup`]).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(e) = &self.sock_error {
+            bail!("the socket hooks are not loaded: {e:#}");
+        }
+        super::cgroup::attach(&mut self.ebpf, &self.links, cgroup)
     }
 
     /// One of the loaded object's maps (a shadow copy's private ones
