@@ -16,7 +16,7 @@ use lb_agent::{
         bpffs, cgroup,
         maps::Maps,
         programs::{self, MapSizes, Programs},
-        upgrade,
+        stale, upgrade,
     },
     endpoints::{self, Readiness},
     health::HealthServers,
@@ -560,6 +560,9 @@ fn run(args: &RunArgs) -> Result<()> {
                     Ok(Some((source_problems, changed))) => {
                         let (problems, report) =
                             sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
+                        if sock_cgroup.is_some() && report.deletes > 0 {
+                            stale::after_sync(&args.bpffs, &maps);
+                        }
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);
                         // Refused Service ports (the tail of `problems`)

@@ -336,3 +336,74 @@ fn two_agents_on_one_machine_translate_only_their_own_namespaces_sockets() {
     assert_eq!(sock_counter(&c, "a", "sock_translated") - before_a, 10);
     assert_eq!(sock_counter(&c, "b", "sock_translated"), before_b);
 }
+
+/// Whether a socket call failed for good (not just a read timeout).
+fn ended(r: &io::Result<usize>) -> bool {
+    matches!(r, Err(e) if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
+#[test]
+fn a_removed_backends_connected_node_sockets_are_ended() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnstale"));
+    let _s = serve_all_pods(&c);
+    let both = [(A1, "node-a"), (B0, "node-b")];
+    c.write_manifest("dns.yaml", &dns(&both));
+    c.write_manifest("web.yaml", &web(&both));
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.53:53");
+    let udp = in_ns(&node, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(vip)?;
+        Ok::<_, io::Error>(s)
+    })
+    .expect("connected UDP socket");
+    let mut buf = [0u8; 2048];
+    let mut backend = None;
+    for _ in 0..20 {
+        udp.send(b"q").expect("send");
+        if let Ok(n) = udp.recv(&mut buf) {
+            let line = String::from_utf8_lossy(&buf[..n]).to_string();
+            backend = line.split_whitespace().next().map(str::to_string);
+            break;
+        }
+    }
+    let backend = backend.expect("the UDP backend answers");
+    let mut stream = tcp_connect(&node, sa("10.96.0.10:80"), IO).expect("TCP connection");
+    let mut greeting = [0u8; 64];
+    let n = io::Read::read(&mut stream, &mut greeting).expect("greeting");
+    let tcp_backend = String::from_utf8_lossy(&greeting[..n])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    // Both backends leave their Service (the other one stays).
+    let addr_of = |name: &str| if name == "a1" { A1 } else { B0 };
+    let keep = |gone: &str| -> Vec<(&str, &str)> {
+        both.iter()
+            .copied()
+            .filter(|(a, _)| *a != addr_of(gone))
+            .collect()
+    };
+    let before = c.node("a").syncs();
+    c.write_manifest("dns.yaml", &dns(&keep(&backend)));
+    c.write_manifest("web.yaml", &web(&keep(&tcp_backend)));
+    c.node("a").wait_synced(before, WAIT);
+    lb_tests::rig::wait_until(WAIT, "the UDP socket is ended", || {
+        let _ = udp.send(b"q");
+        ended(&udp.recv(&mut buf))
+    });
+    lb_tests::rig::wait_until(WAIT, "the TCP socket is ended", || {
+        ended(&io::Write::write(&mut stream, b"ping\n").and_then(|_| {
+            stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+            io::Read::read(&mut stream, &mut greeting)
+        }))
+    });
+    assert!(sock_counter(&c, "a", "sock_destroyed") >= 2);
+    // A new socket reaches the backend that stayed.
+    let (line, from, _) = udp_connected_hello(&node, vip).expect("a new socket is answered");
+    assert_eq!(from, vip);
+    assert!(!line.starts_with(&backend), "{line}");
+}

@@ -193,6 +193,7 @@ struct Binaries {
     agent: PathBuf,
     datapath: PathBuf,
     services: PathBuf,
+    hostnet: PathBuf,
 }
 
 fn build_binaries() -> Result<Binaries> {
@@ -228,6 +229,7 @@ fn build_binaries() -> Result<Binaries> {
         agent: crate::agent_bin(),
         datapath: exe("datapath")?,
         services: exe("services")?,
+        hostnet: exe("hostnet")?,
     })
 }
 
@@ -257,6 +259,7 @@ fn make_tree(tree: &Path, kernel: &Kernel, bins: &Binaries) -> Result<()> {
         (&bins.agent, "lb-agent"),
         (&bins.datapath, "datapath"),
         (&bins.services, "services"),
+        (&bins.hostnet, "hostnet"),
     ] {
         copy_with_libs(src, &tree.join("lb").join(name), tree)?;
     }
@@ -303,7 +306,9 @@ export LB_AGENT_BIN=/lb/lb-agent LB_TEST_SLOWDOWN=10
 a=$?
 ./services --test-threads=2 {smoke}
 b=$?
-echo "{EXIT_MARK}$((a | b))"
+./hostnet --test-threads=2
+c=$?
+echo "{EXIT_MARK}$((a | b | c))"
 poweroff -f
 "#
     )

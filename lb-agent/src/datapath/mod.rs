@@ -4,4 +4,5 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod maps;
 pub mod programs;
+pub mod stale;
 pub mod upgrade;
