@@ -1,6 +1,6 @@
 //! Node-wide settings the agent writes once at start.
 
-use crate::{pod, IpAddrBe};
+use crate::{family, pod, IpAddrBe};
 
 /// The single entry of the config map.
 #[repr(C)]
@@ -25,6 +25,25 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
+impl Config {
+    /// This node's address of `family` ([`crate::family`]), as the datapath
+    /// uses it (SNAT source, DSR endpoint); `None` when the agent set none.
+    #[inline(always)]
+    #[must_use]
+    pub const fn node_addr(&self, family: u8) -> Option<IpAddrBe> {
+        let addr = match family {
+            family::V4 => [self.node_addr4_be, 0, 0, 0],
+            family::V6 => self.node_addr6_be,
+            _ => return None,
+        };
+        if addr[0] | addr[1] | addr[2] | addr[3] == 0 {
+            None
+        } else {
+            Some(addr)
+        }
+    }
+}
+
 /// Direct server return: Cluster-policy traffic from outside to a remote
 /// backend is encapsulated to the backend's node, which answers the client
 /// itself (see [`crate::dsr`]). Without it such traffic is SNATed.
@@ -42,3 +61,23 @@ pub const DEFAULT_UDP_TIMEOUT_S: u32 = 30;
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 
 pod!(Config);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_address_is_found_by_its_family_and_absent_when_unset() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.node_addr(family::V4), None);
+        assert_eq!(cfg.node_addr(family::V6), None);
+        cfg.node_addr4_be = u32::from_ne_bytes([10, 0, 0, 1]);
+        cfg.node_addr6_be = [0xfd00_0000u32.to_be(), 0, 0, 1u32.to_be()];
+        assert_eq!(
+            cfg.node_addr(family::V4),
+            Some([cfg.node_addr4_be, 0, 0, 0])
+        );
+        assert_eq!(cfg.node_addr(family::V6), Some(cfg.node_addr6_be));
+        assert_eq!(cfg.node_addr(0), None);
+    }
+}

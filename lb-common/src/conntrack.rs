@@ -7,27 +7,10 @@
 //! the reply entry (backend → client or node) rewrites the source back to the
 //! frontend (and the destination back to the client after SNAT).
 
-use crate::{pod, IpAddrBe};
+use crate::{pod, IpAddrBe, Tuple};
 
-/// A flow as seen on the wire.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    /// Source address, network byte order.
-    pub saddr_be: IpAddrBe,
-    /// Destination address, network byte order.
-    pub daddr_be: IpAddrBe,
-    /// Source port, network byte order.
-    pub sport_be: u16,
-    /// Destination port, network byte order.
-    pub dport_be: u16,
-    /// IP protocol number.
-    pub proto: u8,
-    /// Address family ([`crate::family`]).
-    pub family: u8,
-    /// Explicit padding, always zero.
-    pub _pad: [u8; 2],
-}
+/// A flow as seen on the wire: its [`Tuple`], as the packet carries it.
+pub type CtKey = Tuple;
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 
 /// Rewrite the source address and port to `nat_saddr_be`/`nat_sport_be`.
@@ -69,4 +52,4 @@ pub struct CtValue {
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 
-pod!(CtKey, CtValue);
+pod!(CtValue);

@@ -15,6 +15,7 @@
 pub mod affinity;
 pub mod config;
 pub mod conntrack;
+pub mod csum;
 pub mod dsr;
 pub mod frag;
 pub mod hash;
@@ -22,12 +23,14 @@ pub mod maps;
 pub mod service;
 pub mod sock;
 pub mod stats;
+pub mod tuple;
 
 pub use affinity::{AffinityKey, AffinityValue};
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
 pub use frag::{FragKey, FragValue};
 pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue, SrcRange};
+pub use tuple::Tuple;
 
 /// Address families as carried in keys (the values of `AF_INET`/`AF_INET6`).
 pub mod family {

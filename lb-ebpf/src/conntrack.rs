@@ -1,23 +1,21 @@
 //! Connection tracking: find a flow's translation, or create both entries of
-//! a new flow.
+//! a new flow. Packet-free: entries are keyed by the flow's [`Tuple`] as the
+//! wire carries it, and what a packet adds (FIN or RST seen) comes in as a
+//! flag.
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
-};
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
-    hash::flow_hash,
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
-    stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
+    Backend, BackendId, Config, CtKey, CtValue, ServiceValue, Tuple,
 };
 
 use crate::{
-    maps::{LB_CONFIG_V2, LB_CT_V1},
-    packet::Hook,
-    parse::{tcp_flags, Flow},
-    stats::count,
+    env::Env,
+    maps::LB_CT_V1,
+    stats::{count_ct, CtOp},
+    verdict::Reason,
 };
 
 /// Refresh `last_seen_ns` at most this often, so that busy flows do not
@@ -27,7 +25,8 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 16;
 
-/// The translation of an existing flow, refreshing its idle timer; `None`
+/// The translation of an existing flow, refreshing its idle timer and, when
+/// `closing` (a FIN or RST was seen), giving it the short timeout; `None`
 /// when there is none or its forward entry has been idle longer than its
 /// timeout (then it is removed, and the packet starts a new flow).
 ///
@@ -37,21 +36,21 @@ const SNAT_TRIES: u32 = 16;
 /// overwritten by the next flow with its tuple and translation, or evicted
 /// by the LRU; a new flow whose translation differs takes another port.
 #[inline(always)]
-pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
-    let entry = LB_CT_V1.get_ptr_mut(key)?;
+pub fn lookup(t: &Tuple, closing: bool, env: &Env) -> Option<CtValue> {
+    let entry = LB_CT_V1.get_ptr_mut(t)?;
     // SAFETY: LRU entries stay valid for the program's run; racing updates
     // of `last_seen_ns` and `flags` by another CPU are harmless.
     unsafe {
-        let now = bpf_ktime_get_ns();
+        let now = env.now();
         let idle = now.wrapping_sub((*entry).last_seen_ns);
         let reply = (*entry).flags & CT_F_REPLY != 0;
-        if !reply && idle > timeout_ns(flow.proto, (*entry).flags) {
-            remove(key);
+        if !reply && idle > timeout_ns(t.proto, (*entry).flags, env.cfg()) {
+            remove(t);
             return None;
         }
-        if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        if closing {
             if reply {
-                mark_forward_closing(flow, &*entry);
+                mark_forward_closing(t, &*entry);
             } else {
                 (*entry).flags |= CT_F_CLOSING;
             }
@@ -66,21 +65,21 @@ pub fn lookup(flow: &Flow, key: &CtKey) -> Option<CtValue> {
 /// A FIN or RST from the backend closes the flow too: find the forward
 /// entry from the reply entry's translation and give it the short timeout.
 #[inline(always)]
-fn mark_forward_closing(flow: &Flow, reply: &CtValue) {
+fn mark_forward_closing(t: &Tuple, reply: &CtValue) {
     // After SNAT the reply's destination is this node; the client is in the
     // entry's rewrite. Otherwise the reply goes to the client directly.
     let (client, client_port) = if reply.flags & CT_F_DNAT != 0 {
         (reply.nat_daddr_be, reply.nat_dport_be)
     } else {
-        (flow.daddr, flow.dport)
+        (t.daddr_be, t.dport_be)
     };
-    let key = CtKey {
+    let key = Tuple {
         saddr_be: client,
         daddr_be: reply.nat_saddr_be,
         sport_be: client_port,
         dport_be: reply.nat_sport_be,
-        proto: flow.proto,
-        family: flow.family,
+        proto: t.proto,
+        family: t.family,
         _pad: [0; 2],
     };
     if let Some(fwd) = LB_CT_V1.get_ptr_mut(&key) {
@@ -89,12 +88,9 @@ fn mark_forward_closing(flow: &Flow, reply: &CtValue) {
     }
 }
 
-/// The idle timeout of a flow in its state, from the config map.
+/// The idle timeout of a flow in its state, from the node's config.
 #[inline(always)]
-fn timeout_ns(l4: u8, flags: u32) -> u64 {
-    let Some(cfg) = LB_CONFIG_V2.get(0) else {
-        return u64::MAX;
-    };
+fn timeout_ns(l4: u8, flags: u32, cfg: &Config) -> u64 {
     let secs = if l4 == proto::UDP {
         cfg.udp_timeout_s
     } else if flags & CT_F_CLOSING != 0 {
@@ -115,7 +111,7 @@ fn timeout_ns(l4: u8, flags: u32) -> u64 {
 #[inline(always)]
 pub fn remove(key: &CtKey) {
     if LB_CT_V1.remove(key).is_ok() {
-        count(stats::CT_REMOVE, 0);
+        count_ct(CtOp::Remove);
     }
 }
 
@@ -124,9 +120,9 @@ pub fn remove(key: &CtKey) {
 /// translation is this flow's own from before (its forward entry timed out
 /// or was evicted) and is replaced.
 #[inline(always)]
-fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, u32> {
+fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, Reason> {
     if LB_CT_V1.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-        count(stats::CT_INSERT, 0);
+        count_ct(CtOp::Insert);
         return Ok(true);
     }
     // SAFETY: the value is read at once.
@@ -146,35 +142,47 @@ fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, u32> {
 /// counts as an insert: a replacement does not add an entry, and the agent
 /// derives evictions from inserts, removals and the entry count.
 #[inline(always)]
-pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), u32> {
+pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), Reason> {
     if LB_CT_V1.insert(key, value, u64::from(BPF_NOEXIST)).is_ok() {
-        count(stats::CT_INSERT, 0);
+        count_ct(CtOp::Insert);
         return Ok(());
     }
     LB_CT_V1
         .insert(key, value, u64::from(BPF_ANY))
-        .map_err(|_| stats::DROP_CT_FULL)
+        .map_err(|_| Reason::DropCtFull)
 }
 
-/// Records a new flow to `backend` in both directions and returns the
-/// forward translation; `Err` is the drop reason.
+/// What a new flow brings besides its tuple and its backend.
+#[derive(Clone, Copy)]
+pub struct NewFlow {
+    /// The tuple's hash ([`Tuple::hash`]): where the SNAT port search starts.
+    pub hash: u32,
+    /// The flow comes from outside the cluster: it needs SNAT to reach a
+    /// backend on another node.
+    pub external: bool,
+    /// Its first packet carries FIN or RST.
+    pub closing: bool,
+}
+
+/// Records a new flow of tuple `t` to `backend` in both directions and
+/// returns the forward translation; `Err` is the drop reason.
 #[inline(always)]
 pub fn create(
-    flow: &Flow,
+    t: &Tuple,
+    new: NewFlow,
     svc: &ServiceValue,
     backend_id: BackendId,
     backend: &Backend,
-    hook: Hook,
-) -> Result<CtValue, u32> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    env: &Env,
+) -> Result<CtValue, Reason> {
+    let now = env.now();
     // Traffic from outside the cluster to another node's backend must come
     // back through this node: give it this node's address as source. So must
     // hairpin traffic, a pod that reached its own Service and was picked
     // itself: with its own address as source it would answer itself
     // directly and never see the frontend.
-    let hairpin = backend.addr_be == flow.saddr && backend.family == flow.family;
-    let snat = (hook.is_external() && backend.flags & BACKEND_F_LOCAL == 0) || hairpin;
+    let hairpin = backend.addr_be == t.saddr_be && backend.family == t.family;
+    let snat = (new.external && backend.flags & BACKEND_F_LOCAL == 0) || hairpin;
     let mut fwd = CtValue {
         nat_daddr_be: backend.addr_be,
         nat_dport_be: backend.port_be,
@@ -184,18 +192,18 @@ pub fn create(
         last_seen_ns: now,
         ..CtValue::default()
     };
-    let mut reply_key = CtKey {
+    let mut reply_key = Tuple {
         saddr_be: backend.addr_be,
-        daddr_be: flow.saddr,
+        daddr_be: t.saddr_be,
         sport_be: backend.port_be,
-        dport_be: flow.sport,
-        proto: flow.proto,
-        family: flow.family,
+        dport_be: t.sport_be,
+        proto: t.proto,
+        family: t.family,
         _pad: [0; 2],
     };
     let mut reply = CtValue {
-        nat_saddr_be: flow.daddr,
-        nat_sport_be: flow.dport,
+        nat_saddr_be: t.daddr_be,
+        nat_sport_be: t.dport_be,
         flags: CT_F_SNAT | CT_F_REPLY,
         backend_id,
         svc_id: svc.svc_id,
@@ -208,13 +216,13 @@ pub fn create(
         reply.flags |= CT_F_FORWARD;
     }
 
-    if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+    if new.closing {
         fwd.flags |= CT_F_CLOSING;
     }
 
     if !snat {
         if claim_reply(&reply_key, &reply)? {
-            insert(&flow.ct_key(), &fwd)?;
+            insert(t, &fwd)?;
             return Ok(fwd);
         }
         // The reply tuple is another flow's: the same client address and
@@ -224,22 +232,20 @@ pub fn create(
         // NAT resolves such a clash.
     }
 
-    let cfg = LB_CONFIG_V2.get(0).ok_or(stats::DROP_SNAT_EXHAUSTED)?;
-    if cfg.snat_port_max < cfg.snat_port_min || (snat && cfg.node_addr4_be == 0) {
-        return Err(stats::DROP_SNAT_EXHAUSTED);
+    let cfg = env.cfg();
+    if cfg.snat_port_max < cfg.snat_port_min {
+        return Err(Reason::DropSnatExhausted);
     }
     let src = if snat {
-        [cfg.node_addr4_be, 0, 0, 0]
+        cfg.node_addr(t.family).ok_or(Reason::DropSnatExhausted)?
     } else {
-        flow.saddr
+        t.saddr_be
     };
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
-    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
-    let start = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
     fwd.nat_saddr_be = src;
     fwd.flags |= CT_F_SNAT;
-    reply.nat_daddr_be = flow.saddr;
-    reply.nat_dport_be = flow.sport;
+    reply.nat_daddr_be = t.saddr_be;
+    reply.nat_dport_be = t.sport_be;
     reply.flags |= CT_F_DNAT;
     if snat {
         fwd.flags |= CT_F_FORWARD;
@@ -248,16 +254,16 @@ pub fn create(
     reply_key.daddr_be = src;
     let mut i = 0;
     while i < SNAT_TRIES {
-        let port = cfg.snat_port_min + (start.wrapping_add(i) % range) as u16;
+        let port = cfg.snat_port_min + (new.hash.wrapping_add(i) % range) as u16;
         reply_key.dport_be = port.to_be();
         // NOEXIST makes the reply tuple, and so the port, ours alone.
         if LB_CT_V1
             .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            count(stats::CT_INSERT, 0);
+            count_ct(CtOp::Insert);
             fwd.nat_sport_be = port.to_be();
-            if let Err(reason) = insert(&flow.ct_key(), &fwd) {
+            if let Err(reason) = insert(t, &fwd) {
                 remove(&reply_key);
                 return Err(reason);
             }
@@ -265,5 +271,5 @@ pub fn create(
         }
         i += 1;
     }
-    Err(stats::DROP_SNAT_EXHAUSTED)
+    Err(Reason::DropSnatExhausted)
 }

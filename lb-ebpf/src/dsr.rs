@@ -1,30 +1,29 @@
 //! Direct server return (`lb_common::dsr`): wrapping a client's packet to
 //! the backend's node, and unwrapping it there.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     config::CONFIG_F_DSR,
     conntrack::{CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
+    family,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
-    stats, Backend, BackendId, CtKey, CtValue, ServiceValue,
+    Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
 use crate::{
-    conntrack, csum, forward,
-    forward::Route,
-    maps::{LB_CONFIG_V2, LB_CT_V1},
+    conntrack, csum,
+    env::Env,
+    forward::{self, Route},
+    hdr::{
+        ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
+        IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOS, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
+    },
+    maps::LB_CT_V1,
     nat,
-    packet::{Hook, Packet, PacketError},
-    parse::{Flow, ETH_HLEN, ETH_P_IP, IP4_DADDR},
-    pipeline::{drop, Verdict},
-    reject,
-    stats::count,
+    packet::{Packet, PacketError},
+    parse::Layout,
+    verdict::Reason,
 };
-
-const IP4_HLEN: usize = 20;
-/// The IPv4 "don't fragment" bit.
-const IP4_DF: u16 = 0x4000;
 
 /// The node to wrap a new flow from outside to, when DSR applies: this
 /// node runs in DSR mode, the Service (`svc_flags`) is not Local-only, and
@@ -35,29 +34,31 @@ pub fn endpoint_for<P: Packet>(
     client: u32,
     svc_flags: u32,
     backend: &Backend,
+    env: &Env,
 ) -> Option<u32> {
-    let cfg = LB_CONFIG_V2.get(0)?;
+    let cfg = env.cfg();
     if cfg.flags & CONFIG_F_DSR == 0
         || svc_flags & SVC_F_LOCAL_ONLY != 0
         || backend.flags & BACKEND_F_LOCAL != 0
         || backend.addr_be[0] == client
-        || cfg.node_addr4_be == 0
     {
         return None;
     }
-    forward::gateway(pkt, cfg.node_addr4_be, backend.addr_be[0])
+    let [node, ..] = cfg.node_addr(family::V4)?;
+    forward::gateway(pkt, node, backend.addr_be[0])
 }
 
 /// Records a new DSR flow: one forward entry on this node (the replies
 /// never come back through it).
 #[inline(always)]
 pub fn create(
-    flow: &Flow,
+    t: &Tuple,
     svc: &ServiceValue,
     backend_id: BackendId,
     backend: &Backend,
     endpoint: u32,
-) -> Result<CtValue, u32> {
+    env: &Env,
+) -> Result<CtValue, Reason> {
     let fwd = CtValue {
         nat_saddr_be: [endpoint, 0, 0, 0],
         nat_daddr_be: backend.addr_be,
@@ -65,91 +66,83 @@ pub fn create(
         flags: CT_F_DSR,
         backend_id,
         svc_id: svc.svc_id,
-        // SAFETY: a plain helper call.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: env.now(),
         ..CtValue::default()
     };
-    conntrack::insert(&flow.ct_key(), &fwd)?;
+    conntrack::insert(t, &fwd)?;
     Ok(fwd)
 }
 
-/// Wraps the packet to the backend's node named in `ct` and says where it
-/// goes. Too big for the path once wrapped: ICMP fragmentation needed back
-/// to the client when it set DF (it then sends smaller), else a drop.
-#[inline(always)]
-pub fn encap<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
-    let len = pkt.len();
-    let Some(cfg) = LB_CONFIG_V2.get(0) else {
-        return drop(stats::DROP_NO_ROUTE, len);
-    };
-    let (node, endpoint) = (cfg.node_addr4_be, ct.nat_saddr_be[0]);
-    let Ok(inner_len) = pkt.load::<u16>(flow.l3_off + 2).map(u16::from_be) else {
-        return drop(stats::DROP_REWRITE, len);
-    };
-    let outer_len = inner_len.saturating_add(ENCAP_LEN as u16);
-    let route = forward::lookup_sized(pkt, IPPROTO_LB, node, endpoint, outer_len);
-    if let Route::TooBig { mtu } = route {
-        let df = pkt
-            .load::<u16>(flow.l3_off + 6)
-            .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
-        count(stats::DSR_TOO_BIG, len);
-        if !df || !flow.has_l4() {
-            return Verdict::Drop;
-        }
-        let inner_mtu = mtu.saturating_sub(ENCAP_LEN as u16);
-        return match reject::frag_needed(pkt, flow, inner_mtu) {
-            Ok(()) => Verdict::Bounce,
-            Err(_) => drop(stats::DROP_REWRITE, len),
-        };
-    }
-    if forward::xdp_hands_over(pkt, hook, &route) {
-        count(stats::XDP_TO_TC, len);
-        return Verdict::Pass;
-    }
-    let (smac, dmac) = match route {
-        Route::Resolved { smac, dmac, .. } => (smac, dmac),
-        // The neighbour helper writes the MACs itself.
-        _ => ([0; 6], [0; 6]),
-    };
-    if wrap(pkt, ct, node, endpoint, outer_len, smac, dmac).is_err() {
-        return drop(stats::DROP_REWRITE, len);
-    }
-    count(stats::DSR_ENCAP, len);
-    match route {
-        Route::Resolved { ifindex, .. } => Verdict::Redirect(ifindex),
-        Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
-        Route::TooBig { .. } | Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
-    }
+/// The outer IPv4 header of a DSR flow's packet.
+pub struct Outer {
+    /// Source: this node.
+    pub node: u32,
+    /// Destination: the backend's node.
+    pub endpoint: u32,
+    /// Total length of the wrapped packet (outer header included).
+    pub len: u16,
 }
 
-/// Puts Ethernet, the outer IPv4 header and the shim in front of the
-/// client's IP header.
+/// The outer header the packet of DSR flow `ct` gets.
 #[inline(always)]
-fn wrap<P: Packet>(
-    pkt: &mut P,
+pub fn outer<P: Packet>(
+    pkt: &P,
+    layout: &Layout,
     ct: &CtValue,
-    node: u32,
-    endpoint: u32,
-    outer_len: u16,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-) -> Result<(), PacketError> {
+    env: &Env,
+) -> Result<Outer, Reason> {
+    let [node, ..] = env.cfg().node_addr(family::V4).ok_or(Reason::DropNoRoute)?;
+    let inner_len = u16::from_be(pkt.load(layout.l3_off + IP4_TOT_LEN)?);
+    Ok(Outer {
+        node,
+        endpoint: ct.nat_saddr_be[0],
+        len: inner_len.saturating_add(ENCAP_LEN as u16),
+    })
+}
+
+/// The route of the packet once wrapped in `outer`.
+#[inline(always)]
+pub fn route<P: Packet>(pkt: &P, outer: &Outer) -> Route {
+    forward::lookup_sized(pkt, IPPROTO_LB, outer.node, outer.endpoint, outer.len)
+}
+
+/// Whether a packet too big for the path once wrapped may be answered with
+/// ICMP fragmentation needed (the client then sends smaller): it set DF
+/// and carries its L4 header to quote. Else it can only be dropped.
+#[inline(always)]
+pub fn may_answer_too_big<P: Packet>(pkt: &P, layout: &Layout) -> bool {
+    let df = pkt
+        .load::<u16>(layout.l3_off + IP4_FRAG_OFF)
+        .is_ok_and(|f| u16::from_be(f) & IP4_DF != 0);
+    df && layout.has_l4()
+}
+
+/// The largest inner packet a path of `mtu` takes.
+#[inline(always)]
+pub fn inner_mtu(mtu: u16) -> u16 {
+    mtu.saturating_sub(ENCAP_LEN as u16)
+}
+
+/// Puts Ethernet (MACs zero: the route's are written by whoever sends it,
+/// or by the neighbour helper), the outer IPv4 header and the shim naming
+/// `ct`'s backend in front of the client's IP header.
+#[inline(always)]
+pub fn wrap<P: Packet>(pkt: &mut P, ct: &CtValue, outer: &Outer) -> Result<(), PacketError> {
     // The old Ethernet header ends up at 28..42, exactly where the outer
     // header's tail and the shim go: nothing needs moving.
     pkt.grow_head(ENCAP_LEN as u32)?;
-    pkt.store(0, dmac)?;
-    pkt.store(6, smac)?;
-    pkt.store(12, ETH_P_IP.to_be())?;
+    pkt.store(0, [0u8; 12])?;
+    pkt.store(ETH_TYPE, ETH_P_IP.to_be())?;
     let ip = ETH_HLEN;
-    pkt.store(ip, 0x45u8)?;
-    pkt.store(ip + 1, 0u8)?;
-    pkt.store(ip + 2, outer_len.to_be())?;
-    pkt.store(ip + 4, 0u16)?;
-    pkt.store(ip + 6, IP4_DF.to_be())?;
-    pkt.store(ip + 8, 64u8)?;
-    pkt.store(ip + 9, IPPROTO_LB)?;
-    pkt.store(ip + 12, node)?;
-    pkt.store(ip + IP4_DADDR, endpoint)?;
+    pkt.store(ip, IP4_VER_IHL)?;
+    pkt.store(ip + IP4_TOS, 0u8)?;
+    pkt.store(ip + IP4_TOT_LEN, outer.len.to_be())?;
+    pkt.store(ip + IP4_ID, 0u16)?;
+    pkt.store(ip + IP4_FRAG_OFF, IP4_DF.to_be())?;
+    pkt.store(ip + IP4_TTL, IP4_DEFAULT_TTL)?;
+    pkt.store(ip + IP4_PROTO, IPPROTO_LB)?;
+    pkt.store(ip + IP4_SADDR, outer.node)?;
+    pkt.store(ip + IP4_DADDR, outer.endpoint)?;
     csum::ip_checksum(pkt, ip, IP4_HLEN)?;
     pkt.store(
         ip + IP4_HLEN,
@@ -166,24 +159,24 @@ fn wrap<P: Packet>(
 /// `Ok(None)`: not such a packet (the cheap protocol check comes first, as
 /// every packet on a node interface passes here).
 #[inline(always)]
-pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
+pub fn unwrap<P: Packet>(pkt: &mut P, env: &Env) -> Result<Option<Shim>, PacketError> {
     // Too short to be ours is not an error here: the parser judges it.
     if pkt
-        .load::<u8>(ETH_HLEN + 9)
+        .load::<u8>(ETH_HLEN + IP4_PROTO)
         .map_or(true, |p| p != IPPROTO_LB)
     {
         return Ok(None);
     }
-    let Some(cfg) = LB_CONFIG_V2.get(0) else {
+    let Some([node, ..]) = env.cfg().node_addr(family::V4) else {
         return Ok(None);
     };
     let ours = pkt
-        .load::<u16>(12)
+        .load::<u16>(ETH_TYPE)
         .is_ok_and(|t| u16::from_be(t) == ETH_P_IP)
-        && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == 0x45)
+        && pkt.load::<u8>(ETH_HLEN).is_ok_and(|v| v == IP4_VER_IHL)
         && pkt
             .load::<u32>(ETH_HLEN + IP4_DADDR)
-            .is_ok_and(|d| d == cfg.node_addr4_be);
+            .is_ok_and(|d| d == node);
     let Ok(shim) = pkt.load::<Shim>(ETH_HLEN + IP4_HLEN) else {
         return Ok(None);
     };
@@ -198,41 +191,41 @@ pub fn unwrap<P: Packet>(pkt: &mut P) -> Result<Option<Shim>, PacketError> {
 /// to rewrite the backend's replies: source back to the frontend, forwarded
 /// straight to the client.
 #[inline(always)]
-pub fn deliver<P: Packet>(pkt: &mut P, flow: &Flow, shim: &Shim) -> Verdict {
-    let len = pkt.len();
-    if !flow.has_l4() {
-        return drop(stats::DROP_REWRITE, len);
+pub fn deliver<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    shim: &Shim,
+    env: &Env,
+) -> Result<(), Reason> {
+    if !layout.has_l4() {
+        return Err(Reason::DropRewrite);
     }
-    let reply_key = CtKey {
-        saddr_be: [shim.addr_be, 0, 0, 0],
-        daddr_be: flow.saddr,
+    let backend = [shim.addr_be, 0, 0, 0];
+    let reply_key = Tuple {
+        saddr_be: backend,
+        daddr_be: t.saddr_be,
         sport_be: shim.port_be,
-        dport_be: flow.sport,
-        proto: flow.proto,
-        family: flow.family,
+        dport_be: t.sport_be,
+        proto: t.proto,
+        family: t.family,
         _pad: [0; 2],
     };
     // SAFETY: the value is read at once.
     let known = unsafe { LB_CT_V1.get(&reply_key) }
-        .is_some_and(|v| v.nat_saddr_be == flow.daddr && v.nat_sport_be == flow.dport);
+        .is_some_and(|v| v.nat_saddr_be == t.daddr_be && v.nat_sport_be == t.dport_be);
     if !known {
         // The frontend is another node's (or a shared) address, which this
         // node's stack would not send from a pod's interface: forward by FIB.
         let reply = CtValue {
-            nat_saddr_be: flow.daddr,
-            nat_sport_be: flow.dport,
+            nat_saddr_be: t.daddr_be,
+            nat_sport_be: t.dport_be,
             flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
-            // SAFETY: a plain helper call.
-            last_seen_ns: unsafe { bpf_ktime_get_ns() },
+            last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        if let Err(reason) = conntrack::insert(&reply_key, &reply) {
-            return drop(reason, len);
-        }
+        conntrack::insert(&reply_key, &reply)?;
     }
-    if nat::set_dst(pkt, flow, shim.addr_be, shim.port_be).is_err() {
-        return drop(stats::DROP_REWRITE, len);
-    }
-    count(stats::DSR_DECAP, len);
-    Verdict::Pass
+    nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;
+    Ok(())
 }

@@ -8,15 +8,13 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use lb_common::IpAddrBe;
+use lb_common::{family, Tuple};
 
 use crate::{
+    env::Hook,
     maps::LB_FIB_SCRATCH,
-    packet::{Hook, Packet, PacketError},
-    parse::Flow,
+    packet::{Packet, PacketError},
 };
-
-const AF_INET: u8 = 2;
 
 /// Where a packet goes next.
 pub enum Route {
@@ -43,21 +41,14 @@ pub enum Route {
     Unreachable,
 }
 
-/// Looks up the route of the packet as it will be after translation.
+/// Looks up the route of the packet whose tuple after translation is `t`.
 #[inline(always)]
-pub fn lookup<P: Packet>(
-    pkt: &P,
-    flow: &Flow,
-    saddr: &IpAddrBe,
-    daddr: &IpAddrBe,
-    sport: u16,
-    dport: u16,
-) -> Route {
-    let Some(p) = params(pkt, flow.proto, saddr[0], daddr[0]) else {
+pub fn lookup<P: Packet>(pkt: &P, t: &Tuple) -> Route {
+    let Some(p) = params(pkt, t.proto, t.saddr_be[0], t.daddr_be[0]) else {
         return Route::Unreachable;
     };
-    p.sport = sport;
-    p.dport = dport;
+    p.sport = t.sport_be;
+    p.dport = t.dport_be;
     fib(pkt, p)
 }
 
@@ -99,7 +90,8 @@ fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> Option<&'sta
         core::ptr::write_bytes(slot, 0, 1);
         &mut *slot
     };
-    p.family = AF_INET;
+    // The FIB's families are the AF_* values that `family` carries.
+    p.family = family::V4;
     p.l4_protocol = proto;
     p.ifindex = pkt.ifindex();
     p.__bindgen_anon_3.ipv4_src = saddr;

@@ -1,58 +1,57 @@
 //! Later IPv4 fragments follow their first fragment (`lb_common::frag`).
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use lb_common::{frag::FRAG_TIMEOUT_NS, FragKey, FragValue};
+use aya_ebpf::bindings::BPF_ANY;
+use lb_common::{frag::FRAG_TIMEOUT_NS, FragKey, FragValue, Tuple};
 
 use crate::{
+    env::Env,
     maps::LB_FRAGS_V1,
-    parse::{Flow, Frag},
+    parse::{Frag, Layout},
 };
 
+/// The datagram a fragment belongs to.
 #[inline(always)]
-fn key(flow: &Flow) -> FragKey {
+fn key(t: &Tuple, layout: &Layout) -> FragKey {
     FragKey {
-        saddr_be: flow.saddr,
-        daddr_be: flow.daddr,
-        id_be: u32::from(flow.ip_id_be),
-        proto: flow.proto,
-        family: flow.family,
+        saddr_be: t.saddr_be,
+        daddr_be: t.daddr_be,
+        id_be: u32::from(layout.ip_id_be),
+        proto: t.proto,
+        family: t.family,
         _pad: [0; 2],
     }
 }
 
 /// Records a translated first fragment's ports for the rest of its datagram.
 #[inline(always)]
-pub fn remember(flow: &Flow) {
-    if flow.frag != Frag::First {
+pub fn remember(t: &Tuple, layout: &Layout, env: &Env) {
+    if layout.frag != Frag::First {
         return;
     }
     let value = FragValue {
-        sport_be: flow.sport,
-        dport_be: flow.dport,
+        sport_be: t.sport_be,
+        dport_be: t.dport_be,
         _pad: 0,
-        // SAFETY: a plain helper call.
-        seen_ns: unsafe { bpf_ktime_get_ns() },
+        seen_ns: env.now(),
     };
     // A full LRU evicts the oldest datagram; a failed insert only means the
     // later fragments pass untranslated, which the counters show.
-    let _ = LB_FRAGS_V1.insert(&key(flow), &value, u64::from(BPF_ANY));
+    let _ = LB_FRAGS_V1.insert(&key(t, layout), &value, u64::from(BPF_ANY));
 }
 
-/// Gives a later fragment its first fragment's ports; false when no fresh
-/// first fragment was translated.
+/// Gives a later fragment's tuple its first fragment's ports; false when no
+/// fresh first fragment was translated.
 #[inline(always)]
-pub fn recall(flow: &mut Flow) -> bool {
+pub fn recall(t: &mut Tuple, layout: &Layout, env: &Env) -> bool {
     // SAFETY: the value is copied out at once; a racing update of the same
     // datagram writes the same ports.
-    let Some(v) = (unsafe { LB_FRAGS_V1.get(&key(flow)).copied() }) else {
+    let Some(v) = (unsafe { LB_FRAGS_V1.get(&key(t, layout)).copied() }) else {
         return false;
     };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(v.seen_ns) > FRAG_TIMEOUT_NS {
+    if env.now().wrapping_sub(v.seen_ns) > FRAG_TIMEOUT_NS {
         return false;
     }
-    flow.sport = v.sport_be;
-    flow.dport = v.dport_be;
+    t.sport_be = v.sport_be;
+    t.dport_be = v.dport_be;
     true
 }

@@ -1,33 +1,25 @@
-//! Frontend lookup: is this packet addressed to a Service?
+//! Frontend lookup: is this flow addressed to a Service, and may its source
+//! reach it? Packet-free: a tuple in, a Service record out.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     service::{SRC_RANGE_HEAD_BITS, SVC_F_SRC_RANGES},
-    ServiceKey, ServiceValue, SrcRange,
+    ServiceValue, SrcRange, Tuple,
 };
 
-use crate::{
-    maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1},
-    parse::Flow,
-};
+use crate::maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1};
 
-/// The Service record for the packet's destination, if it is a frontend.
+/// The Service record of the tuple's destination, if it is a frontend.
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> Option<ServiceValue> {
-    let key = ServiceKey {
-        addr_be: flow.daddr,
-        port_be: flow.dport,
-        proto: flow.proto,
-        family: flow.family,
-    };
+pub fn lookup(t: &Tuple) -> Option<ServiceValue> {
     // SAFETY: the value is copied out at once, before any map update.
-    unsafe { LB_SERVICES_V2.get(&key).copied() }
+    unsafe { LB_SERVICES_V2.get(&t.frontend()).copied() }
 }
 
-/// Whether the flow's source may reach a frontend guarded by
+/// Whether the tuple's source may reach a frontend guarded by
 /// `loadBalancerSourceRanges`.
 #[inline(always)]
-pub fn source_allowed(svc: &ServiceValue, flow: &Flow) -> bool {
+pub fn source_allowed(svc: &ServiceValue, t: &Tuple) -> bool {
     if svc.flags & SVC_F_SRC_RANGES == 0 {
         return true;
     }
@@ -35,9 +27,9 @@ pub fn source_allowed(svc: &ServiceValue, flow: &Flow) -> bool {
         SRC_RANGE_HEAD_BITS + 128,
         SrcRange {
             svc_id: svc.svc_id,
-            family: flow.family,
+            family: t.family,
             _pad: [0; 3],
-            addr_be: flow.saddr,
+            addr_be: t.saddr_be,
         },
     );
     LB_SRC_RANGES_V1.get(&key).is_some()

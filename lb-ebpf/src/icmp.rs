@@ -13,68 +13,44 @@
 
 use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_REPLY},
-    family, proto, CtKey,
+    Tuple,
 };
 
 use crate::{
+    hdr::{
+        icmp::{CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED},
+        IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT,
+    },
     maps::LB_CT_V1,
     packet::{Packet, PacketError},
-    parse::{ETH_HLEN, ETH_P_IP, IP4_CSUM, IP4_DADDR, IP4_SADDR},
+    parse::{self, Frag, Layout},
 };
 
-use crate::parse::icmp::{
-    CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, IPPROTO_ICMP, TIME_EXCEEDED,
-};
-
-/// Translates the packet if it is an ICMP error about a translated flow;
-/// `Ok(true)` when it did.
+/// Translates the ICMP message of an IPv4 packet laid out as `layout` if it
+/// is an error about a translated flow; `Ok(true)` when it did. The quoted
+/// packet's tuple is parsed into `quote`.
 #[inline(always)]
-pub fn translate_error<P: Packet>(pkt: &mut P) -> Result<bool, PacketError> {
-    if u16::from_be(pkt.load::<u16>(12)?) != ETH_P_IP {
+pub fn translate_error<P: Packet>(
+    pkt: &mut P,
+    layout: &Layout,
+    quote: &mut Tuple,
+) -> Result<bool, PacketError> {
+    if layout.frag != Frag::None {
         return Ok(false);
     }
-    let l3 = ETH_HLEN;
-    let ver_ihl: u8 = pkt.load(l3)?;
-    let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 || pkt.load::<u8>(l3 + 9)? != IPPROTO_ICMP {
-        return Ok(false);
-    }
-    if u16::from_be(pkt.load::<u16>(l3 + 6)?) & 0x3fff != 0 {
-        return Ok(false);
-    }
+    let (l3, l4) = (layout.l3_off, layout.l4_off);
     // Headers at variable offsets are read whole: single-byte reads there
     // become checks the verifier cannot follow.
-    let l4 = l3 + ihl;
     let icmp: [u8; ICMP_HLEN] = pkt.load(l4)?;
     if icmp[0] != DEST_UNREACH && icmp[0] != TIME_EXCEEDED {
         return Ok(false);
     }
-    // The quoted packet: its IP header and at least its ports.
     let inner = l4 + ICMP_HLEN;
-    let ih: [u8; 20] = pkt.load(inner)?;
-    let inner_ihl = usize::from(ih[0] & 0x0f) * 4;
-    if ih[0] >> 4 != 4 || inner_ihl < 20 {
+    let Some(quoted) = parse::quoted(pkt, inner, quote)? else {
         return Ok(false);
-    }
-    let inner_proto = ih[9];
-    if inner_proto != proto::TCP && inner_proto != proto::UDP {
-        return Ok(false);
-    }
-    let inner_l4 = inner + inner_ihl;
-    let ports: [u16; 2] = pkt.load(inner_l4)?;
-    let isrc = u32::from_ne_bytes([ih[12], ih[13], ih[14], ih[15]]);
-    let idst = u32::from_ne_bytes([ih[16], ih[17], ih[18], ih[19]]);
-    let key = CtKey {
-        saddr_be: [idst, 0, 0, 0],
-        daddr_be: [isrc, 0, 0, 0],
-        sport_be: ports[1],
-        dport_be: ports[0],
-        proto: inner_proto,
-        family: family::V4,
-        _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { LB_CT_V1.get(&key).copied() }) else {
+    let Some(ct) = (unsafe { LB_CT_V1.get(&quote.reversed()).copied() }) else {
         return Ok(false);
     };
     if ct.flags & CT_F_REPLY == 0 {
@@ -84,14 +60,28 @@ pub fn translate_error<P: Packet>(pkt: &mut P) -> Result<bool, PacketError> {
     let snat = ct.flags & CT_F_DNAT != 0;
     if snat {
         // The sender was this node on the client's behalf.
-        set_inner_addr(pkt, inner, IP4_SADDR, isrc, ct.nat_daddr_be[0], icmp_csum)?;
-        set_inner_port(pkt, inner_l4, ports[0], ct.nat_dport_be, icmp_csum)?;
+        let (addr, port) = (quote.saddr_be[0], quote.sport_be);
+        set_inner_addr(pkt, inner, IP4_SADDR, addr, ct.nat_daddr_be[0], icmp_csum)?;
+        set_inner_port(
+            pkt,
+            quoted.l4_off + L4_SPORT,
+            port,
+            ct.nat_dport_be,
+            icmp_csum,
+        )?;
         let outer: u32 = pkt.load(l3 + IP4_DADDR)?;
         pkt.store(l3 + IP4_DADDR, ct.nat_daddr_be[0])?;
         pkt.l3_csum_replace(l3 + IP4_CSUM, outer, ct.nat_daddr_be[0])?;
     }
-    set_inner_addr(pkt, inner, IP4_DADDR, idst, ct.nat_saddr_be[0], icmp_csum)?;
-    set_inner_port(pkt, inner_l4 + 2, ports[1], ct.nat_sport_be, icmp_csum)?;
+    let (addr, port) = (quote.daddr_be[0], quote.dport_be);
+    set_inner_addr(pkt, inner, IP4_DADDR, addr, ct.nat_saddr_be[0], icmp_csum)?;
+    set_inner_port(
+        pkt,
+        quoted.l4_off + L4_DPORT,
+        port,
+        ct.nat_sport_be,
+        icmp_csum,
+    )?;
     Ok(true)
 }
 

@@ -7,9 +7,11 @@
 mod conntrack;
 mod csum;
 mod dsr;
+mod env;
 mod forward;
 mod frag;
 mod frontend;
+mod hdr;
 mod icmp;
 mod maps;
 mod nat;
@@ -20,6 +22,7 @@ mod reject;
 mod select;
 mod sock;
 mod stats;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
@@ -29,8 +32,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    packet::{tc_pull, Hook, Packet},
-    pipeline::{process, Verdict},
+    env::Hook,
+    packet::{tc_pull, Packet},
+    pipeline::process,
+    verdict::Verdict,
 };
 
 // The entry points are `#[inline(always)]`: aya's macros wrap each in an

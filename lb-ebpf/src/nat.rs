@@ -1,24 +1,41 @@
 //! Address and port rewriting with checksum updates.
+//!
+//! One rewrite for every address family: only where the address sits and
+//! whether the IP header has a checksum of its own differ (IPv4 has one;
+//! IPv6 has none, its addresses are covered by the L4 pseudo-header only).
 
 use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_SNAT},
-    proto, CtValue,
+    family, proto, CtValue, IpAddrBe, Tuple,
 };
 
 use crate::{
+    hdr::{IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT},
     packet::{Packet, PacketError},
-    parse::{Flow, IP4_CSUM, IP4_DADDR, IP4_SADDR},
+    parse::Layout,
 };
 
-/// Applies a conntrack entry's rewrite to the packet.
+/// Which end of the flow a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// Applies a conntrack entry's rewrite to the packet of tuple `t`.
 #[inline(always)]
-pub fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue) -> Result<(), PacketError> {
+pub fn rewrite<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ct: &CtValue,
+) -> Result<(), PacketError> {
     if ct.flags & CT_F_DNAT != 0 {
-        set_dst(pkt, flow, ct.nat_daddr_be[0], ct.nat_dport_be)?;
+        set_dst(pkt, t, layout, &ct.nat_daddr_be, ct.nat_dport_be)?;
     }
     if ct.flags & CT_F_SNAT != 0 {
-        set_addr(pkt, flow, IP4_SADDR, flow.saddr[0], ct.nat_saddr_be[0])?;
-        set_port(pkt, flow, 0, flow.sport, ct.nat_sport_be)?;
+        set_addr(pkt, t, layout, End::Source, &ct.nat_saddr_be)?;
+        set_port(pkt, t, layout, End::Source, ct.nat_sport_be)?;
     }
     Ok(())
 }
@@ -27,60 +44,93 @@ pub fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue) -> Result<(), 
 #[inline(always)]
 pub fn set_dst<P: Packet>(
     pkt: &mut P,
-    flow: &Flow,
-    addr: u32,
+    t: &Tuple,
+    layout: &Layout,
+    addr: &IpAddrBe,
     port: u16,
 ) -> Result<(), PacketError> {
-    set_addr(pkt, flow, IP4_DADDR, flow.daddr[0], addr)?;
-    set_port(pkt, flow, 2, flow.dport, port)
+    set_addr(pkt, t, layout, End::Destination, addr)?;
+    set_port(pkt, t, layout, End::Destination, port)
 }
 
+/// Rewrites one address of the IP header from the tuple's to `new`, keeping
+/// the IP header checksum (IPv4) and the L4 checksum (pseudo-header) right.
 #[inline(always)]
 fn set_addr<P: Packet>(
     pkt: &mut P,
-    flow: &Flow,
-    field: usize,
-    old: u32,
-    new: u32,
+    t: &Tuple,
+    layout: &Layout,
+    end: End,
+    new: &IpAddrBe,
 ) -> Result<(), PacketError> {
-    if old == new {
-        return Ok(());
-    }
-    pkt.store(flow.l3_off + field, new)?;
-    pkt.l3_csum_replace(flow.l3_off + IP4_CSUM, old, new)?;
+    let old = if end == End::Source {
+        &t.saddr_be
+    } else {
+        &t.daddr_be
+    };
+    // Words the address takes (and the pseudo-header update covers).
+    let words = match t.family {
+        family::V4 => {
+            if old[0] == new[0] {
+                return Ok(());
+            }
+            let field = if end == End::Source {
+                IP4_SADDR
+            } else {
+                IP4_DADDR
+            };
+            pkt.store(layout.l3_off + field, new[0])?;
+            pkt.l3_csum_replace(layout.l3_off + IP4_CSUM, old[0], new[0])?;
+            1
+        }
+        // IPv6 slots in here: store the 16 bytes, no header checksum; the
+        // pseudo-header update below then covers all four words.
+        _ => return Err(PacketError),
+    };
     // A later fragment has no L4 checksum: the first fragment's update
     // covers the whole datagram's pseudo-header.
-    if !flow.has_l4() {
+    if !layout.has_l4() {
         return Ok(());
     }
-    pkt.l4_csum_replace(
-        flow.l4_csum_off(),
-        old,
-        new,
-        4,
-        true,
-        flow.proto == proto::UDP,
-    )
+    let mut i = 0;
+    while i < words {
+        pkt.l4_csum_replace(
+            layout.l4_csum_off(t.proto),
+            old[i],
+            new[i],
+            4,
+            true,
+            t.proto == proto::UDP,
+        )?;
+        i += 1;
+    }
+    Ok(())
 }
 
+/// Rewrites one port of the L4 header from the tuple's to `new`.
 #[inline(always)]
 fn set_port<P: Packet>(
     pkt: &mut P,
-    flow: &Flow,
-    field: usize,
-    old: u16,
+    t: &Tuple,
+    layout: &Layout,
+    end: End,
     new: u16,
 ) -> Result<(), PacketError> {
-    if old == new || !flow.has_l4() {
+    let (field, old) = if end == End::Source {
+        (L4_SPORT, t.sport_be)
+    } else {
+        (L4_DPORT, t.dport_be)
+    };
+    if old == new || !layout.has_l4() {
         return Ok(());
     }
-    pkt.store(flow.l4_off + field, new)?;
+    pkt.store(layout.l4_off + field, new)?;
     pkt.l4_csum_replace(
-        flow.l4_csum_off(),
+        layout.l4_csum_off(t.proto),
         u32::from(old),
         u32::from(new),
         2,
         false,
-        flow.proto == proto::UDP,
+        t.proto == proto::UDP,
     )
 }

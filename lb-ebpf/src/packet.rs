@@ -14,26 +14,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::csum;
-
-/// Where a program runs, which decides SNAT and how packets are forwarded.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// XDP on a node's external interface.
-    XdpNode,
-    /// TC ingress on a node's external interface (XDP's slow path).
-    TcNode,
-    /// TC ingress on the host side of a pod interface.
-    TcPod,
-}
-
-impl Hook {
-    /// Traffic from outside the cluster, which needs SNAT to reach a remote backend.
-    #[inline(always)]
-    pub fn is_external(self) -> bool {
-        !matches!(self, Hook::TcPod)
-    }
-}
+use lb_common::csum;
 
 /// The furthest header byte any stage reads.
 const MAX_OFFSET: usize = 512;

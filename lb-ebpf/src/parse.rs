@@ -1,106 +1,22 @@
-//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into one [`Flow`].
+//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into the flow's
+//! [`Tuple`] and the packet's [`Layout`].
 //!
 //! The parser reads, never writes. Anything it cannot read completely is
 //! `Err` (passed untouched); anything it can read but does not translate
-//! (other protocols, VLAN tags) is `Ok(None)`. A later IPv4 fragment is a
-//! [`Flow`] without ports ([`Frag::Later`]): the pipeline takes them from
-//! the datagram's first fragment (`lb_common::frag`).
+//! (other protocols, VLAN tags) is [`Parsed::Other`]. A later IPv4 fragment
+//! has a tuple without ports ([`Frag::Later`]): the pipeline takes them
+//! from the datagram's first fragment (`lb_common::frag`). The same IPv4
+//! parser reads the packet an ICMP error quotes ([`quoted`]).
 
-use lb_common::{family, proto, CtKey, IpAddrBe};
+use lb_common::{family, proto, Tuple};
 
-use crate::packet::{Packet, PacketError};
-
-/// Ethernet header length.
-pub const ETH_HLEN: usize = 14;
-/// EtherType of IPv4.
-pub const ETH_P_IP: u16 = 0x0800;
-/// Offset of the IPv4 header checksum within the header.
-pub const IP4_CSUM: usize = 10;
-/// Offset of the IPv4 source address within the header.
-pub const IP4_SADDR: usize = 12;
-/// Offset of the IPv4 destination address within the header.
-pub const IP4_DADDR: usize = 16;
-/// Fragment offset bits of the IPv4 flags/offset field.
-pub const IP4_OFFSET_MASK: u16 = 0x1fff;
-/// "More fragments" bit of the IPv4 flags/offset field.
-pub const IP4_MORE_FRAGMENTS: u16 = 0x2000;
-/// Offset of the TCP checksum within the TCP header.
-pub const TCP_CSUM: usize = 16;
-/// Offset of the UDP checksum within the UDP header.
-pub const UDP_CSUM: usize = 6;
-/// TCP header length without options.
-pub const TCP_HLEN: usize = 20;
-/// UDP header length.
-pub const UDP_HLEN: usize = 8;
-
-/// ICMP, as the datapath reads and writes it.
-pub mod icmp {
-    /// IP protocol number of ICMP.
-    pub const IPPROTO_ICMP: u8 = 1;
-    /// ICMP header length (type, code, checksum, 4 more bytes).
-    pub const HLEN: usize = 8;
-    /// Offset of the checksum within the header.
-    pub const CSUM: usize = 2;
-    /// Destination unreachable.
-    pub const DEST_UNREACH: u8 = 3;
-    /// Code of destination unreachable: port unreachable.
-    pub const PORT_UNREACH: u8 = 3;
-    /// Code of destination unreachable: fragmentation needed and DF set.
-    pub const FRAG_NEEDED: u8 = 4;
-    /// Time exceeded.
-    pub const TIME_EXCEEDED: u8 = 11;
-}
-
-/// TCP flag bits (byte 13 of the header).
-pub mod tcp_flags {
-    /// FIN.
-    pub const FIN: u8 = 0x01;
-    /// SYN.
-    pub const SYN: u8 = 0x02;
-    /// RST.
-    pub const RST: u8 = 0x04;
-    /// ACK.
-    pub const ACK: u8 = 0x10;
-}
-
-/// The fixed TCP header. Variable-offset headers are read whole: one bounds
-/// check the verifier can follow, instead of one per field.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TcpHdr {
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
-    /// Sequence number, network order.
-    pub seq: u32,
-    /// Acknowledgment number, network order.
-    pub ack: u32,
-    /// Data offset (high nibble, in 32-bit words).
-    pub doff: u8,
-    /// Flags.
-    pub flags: u8,
-    /// Window, network order.
-    pub window: u16,
-    /// Checksum.
-    pub check: u16,
-    /// Urgent pointer.
-    pub urg: u16,
-}
-
-/// The UDP header.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct UdpHdr {
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
-    /// Length, network order.
-    pub len: u16,
-    /// Checksum.
-    pub check: u16,
-}
+use crate::{
+    hdr::{
+        icmp::IPPROTO_ICMP, tcp_flags, Ip4Hdr, TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE,
+        IP4_HLEN, IP4_MF, IP4_OFFSET_MASK, TCP_CSUM, UDP_CSUM,
+    },
+    packet::{Packet, PacketError},
+};
 
 /// Where a packet stands in its IP datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -113,119 +29,162 @@ pub enum Frag {
     Later,
 }
 
-/// A parsed packet: its 5-tuple and where its headers are.
+/// Where a parsed packet's headers are, and what only the packet carries
+/// (the flow itself is its [`Tuple`]).
 #[derive(Clone, Copy)]
-pub struct Flow {
-    /// Address family.
-    pub family: u8,
-    /// IP protocol.
-    pub proto: u8,
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
-    /// Source address, network order.
-    pub saddr: IpAddrBe,
-    /// Destination address, network order.
-    pub daddr: IpAddrBe,
-    /// Source port, network order.
-    pub sport: u16,
-    /// Destination port, network order.
-    pub dport: u16,
+pub struct Layout {
     /// Offset of the L3 header.
     pub l3_off: usize,
     /// Offset of the L4 header (where it would be, for a later fragment).
     pub l4_off: usize,
     /// Fragment position.
     pub frag: Frag,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
     /// IP identification, network order (ties fragments together).
     pub ip_id_be: u16,
 }
 
-impl Flow {
-    /// The conntrack key of this packet as it is on the wire.
-    #[inline(always)]
-    pub fn ct_key(&self) -> CtKey {
-        CtKey {
-            saddr_be: self.saddr,
-            daddr_be: self.daddr,
-            sport_be: self.sport,
-            dport_be: self.dport,
-            proto: self.proto,
-            family: self.family,
-            _pad: [0; 2],
-        }
-    }
-
+impl Layout {
     /// Whether the packet carries the L4 header (ports and checksum).
     #[inline(always)]
     pub fn has_l4(&self) -> bool {
         self.frag != Frag::Later
     }
 
-    /// Offset of the L4 checksum.
+    /// Whether the packet carries FIN or RST: its flow is closing.
     #[inline(always)]
-    pub fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.proto == proto::TCP {
-                TCP_CSUM
-            } else {
-                UDP_CSUM
-            }
+    pub fn closing(&self) -> bool {
+        self.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+    }
+
+    /// Offset of the L4 checksum of protocol `l4`.
+    #[inline(always)]
+    pub fn l4_csum_off(&self, l4: u8) -> usize {
+        self.l4_off + if l4 == proto::TCP { TCP_CSUM } else { UDP_CSUM }
     }
 }
 
-/// Parses the packet's headers.
+/// What the parser found in a frame.
+pub enum Parsed {
+    /// TCP or UDP over IPv4: the tuple is written.
+    Flow(Layout),
+    /// ICMP over IPv4, its message at `l4_off` (the tuple is not written).
+    Icmp(Layout),
+    /// Anything else: other EtherTypes (VLAN tags, IPv6) and protocols.
+    Other,
+}
+
+/// Parses the frame's headers, writing the flow's tuple into `t`.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Result<Option<Flow>, PacketError> {
-    let ethertype = u16::from_be(pkt.load::<u16>(12)?);
+pub fn parse<P: Packet>(pkt: &P, t: &mut Tuple) -> Result<Parsed, PacketError> {
+    let ethertype = u16::from_be(pkt.load::<u16>(ETH_TYPE)?);
     if ethertype != ETH_P_IP {
+        return Ok(Parsed::Other);
+    }
+    // An IPv4 EtherType without an IPv4 header behind it is malformed.
+    let mut ip = ip4(pkt, ETH_HLEN)?.ok_or(PacketError)?;
+    match ip.proto {
+        proto::TCP | proto::UDP => {}
+        IPPROTO_ICMP => return Ok(Parsed::Icmp(ip.layout)),
+        _ => return Ok(Parsed::Other),
+    }
+    // The whole fixed L4 header must be there before anything is rewritten.
+    ports(pkt, t, &mut ip, true)?;
+    Ok(Parsed::Flow(ip.layout))
+}
+
+/// Parses the IP header an ICMP error quotes at `off` and the ports after
+/// it (an error quotes at least the 8 bytes after the header, not a whole
+/// TCP header), writing the quoted packet's tuple into `t`; `Ok(None)` when
+/// it is not a TCP or UDP packet over IPv4.
+#[inline(always)]
+pub fn quoted<P: Packet>(
+    pkt: &P,
+    off: usize,
+    t: &mut Tuple,
+) -> Result<Option<Layout>, PacketError> {
+    let Some(mut ip) = ip4(pkt, off)? else {
+        return Ok(None);
+    };
+    if ip.proto != proto::TCP && ip.proto != proto::UDP {
         return Ok(None);
     }
-    let l3_off = ETH_HLEN;
-    let ver_ihl: u8 = pkt.load(l3_off)?;
-    if ver_ihl >> 4 != 4 {
-        return Err(PacketError);
+    ports(pkt, t, &mut ip, false)?;
+    Ok(Some(ip.layout))
+}
+
+/// What the IPv4 header tells.
+struct Ip4 {
+    /// The L4 protocol.
+    proto: u8,
+    /// Source address, network order.
+    saddr: u32,
+    /// Destination address, network order.
+    daddr: u32,
+    /// Where the headers are (TCP flags still zero).
+    layout: Layout,
+}
+
+/// Reads the IPv4 header at `l3_off`; `Ok(None)` when the bytes there are
+/// not an IPv4 header (version, IHL).
+#[inline(always)]
+fn ip4<P: Packet>(pkt: &P, l3_off: usize) -> Result<Option<Ip4>, PacketError> {
+    let h: Ip4Hdr = pkt.load(l3_off)?;
+    let ihl = h.header_len();
+    if h.version() != 4 || ihl < IP4_HLEN {
+        return Ok(None);
     }
-    let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ihl < 20 {
-        return Err(PacketError);
-    }
-    let frag_off: u16 = u16::from_be(pkt.load(l3_off + 6)?);
+    let frag_off = u16::from_be(h.frag_off);
     let frag = if frag_off & IP4_OFFSET_MASK != 0 {
         Frag::Later
-    } else if frag_off & IP4_MORE_FRAGMENTS != 0 {
+    } else if frag_off & IP4_MF != 0 {
         Frag::First
     } else {
         Frag::None
     };
-    let ip_id_be: u16 = pkt.load(l3_off + 4)?;
-    let l4_proto: u8 = pkt.load(l3_off + 9)?;
-    let l4_off = l3_off + ihl;
-    // The whole fixed L4 header must be there before anything is rewritten.
-    let (sport, dport, tcp_flags) = match l4_proto {
-        proto::TCP | proto::UDP if frag == Frag::Later => (0, 0, 0),
-        proto::TCP => {
-            let h: TcpHdr = pkt.load(l4_off)?;
-            (h.sport, h.dport, h.flags)
-        }
-        proto::UDP => {
-            let h: UdpHdr = pkt.load(l4_off)?;
-            (h.sport, h.dport, 0)
-        }
-        _ => return Ok(None),
-    };
-    let saddr: u32 = pkt.load(l3_off + IP4_SADDR)?;
-    let daddr: u32 = pkt.load(l3_off + IP4_DADDR)?;
-    Ok(Some(Flow {
-        family: family::V4,
-        proto: l4_proto,
-        tcp_flags,
-        saddr: [saddr, 0, 0, 0],
-        daddr: [daddr, 0, 0, 0],
-        sport,
-        dport,
-        l3_off,
-        l4_off,
-        frag,
-        ip_id_be,
+    Ok(Some(Ip4 {
+        proto: h.proto,
+        saddr: h.saddr,
+        daddr: h.daddr,
+        layout: Layout {
+            l3_off,
+            l4_off: l3_off + ihl,
+            frag,
+            tcp_flags: 0,
+            ip_id_be: h.id,
+        },
     }))
+}
+
+/// Reads the ports (and TCP flags) of a TCP or UDP packet and writes its
+/// tuple into `t`. `whole`: the fixed L4 header must be there entire (it
+/// will be rewritten), not only the ports.
+#[inline(always)]
+fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip4, whole: bool) -> Result<(), PacketError> {
+    let layout = &mut ip.layout;
+    let l4_off = layout.l4_off;
+    let (sport, dport, tcp_flags) = if layout.frag == Frag::Later {
+        (0, 0, 0)
+    } else if !whole {
+        let ports: [u16; 2] = pkt.load(l4_off)?;
+        (ports[0], ports[1], 0)
+    } else if ip.proto == proto::TCP {
+        let h: TcpHdr = pkt.load(l4_off)?;
+        (h.sport, h.dport, h.flags)
+    } else {
+        let h: UdpHdr = pkt.load(l4_off)?;
+        (h.sport, h.dport, 0)
+    };
+    layout.tcp_flags = tcp_flags;
+    *t = Tuple {
+        saddr_be: [ip.saddr, 0, 0, 0],
+        daddr_be: [ip.daddr, 0, 0, 0],
+        sport_be: sport,
+        dport_be: dport,
+        proto: ip.proto,
+        family: family::V4,
+        _pad: [0; 2],
+    };
+    Ok(())
 }

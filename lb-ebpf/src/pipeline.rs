@@ -1,180 +1,197 @@
 //! The per-packet ladder shared by every entry point:
 //! parse → conntrack → frontend → select → conntrack create → NAT → verdict.
+//!
+//! The stages below report outcomes (`Result<T, Reason>`, a route); this
+//! module alone counts them and decides the verdict.
 
 use lb_common::{
-    conntrack::{CT_F_DSR, CT_F_FORWARD},
+    conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_SNAT},
+    dsr::ENCAP_LEN,
     proto,
     service::SVC_F_LOCAL_ONLY,
-    stats, CtValue,
+    CtValue, Tuple,
 };
 
 use crate::{
-    conntrack, dsr, forward,
-    forward::Route,
+    conntrack::{self, NewFlow},
+    dsr,
+    env::{Ctx, Env, Hook},
+    forward::{self, Route},
     frag, frontend, icmp, nat,
-    packet::{Hook, Packet},
-    parse::{self, Flow, Frag},
+    packet::Packet,
+    parse::{self, Frag, Layout, Parsed},
     reject, select,
     stats::{count, count_new_flow, count_service},
+    verdict::{Reason, Verdict},
 };
-
-/// What the entry point should do with the packet.
-pub enum Verdict {
-    /// Hand it to the stack.
-    Pass,
-    /// Drop it; the reason was counted.
-    Drop,
-    /// Send it back out the interface it came from (a refusal).
-    Bounce,
-    /// Send it out `ifindex`; MACs are already written.
-    Redirect(u32),
-    /// Send it out `ifindex`, letting the kernel resolve the neighbour (TC only).
-    RedirectNeigh(u32),
-}
 
 /// Runs the whole ladder on one packet.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let len = pkt.len();
+    let Some(env) = Env::load() else {
+        // The config array always has its one entry; without it nothing
+        // can be translated right, so the packet goes on untouched.
+        return pass(Reason::PassUnsupported, len);
+    };
+    let mut ctx = Ctx { env, hook, len };
     // A packet another node wrapped for DSR is unwrapped first; then it is
     // an ordinary packet, for the backend its shim names.
     let unwrapped = if hook == Hook::TcPod {
         None
     } else {
-        match dsr::unwrap(pkt) {
-            Ok(shim) => shim,
-            Err(_) => return drop(stats::DROP_REWRITE, len),
+        match dsr::unwrap(pkt, &ctx.env) {
+            Ok(Some(shim)) => {
+                ctx.len -= ENCAP_LEN as u32;
+                Some(shim)
+            }
+            Ok(None) => None,
+            Err(_) => return drop(Reason::DropRewrite, len),
         }
     };
-    let mut flow = match parse::parse(pkt) {
-        Ok(Some(flow)) => flow,
-        Ok(None) => {
-            return match icmp::translate_error(pkt) {
-                Ok(true) => {
-                    count(stats::ICMP_ERROR, len);
-                    Verdict::Pass
-                }
-                Ok(false) => {
-                    count(stats::PASS_UNSUPPORTED, len);
-                    Verdict::Pass
-                }
-                Err(_) => drop(stats::DROP_REWRITE, len),
+    let mut t = Tuple::default();
+    let layout = match parse::parse(pkt, &mut t) {
+        Ok(Parsed::Flow(layout)) => layout,
+        Ok(Parsed::Icmp(layout)) => {
+            return match icmp::translate_error(pkt, &layout, &mut t) {
+                Ok(true) => pass(Reason::IcmpError, len),
+                Ok(false) => pass(Reason::PassUnsupported, len),
+                Err(_) => drop(Reason::DropRewrite, len),
             };
         }
-        Err(_) => {
-            count(stats::PASS_MALFORMED, len);
-            return Verdict::Pass;
-        }
+        Ok(Parsed::Other) => return pass(Reason::PassUnsupported, len),
+        Err(_) => return pass(Reason::PassMalformed, len),
     };
 
     if let Some(shim) = unwrapped {
-        return dsr::deliver(pkt, &flow, &shim);
+        return match dsr::deliver(pkt, &t, &layout, &shim, &ctx.env) {
+            Ok(()) => pass(Reason::DsrDecap, ctx.len),
+            Err(reason) => drop(reason, ctx.len),
+        };
     }
-    if flow.frag == Frag::Later {
-        return later_fragment(pkt, &mut flow, hook, len);
+    let ct = if layout.frag == Frag::Later {
+        later_fragment(&mut t, &layout, &ctx)
+    } else {
+        flow(pkt, &t, &layout, &ctx)
+    };
+    match ct {
+        Ok(ct) => translate(pkt, &t, &layout, &ct, &ctx),
+        Err(verdict) => verdict,
     }
+}
 
-    let key = flow.ct_key();
-    if let Some(ct) = conntrack::lookup(&flow, &key) {
+/// The translation of a packet's flow: its conntrack entry, or a new flow
+/// to a backend of the Service it is addressed to. `Err` is the packet's
+/// verdict when there is nothing to translate it by (counted).
+#[inline(always)]
+fn flow<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout, ctx: &Ctx) -> Result<CtValue, Verdict> {
+    let len = ctx.len;
+    if let Some(ct) = conntrack::lookup(t, layout.closing(), &ctx.env) {
         if select::backend_alive(&ct) {
-            count(stats::CT_HIT, len);
-            return translate(pkt, &flow, &ct, hook);
+            count(Reason::CtHit, len);
+            return Ok(ct);
         }
         // The flow's backend was removed: end the flow visibly instead of
         // sending it into the void. TCP gets a reset; UDP, which has no
         // connection to end, is given a live backend as a new flow.
-        conntrack::remove(&key);
-        count(stats::BACKEND_GONE, len);
-        if flow.proto == proto::TCP {
+        conntrack::remove(t);
+        count(Reason::BackendGone, len);
+        if t.proto == proto::TCP {
             count_service(ct.svc_id, len, true);
-            return match reject::reject(pkt, &flow) {
+            return Err(match reject::reject(pkt, t, layout) {
                 Ok(()) => Verdict::Bounce,
-                Err(_) => drop(stats::DROP_REWRITE, len),
-            };
+                Err(_) => drop(Reason::DropRewrite, len),
+            });
         }
     }
 
-    let Some(svc) = frontend::lookup(&flow) else {
-        count(stats::PASS_NO_SERVICE, len);
-        return Verdict::Pass;
+    let Some(svc) = frontend::lookup(t) else {
+        return Err(pass(Reason::PassNoService, len));
     };
     let svc_id = svc.svc_id;
-    if !frontend::source_allowed(&svc, &flow) {
-        return drop_for(svc_id, stats::DROP_SOURCE_RANGE, len);
+    if !frontend::source_allowed(&svc, t) {
+        return Err(drop_for(svc_id, Reason::DropSourceRange, len));
     }
     if svc.slot_count == 0 {
         // Local traffic policy without a local endpoint: kube-proxy drops,
         // so that the client's load balancer, which health-checks the
         // node, retries elsewhere.
         if svc.flags & SVC_F_LOCAL_ONLY != 0 {
-            return drop_for(svc_id, stats::DROP_NO_LOCAL_ENDPOINT, len);
+            return Err(drop_for(svc_id, Reason::DropNoLocalEndpoint, len));
         }
-        return match reject::reject(pkt, &flow) {
+        return Err(match reject::reject(pkt, t, layout) {
             Ok(()) => {
-                count(stats::REJECT_NO_ENDPOINT, len);
+                count(Reason::RejectNoEndpoint, len);
                 count_service(svc_id, len, true);
                 Verdict::Bounce
             }
-            Err(_) => drop_for(svc_id, stats::DROP_REWRITE, len),
-        };
+            Err(_) => drop_for(svc_id, Reason::DropRewrite, len),
+        });
     }
-    let Some((backend_id, backend)) = select::pick(&svc, &flow) else {
-        return drop_for(svc_id, stats::DROP_NO_BACKEND, len);
+    let hash = t.hash();
+    let Some((backend_id, backend)) = select::pick(&svc, t, hash, ctx.env.now()) else {
+        return Err(drop_for(svc_id, Reason::DropNoBackend, len));
     };
-    let dsr_endpoint = if hook.is_external() {
-        dsr::endpoint_for(pkt, flow.saddr[0], svc.flags, &backend)
+    let dsr_endpoint = if ctx.hook.is_external() {
+        dsr::endpoint_for(pkt, t.saddr_be[0], svc.flags, &backend, &ctx.env)
     } else {
         None
     };
-    if let Some(endpoint) = dsr_endpoint {
-        return match dsr::create(&flow, &svc, backend_id, &backend, endpoint) {
-            Ok(ct) => {
-                count(stats::NEW_FLOW, len);
-                count_new_flow(svc_id);
-                translate(pkt, &flow, &ct, hook)
-            }
-            Err(reason) => drop_for(svc_id, reason, len),
+    let created = if let Some(endpoint) = dsr_endpoint {
+        dsr::create(t, &svc, backend_id, &backend, endpoint, &ctx.env)
+    } else {
+        let new = NewFlow {
+            hash,
+            external: ctx.hook.is_external(),
+            closing: layout.closing(),
         };
-    }
-    match conntrack::create(&flow, &svc, backend_id, &backend, hook) {
+        conntrack::create(t, new, &svc, backend_id, &backend, &ctx.env)
+    };
+    match created {
         Ok(ct) => {
-            count(stats::NEW_FLOW, len);
+            count(Reason::NewFlow, len);
             count_new_flow(svc_id);
-            translate(pkt, &flow, &ct, hook)
+            Ok(ct)
         }
-        Err(reason) => drop_for(svc_id, reason, len),
+        Err(reason) => Err(drop_for(svc_id, reason, len)),
     }
 }
 
 /// A later fragment takes its first fragment's flow, or passes untouched: it
 /// has no header to start a flow or to answer with a reset.
 #[inline(always)]
-fn later_fragment<P: Packet>(pkt: &mut P, flow: &mut Flow, hook: Hook, len: u32) -> Verdict {
-    if !frag::recall(flow) {
-        count(stats::FRAG_UNTRACKED, len);
-        return Verdict::Pass;
+fn later_fragment(t: &mut Tuple, layout: &Layout, ctx: &Ctx) -> Result<CtValue, Verdict> {
+    let len = ctx.len;
+    if !frag::recall(t, layout, &ctx.env) {
+        return Err(pass(Reason::FragUntracked, len));
     }
-    let Some(ct) = conntrack::lookup(flow, &flow.ct_key()) else {
-        count(stats::FRAG_UNTRACKED, len);
-        return Verdict::Pass;
+    let Some(ct) = conntrack::lookup(t, layout.closing(), &ctx.env) else {
+        return Err(pass(Reason::FragUntracked, len));
     };
     if !select::backend_alive(&ct) {
-        return drop_for(ct.svc_id, stats::BACKEND_GONE, len);
+        return Err(drop_for(ct.svc_id, Reason::BackendGone, len));
     }
-    count(stats::FRAG_TRACKED, len);
-    translate(pkt, flow, &ct, hook)
+    count(Reason::FragTracked, len);
+    Ok(ct)
+}
+
+/// Counts `reason` and passes.
+#[inline(always)]
+fn pass(reason: Reason, len: u32) -> Verdict {
+    count(reason, len);
+    Verdict::Pass
 }
 
 /// Counts `reason` and drops.
 #[inline(always)]
-pub fn drop(reason: u32, len: u32) -> Verdict {
+fn drop(reason: Reason, len: u32) -> Verdict {
     count(reason, len);
     Verdict::Drop
 }
 
 /// Drops a packet of Service port `svc_id`, counting it for the Service too.
 #[inline(always)]
-fn drop_for(svc_id: u32, reason: u32, len: u32) -> Verdict {
+fn drop_for(svc_id: u32, reason: Reason, len: u32) -> Verdict {
     count_service(svc_id, len, true);
     drop(reason, len)
 }
@@ -182,69 +199,117 @@ fn drop_for(svc_id: u32, reason: u32, len: u32) -> Verdict {
 /// Applies a flow's translation and decides where the packet goes, counting
 /// the packet for its Service port unless it is left to TC.
 #[inline(always)]
-fn translate<P: Packet>(pkt: &mut P, flow: &Flow, ct: &CtValue, hook: Hook) -> Verdict {
-    let len = pkt.len();
-    frag::remember(flow);
-    let verdict = if ct.flags & CT_F_DSR != 0 {
-        match dsr::encap(pkt, flow, ct, hook) {
-            // Left to TC, which counts it.
-            Verdict::Pass => return Verdict::Pass,
-            v => v,
-        }
+fn translate<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ct: &CtValue,
+    ctx: &Ctx,
+) -> Verdict {
+    let len = ctx.len;
+    frag::remember(t, layout, &ctx.env);
+    let sent = if ct.flags & CT_F_DSR != 0 {
+        encap(pkt, t, layout, ct, ctx)
     } else if ct.flags & CT_F_FORWARD == 0 {
-        match nat::rewrite(pkt, flow, ct) {
-            Ok(()) => Verdict::Pass,
-            Err(_) => drop(stats::DROP_REWRITE, len),
+        match nat::rewrite(pkt, t, layout, ct) {
+            Ok(()) => Ok(Verdict::Pass),
+            Err(e) => Err(e.into()),
         }
     } else {
-        match route_forwarded(pkt, flow, ct, hook) {
-            Some(v) => v,
-            // Left to TC, which counts it.
-            None => return Verdict::Pass,
-        }
+        forwarded(pkt, t, layout, ct, ctx.hook)
     };
-    count_service(ct.svc_id, len, matches!(verdict, Verdict::Drop));
+    let verdict = match sent {
+        Ok(verdict) => verdict,
+        // Left untouched to TC, which counts it.
+        Err(Reason::XdpToTc) => return pass(Reason::XdpToTc, len),
+        Err(reason) => drop(reason, len),
+    };
+    count_service(ct.svc_id, len, verdict == Verdict::Drop);
     verdict
 }
 
-/// Translates and routes a forwarded flow's packet; `None` when XDP leaves
-/// it untouched for TC.
+/// The tuple of a packet of tuple `t` after `ct`'s rewrite.
 #[inline(always)]
-fn route_forwarded<P: Packet>(
+fn translated(t: &Tuple, ct: &CtValue) -> Tuple {
+    let mut after = *t;
+    if ct.flags & CT_F_SNAT != 0 {
+        after.saddr_be = ct.nat_saddr_be;
+        after.sport_be = ct.nat_sport_be;
+    }
+    if ct.flags & CT_F_DNAT != 0 {
+        after.daddr_be = ct.nat_daddr_be;
+        after.dport_be = ct.nat_dport_be;
+    }
+    after
+}
+
+/// Wraps a DSR flow's packet to its backend's node. Too big for the path
+/// once wrapped: ICMP fragmentation needed back to the client when it set
+/// DF (it then sends smaller), else a drop.
+#[inline(always)]
+fn encap<P: Packet>(
     pkt: &mut P,
-    flow: &Flow,
+    t: &Tuple,
+    layout: &Layout,
+    ct: &CtValue,
+    ctx: &Ctx,
+) -> Result<Verdict, Reason> {
+    let outer = dsr::outer(pkt, layout, ct, &ctx.env)?;
+    let route = dsr::route(pkt, &outer);
+    if let Route::TooBig { mtu } = route {
+        if !dsr::may_answer_too_big(pkt, layout) {
+            return Err(Reason::DsrTooBig);
+        }
+        count(Reason::DsrTooBig, ctx.len);
+        reject::frag_needed(pkt, t, layout, dsr::inner_mtu(mtu))?;
+        return Ok(Verdict::Bounce);
+    }
+    leave_to_tc(pkt, ctx.hook, &route)?;
+    dsr::wrap(pkt, ct, &outer)?;
+    count(Reason::DsrEncap, ctx.len);
+    send(pkt, &route)
+}
+
+/// Translates a packet that must be forwarded by FIB lookup (its new source
+/// is this node's, which the stack would refuse) and routes it.
+#[inline(always)]
+fn forwarded<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
     ct: &CtValue,
     hook: Hook,
-) -> Option<Verdict> {
-    let len = pkt.len();
-    let (saddr, sport) = if ct.flags & lb_common::conntrack::CT_F_SNAT != 0 {
-        (ct.nat_saddr_be, ct.nat_sport_be)
-    } else {
-        (flow.saddr, flow.sport)
-    };
-    let (daddr, dport) = if ct.flags & lb_common::conntrack::CT_F_DNAT != 0 {
-        (ct.nat_daddr_be, ct.nat_dport_be)
-    } else {
-        (flow.daddr, flow.dport)
-    };
-    let route = forward::lookup(pkt, flow, &saddr, &daddr, sport, dport);
-    if forward::xdp_hands_over(pkt, hook, &route) {
-        count(stats::XDP_TO_TC, len);
-        return None;
+) -> Result<Verdict, Reason> {
+    let route = forward::lookup(pkt, &translated(t, ct));
+    leave_to_tc(pkt, hook, &route)?;
+    nat::rewrite(pkt, t, layout, ct)?;
+    send(pkt, &route)
+}
+
+/// `Err(XdpToTc)` when XDP cannot send the packet along `route` itself: it
+/// must then leave the packet untouched for TC.
+#[inline(always)]
+fn leave_to_tc<P: Packet>(pkt: &P, hook: Hook, route: &Route) -> Result<(), Reason> {
+    if forward::xdp_hands_over(pkt, hook, route) {
+        return Err(Reason::XdpToTc);
     }
-    if nat::rewrite(pkt, flow, ct).is_err() {
-        return Some(drop(stats::DROP_REWRITE, len));
-    }
-    Some(match route {
+    Ok(())
+}
+
+/// Sends a translated packet along `route`: the one place a route becomes
+/// a verdict.
+#[inline(always)]
+fn send<P: Packet>(pkt: &mut P, route: &Route) -> Result<Verdict, Reason> {
+    match *route {
         Route::Resolved {
             ifindex,
             smac,
             dmac,
-        } => match forward::set_macs(pkt, smac, dmac) {
-            Ok(()) => Verdict::Redirect(ifindex),
-            Err(_) => drop(stats::DROP_REWRITE, len),
-        },
-        Route::NoNeighbour { ifindex } => Verdict::RedirectNeigh(ifindex),
-        Route::TooBig { .. } | Route::Unreachable => drop(stats::DROP_NO_ROUTE, len),
-    })
+        } => {
+            forward::set_macs(pkt, smac, dmac)?;
+            Ok(Verdict::Redirect(ifindex))
+        }
+        Route::NoNeighbour { ifindex } => Ok(Verdict::RedirectNeigh(ifindex)),
+        Route::TooBig { .. } | Route::Unreachable => Err(Reason::DropNoRoute),
+    }
 }

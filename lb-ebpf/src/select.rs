@@ -1,35 +1,33 @@
 //! Backend selection for a new flow.
 //!
-//! Invariant: the slot is a pure function of the flow's 5-tuple and the
-//! Service's Maglev table, which every node builds identically from the same
-//! backend set, so every node picks the same backend for the same flow.
+//! Invariant: the slot is a pure function of the flow's hash ([`Tuple::hash`],
+//! computed by the caller) and the Service's Maglev table, which every node
+//! builds identically from the same backend set, so every node picks the
+//! same backend for the same flow. Packet-free: a socket program picks with
+//! the same call.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    conntrack::CT_F_REPLY, hash::flow_hash, AffinityKey, AffinityValue, Backend, BackendId,
-    CtValue, ServiceValue,
+    conntrack::CT_F_REPLY, AffinityKey, AffinityValue, Backend, BackendId, CtValue, ServiceValue,
+    Tuple,
 };
 
-use crate::{
-    maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V1},
-    parse::Flow,
-};
+use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V1};
 
-/// Picks the backend for a new flow: the client's affinity backend while it
-/// is fresh, else by Maglev. `None` if the table is inconsistent.
+/// Picks the backend for a new flow of tuple `t` (whose hash is `hash`) at
+/// time `now`: the client's affinity backend while it is fresh, else by
+/// Maglev. `None` if the table is inconsistent.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
+pub fn pick(svc: &ServiceValue, t: &Tuple, hash: u32, now: u64) -> Option<(BackendId, Backend)> {
     if svc.affinity_timeout_s == 0 {
-        return pick_maglev(svc, flow);
+        return pick_maglev(svc, hash);
     }
     let key = AffinityKey {
         svc_id: svc.svc_id,
-        family: flow.family,
+        family: t.family,
         _pad: [0; 3],
-        client_be: flow.saddr,
+        client_be: t.saddr_be,
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     // SAFETY: the value is copied out at once.
     if let Some(a) = unsafe { LB_AFFINITY_V1.get(&key).copied() } {
@@ -42,7 +40,7 @@ pub fn pick(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
             }
         }
     }
-    let (id, b) = pick_maglev(svc, flow)?;
+    let (id, b) = pick_maglev(svc, hash)?;
     remember(&key, id, now);
     Some((id, b))
 }
@@ -60,10 +58,10 @@ fn remember(key: &AffinityKey, backend_id: BackendId, now: u64) {
 
 /// Picks by the flow's hash in the Service's Maglev table.
 #[inline(always)]
-fn pick_maglev(svc: &ServiceValue, flow: &Flow) -> Option<(BackendId, Backend)> {
-    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
-    let hash = flow_hash(&flow.saddr, &flow.daddr, ports, flow.proto);
-    let index = hash % svc.slot_count;
+fn pick_maglev(svc: &ServiceValue, hash: u32) -> Option<(BackendId, Backend)> {
+    // A Service without a table has no slot (the pipeline refuses its new
+    // flows before picking; a caller that does not is answered `None`).
+    let index = hash.checked_rem(svc.slot_count)?;
     // SAFETY: values are copied out at once; the agent replaces a table by
     // swapping in a new inner map, never by writing into a live one.
     let id = unsafe { *LB_MAGLEV_V1.get_value(&svc.svc_id, &index)? };

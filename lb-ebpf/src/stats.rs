@@ -1,12 +1,44 @@
-//! Counting packets by outcome and by Service port.
+//! Counting packets by outcome and by Service port. Only the pipeline counts
+//! packets; conntrack counts its own map operations (entries made and
+//! removed, from which the agent derives LRU evictions).
 
-use lb_common::stats::{Counter, SvcCounters};
+use lb_common::stats::{self, Counter, SvcCounters};
 
-use crate::maps::{LB_STATS_V6, LB_SVC_STATS_V1};
+use crate::{
+    maps::{LB_STATS_V6, LB_SVC_STATS_V1},
+    verdict::Reason,
+};
+
+/// Adds one packet of `bytes` to the counter of `reason`.
+#[inline(always)]
+pub fn count(reason: Reason, bytes: u32) {
+    add(reason.counter(), bytes);
+}
+
+/// A conntrack map operation the agent accounts for.
+#[derive(Clone, Copy)]
+pub enum CtOp {
+    /// An entry written under a new key.
+    Insert,
+    /// An entry the datapath deleted.
+    Remove,
+}
+
+/// Counts a conntrack map operation.
+#[inline(always)]
+pub fn count_ct(op: CtOp) {
+    add(
+        match op {
+            CtOp::Insert => stats::CT_INSERT,
+            CtOp::Remove => stats::CT_REMOVE,
+        },
+        0,
+    );
+}
 
 /// Adds one packet of `bytes` to counter `idx` (a `lb_common::stats` index).
 #[inline(always)]
-pub fn count(idx: u32, bytes: u32) {
+fn add(idx: u32, bytes: u32) {
     if let Some(c) = LB_STATS_V6.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe {
