@@ -43,18 +43,18 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use lb_common::{
-    family, proto,
+    family, hash, proto,
     sock::{
         SockRevKey, SockRevValue, STAT_REFUSED, STAT_REVERSED, STAT_SOURCE_RANGE, STAT_TRANSLATED,
     },
     stats::SvcCounters,
-    IpAddrBe,
+    IpAddrBe, Tuple,
 };
 
 use crate::{
+    env::Env,
     frontend,
-    maps::{LB_CONFIG_V2, LB_SOCK_CONFIG_V1, LB_SOCK_REV_V1, LB_SOCK_STATS_V1, LB_SVC_STATS_V1},
-    parse::{Flow, Frag},
+    maps::{LB_SOCK_CONFIG_V1, LB_SOCK_REV_V1, LB_SOCK_STATS_V1, LB_SVC_STATS_V1},
     select,
     stats::count_new_flow,
 };
@@ -212,9 +212,7 @@ fn client4(sa: *mut bpf_sock_addr, connect: bool) -> IpAddrBe {
             addr = unsafe { core::ptr::read_volatile(&(*sk).src_ip4) };
         }
     }
-    if addr == 0 {
-        addr = LB_CONFIG_V2.get(0).map_or(0, |c| c.node_addr4_be);
-    }
+    // 0: the node's address, which `decide` takes from the config.
     [addr, 0, 0, 0]
 }
 
@@ -233,23 +231,28 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
 /// path's stages, and records the translation for the reverse hooks.
 #[inline(always)]
 fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) -> Decision {
-    let flow = Flow {
-        family: dst.family,
-        proto: l4,
-        tcp_flags: 0,
-        saddr: client,
-        daddr: dst.addr,
-        sport: hash_port(cookie),
-        dport: dst.port_be,
-        l3_off: 0,
-        l4_off: 0,
-        frag: Frag::None,
-        ip_id_be: 0,
-    };
-    let Some(svc) = frontend::lookup(&flow) else {
+    let Some(env) = Env::load() else {
         return Decision::Pass;
     };
-    if !frontend::source_allowed(&svc, &flow) {
+    let client = if client == [0; 4] {
+        env.cfg().node_addr(dst.family).unwrap_or(client)
+    } else {
+        client
+    };
+    // The source port is not known yet (see the module comment).
+    let t = Tuple {
+        saddr_be: client,
+        daddr_be: dst.addr,
+        sport_be: 0,
+        dport_be: dst.port_be,
+        proto: l4,
+        family: dst.family,
+        _pad: [0; 2],
+    };
+    let Some(svc) = frontend::lookup(&t) else {
+        return Decision::Pass;
+    };
+    if !frontend::source_allowed(&svc, &t) {
         count(STAT_SOURCE_RANGE);
         count_refusal(svc.svc_id);
         return Decision::Refuse(EPERM);
@@ -261,7 +264,7 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
     let picked = if svc.slot_count == 0 {
         None
     } else {
-        select::pick(&svc, &flow)
+        select::pick(&svc, &t, sock_hash(&t, cookie), env.now())
     };
     let Some((_, backend)) = picked else {
         count(STAT_REFUSED);
@@ -320,12 +323,12 @@ fn frontend_of(cookie: u64, seen: &Endpoint) -> Option<Endpoint> {
     })
 }
 
-/// Folds the socket cookie into the 16 bits that stand for the source port
-/// in the flow hash (see the module comment).
+/// A socket's flow hash: the tuple's (source port 0) with the socket's
+/// cookie mixed in (see the module comment).
 #[inline(always)]
-fn hash_port(cookie: u64) -> u16 {
-    let folded = (cookie ^ (cookie >> 32)) as u32;
-    (folded ^ (folded >> 16)) as u16
+fn sock_hash(t: &Tuple, cookie: u64) -> u32 {
+    let h = hash::mix(t.hash(), cookie as u32);
+    hash::finish(hash::mix(h, (cookie >> 32) as u32))
 }
 
 /// Adds one to socket counter `idx`.
