@@ -407,3 +407,35 @@ fn a_removed_backends_connected_node_sockets_are_ended() {
     assert_eq!(from, vip);
     assert!(!line.starts_with(&backend), "{line}");
 }
+
+#[test]
+fn socket_hooks_outlive_the_agent_are_re_adopted_and_go_with_cleanup() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnrest"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.10:80");
+    tcp_hello(&node, vip, IO).expect("through the hooks");
+    // No agent: the pinned hooks keep translating.
+    c.node_mut("a").stop_agent();
+    tcp_hello(&node, vip, IO).expect("while no agent runs");
+    start_agents(&mut c, &["a"]);
+    let log = c.node("a").agent_log();
+    assert_eq!(
+        log.matches("re-adopted pinned socket hook").count(),
+        4,
+        "the restarted agent swaps its programs into the four links:\n{log}"
+    );
+    tcp_hello(&node, vip, IO).expect("after the restart");
+    c.node_mut("a").stop_agent();
+    let out = std::process::Command::new(lb_tests::rig::agent_bin())
+        .args(["cleanup", "--bpffs"])
+        .arg(c.node("a").bpffs())
+        .output()
+        .expect("run lb-agent cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Untranslated, the ClusterIP has no route from the node.
+    let err = tcp_connect(&node, vip, IO).expect_err("no hooks after cleanup");
+    assert_ne!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+}

@@ -30,8 +30,19 @@ const SMOKE_TESTS: [&str; 3] = [
     "client_to_node_port_on_each_node_reaches_local_and_remote_backends",
 ];
 
-/// Modules the tests need, in load order (bridge needs llc and stp).
-const MODULES: [&str; 6] = ["llc", "stp", "bridge", "veth", "sch_ingress", "cls_bpf"];
+/// Modules the tests need, in load order (bridge needs llc and stp; the
+/// diag modules let the agent find and end stale node sockets).
+const MODULES: [&str; 9] = [
+    "llc",
+    "stp",
+    "bridge",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+];
 
 /// Tools the rig runs in the guest, copied with their libraries.
 const GUEST_TOOLS: [&str; 3] = ["ip", "ethtool", "bpftool"];

@@ -535,6 +535,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
         maps::SRC_RANGES,
         maps::BACKENDS,
         maps::CONNTRACK,
+        maps::SOCK_REV,
     ] {
         loader.map_max_entries(name, 16);
     }
