@@ -14,6 +14,7 @@ use lb_common::{
 use crate::{
     env::Env,
     maps::LB_CT_V1,
+    scratch::Entry,
     stats::{count_ct, CtOp},
     verdict::Reason,
 };
@@ -25,10 +26,11 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 16;
 
-/// The translation of an existing flow, refreshing its idle timer and, when
-/// `closing` (a FIN or RST was seen), giving it the short timeout; `None`
-/// when there is none or its forward entry has been idle longer than its
-/// timeout (then it is removed, and the packet starts a new flow).
+/// Copies the translation of an existing flow into `ct`, refreshing its
+/// idle timer and, when `closing` (a FIN or RST was seen), giving it the
+/// short timeout; false when there is none or its forward entry has been
+/// idle longer than its timeout (then it is removed, and the packet starts
+/// a new flow).
 ///
 /// Only forward entries time out: a flow is as alive as its client, and a
 /// reply entry must keep translating while the client still sends (one-way
@@ -36,8 +38,10 @@ const SNAT_TRIES: u32 = 16;
 /// overwritten by the next flow with its tuple and translation, or evicted
 /// by the LRU; a new flow whose translation differs takes another port.
 #[inline(always)]
-pub fn lookup(t: &Tuple, closing: bool, env: &Env) -> Option<CtValue> {
-    let entry = LB_CT_V1.get_ptr_mut(t)?;
+pub fn lookup(t: &Tuple, closing: bool, env: &Env, ct: &mut CtValue) -> bool {
+    let Some(entry) = LB_CT_V1.get_ptr_mut(t) else {
+        return false;
+    };
     // SAFETY: LRU entries stay valid for the program's run; racing updates
     // of `last_seen_ns` and `flags` by another CPU are harmless.
     unsafe {
@@ -46,7 +50,7 @@ pub fn lookup(t: &Tuple, closing: bool, env: &Env) -> Option<CtValue> {
         let reply = (*entry).flags & CT_F_REPLY != 0;
         if !reply && idle > timeout_ns(t.proto, (*entry).flags, env.cfg()) {
             remove(t);
-            return None;
+            return false;
         }
         if closing {
             if reply {
@@ -58,7 +62,8 @@ pub fn lookup(t: &Tuple, closing: bool, env: &Env) -> Option<CtValue> {
         if idle > TOUCH_INTERVAL_NS {
             (*entry).last_seen_ns = now;
         }
-        Some(*entry)
+        *ct = *entry;
+        true
     }
 }
 
@@ -152,9 +157,15 @@ pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), Reason> {
         .map_err(|_| Reason::DropCtFull)
 }
 
-/// What a new flow brings besides its tuple and its backend.
+/// A new flow's choice of backend and what else decides its entries.
 #[derive(Clone, Copy)]
-pub struct NewFlow {
+pub struct NewFlow<'a> {
+    /// The Service record of the frontend.
+    pub svc: &'a ServiceValue,
+    /// The chosen backend's id.
+    pub backend_id: BackendId,
+    /// The chosen backend.
+    pub backend: &'a Backend,
     /// The tuple's hash ([`Tuple::hash`]): where the SNAT port search starts.
     pub hash: u32,
     /// The flow comes from outside the cluster: it needs SNAT to reach a
@@ -164,17 +175,18 @@ pub struct NewFlow {
     pub closing: bool,
 }
 
-/// Records a new flow of tuple `t` to `backend` in both directions and
-/// returns the forward translation; `Err` is the drop reason.
+/// Records a new flow of tuple `t` in both directions: the forward
+/// translation is made in `fwd`, the reply entry in `reply` (both are the
+/// caller's room, not the stack's); `Err` is the drop reason.
 #[inline(always)]
 pub fn create(
     t: &Tuple,
-    new: NewFlow,
-    svc: &ServiceValue,
-    backend_id: BackendId,
-    backend: &Backend,
+    new: &NewFlow,
     env: &Env,
-) -> Result<CtValue, Reason> {
+    fwd: &mut CtValue,
+    reply: &mut Entry,
+) -> Result<(), Reason> {
+    let (svc, backend) = (new.svc, new.backend);
     let now = env.now();
     // Traffic from outside the cluster to another node's backend must come
     // back through this node: give it this node's address as source. So must
@@ -183,16 +195,16 @@ pub fn create(
     // directly and never see the frontend.
     let hairpin = backend.addr_be == t.saddr_be && backend.family == t.family;
     let snat = (new.external && backend.flags & BACKEND_F_LOCAL == 0) || hairpin;
-    let mut fwd = CtValue {
+    *fwd = CtValue {
         nat_daddr_be: backend.addr_be,
         nat_dport_be: backend.port_be,
         flags: CT_F_DNAT,
-        backend_id,
+        backend_id: new.backend_id,
         svc_id: svc.svc_id,
         last_seen_ns: now,
         ..CtValue::default()
     };
-    let mut reply_key = Tuple {
+    reply.key = Tuple {
         saddr_be: backend.addr_be,
         daddr_be: t.saddr_be,
         sport_be: backend.port_be,
@@ -201,11 +213,11 @@ pub fn create(
         family: t.family,
         _pad: [0; 2],
     };
-    let mut reply = CtValue {
+    reply.value = CtValue {
         nat_saddr_be: t.daddr_be,
         nat_sport_be: t.dport_be,
         flags: CT_F_SNAT | CT_F_REPLY,
-        backend_id,
+        backend_id: new.backend_id,
         svc_id: svc.svc_id,
         last_seen_ns: now,
         ..CtValue::default()
@@ -213,7 +225,7 @@ pub fn create(
     // A reply whose new source is one of this node's addresses (a NodePort)
     // would be dropped by the stack as martian: it must be forwarded here.
     if svc.flags & SVC_F_NODEPORT != 0 {
-        reply.flags |= CT_F_FORWARD;
+        reply.value.flags |= CT_F_FORWARD;
     }
 
     if new.closing {
@@ -221,9 +233,9 @@ pub fn create(
     }
 
     if !snat {
-        if claim_reply(&reply_key, &reply)? {
-            insert(t, &fwd)?;
-            return Ok(fwd);
+        if claim_reply(&reply.key, &reply.value)? {
+            insert(t, fwd)?;
+            return Ok(());
         }
         // The reply tuple is another flow's: the same client address and
         // port reached another Service, or the backend directly, and this
@@ -244,30 +256,30 @@ pub fn create(
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     fwd.nat_saddr_be = src;
     fwd.flags |= CT_F_SNAT;
-    reply.nat_daddr_be = t.saddr_be;
-    reply.nat_dport_be = t.sport_be;
-    reply.flags |= CT_F_DNAT;
+    reply.value.nat_daddr_be = t.saddr_be;
+    reply.value.nat_dport_be = t.sport_be;
+    reply.value.flags |= CT_F_DNAT;
     if snat {
         fwd.flags |= CT_F_FORWARD;
-        reply.flags |= CT_F_FORWARD;
+        reply.value.flags |= CT_F_FORWARD;
     }
-    reply_key.daddr_be = src;
+    reply.key.daddr_be = src;
     let mut i = 0;
     while i < SNAT_TRIES {
         let port = cfg.snat_port_min + (new.hash.wrapping_add(i) % range) as u16;
-        reply_key.dport_be = port.to_be();
+        reply.key.dport_be = port.to_be();
         // NOEXIST makes the reply tuple, and so the port, ours alone.
         if LB_CT_V1
-            .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+            .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             count_ct(CtOp::Insert);
             fwd.nat_sport_be = port.to_be();
-            if let Err(reason) = insert(t, &fwd) {
-                remove(&reply_key);
+            if let Err(reason) = insert(t, fwd) {
+                remove(&reply.key);
                 return Err(reason);
             }
-            return Ok(fwd);
+            return Ok(());
         }
         i += 1;
     }

@@ -7,11 +7,12 @@ use lb_common::{
     dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
     family,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
-    Backend, BackendId, CtValue, ServiceValue, Tuple,
+    Backend, CtValue, Tuple,
 };
 
 use crate::{
-    conntrack, csum,
+    conntrack::{self, NewFlow},
+    csum,
     env::Env,
     forward::{self, Route},
     hdr::{
@@ -22,6 +23,7 @@ use crate::{
     nat,
     packet::{Packet, PacketError},
     parse::Layout,
+    scratch::Entry,
     verdict::Reason,
 };
 
@@ -48,29 +50,27 @@ pub fn endpoint_for<P: Packet>(
     forward::gateway(pkt, node, backend.addr_be[0])
 }
 
-/// Records a new DSR flow: one forward entry on this node (the replies
-/// never come back through it).
+/// Records a new DSR flow to `endpoint`, the backend's node, in `fwd`: one
+/// forward entry on this node (the replies never come back through it).
 #[inline(always)]
 pub fn create(
     t: &Tuple,
-    svc: &ServiceValue,
-    backend_id: BackendId,
-    backend: &Backend,
+    new: &NewFlow,
     endpoint: u32,
     env: &Env,
-) -> Result<CtValue, Reason> {
-    let fwd = CtValue {
+    fwd: &mut CtValue,
+) -> Result<(), Reason> {
+    *fwd = CtValue {
         nat_saddr_be: [endpoint, 0, 0, 0],
-        nat_daddr_be: backend.addr_be,
-        nat_dport_be: backend.port_be,
+        nat_daddr_be: new.backend.addr_be,
+        nat_dport_be: new.backend.port_be,
         flags: CT_F_DSR,
-        backend_id,
-        svc_id: svc.svc_id,
+        backend_id: new.backend_id,
+        svc_id: new.svc.svc_id,
         last_seen_ns: env.now(),
         ..CtValue::default()
     };
-    conntrack::insert(t, &fwd)?;
-    Ok(fwd)
+    conntrack::insert(t, fwd)
 }
 
 /// The outer IPv4 header of a DSR flow's packet.
@@ -197,12 +197,13 @@ pub fn deliver<P: Packet>(
     layout: &Layout,
     shim: &Shim,
     env: &Env,
+    reply: &mut Entry,
 ) -> Result<(), Reason> {
     if !layout.has_l4() {
         return Err(Reason::DropRewrite);
     }
     let backend = [shim.addr_be, 0, 0, 0];
-    let reply_key = Tuple {
+    reply.key = Tuple {
         saddr_be: backend,
         daddr_be: t.saddr_be,
         sport_be: shim.port_be,
@@ -212,19 +213,19 @@ pub fn deliver<P: Packet>(
         _pad: [0; 2],
     };
     // SAFETY: the value is read at once.
-    let known = unsafe { LB_CT_V1.get(&reply_key) }
+    let known = unsafe { LB_CT_V1.get(&reply.key) }
         .is_some_and(|v| v.nat_saddr_be == t.daddr_be && v.nat_sport_be == t.dport_be);
     if !known {
         // The frontend is another node's (or a shared) address, which this
         // node's stack would not send from a pod's interface: forward by FIB.
-        let reply = CtValue {
+        reply.value = CtValue {
             nat_saddr_be: t.daddr_be,
             nat_sport_be: t.dport_be,
             flags: CT_F_SNAT | CT_F_REPLY | CT_F_FORWARD,
             last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        conntrack::insert(&reply_key, &reply)?;
+        conntrack::insert(&reply.key, &reply.value)?;
     }
     nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;
     Ok(())

@@ -18,7 +18,9 @@ use lb_common::{
 
 use crate::{
     hdr::{
-        icmp::{CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED},
+        icmp::{
+            CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED, TYPE as ICMP_TYPE,
+        },
         IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT,
     },
     maps::LB_CT_V1,
@@ -28,12 +30,14 @@ use crate::{
 
 /// Translates the ICMP message of an IPv4 packet laid out as `layout` if it
 /// is an error about a translated flow; `Ok(true)` when it did. The quoted
-/// packet's tuple is parsed into `quote`.
+/// packet's tuple is parsed into `quote`, the key of its reply entry built
+/// in `key`.
 #[inline(always)]
 pub fn translate_error<P: Packet>(
     pkt: &mut P,
     layout: &Layout,
     quote: &mut Tuple,
+    key: &mut Tuple,
 ) -> Result<bool, PacketError> {
     if layout.frag != Frag::None {
         return Ok(false);
@@ -42,15 +46,19 @@ pub fn translate_error<P: Packet>(
     // Headers at variable offsets are read whole: single-byte reads there
     // become checks the verifier cannot follow.
     let icmp: [u8; ICMP_HLEN] = pkt.load(l4)?;
-    if icmp[0] != DEST_UNREACH && icmp[0] != TIME_EXCEEDED {
+    let kind = icmp[ICMP_TYPE];
+    if kind != DEST_UNREACH && kind != TIME_EXCEEDED {
         return Ok(false);
     }
     let inner = l4 + ICMP_HLEN;
     let Some(quoted) = parse::quoted(pkt, inner, quote)? else {
         return Ok(false);
     };
+    // The quote went from the client's side to the backend: reversed, it
+    // is the flow's reply entry.
+    *key = quote.reversed();
     // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { LB_CT_V1.get(&quote.reversed()).copied() }) else {
+    let Some(ct) = (unsafe { LB_CT_V1.get(key).copied() }) else {
         return Ok(false);
     };
     if ct.flags & CT_F_REPLY == 0 {

@@ -1,5 +1,38 @@
 //! The lb datapath: XDP on node interfaces, TC ingress on node and pod
 //! interfaces, all running one ladder of stages (see `pipeline`).
+//!
+//! # Layers
+//!
+//! Each module uses only modules on the lines above it (bottom first):
+//!
+//! 1. `hdr` (header layouts and constants), `scratch` (the per-CPU room's
+//!    layout): definitions, no dependencies.
+//! 2. `maps`: every map the programs use.
+//! 3. `packet` (bounds-checked access and rewrite primitives over XDP and
+//!    TC), `env` (config, time, hook, length: looked up once per run),
+//!    `verdict` (`Verdict`, and `Reason`, the one mapping to counters),
+//!    `stats` (counting).
+//! 4. Packet-free stages over `lb_common::Tuple`: `frontend` (lookup,
+//!    source ranges), `select` (affinity, Maglev), `conntrack`. A program
+//!    without a packet (a cgroup socket hook) can call them as they are.
+//! 5. Packet stages: `csum`, `parse` (into a tuple and a layout), `nat`,
+//!    `frag`, `forward` (FIB), `reject` (RST, ICMP), `icmp` (errors about
+//!    translated flows), `dsr` (encapsulation).
+//! 6. `pipeline`: the ladder; the only module that counts a packet's
+//!    outcome and decides its verdict.
+//! 7. The entry points below.
+//!
+//! # Stack budget
+//!
+//! 6.1's verifier allows a call chain 512 bytes of stack, each frame
+//! rounded up to 32. Every program is one frame: the entry points and all
+//! stages are inlined, and memset/memcpy are expanded in place (see
+//! lb-agent/build.rs). The large, long-lived temporaries (the flow's
+//! tuple, its conntrack entry, a new flow's reply entry, the FIB request)
+//! live in per-CPU scratch maps instead. The frame is 344 bytes for
+//! `lb_xdp_node` and 328 for the TC programs: 168 bytes are left. Measure
+//! after a change with `llvm-objdump -d` on the object (the deepest
+//! `r10 - N`) or the verifier log's `stack depth`.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -19,6 +52,7 @@ mod packet;
 mod parse;
 mod pipeline;
 mod reject;
+mod scratch;
 mod select;
 mod sock;
 mod stats;
@@ -39,10 +73,8 @@ use crate::{
 };
 
 // The entry points are `#[inline(always)]`: aya's macros wrap each in an
-// extern fn, and an outer frame of its own would cost 32 of the 512 bytes of
-// stack that 6.1's verifier allows a call chain (it rounds every frame up to
-// 32), and the main frame takes 480 of them. For the same reason the
-// build has LLVM expand memset and memcpy in place (see lb-agent/build.rs).
+// extern fn, and an outer frame of its own would cost 32 of the stack
+// budget (see the crate doc).
 
 /// Headers TC needs linear before the ladder reads them directly.
 const TC_PULL_LEN: u32 = 128;

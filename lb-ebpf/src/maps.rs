@@ -14,6 +14,8 @@ use lb_common::{
     ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
 
+use crate::scratch::Scratch;
+
 /// Frontends.
 #[btf_map]
 pub static LB_SERVICES_V2: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
@@ -67,6 +69,11 @@ pub static LB_SVC_INFO_V1: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> 
 /// Ports of translated first fragments, for the datagram's later fragments.
 #[btf_map]
 pub static LB_FRAGS_V1: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHashMap::new();
+
+/// Per-CPU room for a run's large temporaries (`scratch`; not pinned:
+/// nothing outlives a program run).
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// Per-CPU scratch space for FIB lookup requests (not pinned: nothing
 /// outlives a program run).

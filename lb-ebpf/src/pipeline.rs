@@ -17,10 +17,14 @@ use crate::{
     dsr,
     env::{Ctx, Env, Hook},
     forward::{self, Route},
-    frag, frontend, icmp, nat,
+    frag, frontend, icmp,
+    maps::LB_SCRATCH,
+    nat,
     packet::Packet,
     parse::{self, Frag, Layout, Parsed},
-    reject, select,
+    reject,
+    scratch::{Entry, Scratch},
+    select,
     stats::{count, count_new_flow, count_service},
     verdict::{Reason, Verdict},
 };
@@ -29,9 +33,9 @@ use crate::{
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     let len = pkt.len();
-    let Some(env) = Env::load() else {
-        // The config array always has its one entry; without it nothing
-        // can be translated right, so the packet goes on untouched.
+    let (Some(env), Some(s)) = (Env::load(), scratch()) else {
+        // Arrays always have their entries; without them nothing can be
+        // translated right, so the packet goes on untouched.
         return pass(Reason::PassUnsupported, len);
     };
     let mut ctx = Ctx { env, hook, len };
@@ -49,11 +53,15 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
             Err(_) => return drop(Reason::DropRewrite, len),
         }
     };
-    let mut t = Tuple::default();
-    let layout = match parse::parse(pkt, &mut t) {
+    let Scratch {
+        tuple: t,
+        ct,
+        other,
+    } = s;
+    let layout = match parse::parse(pkt, t) {
         Ok(Parsed::Flow(layout)) => layout,
         Ok(Parsed::Icmp(layout)) => {
-            return match icmp::translate_error(pkt, &layout, &mut t) {
+            return match icmp::translate_error(pkt, &layout, t, &mut other.key) {
                 Ok(true) => pass(Reason::IcmpError, len),
                 Ok(false) => pass(Reason::PassUnsupported, len),
                 Err(_) => drop(Reason::DropRewrite, len),
@@ -64,32 +72,51 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     };
 
     if let Some(shim) = unwrapped {
-        return match dsr::deliver(pkt, &t, &layout, &shim, &ctx.env) {
+        return match dsr::deliver(pkt, t, &layout, &shim, &ctx.env, other) {
             Ok(()) => pass(Reason::DsrDecap, ctx.len),
             Err(reason) => drop(reason, ctx.len),
         };
     }
-    let ct = if layout.frag == Frag::Later {
-        later_fragment(&mut t, &layout, &ctx)
+    let found = if layout.frag == Frag::Later {
+        later_fragment(t, &layout, &ctx, ct)
     } else {
-        flow(pkt, &t, &layout, &ctx)
+        flow(pkt, t, &layout, &ctx, ct, other)
     };
-    match ct {
-        Ok(ct) => translate(pkt, &t, &layout, &ct, &ctx),
+    match found {
+        Ok(()) => translate(pkt, t, &layout, ct, &ctx),
         Err(verdict) => verdict,
     }
 }
 
-/// The translation of a packet's flow: its conntrack entry, or a new flow
-/// to a backend of the Service it is addressed to. `Err` is the packet's
-/// verdict when there is nothing to translate it by (counted).
+/// This CPU's scratch slot, as the previous run left it.
 #[inline(always)]
-fn flow<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout, ctx: &Ctx) -> Result<CtValue, Verdict> {
+fn scratch() -> Option<&'static mut Scratch> {
+    let slot = LB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot, used by one program run at a time (XDP and
+    // TC run in softirq context, which does not nest on a CPU); every field
+    // is plain integers, valid whatever the previous run left, and each is
+    // written before it is read.
+    Some(unsafe { &mut *slot })
+}
+
+/// Finds the translation of a packet's flow into `ct`: its conntrack
+/// entry, or a new flow to a backend of the Service it is addressed to
+/// (whose reply entry is made in `reply`). `Err` is the packet's verdict
+/// when there is nothing to translate it by (counted).
+#[inline(always)]
+fn flow<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ctx: &Ctx,
+    ct: &mut CtValue,
+    reply: &mut Entry,
+) -> Result<(), Verdict> {
     let len = ctx.len;
-    if let Some(ct) = conntrack::lookup(t, layout.closing(), &ctx.env) {
-        if select::backend_alive(&ct) {
+    if conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
+        if select::backend_alive(ct) {
             count(Reason::CtHit, len);
-            return Ok(ct);
+            return Ok(());
         }
         // The flow's backend was removed: end the flow visibly instead of
         // sending it into the void. TCP gets a reset; UDP, which has no
@@ -137,21 +164,24 @@ fn flow<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout, ctx: &Ctx) -> Result
     } else {
         None
     };
+    let new = NewFlow {
+        svc: &svc,
+        backend_id,
+        backend: &backend,
+        hash,
+        external: ctx.hook.is_external(),
+        closing: layout.closing(),
+    };
     let created = if let Some(endpoint) = dsr_endpoint {
-        dsr::create(t, &svc, backend_id, &backend, endpoint, &ctx.env)
+        dsr::create(t, &new, endpoint, &ctx.env, ct)
     } else {
-        let new = NewFlow {
-            hash,
-            external: ctx.hook.is_external(),
-            closing: layout.closing(),
-        };
-        conntrack::create(t, new, &svc, backend_id, &backend, &ctx.env)
+        conntrack::create(t, &new, &ctx.env, ct, reply)
     };
     match created {
-        Ok(ct) => {
+        Ok(()) => {
             count(Reason::NewFlow, len);
             count_new_flow(svc_id);
-            Ok(ct)
+            Ok(())
         }
         Err(reason) => Err(drop_for(svc_id, reason, len)),
     }
@@ -160,19 +190,24 @@ fn flow<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout, ctx: &Ctx) -> Result
 /// A later fragment takes its first fragment's flow, or passes untouched: it
 /// has no header to start a flow or to answer with a reset.
 #[inline(always)]
-fn later_fragment(t: &mut Tuple, layout: &Layout, ctx: &Ctx) -> Result<CtValue, Verdict> {
+fn later_fragment(
+    t: &mut Tuple,
+    layout: &Layout,
+    ctx: &Ctx,
+    ct: &mut CtValue,
+) -> Result<(), Verdict> {
     let len = ctx.len;
     if !frag::recall(t, layout, &ctx.env) {
         return Err(pass(Reason::FragUntracked, len));
     }
-    let Some(ct) = conntrack::lookup(t, layout.closing(), &ctx.env) else {
+    if !conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
         return Err(pass(Reason::FragUntracked, len));
-    };
-    if !select::backend_alive(&ct) {
+    }
+    if !select::backend_alive(ct) {
         return Err(drop_for(ct.svc_id, Reason::BackendGone, len));
     }
     count(Reason::FragTracked, len);
-    Ok(ct)
+    Ok(())
 }
 
 /// Counts `reason` and passes.
