@@ -395,7 +395,6 @@ impl Collector for DatapathCollector {
     }
 }
 
-
 /// The socket hooks' counters, read from their pinned map at each scrape.
 #[derive(Debug)]
 struct SocketCollector {

@@ -434,7 +434,11 @@ fn socket_hooks_outlive_the_agent_are_re_adopted_and_go_with_cleanup() {
         .arg(c.node("a").bpffs())
         .output()
         .expect("run lb-agent cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Untranslated, the ClusterIP has no route from the node.
     let err = tcp_connect(&node, vip, IO).expect_err("no hooks after cleanup");
     assert_ne!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
