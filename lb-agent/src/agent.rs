@@ -9,11 +9,11 @@ use std::{collections::BTreeSet, sync::Arc, time::Instant};
 use anyhow::{bail, Context as _, Result};
 use lb_agent::{
     datapath::{
-        bpffs,
+        bpffs, cgroup,
         config::{write_config, Settings},
         maps::Maps,
         programs::{MapSizes, Programs},
-        upgrade,
+        stale, upgrade,
         xdp_mode::XdpPolicy,
     },
     endpoints::{self, Readiness},
@@ -76,6 +76,12 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         dsr: args.mode == Mode::Dsr,
     };
     write_config(&mut maps, &iface_addrs, &settings)?;
+    let sock_cgroup = cgroup::prepare(
+        &args.bpffs,
+        args.socket_lb,
+        args.cgroup2.as_deref(),
+        progs.sock_error(),
+    );
     let old_pins = upgrade::older_pins(&args.bpffs)?;
     for (name, n) in upgrade::migrate(&args.bpffs, &old_pins)? {
         info!(map = %name, entries = n, "converted an older map layout");
@@ -130,6 +136,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                     Ok(Some((source_problems, changed))) => {
                         let (problems, report) =
                             sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
+                        if sock_cgroup.is_some() && report.deletes > 0 {
+                            stale::after_sync(&args.bpffs, &maps);
+                        }
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);
                         // Refused Service ports (the tail of `problems`)
@@ -147,6 +156,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             }
                             metrics.xdp_attached(progs.xdp_attachments());
                             progs.sync_pods(&patterns)?;
+                            if let Some(dir) = &sock_cgroup {
+                                if let Err(e) = progs.attach_sockets(dir) {
+                                    warn!("socket-level load balancing is off: {e:#}");
+                                }
+                            }
                             upgrade::retire(&args.bpffs, &old_pins)?;
                             for pin in &old_pins {
                                 info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));

@@ -134,6 +134,9 @@ impl Command {
         match self {
             Command::Run(args) => {
                 args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
+                if let Some(dir) = &mut args.cgroup2 {
+                    *dir = std::path::absolute(&*dir).context("--cgroup2")?;
+                }
                 if let Some(dir) = &mut args.manifests {
                     *dir = std::path::absolute(&*dir).context("--manifests")?;
                 }
@@ -268,6 +271,14 @@ pub(crate) struct RunArgs {
     /// 65521 and 131071 slots that gives 100 per backend.
     #[arg(long, value_parser = parse_table_size)]
     pub(crate) maglev_table_size: Option<u32>,
+    /// Socket-level load balancing for the node's own sockets (cgroup v2
+    /// hooks at the hierarchy's root, acting on this network namespace only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) socket_lb: bool,
+    /// A cgroup v2 mount whose root the socket hooks attach to; default:
+    /// the mounted one, else one mounted at /run/lb/cgroup2.
+    #[arg(long)]
+    pub(crate) cgroup2: Option<PathBuf>,
 }
 
 /// Accepts only the Maglev table sizes the datapath is built for.

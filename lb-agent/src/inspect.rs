@@ -173,6 +173,27 @@ pub struct StatsView {
     pub counters: Vec<CounterView>,
     /// Counters by Service port, summed over CPUs.
     pub services: Vec<ServiceStatsView>,
+    /// Socket-hook events by name (`sock_translated`, …), summed over
+    /// CPUs; empty without socket hooks.
+    pub sockets: Vec<SocketCounterView>,
+}
+
+/// One socket-hook counter.
+#[derive(Debug, Serialize)]
+pub struct SocketCounterView {
+    /// Its name.
+    pub name: &'static str,
+    /// Events counted.
+    pub events: u64,
+}
+
+/// Adds the socket-hook counters pinned under `bpffs` to `view`.
+pub fn with_socket_counters(mut view: StatsView, bpffs: &std::path::Path) -> Result<StatsView> {
+    view.sockets = crate::datapath::cgroup::counters(bpffs)?
+        .into_iter()
+        .map(|(name, events)| SocketCounterView { name, events })
+        .collect();
+    Ok(view)
 }
 
 /// Reads the counters, summed over CPUs.
@@ -198,7 +219,11 @@ pub fn stats(maps: &Maps) -> Result<StatsView> {
             drops: c.drops,
         })
         .collect();
-    Ok(StatsView { counters, services })
+    Ok(StatsView {
+        counters,
+        services,
+        sockets: Vec::new(),
+    })
 }
 
 /// Renders counters as two tables: by outcome, then by Service port.
@@ -218,6 +243,12 @@ pub fn stats_table(v: &StatsView) -> String {
             "{:<40} {:>12} {:>14} {:>10} {:>10}",
             c.name, c.packets, c.bytes, c.new_flows, c.drops
         );
+    }
+    if !v.sockets.is_empty() {
+        let _ = writeln!(s, "\n{:<24} {:>12}", "SOCKET HOOKS", "EVENTS");
+        for c in &v.sockets {
+            let _ = writeln!(s, "{:<24} {:>12}", c.name, c.events);
+        }
     }
     s
 }

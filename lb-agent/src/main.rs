@@ -58,7 +58,8 @@ fn real_main(mut cli: Cli) -> Result<()> {
         }
         Command::Stats(view) => {
             let maps = Maps::open(&view.bpffs)?;
-            view.print(&inspect::stats(&maps)?, inspect::stats_table)
+            let stats = inspect::with_socket_counters(inspect::stats(&maps)?, &view.bpffs)?;
+            view.print(&stats, inspect::stats_table)
         }
         Command::Backends(view) => {
             let maps = Maps::open(&view.bpffs)?;

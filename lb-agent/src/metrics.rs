@@ -114,6 +114,9 @@ impl Metrics {
             capacities,
             evictions: Mutex::new(Evictions::default()),
         }));
+        registry.register_collector(Box::new(SocketCollector {
+            bpffs: bpffs.to_path_buf(),
+        }));
         Ok(Self {
             registry,
             reconcile_seconds,
@@ -423,6 +426,34 @@ impl Collector for DatapathCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The socket hooks' counters, read from their pinned map at each scrape.
+#[derive(Debug)]
+struct SocketCollector {
+    bpffs: std::path::PathBuf,
+}
+
+impl Collector for SocketCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        match crate::datapath::cgroup::counters(&self.bpffs) {
+            // No socket hooks: no family.
+            Ok(rows) if rows.is_empty() => Ok(()),
+            Ok(rows) => family(
+                &mut encoder,
+                "socket_events",
+                "Calls of the node's sockets the socket hooks translated, refused or \
+                 reversed, and sockets of gone backends ended or left (summed over CPUs)",
+                MetricType::Counter,
+                rows.into_iter()
+                    .map(|(name, n)| (vec![("event", name.to_string())], ConstCounter::new(n))),
+            ),
+            Err(e) => {
+                warn!("metrics: {e:#}");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -28,6 +28,13 @@ pub const FRAGS: &str = "LB_FRAGS_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
 pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 
+/// Scope of the socket hooks: `u32` 0 → [`crate::sock::SockConfig`].
+pub const SOCK_CONFIG: &str = "LB_SOCK_CONFIG_V1";
+/// Translated sockets (LRU): [`crate::sock::SockRevKey`] → [`crate::sock::SockRevValue`].
+pub const SOCK_REV: &str = "LB_SOCK_REV_V1";
+/// Per-CPU socket-hook counters: `u32` → `u64`, by `crate::sock::STAT_*`.
+pub const SOCK_STATS: &str = "LB_SOCK_STATS_V1";
+
 /// Default capacity of the services map.
 pub const SERVICES_MAX: u32 = 65536;
 /// Default capacity of the backends map.
@@ -42,9 +49,21 @@ pub const FRAGS_MAX: u32 = 8192;
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 11] = [
-    SERVICES, MAGLEV, BACKENDS, CONNTRACK, AFFINITY, SRC_RANGES, CONFIG, STATS, SVC_INFO,
-    SVC_STATS, FRAGS,
+pub const ALL: [&str; 14] = [
+    SERVICES,
+    MAGLEV,
+    BACKENDS,
+    CONNTRACK,
+    AFFINITY,
+    SRC_RANGES,
+    CONFIG,
+    STATS,
+    SVC_INFO,
+    SVC_STATS,
+    FRAGS,
+    SOCK_CONFIG,
+    SOCK_REV,
+    SOCK_STATS,
 ];
 
 /// The XDP program on the node's external interfaces.
@@ -55,3 +74,11 @@ pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
 pub const PROG_TC_NODE: &str = "lb_tc_node";
 /// The TC ingress program on the host side of pod interfaces.
 pub const PROG_TC_POD: &str = "lb_tc_pod";
+/// The cgroup hook translating `connect()` of the node's IPv4 sockets.
+pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
+/// The cgroup hook translating unconnected IPv4 UDP `sendmsg()`.
+pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+/// The cgroup hook showing the frontend as an IPv4 UDP reply's source.
+pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+/// The cgroup hook showing the frontend as a connected IPv4 socket's peer.
+pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";

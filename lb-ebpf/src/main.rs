@@ -20,6 +20,8 @@
 //!    translated flows), `dsr` (encapsulation).
 //! 6. `pipeline`: the ladder; the only module that counts a packet's
 //!    outcome and decides its verdict.
+//!    `sock`, beside it: the cgroup socket hooks (the node's own sockets),
+//!    over the packet-free stages of line 4.
 //! 7. The entry points below.
 //!
 //! # Stack budget
@@ -54,6 +56,7 @@ mod pipeline;
 mod reject;
 mod scratch;
 mod select;
+mod sock;
 mod stats;
 mod verdict;
 

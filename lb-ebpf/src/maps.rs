@@ -8,6 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
     service::MAGLEV_MAX,
+    sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
     ServiceInfo, ServiceKey, ServiceValue, SrcRange,
@@ -78,3 +79,17 @@ pub static LB_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// outlives a program run).
 #[btf_map]
 pub static LB_FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// Scope of the socket hooks (one entry: the agent's netns cookie).
+#[btf_map]
+pub static LB_SOCK_CONFIG_V1: Array<SockConfig, 1> = Array::new();
+
+/// Translated sockets' backends → the frontends they asked for, so replies
+/// and `getpeername` show the frontend; LRU so that closed sockets make room.
+#[btf_map]
+pub static LB_SOCK_REV_V1: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX as usize }> =
+    LruHashMap::new();
+
+/// Socket-hook counters by `lb_common::sock::STAT_*`.
+#[btf_map]
+pub static LB_SOCK_STATS_V1: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();

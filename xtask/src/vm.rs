@@ -30,8 +30,19 @@ const SMOKE_TESTS: [&str; 3] = [
     "client_to_node_port_on_each_node_reaches_local_and_remote_backends",
 ];
 
-/// Modules the tests need, in load order (bridge needs llc and stp).
-const MODULES: [&str; 6] = ["llc", "stp", "bridge", "veth", "sch_ingress", "cls_bpf"];
+/// Modules the tests need, in load order (bridge needs llc and stp; the
+/// diag modules let the agent find and end stale node sockets).
+const MODULES: [&str; 9] = [
+    "llc",
+    "stp",
+    "bridge",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+];
 
 /// Tools the rig runs in the guest, copied with their libraries.
 const GUEST_TOOLS: [&str; 3] = ["ip", "ethtool", "bpftool"];
@@ -193,6 +204,7 @@ struct Binaries {
     agent: PathBuf,
     datapath: PathBuf,
     services: PathBuf,
+    hostnet: PathBuf,
 }
 
 fn build_binaries() -> Result<Binaries> {
@@ -228,6 +240,7 @@ fn build_binaries() -> Result<Binaries> {
         agent: crate::agent_bin(),
         datapath: exe("datapath")?,
         services: exe("services")?,
+        hostnet: exe("hostnet")?,
     })
 }
 
@@ -257,6 +270,7 @@ fn make_tree(tree: &Path, kernel: &Kernel, bins: &Binaries) -> Result<()> {
         (&bins.agent, "lb-agent"),
         (&bins.datapath, "datapath"),
         (&bins.services, "services"),
+        (&bins.hostnet, "hostnet"),
     ] {
         copy_with_libs(src, &tree.join("lb").join(name), tree)?;
     }
@@ -303,7 +317,9 @@ export LB_AGENT_BIN=/lb/lb-agent LB_TEST_SLOWDOWN=10
 a=$?
 ./services --test-threads=2 {smoke}
 b=$?
-echo "{EXIT_MARK}$((a | b))"
+./hostnet --test-threads=2
+c=$?
+echo "{EXIT_MARK}$((a | b | c))"
 poweroff -f
 "#
     )

@@ -1,8 +1,10 @@
 //! The only code that touches BPF maps, programs, links and bpffs.
 
 pub mod bpffs;
+pub mod cgroup;
 pub mod config;
 pub mod maps;
 pub mod programs;
+pub mod stale;
 pub mod upgrade;
 pub mod xdp_mode;

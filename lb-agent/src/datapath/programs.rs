@@ -109,6 +109,8 @@ pub struct Programs {
     xdp_policy: XdpPolicy,
     /// The XDP mode of each node interface attached so far, and why.
     xdp_attachments: Vec<Attachment>,
+    /// Why the socket hooks could not be loaded, if they could not.
+    sock_error: Option<anyhow::Error>,
 }
 
 impl Programs {
@@ -180,13 +182,31 @@ impl Programs {
             };
             res.with_context(|| format!("verifier rejected {name}"))?;
         }
+        // The socket hooks are an addition the packet path does not need:
+        // a kernel that refuses them runs without (the caller says so).
+        let sock_error = super::cgroup::load(&mut ebpf).err();
         Ok(Self {
             ebpf,
             links: bpffs::links_dir(bpffs),
             owned: HashSet::new(),
             xdp_policy,
             xdp_attachments: Vec::new(),
+            sock_error,
         })
+    }
+
+    /// Why the socket hooks are not loaded, if they are not.
+    pub fn sock_error(&self) -> Option<&anyhow::Error> {
+        self.sock_error.as_ref()
+    }
+
+    /// Attaches the socket hooks at the root of the cgroup v2 hierarchy
+    /// mounted at `cgroup` (see [`super::cgroup`]).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(e) = &self.sock_error {
+            bail!("the socket hooks are not loaded: {e:#}");
+        }
+        super::cgroup::attach(&mut self.ebpf, &self.links, cgroup)
     }
 
     /// One of the loaded object's maps (a shadow copy's private ones
@@ -617,6 +637,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
         maps::SRC_RANGES,
         maps::BACKENDS,
         maps::CONNTRACK,
+        maps::SOCK_REV,
     ] {
         loader.map_max_entries(name, 16);
     }

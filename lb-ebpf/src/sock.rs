@@ -1,0 +1,354 @@
+//! Socket-level load balancing for the node's own sockets: cgroup v2 hooks
+//! on `connect`, `sendmsg`, `recvmsg` and `getpeername`.
+//!
+//! Packets the node itself sends never cross an interface our packet
+//! programs run on before they leave, so the node's sockets are translated
+//! where they start: `connect` (TCP, connected UDP) and `sendmsg` (each
+//! datagram of an unconnected UDP socket) rewrite a frontend to the backend
+//! that the packet path's own stages choose (frontend lookup, source ranges,
+//! affinity, Maglev), and the socket talks to the backend directly. What the
+//! application sees stays the frontend: the forward hook leaves a reverse
+//! entry (socket cookie and backend → frontend) that `recvmsg` (a UDP
+//! reply's source) and `getpeername` read.
+//!
+//! The agent attaches the hooks at the root of the cgroup v2 hierarchy, so
+//! they run for every socket of the machine; each hook first checks that the
+//! socket lives in the agent's network namespace (its cookie is in the sock
+//! config map) and lets every other socket through untouched. Pods, in
+//! network namespaces of their own, keep going through the TC path.
+//!
+//! Choice of the Maglev hash: at `connect` the source port is usually not
+//! chosen yet (it is bound after the hook) and the source address is the
+//! routing decision's, so the packet path's 5-tuple hash would give every
+//! connection of the node the same backend. The hooks hash the socket's
+//! cookie (unique per socket for the kernel's uptime) with the frontend:
+//! connections spread over the backends as the packet path's flows do, and
+//! one unconnected UDP socket keeps its backend for every datagram to a
+//! frontend while the table holds, as a 5-tuple would. The decision never
+//! leaves the node, so it need not be the one another node would make.
+//!
+//! The "client" of affinity and source ranges is the socket's bound
+//! address, or the node's address (the SNAT source of the config map) for
+//! an unbound socket: the address its packets would most likely carry.
+//!
+//! Each entry point is written for IPv4 over family-agnostic stages
+//! ([`Endpoint`] carries an [`IpAddrBe`]); the IPv6 hooks read `user_ip6`
+//! and call the same stages.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use lb_common::{
+    family, hash, proto,
+    sock::{
+        SockRevKey, SockRevValue, STAT_REFUSED, STAT_REVERSED, STAT_SOURCE_RANGE, STAT_TRANSLATED,
+    },
+    stats::SvcCounters,
+    IpAddrBe, Tuple,
+};
+
+use crate::{
+    env::Env,
+    frontend,
+    maps::{LB_SOCK_CONFIG_V1, LB_SOCK_REV_V1, LB_SOCK_STATS_V1, LB_SVC_STATS_V1},
+    select,
+    stats::count_new_flow,
+};
+
+/// Return code of a cgroup sock_addr program: go on.
+const ALLOW: i32 = 1;
+/// Return code of a cgroup sock_addr program: fail the call, with the error
+/// set by `bpf_set_retval` (EPERM if none).
+const REJECT: i32 = 0;
+/// `ECONNREFUSED`: what a client of a Service without endpoints gets, as
+/// from kube-proxy's reject rules, at once instead of a timeout.
+const ECONNREFUSED: i32 = 111;
+/// `EPERM`: a client outside the Service's `loadBalancerSourceRanges`.
+const EPERM: i32 = 1;
+
+/// A socket address: the frontend a socket asks for or the backend it gets.
+#[derive(Clone, Copy)]
+struct Endpoint {
+    family: u8,
+    addr: IpAddrBe,
+    port_be: u16,
+}
+
+/// What a forward hook does with the socket's address.
+enum Decision {
+    /// Not a frontend (or not our socket): leave it.
+    Pass,
+    /// Rewrite it to this backend.
+    To(Endpoint),
+    /// Fail the call with this errno.
+    Refuse(i32),
+}
+
+/// TCP connect and connected UDP: translate a frontend to a backend.
+#[cgroup_sock_addr(connect4)]
+#[inline(always)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx, true)
+}
+
+/// Each datagram of an unconnected UDP socket: translate a frontend.
+#[cgroup_sock_addr(sendmsg4)]
+#[inline(always)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx, false)
+}
+
+/// A UDP datagram's source as the application reads it: the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+#[inline(always)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx);
+    ALLOW
+}
+
+/// A connected socket's peer as the application reads it: the frontend.
+#[cgroup_sock_addr(getpeername4)]
+#[inline(always)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx);
+    ALLOW
+}
+
+/// The forward hooks on an IPv4 socket address.
+#[inline(always)]
+fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
+    if !in_scope(ctx) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY (every access to `sa`): the kernel hands the program a valid
+    // context; volatile keeps each access at the width the verifier allows
+    // (LLVM could merge neighbouring fields into one wider load).
+    let l4 = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
+    let l4 = match l4 {
+        6 => proto::TCP,
+        17 => proto::UDP,
+        _ => return ALLOW,
+    };
+    let dst = Endpoint {
+        family: family::V4,
+        addr: [
+            unsafe { core::ptr::read_volatile(&(*sa).user_ip4) },
+            0,
+            0,
+            0,
+        ],
+        port_be: unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16,
+    };
+    let client = client4(sa, connect);
+    // SAFETY: the helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match decide(l4, &dst, client, cookie, connect) {
+        Decision::Pass => ALLOW,
+        Decision::To(backend) => {
+            // SAFETY: 4-byte writes of user_ip4 and user_port are allowed
+            // in connect4 and sendmsg4.
+            unsafe {
+                core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[0]);
+                core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port_be));
+            }
+            ALLOW
+        }
+        Decision::Refuse(errno) => {
+            // SAFETY: bpf_set_retval has no preconditions in these hooks.
+            unsafe { bpf_set_retval(-errno) };
+            REJECT
+        }
+    }
+}
+
+/// The reverse hooks on an IPv4 socket address.
+#[inline(always)]
+fn reverse4(ctx: &SockAddrContext) {
+    if !in_scope(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `forward4`.
+    let seen = Endpoint {
+        family: family::V4,
+        addr: [
+            unsafe { core::ptr::read_volatile(&(*sa).user_ip4) },
+            0,
+            0,
+            0,
+        ],
+        port_be: unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16,
+    };
+    // SAFETY: the helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(front) = frontend_of(cookie, &seen) {
+        // SAFETY: 4-byte writes are allowed in recvmsg4 and getpeername4.
+        unsafe {
+            core::ptr::write_volatile(&mut (*sa).user_ip4, front.addr[0]);
+            core::ptr::write_volatile(&mut (*sa).user_port, u32::from(front.port_be));
+        }
+    }
+}
+
+/// The IPv4 address a socket's packets will most likely carry: the source
+/// a datagram asks for (`IP_PKTINFO`), the address the socket is bound
+/// to, or the node's address.
+#[inline(always)]
+fn client4(sa: *mut bpf_sock_addr, connect: bool) -> IpAddrBe {
+    // SAFETY: msg_src_ip4 may be read in sendmsg4 only; `sk` is always a
+    // valid socket pointer in these hooks.
+    let mut addr = 0;
+    if !connect {
+        addr = unsafe { core::ptr::read_volatile(&(*sa).msg_src_ip4) };
+    }
+    if addr == 0 {
+        let sk = unsafe { core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk) };
+        if !sk.is_null() {
+            addr = unsafe { core::ptr::read_volatile(&(*sk).src_ip4) };
+        }
+    }
+    // 0: the node's address, which `decide` takes from the config.
+    [addr, 0, 0, 0]
+}
+
+/// Whether the socket lives in the agent's network namespace.
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = LB_SOCK_CONFIG_V1.get(0) else {
+        return false;
+    };
+    // A cookie of 0 is an agent that has not written its scope yet.
+    // SAFETY: the helper takes the program's context.
+    cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
+}
+
+/// Chooses the backend for a socket asking for `dst`, with the packet
+/// path's stages, and records the translation for the reverse hooks.
+#[inline(always)]
+fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) -> Decision {
+    let Some(env) = Env::load() else {
+        return Decision::Pass;
+    };
+    let client = if client == [0; 4] {
+        env.cfg().node_addr(dst.family).unwrap_or(client)
+    } else {
+        client
+    };
+    // The source port is not known yet (see the module comment).
+    let t = Tuple {
+        saddr_be: client,
+        daddr_be: dst.addr,
+        sport_be: 0,
+        dport_be: dst.port_be,
+        proto: l4,
+        family: dst.family,
+        _pad: [0; 2],
+    };
+    let Some(svc) = frontend::lookup(&t) else {
+        return Decision::Pass;
+    };
+    if !frontend::source_allowed(&svc, &t) {
+        count(STAT_SOURCE_RANGE);
+        count_refusal(svc.svc_id);
+        return Decision::Refuse(EPERM);
+    }
+    // No endpoint (or an inconsistent table): refuse at once. The packet
+    // path drops instead for a Local policy without a local endpoint, so
+    // that an outside load balancer retries elsewhere; a local client has
+    // nowhere else to go, and a refusal beats a timeout.
+    let picked = if svc.slot_count == 0 {
+        None
+    } else {
+        select::pick(&svc, &t, sock_hash(&t, cookie), env.now())
+    };
+    let Some((_, backend)) = picked else {
+        count(STAT_REFUSED);
+        count_refusal(svc.svc_id);
+        return Decision::Refuse(ECONNREFUSED);
+    };
+    let key = SockRevKey {
+        cookie,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        family: backend.family,
+        _pad: [0; 5],
+    };
+    let value = SockRevValue {
+        addr_be: dst.addr,
+        port_be: dst.port_be,
+        family: dst.family,
+        _pad: 0,
+        svc_id: svc.svc_id,
+    };
+    // A datagram socket sends many datagrams; its flow is new when it
+    // first reaches this backend for this frontend.
+    // SAFETY: the value is compared at once.
+    let known = !connect && unsafe { LB_SOCK_REV_V1.get(&key) }.is_some_and(|v| *v == value);
+    if !known {
+        // A full LRU map evicts the idlest socket's entry; a failure leaves
+        // only the reverse view untranslated, so the call goes on.
+        let _ = LB_SOCK_REV_V1.insert(&key, &value, u64::from(BPF_ANY));
+        count_new_flow(svc.svc_id);
+    }
+    count(STAT_TRANSLATED);
+    Decision::To(Endpoint {
+        family: backend.family,
+        addr: backend.addr_be,
+        port_be: backend.port_be,
+    })
+}
+
+/// The frontend a translated socket asked for, given the backend it sees.
+#[inline(always)]
+fn frontend_of(cookie: u64, seen: &Endpoint) -> Option<Endpoint> {
+    let key = SockRevKey {
+        cookie,
+        addr_be: seen.addr,
+        port_be: seen.port_be,
+        family: seen.family,
+        _pad: [0; 5],
+    };
+    // SAFETY: the value is copied out at once.
+    let v = unsafe { LB_SOCK_REV_V1.get(&key).copied() }?;
+    count(STAT_REVERSED);
+    Some(Endpoint {
+        family: v.family,
+        addr: v.addr_be,
+        port_be: v.port_be,
+    })
+}
+
+/// A socket's flow hash: the tuple's (source port 0) with the socket's
+/// cookie mixed in (see the module comment).
+#[inline(always)]
+fn sock_hash(t: &Tuple, cookie: u64) -> u32 {
+    let h = hash::mix(t.hash(), cookie as u32);
+    hash::finish(hash::mix(h, (cookie >> 32) as u32))
+}
+
+/// Adds one to socket counter `idx`.
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = LB_SOCK_STATS_V1.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a refused socket call as a drop of Service port `svc_id` (no
+/// packet was sent, so packets and bytes stay).
+#[inline(always)]
+fn count_refusal(svc_id: u32) {
+    if let Some(c) = LB_SVC_STATS_V1.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe {
+            let c: &mut SvcCounters = &mut *c;
+            c.drops += 1;
+        }
+    }
+}

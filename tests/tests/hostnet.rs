@@ -1,0 +1,445 @@
+//! Host-network traffic: the node's own sockets reach Services through the
+//! socket hooks (cgroup v2 connect/sendmsg/recvmsg/getpeername), and only
+//! the sockets of the agent's own network namespace are translated.
+//!
+//! Needs root. Run through `cargo xtask test`.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    manifests::{docs, service, slice, Ep},
+    rig::{in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, Cluster, ClusterSpec},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const IO: Duration = Duration::from_secs(3);
+
+/// The pods' addresses: a0, a1 on node-a; b0, b1 on node-b.
+const A1: &str = "10.244.1.11";
+const B0: &str = "10.244.2.10";
+const B1: &str = "10.244.2.11";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn start_agents(c: &mut Cluster, nodes: &[&str]) {
+    for n in nodes {
+        c.node_mut(n).start_agent(&[]);
+    }
+    for n in nodes {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+}
+
+/// One Service port with one slice of ready endpoints (address, node).
+fn one_port(
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    node_port: u16,
+    proto: &str,
+    endpoints: &[(&str, &str)],
+) -> String {
+    let eps: Vec<Ep<'_>> = endpoints
+        .iter()
+        .map(|(a, n)| Ep {
+            addr: a,
+            node: n,
+            ready: true,
+            terminating: false,
+        })
+        .collect();
+    docs(&[
+        service(name, vip, port, target, Some(node_port), proto),
+        slice(name, &format!("{name}-1"), target, proto, &eps),
+    ])
+}
+
+fn web(endpoints: &[(&str, &str)]) -> String {
+    one_port("web", "10.96.0.10", 80, 8080, 30080, "TCP", endpoints)
+}
+
+fn dns(endpoints: &[(&str, &str)]) -> String {
+    one_port("dns", "10.96.0.53", 53, 5353, 30053, "UDP", endpoints)
+}
+
+/// `lb-agent ARGS -o json --bpffs <node's>`, parsed.
+fn inspect(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lb_tests::rig::agent_bin())
+        .args(args)
+        .args(["-o", "json", "--bpffs"])
+        .arg(c.node(node).bpffs())
+        .output()
+        .expect("run lb-agent");
+    assert!(
+        out.status.success(),
+        "lb-agent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("lb-agent {args:?} printed no JSON: {e}"))
+}
+
+/// A socket-hook counter of `node`'s agent.
+fn sock_counter(c: &Cluster, node: &str, name: &str) -> u64 {
+    let stats = inspect(c, node, &["stats"]);
+    stats["sockets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .and_then(|s| s["events"].as_u64())
+        .unwrap_or_else(|| panic!("no socket counter {name}: {stats}"))
+}
+
+/// The per-Service counters of `svc` on `node`.
+fn service_stats(c: &Cluster, node: &str, svc: &str) -> serde_json::Value {
+    let stats = inspect(c, node, &["stats"]);
+    stats["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == svc))
+        .cloned()
+        .unwrap_or_else(|| panic!("no counters of {svc}: {stats}"))
+}
+
+/// Backend name → count over `n` TCP connections from `ns` to `dst`; each
+/// connected socket must show `dst` as its peer.
+fn tcp_spread(ns: &str, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut hits = BTreeMap::new();
+    for i in 0..n {
+        let (line, peer) =
+            tcp_hello(ns, dst, IO).unwrap_or_else(|e| panic!("connection {i} to {dst}: {e}"));
+        assert_eq!(peer, dst, "getpeername shows the frontend");
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *hits.entry(name).or_insert(0) += 1;
+    }
+    hits
+}
+
+/// One datagram from `ns` to `dst` on a connected socket: (reply, where
+/// recvfrom says it came from, the socket's peer).
+fn udp_connected_hello(ns: &str, dst: SocketAddr) -> io::Result<(String, SocketAddr, SocketAddr)> {
+    in_ns(ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(IO))?;
+        s.connect(dst)?;
+        s.send(b"hello")?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+        Ok((line, from, s.peer_addr()?))
+    })
+}
+
+#[test]
+fn the_node_reaches_a_cluster_ip_over_tcp_and_sees_the_cluster_ip_as_its_peer() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnclip"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest(
+        "web.yaml",
+        &web(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    let hits = tcp_spread(&node, sa("10.96.0.10:80"), 60);
+    for backend in ["a1", "b0", "b1"] {
+        assert!(
+            hits.contains_key(backend),
+            "{backend} never reached: {hits:?}"
+        );
+    }
+    // Every connection is a new flow of the Service, counted where the
+    // socket hook chose its backend.
+    let web = service_stats(&c, "a", "test/web:p/TCP");
+    assert_eq!(web["new_flows"], 60, "{web}");
+    assert_eq!(web["drops"], 0, "{web}");
+    assert!(sock_counter(&c, "a", "sock_translated") >= 60);
+}
+
+#[test]
+fn the_node_reaches_a_cluster_ip_over_udp_and_replies_come_from_the_cluster_ip() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnudp"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest(
+        "dns.yaml",
+        &dns(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.53:53");
+    let mut unconnected = BTreeMap::new();
+    for i in 0..30 {
+        let (line, from) =
+            udp_hello(&node, vip, IO).unwrap_or_else(|e| panic!("unconnected datagram {i}: {e}"));
+        assert_eq!(from, vip, "recvfrom shows the ClusterIP as the source");
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *unconnected.entry(name).or_insert(0) += 1;
+    }
+    assert!(
+        unconnected.len() >= 2,
+        "several backends answer: {unconnected:?}"
+    );
+    let mut connected = BTreeMap::new();
+    for i in 0..30 {
+        let (line, from, peer) = udp_connected_hello(&node, vip)
+            .unwrap_or_else(|e| panic!("connected datagram {i}: {e}"));
+        assert_eq!(
+            from, vip,
+            "recvfrom on a connected socket shows the ClusterIP"
+        );
+        assert_eq!(peer, vip, "getpeername shows the ClusterIP");
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *connected.entry(name).or_insert(0) += 1;
+    }
+    assert!(
+        connected.len() >= 2,
+        "several backends answer: {connected:?}"
+    );
+}
+
+#[test]
+fn an_unconnected_udp_socket_keeps_its_backend_and_gets_every_reply_from_the_cluster_ip() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnsock"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest(
+        "dns.yaml",
+        &dns(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.53:53");
+    let names = in_ns(&node, || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(IO)).expect("timeout");
+        let mut names = Vec::new();
+        for i in 0..10 {
+            s.send_to(b"q", vip).expect("send");
+            let mut buf = [0u8; 2048];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("reply {i}: {e}"));
+            assert_eq!(from, vip, "reply {i} comes from the ClusterIP");
+            names.push(
+                String::from_utf8_lossy(&buf[..n])
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        names
+    });
+    assert!(
+        names.windows(2).all(|w| w[0] == w[1]),
+        "one backend per socket: {names:?}"
+    );
+    // One socket, one backend: one new flow, however many datagrams.
+    let dns = service_stats(&c, "a", "test/dns:p/UDP");
+    assert_eq!(dns["new_flows"], 1, "{dns}");
+}
+
+#[test]
+fn the_node_reaches_node_ports_on_its_own_address_and_on_the_other_nodes() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnnp"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    c.write_manifest("dns.yaml", &dns(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    for addr in ["10.99.0.1", "10.99.0.2"] {
+        let dst = sa(&format!("{addr}:30080"));
+        let hits = tcp_spread(&node, dst, 30);
+        assert!(
+            hits.contains_key("a1") && hits.contains_key("b0"),
+            "NodePort {dst} from node-a: {hits:?}"
+        );
+        let dst = sa(&format!("{addr}:30053"));
+        for i in 0..10 {
+            let (_, from) =
+                udp_hello(&node, dst, IO).unwrap_or_else(|e| panic!("{dst} datagram {i}: {e}"));
+            assert_eq!(from, dst, "the reply comes from the NodePort");
+        }
+    }
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_the_node_at_once() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnref"));
+    c.write_manifest("web.yaml", &web(&[]));
+    c.write_manifest("dns.yaml", &dns(&[]));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    for dst in ["10.96.0.10:80", "10.99.0.1:30080"] {
+        let started = Instant::now();
+        let err = tcp_connect(&node, sa(dst), WAIT).expect_err("no endpoint to reach");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{dst}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{dst}: refused at once"
+        );
+    }
+    let err = in_ns(&node, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(sa("10.96.0.53:53"))
+    })
+    .expect_err("no endpoint to reach");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    let err = in_ns(&node, || {
+        UdpSocket::bind("0.0.0.0:0")?.send_to(b"q", sa("10.96.0.53:53"))
+    })
+    .expect_err("no endpoint to reach");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    let web = service_stats(&c, "a", "test/web:p/TCP");
+    assert_eq!(web["drops"], 2, "{web}");
+    assert!(sock_counter(&c, "a", "sock_refused") >= 4);
+}
+
+#[test]
+fn two_agents_on_one_machine_translate_only_their_own_namespaces_sockets() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnscope"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    // Only node-b's agent runs: its hooks see node-a's sockets (one cgroup
+    // hierarchy for the whole machine) and must leave them alone. node-a
+    // has no route to the ClusterIP, so an untranslated connect fails.
+    start_agents(&mut c, &["b"]);
+    let a = c.node("a").ns.clone();
+    let b = c.node("b").ns.clone();
+    let vip = sa("10.96.0.10:80");
+    let err = tcp_connect(&a, vip, IO).expect_err("node-a's socket is not translated");
+    assert_ne!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(tcp_hello(&b, vip, IO).is_ok(), "node-b's own socket is");
+    // With both agents running, each counts only its own node's sockets.
+    start_agents(&mut c, &["a"]);
+    let before_a = sock_counter(&c, "a", "sock_translated");
+    let before_b = sock_counter(&c, "b", "sock_translated");
+    for i in 0..10 {
+        tcp_hello(&a, vip, IO).unwrap_or_else(|e| panic!("node-a connection {i}: {e}"));
+    }
+    assert_eq!(sock_counter(&c, "a", "sock_translated") - before_a, 10);
+    assert_eq!(sock_counter(&c, "b", "sock_translated"), before_b);
+}
+
+/// Whether a socket call failed for good (not just a read timeout).
+fn ended(r: &io::Result<usize>) -> bool {
+    matches!(r, Err(e) if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
+#[test]
+fn a_removed_backends_connected_node_sockets_are_ended() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnstale"));
+    let _s = serve_all_pods(&c);
+    let both = [(A1, "node-a"), (B0, "node-b")];
+    c.write_manifest("dns.yaml", &dns(&both));
+    c.write_manifest("web.yaml", &web(&both));
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.53:53");
+    let udp = in_ns(&node, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(vip)?;
+        Ok::<_, io::Error>(s)
+    })
+    .expect("connected UDP socket");
+    let mut buf = [0u8; 2048];
+    let mut backend = None;
+    for _ in 0..20 {
+        udp.send(b"q").expect("send");
+        if let Ok(n) = udp.recv(&mut buf) {
+            let line = String::from_utf8_lossy(&buf[..n]).to_string();
+            backend = line.split_whitespace().next().map(str::to_string);
+            break;
+        }
+    }
+    let backend = backend.expect("the UDP backend answers");
+    let mut stream = tcp_connect(&node, sa("10.96.0.10:80"), IO).expect("TCP connection");
+    let mut greeting = [0u8; 64];
+    let n = io::Read::read(&mut stream, &mut greeting).expect("greeting");
+    let tcp_backend = String::from_utf8_lossy(&greeting[..n])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    // Both backends leave their Service (the other one stays).
+    let addr_of = |name: &str| if name == "a1" { A1 } else { B0 };
+    let keep = |gone: &str| -> Vec<(&str, &str)> {
+        both.iter()
+            .copied()
+            .filter(|(a, _)| *a != addr_of(gone))
+            .collect()
+    };
+    let before = c.node("a").syncs();
+    c.write_manifest("dns.yaml", &dns(&keep(&backend)));
+    c.write_manifest("web.yaml", &web(&keep(&tcp_backend)));
+    c.node("a").wait_synced(before, WAIT);
+    lb_tests::rig::wait_until(WAIT, "the UDP socket is ended", || {
+        let _ = udp.send(b"q");
+        ended(&udp.recv(&mut buf))
+    });
+    lb_tests::rig::wait_until(WAIT, "the TCP socket is ended", || {
+        ended(&io::Write::write(&mut stream, b"ping\n").and_then(|_| {
+            stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+            io::Read::read(&mut stream, &mut greeting)
+        }))
+    });
+    assert!(sock_counter(&c, "a", "sock_destroyed") >= 2);
+    // A new socket reaches the backend that stayed.
+    let (line, from, _) = udp_connected_hello(&node, vip).expect("a new socket is answered");
+    assert_eq!(from, vip);
+    assert!(!line.starts_with(&backend), "{line}");
+}
+
+#[test]
+fn socket_hooks_outlive_the_agent_are_re_adopted_and_go_with_cleanup() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnrest"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    let vip = sa("10.96.0.10:80");
+    tcp_hello(&node, vip, IO).expect("through the hooks");
+    // No agent: the pinned hooks keep translating.
+    c.node_mut("a").stop_agent();
+    tcp_hello(&node, vip, IO).expect("while no agent runs");
+    start_agents(&mut c, &["a"]);
+    let log = c.node("a").agent_log();
+    assert_eq!(
+        log.matches("re-adopted pinned socket hook").count(),
+        4,
+        "the restarted agent swaps its programs into the four links:\n{log}"
+    );
+    tcp_hello(&node, vip, IO).expect("after the restart");
+    c.node_mut("a").stop_agent();
+    let out = std::process::Command::new(lb_tests::rig::agent_bin())
+        .args(["cleanup", "--bpffs"])
+        .arg(c.node("a").bpffs())
+        .output()
+        .expect("run lb-agent cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Untranslated, the ClusterIP has no route from the node.
+    let err = tcp_connect(&node, vip, IO).expect_err("no hooks after cleanup");
+    assert_ne!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+}
