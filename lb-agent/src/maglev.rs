@@ -7,7 +7,7 @@
 //! `M / N` slots give or take one, and adding or removing one backend moves
 //! few slots of the others.
 //!
-//! Determinism across nodes (DESIGN.md, invariant 2): a backend's
+//! Determinism across nodes (docs/architecture.md, Invariants 2): a backend's
 //! permutation depends only on its `address:port` and on the fixed seeds
 //! below, and backends take their turns in sorted order, so the same backend
 //! set gives the same table on every node whatever order the endpoints

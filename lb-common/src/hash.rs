@@ -1,7 +1,7 @@
 //! The flow hash that picks a backend slot.
 //!
 //! Fixed seed, no per-boot randomness: every node must pick the same slot for
-//! the same flow (DESIGN.md, invariant 2).
+//! the same flow (docs/architecture.md, Invariants 2).
 
 /// Seed of the flow hash; changing it reshuffles every new flow.
 pub const FLOW_HASH_SEED: u32 = 0x6c62_5f31;

@@ -1,6 +1,6 @@
 //! A cluster of network namespaces: a fabric bridge, an external client,
 //! nodes with an `eth0` on the bridge, and pods behind veth pairs on each
-//! node (DESIGN.md, Test rig).
+//! node (docs/architecture.md, The test rig).
 //!
 //! A node's `eth0` is a veth whose far side, a port of the bridge, runs
 //! nothing, as on kind, k3d or any container node: that is where users'

@@ -1,6 +1,6 @@
 //! Turning the desired model into map contents, changing only what differs.
 //!
-//! Order is what keeps the datapath whole (STYLE.md 7): backends first, then
+//! Order is what keeps the datapath whole (docs/architecture.md, Invariants 3): backends first, then
 //! the Service's Maglev table (written whole where the store puts it, see
 //! [`Store::put_table`]), then the frontend records that point at it, and
 //! only then what nobody uses any more. A packet therefore always finds a
