@@ -2,11 +2,11 @@
 //! config and the time, each looked up at most once per run, and for a
 //! packet, the hook it arrived on and its length.
 //!
-//! Stages take these from the caller instead of asking the kernel again:
-//! a config map lookup in every stage and a frame-length helper call in
-//! every counting place were most of the per-packet overhead that did no
-//! work. [`Env`] holds nothing about packets, so the packet-free stages
-//! (frontend, select, conntrack) can be called by a program that has none.
+//! Stages take these from the caller instead of asking the kernel again
+//! (four stages looked up the config map, and XDP asked for the frame
+//! length up to three times a packet). [`Env`] holds nothing about
+//! packets, so the packet-free stages (frontend, select, conntrack) can be
+//! called by a program that has none.
 
 use core::cell::Cell;
 
