@@ -6,7 +6,10 @@
 //! One rig per scale, with a node per contender so that nothing is torn
 //! down between runs: node-a runs the agent, node-c holds the nftables rule
 //! set, node-d the iptables one, node-e the forwarder; node-b holds the
-//! backends. All are the same kind of veth on the same bridge.
+//! backends. All are the same kind of veth on the same bridge. Figure 2 is
+//! measured in two shapes of the nodes' wires (see [`Shape`]): with an XDP
+//! program on their far side, and as users' container nodes have them,
+//! with nothing there.
 
 use std::{
     fmt::Write as _,
@@ -99,13 +102,18 @@ const PATHS: [Path; 5] = [
 ];
 
 impl Path {
-    fn name(self) -> &'static str {
-        match self {
-            Path::Generator => "generator alone (dropped at the first hop)",
-            Path::Forwarder => "(a) XDP forwarder (MAC rewrite + XDP_TX)",
-            Path::Agent => "(b) lb agent",
-            Path::Nft => "(c) kube-proxy nftables rules",
-            Path::Iptables => "(d) kube-proxy iptables rules",
+    fn name(self, shape: Shape) -> &'static str {
+        match (self, shape) {
+            (Path::Generator, Shape::XdpPeer) => "generator alone (dropped at the first hop)",
+            (Path::Generator, Shape::Plain) => "generator alone (across the bridge to node-b)",
+            (Path::Forwarder, Shape::XdpPeer) => "(a) XDP forwarder (MAC rewrite + XDP_TX)",
+            (Path::Forwarder, Shape::Plain) => {
+                "(a) XDP forwarder in generic mode (MAC rewrite + XDP_TX)"
+            }
+            (Path::Agent, Shape::XdpPeer) => "(b) lb agent, --xdp-mode native",
+            (Path::Agent, Shape::Plain) => "(b) lb agent, default flags",
+            (Path::Nft, _) => "(c) kube-proxy nftables rules",
+            (Path::Iptables, _) => "(d) kube-proxy iptables rules",
         }
     }
 
@@ -117,6 +125,46 @@ impl Path {
             Path::Agent => Some("a"),
             Path::Nft => Some("c"),
             Path::Iptables => Some("d"),
+        }
+    }
+}
+
+/// What is on the far side of the nodes' wires (their `eth0`'s peers, the
+/// ports of the fabric bridge) in figure 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// An XDP program on every fabric port (a wire that hands the
+    /// generator's frames to node-b's port): a veth then takes the frames a
+    /// node sends with XDP_TX at once, so the agent can run native XDP
+    /// (forced with `--xdp-mode native`, since its default picks generic
+    /// mode on a veth). The generator puts its frames straight onto the
+    /// node's `eth0` (XDP_TX on the node's port). Only a rig can have this.
+    XdpPeer,
+    /// What users have (kind, k3d, any container node): nothing on the
+    /// fabric ports. The generator's frames enter the bridge on the
+    /// client's port as socket buffers and the bridge forwards them to the
+    /// node, and everything a node sends crosses the bridge again. The
+    /// agent runs with default flags; the forwarder in generic mode, as
+    /// native XDP_TX frames are not delivered to a peer without XDP.
+    Plain,
+}
+
+/// The shapes of figure 2, in measuring order.
+const SHAPES: [Shape; 2] = [Shape::XdpPeer, Shape::Plain];
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::XdpPeer => "XDP-capable far side (an XDP program on every fabric port)",
+            Shape::Plain => "users' shape (nothing on the far side of a node's veth)",
+        }
+    }
+
+    /// The agent's flags in this shape.
+    fn agent_flags(self) -> &'static [&'static str] {
+        match self {
+            Shape::XdpPeer => &["--xdp-mode", "native"],
+            Shape::Plain => &[],
         }
     }
 }
@@ -172,7 +220,8 @@ struct Connections {
 struct Scale {
     n: usize,
     setup: String,
-    thru: Option<Throughput>,
+    /// Figure 2, per shape measured.
+    thru: Vec<(Shape, Throughput)>,
     conns: Option<Connections>,
 }
 
@@ -268,7 +317,13 @@ struct Rig {
     svcs: Vec<Svc>,
     udp: usize,
     tcp: usize,
-    _links: Vec<xdp::Link>,
+    shape: Shape,
+    /// The sinks on node-b and the client.
+    _sinks: Vec<xdp::Link>,
+    /// The wire on the fabric ports ([`Shape::XdpPeer`] only).
+    wire: Vec<xdp::Link>,
+    forwarder: Prog,
+    forwarding: Option<xdp::Link>,
     _udp_servers: Vec<UdpServer>,
     _tcp_servers: Vec<RrServer>,
     setup: String,
@@ -284,7 +339,8 @@ impl Rig {
             ClusterSpec {
                 nodes: 5,
                 pods_per_node: 1,
-                // The fabric ports get the wire instead (below).
+                // The fabric ports get the wire (below) in the XDP-capable
+                // shape, and nothing in the users' shape.
                 xdp_far_side: false,
                 ..ClusterSpec::default()
             }
@@ -328,7 +384,9 @@ impl Rig {
                 })
             });
             let mut writes = 0;
-            let agent = timed(|| writes = start_agent(&mut cluster, svcs.len()));
+            let agent = timed(|| {
+                writes = start_agent(&mut cluster, svcs.len(), Shape::XdpPeer.agent_flags());
+            });
             let join = |h: std::thread::ScopedJoinHandle<'_, Duration>| {
                 h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
             };
@@ -377,25 +435,38 @@ impl Rig {
             // NAPI on: an XDP program or GRO. Nodes c and d have no program.
             sh(Some(&ns), &["ethtool", "-K", "eth0", "gro", "on"]);
         }
+        // Every node's MAC on its port from the start: the users' shape
+        // sends through the bridge, which must not flood while it learns.
+        let fabric = cluster.fabric_ns();
+        for letter in ["a", "b", "c", "d", "e"] {
+            let ns = cluster.node(letter).ns.clone();
+            let m = mac(&ns, "eth0").map(|x| format!("{x:02x}")).join(":");
+            let port = format!("n{letter}");
+            sh(
+                Some(&fabric),
+                &[
+                    "bridge", "fdb", "replace", &m, "dev", &port, "master", "static",
+                ],
+            );
+        }
 
-        let mut links = Vec::new();
+        let mut sinks = Vec::new();
         let sink = Prog::load("bench_sink", &xdp::sink(MAGIC)).expect("load the sink");
         for ns in [b_ns.clone(), cluster.client_ns()] {
             let link = in_ns(&ns, || {
                 sink.attach(programs::ifindex("eth0")?).map_err(Into::into)
             })
             .unwrap_or_else(|e: anyhow::Error| panic!("attach the sink in {ns}: {e:#}"));
-            links.push(link);
+            sinks.push(link);
         }
         // The way back from the nodes to node-b is a wire, not the bridge:
         // the generator's frames are redirected from the node's fabric port
         // straight to node-b's, as frames without a socket buffer, so that
         // the figure is the node's cost and not the bridge's. Everything
-        // else takes the bridge. Like the rig's pass-only program, it also
-        // makes every fabric port take XDP_TX frames promptly.
-        let fabric = cluster.fabric_ns();
+        // else takes the bridge. Being XDP, it also makes every fabric port
+        // take XDP_TX frames promptly (the XDP-capable far side).
         let ports = ["client", "na", "nb", "nc", "nd", "ne"];
-        let wired = in_ns(&fabric, || -> anyhow::Result<Vec<xdp::Link>> {
+        let wire = in_ns(&fabric, || -> anyhow::Result<Vec<xdp::Link>> {
             let wire = Prog::load("bench_wire", &xdp::wire(MAGIC, programs::ifindex("nb")?))
                 .map_err(anyhow::Error::msg)?;
             let mut links = Vec::new();
@@ -405,15 +476,15 @@ impl Rig {
             Ok(links)
         })
         .unwrap_or_else(|e| panic!("attach the wire in the fabric: {e:#}"));
-        links.extend(wired);
         let e_ns = cluster.node("e").ns.clone();
-        let fwd = Prog::load("bench_fwd", &xdp::forwarder(b_mac, mac(&e_ns, "eth0")))
+        let forwarder = Prog::load("bench_fwd", &xdp::forwarder(b_mac, mac(&e_ns, "eth0")))
             .expect("load the forwarder");
-        let link = in_ns(&e_ns, || {
-            fwd.attach(programs::ifindex("eth0")?).map_err(Into::into)
+        let forwarding = in_ns(&e_ns, || {
+            forwarder
+                .attach(programs::ifindex("eth0")?)
+                .map_err(Into::into)
         })
         .unwrap_or_else(|e: anyhow::Error| panic!("attach the forwarder: {e:#}"));
-        links.push(link);
 
         let mut udp_servers = Vec::new();
         let mut tcp_servers = Vec::new();
@@ -428,13 +499,53 @@ impl Rig {
             svcs,
             udp,
             tcp,
-            _links: links,
+            shape: Shape::XdpPeer,
+            _sinks: sinks,
+            wire,
+            forwarder,
+            forwarding: Some(forwarding),
             _udp_servers: udp_servers,
             _tcp_servers: tcp_servers,
             setup,
         };
         rig.check_paths();
         rig
+    }
+
+    /// Turns the rig into `shape` (from [`Shape::XdpPeer`], the shape it is
+    /// built in): the far side of every wire, the nodes' GRO, the
+    /// forwarder's mode and the agent's flags (it restarts, re-adopting its
+    /// maps and links as after any restart). Checks every path again.
+    fn reshape(&mut self, shape: Shape) {
+        if shape == self.shape {
+            return;
+        }
+        assert_eq!(shape, Shape::Plain, "the rig is built XDP-capable");
+        self.wire.clear();
+        // Users' nodes have GRO off on their eth0, veth's default.
+        for letter in ["a", "c", "d", "e"] {
+            let ns = self.cluster.node(letter).ns.clone();
+            sh(Some(&ns), &["ethtool", "-K", "eth0", "gro", "off"]);
+        }
+        // Native XDP_TX frames would not reach the fabric port now.
+        self.forwarding = None;
+        let e_ns = self.cluster.node("e").ns.clone();
+        let fwd = &self.forwarder;
+        self.forwarding = Some(
+            in_ns(&e_ns, || {
+                fwd.attach_generic(programs::ifindex("eth0")?)
+                    .map_err(Into::into)
+            })
+            .unwrap_or_else(|e: anyhow::Error| panic!("attach the forwarder (generic): {e:#}")),
+        );
+        let mut args = agent_args(self.svcs.len());
+        args.extend(shape.agent_flags().iter().map(ToString::to_string));
+        let node = self.cluster.node_mut("a");
+        node.stop_agent();
+        node.start_agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        node.wait_agent_ready(Duration::from_secs(120));
+        self.shape = shape;
+        self.check_paths();
     }
 
     /// Each load balancer answers a real datagram to the measured NodePort
@@ -466,20 +577,30 @@ impl Rig {
         }
     }
 
-    /// The generator's frame for `path`: to the measured NodePort on the
-    /// node's address and MAC.
+    /// The generator's frame for `path` and the fabric port it runs on: to
+    /// the measured NodePort on the node's address and MAC. In the users'
+    /// shape it runs on the client's port and the bridge carries the frame;
+    /// the generator alone then sends to node-b across the bridge.
     fn frame(&self, path: Path) -> (String, Vec<u8>) {
-        let (port, ns, addr) = match path.node() {
-            Some(l) => (
+        let (port, ns, addr) = match (path.node(), self.shape) {
+            (Some(l), Shape::XdpPeer) => (
                 format!("n{l}"),
                 self.cluster.node(l).ns.clone(),
                 Self::node_addr(l),
             ),
-            None => (
+            (None, Shape::XdpPeer) => (
                 "client".to_string(),
                 self.cluster.client_ns(),
                 Ipv4Addr::new(10, 99, 0, 100),
             ),
+            (l, Shape::Plain) => {
+                let l = l.unwrap_or("b");
+                (
+                    "client".to_string(),
+                    self.cluster.node(l).ns.clone(),
+                    Self::node_addr(l),
+                )
+            }
         };
         let np = self.svcs[self.udp].node_port.expect("a NodePort");
         let mut payload = MAGIC.to_vec();
@@ -499,8 +620,8 @@ impl Rig {
 
     /// Where `path`'s packets are counted.
     fn sink_ns(&self, path: Path) -> String {
-        match path {
-            Path::Generator => self.cluster.client_ns(),
+        match (path, self.shape) {
+            (Path::Generator, Shape::XdpPeer) => self.cluster.client_ns(),
             _ => self.cluster.node("b").ns.clone(),
         }
     }
@@ -512,8 +633,15 @@ impl Rig {
         let sink = self.sink_ns(path);
         let before = sink_count(&sink);
         let headers = frame[..xdp::HEADERS].try_into().expect("a whole frame");
-        let gen = Prog::load("bench_gen", &xdp::generator(headers, SPORT_BASE, FLOWS))
-            .expect("load the generator");
+        let inject = match self.shape {
+            Shape::XdpPeer => xdp::Inject::Tx,
+            Shape::Plain => xdp::Inject::Pass,
+        };
+        let gen = Prog::load(
+            "bench_gen",
+            &xdp::generator(headers, SPORT_BASE, FLOWS, inject),
+        )
+        .expect("load the generator");
         let gen = &gen;
         let (frames, took) = in_ns(&self.cluster.fabric_ns(), || {
             let ifindex = programs::ifindex(&port).expect("the node's fabric port");
@@ -540,14 +668,10 @@ impl Rig {
 /// minutes at 10 000 Services (figure 4). The agent adopts the pinned maps
 /// as after a restart, finds every table right and writes none. Returns
 /// the writes of its first sync, as it logged them.
-fn start_agent(cluster: &mut Cluster, n: usize) -> u64 {
+fn start_agent(cluster: &mut Cluster, n: usize, flags: &[&str]) -> u64 {
     let bpffs = cluster.node("a").bpffs();
     bpffs::ensure(&bpffs).expect("mount node-a's bpffs");
-    let sizes = MapSizes {
-        services: (2 * n + 1024).next_power_of_two() as u32,
-        backends: (n * ENDPOINTS + 1024).next_power_of_two() as u32,
-        ..MapSizes::default()
-    };
+    let sizes = map_sizes(n);
     {
         let _progs =
             Programs::load(&bpffs, sizes, XdpPolicy::Auto).expect("load node-a's programs");
@@ -564,16 +688,10 @@ fn start_agent(cluster: &mut Cluster, n: usize) -> u64 {
         let report = reconciler.apply(&model, &mut maps);
         assert!(report.failures.is_empty(), "seeding failed: {report:?}");
     }
-    let (svc_size, be_size) = (sizes.services.to_string(), sizes.backends.to_string());
     let node = cluster.node_mut("a");
-    node.start_agent(&[
-        "--maglev-table-size",
-        &TABLE_SIZE.to_string(),
-        "--services-size",
-        &svc_size,
-        "--backends-size",
-        &be_size,
-    ]);
+    let mut args = agent_args(n);
+    args.extend(flags.iter().map(ToString::to_string));
+    node.start_agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
     node.wait_agent_ready(Duration::from_secs(120));
     // Its first sync's map writes: 0 when it adopted the seeded maps whole.
     node.agent_log()
@@ -587,6 +705,29 @@ fn start_agent(cluster: &mut Cluster, n: usize) -> u64 {
                 .ok()
         })
         .unwrap_or(u64::MAX)
+}
+
+/// The agent's map sizes for `n` Services.
+fn map_sizes(n: usize) -> MapSizes {
+    MapSizes {
+        services: (2 * n + 1024).next_power_of_two() as u32,
+        backends: (n * ENDPOINTS + 1024).next_power_of_two() as u32,
+        ..MapSizes::default()
+    }
+}
+
+/// The agent's flags for `n` Services, but for the XDP mode.
+fn agent_args(n: usize) -> Vec<String> {
+    let sizes = map_sizes(n);
+    [
+        "--maglev-table-size".to_string(),
+        TABLE_SIZE.to_string(),
+        "--services-size".to_string(),
+        sizes.services.to_string(),
+        "--backends-size".to_string(),
+        sizes.backends.to_string(),
+    ]
+    .into()
 }
 
 /// A backend for figure 3: answers one request per connection and closes
@@ -676,36 +817,46 @@ fn connect_loop(ns: &str, dst: SocketAddr, window: Duration) -> (f64, Vec<f64>, 
     })
 }
 
+/// Figure 2 in the rig's present shape.
+fn throughput(rig: &Rig, p: &Params) -> Throughput {
+    let mut t = Throughput {
+        sent: vec![Vec::new(); PATHS.len()],
+        delivered: vec![Vec::new(); PATHS.len()],
+    };
+    // Conntrack entries of every flow exist before the first run.
+    for path in PATHS {
+        rig.blast(path, Duration::from_millis(50));
+    }
+    for run in 0..p.runs {
+        for (k, path) in PATHS.iter().enumerate() {
+            let (sent, delivered) = rig.blast(*path, p.window);
+            t.sent[k].push(sent);
+            t.delivered[k].push(delivered);
+        }
+        eprintln!(
+            "bench: figure 2: {} Services, {:?}, run {run}: {}",
+            rig.svcs.len(),
+            rig.shape,
+            t.delivered
+                .iter()
+                .map(|d| format!("{:.0}", d[run]))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+    t
+}
+
 fn run_scale(p: &Params, n: usize) -> Scale {
     eprintln!("bench: figures 2/3: rig with {n} Services");
-    let rig = Rig::new(n);
+    let mut rig = Rig::new(n);
     eprintln!("bench: figures 2/3: {}", rig.setup);
-    let thru = p.fig2.then(|| {
-        let mut t = Throughput {
-            sent: vec![Vec::new(); PATHS.len()],
-            delivered: vec![Vec::new(); PATHS.len()],
-        };
-        // Conntrack entries of every flow exist before the first run.
-        for path in PATHS {
-            rig.blast(path, Duration::from_millis(50));
-        }
-        for run in 0..p.runs {
-            for (k, path) in PATHS.iter().enumerate() {
-                let (sent, delivered) = rig.blast(*path, p.window);
-                t.sent[k].push(sent);
-                t.delivered[k].push(delivered);
-            }
-            eprintln!(
-                "bench: figure 2: {n} Services, run {run}: {}",
-                t.delivered
-                    .iter()
-                    .map(|d| format!("{:.0}", d[run]))
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            );
-        }
-        t
-    });
+    let mut thru = Vec::new();
+    // Figure 3 is measured in the shape the rig is built in; the shapes of
+    // figure 2 follow each other, the users' shape last.
+    if p.fig2 {
+        thru.push((rig.shape, throughput(&rig, p)));
+    }
     let conns = p.fig3.then(|| {
         let mut c = Connections {
             rate: vec![Vec::new(); CONNS.len()],
@@ -733,6 +884,17 @@ fn run_scale(p: &Params, n: usize) -> Scale {
         }
         c
     });
+    if p.fig2 {
+        let built = rig.shape;
+        for shape in SHAPES.into_iter().filter(|s| *s != built) {
+            let t = timed(|| rig.reshape(shape));
+            eprintln!(
+                "bench: figure 2: {n} Services, now {shape:?} (agent restarted in {:.1} s)",
+                t.as_secs_f64()
+            );
+            thru.push((shape, throughput(&rig, p)));
+        }
+    }
     let setup = rig.setup.clone();
     drop(rig);
     Scale {
@@ -752,15 +914,21 @@ pub fn run(p: &Params, report: &mut Report) -> Results {
     };
     if p.fig2 {
         report_throughput(p, &scales, report);
-        for (k, path) in PATHS.iter().enumerate() {
-            let points = scales
-                .iter()
-                .filter_map(|s| {
-                    let t = s.thru.as_ref()?;
-                    Some((s.n as f64, Stat::of(&t.delivered[k])?.median / 1e6))
-                })
-                .collect();
-            results.throughput.push((path.name().to_string(), points));
+        for shape in SHAPES {
+            for (k, path) in PATHS.iter().enumerate() {
+                let points = scales
+                    .iter()
+                    .filter_map(|s| {
+                        let (_, t) = s.thru.iter().find(|(sh, _)| *sh == shape)?;
+                        Some((s.n as f64, Stat::of(&t.delivered[k])?.median / 1e6))
+                    })
+                    .collect();
+                let label = match shape {
+                    Shape::XdpPeer => format!("{}, XDP-capable far side", path.name(shape)),
+                    Shape::Plain => format!("{}, users' shape", path.name(shape)),
+                };
+                results.throughput.push((label, points));
+            }
         }
     }
     if p.fig3 {
@@ -817,145 +985,215 @@ fn report_throughput(p: &Params, scales: &[Scale], report: &mut Report) {
          the forwarder, an XDP program that only writes node-b's MAC and its own and sends \
          the frame back out (XDP_TX): the limit of this machine. Services: UDP NodePorts \
          with {ENDPOINTS} endpoints each; the measured one is in the middle of the list, \
-         with the two pods of node-b as endpoints. Before measuring, every load balancer \
-         answers a real datagram through the measured NodePort from a backend. The agent's \
-         maps are seeded with its own translation and reconciler (tables written in \
-         batches) before it starts, because a cold start writes every table with an RCU \
-         grace period of its own (minutes at 10 000 Services, figure 4); it adopts them as \
-         after a restart and rewrites nothing. Generator: BPF_PROG_TEST_RUN in live-frames \
-         mode (as xdp-trafficgen), run in the fabric namespace on the node's port, so \
-         frames go straight onto the node's eth0 as from a NIC: 60-byte UDP frames to the \
-         NodePort from {FLOWS} source ports chosen at random per frame (the flows exist \
-         before the first run, so conntrack and the agent see established flows, and the \
-         rule sets' NAT chains only a flow's first packet), one thread, batches of 64. On \
-         the way out, the node's fabric port hands the generator's frames straight to \
-         node-b's port (an XDP redirect: a wire, so that the bridge's cost does not drown \
-         the nodes'); an XDP sink on node-b's eth0 counts and drops them (veth \
-         `xdp_drops`): delivered packets per second of the generator's time. Everything \
-         runs on the generator's CPU in one softirq chain (generator, node, wire, sink), \
-         so a rate is the inverse of the whole chain's cost per packet, and 'ns per \
-         packet' differences between rows are the differences in the nodes' work. \
-         'Generator alone': its frames dropped by the same sink on the first hop (the \
-         client's eth0); above the forwarder's rate, the generator is not the bottleneck. \
-         {} runs of {:.1} s per contender, in turn; ratios are per run.\n",
+         with the two pods of node-b as endpoints. Before measuring in each shape, every \
+         load balancer answers a real datagram through the measured NodePort from a \
+         backend. The agent's maps are seeded with its own translation and reconciler \
+         (tables written in batches) before it starts, because a cold start writes every \
+         table with an RCU grace period of its own (minutes at 10 000 Services, figure 4); \
+         it adopts them as after a restart and rewrites nothing. Generator: \
+         BPF_PROG_TEST_RUN in live-frames mode (as xdp-trafficgen), run in the fabric \
+         namespace: 60-byte UDP frames to the NodePort from {FLOWS} source ports chosen at \
+         random per frame (the flows exist before the first run, so conntrack and the \
+         agent see established flows, and the rule sets' NAT chains only a flow's first \
+         packet), one thread, batches of 64; an XDP sink on node-b's eth0 counts and drops \
+         them (veth `xdp_drops`): delivered packets per second of the generator's time. \
+         Everything runs on the generator's CPU in one softirq chain, so a rate is the \
+         inverse of the whole chain's cost per packet, and 'ns per packet' differences \
+         between rows are the differences in the nodes' work. {} runs of {:.1} s per \
+         contender, in turn; ratios are per run.\n\n\
+         Two shapes of the nodes' wires (each node's eth0 is a veth whose far side is a \
+         port of the fabric bridge):\n\n\
+         - {}: an XDP program on every fabric port hands the generator's frames straight \
+         to node-b's port (a wire, so that the bridge's cost does not drown the nodes'), \
+         and being XDP it makes the port take frames a node sends with XDP_TX at once. \
+         The generator runs on the node's port (XDP_TX), so frames go straight onto the \
+         node's eth0 as from a NIC. The agent is forced to native XDP \
+         (`--xdp-mode native`). 'Generator alone': its frames dropped by the same sink on \
+         the first hop (the client's eth0).\n\
+         - {}: nothing on the fabric ports and GRO off on the nodes' eth0 (veth's \
+         default), as on kind, k3d or any container node. The generator runs on the \
+         client's port and passes its frames to the bridge (XDP_PASS: socket buffers), \
+         which forwards them to the node, and whatever the node sends crosses the bridge \
+         to node-b. The agent runs with default flags (restarted, re-adopting its maps \
+         and links); the forwarder runs in generic mode, because a veth delivers native \
+         XDP_TX frames only to a peer that runs XDP. 'Generator alone': the frames cross \
+         the bridge straight to node-b.\n",
         p.runs,
-        p.window.as_secs_f64()
+        p.window.as_secs_f64(),
+        Shape::XdpPeer.name(),
+        Shape::Plain.name(),
     );
     for sc in scales {
-        let Some(t) = &sc.thru else { continue };
-        let agent = &t.delivered[2];
-        let _ = writeln!(
-            s,
-            "### {} Services\n\nSet-up: {}.\n\n| path | delivered (Mpps) | sent (Mpps) | ns per packet | b / this |\n|---|---|---|---|---|",
-            sc.n, sc.setup
-        );
-        for (k, path) in PATHS.iter().enumerate() {
-            let ns: Vec<f64> = t.delivered[k].iter().map(|d| 1e9 / d).collect();
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} |",
-                path.name(),
-                show(Stat::of(&t.delivered[k]), 1e-6, 3),
-                show(Stat::of(&t.sent[k]), 1e-6, 3),
-                show(Stat::of(&ns), 1.0, 0),
-                show(Stat::ratio(agent, &t.delivered[k]), 1.0, 2),
-            );
+        for (shape, t) in &sc.thru {
+            throughput_table(&mut s, sc, *shape, t, report);
         }
-        s.push('\n');
-        let ratio = |k: usize| Stat::ratio(agent, &t.delivered[k]);
-        let (fwd, nft, ipt) = (ratio(1), ratio(3), ratio(4));
-        let limit = Stat::ratio(&t.delivered[1], &t.delivered[3]);
-        let big = sc.n >= 10_000;
-        let scale_note = if big {
-            String::new()
-        } else {
-            format!(" (at {} Services)", sc.n)
-        };
-        if let Some(r) = fwd {
-            let extra = Stat::of(
-                &t.delivered[2]
+        // What a node costs per packet beyond the rest of the chain (the
+        // generator alone, in the same run): the users' shape's frames also
+        // cross the bridge as socket buffers, which every contender pays.
+        let node_cost = |shape: Shape, k: usize| {
+            let (_, t) = sc.thru.iter().find(|(sh, _)| *sh == shape)?;
+            Stat::of(
+                &t.delivered[k]
                     .iter()
-                    .zip(&t.delivered[1])
-                    .map(|(b, a)| 1e9 / b - 1e9 / a)
+                    .zip(&t.delivered[0])
+                    .map(|(d, g)| 1e9 / d - 1e9 / g)
                     .collect::<Vec<_>>(),
-            );
-            let ok = r.median >= 0.9;
+            )
+        };
+        if let (Some(plain), Some(xdp), Some(nft)) = (
+            node_cost(Shape::Plain, 2),
+            node_cost(Shape::XdpPeer, 2),
+            node_cost(Shape::Plain, 3),
+        ) {
             report.row(
-                &format!("throughput b/a at {} Services", sc.n),
-                r.show(2),
-                if big { "≥ 0.9" } else { "-" },
-                verdict(big, ok),
-                if ok {
-                    scale_note.clone()
-                } else {
-                    format!(
-                        "{:.0}% short{scale_note}: the agent adds {} ns per packet to the \
-                         forwarder's chain: its whole NodePort path to a remote backend \
-                         (frontend and conntrack lookups, SNAT and DNAT rewrite, FIB \
-                         lookup, counters), which figure 1 cannot time (no FIB route in a \
-                         test run)",
-                        (0.9 - r.median) / 0.9 * 100.0,
-                        show(extra, 1.0, 0)
-                    )
-                },
-            );
-        }
-        if let Some(r) = nft {
-            let ok = r.median >= 5.0;
-            report.row(
-                &format!("throughput b/c at {} Services", sc.n),
-                r.show(2),
-                if big { "≥ 5" } else { "-" },
-                verdict(big, ok),
-                if ok {
-                    scale_note.clone()
-                } else {
-                    format!(
-                        "{:.1}× short of 5×{scale_note}: even the forwarder reaches only \
-                         {} × the nftables rate here (a/c), because every packet also pays \
-                         for the generator, the veth hops and the sink, which no load \
-                         balancer can save; and with established flows the rule set is \
-                         consulted once per flow, so its size hardly matters",
-                        5.0 / r.median,
-                        show(limit, 1.0, 2)
-                    )
-                },
-            );
-        }
-        if let Some(r) = ipt {
-            report.row(
-                &format!("throughput b/d at {} Services", sc.n),
-                r.show(2),
+                &format!(
+                    "agent's ns per packet, users' shape / XDP-capable at {} Services",
+                    sc.n
+                ),
+                format!("{:.2}", plain.median / xdp.median),
                 "-",
                 Verdict::Info,
-                String::new(),
-            );
-        }
-        let gen = Stat::of(&t.delivered[0]);
-        let fwd_rate = Stat::of(&t.delivered[1]);
-        if let (Some(g), Some(f)) = (gen, fwd_rate) {
-            let _ = writeln!(
-                s,
-                "Generator alone: {:.3} Mpps against {:.3} Mpps delivered through the \
-                 forwarder: the generator {} the bottleneck.\n",
-                g.median / 1e6,
-                f.median / 1e6,
-                if g.median > f.median * 1.05 {
-                    "is not"
-                } else {
-                    "may be"
-                }
+                format!(
+                    "ns per packet above the generator alone: {} with default flags on a veth \
+                     with nothing on its far side (generic XDP), {} forced native with XDP \
+                     there (medians of different phases); nftables in the users' shape: {}",
+                    plain.show(0),
+                    xdp.show(0),
+                    nft.show(0)
+                ),
             );
         }
     }
     report.sections.push(s);
 }
 
+/// One shape's table of figure 2 at one scale, and its summary rows.
+fn throughput_table(s: &mut String, sc: &Scale, shape: Shape, t: &Throughput, report: &mut Report) {
+    let agent = &t.delivered[2];
+    let _ = writeln!(
+        s,
+        "### {} Services, {}\n\nSet-up: {}.\n\n| path | delivered (Mpps) | sent (Mpps) | ns per packet | b / this |\n|---|---|---|---|---|",
+        sc.n,
+        shape.name(),
+        sc.setup
+    );
+    for (k, path) in PATHS.iter().enumerate() {
+        let ns: Vec<f64> = t.delivered[k].iter().map(|d| 1e9 / d).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            path.name(shape),
+            show(Stat::of(&t.delivered[k]), 1e-6, 3),
+            show(Stat::of(&t.sent[k]), 1e-6, 3),
+            show(Stat::of(&ns), 1.0, 0),
+            show(Stat::ratio(agent, &t.delivered[k]), 1.0, 2),
+        );
+    }
+    s.push('\n');
+    let ratio = |k: usize| Stat::ratio(agent, &t.delivered[k]);
+    let (fwd, nft, ipt) = (ratio(1), ratio(3), ratio(4));
+    let limit = Stat::ratio(&t.delivered[1], &t.delivered[3]);
+    // The targets were set for the XDP-capable rig; the users' shape is
+    // reported beside it.
+    let big = sc.n >= 10_000 && shape == Shape::XdpPeer;
+    let mut scale_note = if sc.n >= 10_000 {
+        String::new()
+    } else {
+        format!(" (at {} Services)", sc.n)
+    };
+    let tag = match shape {
+        Shape::XdpPeer => "",
+        Shape::Plain => {
+            scale_note.push_str(" (users' shape: generic forwarder, agent with default flags)");
+            ", users' shape"
+        }
+    };
+    if let Some(r) = fwd {
+        let extra = Stat::of(
+            &t.delivered[2]
+                .iter()
+                .zip(&t.delivered[1])
+                .map(|(b, a)| 1e9 / b - 1e9 / a)
+                .collect::<Vec<_>>(),
+        );
+        let ok = r.median >= 0.9;
+        report.row(
+            &format!("throughput b/a at {} Services{tag}", sc.n),
+            r.show(2),
+            if big { "≥ 0.9" } else { "-" },
+            verdict(big, ok),
+            if ok || shape == Shape::Plain {
+                scale_note.clone()
+            } else {
+                format!(
+                    "{:.0}% short{scale_note}: the agent adds {} ns per packet to the \
+                     forwarder's chain: its whole NodePort path to a remote backend \
+                     (frontend and conntrack lookups, SNAT and DNAT rewrite, FIB \
+                     lookup, counters), which figure 1 cannot time (no FIB route in a \
+                     test run)",
+                    (0.9 - r.median) / 0.9 * 100.0,
+                    show(extra, 1.0, 0)
+                )
+            },
+        );
+    }
+    if let Some(r) = nft {
+        let ok = r.median >= 5.0;
+        report.row(
+            &format!("throughput b/c at {} Services{tag}", sc.n),
+            r.show(2),
+            if big { "≥ 5" } else { "-" },
+            verdict(big, ok),
+            if ok || shape == Shape::Plain {
+                scale_note.clone()
+            } else {
+                format!(
+                    "{:.1}× short of 5×{scale_note}: even the forwarder reaches only \
+                     {} × the nftables rate here (a/c), because every packet also pays \
+                     for the generator, the veth hops and the sink, which no load \
+                     balancer can save; and with established flows the rule set is \
+                     consulted once per flow, so its size hardly matters",
+                    5.0 / r.median,
+                    show(limit, 1.0, 2)
+                )
+            },
+        );
+    }
+    if let Some(r) = ipt {
+        report.row(
+            &format!("throughput b/d at {} Services{tag}", sc.n),
+            r.show(2),
+            "-",
+            Verdict::Info,
+            String::new(),
+        );
+    }
+    let gen = Stat::of(&t.delivered[0]);
+    let fwd_rate = Stat::of(&t.delivered[1]);
+    if let (Some(g), Some(f)) = (gen, fwd_rate) {
+        let _ = writeln!(
+            s,
+            "Generator alone: {:.3} Mpps against {:.3} Mpps delivered through the \
+             forwarder: the generator {} the bottleneck.\n",
+            g.median / 1e6,
+            f.median / 1e6,
+            if g.median > f.median * 1.05 {
+                "is not"
+            } else {
+                "may be"
+            }
+        );
+    }
+}
+
 fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
     let mut s = String::from("## Figure 3: connection rate and request latency\n\n");
     let _ = writeln!(
         s,
-        "Method: the rigs of figure 2. A client pod on each contender's node connects to \
+        "Method: the rigs of figure 2, in the XDP-capable shape (measured before the \
+         switch to the users' shape; the agent's XDP program sees only the replies, \
+         which it passes to the stack in either mode). A client pod on each \
+         contender's node connects to \
          the measured TCP ClusterIP (two endpoints, the pods of node-b), or for 'direct' \
          from node-e's pod straight to a backend pod; one connection at a time: connect, \
          a {MSG}-byte request, the {MSG}-byte response, and the close the server starts \

@@ -200,8 +200,9 @@ fn main() {
             } else {
                 vec![10, 10_000]
             },
-            // Full: about 3 minutes, most of it loading the rule sets of
-            // 10 000 Services; the whole run stays under 15 minutes.
+            // Full: about 5 minutes (figure 2 in two shapes), most of it
+            // loading the rule sets of 10 000 Services; the whole run stays
+            // under 15 minutes.
             runs: 5,
             window: Duration::from_millis(if o.quick { 100 } else { 600 }),
             conn_window: Duration::from_millis(if o.quick { 100 } else { 400 }),

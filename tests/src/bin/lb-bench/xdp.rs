@@ -10,7 +10,11 @@
 //! runs the program over `repeat` copies of one frame, and each XDP_TX
 //! sends the frame out of the ingress device named in the context. Run in
 //! the fabric namespace on a node's port, that puts the frames straight
-//! onto the node's `eth0` as a NIC would.
+//! onto the node's `eth0` as a NIC would; that needs the node's `eth0` to
+//! take XDP frames (a program or GRO on it). Each XDP_PASS instead hands
+//! the frame to the ingress device's stack as a socket buffer: on a bridge
+//! port, the bridge forwards it as it forwards any frame, which is how a
+//! container node's `eth0` receives.
 
 use std::{
     io,
@@ -27,6 +31,8 @@ const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 /// `BPF_F_TEST_XDP_LIVE_FRAMES` (Linux 5.18).
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+/// `XDP_FLAGS_SKB_MODE`: generic XDP, run by the stack on socket buffers.
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 /// Helper ids: `bpf_get_prandom_u32`, `bpf_redirect`.
 const HELPER_PRANDOM: i32 = 7;
 const HELPER_REDIRECT: i32 = 23;
@@ -196,13 +202,27 @@ pub fn forwarder(dst: [u8; 6], src: [u8; 6]) -> Vec<u64> {
 /// Bytes of Ethernet + IPv4 (no options) + UDP headers.
 pub const HEADERS: usize = 42;
 
+/// How the generator's frames leave the port it runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inject {
+    /// XDP_TX: out of the port, straight onto its peer as XDP frames.
+    Tx,
+    /// XDP_PASS: into the port's stack as socket buffers (on a bridge port,
+    /// the bridge forwards them).
+    Pass,
+}
+
 /// The generator: writes `headers` (a frame's first [`HEADERS`] bytes)
 /// over each frame, gives it a random UDP source port in
 /// `base..base + ports` (`ports` a power of two; the UDP checksum must be
-/// zero, "none" in IPv4) and sends it (XDP_TX). The headers are written
-/// every time because live frames are recycled pages: a frame that a node
-/// rewrote (NAT, MACs) would otherwise come round again as it left.
-pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16) -> Vec<u64> {
+/// zero, "none" in IPv4) and sends it as `inject` says. The headers are
+/// written every time because live frames are recycled pages: a frame that
+/// a node rewrote (NAT, MACs) would otherwise come round again as it left.
+pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16, inject: Inject) -> Vec<u64> {
+    let verdict = match inject {
+        Inject::Tx => XDP_TX,
+        Inject::Pass => XDP_PASS,
+    };
     assert!(ports.is_power_of_two(), "ports must be a power of two");
     let head = bounds(HEADERS as i32);
     let mut body: Vec<Insn> = headers[..40]
@@ -226,9 +246,9 @@ pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16) -> Vec<u64> {
         op(ADD_K, 0, 0, 0, i32::from(base)),
         op(BE, 0, 0, 0, 16),
         op(STXH, 6, 0, 34, 0),
-        op(MOV_K, 0, 0, 0, XDP_TX),
+        op(MOV_K, 0, 0, 0, verdict),
     ]);
-    assemble(head, &body, XDP_TX)
+    assemble(head, &body, verdict)
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<i32> {
@@ -304,11 +324,21 @@ impl Prog {
     /// Attaches the program to interface `ifindex` of the calling thread's
     /// network namespace; it stays attached while the link lives.
     pub fn attach(&self, ifindex: u32) -> io::Result<Link> {
+        // Flags 0: native XDP where the driver has it, as veth does.
+        self.attach_with(ifindex, 0)
+    }
+
+    /// [`Self::attach`] in generic (skb) mode.
+    pub fn attach_generic(&self, ifindex: u32) -> io::Result<Link> {
+        self.attach_with(ifindex, XDP_FLAGS_SKB_MODE)
+    }
+
+    fn attach_with(&self, ifindex: u32, flags: u32) -> io::Result<Link> {
         // union bpf_attr, link create: prog_fd, target_ifindex, attach_type,
-        // flags (0: native XDP where the driver has it, as veth does).
+        // flags.
         let mut attr = [0u64; 8];
         attr[0] = self.fd.as_raw_fd() as u64 | u64::from(ifindex) << 32;
-        attr[1] = u64::from(BPF_XDP);
+        attr[1] = u64::from(BPF_XDP) | u64::from(flags) << 32;
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         // SAFETY: a successful BPF_LINK_CREATE returns a new fd we own.
         Ok(Link {
@@ -404,7 +434,11 @@ mod tests {
         assert_eq!(out[12..], marked[12..]);
 
         let headers: [u8; HEADERS] = marked[..HEADERS].try_into().expect("headers");
-        let gen = Prog::load("t_gen", &generator(&headers, 40000, 256)).expect("load generator");
+        let gen = Prog::load("t_gen", &generator(&headers, 40000, 256, Inject::Tx))
+            .expect("load generator");
+        let pass = Prog::load("t_gen_pass", &generator(&headers, 40000, 256, Inject::Pass))
+            .expect("load generator");
+        assert_eq!(pass.run(&marked).expect("run").0, XDP_PASS as u32);
         // A frame a node rewrote comes back whole.
         let mut rewritten = marked.clone();
         rewritten[..34].fill(0xaa);
