@@ -17,12 +17,8 @@
 //! not code.
 
 use std::{
-    ffi::CString,
     fs,
-    os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -42,7 +38,10 @@ use lb_common::{
 use nix::mount::{mount, MsFlags};
 use tracing::{debug, info, warn};
 
-use super::bpffs;
+use super::{
+    bpffs,
+    sys::{bpf, obj_get, Attr},
+};
 
 /// One socket hook: its program and its link pin.
 #[derive(Clone, Copy, Debug)]
@@ -288,7 +287,7 @@ fn update_pinned_link(path: &Path, prog_fd: i32) -> Result<()> {
         flags: u32,
         old_prog_fd: u32,
     }
-    let mut attr = [0u8; 128];
+    let mut attr: Attr = [0; 128];
     let update = LinkUpdate {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog_fd as u32,
@@ -302,29 +301,6 @@ fn update_pinned_link(path: &Path, prog_fd: i32) -> Result<()> {
     }
     bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
     Ok(())
-}
-
-/// Opens a pinned BPF object (`BPF_OBJ_GET`).
-fn obj_get(path: &Path) -> Result<OwnedFd> {
-    /// `enum bpf_cmd`'s `BPF_OBJ_GET`.
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c = CString::new(path.as_os_str().as_bytes()).context("pin path has a NUL byte")?;
-    let mut attr = [0u8; 128];
-    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
-    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
-    // SAFETY: BPF_OBJ_GET returned a new file descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The `bpf()` system call with a zero-padded attribute buffer.
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
-    // SAFETY: the buffer outlives the call and is as large as the kernel's
-    // `union bpf_attr` of the commands used here.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(rc as i32)
 }
 
 /// Whether every socket hook is attached under `bpffs` (their link pins).

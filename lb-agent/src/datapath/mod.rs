@@ -6,5 +6,6 @@ pub mod config;
 pub mod maps;
 pub mod programs;
 pub mod stale;
+pub mod sys;
 pub mod upgrade;
 pub mod xdp_mode;

@@ -17,6 +17,8 @@ use std::{fmt, io, path::Path};
 use anyhow::{bail, Context as _, Result};
 use aya::programs::XdpMode;
 
+use super::sys;
+
 /// What `--xdp-mode` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpPolicy {
@@ -275,47 +277,18 @@ fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 /// an interface takes a program of another mode only once the old one is
 /// gone.
 pub fn detach_pinned(path: &Path) -> Result<()> {
-    use std::os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    };
-    const BPF_OBJ_GET: libc::c_long = 7;
+    /// `enum bpf_cmd`'s `BPF_LINK_DETACH`.
     const BPF_LINK_DETACH: libc::c_long = 34;
 
-    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("pin path {}", path.display()))?;
-    // union bpf_attr, obj get: pathname, bpf_fd, file_flags.
-    let mut attr = [0u64; 2];
-    attr[0] = name.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &mut attr)
-        .with_context(|| format!("open pinned link {}", path.display()))?;
-    // SAFETY: a successful BPF_OBJ_GET returns a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = sys::obj_get(path)?;
     std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
     // union bpf_attr, link detach: link_fd.
-    let mut attr = [0u64; 1];
-    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
-    bpf(BPF_LINK_DETACH, &mut attr)
+    let mut attr: sys::Attr = [0; 128];
+    let link_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    attr[..4].copy_from_slice(&link_fd.to_ne_bytes());
+    sys::bpf(BPF_LINK_DETACH, &mut attr)
         .with_context(|| format!("detach the link pinned at {}", path.display()))?;
     Ok(())
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<i32> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size
-    // passed, laid out for `cmd` by the caller; the pointers in it point at
-    // memory that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    i32::try_from(rc).map_err(|_| io::Error::other("bpf() returned an out-of-range fd"))
 }
 
 #[cfg(test)]

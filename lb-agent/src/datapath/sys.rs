@@ -1,0 +1,43 @@
+//! The raw `bpf()` commands aya 0.14 does not offer for our links (opening
+//! a pin as an fd, updating and detaching a link), in one place.
+
+use std::{
+    ffi::CString,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+
+/// `enum bpf_cmd`'s `BPF_OBJ_GET`.
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// A `union bpf_attr` as the commands here use it: zeroed past the fields a
+/// command reads, as the kernel requires.
+pub type Attr = [u8; 128];
+
+/// The `bpf()` system call with a zero-padded attribute buffer.
+pub fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i32> {
+    // SAFETY: the buffer outlives the call and is as large as the kernel's
+    // `union bpf_attr` of the commands used here; the pointers the caller
+    // put in it point at memory that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    i32::try_from(rc).map_err(|_| std::io::Error::other("bpf() returned an out-of-range fd"))
+}
+
+/// Opens a pinned BPF object (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("pin path has a NUL byte")?;
+    let mut attr: Attr = [0; 128];
+    // union bpf_attr, obj get: pathname, bpf_fd, file_flags.
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
+    // SAFETY: a successful BPF_OBJ_GET returns a new file descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
