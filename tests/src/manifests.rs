@@ -127,3 +127,28 @@ pub fn node(name: &str, addr: &str) -> String {
 pub fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }
+
+/// One Service port with one slice of ready endpoints (address, node).
+pub fn one_port(
+    name: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    node_port: u16,
+    proto: &str,
+    endpoints: &[(&str, &str)],
+) -> String {
+    let eps: Vec<Ep<'_>> = endpoints
+        .iter()
+        .map(|(a, n)| Ep {
+            addr: a,
+            node: n,
+            ready: true,
+            terminating: false,
+        })
+        .collect();
+    docs(&[
+        service(name, vip, port, target, Some(node_port), proto),
+        slice(name, &format!("{name}-1"), target, proto, &eps),
+    ])
+}

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, service, slice, Ep},
+    manifests::one_port,
     rig::{in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, Cluster, ClusterSpec},
 };
 
@@ -35,31 +35,6 @@ fn start_agents(c: &mut Cluster, nodes: &[&str]) {
     for n in nodes {
         c.node(n).wait_agent_ready(WAIT);
     }
-}
-
-/// One Service port with one slice of ready endpoints (address, node).
-fn one_port(
-    name: &str,
-    vip: &str,
-    port: u16,
-    target: u16,
-    node_port: u16,
-    proto: &str,
-    endpoints: &[(&str, &str)],
-) -> String {
-    let eps: Vec<Ep<'_>> = endpoints
-        .iter()
-        .map(|(a, n)| Ep {
-            addr: a,
-            node: n,
-            ready: true,
-            terminating: false,
-        })
-        .collect();
-    docs(&[
-        service(name, vip, port, target, Some(node_port), proto),
-        slice(name, &format!("{name}-1"), target, proto, &eps),
-    ])
 }
 
 fn web(endpoints: &[(&str, &str)]) -> String {

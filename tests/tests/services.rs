@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, service, slice, with_external_ips, with_load_balancer, Ep},
+    manifests::{docs, one_port, service, slice, with_external_ips, with_load_balancer, Ep},
     rig::{
         in_ns, serve_all_pods, sh, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec,
         EchoStream,
@@ -38,31 +38,6 @@ const A0: &str = "10.244.1.10";
 const A1: &str = "10.244.1.11";
 const B0: &str = "10.244.2.10";
 const B1: &str = "10.244.2.11";
-
-/// One Service port with one slice of ready endpoints (address, node).
-fn one_port(
-    name: &str,
-    vip: &str,
-    port: u16,
-    target: u16,
-    node_port: u16,
-    proto: &str,
-    endpoints: &[(&str, &str)],
-) -> String {
-    let eps: Vec<Ep<'_>> = endpoints
-        .iter()
-        .map(|(a, n)| Ep {
-            addr: a,
-            node: n,
-            ready: true,
-            terminating: false,
-        })
-        .collect();
-    docs(&[
-        service(name, vip, port, target, Some(node_port), proto),
-        slice(name, &format!("{name}-1"), target, proto, &eps),
-    ])
-}
 
 fn web(endpoints: &[(&str, &str)]) -> String {
     one_port("web", "10.96.0.10", 80, 8080, 30080, "TCP", endpoints)
