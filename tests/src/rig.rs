@@ -314,6 +314,23 @@ fn node_letter(i: usize) -> char {
 }
 
 impl Cluster {
+    /// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
+    pub fn inspect(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(agent_bin())
+            .args(args)
+            .args(["-o", "json", "--bpffs"])
+            .arg(self.node(node).bpffs())
+            .output()
+            .expect("run lb-agent");
+        assert!(
+            out.status.success(),
+            "lb-agent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("lb-agent {args:?} printed no JSON: {e}"))
+    }
+
     /// Builds the cluster; panics with the failing command's output.
     pub fn new(spec: ClusterSpec) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);

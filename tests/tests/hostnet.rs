@@ -45,26 +45,9 @@ fn dns(endpoints: &[(&str, &str)]) -> String {
     one_port("dns", "10.96.0.53", 53, 5353, 30053, "UDP", endpoints)
 }
 
-/// `lb-agent ARGS -o json --bpffs <node's>`, parsed.
-fn inspect(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(lb_tests::rig::agent_bin())
-        .args(args)
-        .args(["-o", "json", "--bpffs"])
-        .arg(c.node(node).bpffs())
-        .output()
-        .expect("run lb-agent");
-    assert!(
-        out.status.success(),
-        "lb-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("lb-agent {args:?} printed no JSON: {e}"))
-}
-
 /// A socket-hook counter of `node`'s agent.
 fn sock_counter(c: &Cluster, node: &str, name: &str) -> u64 {
-    let stats = inspect(c, node, &["stats"]);
+    let stats = c.inspect(node, &["stats"]);
     stats["sockets"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == name))
@@ -74,7 +57,7 @@ fn sock_counter(c: &Cluster, node: &str, name: &str) -> u64 {
 
 /// The per-Service counters of `svc` on `node`.
 fn service_stats(c: &Cluster, node: &str, svc: &str) -> serde_json::Value {
-    let stats = inspect(c, node, &["stats"]);
+    let stats = c.inspect(node, &["stats"]);
     stats["services"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == svc))

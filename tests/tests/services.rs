@@ -609,23 +609,6 @@ fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     }
 }
 
-/// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
-fn inspect(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(lb_tests::rig::agent_bin())
-        .args(args)
-        .args(["-o", "json", "--bpffs"])
-        .arg(c.node(node).bpffs())
-        .output()
-        .expect("run lb-agent");
-    assert!(
-        out.status.success(),
-        "lb-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("lb-agent {args:?} printed no JSON: {e}"))
-}
-
 #[test]
 fn inspection_commands_show_flows_tables_and_backends() {
     let mut c = Cluster::new(ClusterSpec::default());
@@ -634,8 +617,7 @@ fn inspection_commands_show_flows_tables_and_backends() {
     start_agents(&mut c);
     let client = c.pod("a0").ns.clone();
     let stream = EchoStream::open(&client, sa("10.96.0.10:80"), IO);
-    let flows = inspect(
-        &c,
+    let flows = c.inspect(
         "a",
         &[
             "conntrack",
@@ -661,7 +643,7 @@ fn inspection_commands_show_flows_tables_and_backends() {
     assert_eq!(fwd["dst"], "10.96.0.10:80");
     assert_eq!(fwd["src"], stream.local_addr().to_string());
 
-    let table = inspect(&c, "a", &["maglev", "test/web:p/TCP"]);
+    let table = c.inspect("a", &["maglev", "test/web:p/TCP"]);
     // The default size for two backends.
     let size = lb_agent::maglev::TableSize::Scaled.for_backends(2) as usize;
     assert_eq!(table["table"].as_array().map(Vec::len), Some(size));
@@ -670,7 +652,7 @@ fn inspection_commands_show_flows_tables_and_backends() {
     let total: u64 = shares.iter().filter_map(|s| s["slots"].as_u64()).sum();
     assert_eq!(total, size as u64);
 
-    let backends = inspect(&c, "a", &["backends"]);
+    let backends = c.inspect("a", &["backends"]);
     let addrs: Vec<&str> = backends
         .as_array()
         .expect("list")
@@ -680,7 +662,7 @@ fn inspection_commands_show_flows_tables_and_backends() {
     assert_eq!(addrs.len(), 2, "{addrs:?}");
     assert!(addrs.contains(&"10.244.1.11:8080") && addrs.contains(&"10.244.2.10:8080"));
 
-    let stats = inspect(&c, "a", &["stats"]);
+    let stats = c.inspect("a", &["stats"]);
     let new_flows = stats["counters"]
         .as_array()
         .expect("list")
@@ -770,7 +752,7 @@ fn udp_datagrams_larger_than_the_mtu_cross_the_cluster_ip_in_fragments() {
     );
     // Node a saw the client's later fragments go out and the backend's come
     // back, each translated through its first fragment.
-    let stats = inspect(&c, "a", &["stats"]);
+    let stats = c.inspect("a", &["stats"]);
     let tracked = stats
         .as_array()
         .or_else(|| stats["counters"].as_array())
@@ -802,10 +784,11 @@ fn trace(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
 
 /// Node `node`'s tracked flows and its new_flow counter.
 fn live_state(c: &Cluster, node: &str) -> (usize, u64) {
-    let flows = inspect(c, node, &["conntrack"])
+    let flows = c
+        .inspect(node, &["conntrack"])
         .as_array()
         .map_or(0, Vec::len);
-    let stats = inspect(c, node, &["stats"]);
+    let stats = c.inspect(node, &["stats"]);
     let new_flows = stats
         .as_array()
         .or_else(|| stats["counters"].as_array())
@@ -927,8 +910,7 @@ fn trace_explains_verdicts_without_touching_live_state() {
             .is_some_and(|w| w.starts_with("conntrack")),
         "{r}"
     );
-    let flows = inspect(
-        &c,
+    let flows = c.inspect(
         "a",
         &[
             "conntrack",
@@ -972,7 +954,7 @@ fn trace_explains_verdicts_without_touching_live_state() {
 
 /// Node `node`'s datapath counter `name`, in packets.
 fn node_counter(c: &Cluster, node: &str, name: &str) -> u64 {
-    let stats = inspect(c, node, &["stats"]);
+    let stats = c.inspect(node, &["stats"]);
     stats
         .as_array()
         .or_else(|| stats["counters"].as_array())
@@ -1031,13 +1013,13 @@ fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node()
         "the client was told to send smaller"
     );
     assert!(node_counter(&c, "b", "dsr_decap") >= 10);
-    let on_a = inspect(&c, "a", &["conntrack"]);
+    let on_a = c.inspect("a", &["conntrack"]);
     assert!(
         on_a.as_array()
             .is_some_and(|f| !f.is_empty() && f.iter().all(|f| f["direction"] == "forward")),
         "node a holds forward entries only: {on_a}"
     );
-    let on_b = inspect(&c, "b", &["conntrack", "--addr", "10.99.0.100"]);
+    let on_b = c.inspect("b", &["conntrack", "--addr", "10.99.0.100"]);
     assert!(
         on_b.as_array().is_some_and(|f| f
             .iter()
