@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     bpffs,
-    sys::{bpf, obj_get, Attr},
+    sys::{self, bpf, obj_get, Attr},
 };
 
 /// One socket hook: its program and its link pin.
@@ -386,9 +386,9 @@ pub fn detach(bpffs: &Path) {
     for hook in HOOKS {
         let path = links.join(hook.pin);
         if path.exists() {
-            match fs::remove_file(&path) {
+            match sys::detach_link_pin(&path) {
                 Ok(()) => info!(pin = hook.pin, "detached socket hook"),
-                Err(e) => warn!(pin = hook.pin, "detaching socket hook failed: {e}"),
+                Err(e) => warn!(pin = hook.pin, "detaching socket hook failed: {e:#}"),
             }
         }
     }

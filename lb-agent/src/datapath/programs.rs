@@ -26,7 +26,7 @@ use lb_common::maps;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpffs,
+    bpffs, sys,
     xdp_mode::{self, Attachment, XdpPolicy},
 };
 
@@ -342,7 +342,7 @@ impl Programs {
                 // The interface cannot hold programs of two modes: the old
                 // one goes first. TC on the interface carries the packets
                 // of the moment between.
-                xdp_mode::detach_pinned(&path).with_context(|| {
+                sys::detach_link_pin(&path).with_context(|| {
                     format!(
                         "replace the XDP link on {ifname}, attached in {} mode",
                         facts.xdp
@@ -677,8 +677,9 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
         .collect())
 }
 
-/// Removes every pin under `bpffs` (links first, so programs detach before
-/// their maps go) and the directories the agent made.
+/// Removes every pin under `bpffs` (links first, each detached at once, so
+/// no hook runs once this returns and programs go before their maps) and the
+/// directories the agent made.
 pub fn cleanup(bpffs: &Path) -> Result<()> {
     if !tcx_available() {
         // Without TCX the TC programs sit in clsact filters, not pins: remove
@@ -700,9 +701,14 @@ pub fn cleanup(bpffs: &Path) -> Result<()> {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };
+        let links = dir == bpffs::links_dir(bpffs);
         for entry in entries {
             let path = entry?.path();
-            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+            if links {
+                sys::detach_link_pin(&path)?;
+            } else {
+                fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+            }
         }
         fs::remove_dir(&dir).with_context(|| format!("remove {}", dir.display()))?;
     }

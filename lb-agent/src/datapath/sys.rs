@@ -14,6 +14,8 @@ use anyhow::{Context as _, Result};
 
 /// `enum bpf_cmd`'s `BPF_OBJ_GET`.
 const BPF_OBJ_GET: libc::c_long = 7;
+/// `enum bpf_cmd`'s `BPF_LINK_DETACH`.
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// A `union bpf_attr` as the commands here use it: zeroed past the fields a
 /// command reads, as the kernel requires.
@@ -40,4 +42,26 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("open pin {}", path.display()))?;
     // SAFETY: a successful BPF_OBJ_GET returns a new file descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Detaches the link pinned at `path` now and removes the pin.
+///
+/// Removing the pin alone detaches the program only once the kernel drops
+/// the link's last reference, which it does later, from a work queue (bpffs
+/// frees its inodes after an RCU grace period): until then the hook keeps
+/// running, and an interface takes an XDP program of another mode only once
+/// the old one is gone. A link kind that cannot be detached by command
+/// (`EOPNOTSUPP`) is left to the pin's removal.
+pub fn detach_link_pin(path: &Path) -> Result<()> {
+    let fd = obj_get(path)?;
+    std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+    // union bpf_attr, link detach: link_fd.
+    let mut attr: Attr = [0; 128];
+    let link_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    attr[..4].copy_from_slice(&link_fd.to_ne_bytes());
+    match bpf(BPF_LINK_DETACH, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("detach the link pinned at {}", path.display())),
+    }
 }

@@ -12,12 +12,10 @@
 //! veth receives is a socket buffer either way. Every other driver gets
 //! native mode, or generic mode when it has no native XDP.
 
-use std::{fmt, io, path::Path};
+use std::{fmt, io};
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::XdpMode;
-
-use super::sys;
 
 /// What `--xdp-mode` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -269,26 +267,6 @@ fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
         buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
         Some((ty, payload))
     })
-}
-
-/// Detaches the XDP link pinned at `path` now and removes the pin. Only
-/// removing the pin would detach the program once the kernel drops the last
-/// reference, later (bpffs frees its inodes after an RCU grace period), and
-/// an interface takes a program of another mode only once the old one is
-/// gone.
-pub fn detach_pinned(path: &Path) -> Result<()> {
-    /// `enum bpf_cmd`'s `BPF_LINK_DETACH`.
-    const BPF_LINK_DETACH: libc::c_long = 34;
-
-    let fd = sys::obj_get(path)?;
-    std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
-    // union bpf_attr, link detach: link_fd.
-    let mut attr: sys::Attr = [0; 128];
-    let link_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
-    attr[..4].copy_from_slice(&link_fd.to_ne_bytes());
-    sys::bpf(BPF_LINK_DETACH, &mut attr)
-        .with_context(|| format!("detach the link pinned at {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]
