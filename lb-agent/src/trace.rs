@@ -278,7 +278,7 @@ fn run_stage(
         .collect();
     let xdp = program == TestProgram::XdpNode;
     Ok(Stage {
-        program: program_name(program),
+        program: program.name(),
         verdict: verdict_name(xdp, code),
         outcome,
         output: packet::summarize(&out),
@@ -287,16 +287,6 @@ fn run_stage(
             s
         }),
     })
-}
-
-fn program_name(p: TestProgram) -> &'static str {
-    use lb_common::maps::*;
-    match p {
-        TestProgram::XdpNode => PROG_XDP_NODE,
-        TestProgram::TcNode => PROG_TC_NODE,
-        TestProgram::TcPod => PROG_TC_POD,
-        TestProgram::XdpPass => PROG_XDP_PASS,
-    }
 }
 
 /// Names a program's return code.

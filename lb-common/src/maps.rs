@@ -74,6 +74,9 @@ pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
 pub const PROG_TC_NODE: &str = "lb_tc_node";
 /// The TC ingress program on the host side of pod interfaces.
 pub const PROG_TC_POD: &str = "lb_tc_pod";
+/// TC egress on node and pod interfaces: replies of flows whose backend is
+/// this node itself.
+pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
 /// The cgroup hook translating `connect()` of the node's IPv4 sockets.
 pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
 /// The cgroup hook translating unconnected IPv4 UDP `sendmsg()`.

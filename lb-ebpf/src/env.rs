@@ -64,13 +64,16 @@ pub enum Hook {
     TcNode,
     /// TC ingress on the host side of a pod interface.
     TcPod,
+    /// TC egress on node and pod interfaces: only replies from this node's
+    /// own address are translated there (see `pipeline::host_reply`).
+    TcEgress,
 }
 
 impl Hook {
     /// Traffic from outside the cluster, which needs SNAT to reach a remote backend.
     #[inline(always)]
     pub fn is_external(self) -> bool {
-        !matches!(self, Hook::TcPod)
+        matches!(self, Hook::XdpNode | Hook::TcNode)
     }
 }
 

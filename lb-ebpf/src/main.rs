@@ -1,5 +1,6 @@
 //! The lb datapath: XDP on node interfaces, TC ingress on node and pod
-//! interfaces, all running one ladder of stages (see `pipeline`).
+//! interfaces, all running one ladder of stages (see `pipeline`), and TC
+//! egress on both for the replies of backends on the node itself.
 //!
 //! # Layers
 //!
@@ -70,7 +71,7 @@ use aya_ebpf::{
 use crate::{
     env::Hook,
     packet::{tc_pull, Packet},
-    pipeline::process,
+    pipeline::{host_reply, process},
     verdict::Verdict,
 };
 
@@ -120,12 +121,25 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     tc(ctx, Hook::TcPod)
 }
 
+/// Replies leaving node and pod interfaces from a backend that is this
+/// node itself (a hostNetwork endpoint), which no ingress hook sees.
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc(ctx, Hook::TcEgress)
+}
+
 #[inline(always)]
 fn tc(mut ctx: TcContext, hook: Hook) -> i32 {
     tc_pull(&ctx, TC_PULL_LEN);
     let ingress = Packet::ifindex(&ctx);
+    let verdict = if hook == Hook::TcEgress {
+        host_reply(&mut ctx)
+    } else {
+        process(&mut ctx, hook)
+    };
     // SAFETY (all arms): the redirect helpers validate the ifindex.
-    match process(&mut ctx, hook) {
+    match verdict {
         Verdict::Pass => TC_ACT_OK as i32,
         Verdict::Drop => TC_ACT_SHOT as i32,
         Verdict::Bounce => unsafe { bpf_redirect(ingress, 0) as i32 },

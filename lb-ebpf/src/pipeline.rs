@@ -5,7 +5,7 @@
 //! module alone counts them and decides the verdict.
 
 use lb_common::{
-    conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_SNAT},
+    conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::ENCAP_LEN,
     proto,
     service::SVC_F_LOCAL_ONLY,
@@ -85,6 +85,45 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     match found {
         Ok(()) => translate(pkt, t, &layout, ct, &ctx),
         Err(verdict) => verdict,
+    }
+}
+
+/// Translates back a reply leaving by egress from this node's own address:
+/// a flow whose backend is the node itself (a hostNetwork endpoint) was
+/// DNATed where it arrived and delivered to a local socket, and the answer
+/// leaves through the stack, past every ingress hook. Only packets from
+/// the node's address cost a conntrack lookup: everything else leaving a
+/// pod or node interface (forwarded traffic, the pods' own replies) is
+/// passed after the parse. Nothing is counted but translated replies, so
+/// the counters do not double for traffic that ingress hooks already saw.
+#[inline(always)]
+pub fn host_reply<P: Packet>(pkt: &mut P) -> Verdict {
+    let len = pkt.len();
+    let (Some(env), Some(s)) = (Env::load(), scratch()) else {
+        return Verdict::Pass;
+    };
+    let Scratch { tuple: t, ct, .. } = s;
+    let Ok(Parsed::Flow(layout)) = parse::parse(pkt, t) else {
+        return Verdict::Pass;
+    };
+    if layout.frag == Frag::Later || env.cfg().node_addr(t.family) != Some(t.saddr_be) {
+        return Verdict::Pass;
+    }
+    if !conntrack::lookup(t, layout.closing(), &env, ct)
+        || ct.flags & CT_F_REPLY == 0
+        || ct.flags & CT_F_DSR != 0
+    {
+        return Verdict::Pass;
+    }
+    // The stack has routed the packet already: only the addresses change,
+    // whatever the entry says about forwarding.
+    match nat::rewrite(pkt, t, &layout, ct) {
+        Ok(()) => {
+            count(Reason::CtHit, len);
+            count_service(ct.svc_id, len, false);
+            Verdict::Pass
+        }
+        Err(_) => drop_for(ct.svc_id, Reason::DropRewrite, len),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::net::SocketAddrV4;
 
 use lb_agent::{
-    datapath::programs::TestProgram::{self, TcNode, TcPod, XdpNode, XdpPass},
+    datapath::programs::TestProgram::{self, TcEgress, TcNode, TcPod, XdpNode, XdpPass},
     model::{FrontendKind::*, Protocol},
 };
 use lb_tests::{
@@ -198,6 +198,57 @@ fn replies_are_reverse_translated_to_the_frontend() {
             "{prog:?}"
         );
     }
+}
+
+/// A backend that is this node itself (a hostNetwork endpoint) answers
+/// through the stack, past every ingress hook: egress translates its
+/// replies back, and passes everything else untouched.
+#[test]
+fn egress_translates_back_only_the_replies_of_backends_on_the_node_itself() {
+    let mut dp = Datapath::new();
+    dp.apply(&[service(
+        "host",
+        Protocol::Tcp,
+        &[("10.96.0.90", 90, ClusterIp)],
+        &[("10.99.0.1", 9090, true)],
+    )]);
+    let client = addr("10.244.1.20:40000");
+    let node_backend = addr("10.99.0.1:9090");
+    let syn = Packet::tcp(client, addr("10.96.0.90:90"), flags::SYN, b"");
+    let (verdict, out) = dp.run(TcPod, &syn.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, syn.with_addrs(client, node_backend).bytes());
+
+    let synack = Packet::tcp(node_backend, client, flags::SYN | flags::ACK, b"");
+    let (verdict, out) = dp.run(TcEgress, &synack.bytes());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        synack.with_addrs(addr("10.96.0.90:90"), client).bytes(),
+        "the reply leaves from the frontend"
+    );
+    verify_checksums(&out).expect("checksums of the translated reply");
+    let hits = counter(&dp, "ct_hit");
+
+    for (what, p) in [
+        (
+            "the node's own untranslated traffic",
+            Packet::tcp(addr("10.99.0.1:9091"), client, flags::ACK, b"x"),
+        ),
+        (
+            "a pod's reply forwarded to another pod",
+            Packet::tcp(addr("10.244.1.10:8080"), client, flags::ACK, b""),
+        ),
+    ] {
+        let (verdict, out) = dp.run(TcEgress, &p.bytes());
+        assert_eq!(verdict, TC_ACT_OK, "{what}");
+        assert_eq!(out, p.bytes(), "{what} passes untouched");
+    }
+    assert_eq!(
+        counter(&dp, "ct_hit"),
+        hits,
+        "egress counts only translations"
+    );
 }
 
 /// One client address and port reaching two Services that share a backend:

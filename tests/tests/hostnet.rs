@@ -12,8 +12,11 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::one_port,
-    rig::{in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, Cluster, ClusterSpec},
+    manifests::{docs, one_port},
+    rig::{
+        in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, Cluster, ClusterSpec, TcpServer,
+        UdpServer,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -400,4 +403,82 @@ fn socket_hooks_outlive_the_agent_are_re_adopted_and_go_with_cleanup() {
     // Untranslated, the ClusterIP has no route from the node.
     let err = tcp_connect(&node, vip, IO).expect_err("no hooks after cleanup");
     assert_ne!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+/// A Service whose endpoint is a process in node-a's own namespace (a
+/// hostNetwork pod, or the API server behind `kubernetes`): its replies
+/// leave node-a through egress, where they must be translated back.
+#[test]
+fn an_endpoint_on_the_nodes_own_address_answers_pods_outside_clients_and_nodes() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnhost"));
+    let node_a = c.node("a").ns.clone();
+    let _tcp = TcpServer::start(&node_a, sa("0.0.0.0:9090"), "host-a");
+    // Bound to the node's address, as a host-network UDP server that wants
+    // its replies to come from the address asked must be (or answer with
+    // IP_PKTINFO): unbound, the kernel would answer a pod from the address
+    // of the pod's route, which no translation expects (kube-proxy's
+    // neither).
+    let _udp = UdpServer::start(&node_a, sa("10.99.0.1:9090"), "host-a");
+    c.write_manifest(
+        "host.yaml",
+        &docs(&[
+            one_port(
+                "host",
+                "10.96.0.90",
+                90,
+                9090,
+                30090,
+                "TCP",
+                &[("10.99.0.1", "node-a")],
+            ),
+            one_port(
+                "hostu",
+                "10.96.0.91",
+                91,
+                9090,
+                30091,
+                "UDP",
+                &[("10.99.0.1", "node-a")],
+            ),
+        ]),
+    );
+    start_agents(&mut c, &["a", "b"]);
+    let clients = [
+        ("a pod of the endpoint's node", c.pod("a0").ns.clone()),
+        ("a pod of the other node", c.pod("b0").ns.clone()),
+        ("the endpoint's node", node_a.clone()),
+        ("the other node", c.node("b").ns.clone()),
+    ];
+    for (who, ns) in &clients {
+        for dst in ["10.96.0.90:90", "10.99.0.1:30090", "10.99.0.2:30090"] {
+            let dst = sa(dst);
+            let (line, peer) =
+                tcp_hello(ns, dst, IO).unwrap_or_else(|e| panic!("{who} to {dst}: {e}"));
+            assert!(line.starts_with("host-a "), "{who} to {dst}: {line}");
+            assert_eq!(peer, dst, "{who} to {dst}: the peer is the frontend");
+        }
+        let dst = sa("10.96.0.91:91");
+        let (line, from) =
+            udp_hello(ns, dst, IO).unwrap_or_else(|e| panic!("{who} to {dst} over UDP: {e}"));
+        assert!(line.starts_with("host-a "), "{who} to {dst}: {line}");
+        assert_eq!(from, dst, "{who}: the reply comes from the ClusterIP");
+    }
+    let client = c.client_ns().to_string();
+    for dst in ["10.99.0.1:30090", "10.99.0.2:30090"] {
+        let dst = sa(dst);
+        let (line, peer) =
+            tcp_hello(&client, dst, IO).unwrap_or_else(|e| panic!("outside to {dst}: {e}"));
+        assert!(line.starts_with("host-a "), "outside to {dst}: {line}");
+        assert_eq!(peer, dst, "outside to {dst}");
+    }
+    for dst in ["10.99.0.1:30091", "10.99.0.2:30091"] {
+        let dst = sa(dst);
+        let (line, from) =
+            udp_hello(&client, dst, IO).unwrap_or_else(|e| panic!("outside to {dst}: {e}"));
+        assert!(line.starts_with("host-a "), "outside to {dst}: {line}");
+        assert_eq!(
+            from, dst,
+            "outside to {dst} over UDP: the reply comes from the NodePort"
+        );
+    }
 }

@@ -70,8 +70,23 @@ pub enum TestProgram {
     TcNode,
     /// TC ingress on a pod interface.
     TcPod,
+    /// TC egress (node and pod interfaces).
+    TcEgress,
     /// The pass-only XDP program (loaded on first use).
     XdpPass,
+}
+
+impl TestProgram {
+    /// The program's name in the object (as `bpftool prog` shows it).
+    pub fn name(self) -> &'static str {
+        match self {
+            TestProgram::XdpNode => Hook::Xdp.program(),
+            TestProgram::TcNode => Hook::TcNode.program(),
+            TestProgram::TcPod => Hook::TcPod.program(),
+            TestProgram::TcEgress => Hook::TcPodEgress.program(),
+            TestProgram::XdpPass => maps::PROG_XDP_PASS,
+        }
+    }
 }
 
 /// Kinds of attachment, each with its own pin name prefix.
@@ -80,6 +95,12 @@ enum Hook {
     Xdp,
     TcNode,
     TcPod,
+    /// Egress of a node interface: replies of backends on the node itself
+    /// to outside clients.
+    TcNodeEgress,
+    /// Egress of a pod interface: replies of backends on the node itself
+    /// to the pod.
+    TcPodEgress,
 }
 
 impl Hook {
@@ -88,6 +109,8 @@ impl Hook {
             Hook::Xdp => "xdp-",
             Hook::TcNode => "tcnode-",
             Hook::TcPod => "tcpod-",
+            Hook::TcNodeEgress => "tcnodeout-",
+            Hook::TcPodEgress => "tcpodout-",
         }
     }
 
@@ -96,6 +119,15 @@ impl Hook {
             Hook::Xdp => maps::PROG_XDP_NODE,
             Hook::TcNode => maps::PROG_TC_NODE,
             Hook::TcPod => maps::PROG_TC_POD,
+            Hook::TcNodeEgress | Hook::TcPodEgress => maps::PROG_TC_EGRESS,
+        }
+    }
+
+    /// Where a TC hook attaches (XDP has no such choice).
+    fn tc_direction(self) -> TcAttachType {
+        match self {
+            Hook::TcNodeEgress | Hook::TcPodEgress => TcAttachType::Egress,
+            Hook::Xdp | Hook::TcNode | Hook::TcPod => TcAttachType::Ingress,
         }
     }
 }
@@ -171,14 +203,15 @@ impl Programs {
 
     /// Runs the verifier on every attachable program of a loaded object.
     fn verify(mut ebpf: Ebpf, bpffs: &Path, xdp_policy: XdpPolicy) -> Result<Self> {
-        for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod] {
+        // One hook per program: the two egress hooks share theirs.
+        for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod, Hook::TcPodEgress] {
             let name = hook.program();
             let prog = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?;
             let res = match hook {
                 Hook::Xdp => <&mut Xdp>::try_from(prog)?.load(),
-                Hook::TcNode | Hook::TcPod => <&mut SchedClassifier>::try_from(prog)?.load(),
+                _ => <&mut SchedClassifier>::try_from(prog)?.load(),
             };
             res.with_context(|| format!("verifier rejected {name}"))?;
         }
@@ -217,11 +250,13 @@ impl Programs {
             .with_context(|| format!("map {name} missing from the object"))
     }
 
-    /// Attaches XDP and the TC fallback to a node interface.
+    /// Attaches XDP, the TC fallback and the egress program to a node
+    /// interface.
     pub fn attach_node(&mut self, ifname: &str) -> Result<()> {
         let ifindex = ifindex(ifname)?;
         self.attach(Hook::Xdp, ifname, ifindex)?;
-        self.attach(Hook::TcNode, ifname, ifindex)
+        self.attach(Hook::TcNode, ifname, ifindex)?;
+        self.attach(Hook::TcNodeEgress, ifname, ifindex)
     }
 
     /// The XDP mode each node interface got, and why.
@@ -229,29 +264,31 @@ impl Programs {
         &self.xdp_attachments
     }
 
-    /// Attaches the pod program to every interface matching `patterns` and
-    /// detaches it from interfaces that are gone or no longer match.
+    /// Attaches the pod programs (ingress and egress) to every interface
+    /// matching `patterns` and detaches them from interfaces that are gone
+    /// or no longer match.
     pub fn sync_pods(&mut self, patterns: &[glob::Pattern]) -> Result<()> {
         let wanted: BTreeSet<(u32, String)> = interfaces()?
             .into_iter()
             .filter(|(_, name)| patterns.iter().any(|p| p.matches(name)))
             .collect();
-        let wanted_pins: HashSet<String> = wanted
-            .iter()
-            .map(|(idx, _)| pin_name(Hook::TcPod, *idx))
-            .collect();
-        for pin in self.pins(Hook::TcPod)? {
-            if !wanted_pins.contains(&pin) {
-                // Removing the last reference detaches the link.
-                fs::remove_file(self.links.join(&pin)).with_context(|| format!("unpin {pin}"))?;
-                self.owned.remove(&pin);
-                info!(pin, "detached from pod interface");
+        for hook in [Hook::TcPod, Hook::TcPodEgress] {
+            let wanted_pins: HashSet<String> =
+                wanted.iter().map(|(idx, _)| pin_name(hook, *idx)).collect();
+            for pin in self.pins(hook)? {
+                if !wanted_pins.contains(&pin) {
+                    // Removing the last reference detaches the link.
+                    fs::remove_file(self.links.join(&pin))
+                        .with_context(|| format!("unpin {pin}"))?;
+                    self.owned.remove(&pin);
+                    info!(pin, "detached from pod interface");
+                }
             }
-        }
-        for (idx, name) in &wanted {
-            if let Err(e) = self.attach(Hook::TcPod, name, *idx) {
-                // One odd interface must not stop the others.
-                warn!(iface = %name, "attach to pod interface failed: {e:#}");
+            for (idx, name) in &wanted {
+                if let Err(e) = self.attach(hook, name, *idx) {
+                    // One odd interface must not stop the others.
+                    warn!(iface = %name, "attach to pod interface failed: {e:#}");
+                }
             }
         }
         Ok(())
@@ -299,11 +336,12 @@ impl Programs {
             }
         }
         let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
-        let id = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| {
-                format!("attach TC ingress to {ifname} (TCX needs Linux 6.6 or later)")
-            })?;
+        let id = prog.attach(ifname, hook.tc_direction()).with_context(|| {
+            format!(
+                "attach TC {:?} to {ifname} (TCX needs Linux 6.6 or later)",
+                hook.tc_direction()
+            )
+        })?;
         let link: FdLink = prog.take_link(id)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pin link {}", path.display()))?;
@@ -423,14 +461,10 @@ impl Programs {
     /// atomically by priority and handle; it goes away with its interface.
     fn attach_clsact(&mut self, hook: Hook, ifname: &str) -> Result<()> {
         let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
-        let existing = SchedClassifierLink::attached(
-            ifname,
-            TcAttachType::Ingress,
-            CLSACT_PRIORITY,
-            CLSACT_HANDLE,
-            None,
-        )
-        .with_context(|| format!("no interface {ifname}"))?;
+        let direction = hook.tc_direction();
+        let existing =
+            SchedClassifierLink::attached(ifname, direction, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+                .with_context(|| format!("no interface {ifname}"))?;
         let (id, how) = match prog.attach_to_link(existing) {
             Ok(id) => (id, "replaced the program in the clsact filter"),
             Err(_) => {
@@ -439,14 +473,14 @@ impl Programs {
                 let id = prog
                     .attach_with_options(
                         ifname,
-                        TcAttachType::Ingress,
+                        direction,
                         TcAttachOptions::Netlink(NlOptions {
                             priority: CLSACT_PRIORITY,
                             handle: CLSACT_HANDLE,
                             ..NlOptions::default()
                         }),
                     )
-                    .with_context(|| format!("attach a clsact ingress filter to {ifname}"))?;
+                    .with_context(|| format!("attach a clsact {direction:?} filter to {ifname}"))?;
                 (id, "attached a clsact filter (no TCX on this kernel)")
             }
         };
@@ -467,7 +501,7 @@ impl Programs {
                 // Keep the link alive through its pin only, not this process.
                 drop(prog.take_link(id)?);
             }
-            Hook::TcNode | Hook::TcPod => {
+            Hook::TcNode | Hook::TcPod | Hook::TcNodeEgress | Hook::TcPodEgress => {
                 let prog: &mut SchedClassifier = self.program(hook)?.try_into()?;
                 let id = prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
                 drop(prog.take_link(id)?);
@@ -517,12 +551,7 @@ impl Programs {
         ifindex: Option<u32>,
         repeat: u32,
     ) -> Result<(u32, Vec<u8>, std::time::Duration)> {
-        let name = match program {
-            TestProgram::XdpNode => Hook::Xdp.program(),
-            TestProgram::TcNode => Hook::TcNode.program(),
-            TestProgram::TcPod => Hook::TcPod.program(),
-            TestProgram::XdpPass => maps::PROG_XDP_PASS,
-        };
+        let name = program.name();
         // Room for packets that grow (an ICMP error is 28 bytes longer).
         let mut out = vec![0u8; packet.len() + 256];
         let prog = self
@@ -547,7 +576,7 @@ impl Programs {
                 }
                 xdp.test_run(o)
             }
-            TestProgram::TcNode | TestProgram::TcPod => {
+            TestProgram::TcNode | TestProgram::TcPod | TestProgram::TcEgress => {
                 <&mut SchedClassifier>::try_from(prog)?.test_run(o)
             }
         }
@@ -685,15 +714,17 @@ pub fn cleanup(bpffs: &Path) -> Result<()> {
         // Without TCX the TC programs sit in clsact filters, not pins: remove
         // ours (by priority and handle) from every interface that has one.
         for (_, name) in interfaces()? {
-            if let Ok(link) = SchedClassifierLink::attached(
-                &name,
-                TcAttachType::Ingress,
-                CLSACT_PRIORITY,
-                CLSACT_HANDLE,
-                None,
-            ) {
-                use aya::programs::Link as _;
-                let _ = link.detach();
+            for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+                if let Ok(link) = SchedClassifierLink::attached(
+                    &name,
+                    direction,
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                ) {
+                    use aya::programs::Link as _;
+                    let _ = link.detach();
+                }
             }
         }
     }
