@@ -169,34 +169,81 @@ impl Shape {
     }
 }
 
-/// The contenders of figure 3.
+/// What a connection of figure 3 goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Conn {
+enum Via {
     Direct,
     Agent,
     Nft,
     Iptables,
 }
 
-const CONNS: [Conn; 4] = [Conn::Direct, Conn::Agent, Conn::Nft, Conn::Iptables];
+/// The contenders of figure 3: each way through, from a pod of the
+/// contender's node and from that node's own network namespace (where the
+/// agent's socket hooks, and kube-proxy's output chains, do the work).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Conn {
+    via: Via,
+    from_node: bool,
+}
+
+const CONNS: [Conn; 8] = {
+    const fn c(via: Via, from_node: bool) -> Conn {
+        Conn { via, from_node }
+    }
+    [
+        c(Via::Direct, false),
+        c(Via::Agent, false),
+        c(Via::Nft, false),
+        c(Via::Iptables, false),
+        c(Via::Direct, true),
+        c(Via::Agent, true),
+        c(Via::Nft, true),
+        c(Via::Iptables, true),
+    ]
+};
 
 impl Conn {
-    fn name(self) -> &'static str {
-        match self {
-            Conn::Direct => "direct to the backend (no load balancer)",
-            Conn::Agent => "lb agent",
-            Conn::Nft => "kube-proxy nftables rules",
-            Conn::Iptables => "kube-proxy iptables rules",
-        }
+    fn name(self) -> String {
+        let via = match self.via {
+            Via::Direct => "direct to the backend (no load balancer)",
+            Via::Agent if self.from_node => "lb agent (socket hooks)",
+            Via::Agent => "lb agent",
+            Via::Nft => "kube-proxy nftables rules",
+            Via::Iptables => "kube-proxy iptables rules",
+        };
+        let from = if self.from_node { "node" } else { "pod" };
+        format!("{via}, from the {from}")
     }
 
     /// The client pod: one on each contender's node.
     fn pod(self) -> &'static str {
-        match self {
-            Conn::Direct => "e0",
-            Conn::Agent => "a0",
-            Conn::Nft => "c0",
-            Conn::Iptables => "d0",
+        match self.via {
+            Via::Direct => "e0",
+            Via::Agent => "a0",
+            Via::Nft => "c0",
+            Via::Iptables => "d0",
+        }
+    }
+
+    /// The client's network namespace: the pod's, or its node's.
+    fn client_ns(self, cluster: &Cluster) -> String {
+        let pod = cluster.pod(self.pod());
+        if self.from_node {
+            let letter = pod.node.trim_start_matches("node-");
+            cluster.node(letter).ns.clone()
+        } else {
+            pod.ns.clone()
+        }
+    }
+
+    /// The index in [`CONNS`] of the direct connection from the same kind
+    /// of client: what this one is compared with.
+    fn baseline(self) -> usize {
+        if self.from_node {
+            4
+        } else {
+            0
         }
     }
 }
@@ -347,6 +394,18 @@ impl Rig {
             .tag("thru"),
         );
         cluster.add_pod_to("b", 1);
+        // A node has a default route (here: the client's namespace as the
+        // upstream router). kube-proxy's rule sets need it for the node's
+        // own connections: `connect` looks up a route for the ClusterIP
+        // before the output chain's DNAT runs. The agent's socket hooks
+        // translate before that lookup and need none.
+        for letter in ["a", "c", "d", "e"] {
+            let ns = cluster.node(letter).ns.clone();
+            sh(
+                Some(&ns),
+                &["ip", "route", "add", "default", "via", "10.99.0.100"],
+            );
+        }
         let pods = [cluster.pod("b0").addr, cluster.pod("b1").addr];
         let (svcs, udp, tcp) = services(n, &pods);
         let mut setup = String::new();
@@ -563,16 +622,16 @@ impl Rig {
             );
         }
         for c in CONNS {
-            let ns = self.cluster.pod(c.pod()).ns.clone();
+            let ns = c.client_ns(&self.cluster);
             let dst = self.conn_target(c);
             in_ns(&ns, || request(dst, Duration::from_secs(2)))
-                .unwrap_or_else(|e| panic!("{} from {}: {dst}: {e}", c.name(), c.pod()));
+                .unwrap_or_else(|e| panic!("{} ({ns}): {dst}: {e}", c.name()));
         }
     }
 
     fn conn_target(&self, c: Conn) -> SocketAddr {
-        match c {
-            Conn::Direct => SocketAddr::new(self.cluster.pod("b0").addr.into(), TARGET),
+        match c.via {
+            Via::Direct => SocketAddr::new(self.cluster.pod("b0").addr.into(), TARGET),
             _ => SocketAddr::new(self.svcs[self.tcp].cluster_ip.into(), 80),
         }
     }
@@ -866,7 +925,7 @@ fn run_scale(p: &Params, n: usize) -> Scale {
         };
         for run in 0..p.runs {
             for (k, conn) in CONNS.iter().enumerate() {
-                let ns = rig.cluster.pod(conn.pod()).ns.clone();
+                let ns = conn.client_ns(&rig.cluster);
                 let (rate, rr, errors) = connect_loop(&ns, rig.conn_target(*conn), p.conn_window);
                 c.rate[k].push(rate);
                 c.p50_us[k].extend(quantile(&rr, 0.5));
@@ -941,7 +1000,7 @@ pub fn run(p: &Params, report: &mut Report) -> Results {
                     Some((s.n as f64, Stat::of(&c.rate[k])?.median))
                 })
                 .collect();
-            results.connections.push((conn.name().to_string(), points));
+            results.connections.push((conn.name(), points));
         }
     }
     results
@@ -1195,7 +1254,10 @@ fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
          which it passes to the stack in either mode). A client pod on each \
          contender's node connects to \
          the measured TCP ClusterIP (two endpoints, the pods of node-b), or for 'direct' \
-         from node-e's pod straight to a backend pod; one connection at a time: connect, \
+         from node-e's pod straight to a backend pod; then the same from each node's own \
+         network namespace (the agent's node translates at connect time with its socket \
+         hooks; kube-proxy's rule sets DNAT in their output chains and masquerade); one \
+         connection at a time: connect, \
          a {MSG}-byte request, the {MSG}-byte response, and the close the server starts \
          (so the client can reuse ports). Servers: one thread per backend pod, answering \
          in turn. Connections per second over {:.1} s per contender per run, in turn; \
@@ -1218,7 +1280,7 @@ fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
                 "| {} | {} | {} | {} | {} | {} |",
                 conn.name(),
                 show(Stat::of(&c.rate[k]), 1.0, 0),
-                show(Stat::ratio(&c.rate[k], &c.rate[0]), 1.0, 2),
+                show(Stat::ratio(&c.rate[k], &c.rate[conn.baseline()]), 1.0, 2),
                 show(Stat::of(&c.p50_us[k]), 1.0, 1),
                 show(Stat::of(&c.p99_us[k]), 1.0, 1),
                 c.errors[k],
@@ -1236,6 +1298,20 @@ fn report_connections(p: &Params, scales: &[Scale], report: &mut Report) {
                     show(Stat::of(&c.rate[1]), 1.0, 0),
                     show(Stat::of(&c.rate[2]), 1.0, 0),
                     show(Stat::of(&c.rate[0]), 1.0, 0)
+                ),
+            );
+        }
+        if let Some(r) = Stat::ratio(&c.rate[5], &c.rate[6]) {
+            report.row(
+                &format!("node connections/s lb / nftables at {} Services", sc.n),
+                r.show(2),
+                "-",
+                Verdict::Info,
+                format!(
+                    "per s from the node: lb (socket hooks) {}, nftables {}, direct {}",
+                    show(Stat::of(&c.rate[5]), 1.0, 0),
+                    show(Stat::of(&c.rate[6]), 1.0, 0),
+                    show(Stat::of(&c.rate[4]), 1.0, 0)
                 ),
             );
         }
