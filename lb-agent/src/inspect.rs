@@ -93,8 +93,12 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
                 backends,
             });
         }
-        let kinds = frontend_kinds(value.flags);
-        let addr = socket_from_be(key.addr_be, key.family, key.port_be);
+        let mut kinds = frontend_kinds(value.flags);
+        if key.is_in_cluster() {
+            // The twin pods and the node itself take under a Local policy.
+            kinds.push("in-cluster");
+        }
+        let addr = socket_from_be(key.addr_be, key.addr_family(), key.port_be);
         if let Some(view) = by_id.get_mut(&value.svc_id) {
             view.frontends.push(FrontendView {
                 frontend: format!("{addr}/{}", proto_name(key.proto)),

@@ -249,7 +249,7 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
         family: dst.family,
         _pad: [0; 2],
     };
-    let Some(svc) = frontend::lookup(&t) else {
+    let Some(svc) = frontend::lookup(&t, true) else {
         return Decision::Pass;
     };
     if !frontend::source_allowed(&svc, &t) {

@@ -432,7 +432,10 @@ fn parse_slice(
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let conditions = ep.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        // kube-proxy reads a missing `serving` as true whatever `ready`
+        // says (the API's text says to defer to `ready`); which UDP flows
+        // move off a not-ready endpoint depends on it, so read it alike.
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         // An agent that does not know its name must not call everything local.
         let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
@@ -1221,6 +1224,7 @@ endpoints:
   - {{addresses: [10.0.0.3], conditions: {{ready: false, serving: true, terminating: true}}}}
   - {{addresses: [10.0.0.4], conditions: {{ready: true, serving: false}}}}
   - {{addresses: [10.0.0.5], conditions: {{}}}}
+  - {{addresses: [10.0.0.6], conditions: {{ready: false, serving: false}}}}
 "
         ));
         assert!(problems.is_empty(), "{problems:?}");
@@ -1240,10 +1244,13 @@ endpoints:
             .collect();
         let want = [
             ("10.0.0.1", true, true, true, false),
-            ("10.0.0.2", false, false, false, false),
+            // `serving` left unset is serving, whatever `ready` says, as
+            // kube-proxy reads it.
+            ("10.0.0.2", false, false, true, false),
             ("10.0.0.3", false, false, true, true),
             ("10.0.0.4", false, true, false, false),
             ("10.0.0.5", false, true, true, false),
+            ("10.0.0.6", false, false, false, false),
         ];
         let want: Vec<_> = want
             .iter()
@@ -1251,6 +1258,20 @@ endpoints:
             .collect();
         assert_eq!(got, want);
         assert_eq!(sp.active_endpoints().len(), 3);
+        // Every listed endpoint that takes no new flows keeps its
+        // established ones, whatever its conditions.
+        let draining: Vec<String> = sp
+            .draining_in(false)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(draining, ["10.0.0.2", "10.0.0.3", "10.0.0.6"]);
+        let local: Vec<String> = sp
+            .draining_in(true)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert!(local.is_empty(), "{local:?}");
     }
 
     #[test]
