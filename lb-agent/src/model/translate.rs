@@ -520,6 +520,36 @@ fn parse_addresses<'a>(
     out
 }
 
+/// The addresses of `field` in the Service's `families` (`true`: IPv4);
+/// the others are reported and left out. No family known: all are kept.
+fn of_families(
+    addrs: Vec<IpAddr>,
+    families: &BTreeSet<bool>,
+    field: &str,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let name = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+    addrs
+        .into_iter()
+        .filter(|a| {
+            let ok = families.is_empty() || families.contains(&a.is_ipv4());
+            if !ok {
+                let have: Vec<&str> = families.iter().rev().map(|v4| name(*v4)).collect();
+                problems.push(Problem {
+                    object: object.to_owned(),
+                    message: format!(
+                        "{field}: {a} is an {} address but the Service's IP families are {}; that address ignored",
+                        name(a.is_ipv4()),
+                        have.join(", ")
+                    ),
+                });
+            }
+            ok
+        })
+        .collect()
+}
+
 /// Pairs each entry of a list field with its path, as Problems name it.
 fn indexed<'a>(
     field: &'a str,
@@ -623,6 +653,31 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
             Some((format!("status.loadBalancer.ingress[{i}].ip"), ip))
         });
     let load_balancer = parse_addresses(ingress_ips, object, problems);
+
+    // kube-proxy serves a Service in the families of its clusterIPs (or
+    // `ipFamilies` while none is allocated): an externalIP or ingress IP
+    // of another family is ignored, with a Warning.
+    let mut families: BTreeSet<bool> = cluster.iter().map(IpAddr::is_ipv4).collect();
+    if families.is_empty() {
+        families = spec
+            .ip_families
+            .iter()
+            .flatten()
+            .filter_map(|f| match f.as_str() {
+                "IPv4" => Some(true),
+                "IPv6" => Some(false),
+                _ => None,
+            })
+            .collect();
+    }
+    let external = of_families(external, &families, "spec.externalIPs", object, problems);
+    let load_balancer = of_families(
+        load_balancer,
+        &families,
+        "status.loadBalancer.ingress",
+        object,
+        problems,
+    );
     Some(ServiceAddrs {
         cluster,
         external,
@@ -1272,6 +1327,35 @@ endpoints:
             .map(|e| e.addr.to_string())
             .collect();
         assert!(local.is_empty(), "{local:?}");
+    }
+
+    #[test]
+    fn addresses_of_another_family_than_the_service_are_ignored_with_a_problem() {
+        let (model, problems) = run("
+metadata: {name: web, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.1, 'fd00::1']
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 'fd00::2'}, {ip: 203.0.113.2}]}}
+");
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "Service demo/web: spec.externalIPs: fd00::1 is an IPv6 address but the Service's IP families are IPv4; that address ignored",
+                "Service demo/web: status.loadBalancer.ingress: fd00::2 is an IPv6 address but the Service's IP families are IPv4; that address ignored",
+            ]
+        );
+        let sp = &model.services[&port_ref("demo", "web", "", Protocol::Tcp)];
+        let virtual_ips: Vec<String> = sp
+            .frontends
+            .iter()
+            .filter(|f| matches!(f.kind, FrontendKind::External | FrontendKind::LoadBalancer))
+            .map(|f| f.addr.to_string())
+            .collect();
+        assert_eq!(virtual_ips, ["203.0.113.1", "203.0.113.2"]);
     }
 
     #[test]
