@@ -57,6 +57,25 @@ impl ServiceKey {
     pub const fn addr_family(&self) -> u8 {
         self.family & !KEY_F_IN_CLUSTER
     }
+
+    /// The key of a ClusterIP address as a whole (port and protocol 0),
+    /// present while a Service port uses the address: a packet from a pod
+    /// or the node that matched no frontend but has this address is
+    /// refused, as kube-proxy's nftables mode refuses ClusterIP ports no
+    /// Service uses. No frontend has port or protocol 0.
+    pub const fn address_only(addr_be: IpAddrBe, family: u8) -> Self {
+        Self {
+            addr_be,
+            port_be: 0,
+            proto: 0,
+            family,
+        }
+    }
+
+    /// Whether this is an address-only key (see [`Self::address_only`]).
+    pub const fn is_address_only(&self) -> bool {
+        self.port_be == 0 && self.proto == 0
+    }
 }
 
 /// The frontend is a ClusterIP.

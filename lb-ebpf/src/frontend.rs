@@ -4,7 +4,7 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     service::{SRC_RANGE_HEAD_BITS, SVC_F_SRC_RANGES},
-    ServiceValue, SrcRange, Tuple,
+    ServiceKey, ServiceValue, SrcRange, Tuple,
 };
 
 use crate::maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1};
@@ -26,6 +26,15 @@ pub fn lookup(t: &Tuple, in_cluster: bool) -> Option<ServiceValue> {
         }
     }
     Some(svc)
+}
+
+/// Whether the tuple's destination is a ClusterIP on a port no Service
+/// uses (its address-only key exists): such a packet is refused.
+#[inline(always)]
+pub fn unused_cluster_ip_port(t: &Tuple) -> bool {
+    let key = ServiceKey::address_only(t.daddr_be, t.family);
+    // SAFETY: only the presence is read.
+    unsafe { LB_SERVICES_V2.get(&key) }.is_some()
 }
 
 /// Whether the tuple's source may reach a frontend guarded by

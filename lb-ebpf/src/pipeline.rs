@@ -134,6 +134,18 @@ fn flow<P: Packet>(
     }
 
     let Some(svc) = frontend::lookup(t, !ctx.hook.is_external()) else {
+        // A ClusterIP on a port no Service uses is refused to pods, as
+        // kube-proxy's nftables mode does (the node's own sockets are
+        // refused by the socket hooks); from outside it is not ours.
+        if ctx.hook == Hook::TcPod && frontend::unused_cluster_ip_port(t) {
+            return Err(match reject::reject(pkt, t, layout) {
+                Ok(()) => {
+                    count(Reason::RejectNoEndpoint, len);
+                    Verdict::Bounce
+                }
+                Err(_) => drop(Reason::DropRewrite, len),
+            });
+        }
         return Err(pass(Reason::PassNoService, len));
     };
     let svc_id = svc.svc_id;

@@ -1,7 +1,8 @@
 //! Service semantics kube-proxy users rely on, with real traffic in the
 //! namespace cluster: readiness loss does not end connections, Local
-//! traffic policies bind only clients from outside, and a Local Service
-//! without any endpoint is refused like every other.
+//! traffic policies bind only clients from outside, a Local Service
+//! without any endpoint is refused like every other, and a ClusterIP port
+//! no Service uses is refused.
 //!
 //! Needs root. Run through `cargo xtask test`.
 
@@ -315,4 +316,44 @@ fn local_policies_refuse_without_any_endpoint_and_drop_without_a_local_one() {
     let a1 = name_of(&c, A1);
     let (line, _) = tcp_hello(&c.pod("a0").ns, sa("10.96.0.20:80"), IO).expect("node-a's pod");
     assert_eq!(backend_of(&line), a1);
+}
+
+#[test]
+fn a_cluster_ip_port_no_service_uses_is_refused_to_pods_and_the_node() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            service("web", "10.96.0.10", 80, 8080, None, "TCP"),
+            slice("web", 8080, "TCP", &[(A1, READY)]),
+        ]),
+    );
+    let _s = start(&mut c);
+    let pod = c.pod("b0").ns.clone();
+    let node = c.node("b").ns.clone();
+    for (who, ns) in [("pod b0", &pod), ("node-b", &node)] {
+        tcp_hello(ns, sa("10.96.0.10:80"), IO)
+            .unwrap_or_else(|e| panic!("{who}: the port in use: {e}"));
+        assert_refused(
+            ns,
+            "10.96.0.10:81",
+            &format!("{who}: TCP to a port no Service uses"),
+        );
+        // UDP to the ClusterIP: ICMP port unreachable (pods) or a refused
+        // send (the node), either way ECONNREFUSED on a connected socket.
+        let err = in_ns(ns, || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(sa("10.96.0.10:80"))?;
+            s.set_read_timeout(Some(IO))?;
+            s.send(b"q")?;
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf).map(|_| ())
+        })
+        .expect_err("no UDP answer");
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{who}: UDP to a ClusterIP port no Service uses: {err}"
+        );
+    }
 }
