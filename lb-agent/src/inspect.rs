@@ -60,7 +60,8 @@ fn proto_name(p: u8) -> &'static str {
 pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
     let snap = maps.snapshot()?;
     let mut by_id: BTreeMap<u32, ServiceView> = BTreeMap::new();
-    for (key, value) in &snap.services {
+    // Address-only keys (ClusterIPs as a whole) belong to no Service port.
+    for (key, value) in snap.services.iter().filter(|(k, _)| !k.is_address_only()) {
         if let std::collections::btree_map::Entry::Vacant(entry) = by_id.entry(value.svc_id) {
             // Backends in the order of their first slot, with their share.
             let mut slots: Vec<(u32, u32)> = Vec::new();
@@ -93,8 +94,12 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
                 backends,
             });
         }
-        let kinds = frontend_kinds(value.flags);
-        let addr = socket_from_be(key.addr_be, key.family, key.port_be);
+        let mut kinds = frontend_kinds(value.flags);
+        if key.is_in_cluster() {
+            // The twin pods and the node itself take under a Local policy.
+            kinds.push("in-cluster");
+        }
+        let addr = socket_from_be(key.addr_be, key.addr_family(), key.port_be);
         if let Some(view) = by_id.get_mut(&value.svc_id) {
             view.frontends.push(FrontendView {
                 frontend: format!("{addr}/{}", proto_name(key.proto)),

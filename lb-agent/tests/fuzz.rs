@@ -220,16 +220,24 @@ fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), Tes
         report.failures
     );
     for (key, value) in &store.snap.services {
+        prop_assert!(
+            key.addr_family() == family::V4 || key.addr_family() == family::V6,
+            "{key:?}"
+        );
+        if key.is_address_only() {
+            // A ClusterIP as a whole: no Service port, no table.
+            prop_assert!(
+                value.svc_id == 0 && value.slots.is_none() && !key.is_in_cluster(),
+                "{key:?}"
+            );
+            continue;
+        }
         prop_assert!(key.port_be != 0, "{key:?}");
         prop_assert!(
             key.proto == proto::TCP || key.proto == proto::UDP,
             "{key:?}"
         );
-        prop_assert!(
-            key.family == family::V4 || key.family == family::V6,
-            "{key:?}"
-        );
-        if key.family == family::V4 {
+        if key.addr_family() == family::V4 {
             prop_assert!(key.addr_be[1..] == [0, 0, 0], "{key:?}");
         }
         let Some(slots) = value.slots else {
@@ -247,7 +255,7 @@ fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), Tes
             prop_assert!(b.port_be != 0, "{key:?}: backend {b:?}");
             prop_assert_eq!(
                 b.family,
-                key.family,
+                key.addr_family(),
                 "frontend {:?} leads to a backend of another family {:?}",
                 key,
                 b

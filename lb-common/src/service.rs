@@ -28,6 +28,56 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
+/// Set in a [`ServiceKey`]'s `family` byte: the key is the in-cluster twin
+/// of a NodePort, externalIP or LoadBalancer frontend under
+/// `externalTrafficPolicy: Local`. The frontend's own key leads to this
+/// node's endpoints, for clients outside the cluster; its twin leads to
+/// every endpoint, for pods and the node itself, which the policy does not
+/// bind (kube-proxy's short-circuit of in-cluster traffic). Only programs
+/// that see in-cluster clients look the twin up, and only after the
+/// frontend's own record says it has one ([`ServiceValue::has_in_cluster_twin`]).
+pub const KEY_F_IN_CLUSTER: u8 = 0x80;
+
+impl ServiceKey {
+    /// The in-cluster twin of this frontend's key (see [`KEY_F_IN_CLUSTER`]).
+    #[must_use]
+    pub const fn in_cluster(&self) -> Self {
+        Self {
+            family: self.family | KEY_F_IN_CLUSTER,
+            ..*self
+        }
+    }
+
+    /// Whether this is an in-cluster twin (see [`KEY_F_IN_CLUSTER`]).
+    pub const fn is_in_cluster(&self) -> bool {
+        self.family & KEY_F_IN_CLUSTER != 0
+    }
+
+    /// The address family ([`crate::family`]), without the twin bit.
+    pub const fn addr_family(&self) -> u8 {
+        self.family & !KEY_F_IN_CLUSTER
+    }
+
+    /// The key of a ClusterIP address as a whole (port and protocol 0),
+    /// present while a Service port uses the address: a packet from a pod
+    /// or the node that matched no frontend but has this address is
+    /// refused, as kube-proxy's nftables mode refuses ClusterIP ports no
+    /// Service uses. No frontend has port or protocol 0.
+    pub const fn address_only(addr_be: IpAddrBe, family: u8) -> Self {
+        Self {
+            addr_be,
+            port_be: 0,
+            proto: 0,
+            family,
+        }
+    }
+
+    /// Whether this is an address-only key (see [`Self::address_only`]).
+    pub const fn is_address_only(&self) -> bool {
+        self.port_be == 0 && self.proto == 0
+    }
+}
+
 /// The frontend is a ClusterIP.
 pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
 /// The frontend is a NodePort on one of this node's addresses.
@@ -40,8 +90,14 @@ pub const SVC_F_LOAD_BALANCER: u32 = 1 << 4;
 pub const SVC_F_SRC_RANGES: u32 = 1 << 5;
 
 /// A Local traffic policy applies: the table holds only this node's
-/// endpoints, and with none the packet is dropped, not refused.
+/// endpoints; with none, the packet is dropped when other nodes have some
+/// ([`SVC_F_REMOTE_ENDPOINTS`]) and refused otherwise.
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 3;
+/// With [`SVC_F_LOCAL_ONLY`]: the Service port has endpoints on other nodes.
+/// A node without a local one then drops (so that an outside load balancer,
+/// which health-checks nodes, retries elsewhere); a Service without any
+/// endpoint is refused like every other (kube-proxy's rule).
+pub const SVC_F_REMOTE_ENDPOINTS: u32 = 1 << 6;
 
 /// What a frontend leads to.
 #[repr(C)]
@@ -57,6 +113,15 @@ pub struct ServiceValue {
     pub affinity_timeout_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+impl ServiceValue {
+    /// Whether the frontend may have an in-cluster twin key
+    /// ([`KEY_F_IN_CLUSTER`]): a NodePort, externalIP or LoadBalancer
+    /// frontend under a Local policy.
+    pub const fn has_in_cluster_twin(&self) -> bool {
+        self.flags & SVC_F_LOCAL_ONLY != 0 && self.flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL) != 0
+    }
+}
 
 /// Largest Maglev table (the inner array's template size).
 pub const MAGLEV_MAX: u32 = 131_071;
@@ -84,6 +149,10 @@ pub const SRC_RANGE_HEAD_BITS: u32 = 64;
 
 /// The backend runs on this node (reached without SNAT).
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+/// The endpoint is neither ready nor serving (a failed readiness probe):
+/// it is in no table, its TCP flows go on, and its UDP flows are moved to
+/// a live backend, as kube-proxy clears their conntrack entries.
+pub const BACKEND_F_NOT_SERVING: u8 = 1 << 1;
 
 /// Where a backend lives.
 #[repr(C)]

@@ -4,16 +4,37 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     service::{SRC_RANGE_HEAD_BITS, SVC_F_SRC_RANGES},
-    ServiceValue, SrcRange, Tuple,
+    ServiceKey, ServiceValue, SrcRange, Tuple,
 };
 
 use crate::maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1};
 
 /// The Service record of the tuple's destination, if it is a frontend.
+/// A client inside the cluster (`in_cluster`: a pod, the node itself) gets
+/// the in-cluster twin of a frontend under `externalTrafficPolicy: Local`,
+/// which leads to every endpoint: the policy binds only outside clients.
 #[inline(always)]
-pub fn lookup(t: &Tuple) -> Option<ServiceValue> {
+pub fn lookup(t: &Tuple, in_cluster: bool) -> Option<ServiceValue> {
+    let key = t.frontend();
     // SAFETY: the value is copied out at once, before any map update.
-    unsafe { LB_SERVICES_V2.get(&t.frontend()).copied() }
+    let svc = unsafe { LB_SERVICES_V2.get(&key).copied() }?;
+    if in_cluster && svc.has_in_cluster_twin() {
+        // SAFETY: as above. Without a twin (an agent that writes none), the
+        // frontend's own record still serves.
+        if let Some(twin) = unsafe { LB_SERVICES_V2.get(&key.in_cluster()).copied() } {
+            return Some(twin);
+        }
+    }
+    Some(svc)
+}
+
+/// Whether the tuple's destination is a ClusterIP on a port no Service
+/// uses (its address-only key exists): such a packet is refused.
+#[inline(always)]
+pub fn unused_cluster_ip_port(t: &Tuple) -> bool {
+    let key = ServiceKey::address_only(t.daddr_be, t.family);
+    // SAFETY: only the presence is read.
+    unsafe { LB_SERVICES_V2.get(&key) }.is_some()
 }
 
 /// Whether the tuple's source may reach a frontend guarded by

@@ -8,7 +8,7 @@ use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::ENCAP_LEN,
     proto,
-    service::SVC_F_LOCAL_ONLY,
+    service::{SVC_F_LOCAL_ONLY, SVC_F_REMOTE_ENDPOINTS},
     CtValue, Tuple,
 };
 
@@ -153,13 +153,14 @@ fn flow<P: Packet>(
 ) -> Result<(), Verdict> {
     let len = ctx.len;
     if conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
-        if select::backend_alive(ct) {
+        if select::backend_alive(ct, t.proto) {
             count(Reason::CtHit, len);
             return Ok(());
         }
-        // The flow's backend was removed: end the flow visibly instead of
-        // sending it into the void. TCP gets a reset; UDP, which has no
-        // connection to end, is given a live backend as a new flow.
+        // The flow's backend was removed (or, for UDP, stopped serving):
+        // end the flow visibly instead of sending it into the void. TCP
+        // gets a reset; UDP, which has no connection to end, is given a
+        // live backend as a new flow.
         conntrack::remove(t);
         count(Reason::BackendGone, len);
         if t.proto == proto::TCP {
@@ -171,7 +172,19 @@ fn flow<P: Packet>(
         }
     }
 
-    let Some(svc) = frontend::lookup(t) else {
+    let Some(svc) = frontend::lookup(t, !ctx.hook.is_external()) else {
+        // A ClusterIP on a port no Service uses is refused to pods, as
+        // kube-proxy's nftables mode does (the node's own sockets are
+        // refused by the socket hooks); from outside it is not ours.
+        if ctx.hook == Hook::TcPod && frontend::unused_cluster_ip_port(t) {
+            return Err(match reject::reject(pkt, t, layout) {
+                Ok(()) => {
+                    count(Reason::RejectNoEndpoint, len);
+                    Verdict::Bounce
+                }
+                Err(_) => drop(Reason::DropRewrite, len),
+            });
+        }
         return Err(pass(Reason::PassNoService, len));
     };
     let svc_id = svc.svc_id;
@@ -179,10 +192,12 @@ fn flow<P: Packet>(
         return Err(drop_for(svc_id, Reason::DropSourceRange, len));
     }
     if svc.slot_count == 0 {
-        // Local traffic policy without a local endpoint: kube-proxy drops,
-        // so that the client's load balancer, which health-checks the
-        // node, retries elsewhere.
-        if svc.flags & SVC_F_LOCAL_ONLY != 0 {
+        // Local traffic policy without a local endpoint while other nodes
+        // have some: kube-proxy drops, so that the client's load balancer,
+        // which health-checks the node, retries elsewhere. Without any
+        // endpoint at all it is refused, like any Service.
+        let local_policy = SVC_F_LOCAL_ONLY | SVC_F_REMOTE_ENDPOINTS;
+        if svc.flags & local_policy == local_policy {
             return Err(drop_for(svc_id, Reason::DropNoLocalEndpoint, len));
         }
         return Err(match reject::reject(pkt, t, layout) {
@@ -242,7 +257,7 @@ fn later_fragment(
     if !conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
         return Err(pass(Reason::FragUntracked, len));
     }
-    if !select::backend_alive(ct) {
+    if !select::backend_alive(ct, t.proto) {
         return Err(drop_for(ct.svc_id, Reason::BackendGone, len));
     }
     count(Reason::FragTracked, len);

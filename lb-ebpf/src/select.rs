@@ -8,8 +8,8 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    conntrack::CT_F_REPLY, AffinityKey, AffinityValue, Backend, BackendId, CtValue, ServiceValue,
-    Tuple,
+    conntrack::CT_F_REPLY, proto, service::BACKEND_F_NOT_SERVING, AffinityKey, AffinityValue,
+    Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
 use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V1};
@@ -69,17 +69,24 @@ fn pick_maglev(svc: &ServiceValue, hash: u32) -> Option<(BackendId, Backend)> {
     Some((id, backend))
 }
 
-/// Whether the backend a tracked flow was given still exists. Reply entries
+/// Whether the backend a tracked flow of protocol `l4` was given may still
+/// carry it: it exists, and for a protocol other than TCP it still serves
+/// (a not-ready endpoint keeps its TCP connections, while its UDP flows
+/// move, as kube-proxy clears their conntrack entries). Reply entries
 /// always pass: only the client side decides the flow's fate.
 #[inline(always)]
-pub fn backend_alive(ct: &CtValue) -> bool {
+pub fn backend_alive(ct: &CtValue, l4: u8) -> bool {
     if ct.flags & CT_F_REPLY != 0 {
         return true;
     }
     // SAFETY: the value is read at once.
     match unsafe { LB_BACKENDS_V1.get(&ct.backend_id) } {
         // An id can be reused for another endpoint: compare the address too.
-        Some(b) => b.addr_be == ct.nat_daddr_be && b.port_be == ct.nat_dport_be,
+        Some(b) => {
+            b.addr_be == ct.nat_daddr_be
+                && b.port_be == ct.nat_dport_be
+                && (l4 == proto::TCP || b.flags & BACKEND_F_NOT_SERVING == 0)
+        }
         None => false,
     }
 }

@@ -249,7 +249,13 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
         family: dst.family,
         _pad: [0; 2],
     };
-    let Some(svc) = frontend::lookup(&t) else {
+    let Some(svc) = frontend::lookup(&t, true) else {
+        // A ClusterIP on a port no Service uses: refused, as kube-proxy's
+        // nftables mode does.
+        if frontend::unused_cluster_ip_port(&t) {
+            count(STAT_REFUSED);
+            return Decision::Refuse(ECONNREFUSED);
+        }
         return Decision::Pass;
     };
     if !frontend::source_allowed(&svc, &t) {

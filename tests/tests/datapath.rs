@@ -443,28 +443,80 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
 #[test]
 fn packets_not_for_a_service_pass_untouched() {
     let client = addr("10.244.2.20:40005");
+    // (case, packet, whether pods are refused: a ClusterIP's other ports
+    // and protocols, as kube-proxy's nftables mode refuses them).
     let cases = [
         (
             "other address",
             Packet::tcp(client, addr("10.96.0.11:80"), flags::SYN, b"").bytes(),
+            false,
         ),
         (
             "other port",
             Packet::tcp(client, addr("10.96.0.10:81"), flags::SYN, b"").bytes(),
+            true,
         ),
         (
             "other protocol on the port",
             Packet::udp(client, addr("10.96.0.10:80"), b"x").bytes(),
+            true,
         ),
     ];
     for prog in ALL {
         let mut dp = seeded();
-        for (name, input) in &cases {
+        for (name, input, refused_from_pods) in &cases {
             let (verdict, out) = dp.run(prog, input);
+            if *refused_from_pods && prog == TcPod {
+                assert_eq!(verdict, bounce(prog), "{name}: {prog:?}");
+                continue;
+            }
             assert_eq!(verdict, pass(prog), "{name}: {prog:?}");
             assert_eq!(&out, input, "{name}: {prog:?}");
         }
     }
+}
+
+#[test]
+fn a_cluster_ip_port_no_service_uses_is_reset_for_pods_and_the_address_goes_with_its_last_port() {
+    let mut dp = Datapath::new();
+    let web = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    let dns = service(
+        "dns",
+        Protocol::Udp,
+        &[("10.96.0.10", 53, ClusterIp)],
+        &[("10.244.1.10", 5353, true)],
+    );
+    dp.apply(&[web.clone(), dns]);
+    let syn = Packet::tcp(
+        addr("10.244.2.20:40006"),
+        addr("10.96.0.10:81"),
+        flags::SYN,
+        b"",
+    );
+    let (verdict, out) = dp.run(TcPod, &syn.bytes());
+    assert_eq!(verdict, TC_ACT_REDIRECT, "refused");
+    assert_eq!(
+        out,
+        expected_rst(
+            &syn,
+            addr("10.96.0.10:81"),
+            0,
+            1001,
+            flags::RST | flags::ACK
+        )
+    );
+    // One of the two ports leaves: the address still has the other.
+    dp.apply(&[web]);
+    assert_eq!(dp.run(TcPod, &syn.bytes()).0, TC_ACT_REDIRECT);
+    // The address leaves with its last port: not ours any more.
+    dp.apply(&[]);
+    let (verdict, out) = dp.run(TcPod, &syn.bytes());
+    assert_eq!((verdict, out), (TC_ACT_OK, syn.bytes()));
 }
 
 /// What a corpus packet must come out as.
@@ -1104,6 +1156,89 @@ fn local_traffic_policies_keep_traffic_on_this_node_and_drop_without_a_local_end
     for port in 22000..22040 {
         assert_eq!(dst(&mut dp, TcPod, "10.96.0.10:80", port).1, "10.244.1.10");
     }
+}
+
+#[test]
+fn in_cluster_clients_of_an_external_local_frontend_reach_every_endpoint() {
+    let mut dp = Datapath::new();
+    let fronts = [
+        ("10.96.0.10", 80, ClusterIp),
+        ("10.99.0.1", 30080, NodePort),
+    ];
+    // No endpoint on this node.
+    let (r, mut sp) = service(
+        "web",
+        Protocol::Tcp,
+        &fronts,
+        &[("10.244.2.10", 8080, false)],
+    );
+    sp.external_local = true;
+    dp.apply(&[(r.clone(), sp.clone())]);
+    let syn =
+        |from: &str| Packet::tcp(addr(from), addr("10.99.0.1:30080"), flags::SYN, b"").bytes();
+    // From a pod: every endpoint (the in-cluster twin).
+    let (verdict, out) = dp.run(TcPod, &syn("10.244.1.20:40020"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[30..34], &[10, 244, 2, 10], "to the remote endpoint");
+    // From outside: this node's endpoints only, none: dropped.
+    assert_eq!(dp.run(XdpNode, &syn("10.99.0.100:40021")).0, XDP_DROP);
+    assert_eq!(dp.run(TcNode, &syn("10.99.0.100:40022")).0, TC_ACT_SHOT);
+
+    // No endpoint anywhere: refused from outside, like any Service.
+    sp.endpoints.clear();
+    dp.apply(&[(r, sp)]);
+    assert_eq!(dp.run(XdpNode, &syn("10.99.0.100:40023")).0, XDP_TX);
+    assert_eq!(dp.run(TcPod, &syn("10.244.1.20:40024")).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_not_serving_endpoint_keeps_its_tcp_flows_while_its_udp_flows_move() {
+    let mut dp = Datapath::new();
+    let web = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    let dns = service(
+        "dns",
+        Protocol::Udp,
+        &[("10.96.0.53", 53, ClusterIp)],
+        &[("10.244.1.10", 5353, true)],
+    );
+    dp.apply(&[web.clone(), dns.clone()]);
+    let client = addr("10.244.2.20:40030");
+    let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
+    assert_eq!(dp.run(TcPod, &syn.bytes()).0, TC_ACT_OK);
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
+    assert_eq!(
+        dp.run(TcPod, &query.bytes()).1,
+        query.with_addrs(client, addr("10.244.1.10:5353")).bytes()
+    );
+
+    // .10 fails its readiness probe (not ready, not serving); .11 is ready.
+    let flip = |(r, mut sp): (_, lb_agent::model::ServicePort)| {
+        sp.endpoints[0].ready = false;
+        sp.endpoints[0].serving = false;
+        let mut other = sp.endpoints[0];
+        other.addr = "10.244.1.11".parse().expect("addr");
+        other.ready = true;
+        other.serving = true;
+        sp.endpoints.push(other);
+        (r, sp)
+    };
+    dp.apply(&[flip(web), flip(dns)]);
+    let ack = Packet::tcp(client, addr("10.96.0.10:80"), flags::ACK, b"more");
+    assert_eq!(
+        dp.run(TcPod, &ack.bytes()).1,
+        ack.with_addrs(client, addr("10.244.1.10:8080")).bytes(),
+        "the established TCP flow stays"
+    );
+    assert_eq!(
+        dp.run(TcPod, &query.bytes()).1,
+        query.with_addrs(client, addr("10.244.1.11:5353")).bytes(),
+        "the UDP flow moves to a serving endpoint"
+    );
 }
 
 #[test]

@@ -11,7 +11,10 @@
 //! that still points at it with `SOCK_DESTROY` over sock_diag netlink: its
 //! next call fails with `ECONNABORTED`, and the application reconnects,
 //! through the hooks, to a live backend. Unconnected UDP sockets need
-//! nothing: their next datagram is translated again.
+//! nothing: their next datagram is translated again. A connected UDP
+//! socket also ends when its backend stops serving (still listed, but
+//! `BACKEND_F_NOT_SERVING`), the rule the packet path applies to UDP
+//! flows; TCP sockets keep such a backend until it leaves the slices.
 //!
 //! `SOCK_DESTROY` needs `CONFIG_INET_DIAG_DESTROY` (and the TCP and UDP
 //! diag modules). Where the kernel lacks it, such sockets are left as they
@@ -20,7 +23,7 @@
 //! and kfunc calls, which aya-ebpf 0.2 cannot emit.)
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
@@ -30,6 +33,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use lb_common::{
     family, maps, proto,
+    service::BACKEND_F_NOT_SERVING,
     sock::{SockRevKey, SockRevValue, STAT_DESTROYED, STAT_STALE},
     IpAddrBe,
 };
@@ -48,15 +52,21 @@ pub struct Sweep {
     pub forgotten: usize,
 }
 
+/// A backend as the sweep knows it: address, port, family.
+type BackendAddr = (IpAddrBe, u16, u8);
+
 /// After a sync that deleted map entries: [`sweep`] against the backends
 /// the map holds now, logging (not failing) when it cannot.
 pub fn after_sync(bpffs: &Path, maps: &super::maps::Maps) {
-    let live: Result<HashSet<(IpAddrBe, u16, u8)>> = maps
+    let live: Result<HashMap<BackendAddr, bool>> = maps
         .backends
         .iter()
         .map(|e| {
-            e.map(|(_, b)| (b.addr_be, b.port_be, b.family))
-                .context("read the backends map")
+            e.map(|(_, b)| {
+                let serving = b.flags & BACKEND_F_NOT_SERVING == 0;
+                ((b.addr_be, b.port_be, b.family), serving)
+            })
+            .context("read the backends map")
         })
         .collect();
     if let Err(e) = live.and_then(|live| sweep(bpffs, &live)) {
@@ -65,9 +75,11 @@ pub fn after_sync(bpffs: &Path, maps: &super::maps::Maps) {
 }
 
 /// Ends the connected sockets of this network namespace that the hooks
-/// translated to a backend no longer in `live` (address, port, family), and
-/// forgets the reverse entries of such backends.
-pub fn sweep(bpffs: &Path, live: &HashSet<(IpAddrBe, u16, u8)>) -> Result<Sweep> {
+/// translated to a backend no longer in `live` (address, port, family →
+/// whether it serves), and forgets the reverse entries of such backends.
+/// A UDP socket also ends when its backend stops serving, as a packet's
+/// UDP flow moves then (the datapath's rule); TCP ones go on.
+pub fn sweep(bpffs: &Path, live: &HashMap<BackendAddr, bool>) -> Result<Sweep> {
     let path = bpffs::maps_dir(bpffs).join(maps::SOCK_REV);
     let Ok(data) = MapData::from_pin(&path) else {
         return Ok(Sweep::default());
@@ -75,22 +87,39 @@ pub fn sweep(bpffs: &Path, live: &HashSet<(IpAddrBe, u16, u8)>) -> Result<Sweep>
     let mut rev: BpfHashMap<MapData, SockRevKey, SockRevValue> = Map::from_map_data(data)?
         .try_into()
         .with_context(|| format!("map {} has an unexpected layout", maps::SOCK_REV))?;
-    let gone: Vec<SockRevKey> = rev
+    // Reverse entries whose backend is gone (false) or only stopped
+    // serving (true).
+    let ended: Vec<(SockRevKey, bool)> = rev
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| !live.contains(&(k.addr_be, k.port_be, k.family)))
+        .filter_map(|k| match live.get(&(k.addr_be, k.port_be, k.family)) {
+            None => Some((k, false)),
+            Some(false) => Some((k, true)),
+            Some(true) => None,
+        })
         .collect();
     let mut out = Sweep::default();
-    if gone.is_empty() {
+    if ended.is_empty() {
         return Ok(out);
     }
-    let wanted: HashMap<u64, (IpAddrBe, u16)> = gone
+    let wanted = |tcp: bool| -> HashMap<u64, (IpAddrBe, u16)> {
+        ended
+            .iter()
+            .filter(|(k, not_serving)| k.family == family::V4 && !(tcp && *not_serving))
+            .map(|(k, _)| (k.cookie, (k.addr_be, k.port_be)))
+            .collect()
+    };
+    let gone: Vec<SockRevKey> = ended
         .iter()
-        .filter(|k| k.family == family::V4)
-        .map(|k| (k.cookie, (k.addr_be, k.port_be)))
+        .filter(|(_, not_serving)| !not_serving)
+        .map(|(k, _)| *k)
         .collect();
     let diag = Diag::open()?;
     for l4 in [proto::TCP, proto::UDP] {
+        let wanted = wanted(l4 == proto::TCP);
+        if wanted.is_empty() {
+            continue;
+        }
         let sockets = match diag.dump(l4) {
             Ok(s) => s,
             Err(e) => {

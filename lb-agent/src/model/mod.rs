@@ -123,7 +123,7 @@ pub struct Endpoint {
     pub local: bool,
     /// `conditions.ready` (a missing value counts as ready, as the API says).
     pub ready: bool,
-    /// `conditions.serving` (a missing value takes the value of `ready`).
+    /// `conditions.serving` (a missing value counts as serving, as in kube-proxy).
     pub serving: bool,
     /// `conditions.terminating` (a missing value counts as false).
     pub terminating: bool,
@@ -275,15 +275,15 @@ impl ServicePort {
     }
 
     /// Endpoints that take no new flows but keep their established ones:
-    /// terminating endpoints that still serve, unless they are active
-    /// (among this node's only, when `local_only`).
+    /// every endpoint still listed that is not active (among this node's
+    /// only, when `local_only`), whatever its conditions. A failed
+    /// readiness probe must not end connections, as in kube-proxy, whose
+    /// conntrack entries outlive readiness: only leaving the slices does.
     pub fn draining_in(&self, local_only: bool) -> Vec<&Endpoint> {
         let active = self.active_in(local_only);
         self.endpoints
             .iter()
-            .filter(|e| {
-                (!local_only || e.local) && e.serving && e.terminating && !active.contains(e)
-            })
+            .filter(|e| (!local_only || e.local) && !active.contains(e))
             .collect()
     }
 }

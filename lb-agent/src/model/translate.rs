@@ -432,7 +432,10 @@ fn parse_slice(
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let conditions = ep.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        // kube-proxy reads a missing `serving` as true whatever `ready`
+        // says (the API's text says to defer to `ready`); which UDP flows
+        // move off a not-ready endpoint depends on it, so read it alike.
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         // An agent that does not know its name must not call everything local.
         let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
@@ -515,6 +518,36 @@ fn parse_addresses<'a>(
         }
     }
     out
+}
+
+/// The addresses of `field` in the Service's `families` (`true`: IPv4);
+/// the others are reported and left out. No family known: all are kept.
+fn of_families(
+    addrs: Vec<IpAddr>,
+    families: &BTreeSet<bool>,
+    field: &str,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let name = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+    addrs
+        .into_iter()
+        .filter(|a| {
+            let ok = families.is_empty() || families.contains(&a.is_ipv4());
+            if !ok {
+                let have: Vec<&str> = families.iter().rev().map(|v4| name(*v4)).collect();
+                problems.push(Problem {
+                    object: object.to_owned(),
+                    message: format!(
+                        "{field}: {a} is an {} address but the Service's IP families are {}; that address ignored",
+                        name(a.is_ipv4()),
+                        have.join(", ")
+                    ),
+                });
+            }
+            ok
+        })
+        .collect()
 }
 
 /// Pairs each entry of a list field with its path, as Problems name it.
@@ -620,6 +653,31 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
             Some((format!("status.loadBalancer.ingress[{i}].ip"), ip))
         });
     let load_balancer = parse_addresses(ingress_ips, object, problems);
+
+    // kube-proxy serves a Service in the families of its clusterIPs (or
+    // `ipFamilies` while none is allocated): an externalIP or ingress IP
+    // of another family is ignored, with a Warning.
+    let mut families: BTreeSet<bool> = cluster.iter().map(IpAddr::is_ipv4).collect();
+    if families.is_empty() {
+        families = spec
+            .ip_families
+            .iter()
+            .flatten()
+            .filter_map(|f| match f.as_str() {
+                "IPv4" => Some(true),
+                "IPv6" => Some(false),
+                _ => None,
+            })
+            .collect();
+    }
+    let external = of_families(external, &families, "spec.externalIPs", object, problems);
+    let load_balancer = of_families(
+        load_balancer,
+        &families,
+        "status.loadBalancer.ingress",
+        object,
+        problems,
+    );
     Some(ServiceAddrs {
         cluster,
         external,
@@ -1221,6 +1279,7 @@ endpoints:
   - {{addresses: [10.0.0.3], conditions: {{ready: false, serving: true, terminating: true}}}}
   - {{addresses: [10.0.0.4], conditions: {{ready: true, serving: false}}}}
   - {{addresses: [10.0.0.5], conditions: {{}}}}
+  - {{addresses: [10.0.0.6], conditions: {{ready: false, serving: false}}}}
 "
         ));
         assert!(problems.is_empty(), "{problems:?}");
@@ -1240,10 +1299,13 @@ endpoints:
             .collect();
         let want = [
             ("10.0.0.1", true, true, true, false),
-            ("10.0.0.2", false, false, false, false),
+            // `serving` left unset is serving, whatever `ready` says, as
+            // kube-proxy reads it.
+            ("10.0.0.2", false, false, true, false),
             ("10.0.0.3", false, false, true, true),
             ("10.0.0.4", false, true, false, false),
             ("10.0.0.5", false, true, true, false),
+            ("10.0.0.6", false, false, false, false),
         ];
         let want: Vec<_> = want
             .iter()
@@ -1251,6 +1313,49 @@ endpoints:
             .collect();
         assert_eq!(got, want);
         assert_eq!(sp.active_endpoints().len(), 3);
+        // Every listed endpoint that takes no new flows keeps its
+        // established ones, whatever its conditions.
+        let draining: Vec<String> = sp
+            .draining_in(false)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(draining, ["10.0.0.2", "10.0.0.3", "10.0.0.6"]);
+        let local: Vec<String> = sp
+            .draining_in(true)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert!(local.is_empty(), "{local:?}");
+    }
+
+    #[test]
+    fn addresses_of_another_family_than_the_service_are_ignored_with_a_problem() {
+        let (model, problems) = run("
+metadata: {name: web, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.1, 'fd00::1']
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 'fd00::2'}, {ip: 203.0.113.2}]}}
+");
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "Service demo/web: spec.externalIPs: fd00::1 is an IPv6 address but the Service's IP families are IPv4; that address ignored",
+                "Service demo/web: status.loadBalancer.ingress: fd00::2 is an IPv6 address but the Service's IP families are IPv4; that address ignored",
+            ]
+        );
+        let sp = &model.services[&port_ref("demo", "web", "", Protocol::Tcp)];
+        let virtual_ips: Vec<String> = sp
+            .frontends
+            .iter()
+            .filter(|f| matches!(f.kind, FrontendKind::External | FrontendKind::LoadBalancer))
+            .map(|f| f.addr.to_string())
+            .collect();
+        assert_eq!(virtual_ips, ["203.0.113.1", "203.0.113.2"]);
     }
 
     #[test]

@@ -362,7 +362,9 @@ fn endpoint_conditions_ready_serving_and_terminating() {
     let cases = [
         ("{}", true, true, false, true),
         ("{ready: true}", true, true, false, true),
-        ("{ready: false}", false, false, false, false),
+        // `serving` unset is serving, as kube-proxy reads it (not `ready`).
+        ("{ready: false}", false, true, false, false),
+        ("{ready: false, serving: false}", false, false, false, false),
         ("{ready: false, serving: true}", false, true, false, false),
         (
             "{ready: false, serving: true, terminating: true}",

@@ -2,6 +2,12 @@
 //! port needs, with their frontends as the datapath keys and flags them,
 //! their backends and their source ranges.
 //!
+//! Under `externalTrafficPolicy: Local` a NodePort, externalIP or
+//! LoadBalancer frontend is in the `@local` table, and its in-cluster twin
+//! key (`lb_common::service::KEY_F_IN_CLUSTER`) in the table of every
+//! endpoint, which therefore exists whenever the port takes outside
+//! traffic, as kube-proxy keeps its cluster endpoints for that case.
+//!
 //! Pure: the reconciler diffs what this returns against what it wrote.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,8 +16,9 @@ use lb_common::{
     addr::addr_be,
     proto,
     service::{
-        BACKEND_F_LOCAL, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_LOCAL_ONLY,
-        SVC_F_NODEPORT, SVC_F_SRC_RANGES,
+        BACKEND_F_LOCAL, BACKEND_F_NOT_SERVING, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL,
+        SVC_F_LOAD_BALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_REMOTE_ENDPOINTS,
+        SVC_F_SRC_RANGES,
     },
     Backend, ServiceKey,
 };
@@ -94,10 +101,18 @@ pub(super) fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(TableId,
             proto: p,
             family: fam,
         };
-        let mut flags = kind_flags(f.kind) | if local { SVC_F_LOCAL_ONLY } else { 0 };
+        let mut flags = kind_flags(f.kind);
         // The ranges guard the load balancer's addresses only, as in kube-proxy.
         if f.kind == FrontendKind::LoadBalancer && !sp.source_ranges.is_empty() {
             flags |= SVC_F_SRC_RANGES;
+        }
+        if local && f.kind != FrontendKind::ClusterIp {
+            // externalTrafficPolicy binds only clients from outside: pods
+            // and the node itself take the twin, to every endpoint.
+            *scopes[0].entry(key.in_cluster()).or_insert(0) |= flags;
+        }
+        if local {
+            flags |= SVC_F_LOCAL_ONLY;
         }
         *scopes[usize::from(local)].entry(key).or_insert(0) |= flags;
     }
@@ -107,7 +122,10 @@ pub(super) fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(TableId,
             addr_be: addr,
             port_be: e.port.to_be(),
             family: fam,
-            flags: if e.local { BACKEND_F_LOCAL } else { 0 },
+            flags: if e.local { BACKEND_F_LOCAL } else { 0 }
+                // Never set on an active endpoint (active means ready, or
+                // serving and terminating), so no table holds such a backend.
+                | if e.ready || e.serving { 0 } else { BACKEND_F_NOT_SERVING },
         }
     };
     let ranges: BTreeSet<Range> = sp
@@ -124,12 +142,22 @@ pub(super) fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(TableId,
         // in place, so an IPv4 frontend may only lead to IPv4 backends.
         let mut by_family: BTreeMap<u8, BTreeMap<ServiceKey, u32>> = BTreeMap::new();
         for (key, flags) in frontends {
-            by_family.entry(key.family).or_default().insert(key, flags);
+            by_family
+                .entry(key.addr_family())
+                .or_default()
+                .insert(key, flags);
         }
-        for (fam, frontends) in by_family {
+        for (fam, mut frontends) in by_family {
             let same_family = |e: &&&Endpoint| addr_be(e.addr).1 == fam;
             let active = sp.active_in(local);
             let draining = sp.draining_in(local);
+            // Without a local endpoint, a Local frontend drops only while
+            // some node has one; a Service with none anywhere is refused.
+            if local && sp.active_in(false).iter().any(|e| same_family(&e)) {
+                for flags in frontends.values_mut() {
+                    *flags |= SVC_F_REMOTE_ENDPOINTS;
+                }
+            }
             let id = TableId::new(
                 r.clone(),
                 if local { Scope::Local } else { Scope::Cluster },
@@ -157,6 +185,116 @@ pub(super) fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(TableId,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint(addr: &str, local: bool, ready: bool, serving: bool) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().expect("test address"),
+            port: 8080,
+            local,
+            ready,
+            serving,
+            terminating: false,
+        }
+    }
+
+    fn port_ref() -> ServicePortRef {
+        ServicePortRef {
+            namespace: "demo".to_owned(),
+            name: "web".to_owned(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn frontend(addr: &str, port: u16, kind: FrontendKind) -> crate::model::Frontend {
+        crate::model::Frontend {
+            addr: addr.parse().expect("test address"),
+            port,
+            kind,
+        }
+    }
+
+    fn key(addr: &str, port: u16) -> ServiceKey {
+        let (addr_be, family) = addr_be(addr.parse().expect("test address"));
+        ServiceKey {
+            addr_be,
+            port_be: port.to_be(),
+            proto: proto::TCP,
+            family,
+        }
+    }
+
+    #[test]
+    fn an_external_local_policy_gives_in_cluster_clients_every_endpoint() {
+        let sp = ServicePort {
+            frontends: vec![
+                frontend("10.96.0.10", 80, FrontendKind::ClusterIp),
+                frontend("10.99.0.1", 30080, FrontendKind::NodePort),
+            ],
+            endpoints: vec![endpoint("10.244.2.10", false, true, true)],
+            external_local: true,
+            ..ServicePort::default()
+        };
+        let tables: BTreeMap<String, DesiredService> = desired_for(&port_ref(), &sp)
+            .into_iter()
+            .map(|(id, d)| (id.to_string(), d))
+            .collect();
+        let cluster = &tables["demo/web/TCP"];
+        let local = &tables["demo/web/TCP@local"];
+        let nodeport = key("10.99.0.1", 30080);
+        assert_eq!(
+            cluster.frontends,
+            BTreeMap::from([
+                (key("10.96.0.10", 80), SVC_F_CLUSTER_IP),
+                (nodeport.in_cluster(), SVC_F_NODEPORT),
+            ])
+        );
+        assert_eq!(cluster.backends.len(), 1);
+        // No local endpoint, but one elsewhere: outside clients are dropped.
+        assert_eq!(
+            local.frontends,
+            BTreeMap::from([(
+                nodeport,
+                SVC_F_NODEPORT | SVC_F_LOCAL_ONLY | SVC_F_REMOTE_ENDPOINTS
+            )])
+        );
+        assert!(local.backends.is_empty());
+
+        // No endpoint anywhere: refused like any Service.
+        let none = ServicePort {
+            endpoints: Vec::new(),
+            ..sp
+        };
+        let tables = desired_for(&port_ref(), &none);
+        let (_, local) = tables
+            .iter()
+            .find(|(id, _)| id.scope == Scope::Local)
+            .expect("a local table");
+        assert_eq!(
+            local.frontends.values().copied().collect::<Vec<_>>(),
+            [SVC_F_NODEPORT | SVC_F_LOCAL_ONLY]
+        );
+    }
+
+    #[test]
+    fn a_not_ready_endpoint_drains_and_is_marked_when_it_no_longer_serves() {
+        let sp = ServicePort {
+            frontends: vec![frontend("10.96.0.10", 80, FrontendKind::ClusterIp)],
+            endpoints: vec![
+                endpoint("10.244.1.11", true, true, true),
+                endpoint("10.244.2.10", false, false, false),
+                endpoint("10.244.2.11", false, false, true),
+            ],
+            ..ServicePort::default()
+        };
+        let tables = desired_for(&port_ref(), &sp);
+        let [(_, d)] = tables.as_slice() else {
+            panic!("one table: {tables:?}");
+        };
+        let flags = |b: &[Backend]| -> Vec<u8> { b.iter().map(|b| b.flags).collect() };
+        assert_eq!(flags(&d.backends), [BACKEND_F_LOCAL]);
+        assert_eq!(flags(&d.draining), [BACKEND_F_NOT_SERVING, 0]);
+    }
 
     #[test]
     fn protocol_numbers_read_back() {

@@ -18,6 +18,7 @@
 //! agent compares against reality and rewrites nothing that is already right;
 //! a table is recognised by the fingerprint recorded beside it.
 
+mod cluster_ips;
 mod lower;
 mod store;
 mod table_id;
@@ -135,6 +136,8 @@ pub struct Reconciler {
     failed: BTreeMap<TableId, Failure>,
     /// Backends that may have lost their last user during this apply.
     maybe_unused: Vec<BackendId>,
+    /// ClusterIP addresses as a whole (ports no Service uses are refused).
+    cluster_ips: cluster_ips::ClusterIps,
 }
 
 /// Tables built and written together: bounds the memory a large first
@@ -178,6 +181,7 @@ impl Reconciler {
             synced: false,
             failed: BTreeMap::new(),
             maybe_unused: Vec::new(),
+            cluster_ips: cluster_ips::ClusterIps::default(),
         }
     }
 
@@ -189,6 +193,10 @@ impl Reconciler {
             r.backend_ids.insert(identity(b), *id);
         }
         for (key, value) in &snap.services {
+            if key.is_address_only() {
+                r.cluster_ips.adopt(*key);
+                continue;
+            }
             let svc = r.services.entry(value.svc_id).or_default();
             svc.frontends.insert(*key, *value);
             r.owners.insert(*key, value.svc_id);
@@ -322,6 +330,8 @@ impl Reconciler {
         };
 
         let wanted: Vec<(&TableId, &DesiredService)> = desired.iter().collect();
+        self.cluster_ips
+            .plan(model, if full { None } else { changed });
         let refused = self.apply_services(&wanted, store, &mut report);
 
         let removed = !gone.is_empty();
@@ -336,6 +346,7 @@ impl Reconciler {
                 Err(e) => warn!(svc_id, "cannot remove Service port: {e}"),
             }
         }
+        self.cluster_ips.remove_unused(store, &mut report);
         // New Service ports go in before old ones leave, so at capacity a
         // replacement finds the maps full: try the refused ones again now
         // that the gone ones made room, instead of waiting for another sync.
@@ -375,6 +386,7 @@ impl Reconciler {
                 Err(e) => warn!(backend = id, "cannot remove backend: {e}"),
             }
         }
+        self.cluster_ips.write_wanted(store, &mut report);
         report.failures = sctp;
         report.failures.extend(self.failed.values().cloned());
         report
