@@ -9,6 +9,7 @@
 //! `trace` (the read-only subcommands). The binary (`main.rs`, `cli.rs`,
 //! `agent.rs`) parses the command line and runs the loop.
 
+pub mod check;
 pub mod datapath;
 pub mod endpoints;
 pub mod health;

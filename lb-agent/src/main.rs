@@ -52,6 +52,18 @@ fn real_main(mut cli: Cli) -> Result<()> {
     bpffs::enter_outer_mount_ns()?;
     match cli.command {
         Command::Run(args) => agent::run(&args),
+        Command::Check(args) => {
+            let report = lb_agent::check::run(&args.run.check_flags());
+            let view = cli::View {
+                bpffs: args.run.bpffs.clone(),
+                output: args.output,
+            };
+            view.print(&report, lb_agent::check::table)?;
+            if report.fails() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Services(view) => {
             let maps = Maps::open(&view.bpffs)?;
             view.print(&inspect::services(&maps)?, |v| inspect::services_table(v))
