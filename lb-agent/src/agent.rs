@@ -17,6 +17,7 @@ use lb_agent::{
         stale, upgrade,
     },
     endpoints::{self, Readiness},
+    explain,
     health::{self, HealthServers},
     maglev,
     metrics::{Metrics, SyncRecorder},
@@ -112,6 +113,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         let mut link_events = link_events()?;
         let mut health = HealthServers::default();
         let mut reported = ProblemLog::default();
+        let mut diagnosis = explain::Diagnosis::new(&args.bpffs);
         let mut node = NodeInfo {
             name: args.node_name.clone(),
             addresses: Vec::new(),
@@ -142,7 +144,30 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         // Refused Service ports (the tail of `problems`)
                         // are logged by the recorder's refusal log.
                         reported.log(&problems[..invalid]);
-                        source.report(&problems);
+                        let refused = report
+                            .failures
+                            .iter()
+                            .map(|f| (f.service.port.clone(), f.message.clone()))
+                            .collect();
+                        let all_addrs = source.node_addresses_unfiltered(&iface_addrs);
+                        let node_state = explain::NodeState {
+                            name: node.name.clone(),
+                            ifaces: args.iface.clone(),
+                            addresses: node.addresses.clone(),
+                            filtered_out: all_addrs
+                                .into_iter()
+                                .filter(|a| !node.addresses.contains(a))
+                                .collect(),
+                            nodeport_addresses: args
+                                .nodeport_addresses
+                                .0
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect(),
+                        };
+                        diagnosis.update(&translator, &changed, &node_state, refused, !ready.is_ready());
+                        metrics.service_problems(&diagnosis.counts());
+                        source.report(&problems, &diagnosis.problems());
                         if !ready.is_ready() {
                             // Programs are attached (or swapped, on a restart
                             // or upgrade) only now that the maps hold the

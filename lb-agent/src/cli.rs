@@ -129,6 +129,22 @@ pub(crate) enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// Say why a Service answers as it does on this node: its frontends
+    /// (programmed or not, and why), its endpoints and which take new
+    /// flows, the target port each resolved to, and one line per problem
+    /// with its fix. Reads the agent's last desired state and the pins.
+    Explain {
+        #[command(flatten)]
+        view: View,
+        /// `namespace/name`, `namespace/name:port` (a port's name), or
+        /// `name` in namespace `default`.
+        service: String,
+        /// A client address: whether the source ranges admit it, and the
+        /// backend a new flow from it would get (through the datapath's
+        /// own programs, as `trace`; run in the node's network namespace).
+        #[arg(long)]
+        from: Option<IpAddr>,
+    },
     /// Detach every program and remove every pin under the bpffs directory.
     Cleanup {
         /// The agent's bpffs directory.
@@ -149,6 +165,7 @@ impl Command {
             | Command::Backends(view)
             | Command::Conntrack { view, .. }
             | Command::Trace { view, .. }
+            | Command::Explain { view, .. }
             | Command::Maglev { view, .. } => {
                 view.bpffs = std::path::absolute(&view.bpffs).context("--bpffs")?;
             }

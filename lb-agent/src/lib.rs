@@ -12,6 +12,7 @@
 pub mod check;
 pub mod datapath;
 pub mod endpoints;
+pub mod explain;
 pub mod health;
 pub mod inspect;
 pub mod maglev;
