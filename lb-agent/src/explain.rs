@@ -950,3 +950,83 @@ fn trace_flow(
     }
     flow
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    use super::*;
+    use crate::model::{group, NodeInfo};
+
+    /// The findings' causes of every port of `name` in `yaml`, on node-a.
+    fn causes(yaml: &str, name: &str) -> Vec<Cause> {
+        let mut services: Vec<Service> = Vec::new();
+        let mut slices: Vec<EndpointSlice> = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v = serde_yaml::Value::deserialize(doc).expect("yaml");
+            if v["kind"] == "Service" {
+                services.push(serde_yaml::from_value(v).expect("Service"));
+            } else {
+                slices.push(serde_yaml::from_value(v).expect("EndpointSlice"));
+            }
+        }
+        let node = NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["10.99.0.1".parse().expect("ip")],
+        };
+        let mut t = Translator::new(node.clone());
+        let groups = group(&services, &slices);
+        t.update(&node, groups.keys().cloned(), |id| {
+            groups.get(id).cloned().unwrap_or_default()
+        });
+        let id = ("test".to_owned(), name.to_owned());
+        let state =
+            service_state(&t, &id, &NodeState::default(), &BTreeMap::new()).expect("a state");
+        state
+            .ports
+            .iter()
+            .flat_map(|p| p.findings.iter().map(|f| f.cause))
+            .collect()
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n";
+
+    fn slice(ports: &str, ready: bool, node: &str) -> String {
+        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: {ports}\nendpoints:\n  - {{addresses: [10.244.1.10], nodeName: {node}, conditions: {{ready: {ready}}}}}\n")
+    }
+
+    #[test]
+    fn each_endpoint_cause_is_found_and_a_healthy_service_has_none() {
+        let http = "[{name: http, port: 8080}]";
+        assert_eq!(causes(SVC, "web"), [Cause::NoEndpoints]);
+        assert_eq!(
+            causes(&format!("{SVC}{}", slice("[]", true, "node-a")), "web"),
+            [Cause::TargetPortUnresolved]
+        );
+        assert_eq!(
+            causes(&format!("{SVC}{}", slice(http, false, "node-a")), "web"),
+            [Cause::NoneReady]
+        );
+        assert_eq!(
+            causes(&format!("{SVC}{}", slice(http, true, "node-b")), "web"),
+            []
+        );
+        let local = SVC.replace("  ports:", "  internalTrafficPolicy: Local\n  ports:");
+        assert_eq!(
+            causes(&format!("{local}{}", slice(http, true, "node-b")), "web"),
+            [Cause::NoLocalEndpoint]
+        );
+    }
+
+    #[test]
+    fn state_directories_are_one_per_bpffs_directory() {
+        assert_eq!(
+            state_dir(Path::new("/sys/fs/bpf/lb")),
+            Path::new("/run/lb/explain/sys-fs-bpf-lb")
+        );
+        assert_ne!(
+            state_dir(Path::new("/run/a/bpffs")),
+            state_dir(Path::new("/run/b/bpffs"))
+        );
+    }
+}
