@@ -180,17 +180,18 @@ fn check_reports_the_xdp_mode_run_then_uses() {
     );
 }
 
+/// A Service (`namespace/name`), the `--from` address if any, the cause
+/// `explain` names for it, and a piece of that finding's line.
+type Case = (
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+);
+
 /// Services on node-a that each show one cause `explain` names, with the
 /// cause and a piece of the table's line for it.
-fn explain_cases() -> (
-    String,
-    Vec<(
-        &'static str,
-        Option<&'static str>,
-        &'static str,
-        &'static str,
-    )>,
-) {
+fn explain_cases() -> (String, Vec<Case>) {
     use lb_tests::manifests::{
         docs, service, slice, with_external_ips, with_load_balancer, with_local_policies, Ep,
     };
