@@ -8,15 +8,16 @@ use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
 use anyhow::{bail, Context as _, Result};
 use lb_agent::{
+    check,
     datapath::{
         bpffs, cgroup,
         config::{write_config, Settings},
         maps::Maps,
-        programs::{MapSizes, Programs},
+        programs::Programs,
         stale, upgrade,
-        xdp_mode::XdpPolicy,
     },
     endpoints::{self, Readiness},
+    explain,
     health::{self, HealthServers},
     maglev,
     metrics::{Metrics, SyncRecorder},
@@ -28,7 +29,7 @@ use lb_agent::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{self, Mode, RunArgs, XdpModeArg};
+use crate::cli::{self, Mode, RunArgs};
 
 /// Runs the agent until SIGTERM or Ctrl-C: programs stay attached and maps
 /// pinned when it returns.
@@ -42,25 +43,23 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         bail!("no --manifests DIR or --kubeconfig FILE, and not in a pod (KUBERNETES_SERVICE_HOST is unset): pass one of the two flags");
     }
     let snat_ports = cli::parse_port_range(&args.snat_ports)?;
+    let flag_errors = check::flag_errors(&args.check_flags());
+    if !flag_errors.is_empty() {
+        bail!("{}", flag_errors.join("; "));
+    }
+    let preflight = check::run(&args.check_flags());
+    preflight.log();
+    if preflight.fails() {
+        bail!("this node cannot run the agent: see the failed checks above (`lb-agent check` with the same flags says the same)");
+    }
     let patterns = args
         .pod_ifaces
         .iter()
         .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-ifaces: bad pattern {p}")))
         .collect::<Result<Vec<_>>>()?;
+    let start = bpffs::StartGuard::new(&args.bpffs);
     bpffs::ensure(&args.bpffs)?;
-    let xdp_mode = match args.xdp_mode {
-        XdpModeArg::Auto => XdpPolicy::Auto,
-        XdpModeArg::Native => XdpPolicy::Native,
-        XdpModeArg::Skb => XdpPolicy::Skb,
-    };
-    let sizes = MapSizes {
-        services: args.services_size,
-        backends: args.backends_size,
-        conntrack: args.conntrack_size,
-        affinity: args.affinity_size,
-        src_ranges: args.src_ranges_size,
-    };
-    let mut progs = Programs::load(&args.bpffs, sizes, xdp_mode)?;
+    let mut progs = Programs::load(&args.bpffs, args.sizes(), args.xdp_policy())?;
     let mut maps = Maps::open(&args.bpffs)?;
 
     // The SNAT source is an address of the external interfaces in both
@@ -114,6 +113,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         let mut link_events = link_events()?;
         let mut health = HealthServers::default();
         let mut reported = ProblemLog::default();
+        let mut diagnosis = explain::Diagnosis::new(&args.bpffs);
         let mut node = NodeInfo {
             name: args.node_name.clone(),
             addresses: Vec::new(),
@@ -144,7 +144,30 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         // Refused Service ports (the tail of `problems`)
                         // are logged by the recorder's refusal log.
                         reported.log(&problems[..invalid]);
-                        source.report(&problems);
+                        let refused = report
+                            .failures
+                            .iter()
+                            .map(|f| (f.service.port.clone(), f.message.clone()))
+                            .collect();
+                        let all_addrs = source.node_addresses_unfiltered(&iface_addrs);
+                        let node_state = explain::NodeState {
+                            name: node.name.clone(),
+                            ifaces: args.iface.clone(),
+                            addresses: node.addresses.clone(),
+                            filtered_out: all_addrs
+                                .into_iter()
+                                .filter(|a| !node.addresses.contains(a))
+                                .collect(),
+                            nodeport_addresses: args
+                                .nodeport_addresses
+                                .0
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect(),
+                        };
+                        diagnosis.update(&translator, &changed, &node_state, refused, !ready.is_ready());
+                        metrics.service_problems(&diagnosis.counts());
+                        source.report(&problems, &diagnosis.problems());
                         if !ready.is_ready() {
                             // Programs are attached (or swapped, on a restart
                             // or upgrade) only now that the maps hold the
@@ -166,6 +189,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 info!(old = %pin.name, new = pin.current, "older map layout {}", upgrade::describe(pin));
                             }
                             ready.set_ready();
+                            start.keep();
                             info!(
                                 node = %node.name,
                                 addresses = ?node.addresses,

@@ -9,7 +9,12 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::{maglev, model::AddressFilter};
+use lb_agent::{
+    check,
+    datapath::{programs::MapSizes, xdp_mode::XdpPolicy},
+    maglev,
+    model::AddressFilter,
+};
 use lb_common::config::DEFAULT_SNAT_PORTS;
 
 /// eBPF/XDP Service load balancer for Kubernetes: the node agent.
@@ -69,6 +74,11 @@ pub(crate) enum Command {
     /// the Services and EndpointSlices of the manifests folder or the
     /// Kubernetes API.
     Run(Box<RunArgs>),
+    /// Say what this node supports and what `run` with the same flags
+    /// would use: kernel, BTF, bpffs, cgroup v2, TCX, each interface's XDP
+    /// mode and why, capabilities, map memory. Exits non-zero on what would
+    /// stop `run`; creates nothing.
+    Check(Box<CheckArgs>),
     /// Print the frontends, their backends and flags, as the maps hold them.
     Services(View),
     /// Print the datapath counters.
@@ -119,6 +129,22 @@ pub(crate) enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+    /// Say why a Service answers as it does on this node: its frontends
+    /// (programmed or not, and why), its endpoints and which take new
+    /// flows, the target port each resolved to, and one line per problem
+    /// with its fix. Reads the agent's last desired state and the pins.
+    Explain {
+        #[command(flatten)]
+        view: View,
+        /// `namespace/name`, `namespace/name:port` (a port's name), or
+        /// `name` in namespace `default`.
+        service: String,
+        /// A client address: whether the source ranges admit it, and the
+        /// backend a new flow from it would get (through the datapath's
+        /// own programs, as `trace`; run in the node's network namespace).
+        #[arg(long)]
+        from: Option<IpAddr>,
+    },
     /// Detach every program and remove every pin under the bpffs directory.
     Cleanup {
         /// The agent's bpffs directory.
@@ -132,23 +158,14 @@ impl Command {
     /// mount namespace resets the working directory.
     pub(crate) fn resolve_paths(&mut self) -> Result<()> {
         match self {
-            Command::Run(args) => {
-                args.bpffs = std::path::absolute(&args.bpffs).context("--bpffs")?;
-                if let Some(dir) = &mut args.cgroup2 {
-                    *dir = std::path::absolute(&*dir).context("--cgroup2")?;
-                }
-                if let Some(dir) = &mut args.manifests {
-                    *dir = std::path::absolute(&*dir).context("--manifests")?;
-                }
-                if let Some(file) = &mut args.kubeconfig {
-                    *file = std::path::absolute(&*file).context("--kubeconfig")?;
-                }
-            }
+            Command::Run(args) => args.resolve_paths()?,
+            Command::Check(check) => check.run.resolve_paths()?,
             Command::Services(view)
             | Command::Stats(view)
             | Command::Backends(view)
             | Command::Conntrack { view, .. }
             | Command::Trace { view, .. }
+            | Command::Explain { view, .. }
             | Command::Maglev { view, .. } => {
                 view.bpffs = std::path::absolute(&view.bpffs).context("--bpffs")?;
             }
@@ -184,6 +201,16 @@ impl View {
         }
         Ok(())
     }
+}
+
+/// `lb-agent check`: `run`'s flags, and how to print the answer.
+#[derive(clap::Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub(crate) output: Output,
 }
 
 #[derive(clap::Args)]
@@ -279,6 +306,60 @@ pub(crate) struct RunArgs {
     /// the mounted one, else one mounted at /run/lb/cgroup2.
     #[arg(long)]
     pub(crate) cgroup2: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Makes the paths absolute (see [`Command::resolve_paths`]).
+    fn resolve_paths(&mut self) -> Result<()> {
+        self.bpffs = std::path::absolute(&self.bpffs).context("--bpffs")?;
+        if let Some(dir) = &mut self.cgroup2 {
+            *dir = std::path::absolute(&*dir).context("--cgroup2")?;
+        }
+        if let Some(dir) = &mut self.manifests {
+            *dir = std::path::absolute(&*dir).context("--manifests")?;
+        }
+        if let Some(file) = &mut self.kubeconfig {
+            *file = std::path::absolute(&*file).context("--kubeconfig")?;
+        }
+        Ok(())
+    }
+
+    /// What `--xdp-mode` asks for.
+    pub(crate) fn xdp_policy(&self) -> XdpPolicy {
+        match self.xdp_mode {
+            XdpModeArg::Auto => XdpPolicy::Auto,
+            XdpModeArg::Native => XdpPolicy::Native,
+            XdpModeArg::Skb => XdpPolicy::Skb,
+        }
+    }
+
+    /// The map size flags.
+    pub(crate) fn sizes(&self) -> MapSizes {
+        MapSizes {
+            services: self.services_size,
+            backends: self.backends_size,
+            conntrack: self.conntrack_size,
+            affinity: self.affinity_size,
+            src_ranges: self.src_ranges_size,
+        }
+    }
+
+    /// The flags `check` reads, shared with `run`.
+    pub(crate) fn check_flags(&self) -> check::Flags {
+        check::Flags {
+            ifaces: self.iface.clone(),
+            manifests: self.manifests.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            bpffs: self.bpffs.clone(),
+            cgroup2: self.cgroup2.clone(),
+            metrics_addr: self.metrics_addr,
+            health_addr: self.health_addr,
+            pod_ifaces: self.pod_ifaces.clone(),
+            xdp_policy: self.xdp_policy(),
+            sizes: self.sizes(),
+            socket_lb: self.socket_lb,
+        }
+    }
 }
 
 /// Accepts only the Maglev table sizes the datapath is built for.

@@ -5,12 +5,15 @@
 //! (diff against what the maps hold) → `datapath` (the only code that touches
 //! BPF maps, programs and links). Around it: `node` (the node's interfaces
 //! and their events), `health`, `metrics` and `endpoints` (what the agent
-//! serves), `problem_log` (what it logs once per change), and `inspect` and
-//! `trace` (the read-only subcommands). The binary (`main.rs`, `cli.rs`,
+//! serves), `problem_log` (what it logs once per change), `inspect` and
+//! `trace` (the read-only subcommands), `check` (preflight) and `explain`
+//! (why a Service answers as it does). The binary (`main.rs`, `cli.rs`,
 //! `agent.rs`) parses the command line and runs the loop.
 
+pub mod check;
 pub mod datapath;
 pub mod endpoints;
+pub mod explain;
 pub mod health;
 pub mod inspect;
 pub mod maglev;

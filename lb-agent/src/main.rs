@@ -7,7 +7,7 @@
 mod agent;
 mod cli;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser;
 use lb_agent::{
     datapath::{bpffs, maps::Maps, programs},
@@ -52,6 +52,18 @@ fn real_main(mut cli: Cli) -> Result<()> {
     bpffs::enter_outer_mount_ns()?;
     match cli.command {
         Command::Run(args) => agent::run(&args),
+        Command::Check(args) => {
+            let report = lb_agent::check::run(&args.run.check_flags());
+            let view = cli::View {
+                bpffs: args.run.bpffs.clone(),
+                output: args.output,
+            };
+            view.print(&report, lb_agent::check::table)?;
+            if report.fails() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Services(view) => {
             let maps = Maps::open(&view.bpffs)?;
             view.print(&inspect::services(&maps)?, |v| inspect::services_table(v))
@@ -108,8 +120,21 @@ fn real_main(mut cli: Cli) -> Result<()> {
             let report = lb_agent::trace::run(&view.bpffs, &req)?;
             view.print(&report, lb_agent::trace::table)
         }
+        Command::Explain {
+            view,
+            service,
+            from,
+        } => {
+            let state = lb_agent::explain::explain(&view.bpffs, &service, from)?;
+            view.print(&state, lb_agent::explain::table)
+        }
         Command::Cleanup { bpffs } => {
             programs::cleanup(&bpffs)?;
+            let state = lb_agent::explain::state_dir(&bpffs);
+            if state.exists() {
+                std::fs::remove_dir_all(&state)
+                    .with_context(|| format!("remove {}", state.display()))?;
+            }
             info!(bpffs = %bpffs.display(), "removed every program link and map pin");
             Ok(())
         }

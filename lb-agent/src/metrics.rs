@@ -60,6 +60,7 @@ pub struct Metrics {
     problems: Gauge,
     map_full: Family<MapLabels, Gauge>,
     xdp_attach: Family<XdpLabels, Gauge>,
+    service_problems: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -103,6 +104,17 @@ impl Metrics {
             "1 for each node interface's XDP attach mode (native or skb) and why it was chosen",
             xdp_attach.clone(),
         );
+        let service_problems = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "service_problems",
+            "Service ports with each cause `lb-agent explain` names (no ready endpoint, targetPort not resolved, ...)",
+            service_problems.clone(),
+        );
+        for cause in crate::explain::CAUSES {
+            service_problems
+                .get_or_create(&vec![("cause", cause.as_str().to_owned())])
+                .set(0);
+        }
         let mut capacities = Vec::new();
         for name in SIZED {
             capacities.push((name, capacity(bpffs, name)?));
@@ -125,7 +137,20 @@ impl Metrics {
             problems,
             map_full,
             xdp_attach,
+            service_problems,
         })
+    }
+
+    /// Records how many Service ports have each cause of trouble.
+    pub fn service_problems(
+        &self,
+        counts: &std::collections::BTreeMap<crate::explain::Cause, usize>,
+    ) {
+        for cause in crate::explain::CAUSES {
+            self.service_problems
+                .get_or_create(&vec![("cause", cause.as_str().to_owned())])
+                .set(gauge(counts.get(&cause).copied().unwrap_or(0)));
+        }
     }
 
     /// Records the XDP mode of each node interface and why.

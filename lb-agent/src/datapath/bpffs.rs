@@ -2,6 +2,7 @@
 //! every process that runs under `ip netns exec`.
 
 use std::{
+    cell::Cell,
     fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -9,10 +10,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use nix::{
-    mount::{mount, MsFlags},
+    mount::{mount, umount2, MntFlags, MsFlags},
     sched::{setns, CloneFlags},
     sys::statfs::{statfs, BPF_FS_MAGIC},
 };
+use tracing::{info, warn};
 
 /// Where maps are pinned below the agent's directory.
 pub fn maps_dir(bpffs: &Path) -> PathBuf {
@@ -84,4 +86,63 @@ pub fn ensure(dir: &Path) -> Result<()> {
         fs::create_dir_all(&sub).with_context(|| format!("create {}", sub.display()))?;
     }
     Ok(())
+}
+
+/// Undoes, when dropped before [`StartGuard::keep`], what a first start
+/// made under the agent's bpffs directory: a start that fails before its
+/// first sync leaves nothing behind that was not there before (pins, the
+/// bpffs it mounted, the directory it made). A directory that already
+/// held an agent's maps or links is left as it is: those pins are a
+/// running datapath's.
+#[derive(Debug)]
+pub struct StartGuard {
+    dir: PathBuf,
+    made_dir: bool,
+    was_bpffs: bool,
+    fresh: bool,
+    keep: Cell<bool>,
+}
+
+impl StartGuard {
+    /// Notes what is under `dir` before the agent touches it.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            made_dir: !dir.exists(),
+            was_bpffs: is_bpffs(dir),
+            fresh: !maps_dir(dir).exists() && !links_dir(dir).exists(),
+            keep: Cell::new(false),
+        }
+    }
+
+    /// The start succeeded: keep everything.
+    pub fn keep(&self) {
+        self.keep.set(true);
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if self.keep.get() || !self.fresh {
+            return;
+        }
+        let dir = self.dir.display();
+        if let Err(e) = super::programs::cleanup(&self.dir) {
+            warn!("removing the pins of the failed start under {dir} failed: {e:#}");
+            return;
+        }
+        if !self.was_bpffs && is_bpffs(&self.dir) {
+            if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
+                warn!("unmounting the bpffs the failed start mounted on {dir} failed: {e}");
+                return;
+            }
+        }
+        if self.made_dir {
+            if let Err(e) = fs::remove_dir(&self.dir) {
+                warn!("removing {dir}, made by the failed start, failed: {e}");
+                return;
+            }
+        }
+        info!("the failed start left nothing under {dir}");
+    }
 }

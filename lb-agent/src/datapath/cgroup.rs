@@ -114,6 +114,12 @@ pub fn root(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// The first mounted cgroup v2 hierarchy that shows the whole hierarchy,
+/// as [`root`] would take it, without mounting one.
+pub fn mounted_root() -> Option<PathBuf> {
+    cgroup2_root_mount(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
 /// The mount point of the first cgroup2 mount in `mountinfo` whose root is
 /// the hierarchy's root (`/`), as seen from this cgroup namespace.
 fn cgroup2_root_mount(mountinfo: &str) -> Option<PathBuf> {

@@ -93,6 +93,35 @@ pub fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> BTreeM
 struct Part {
     ports: Vec<(ServicePortRef, ServicePort)>,
     problems: Vec<Problem>,
+    /// What the translation saw of each port, for `lb-agent explain`.
+    notes: BTreeMap<ServicePortRef, PortNotes>,
+}
+
+/// What the translation saw of one Service port beyond what the model
+/// keeps: the grounds on which `lb-agent explain` and the Warning Events
+/// say why a port has no (ready, local) endpoint or lost a frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortNotes {
+    /// `spec.ports[].targetPort` as written (a number or a port name;
+    /// empty when unset, which means the port's own number).
+    pub target_port: String,
+    /// Whether the Service has a selector (without one, its
+    /// EndpointSlices are written by hand or by another controller).
+    pub has_selector: bool,
+    /// EndpointSlices of the Service (of a family this agent reads).
+    pub slices: usize,
+    /// Endpoints in those slices, with or without this port.
+    pub slice_endpoints: usize,
+    /// Endpoints in slices that carry no port of this name and protocol,
+    /// so that this port cannot reach them (a targetPort that no pod's
+    /// ports resolve).
+    pub unresolved_endpoints: usize,
+    /// The `name/PROTO` of every port the slices carry.
+    pub slice_ports: BTreeSet<String>,
+    /// Frontends given to another Service port, with that port.
+    pub lost_frontends: Vec<(Frontend, ServicePortRef)>,
+    /// `spec.ports[].nodePort` of a NodePort or LoadBalancer Service.
+    pub node_port: Option<u16>,
 }
 
 /// A frontend as the datapath keys it: what two Service ports cannot share.
@@ -114,6 +143,8 @@ pub struct Translator {
     model: Model,
     /// The problems of settling conflicts, by the Service port that lost.
     conflicts: HashMap<ServicePortRef, Vec<Problem>>,
+    /// The frontends each Service port lost in settling, with their owner.
+    lost: HashMap<ServicePortRef, Vec<(Frontend, ServicePortRef)>>,
 }
 
 fn frontend_keys<'a>(
@@ -160,6 +191,36 @@ impl Translator {
     /// The identities translated now (those with any port or problem).
     pub fn ids(&self) -> impl Iterator<Item = &Id> {
         self.parts.keys()
+    }
+
+    /// Every port of Service `id` the translation kept, with what it saw
+    /// of it (frontends lost to other Services included); ports that lost
+    /// every frontend are here though not in the model.
+    pub fn notes(&self, id: &Id) -> Vec<(ServicePortRef, PortNotes)> {
+        let Some(part) = self.parts.get(id) else {
+            return Vec::new();
+        };
+        part.notes
+            .iter()
+            .map(|(r, n)| {
+                let mut n = n.clone();
+                n.lost_frontends = self.lost.get(r).cloned().unwrap_or_default();
+                (r.clone(), n)
+            })
+            .collect()
+    }
+
+    /// The problems of Service `id` (its own and its slices'; conflicts
+    /// over frontends are in [`Self::notes`]), sorted.
+    pub fn problems_of(&self, id: &Id) -> Vec<Problem> {
+        let mut out: Vec<Problem> = self
+            .parts
+            .get(id)
+            .map(|p| p.problems.clone())
+            .unwrap_or_default();
+        out.sort_by(|a, b| (&a.object, &a.message).cmp(&(&b.object, &b.message)));
+        out.dedup();
+        out
     }
 
     /// Translates again the identities in `changed`, reading each one's
@@ -225,6 +286,8 @@ impl Translator {
     /// so the outcome does not depend on which file or event came first.
     fn settle(&mut self, r: &ServicePortRef) {
         self.conflicts.remove(r);
+        self.lost.remove(r);
+        let mut lost = Vec::new();
         let id = (r.namespace.clone(), r.name.clone());
         let unsettled = self
             .parts
@@ -246,6 +309,7 @@ impl Translator {
             match owner {
                 // The same port may use one address:port as several kinds.
                 Some(o) if o != r => {
+                    lost.push((*f, o.clone()));
                     problems.push(Problem {
                         object: format!("Service {}/{}", r.namespace, r.name),
                         message: format!(
@@ -277,6 +341,9 @@ impl Translator {
         }
         if !problems.is_empty() {
             self.conflicts.insert(r.clone(), problems);
+        }
+        if !lost.is_empty() {
+            self.lost.insert(r.clone(), lost);
         }
     }
 }
@@ -327,6 +394,10 @@ fn translate_identity(
     if services.iter().all(|c| *c == *first) {
         let mut ports = BTreeMap::new();
         translate_service(first, &parsed, node, &mut ports, &mut part.problems);
+        part.notes = ports
+            .keys()
+            .map(|r| (r.clone(), port_notes(first, &parsed, r)))
+            .collect();
         part.ports = ports.into_iter().collect();
     } else {
         part.problems.push(Problem {
@@ -754,6 +825,62 @@ fn translate_service(
             sp.source_ranges.clone_from(&ranges);
         }
         ports_out.insert(r, sp);
+    }
+}
+
+/// What the translation saw of port `r` of `svc` (lost frontends come
+/// later, from settling).
+fn port_notes(svc: &Service, slices: &[Slice], r: &ServicePortRef) -> PortNotes {
+    let spec = svc.spec.as_ref();
+    let api_port = spec
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|p| {
+            p.name.as_deref().unwrap_or_default() == r.port_name
+                && parse_protocol(p.protocol.as_deref()) == Ok(r.protocol)
+        });
+    let target_port = api_port
+        .and_then(|p| p.target_port.as_ref())
+        .map(|t| match t {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => n.to_string(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+        })
+        .unwrap_or_default();
+    let key = (r.port_name.clone(), r.protocol);
+    PortNotes {
+        target_port,
+        has_selector: spec
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|sel| !sel.is_empty()),
+        slices: slices.len(),
+        slice_endpoints: slices.iter().map(|s| s.endpoints.len()).sum(),
+        unresolved_endpoints: slices
+            .iter()
+            .filter(|s| !s.ports.contains_key(&key))
+            .map(|s| s.endpoints.len())
+            .sum(),
+        slice_ports: slices
+            .iter()
+            .flat_map(|s| s.ports.keys())
+            .map(|(name, proto)| {
+                if name.is_empty() {
+                    format!("(unnamed)/{proto}")
+                } else {
+                    format!("{name}/{proto}")
+                }
+            })
+            .collect(),
+        lost_frontends: Vec::new(),
+        node_port: api_port
+            .and_then(|p| p.node_port)
+            .filter(|_| {
+                matches!(
+                    spec.and_then(|s| s.type_.as_deref()),
+                    Some("NodePort" | "LoadBalancer")
+                )
+            })
+            .and_then(valid_port),
     }
 }
 

@@ -304,9 +304,11 @@ impl EventPoster {
     }
 
     /// Posts Events for the problems that are new since the last call.
-    /// `problems` are all the problems of this sync; those about objects
-    /// other than Services are only logged by the caller.
-    pub fn report(&mut self, watch: &Watch, problems: &[Problem]) {
+    /// `problems` are all the problems of this sync (reason
+    /// `NotProgrammed`); those about objects other than Services are only
+    /// logged by the caller. `findings` are why programmed Services do not
+    /// answer as they could (no ready endpoint, …: reason `NotServing`).
+    pub fn report(&mut self, watch: &Watch, problems: &[Problem], findings: &[Problem]) {
         let failed = std::mem::take(
             &mut *self
                 .failed
@@ -319,7 +321,11 @@ impl EventPoster {
         }
         let mut now_current = BTreeSet::new();
         let mut budget = EVENTS_PER_SYNC;
-        for p in problems {
+        let tagged = problems
+            .iter()
+            .map(|p| (p, "NotProgrammed"))
+            .chain(findings.iter().map(|p| (p, "NotServing")));
+        for (p, reason) in tagged {
             let Some((namespace, name)) = p.service() else {
                 continue;
             };
@@ -344,7 +350,7 @@ impl EventPoster {
             }
             budget -= 1;
             self.posted.insert(key.clone(), Instant::now());
-            let event = self.event(&svc, &p.message);
+            let event = self.event(&svc, reason, &p.message);
             let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
             let failed = Arc::clone(&self.failed);
             tokio::spawn(async move {
@@ -374,7 +380,7 @@ impl EventPoster {
     }
 
     /// The Event saying why `svc` cannot be (fully) programmed.
-    fn event(&self, svc: &Service, message: &str) -> Event {
+    fn event(&self, svc: &Service, reason: &str, message: &str) -> Event {
         let now = Timestamp::now();
         let meta = &svc.metadata;
         let name = meta.name.clone().unwrap_or_default();
@@ -395,7 +401,7 @@ impl EventPoster {
             },
             event_time: Some(MicroTime(now)),
             action: Some("Program".to_owned()),
-            reason: Some("NotProgrammed".to_owned()),
+            reason: Some(reason.to_owned()),
             note: Some(note),
             type_: Some("Warning".to_owned()),
             reporting_controller: Some("lb-agent".to_owned()),

@@ -156,10 +156,24 @@ impl Source {
         }
     }
 
-    /// Tells the cluster about Services that cannot be programmed.
-    pub fn report(&mut self, problems: &[Problem]) {
+    /// Tells the cluster about Services that cannot be programmed
+    /// (`problems`) and about those that do not answer as they could
+    /// (`findings`, from [`crate::explain::Diagnosis::problems`]).
+    pub fn report(&mut self, problems: &[Problem], findings: &[Problem]) {
         if let Kind::Kube { watch, events, .. } = &mut self.0 {
-            events.report(watch, problems);
+            events.report(watch, problems, findings);
+        }
+    }
+
+    /// Every address of this node before `--nodeport-addresses` filters
+    /// them: the interfaces' with manifests, the Node's with the API.
+    pub fn node_addresses_unfiltered(&self, iface_addrs: &[IpAddr]) -> Vec<IpAddr> {
+        match &self.0 {
+            Kind::Manifests { .. } => iface_addrs.to_vec(),
+            Kind::Kube { watch, .. } => watch
+                .node()
+                .map(|n| kube::node_addresses(&n, &AddressFilter::default()))
+                .unwrap_or_default(),
         }
     }
 }
