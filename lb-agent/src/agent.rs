@@ -57,7 +57,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         .iter()
         .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-ifaces: bad pattern {p}")))
         .collect::<Result<Vec<_>>>()?;
-    let start = bpffs::StartGuard::new(&args.bpffs);
+    let start = bpffs::StartGuard::new(&args.bpffs).also_remove(explain::state_dir(&args.bpffs));
     bpffs::ensure(&args.bpffs)?;
     let mut progs = Programs::load(&args.bpffs, args.sizes(), args.xdp_policy())?;
     let mut maps = Maps::open(&args.bpffs)?;

@@ -120,6 +120,36 @@ fn an_unreadable_kubeconfig_is_refused_by_name_and_nothing_is_pinned() {
 }
 
 #[test]
+fn a_first_start_that_fails_on_attaching_removes_what_it_made() {
+    let c = Cluster::new(ClusterSpec {
+        nodes: 1,
+        ..ClusterSpec::default().tag("noattach")
+    });
+    let ns = c.node("a").ns.clone();
+    // A bridge has no native XDP: forcing it fails after the maps exist.
+    lb_tests::rig::sh(Some(&ns), &["ip", "link", "add", "lbbr0", "type", "bridge"]);
+    lb_tests::rig::sh(Some(&ns), &["ip", "link", "set", "lbbr0", "up"]);
+    let manifests = c.manifests_dir();
+    let err = failed_start(
+        &c,
+        &[
+            "--iface",
+            "lbbr0",
+            "--xdp-mode",
+            "native",
+            "--manifests",
+            &manifests.to_string_lossy(),
+        ],
+    );
+    assert!(err.contains("lacks native XDP"), "{err}");
+    assert!(err.contains("the failed start left nothing"), "{err}");
+    let bpffs = c.node("a").bpffs();
+    assert_untouched(&bpffs);
+    let state = lb_agent::explain::state_dir(&bpffs);
+    assert!(!state.exists(), "{} left behind", state.display());
+}
+
+#[test]
 fn check_reports_the_xdp_mode_run_then_uses() {
     let mut c = Cluster::new(ClusterSpec {
         nodes: 1,

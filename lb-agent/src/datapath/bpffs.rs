@@ -101,6 +101,8 @@ pub struct StartGuard {
     was_bpffs: bool,
     fresh: bool,
     keep: Cell<bool>,
+    /// Directories outside the bpffs the start may make (the agent's state).
+    also: Vec<PathBuf>,
 }
 
 impl StartGuard {
@@ -112,7 +114,14 @@ impl StartGuard {
             was_bpffs: is_bpffs(dir),
             fresh: !maps_dir(dir).exists() && !links_dir(dir).exists(),
             keep: Cell::new(false),
+            also: Vec::new(),
         }
+    }
+
+    /// Also removes `dir` (made by this start) when the start fails.
+    pub fn also_remove(mut self, dir: PathBuf) -> Self {
+        self.also.push(dir);
+        self
     }
 
     /// The start succeeded: keep everything.
@@ -127,6 +136,16 @@ impl Drop for StartGuard {
             return;
         }
         let dir = self.dir.display();
+        for also in &self.also {
+            if let Err(e) = fs::remove_dir_all(also) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(
+                        "removing {}, made by the failed start, failed: {e}",
+                        also.display()
+                    );
+                }
+            }
+        }
         if let Err(e) = super::programs::cleanup(&self.dir) {
             warn!("removing the pins of the failed start under {dir} failed: {e:#}");
             return;
