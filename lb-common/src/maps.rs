@@ -14,7 +14,7 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V2";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V6";
+pub const STATS: &str = "LB_STATS_V7";
 /// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
 /// Sized one above the services map, as ids start at 1.
 pub const SVC_STATS: &str = "LB_SVC_STATS_V1";

@@ -53,8 +53,11 @@ pub const DSR_DECAP: u32 = 21;
 /// DSR packets too big for the path once encapsulated: answered with ICMP
 /// fragmentation needed when they carry DF, dropped otherwise.
 pub const DSR_TOO_BIG: u32 = 22;
+/// Packets to forward that arrived with TTL 1 or 0: answered with ICMP time
+/// exceeded from the node, as a router does (a later fragment is dropped).
+pub const TTL_EXCEEDED: u32 = 23;
 /// Number of counters.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -81,6 +84,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "dsr_encap",
     "dsr_decap",
     "dsr_too_big",
+    "ttl_exceeded",
 ];
 
 /// Whether counter `idx` counts packets that were dropped (or refused), as
@@ -97,6 +101,7 @@ pub const fn is_drop(idx: u32) -> bool {
             | DROP_NO_LOCAL_ENDPOINT
             | DROP_SOURCE_RANGE
             | DSR_TOO_BIG
+            | TTL_EXCEEDED
     )
 }
 

@@ -55,7 +55,7 @@ pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V6: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V7: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Counters by svc_id (ids start at 1, hence one more than the services map).
 #[btf_map]

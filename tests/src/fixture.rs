@@ -268,3 +268,36 @@ pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCount
         .find(|(_, n, _)| n == name)
         .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
 }
+
+/// Runs `f` on a thread in a private, unnamed network namespace, gone when
+/// the thread ends, after running each of `setup` there (`ip` arguments) and
+/// turning forwarding on: programs run there see its routes and neighbours
+/// in their FIB lookups (BPF_PROG_TEST_RUN runs them on its loopback).
+pub fn in_private_netns<T: Send>(setup: &[&[&str]], f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare a network namespace (run as root)");
+            // Children and /proc/sys/net see the namespace of the thread
+            // that forks or opens them.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
+            for args in
+                std::iter::once(&["link", "set", "lo", "up"][..]).chain(setup.iter().copied())
+            {
+                let out = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .expect("run ip");
+                assert!(
+                    out.status.success(),
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

@@ -1268,3 +1268,199 @@ fn conntrack_inserts_minus_removals_equal_the_entries_without_eviction() {
         "no eviction: inserts - removals = entries"
     );
 }
+
+/// A NodePort whose only backend is on another node: its flows are SNATed
+/// and forwarded by the datapath itself (FIB lookup, XDP_TX or redirect).
+fn remote_nodeport() -> Datapath {
+    let mut dp = Datapath::new();
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[("10.99.0.1", 30080, NodePort)],
+        &[("10.244.2.10", 8080, false)],
+    )]);
+    dp
+}
+
+/// The SNAT port the only flow in `dp` was given (its reply entry's key).
+fn snat_port(dp: &Datapath) -> u16 {
+    dp.maps
+        .conntrack
+        .iter()
+        .map(|e| e.expect("conntrack"))
+        .find(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
+        .map(|(k, _)| u16::from_be(k.dport_be))
+        .expect("the SNAT flow's reply entry")
+}
+
+#[test]
+fn a_packet_that_would_leave_with_ttl_0_gets_time_exceeded_from_the_node() {
+    use lb_tests::packet::icmp_error;
+    let node = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    for prog in [XdpNode, TcNode] {
+        let mut dp = remote_nodeport();
+        for (i, ttl) in [1u8, 0].into_iter().enumerate() {
+            let client = addr(&format!("10.99.0.100:{}", 40300 + i));
+            let mut syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+            syn.ttl = ttl;
+            let (verdict, out) = dp.run(prog, &syn.bytes());
+            assert_eq!(verdict, bounce(prog), "{prog:?}: TTL {ttl}");
+            assert_eq!(
+                out,
+                icmp_error(node, *client.ip(), 11, 0, 0, &syn, 8),
+                "{prog:?}: TTL {ttl}: time exceeded from the node, quoting the packet as it came"
+            );
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+        }
+        assert_eq!(counter(&dp, "ttl_exceeded"), 2, "{prog:?}");
+        assert_eq!(counter(&dp, "xdp_to_tc"), 0, "{prog:?}: XDP answers itself");
+    }
+
+    // The backend's reply, forwarded by TC on the backend's side, likewise.
+    let mut dp = remote_nodeport();
+    let client = addr("10.99.0.100:40310");
+    let syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+    dp.run(TcNode, &syn.bytes());
+    let mut synack = Packet::tcp(
+        addr("10.244.2.10:8080"),
+        SocketAddrV4::new(node, snat_port(&dp)),
+        flags::SYN | flags::ACK,
+        b"",
+    );
+    synack.ttl = 1;
+    let (verdict, out) = dp.run(TcNode, &synack.bytes());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        icmp_error(
+            node,
+            std::net::Ipv4Addr::new(10, 244, 2, 10),
+            11,
+            0,
+            0,
+            &synack,
+            8
+        )
+    );
+
+    // A packet the stack delivers (a local backend) keeps its TTL: the
+    // kernel's forwarding decrements it and answers it if it must.
+    let mut dp = seeded();
+    let mut syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+    syn.ttl = 1;
+    let (verdict, out) = dp.run(XdpNode, &syn.bytes());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        syn.with_addrs(client, addr("10.244.1.10:8080")).bytes(),
+        "left to the kernel"
+    );
+    assert_eq!(counter(&dp, "ttl_exceeded"), 0);
+}
+
+/// What the private namespace of the forwarding tests holds: this node's
+/// address on `d0` (a veth: no dummy module here), the backends' node (10.99.0.2) as the gateway to their
+/// pod CIDR, and the client: neighbours known, so the FIB resolves them.
+const ROUTED: &[&[&str]] = &[
+    &[
+        "link",
+        "add",
+        "d0",
+        "address",
+        "02:00:00:00:00:d0",
+        "type",
+        "veth",
+        "peer",
+        "d1",
+    ],
+    &["addr", "add", "10.99.0.1/24", "dev", "d0"],
+    &["link", "set", "d1", "up"],
+    &["link", "set", "d0", "up"],
+    &["route", "add", "10.244.2.0/24", "via", "10.99.0.2"],
+    &[
+        "neigh",
+        "add",
+        "10.99.0.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        "d0",
+        "nud",
+        "permanent",
+    ],
+    &[
+        "neigh",
+        "add",
+        "10.99.0.100",
+        "lladdr",
+        "02:00:00:00:00:64",
+        "dev",
+        "d0",
+        "nud",
+        "permanent",
+    ],
+];
+const MAC_D0: [u8; 6] = [2, 0, 0, 0, 0, 0xd0];
+const MAC_NODE_B: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
+const MAC_CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 0x64];
+
+#[test]
+fn packets_the_datapath_forwards_itself_leave_with_one_hop_less() {
+    use lb_tests::{fixture::in_private_netns, packet::dsr_wrap};
+    in_private_netns(ROUTED, || {
+        let node = std::net::Ipv4Addr::new(10, 99, 0, 1);
+        let front = addr("10.99.0.1:30080");
+        let backend = addr("10.244.2.10:8080");
+        let client = addr("10.99.0.100:40320");
+        // SNAT: the client's packet and the backend's reply, both routed
+        // out d0 by TC (XDP hands packets for another interface to TC).
+        let mut dp = remote_nodeport();
+        let mut syn = Packet::tcp(client, front, flags::SYN, b"");
+        syn.ttl = 2;
+        let (verdict, out) = dp.run(XdpNode, &syn.bytes());
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &syn.bytes()),
+            "left to TC untouched"
+        );
+        let (verdict, out) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = syn.with_addrs(SocketAddrV4::new(node, snat_port(&dp)), backend);
+        (want.ttl, want.src_mac, want.dst_mac) = (1, MAC_D0, MAC_NODE_B);
+        assert_eq!(out, want.bytes(), "SNATed with TTL 1");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+
+        let synack = Packet::tcp(
+            backend,
+            SocketAddrV4::new(node, snat_port(&dp)),
+            flags::SYN | flags::ACK,
+            b"",
+        );
+        let (verdict, out) = dp.run(TcNode, &synack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = synack.with_addrs(front, client);
+        (want.ttl, want.src_mac, want.dst_mac) = (63, MAC_D0, MAC_CLIENT);
+        assert_eq!(out, want.bytes(), "the reply with TTL 63");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+
+        // DSR: the client's packet is wrapped with one hop less inside.
+        let mut dp = remote_nodeport();
+        dp.set_config_flags(lb_common::config::CONFIG_F_DSR);
+        let syn = Packet::tcp(client, front, flags::SYN, b"");
+        let (verdict, out) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut inner = syn.clone();
+        inner.ttl = 63;
+        let mut want = dsr_wrap(
+            &inner.bytes(),
+            node,
+            std::net::Ipv4Addr::new(10, 99, 0, 2),
+            backend,
+            lb_common::dsr::SHIM_MAGIC,
+        );
+        want[..6].copy_from_slice(&MAC_NODE_B);
+        want[6..12].copy_from_slice(&MAC_D0);
+        assert_eq!(out, want, "wrapped to the backend's node");
+        assert_eq!(counter(&dp, "dsr_encap"), 1);
+    });
+}
