@@ -222,6 +222,12 @@ pub(crate) struct RunArgs {
     /// node (DSR needs the pod CIDRs routed between nodes).
     #[arg(long, value_enum, default_value_t = Mode::Snat)]
     pub(crate) mode: Mode,
+    /// Networks (CIDRs, comma-separated) of the nodes whose DSR-wrapped
+    /// packets this node unwraps, besides the Node objects' addresses in
+    /// Kubernetes mode; wrapped packets from elsewhere are dropped. With
+    /// --manifests nothing else is accepted.
+    #[arg(long, default_value = "", value_parser = str::parse::<AddressFilter>)]
+    pub(crate) dsr_peers: AddressFilter,
     /// Idle timeout of established TCP flows (seconds, or with s/m/h).
     #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
     pub(crate) conntrack_tcp_timeout: u32,

@@ -28,6 +28,10 @@ pub const FRAGS: &str = "LB_FRAGS_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
 pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
 
+/// Nodes whose DSR-wrapped packets are unwrapped (LPM trie):
+/// [`crate::dsr::DsrPeer`] → `u32` 1.
+pub const DSR_PEERS: &str = "LB_DSR_PEERS_V1";
+
 /// Scope of the socket hooks: `u32` 0 → [`crate::sock::SockConfig`].
 pub const SOCK_CONFIG: &str = "LB_SOCK_CONFIG_V1";
 /// Translated sockets (LRU): [`crate::sock::SockRevKey`] → [`crate::sock::SockRevValue`].
@@ -49,7 +53,7 @@ pub const FRAGS_MAX: u32 = 8192;
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     SERVICES,
     MAGLEV,
     BACKENDS,
@@ -64,6 +68,7 @@ pub const ALL: [&str; 14] = [
     SOCK_CONFIG,
     SOCK_REV,
     SOCK_STATS,
+    DSR_PEERS,
 ];
 
 /// The XDP program on the node's external interfaces.

@@ -56,8 +56,11 @@ pub const DSR_TOO_BIG: u32 = 22;
 /// Packets to forward that arrived with TTL 1 or 0: answered with ICMP time
 /// exceeded from the node, as a router does (a later fragment is dropped).
 pub const TTL_EXCEEDED: u32 = 23;
+/// Wrapped (DSR) packets from an address that is not one of the cluster's
+/// nodes (dropped: they could inject any client's packet to any backend).
+pub const DROP_DSR_PEER: u32 = 24;
 /// Number of counters.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 25;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -85,6 +88,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "dsr_decap",
     "dsr_too_big",
     "ttl_exceeded",
+    "drop_dsr_peer",
 ];
 
 /// Whether counter `idx` counts packets that were dropped (or refused), as
@@ -102,6 +106,7 @@ pub const fn is_drop(idx: u32) -> bool {
             | DROP_SOURCE_RANGE
             | DSR_TOO_BIG
             | TTL_EXCEEDED
+            | DROP_DSR_PEER
     )
 }
 

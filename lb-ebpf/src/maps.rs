@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
+    dsr::{DsrPeer, DSR_PEERS_MAX},
     maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
     service::MAGLEV_MAX,
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
@@ -93,3 +94,7 @@ pub static LB_SOCK_REV_V1: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX a
 /// Socket-hook counters by `lb_common::sock::STAT_*`.
 #[btf_map]
 pub static LB_SOCK_STATS_V1: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// The nodes whose wrapped (DSR) packets are unwrapped; written by the agent.
+#[btf_map]
+pub static LB_DSR_PEERS_V1: LpmTrie<DsrPeer, u32, { DSR_PEERS_MAX as usize }> = LpmTrie::new();

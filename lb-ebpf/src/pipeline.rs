@@ -50,7 +50,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
                 Some(shim)
             }
             Ok(None) => None,
-            Err(_) => return drop(Reason::DropRewrite, len),
+            Err(reason) => return drop(reason, len),
         }
     };
     let Scratch {

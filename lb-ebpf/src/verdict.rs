@@ -74,6 +74,8 @@ pub enum Reason {
     DsrTooBig,
     /// A packet to forward arrived with no hop left (TTL 1 or 0).
     TtlExceeded,
+    /// A wrapped packet from an address that is not a node's.
+    DropDsrPeer,
 }
 
 impl Reason {
@@ -104,6 +106,7 @@ impl Reason {
             Reason::DsrDecap => stats::DSR_DECAP,
             Reason::DsrTooBig => stats::DSR_TOO_BIG,
             Reason::TtlExceeded => stats::TTL_EXCEEDED,
+            Reason::DropDsrPeer => stats::DROP_DSR_PEER,
         }
     }
 }

@@ -624,6 +624,12 @@ fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names()
     let bad_magic = dsr_wrap(&inner.bytes(), other_node, this_node, backend, 0);
     for prog in [XdpNode, TcNode] {
         let mut dp = seeded();
+        // Only the cluster's nodes may send wrapped packets: none is known yet.
+        assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+        assert_eq!(counter(&dp, "drop_dsr_peer"), 1, "{prog:?}");
+        assert_eq!(counter(&dp, "dsr_decap"), 0, "{prog:?}");
+        let peers = ["10.99.0.2/31".parse().expect("cidr")];
+        dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
         let (verdict, out) = dp.run(prog, &wrapped);
         assert_eq!(verdict, pass(prog), "{prog:?}");
         assert_eq!(
@@ -638,6 +644,11 @@ fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names()
             assert_eq!(&out, input, "{prog:?}: {name} passes untouched");
         }
         assert_eq!(counter(&dp, "dsr_decap"), 1, "{prog:?}");
+        // A network that no longer holds the sender drops it again.
+        let peers = ["10.99.0.4/30".parse().expect("cidr")];
+        dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
+        assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+        assert_eq!(counter(&dp, "drop_dsr_peer"), 2, "{prog:?}");
     }
     // Pods cannot have their packets unwrapped.
     let mut dp = seeded();

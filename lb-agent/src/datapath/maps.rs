@@ -16,6 +16,8 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
 };
 use lb_common::{
+    addr::addr_be,
+    dsr::{DsrPeer, DSR_PEER_HEAD_BITS},
     maps,
     service::SERVICE_NAME_LEN,
     service::SRC_RANGE_HEAD_BITS,
@@ -27,7 +29,10 @@ use lb_common::{
 use tracing::debug;
 
 use super::bpffs;
-use crate::reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle};
+use crate::{
+    model::Cidr,
+    reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle},
+};
 
 /// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -54,6 +59,8 @@ pub struct Maps {
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     /// Per-Service counters.
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
+    /// The nodes whose DSR-wrapped packets are unwrapped.
+    pub dsr_peers: LpmTrie<MapData, DsrPeer, u32>,
     /// The Maglev map again, untyped, for batch updates (aya's
     /// `HashOfMaps` does not lend out its `MapData`).
     maglev_raw: MapData,
@@ -93,6 +100,7 @@ impl Maps {
             affinity: typed!(bpffs, maps::AFFINITY),
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
+            dsr_peers: typed!(bpffs, maps::DSR_PEERS),
             maglev_raw: {
                 let path = bpffs::maps_dir(bpffs).join(maps::MAGLEV);
                 MapData::from_pin(&path)
@@ -100,6 +108,48 @@ impl Maps {
             },
         })
     }
+}
+
+impl Maps {
+    /// Makes the DSR peers map hold exactly `peers`: adds the new ones
+    /// first, then removes the gone ones (a peer that stays is never
+    /// missing in between).
+    pub fn set_dsr_peers(&mut self, peers: &[Cidr]) -> Result<()> {
+        let want: Vec<LpmKey<DsrPeer>> = peers.iter().map(|c| peer_key(*c)).collect();
+        for key in &want {
+            self.dsr_peers
+                .insert(key, 1, 0)
+                .with_context(|| format!("insert into {}", maps::DSR_PEERS))?;
+        }
+        let have: Vec<LpmKey<DsrPeer>> = self
+            .dsr_peers
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {}", maps::DSR_PEERS))?;
+        for key in have {
+            let kept = want
+                .iter()
+                .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+            if !kept {
+                ignore_missing(self.dsr_peers.remove(&key))
+                    .with_context(|| format!("remove from {}", maps::DSR_PEERS))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The peers map's key of `cidr`.
+fn peer_key(cidr: Cidr) -> LpmKey<DsrPeer> {
+    let (addr_be, family) = addr_be(cidr.addr);
+    LpmKey::new(
+        DSR_PEER_HEAD_BITS + u32::from(cidr.prefix),
+        DsrPeer {
+            family,
+            _pad: [0; 3],
+            addr_be,
+        },
+    )
 }
 
 /// Decodes the [`ServiceInfo`] of Service port `svc_id`.

@@ -577,13 +577,14 @@ pub fn tcx_available() -> bool {
 
 /// Maps only the agent writes, which a shadow copy shares with the live
 /// datapath.
-const AGENT_WRITTEN: [&str; 6] = [
+const AGENT_WRITTEN: [&str; 7] = [
     maps::SERVICES,
     maps::MAGLEV,
     maps::BACKENDS,
     maps::SRC_RANGES,
     maps::CONFIG,
     maps::SVC_INFO,
+    maps::DSR_PEERS,
 ];
 
 /// Capacity of a shadow copy's private conntrack, affinity and fragment maps.
