@@ -57,6 +57,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         services: args.services_size,
         backends: args.backends_size,
         conntrack: args.conntrack_size,
+        embryonic: args.conntrack_embryonic_size,
         affinity: args.affinity_size,
         src_ranges: args.src_ranges_size,
     };
@@ -73,6 +74,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
             args.conntrack_tcp_closing_timeout,
             args.conntrack_udp_timeout,
         ],
+        embryonic_timeout: args.conntrack_embryonic_timeout,
         dsr: args.mode == Mode::Dsr,
     };
     write_config(&mut maps, &iface_addrs, &settings)?;

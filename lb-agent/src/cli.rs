@@ -237,6 +237,15 @@ pub(crate) struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
     pub(crate) conntrack_udp_timeout: u32,
+    /// Idle timeout of a flow whose backend has not answered yet (an
+    /// embryonic flow: a SYN without SYN-ACK, a datagram without answer).
+    #[arg(long, default_value = "5s", value_parser = parse_duration_s)]
+    pub(crate) conntrack_embryonic_timeout: u32,
+    /// Capacity of the embryonic conntrack map (LRU, apart from the main
+    /// one, so that unanswered flows evict only each other; two entries
+    /// per flow, about 160 bytes each, 10 MiB by default).
+    #[arg(long, default_value_t = lb_common::maps::CT_EMBRYO_MAX)]
+    pub(crate) conntrack_embryonic_size: u32,
     /// Capacity of the conntrack map (LRU: a full map evicts the idlest
     /// flow; two entries per flow; about 160 bytes each, 40 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]

@@ -11,8 +11,12 @@ pub const MAGLEV: &str = "LB_MAGLEV_V1";
 pub const BACKENDS: &str = "LB_BACKENDS_V1";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
 pub const CONNTRACK: &str = "LB_CT_V1";
+/// Embryonic connection tracking (LRU): flows whose backend has not
+/// answered yet, [`crate::CtKey`] → [`crate::CtValue`], kept apart so that
+/// they evict only each other.
+pub const CT_EMBRYO: &str = "LB_CT_EMBRYO_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
-pub const CONFIG: &str = "LB_CONFIG_V2";
+pub const CONFIG: &str = "LB_CONFIG_V3";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V7";
 /// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
@@ -51,9 +55,11 @@ pub const SRC_RANGES_MAX: u32 = 16384;
 pub const FRAGS_MAX: u32 = 8192;
 /// Default capacity of the conntrack map.
 pub const CONNTRACK_MAX: u32 = 262_144;
+/// Default capacity of the embryonic conntrack map.
+pub const CT_EMBRYO_MAX: u32 = 65_536;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     MAGLEV,
     BACKENDS,
@@ -69,6 +75,7 @@ pub const ALL: [&str; 15] = [
     SOCK_REV,
     SOCK_STATS,
     DSR_PEERS,
+    CT_EMBRYO,
 ];
 
 /// The XDP program on the node's external interfaces.

@@ -20,7 +20,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
         IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOS, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
     },
-    maps::{LB_CT_V1, LB_DSR_PEERS_V1},
+    maps::LB_DSR_PEERS_V1,
     nat,
     packet::{Packet, PacketError},
     parse::Layout,
@@ -231,8 +231,7 @@ pub fn deliver<P: Packet>(
         family: t.family,
         _pad: [0; 2],
     };
-    // SAFETY: the value is read at once.
-    let known = unsafe { LB_CT_V1.get(&reply.key) }
+    let known = conntrack::peek(&reply.key)
         .is_some_and(|v| v.nat_saddr_be == t.daddr_be && v.nat_sport_be == t.dport_be);
     if !known {
         // The frontend is another node's (or a shared) address, which this
@@ -244,7 +243,8 @@ pub fn deliver<P: Packet>(
             last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        conntrack::insert(&reply.key, &reply.value)?;
+        // Embryonic until the backend answers, as any new flow.
+        conntrack::insert_embryonic(&reply.key, &reply.value)?;
     }
     nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;
     Ok(())

@@ -7,7 +7,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     dsr::{DsrPeer, DSR_PEERS_MAX},
-    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
+    maps::{
+        AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, CT_EMBRYO_MAX, FRAGS_MAX, SERVICES_MAX,
+        SRC_RANGES_MAX,
+    },
     service::MAGLEV_MAX,
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
@@ -41,6 +44,12 @@ pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }
 #[btf_map]
 pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = LruHashMap::new();
 
+/// Flows whose backend has not answered yet (both directions), apart from
+/// `LB_CT_V1` so that a flood of them evicts only each other; LRU.
+#[btf_map]
+pub static LB_CT_EMBRYO_V1: LruHashMap<CtKey, CtValue, { CT_EMBRYO_MAX as usize }> =
+    LruHashMap::new();
+
 /// ClientIP affinity; LRU so that idle clients make room.
 #[btf_map]
 pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX as usize }> =
@@ -52,7 +61,7 @@ pub static LB_SRC_RANGES_V1: LpmTrie<SrcRange, u32, { SRC_RANGES_MAX as usize }>
 
 /// Node settings (one entry).
 #[btf_map]
-pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V3: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]

@@ -22,6 +22,12 @@ pub enum CtOp {
     Insert,
     /// An entry the datapath deleted.
     Remove,
+    /// An embryonic entry written under a new key.
+    EmbryoInsert,
+    /// An embryonic entry the datapath deleted (also when moved on).
+    EmbryoRemove,
+    /// A flow whose backend answered: moved to the main map.
+    Established,
 }
 
 /// Counts a conntrack map operation.
@@ -31,6 +37,9 @@ pub fn count_ct(op: CtOp) {
         match op {
             CtOp::Insert => stats::CT_INSERT,
             CtOp::Remove => stats::CT_REMOVE,
+            CtOp::EmbryoInsert => stats::CT_EMBRYO_INSERT,
+            CtOp::EmbryoRemove => stats::CT_EMBRYO_REMOVE,
+            CtOp::Established => stats::CT_ESTABLISHED,
         },
         0,
     );

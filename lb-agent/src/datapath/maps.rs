@@ -47,6 +47,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendId, Backend>,
     /// Connection tracking.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// Embryonic connection tracking (flows whose backend has not answered).
+    pub ct_embryo: HashMap<MapData, CtKey, CtValue>,
     /// Node settings.
     pub config: Array<MapData, Config>,
     /// Datapath counters.
@@ -94,6 +96,7 @@ impl Maps {
             maglev: typed!(bpffs, maps::MAGLEV),
             backends: typed!(bpffs, maps::BACKENDS),
             conntrack: typed!(bpffs, maps::CONNTRACK),
+            ct_embryo: typed!(bpffs, maps::CT_EMBRYO),
             config: typed!(bpffs, maps::CONFIG),
             stats: typed!(bpffs, maps::STATS),
             infos: typed!(bpffs, maps::SVC_INFO),
@@ -222,6 +225,7 @@ pub fn size_flag(name: &str) -> &'static str {
         maps::SERVICES | maps::MAGLEV | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
         maps::BACKENDS => "--backends-size",
         maps::CONNTRACK => "--conntrack-size",
+        maps::CT_EMBRYO => "--conntrack-embryonic-size",
         maps::AFFINITY => "--affinity-size",
         maps::SRC_RANGES => "--src-ranges-size",
         _ => "its size flag",
@@ -597,10 +601,11 @@ pub fn capacity(bpffs: &Path, name: &str) -> Result<u32> {
 }
 
 /// The maps whose fill the agent watches, with how many entries each holds.
-pub const SIZED: [&str; 5] = [
+pub const SIZED: [&str; 6] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::CONNTRACK,
+    maps::CT_EMBRYO,
     maps::AFFINITY,
     maps::SRC_RANGES,
 ];
@@ -623,6 +628,7 @@ impl Maps {
             maps::SERVICES => count(self.services.keys()),
             maps::BACKENDS => count(self.backends.keys()),
             maps::CONNTRACK => count(self.conntrack.keys()),
+            maps::CT_EMBRYO => count(self.ct_embryo.keys()),
             maps::AFFINITY => count(self.affinity.keys()),
             maps::SRC_RANGES => count(self.src_ranges.keys()),
             other => anyhow::bail!("no entry count for map {other}"),
