@@ -21,7 +21,7 @@ use lb_agent::{
     health::{self, HealthServers},
     maglev,
     metrics::{Metrics, SyncRecorder},
-    model::{NodeInfo, Problem, ServicePortRef, Translator},
+    model::{Cidr, NodeInfo, Problem, ServicePortRef, Translator},
     node::{iface_addresses, link_events},
     problem_log::ProblemLog,
     reconcile::{Reconciler, Report},
@@ -72,6 +72,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
             args.conntrack_tcp_closing_timeout,
             args.conntrack_udp_timeout,
         ],
+        embryonic_timeout: args.conntrack_embryonic_timeout,
         dsr: args.mode == Mode::Dsr,
     };
     write_config(&mut maps, &iface_addrs, &settings)?;
@@ -124,6 +125,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics.clone())?;
         let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
 
+        // Written into the peers map so far (`None`: not yet this run).
+        let mut dsr_peers: Option<Vec<Cidr>> = None;
         // The manifests folder is complete at once; the API once listed.
         let mut due = true;
         // When the change a pending sync answers was first noticed.
@@ -136,6 +139,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                     Ok(Some((source_problems, changed))) => {
                         let (problems, report) =
                             sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
+                        update_dsr_peers(&args.dsr_peers.0, &source.node_peers(), &mut dsr_peers, &mut maps);
                         if sock_cgroup.is_some() && report.deletes > 0 {
                             stale::after_sync(&args.bpffs, &maps);
                         }
@@ -281,4 +285,39 @@ fn sync(
     all.extend(problems);
     all.extend(report.failures.iter().map(|f| f.to_problem()));
     (all, report)
+}
+
+/// Writes the DSR peers, `--dsr-peers` and the nodes' addresses, when they
+/// differ from what `written` says the map holds; a failure is logged and
+/// retried at the next sync (the map keeps its last peers meanwhile).
+fn update_dsr_peers(
+    flag: &[Cidr],
+    nodes: &[std::net::IpAddr],
+    written: &mut Option<Vec<Cidr>>,
+    maps: &mut Maps,
+) {
+    let mut peers: Vec<Cidr> = flag
+        .iter()
+        .copied()
+        .chain(nodes.iter().map(|a| Cidr {
+            addr: *a,
+            prefix: if a.is_ipv4() { 32 } else { 128 },
+        }))
+        .collect();
+    peers.sort();
+    peers.dedup();
+    if written.as_ref() == Some(&peers) {
+        return;
+    }
+    match maps.set_dsr_peers(&peers) {
+        Ok(()) => {
+            let list: Vec<String> = peers
+                .iter()
+                .map(|c| format!("{}/{}", c.addr, c.prefix))
+                .collect();
+            info!(peers = %list.join(","), "DSR peers: wrapped packets from these are unwrapped, others dropped");
+            *written = Some(peers);
+        }
+        Err(e) => warn!("DSR peers not written, retried at the next sync: {e:#}"),
+    }
 }

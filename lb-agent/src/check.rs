@@ -535,6 +535,12 @@ pub fn map_memory(sizes: &MapSizes) -> Vec<MapMemory> {
             true,
         ),
         entry(
+            maps::CT_EMBRYO,
+            sizes.embryonic,
+            hash(size_of::<CtKey>(), size_of::<CtValue>()),
+            true,
+        ),
+        entry(
             maps::AFFINITY,
             sizes.affinity,
             hash(size_of::<AffinityKey>(), size_of::<AffinityValue>()),

@@ -249,6 +249,12 @@ pub(crate) struct RunArgs {
     /// node (DSR needs the pod CIDRs routed between nodes).
     #[arg(long, value_enum, default_value_t = Mode::Snat)]
     pub(crate) mode: Mode,
+    /// Networks (CIDRs, comma-separated) of the nodes whose DSR-wrapped
+    /// packets this node unwraps, besides the Node objects' addresses in
+    /// Kubernetes mode; wrapped packets from elsewhere are dropped. With
+    /// --manifests nothing else is accepted.
+    #[arg(long, default_value = "", value_parser = str::parse::<AddressFilter>)]
+    pub(crate) dsr_peers: AddressFilter,
     /// Idle timeout of established TCP flows (seconds, or with s/m/h).
     #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
     pub(crate) conntrack_tcp_timeout: u32,
@@ -258,6 +264,15 @@ pub(crate) struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
     pub(crate) conntrack_udp_timeout: u32,
+    /// Idle timeout of a flow whose backend has not answered yet (an
+    /// embryonic flow: a SYN without SYN-ACK, a datagram without answer).
+    #[arg(long, default_value = "5s", value_parser = parse_duration_s)]
+    pub(crate) conntrack_embryonic_timeout: u32,
+    /// Capacity of the embryonic conntrack map (LRU, apart from the main
+    /// one, so that unanswered flows evict only each other; two entries
+    /// per flow, about 160 bytes each, 10 MiB by default).
+    #[arg(long, default_value_t = lb_common::maps::CT_EMBRYO_MAX)]
+    pub(crate) conntrack_embryonic_size: u32,
     /// Capacity of the conntrack map (LRU: a full map evicts the idlest
     /// flow; two entries per flow; about 160 bytes each, 40 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
@@ -339,6 +354,7 @@ impl RunArgs {
             services: self.services_size,
             backends: self.backends_size,
             conntrack: self.conntrack_size,
+            embryonic: self.conntrack_embryonic_size,
             affinity: self.affinity_size,
             src_ranges: self.src_ranges_size,
         }

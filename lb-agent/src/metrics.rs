@@ -125,6 +125,7 @@ impl Metrics {
             maps: Mutex::new(Maps::open(bpffs).context("open the maps for metrics")?),
             capacities,
             evictions: Mutex::new(Evictions::default()),
+            embryonic_evictions: Mutex::new(Evictions::default()),
         }));
         registry.register_collector(Box::new(SocketCollector {
             bpffs: bpffs.to_path_buf(),
@@ -230,6 +231,8 @@ struct DatapathCollector {
     maps: Mutex<Maps>,
     capacities: Vec<(&'static str, u32)>,
     evictions: Mutex<Evictions>,
+    /// The same for the embryonic conntrack map.
+    embryonic_evictions: Mutex<Evictions>,
 }
 
 impl std::fmt::Debug for DatapathCollector {
@@ -357,6 +360,41 @@ impl Collector for DatapathCollector {
                             "conntrack_evictions",
                             "Conntrack entries the LRU evicted to make room, since the agent started \
                              (inserts - removals - entries)",
+                            MetricType::Counter,
+                            [(vec![], ConstCounter::new(evicted))],
+                        )?;
+                    }
+                    Err(e) => warn!("metrics: {e:#}"),
+                }
+                let (inserts, removals) =
+                    (get(stats::CT_EMBRYO_INSERT), get(stats::CT_EMBRYO_REMOVE));
+                family(
+                    &mut encoder,
+                    "conntrack_established",
+                    "Flows whose backend answered, moved from the embryonic conntrack map \
+                     to the main one",
+                    MetricType::Counter,
+                    [(vec![], ConstCounter::new(get(stats::CT_ESTABLISHED)))],
+                )?;
+                match maps.entries(maps::CT_EMBRYO) {
+                    Ok(entries) => {
+                        let evicted = self
+                            .embryonic_evictions
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .update(inserts, removals, entries);
+                        family(
+                            &mut encoder,
+                            "conntrack_embryonic_entries",
+                            "Entries of flows whose backend has not answered (two per flow)",
+                            MetricType::Gauge,
+                            [(vec![], ConstGauge::new(entries as i64))],
+                        )?;
+                        family(
+                            &mut encoder,
+                            "conntrack_embryonic_evictions",
+                            "Embryonic conntrack entries the LRU evicted to make room for other \
+                             unanswered flows, since the agent started",
                             MetricType::Counter,
                             [(vec![], ConstCounter::new(evicted))],
                         )?;

@@ -119,10 +119,15 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         family,
         _pad: [0; 2],
     };
+    // Established, else embryonic (a flow whose backend has not answered).
     let live_ct = live.conntrack.get(&ct_key, 0).ok();
+    let live_embryo = live.ct_embryo.get(&ct_key, 0).ok();
     if let Some(v) = live_ct {
-        conntrack(&mut shadow)?.insert(ct_key, v, 0)?;
+        conntrack(&mut shadow, lb_common::maps::CONNTRACK)?.insert(ct_key, v, 0)?;
+    } else if let Some(v) = live_embryo {
+        conntrack(&mut shadow, lb_common::maps::CT_EMBRYO)?.insert(ct_key, v, 0)?;
     }
+    let live_ct = live_ct.or(live_embryo);
     let svc_key = ServiceKey {
         addr_be: daddr,
         port_be: req.dst.port().to_be(),
@@ -164,7 +169,12 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
             .unwrap_or_else(|_| format!("svc {}", s.svc_id));
         format!("{name} ({})", frontend_kinds(s.flags).join(", "))
     });
-    let after = conntrack(&mut shadow)?.get(&ct_key, 0).ok();
+    let after = match conntrack(&mut shadow, lb_common::maps::CONNTRACK)?.get(&ct_key, 0) {
+        Ok(v) => Some(v),
+        Err(_) => conntrack(&mut shadow, lb_common::maps::CT_EMBRYO)?
+            .get(&ct_key, 0)
+            .ok(),
+    };
     let backend = after
         .filter(|v| v.flags & lb_common::conntrack::CT_F_DNAT != 0)
         .map(|v| {
@@ -320,10 +330,12 @@ fn counters(shadow: &mut Programs) -> Result<Vec<Counter>> {
         .collect()
 }
 
-fn conntrack(shadow: &mut Programs) -> Result<HashMap<&mut aya::maps::MapData, CtKey, CtValue>> {
-    Ok(HashMap::try_from(
-        shadow.map_mut(lb_common::maps::CONNTRACK)?,
-    )?)
+/// The shadow's conntrack map `name` (established or embryonic).
+fn conntrack<'a>(
+    shadow: &'a mut Programs,
+    name: &str,
+) -> Result<HashMap<&'a mut aya::maps::MapData, CtKey, CtValue>> {
+    Ok(HashMap::try_from(shadow.map_mut(name)?)?)
 }
 
 fn affinity(

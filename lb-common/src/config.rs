@@ -22,8 +22,11 @@ pub struct Config {
     pub udp_timeout_s: u32,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// Idle time after which a flow whose backend never answered (an
+    /// embryonic flow) is forgotten (seconds).
+    pub embryonic_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 44);
 
 impl Config {
     /// This node's address of `family` ([`crate::family`]), as the datapath
@@ -53,6 +56,10 @@ pub const CONFIG_F_DSR: u32 = 1 << 0;
 pub const DEFAULT_TCP_TIMEOUT_S: u32 = 86_400;
 /// Default idle timeout after FIN or RST: Linux's TIME_WAIT, 2 minutes.
 pub const DEFAULT_TCP_CLOSING_TIMEOUT_S: u32 = 120;
+/// Default idle timeout of a flow whose backend has not answered: a few
+/// seconds, so that a flood of unanswered SYNs ages out fast; a client's
+/// SYN retransmissions (1 s, 3 s) keep a slow handshake alive.
+pub const DEFAULT_EMBRYONIC_TIMEOUT_S: u32 = 5;
 /// Default UDP idle timeout: Linux's nf_conntrack_udp_timeout, 30 seconds.
 pub const DEFAULT_UDP_TIMEOUT_S: u32 = 30;
 

@@ -8,6 +8,12 @@
 //! backend's replies so that they leave with the frontend as source, straight
 //! to the client. The kernel needs no tunnel module: our programs add and
 //! remove the 28 bytes themselves.
+//!
+//! A wrapped packet names any backend with any client address, so a node
+//! unwraps only those whose outer source is one of the cluster's nodes
+//! ([`DsrPeer`], written by the agent from the Node objects or a flag).
+
+use crate::{pod, IpAddrBe};
 
 /// IP protocol of the outer header: 253, reserved for experimentation
 /// (RFC 3692), so nothing else on the fabric claims it.
@@ -33,3 +39,26 @@ pub struct Shim {
     pub addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<Shim>() == 8);
+
+/// Key of the peers map (LPM trie): the nodes (or node networks) whose
+/// wrapped packets this node unwraps. The prefix length counts
+/// [`DSR_PEER_HEAD_BITS`] plus the address's bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DsrPeer {
+    /// Address family ([`crate::family`]).
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+    /// Address, network byte order.
+    pub addr_be: IpAddrBe,
+}
+const _: () = assert!(core::mem::size_of::<DsrPeer>() == 20);
+
+/// Bits of a [`DsrPeer`] before the address.
+pub const DSR_PEER_HEAD_BITS: u32 = 32;
+
+/// Capacity of the peers map: a node's address each, or a few networks.
+pub const DSR_PEERS_MAX: u32 = 16_384;
+
+pod!(DsrPeer);

@@ -11,10 +11,14 @@ pub const MAGLEV: &str = "LB_MAGLEV_V1";
 pub const BACKENDS: &str = "LB_BACKENDS_V1";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
 pub const CONNTRACK: &str = "LB_CT_V1";
+/// Embryonic connection tracking (LRU): flows whose backend has not
+/// answered yet, [`crate::CtKey`] → [`crate::CtValue`], kept apart so that
+/// they evict only each other.
+pub const CT_EMBRYO: &str = "LB_CT_EMBRYO_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
-pub const CONFIG: &str = "LB_CONFIG_V2";
+pub const CONFIG: &str = "LB_CONFIG_V3";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V6";
+pub const STATS: &str = "LB_STATS_V7";
 /// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
 /// Sized one above the services map, as ids start at 1.
 pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
@@ -27,6 +31,10 @@ pub const SRC_RANGES: &str = "LB_SRC_RANGES_V1";
 pub const FRAGS: &str = "LB_FRAGS_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
 pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
+
+/// Nodes whose DSR-wrapped packets are unwrapped (LPM trie):
+/// [`crate::dsr::DsrPeer`] → `u32` 1.
+pub const DSR_PEERS: &str = "LB_DSR_PEERS_V1";
 
 /// Scope of the socket hooks: `u32` 0 → [`crate::sock::SockConfig`].
 pub const SOCK_CONFIG: &str = "LB_SOCK_CONFIG_V1";
@@ -47,9 +55,11 @@ pub const SRC_RANGES_MAX: u32 = 16384;
 pub const FRAGS_MAX: u32 = 8192;
 /// Default capacity of the conntrack map.
 pub const CONNTRACK_MAX: u32 = 262_144;
+/// Default capacity of the embryonic conntrack map.
+pub const CT_EMBRYO_MAX: u32 = 65_536;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     MAGLEV,
     BACKENDS,
@@ -64,6 +74,8 @@ pub const ALL: [&str; 14] = [
     SOCK_CONFIG,
     SOCK_REV,
     SOCK_STATS,
+    DSR_PEERS,
+    CT_EMBRYO,
 ];
 
 /// The XDP program on the node's external interfaces.

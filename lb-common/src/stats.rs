@@ -53,8 +53,24 @@ pub const DSR_DECAP: u32 = 21;
 /// DSR packets too big for the path once encapsulated: answered with ICMP
 /// fragmentation needed when they carry DF, dropped otherwise.
 pub const DSR_TOO_BIG: u32 = 22;
+/// Packets to forward that arrived with TTL 1 or 0: answered with ICMP time
+/// exceeded from the node, as a router does (a later fragment is dropped).
+pub const TTL_EXCEEDED: u32 = 23;
+/// Wrapped (DSR) packets from an address that is not one of the cluster's
+/// nodes (dropped: they could inject any client's packet to any backend).
+pub const DROP_DSR_PEER: u32 = 24;
+/// Entries inserted under a new key into the embryonic conntrack map (two
+/// per new flow). With [`CT_EMBRYO_REMOVE`] and that map's entry count this
+/// gives its LRU evictions, as [`CT_INSERT`] does for the main map.
+pub const CT_EMBRYO_INSERT: u32 = 25;
+/// Embryonic entries the datapath deleted: moved to the main map when the
+/// backend answered, timed out, or their backend gone.
+pub const CT_EMBRYO_REMOVE: u32 = 26;
+/// Flows established: their backend answered and their entries moved from
+/// the embryonic map to the main one.
+pub const CT_ESTABLISHED: u32 = 27;
 /// Number of counters.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 28;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -81,6 +97,11 @@ pub const NAMES: [&str; COUNT as usize] = [
     "dsr_encap",
     "dsr_decap",
     "dsr_too_big",
+    "ttl_exceeded",
+    "drop_dsr_peer",
+    "ct_embryo_insert",
+    "ct_embryo_remove",
+    "ct_established",
 ];
 
 /// Whether counter `idx` counts packets that were dropped (or refused), as
@@ -97,6 +118,8 @@ pub const fn is_drop(idx: u32) -> bool {
             | DROP_NO_LOCAL_ENDPOINT
             | DROP_SOURCE_RANGE
             | DSR_TOO_BIG
+            | TTL_EXCEEDED
+            | DROP_DSR_PEER
     )
 }
 

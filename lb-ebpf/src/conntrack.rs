@@ -2,6 +2,15 @@
 //! a new flow. Packet-free: entries are keyed by the flow's [`Tuple`] as the
 //! wire carries it, and what a packet adds (FIN or RST seen) comes in as a
 //! flag.
+//!
+//! Two maps, each its own LRU (docs/architecture.md, Connection tracking):
+//! a new flow's entries go to the embryonic map (`LB_CT_EMBRYO_V1`, short
+//! idle timeout), and the first packet from its backend, a hit on its reply
+//! entry, moves both to `LB_CT_V1`, where established flows live. A flood
+//! of flows that never answer (spoofed SYNs) therefore evicts only other
+//! unanswered flows. Losing an embryonic entry costs the flow only a new
+//! choice on its next packet, and Maglev makes the same one while the
+//! table holds.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
@@ -13,7 +22,7 @@ use lb_common::{
 
 use crate::{
     env::Env,
-    maps::LB_CT_V1,
+    maps::{LB_CT_EMBRYO_V1, LB_CT_V1},
     scratch::Entry,
     stats::{count_ct, CtOp},
     verdict::Reason,
@@ -39,8 +48,12 @@ const SNAT_TRIES: u32 = 16;
 /// by the LRU; a new flow whose translation differs takes another port.
 #[inline(always)]
 pub fn lookup(t: &Tuple, closing: bool, env: &Env, ct: &mut CtValue) -> bool {
-    let Some(entry) = LB_CT_V1.get_ptr_mut(t) else {
-        return false;
+    let entry = match LB_CT_V1.get_ptr_mut(t) {
+        Some(entry) => entry,
+        None => match embryonic(t, env) {
+            Some(entry) => entry,
+            None => return false,
+        },
     };
     // SAFETY: LRU entries stay valid for the program's run; racing updates
     // of `last_seen_ns` and `flags` by another CPU are harmless.
@@ -67,10 +80,54 @@ pub fn lookup(t: &Tuple, closing: bool, env: &Env, ct: &mut CtValue) -> bool {
     }
 }
 
-/// A FIN or RST from the backend closes the flow too: find the forward
-/// entry from the reply entry's translation and give it the short timeout.
+/// `t`'s embryonic entry: a forward entry still waiting for its backend
+/// (forgotten once idle longer than the embryonic timeout); or, for the
+/// reply direction, the backend's first answer: the flow is established,
+/// both entries move to the main map, and the main map's entry is returned.
 #[inline(always)]
-fn mark_forward_closing(t: &Tuple, reply: &CtValue) {
+fn embryonic(t: &Tuple, env: &Env) -> Option<*mut CtValue> {
+    let entry = LB_CT_EMBRYO_V1.get_ptr_mut(t)?;
+    // SAFETY: as in `lookup`.
+    unsafe {
+        if (*entry).flags & CT_F_REPLY == 0 {
+            let idle = env.now().wrapping_sub((*entry).last_seen_ns);
+            if idle > secs_ns(env.cfg().embryonic_timeout_s) {
+                remove_embryonic(t);
+                return None;
+            }
+            return Some(entry);
+        }
+        if establish(t, &*entry).is_err() {
+            // The main map refused it: the flow goes on embryonic.
+            return Some(entry);
+        }
+    }
+    LB_CT_V1.get_ptr_mut(t)
+}
+
+/// Moves a flow whose backend answered from the embryonic map to the main
+/// one: its reply entry `reply` (keyed `t`), and the forward entry that
+/// the reply's translation leads to while it is still there (on a DSR
+/// backend's node there is none: the forward entry is another node's).
+#[inline(always)]
+fn establish(t: &Tuple, reply: &CtValue) -> Result<(), Reason> {
+    insert(t, reply)?;
+    let key = forward_key(t, reply);
+    if let Some(fwd) = LB_CT_EMBRYO_V1.get_ptr_mut(&key) {
+        // SAFETY: as in `lookup`; the kernel copies the value.
+        if insert(&key, unsafe { &*fwd }).is_ok() {
+            remove_embryonic(&key);
+        }
+    }
+    remove_embryonic(t);
+    count_ct(CtOp::Established);
+    Ok(())
+}
+
+/// The key of the forward entry of the flow whose reply entry, keyed `t`,
+/// is `reply`.
+#[inline(always)]
+fn forward_key(t: &Tuple, reply: &CtValue) -> Tuple {
     // After SNAT the reply's destination is this node; the client is in the
     // entry's rewrite. Otherwise the reply goes to the client directly.
     let (client, client_port) = if reply.flags & CT_F_DNAT != 0 {
@@ -78,7 +135,7 @@ fn mark_forward_closing(t: &Tuple, reply: &CtValue) {
     } else {
         (t.daddr_be, t.dport_be)
     };
-    let key = Tuple {
+    Tuple {
         saddr_be: client,
         daddr_be: reply.nat_saddr_be,
         sport_be: client_port,
@@ -86,10 +143,29 @@ fn mark_forward_closing(t: &Tuple, reply: &CtValue) {
         proto: t.proto,
         family: t.family,
         _pad: [0; 2],
-    };
+    }
+}
+
+/// A FIN or RST from the backend closes the flow too: find the forward
+/// entry from the reply entry's translation and give it the short timeout.
+#[inline(always)]
+fn mark_forward_closing(t: &Tuple, reply: &CtValue) {
+    let key = forward_key(t, reply);
     if let Some(fwd) = LB_CT_V1.get_ptr_mut(&key) {
         // SAFETY: as in `lookup`.
         unsafe { (*fwd).flags |= CT_F_CLOSING };
+    }
+}
+
+/// A copy of `key`'s entry, established or embryonic, without touching it.
+#[inline(always)]
+pub fn peek(key: &CtKey) -> Option<CtValue> {
+    // SAFETY: the values are copied out at once.
+    unsafe {
+        LB_CT_V1
+            .get(key)
+            .or_else(|| LB_CT_EMBRYO_V1.get(key))
+            .copied()
     }
 }
 
@@ -103,7 +179,13 @@ fn timeout_ns(l4: u8, flags: u32, cfg: &Config) -> u64 {
     } else {
         cfg.tcp_timeout_s
     };
-    // Zero means "no timeout" (a config map not written yet).
+    secs_ns(secs)
+}
+
+/// A timeout of the config in nanoseconds; zero means "no timeout" (a
+/// config map not written yet).
+#[inline(always)]
+fn secs_ns(secs: u32) -> u64 {
     if secs == 0 {
         u64::MAX
     } else {
@@ -111,36 +193,88 @@ fn timeout_ns(l4: u8, flags: u32, cfg: &Config) -> u64 {
     }
 }
 
-/// Forgets a flow's entry (one direction), counting the removal so that the
-/// agent can tell removals from LRU evictions.
+/// Forgets a flow's entry (one direction), established or embryonic,
+/// counting the removal so that the agent can tell removals from LRU
+/// evictions.
 #[inline(always)]
 pub fn remove(key: &CtKey) {
     if LB_CT_V1.remove(key).is_ok() {
         count_ct(CtOp::Remove);
     }
+    remove_embryonic(key);
+}
+
+/// Forgets an embryonic entry, counting the removal.
+#[inline(always)]
+fn remove_embryonic(key: &CtKey) {
+    if LB_CT_EMBRYO_V1.remove(key).is_ok() {
+        count_ct(CtOp::EmbryoRemove);
+    }
+}
+
+/// Where a new flow's reply tuple stands.
+enum Claim {
+    /// Written as an embryonic entry: the flow starts embryonic.
+    Embryonic,
+    /// This flow's own established entry from before (its forward entry
+    /// timed out or was evicted while the backend still answers): the
+    /// forward entry joins it in the main map.
+    Established,
+    /// Another flow's: this one needs a port of its own.
+    Taken,
+}
+
+/// Whether an existing reply entry `old` is the one a flow of reply entry
+/// `new` would write (same translation, no port of its own).
+#[inline(always)]
+fn same_reply(old: &CtValue, new: &CtValue) -> bool {
+    old.flags & CT_F_DNAT == 0
+        && old.nat_saddr_be == new.nat_saddr_be
+        && old.nat_sport_be == new.nat_sport_be
 }
 
 /// Writes the reply entry of a flow that keeps its source, unless its tuple
-/// holds another translation: `Ok(false)` then. An entry with the same
-/// translation is this flow's own from before (its forward entry timed out
-/// or was evicted) and is replaced.
+/// holds another translation. An embryonic entry with the same translation
+/// is this flow's own from before and is replaced.
 #[inline(always)]
-fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<bool, Reason> {
-    if LB_CT_V1.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-        count_ct(CtOp::Insert);
-        return Ok(true);
+fn claim_reply(key: &CtKey, reply: &CtValue) -> Result<Claim, Reason> {
+    // SAFETY: the value is read at once.
+    if let Some(old) = unsafe { LB_CT_V1.get(key) } {
+        return Ok(if same_reply(old, reply) {
+            Claim::Established
+        } else {
+            Claim::Taken
+        });
+    }
+    if LB_CT_EMBRYO_V1
+        .insert(key, reply, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        count_ct(CtOp::EmbryoInsert);
+        return Ok(Claim::Embryonic);
     }
     // SAFETY: the value is read at once.
-    let same = unsafe { LB_CT_V1.get(key) }.is_none_or(|old| {
-        old.flags & CT_F_DNAT == 0
-            && old.nat_saddr_be == reply.nat_saddr_be
-            && old.nat_sport_be == reply.nat_sport_be
-    });
+    let same = unsafe { LB_CT_EMBRYO_V1.get(key) }.is_none_or(|old| same_reply(old, reply));
     if !same {
-        return Ok(false);
+        return Ok(Claim::Taken);
     }
-    insert(key, reply)?;
-    Ok(true)
+    insert_embryonic(key, reply)?;
+    Ok(Claim::Embryonic)
+}
+
+/// [`insert`] into the embryonic map.
+#[inline(always)]
+pub fn insert_embryonic(key: &CtKey, value: &CtValue) -> Result<(), Reason> {
+    if LB_CT_EMBRYO_V1
+        .insert(key, value, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        count_ct(CtOp::EmbryoInsert);
+        return Ok(());
+    }
+    LB_CT_EMBRYO_V1
+        .insert(key, value, u64::from(BPF_ANY))
+        .map_err(|_| Reason::DropCtFull)
 }
 
 /// Writes an entry, replacing a stale one with the same key. Only a new key
@@ -175,9 +309,10 @@ pub struct NewFlow<'a> {
     pub closing: bool,
 }
 
-/// Records a new flow of tuple `t` in both directions: the forward
-/// translation is made in `fwd`, the reply entry in `reply` (both are the
-/// caller's room, not the stack's); `Err` is the drop reason.
+/// Records a new flow of tuple `t` in both directions, embryonic until its
+/// backend answers: the forward translation is made in `fwd`, the reply
+/// entry in `reply` (both are the caller's room, not the stack's); `Err`
+/// is the drop reason.
 #[inline(always)]
 pub fn create(
     t: &Tuple,
@@ -233,9 +368,10 @@ pub fn create(
     }
 
     if !snat {
-        if claim_reply(&reply.key, &reply.value)? {
-            insert(t, fwd)?;
-            return Ok(());
+        match claim_reply(&reply.key, &reply.value)? {
+            Claim::Embryonic => return insert_embryonic(t, fwd),
+            Claim::Established => return insert(t, fwd),
+            Claim::Taken => {}
         }
         // The reply tuple is another flow's: the same client address and
         // port reached another Service, or the backend directly, and this
@@ -268,15 +404,19 @@ pub fn create(
     while i < SNAT_TRIES {
         let port = cfg.snat_port_min + (new.hash.wrapping_add(i) % range) as u16;
         reply.key.dport_be = port.to_be();
-        // NOEXIST makes the reply tuple, and so the port, ours alone.
-        if LB_CT_V1
-            .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
-            .is_ok()
+        // NOEXIST makes the reply tuple, and so the port, ours alone
+        // among embryonic flows; an established flow may hold it too. (A
+        // flow established between the two checks would need this very
+        // tuple in the embryonic map, where NOEXIST refuses it.)
+        if LB_CT_V1.get_ptr(&reply.key).is_none()
+            && LB_CT_EMBRYO_V1
+                .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
+                .is_ok()
         {
-            count_ct(CtOp::Insert);
+            count_ct(CtOp::EmbryoInsert);
             fwd.nat_sport_be = port.to_be();
-            if let Err(reason) = insert(t, fwd) {
-                remove(&reply.key);
+            if let Err(reason) = insert_embryonic(t, fwd) {
+                remove_embryonic(&reply.key);
                 return Err(reason);
             }
             return Ok(());

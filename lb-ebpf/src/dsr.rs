@@ -1,10 +1,11 @@
 //! Direct server return (`lb_common::dsr`): wrapping a client's packet to
 //! the backend's node, and unwrapping it there.
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
     config::CONFIG_F_DSR,
     conntrack::{CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
-    dsr::{Shim, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
+    dsr::{DsrPeer, Shim, DSR_PEER_HEAD_BITS, ENCAP_LEN, IPPROTO_LB, SHIM_MAGIC, SHIM_VERSION},
     family,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY},
     Backend, CtValue, Tuple,
@@ -19,7 +20,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF, IP4_FRAG_OFF, IP4_HLEN,
         IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOS, IP4_TOT_LEN, IP4_TTL, IP4_VER_IHL,
     },
-    maps::LB_CT_V1,
+    maps::LB_DSR_PEERS_V1,
     nat,
     packet::{Packet, PacketError},
     parse::Layout,
@@ -157,9 +158,10 @@ pub fn wrap<P: Packet>(pkt: &mut P, ct: &CtValue, outer: &Outer) -> Result<(), P
 
 /// Unwraps a packet another node wrapped to this one and returns its shim;
 /// `Ok(None)`: not such a packet (the cheap protocol check comes first, as
-/// every packet on a node interface passes here).
+/// every packet on a node interface passes here). `Err(DropDsrPeer)`: one
+/// for this node, but not from one of the cluster's nodes.
 #[inline(always)]
-pub fn unwrap<P: Packet>(pkt: &mut P, env: &Env) -> Result<Option<Shim>, PacketError> {
+pub fn unwrap<P: Packet>(pkt: &mut P, env: &Env) -> Result<Option<Shim>, Reason> {
     // Too short to be ours is not an error here: the parser judges it.
     if pkt
         .load::<u8>(ETH_HLEN + IP4_PROTO)
@@ -183,8 +185,25 @@ pub fn unwrap<P: Packet>(pkt: &mut P, env: &Env) -> Result<Option<Shim>, PacketE
     if !ours || shim.magic != SHIM_MAGIC || shim.version != SHIM_VERSION {
         return Ok(None);
     }
+    if !from_peer(pkt.load(ETH_HLEN + IP4_SADDR)?) {
+        return Err(Reason::DropDsrPeer);
+    }
     pkt.pop_after_eth(ENCAP_LEN as u32)?;
     Ok(Some(shim))
+}
+
+/// Whether `saddr` (IPv4, network order) is one of the cluster's nodes.
+#[inline(always)]
+fn from_peer(saddr: u32) -> bool {
+    let key = Key::new(
+        DSR_PEER_HEAD_BITS + 32,
+        DsrPeer {
+            family: family::V4,
+            _pad: [0; 3],
+            addr_be: [saddr, 0, 0, 0],
+        },
+    );
+    LB_DSR_PEERS_V1.get(&key).is_some()
 }
 
 /// Sends an unwrapped packet to the backend its shim names and remembers how
@@ -212,8 +231,7 @@ pub fn deliver<P: Packet>(
         family: t.family,
         _pad: [0; 2],
     };
-    // SAFETY: the value is read at once.
-    let known = unsafe { LB_CT_V1.get(&reply.key) }
+    let known = conntrack::peek(&reply.key)
         .is_some_and(|v| v.nat_saddr_be == t.daddr_be && v.nat_sport_be == t.dport_be);
     if !known {
         // The frontend is another node's (or a shared) address, which this
@@ -225,7 +243,8 @@ pub fn deliver<P: Packet>(
             last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        conntrack::insert(&reply.key, &reply.value)?;
+        // Embryonic until the backend answers, as any new flow.
+        conntrack::insert_embryonic(&reply.key, &reply.value)?;
     }
     nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;
     Ok(())

@@ -8,12 +8,14 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use lb_common::{family, Tuple};
+use lb_common::{csum::replace2, family, Tuple};
 
 use crate::{
     env::Hook,
+    hdr::{IP4_CSUM, IP4_TTL},
     maps::LB_FIB_SCRATCH,
     packet::{Packet, PacketError},
+    parse::Layout,
 };
 
 /// Where a packet goes next.
@@ -152,4 +154,44 @@ pub fn xdp_hands_over<P: Packet>(pkt: &P, hook: Hook, route: &Route) -> bool {
 pub fn set_macs<P: Packet>(pkt: &mut P, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), PacketError> {
     pkt.store(0, dmac)?;
     pkt.store(6, smac)
+}
+
+/// The hops a packet of `fam` may still take (IPv4's TTL, IPv6's hop
+/// limit), as it arrived. A router forwards a packet only while this is
+/// above 1: it would leave with 0 otherwise, and is answered with time
+/// exceeded instead.
+#[inline(always)]
+pub fn hops_left<P: Packet>(pkt: &P, layout: &Layout, fam: u8) -> Result<u8, PacketError> {
+    match fam {
+        family::V4 => pkt.load(layout.l3_off + IP4_TTL),
+        // IPv6 slots in here: the hop limit, byte 7 of its header.
+        _ => Err(PacketError),
+    }
+}
+
+/// Takes one hop off a packet this node sends on itself: the paths that
+/// bypass the kernel's forwarding (a redirect, XDP_TX, DSR's wrap) must do
+/// what it would have done. IPv4's header checksum is updated
+/// incrementally (it covers the TTL, sharing a word with the protocol);
+/// the L4 checksum does not cover it. `ttl` is [`hops_left`]'s answer,
+/// above 1.
+#[inline(always)]
+pub fn take_hop<P: Packet>(
+    pkt: &mut P,
+    layout: &Layout,
+    fam: u8,
+    ttl: u8,
+) -> Result<(), PacketError> {
+    if fam != family::V4 {
+        return Err(PacketError);
+    }
+    let l3 = layout.l3_off;
+    let [_, proto]: [u8; 2] = pkt.load(l3 + IP4_TTL)?;
+    let (old, new) = (
+        u16::from_ne_bytes([ttl, proto]),
+        u16::from_ne_bytes([ttl.saturating_sub(1), proto]),
+    );
+    let check: u16 = pkt.load(l3 + IP4_CSUM)?;
+    pkt.store(l3 + IP4_TTL, ttl.saturating_sub(1))?;
+    pkt.store(l3 + IP4_CSUM, replace2(check, old, new))
 }

@@ -17,13 +17,13 @@ use lb_common::{
 };
 
 use crate::{
+    conntrack,
     hdr::{
         icmp::{
             CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED, TYPE as ICMP_TYPE,
         },
         IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT,
     },
-    maps::LB_CT_V1,
     packet::{Packet, PacketError},
     parse::{self, Frag, Layout},
 };
@@ -57,8 +57,8 @@ pub fn translate_error<P: Packet>(
     // The quote went from the client's side to the backend: reversed, it
     // is the flow's reply entry.
     *key = quote.reversed();
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { LB_CT_V1.get(key).copied() }) else {
+    // Embryonic flows included: an error about a SYN is the usual one.
+    let Some(ct) = conntrack::peek(key) else {
         return Ok(false);
     };
     if ct.flags & CT_F_REPLY == 0 {

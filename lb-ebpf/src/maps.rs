@@ -6,7 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGS_MAX, SERVICES_MAX, SRC_RANGES_MAX},
+    dsr::{DsrPeer, DSR_PEERS_MAX},
+    maps::{
+        AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, CT_EMBRYO_MAX, FRAGS_MAX, SERVICES_MAX,
+        SRC_RANGES_MAX,
+    },
     service::MAGLEV_MAX,
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
@@ -40,6 +44,12 @@ pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }
 #[btf_map]
 pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = LruHashMap::new();
 
+/// Flows whose backend has not answered yet (both directions), apart from
+/// `LB_CT_V1` so that a flood of them evicts only each other; LRU.
+#[btf_map]
+pub static LB_CT_EMBRYO_V1: LruHashMap<CtKey, CtValue, { CT_EMBRYO_MAX as usize }> =
+    LruHashMap::new();
+
 /// ClientIP affinity; LRU so that idle clients make room.
 #[btf_map]
 pub static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX as usize }> =
@@ -51,11 +61,11 @@ pub static LB_SRC_RANGES_V1: LpmTrie<SrcRange, u32, { SRC_RANGES_MAX as usize }>
 
 /// Node settings (one entry).
 #[btf_map]
-pub static LB_CONFIG_V2: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V3: Array<Config, 1> = Array::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V6: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V7: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Counters by svc_id (ids start at 1, hence one more than the services map).
 #[btf_map]
@@ -93,3 +103,7 @@ pub static LB_SOCK_REV_V1: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX a
 /// Socket-hook counters by `lb_common::sock::STAT_*`.
 #[btf_map]
 pub static LB_SOCK_STATS_V1: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// The nodes whose wrapped (DSR) packets are unwrapped; written by the agent.
+#[btf_map]
+pub static LB_DSR_PEERS_V1: LpmTrie<DsrPeer, u32, { DSR_PEERS_MAX as usize }> = LpmTrie::new();

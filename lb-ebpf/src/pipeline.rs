@@ -50,7 +50,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
                 Some(shim)
             }
             Ok(None) => None,
-            Err(_) => return drop(Reason::DropRewrite, len),
+            Err(reason) => return drop(reason, len),
         }
     };
     let Scratch {
@@ -305,7 +305,7 @@ fn translate<P: Packet>(
             Err(e) => Err(e.into()),
         }
     } else {
-        forwarded(pkt, t, layout, ct, ctx.hook)
+        forwarded(pkt, t, layout, ct, ctx)
     };
     let verdict = match sent {
         Ok(verdict) => verdict,
@@ -343,6 +343,10 @@ fn encap<P: Packet>(
     ct: &CtValue,
     ctx: &Ctx,
 ) -> Result<Verdict, Reason> {
+    let ttl = forward::hops_left(pkt, layout, t.family)?;
+    if ttl <= 1 {
+        return expired(pkt, t, layout, ctx);
+    }
     let outer = dsr::outer(pkt, layout, ct, &ctx.env)?;
     let route = dsr::route(pkt, &outer);
     if let Route::TooBig { mtu } = route {
@@ -354,25 +358,56 @@ fn encap<P: Packet>(
         return Ok(Verdict::Bounce);
     }
     leave_to_tc(pkt, ctx.hook, &route)?;
+    // The client's packet is forwarded through the tunnel: it loses its
+    // hop here, as under the kernel's own tunnels.
+    forward::take_hop(pkt, layout, t.family, ttl)?;
     dsr::wrap(pkt, ct, &outer)?;
     count(Reason::DsrEncap, ctx.len);
     send(pkt, &route)
 }
 
 /// Translates a packet that must be forwarded by FIB lookup (its new source
-/// is this node's, which the stack would refuse) and routes it.
+/// is this node's, which the stack would refuse) and routes it, taking the
+/// hop off its TTL that the kernel's forwarding, bypassed here, would take.
 #[inline(always)]
 fn forwarded<P: Packet>(
     pkt: &mut P,
     t: &Tuple,
     layout: &Layout,
     ct: &CtValue,
-    hook: Hook,
+    ctx: &Ctx,
 ) -> Result<Verdict, Reason> {
+    let ttl = forward::hops_left(pkt, layout, t.family)?;
+    if ttl <= 1 {
+        return expired(pkt, t, layout, ctx);
+    }
     let route = forward::lookup(pkt, &translated(t, ct));
-    leave_to_tc(pkt, hook, &route)?;
+    leave_to_tc(pkt, ctx.hook, &route)?;
     nat::rewrite(pkt, t, layout, ct)?;
+    forward::take_hop(pkt, layout, t.family, ttl)?;
     send(pkt, &route)
+}
+
+/// Answers a packet that would leave with TTL 0 as a router does: ICMP
+/// time exceeded from this node, quoting the packet as it arrived. A later
+/// fragment (nothing to quote) or a node without an address is dropped.
+/// Checked before the route, so XDP answers itself and never hands such a
+/// packet to TC.
+#[inline(always)]
+fn expired<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    ctx: &Ctx,
+) -> Result<Verdict, Reason> {
+    let [node, ..] = ctx
+        .env
+        .cfg()
+        .node_addr(t.family)
+        .ok_or(Reason::TtlExceeded)?;
+    reject::time_exceeded(pkt, t, layout, node).map_err(|_| Reason::TtlExceeded)?;
+    count(Reason::TtlExceeded, ctx.len);
+    Ok(Verdict::Bounce)
 }
 
 /// `Err(XdpToTc)` when XDP cannot send the packet along `route` itself: it

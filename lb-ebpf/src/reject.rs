@@ -1,7 +1,8 @@
 //! Refusing new flows to a Service with no endpoint, as kube-proxy does:
-//! TCP gets a reset, UDP an ICMP port unreachable, both from the frontend.
-//! The packet is turned into the answer in place and sent back where it came
-//! from.
+//! TCP gets a reset, UDP an ICMP port unreachable, both from the frontend;
+//! and the ICMP errors a router sends (fragmentation needed, time
+//! exceeded). The packet is turned into the answer in place and sent back
+//! where it came from.
 
 use lb_common::{
     csum::{add32, fold},
@@ -14,7 +15,8 @@ use crate::{
         icmp::{
             CODE as ICMP_CODE, CSUM as ICMP_CSUM, DEST_UNREACH as ICMP_DEST_UNREACH,
             FRAG_NEEDED as ICMP_FRAG_NEEDED, HLEN as ICMP_HLEN, IPPROTO_ICMP, MTU as ICMP_MTU,
-            PORT_UNREACH as ICMP_PORT_UNREACH, TYPE as ICMP_TYPE, UNUSED as ICMP_UNUSED,
+            PORT_UNREACH as ICMP_PORT_UNREACH, TIME_EXCEEDED as ICMP_TIME_EXCEEDED,
+            TYPE as ICMP_TYPE, UNUSED as ICMP_UNUSED,
         },
         tcp_flags, TcpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE, IP4_DADDR, IP4_DEFAULT_TTL, IP4_DF,
         IP4_FRAG_OFF, IP4_HLEN, IP4_ID, IP4_PROTO, IP4_SADDR, IP4_TOS, IP4_TOT_LEN, IP4_TTL,
@@ -31,8 +33,34 @@ pub fn reject<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout) -> Result<(), 
     if t.proto == proto::TCP {
         tcp_reset(pkt, t, layout)
     } else {
-        icmp_unreachable(pkt, t, layout, ICMP_PORT_UNREACH, 0)
+        icmp_error(
+            pkt,
+            t,
+            layout,
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            0,
+            t.daddr_be[0],
+        )
     }
+}
+
+/// Rewrites the packet into an ICMP "time exceeded in transit" from this
+/// node (`node`, network order), as a router answers a packet it would
+/// have to forward with TTL 0. `Err` for a later fragment: only a first
+/// fragment carries the header to quote (and RFC 1812 4.3.2.7 wants no
+/// error about the others).
+#[inline(always)]
+pub fn time_exceeded<P: Packet>(
+    pkt: &mut P,
+    t: &Tuple,
+    layout: &Layout,
+    node: u32,
+) -> Result<(), PacketError> {
+    if !layout.has_l4() {
+        return Err(PacketError);
+    }
+    icmp_error(pkt, t, layout, ICMP_TIME_EXCEEDED, 0, 0, node)
 }
 
 /// Rewrites the packet into an ICMP "fragmentation needed" from its
@@ -45,7 +73,15 @@ pub fn frag_needed<P: Packet>(
     layout: &Layout,
     mtu: u16,
 ) -> Result<(), PacketError> {
-    icmp_unreachable(pkt, t, layout, ICMP_FRAG_NEEDED, mtu)
+    icmp_error(
+        pkt,
+        t,
+        layout,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        mtu,
+        t.daddr_be[0],
+    )
 }
 
 #[inline(always)]
@@ -119,15 +155,18 @@ fn tcp_reset<P: Packet>(pkt: &mut P, t: &Tuple, layout: &Layout) -> Result<(), P
     pkt.truncate((l4 + TCP_HLEN) as u32)
 }
 
-/// Rewrites the packet into an ICMP destination unreachable with `code`
-/// (and, for fragmentation needed, the next hop's `mtu`).
+/// Rewrites the packet into an ICMP error of `kind` and `code` from `from`
+/// (network order) to its sender (and, for fragmentation needed, the next
+/// hop's `mtu`).
 #[inline(always)]
-fn icmp_unreachable<P: Packet>(
+fn icmp_error<P: Packet>(
     pkt: &mut P,
     t: &Tuple,
     layout: &Layout,
+    kind: u8,
     code: u8,
     mtu: u16,
+    from: u32,
 ) -> Result<(), PacketError> {
     let ihl = layout.l4_off - layout.l3_off;
     // The error quotes the offending IP header and the first 8 bytes after it.
@@ -153,12 +192,12 @@ fn icmp_unreachable<P: Packet>(
     pkt.store(ip + IP4_ID, 0u32)?;
     pkt.store(ip + IP4_TTL, IP4_DEFAULT_TTL)?;
     pkt.store(ip + IP4_PROTO, IPPROTO_ICMP)?;
-    pkt.store(ip + IP4_SADDR, t.daddr_be[0])?;
+    pkt.store(ip + IP4_SADDR, from)?;
     pkt.store(ip + IP4_DADDR, t.saddr_be[0])?;
     csum::ip_checksum(pkt, ip, IP4_HLEN)?;
 
     let icmp = ip + IP4_HLEN;
-    pkt.store(icmp + ICMP_TYPE, ICMP_DEST_UNREACH)?;
+    pkt.store(icmp + ICMP_TYPE, kind)?;
     pkt.store(icmp + ICMP_CODE, code)?;
     pkt.store(icmp + ICMP_CSUM, 0u16)?;
     pkt.store(icmp + ICMP_UNUSED, 0u16)?;

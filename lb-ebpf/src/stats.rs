@@ -5,7 +5,7 @@
 use lb_common::stats::{self, Counter, SvcCounters};
 
 use crate::{
-    maps::{LB_STATS_V6, LB_SVC_STATS_V1},
+    maps::{LB_STATS_V7, LB_SVC_STATS_V1},
     verdict::Reason,
 };
 
@@ -22,6 +22,12 @@ pub enum CtOp {
     Insert,
     /// An entry the datapath deleted.
     Remove,
+    /// An embryonic entry written under a new key.
+    EmbryoInsert,
+    /// An embryonic entry the datapath deleted (also when moved on).
+    EmbryoRemove,
+    /// A flow whose backend answered: moved to the main map.
+    Established,
 }
 
 /// Counts a conntrack map operation.
@@ -31,6 +37,9 @@ pub fn count_ct(op: CtOp) {
         match op {
             CtOp::Insert => stats::CT_INSERT,
             CtOp::Remove => stats::CT_REMOVE,
+            CtOp::EmbryoInsert => stats::CT_EMBRYO_INSERT,
+            CtOp::EmbryoRemove => stats::CT_EMBRYO_REMOVE,
+            CtOp::Established => stats::CT_ESTABLISHED,
         },
         0,
     );
@@ -39,7 +48,7 @@ pub fn count_ct(op: CtOp) {
 /// Adds one packet of `bytes` to counter `idx` (a `lb_common::stats` index).
 #[inline(always)]
 fn add(idx: u32, bytes: u32) {
-    if let Some(c) = LB_STATS_V6.get_ptr_mut(idx) {
+    if let Some(c) = LB_STATS_V7.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe {
             let c: &mut Counter = &mut *c;

@@ -27,7 +27,7 @@ pub enum Verdict {
 /// variant per per-packet counter of `lb_common::stats`, named after it.
 ///
 /// As a stage's `Err` it is a drop reason (`Drop…`, `BackendGone`,
-/// `DsrTooBig`) or, for `XdpToTc`, a packet left untouched for TC.
+/// `DsrTooBig`, `TtlExceeded`) or, for `XdpToTc`, a packet left untouched for TC.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// A new flow was translated.
@@ -72,6 +72,10 @@ pub enum Reason {
     DsrDecap,
     /// A DSR packet too big for the path once wrapped.
     DsrTooBig,
+    /// A packet to forward arrived with no hop left (TTL 1 or 0).
+    TtlExceeded,
+    /// A wrapped packet from an address that is not a node's.
+    DropDsrPeer,
 }
 
 impl Reason {
@@ -101,6 +105,8 @@ impl Reason {
             Reason::DsrEncap => stats::DSR_ENCAP,
             Reason::DsrDecap => stats::DSR_DECAP,
             Reason::DsrTooBig => stats::DSR_TOO_BIG,
+            Reason::TtlExceeded => stats::TTL_EXCEEDED,
+            Reason::DropDsrPeer => stats::DROP_DSR_PEER,
         }
     }
 }

@@ -56,6 +56,7 @@ impl Datapath {
                 services: 1024,
                 backends: 1024,
                 conntrack: 4096,
+                embryonic: 1024,
                 affinity: 1024,
                 src_ranges: 1024,
             },
@@ -88,6 +89,9 @@ impl Datapath {
                     tcp_closing_timeout_s: 60,
                     udp_timeout_s: 30,
                     flags: 0,
+                    // None, as the other timeouts' tests expect; the
+                    // embryonic tests set one.
+                    embryonic_timeout_s: 0,
                 },
                 0,
             )
@@ -123,24 +127,26 @@ impl Datapath {
         bpffs::maps_dir(&self.dir.0)
     }
 
-    /// Makes every tracked flow look idle for `secs` seconds. The datapath
-    /// subtracts timestamps with wrapping arithmetic, so this holds even
-    /// when the machine has been up for less than `secs`.
+    /// Makes every tracked flow, established or embryonic, look idle for
+    /// `secs` seconds. The datapath subtracts timestamps with wrapping
+    /// arithmetic, so this holds even when the machine has been up for less
+    /// than `secs`.
     pub fn age_flows(&mut self, secs: u64) {
-        let now_ns = monotonic_ns();
-        let entries: Vec<_> = self
-            .maps
-            .conntrack
-            .iter()
-            .map(|e| e.expect("read conntrack"))
-            .collect();
-        for (k, mut v) in entries {
-            v.last_seen_ns = now_ns.wrapping_sub(secs * 1_000_000_000);
-            self.maps
-                .conntrack
-                .insert(k, v, 0)
-                .expect("age conntrack entry");
+        let then = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
+        for map in [&mut self.maps.conntrack, &mut self.maps.ct_embryo] {
+            let entries: Vec<_> = map.iter().map(|e| e.expect("read conntrack")).collect();
+            for (k, mut v) in entries {
+                v.last_seen_ns = then;
+                map.insert(k, v, 0).expect("age conntrack entry");
+            }
         }
+    }
+
+    /// Sets the embryonic timeout of the config map.
+    pub fn set_embryonic_timeout(&mut self, secs: u32) {
+        let mut cfg = self.maps.config.get(&0, 0).expect("read config");
+        cfg.embryonic_timeout_s = secs;
+        self.maps.config.set(0, cfg, 0).expect("write config");
     }
 
     /// Sets the config map's `CONFIG_F_*` bits (for example DSR mode).
@@ -210,22 +216,20 @@ pub fn service(
 }
 
 impl Datapath {
-    /// Makes every reply-direction conntrack entry look idle for `secs` seconds.
+    /// Makes every reply-direction conntrack entry (established or
+    /// embryonic) look idle for `secs` seconds.
     pub fn age_replies(&mut self, secs: u64) {
         let then = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
-        let entries: Vec<_> = self
-            .maps
-            .conntrack
-            .iter()
-            .map(|e| e.expect("read conntrack"))
-            .filter(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
-            .collect();
-        for (k, mut v) in entries {
-            v.last_seen_ns = then;
-            self.maps
-                .conntrack
-                .insert(k, v, 0)
-                .expect("age conntrack entry");
+        for map in [&mut self.maps.conntrack, &mut self.maps.ct_embryo] {
+            let entries: Vec<_> = map
+                .iter()
+                .map(|e| e.expect("read conntrack"))
+                .filter(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
+                .collect();
+            for (k, mut v) in entries {
+                v.last_seen_ns = then;
+                map.insert(k, v, 0).expect("age conntrack entry");
+            }
         }
     }
 
@@ -267,4 +271,37 @@ pub fn service_counters(dp: &Datapath, name: &str) -> lb_common::stats::SvcCount
         .into_iter()
         .find(|(_, n, _)| n == name)
         .map_or_else(|| panic!("no Service port {name}"), |(_, _, c)| c)
+}
+
+/// Runs `f` on a thread in a private, unnamed network namespace, gone when
+/// the thread ends, after running each of `setup` there (`ip` arguments) and
+/// turning forwarding on: programs run there see its routes and neighbours
+/// in their FIB lookups (BPF_PROG_TEST_RUN runs them on its loopback).
+pub fn in_private_netns<T: Send>(setup: &[&[&str]], f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare a network namespace (run as root)");
+            // Children and /proc/sys/net see the namespace of the thread
+            // that forks or opens them.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
+            for args in
+                std::iter::once(&["link", "set", "lo", "up"][..]).chain(setup.iter().copied())
+            {
+                let out = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .expect("run ip");
+                assert!(
+                    out.status.success(),
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }

@@ -727,6 +727,12 @@ fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names()
     let bad_magic = dsr_wrap(&inner.bytes(), other_node, this_node, backend, 0);
     for prog in [XdpNode, TcNode] {
         let mut dp = seeded();
+        // Only the cluster's nodes may send wrapped packets: none is known yet.
+        assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+        assert_eq!(counter(&dp, "drop_dsr_peer"), 1, "{prog:?}");
+        assert_eq!(counter(&dp, "dsr_decap"), 0, "{prog:?}");
+        let peers = ["10.99.0.2/31".parse().expect("cidr")];
+        dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
         let (verdict, out) = dp.run(prog, &wrapped);
         assert_eq!(verdict, pass(prog), "{prog:?}");
         assert_eq!(
@@ -741,6 +747,11 @@ fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names()
             assert_eq!(&out, input, "{prog:?}: {name} passes untouched");
         }
         assert_eq!(counter(&dp, "dsr_decap"), 1, "{prog:?}");
+        // A network that no longer holds the sender drops it again.
+        let peers = ["10.99.0.4/30".parse().expect("cidr")];
+        dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
+        assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+        assert_eq!(counter(&dp, "drop_dsr_peer"), 2, "{prog:?}");
     }
     // Pods cannot have their packets unwrapped.
     let mut dp = seeded();
@@ -1331,14 +1342,7 @@ fn icmp_errors_about_translated_flows_quote_what_the_sender_sent() {
         &[("10.244.2.10", 8080, false)],
     )]);
     dp.run(XdpNode, &syn.bytes());
-    let snat_port = dp
-        .maps
-        .conntrack
-        .iter()
-        .map(|e| e.expect("conntrack"))
-        .find(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
-        .map(|(k, _)| u16::from_be(k.dport_be))
-        .expect("the SNAT flow's reply entry");
+    let snat_port = snat_port(&dp);
     let sent = syn.with_addrs(
         SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), snat_port),
         addr("10.244.2.10:8080"),
@@ -1436,21 +1440,472 @@ fn a_reused_service_id_starts_its_counters_from_zero() {
 #[test]
 fn conntrack_inserts_minus_removals_equal_the_entries_without_eviction() {
     let mut dp = seeded();
-    let query = Packet::udp(addr("10.244.2.20:40103"), addr("10.96.0.53:53"), b"q");
+    let client = addr("10.244.2.20:40103");
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
     dp.run(TcPod, &query.bytes());
-    assert_eq!(counter(&dp, "ct_insert"), 2, "forward and reply entry");
+    assert_eq!(
+        counter(&dp, "ct_embryo_insert"),
+        2,
+        "forward and reply entry"
+    );
+    assert_eq!(counter(&dp, "ct_insert"), 0, "nothing established yet");
+    // The answer establishes the flow: both entries move.
+    let answer = Packet::udp(addr("10.244.1.11:5353"), client, b"a");
+    dp.run(TcPod, &answer.bytes());
+    assert_eq!(counter(&dp, "ct_insert"), 2);
+    assert_eq!(counter(&dp, "ct_embryo_remove"), 2);
     // The forward entry times out (UDP: 30 s) and the next packet opens the
-    // flow again: one removal, one new forward entry, and the stale reply
-    // entry overwritten in place (no insert).
+    // flow again: one removal, and an embryonic forward entry beside the
+    // established reply entry, which it joins (its translation is the same).
     dp.age_flows(60);
     dp.run(TcPod, &query.bytes());
     let entries = dp.maps.conntrack.keys().count() as u64;
-    assert_eq!(entries, 2);
+    let embryonic = dp.maps.ct_embryo.keys().count() as u64;
+    assert_eq!((entries, embryonic), (2, 0));
     assert_eq!(counter(&dp, "ct_remove"), 1);
     assert_eq!(counter(&dp, "ct_insert"), 3);
     assert_eq!(
         counter(&dp, "ct_insert") - counter(&dp, "ct_remove"),
         entries,
         "no eviction: inserts - removals = entries"
+    );
+    assert_eq!(
+        counter(&dp, "ct_embryo_insert") - counter(&dp, "ct_embryo_remove"),
+        embryonic
+    );
+}
+
+/// A NodePort whose only backend is on another node: its flows are SNATed
+/// and forwarded by the datapath itself (FIB lookup, XDP_TX or redirect).
+fn remote_nodeport() -> Datapath {
+    let mut dp = Datapath::new();
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[("10.99.0.1", 30080, NodePort)],
+        &[("10.244.2.10", 8080, false)],
+    )]);
+    dp
+}
+
+/// The SNAT port the only flow in `dp` was given (its reply entry's key,
+/// established or embryonic).
+fn snat_port(dp: &Datapath) -> u16 {
+    dp.maps
+        .conntrack
+        .iter()
+        .chain(dp.maps.ct_embryo.iter())
+        .map(|e| e.expect("conntrack"))
+        .find(|(_, v)| v.flags & lb_common::conntrack::CT_F_REPLY != 0)
+        .map(|(k, _)| u16::from_be(k.dport_be))
+        .expect("the SNAT flow's reply entry")
+}
+
+#[test]
+fn a_packet_that_would_leave_with_ttl_0_gets_time_exceeded_from_the_node() {
+    use lb_tests::packet::icmp_error;
+    let node = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    for prog in [XdpNode, TcNode] {
+        let mut dp = remote_nodeport();
+        for (i, ttl) in [1u8, 0].into_iter().enumerate() {
+            let client = addr(&format!("10.99.0.100:{}", 40300 + i));
+            let mut syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+            syn.ttl = ttl;
+            let (verdict, out) = dp.run(prog, &syn.bytes());
+            assert_eq!(verdict, bounce(prog), "{prog:?}: TTL {ttl}");
+            assert_eq!(
+                out,
+                icmp_error(node, *client.ip(), 11, 0, 0, &syn, 8),
+                "{prog:?}: TTL {ttl}: time exceeded from the node, quoting the packet as it came"
+            );
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+        }
+        assert_eq!(counter(&dp, "ttl_exceeded"), 2, "{prog:?}");
+        assert_eq!(counter(&dp, "xdp_to_tc"), 0, "{prog:?}: XDP answers itself");
+    }
+
+    // The backend's reply, forwarded by TC on the backend's side, likewise.
+    let mut dp = remote_nodeport();
+    let client = addr("10.99.0.100:40310");
+    let syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+    dp.run(TcNode, &syn.bytes());
+    let mut synack = Packet::tcp(
+        addr("10.244.2.10:8080"),
+        SocketAddrV4::new(node, snat_port(&dp)),
+        flags::SYN | flags::ACK,
+        b"",
+    );
+    synack.ttl = 1;
+    let (verdict, out) = dp.run(TcNode, &synack.bytes());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        icmp_error(
+            node,
+            std::net::Ipv4Addr::new(10, 244, 2, 10),
+            11,
+            0,
+            0,
+            &synack,
+            8
+        )
+    );
+
+    // A packet the stack delivers (a local backend) keeps its TTL: the
+    // kernel's forwarding decrements it and answers it if it must.
+    let mut dp = seeded();
+    let mut syn = Packet::tcp(client, addr("10.99.0.1:30080"), flags::SYN, b"");
+    syn.ttl = 1;
+    let (verdict, out) = dp.run(XdpNode, &syn.bytes());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        syn.with_addrs(client, addr("10.244.1.10:8080")).bytes(),
+        "left to the kernel"
+    );
+    assert_eq!(counter(&dp, "ttl_exceeded"), 0);
+}
+
+/// What the private namespace of the forwarding tests holds: this node's
+/// address on `d0` (a veth: no dummy module here), the backends' node (10.99.0.2) as the gateway to their
+/// pod CIDR, and the client: neighbours known, so the FIB resolves them.
+const ROUTED: &[&[&str]] = &[
+    &[
+        "link",
+        "add",
+        "d0",
+        "address",
+        "02:00:00:00:00:d0",
+        "type",
+        "veth",
+        "peer",
+        "d1",
+    ],
+    &["addr", "add", "10.99.0.1/24", "dev", "d0"],
+    &["link", "set", "d1", "up"],
+    &["link", "set", "d0", "up"],
+    &["route", "add", "10.244.2.0/24", "via", "10.99.0.2"],
+    &[
+        "neigh",
+        "add",
+        "10.99.0.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        "d0",
+        "nud",
+        "permanent",
+    ],
+    &[
+        "neigh",
+        "add",
+        "10.99.0.100",
+        "lladdr",
+        "02:00:00:00:00:64",
+        "dev",
+        "d0",
+        "nud",
+        "permanent",
+    ],
+];
+const MAC_D0: [u8; 6] = [2, 0, 0, 0, 0, 0xd0];
+const MAC_NODE_B: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
+const MAC_CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 0x64];
+
+#[test]
+fn packets_the_datapath_forwards_itself_leave_with_one_hop_less() {
+    use lb_tests::{fixture::in_private_netns, packet::dsr_wrap};
+    in_private_netns(ROUTED, || {
+        let node = std::net::Ipv4Addr::new(10, 99, 0, 1);
+        let front = addr("10.99.0.1:30080");
+        let backend = addr("10.244.2.10:8080");
+        let client = addr("10.99.0.100:40320");
+        // SNAT: the client's packet and the backend's reply, both routed
+        // out d0 by TC (XDP hands packets for another interface to TC).
+        let mut dp = remote_nodeport();
+        let mut syn = Packet::tcp(client, front, flags::SYN, b"");
+        syn.ttl = 2;
+        let (verdict, out) = dp.run(XdpNode, &syn.bytes());
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &syn.bytes()),
+            "left to TC untouched"
+        );
+        let (verdict, out) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = syn.with_addrs(SocketAddrV4::new(node, snat_port(&dp)), backend);
+        (want.ttl, want.src_mac, want.dst_mac) = (1, MAC_D0, MAC_NODE_B);
+        assert_eq!(out, want.bytes(), "SNATed with TTL 1");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+
+        let synack = Packet::tcp(
+            backend,
+            SocketAddrV4::new(node, snat_port(&dp)),
+            flags::SYN | flags::ACK,
+            b"",
+        );
+        let (verdict, out) = dp.run(TcNode, &synack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = synack.with_addrs(front, client);
+        (want.ttl, want.src_mac, want.dst_mac) = (63, MAC_D0, MAC_CLIENT);
+        assert_eq!(out, want.bytes(), "the reply with TTL 63");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+
+        // DSR: the client's packet is wrapped with one hop less inside.
+        let mut dp = remote_nodeport();
+        dp.set_config_flags(lb_common::config::CONFIG_F_DSR);
+        let syn = Packet::tcp(client, front, flags::SYN, b"");
+        let (verdict, out) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut inner = syn.clone();
+        inner.ttl = 63;
+        let mut want = dsr_wrap(
+            &inner.bytes(),
+            node,
+            std::net::Ipv4Addr::new(10, 99, 0, 2),
+            backend,
+            lb_common::dsr::SHIM_MAGIC,
+        );
+        want[..6].copy_from_slice(&MAC_NODE_B);
+        want[6..12].copy_from_slice(&MAC_D0);
+        assert_eq!(out, want, "wrapped to the backend's node");
+        assert_eq!(counter(&dp, "dsr_encap"), 1);
+    });
+}
+
+/// Every entry of a conntrack map, sorted, with the times zeroed.
+fn ct_entries(
+    map: &aya::maps::HashMap<aya::maps::MapData, lb_common::CtKey, lb_common::CtValue>,
+) -> Vec<(lb_common::CtKey, lb_common::CtValue)> {
+    let mut out: Vec<_> = map
+        .iter()
+        .map(|e| {
+            let (k, mut v) = e.expect("read conntrack");
+            v.last_seen_ns = 0;
+            (k, v)
+        })
+        .collect();
+    out.sort_by_key(|(k, _)| (k.saddr_be, k.sport_be, k.daddr_be, k.dport_be));
+    out
+}
+
+#[test]
+fn a_new_flow_is_embryonic_until_its_backend_answers_then_established() {
+    use lb_common::{
+        conntrack::{CT_F_DNAT, CT_F_REPLY, CT_F_SNAT},
+        family, proto, CtValue, Tuple,
+    };
+    let mut dp = seeded();
+    let be = |s: &str| {
+        let a: SocketAddrV4 = addr(s);
+        (
+            [u32::from_ne_bytes(a.ip().octets()), 0, 0, 0],
+            a.port().to_be(),
+        )
+    };
+    let tuple = |src: &str, dst: &str| {
+        let ((saddr_be, sport_be), (daddr_be, dport_be)) = (be(src), be(dst));
+        Tuple {
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto: proto::TCP,
+            family: family::V4,
+            _pad: [0; 2],
+        }
+    };
+    let (client, front, backend) = ("10.244.2.20:40400", "10.96.0.10:80", "10.244.1.10:8080");
+    let syn = Packet::tcp(addr(client), addr(front), flags::SYN, b"");
+    dp.run(TcPod, &syn.bytes());
+    let svc_id = dp
+        .maps
+        .service_counters()
+        .expect("counters")
+        .into_iter()
+        .find(|(_, n, _)| n == "default/web/TCP")
+        .map(|(id, _, _)| id)
+        .expect("web's id");
+    let mut fwd = CtValue {
+        nat_daddr_be: be(backend).0,
+        nat_dport_be: be(backend).1,
+        flags: CT_F_DNAT,
+        svc_id,
+        ..CtValue::default()
+    };
+    let mut reply = CtValue {
+        nat_saddr_be: be(front).0,
+        nat_sport_be: be(front).1,
+        flags: CT_F_SNAT | CT_F_REPLY,
+        svc_id,
+        ..CtValue::default()
+    };
+    // The backend's id is the reconciler's choice: take it from the entry.
+    let found = ct_entries(&dp.maps.ct_embryo);
+    (fwd.backend_id, reply.backend_id) = (found[0].1.backend_id, found[0].1.backend_id);
+    let mut want_sorted = vec![(tuple(backend, client), reply), (tuple(client, front), fwd)];
+    want_sorted.sort_by_key(|(k, _)| (k.saddr_be, k.sport_be, k.daddr_be, k.dport_be));
+    assert_eq!(found, want_sorted, "both directions embryonic");
+    assert!(
+        ct_entries(&dp.maps.conntrack).is_empty(),
+        "nothing established"
+    );
+
+    // The client's retransmission stays embryonic; the backend's answer
+    // establishes the flow: the same entries, now in the main map.
+    dp.run(TcPod, &syn.bytes());
+    assert_eq!(ct_entries(&dp.maps.ct_embryo), want_sorted);
+    let synack = Packet::tcp(addr(backend), addr(client), flags::SYN | flags::ACK, b"");
+    let (_, out) = dp.run(TcPod, &synack.bytes());
+    assert_eq!(out, synack.with_addrs(addr(front), addr(client)).bytes());
+    assert_eq!(ct_entries(&dp.maps.conntrack), want_sorted, "established");
+    assert!(ct_entries(&dp.maps.ct_embryo).is_empty());
+    assert_eq!(counter(&dp, "ct_established"), 1);
+    let ack = Packet::tcp(addr(client), addr(front), flags::ACK, b"x");
+    assert_eq!(
+        dp.run(TcPod, &ack.bytes()).1,
+        ack.with_addrs(addr(client), addr(backend)).bytes()
+    );
+}
+
+#[test]
+fn a_lost_embryonic_entry_sends_the_flows_next_packet_to_the_same_backend() {
+    let mut dp = Datapath::new();
+    let eps: Vec<(String, u16, bool)> = (10..18)
+        .map(|i| (format!("10.244.1.{i}"), 8080, true))
+        .collect();
+    let eps: Vec<(&str, u16, bool)> = eps.iter().map(|(a, p, l)| (a.as_str(), *p, *l)).collect();
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &eps,
+    )]);
+    for port in 0..64u16 {
+        let client = addr(&format!("10.244.2.20:{}", 41000 + port));
+        let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
+        let (_, first) = dp.run(TcPod, &syn.bytes());
+        // Evicted, as a flood would evict it.
+        let keys: Vec<_> = dp.maps.ct_embryo.keys().map(|k| k.expect("key")).collect();
+        for k in keys {
+            dp.maps.ct_embryo.remove(&k).expect("remove");
+        }
+        let (_, again) = dp.run(TcPod, &syn.bytes());
+        assert_eq!(again, first, "flow from {client}: same backend");
+    }
+}
+
+#[test]
+fn embryonic_flows_time_out_after_the_embryonic_timeout_and_established_ones_do_not() {
+    let mut dp = seeded();
+    dp.set_embryonic_timeout(5);
+    let (open, answered) = (addr("10.244.2.20:40410"), addr("10.244.2.20:40411"));
+    let front = addr("10.96.0.10:80");
+    for c in [open, answered] {
+        dp.run(TcPod, &Packet::tcp(c, front, flags::SYN, b"").bytes());
+    }
+    let synack = Packet::tcp(
+        addr("10.244.1.10:8080"),
+        answered,
+        flags::SYN | flags::ACK,
+        b"",
+    );
+    dp.run(TcPod, &synack.bytes());
+    dp.age_flows(6);
+    let removed = counter(&dp, "ct_embryo_remove");
+    for c in [open, answered] {
+        dp.run(TcPod, &Packet::tcp(c, front, flags::ACK, b"x").bytes());
+    }
+    assert_eq!(
+        counter(&dp, "ct_embryo_remove"),
+        removed + 1,
+        "the unanswered flow's forward entry timed out"
+    );
+    assert_eq!(
+        counter(&dp, "ct_hit"),
+        2,
+        "the answer and the answered flow's ACK"
+    );
+    assert_eq!(
+        counter(&dp, "new_flow"),
+        3,
+        "the timed-out flow started again"
+    );
+}
+
+#[test]
+fn a_flood_of_unanswered_flows_evicts_only_other_unanswered_flows() {
+    use lb_agent::datapath::programs::MapSizes;
+    let mut dp = Datapath::with_sizes(
+        MapSizes {
+            services: 64,
+            backends: 64,
+            // Room to spare: an LRU map may evict before it is full, as
+            // its free entries are spread over per-CPU lists.
+            conntrack: 256,
+            embryonic: 64,
+            affinity: 64,
+            src_ranges: 64,
+        },
+        lb_tests::fixture::TABLE_SIZE,
+    );
+    dp.apply(&[service(
+        "web",
+        Protocol::Tcp,
+        &[
+            ("10.99.0.1", 30080, NodePort),
+            ("10.96.0.10", 80, ClusterIp),
+        ],
+        &[("10.244.1.10", 8080, true)],
+    )]);
+    // Established flows: 32, two entries each.
+    let front = addr("10.96.0.10:80");
+    let backend = addr("10.244.1.10:8080");
+    let clients: Vec<SocketAddrV4> = (0..32)
+        .map(|i| addr(&format!("10.244.2.{}:40500", 20 + i)))
+        .collect();
+    for c in &clients {
+        dp.run(TcPod, &Packet::tcp(*c, front, flags::SYN, b"").bytes());
+        let synack = Packet::tcp(backend, *c, flags::SYN | flags::ACK, b"");
+        dp.run(TcPod, &synack.bytes());
+    }
+    assert_eq!(dp.maps.conntrack.keys().count(), 64);
+    // 2000 SYNs from as many spoofed sources, never answered.
+    for i in 0..2000u32 {
+        let src = SocketAddrV4::new(
+            std::net::Ipv4Addr::from(0x0a32_0000 + i),
+            1024 + (i % 60000) as u16,
+        );
+        let syn = Packet::tcp(src, addr("10.99.0.1:30080"), flags::SYN, b"");
+        assert_eq!(dp.run(XdpNode, &syn.bytes()).0, XDP_PASS);
+    }
+    // Every established flow is still there and translated both ways.
+    assert_eq!(
+        dp.maps.conntrack.keys().count(),
+        64,
+        "no established entry lost"
+    );
+    let hits = counter(&dp, "ct_hit");
+    for c in &clients {
+        let ack = Packet::tcp(*c, front, flags::ACK, b"x");
+        assert_eq!(
+            dp.run(TcPod, &ack.bytes()).1,
+            ack.with_addrs(*c, backend).bytes()
+        );
+        let data = Packet::tcp(backend, *c, flags::ACK, b"y");
+        assert_eq!(
+            dp.run(TcPod, &data.bytes()).1,
+            data.with_addrs(front, *c).bytes()
+        );
+    }
+    assert_eq!(counter(&dp, "ct_hit"), hits + 64);
+    let embryonic = dp.maps.ct_embryo.keys().count() as u64;
+    let evicted = counter(&dp, "ct_embryo_insert") - counter(&dp, "ct_embryo_remove") - embryonic;
+    assert!(embryonic <= 64, "{embryonic}");
+    assert!(evicted >= 4000 - 64, "the flood evicted itself: {evicted}");
+    assert_eq!(
+        counter(&dp, "ct_insert") - counter(&dp, "ct_remove"),
+        64,
+        "nothing evicted from the main map"
     );
 }

@@ -485,3 +485,36 @@ fn an_agent_started_without_the_api_is_not_ready_and_keeps_the_pinned_state() {
         "the first sync after the outage rewrites nothing:\n{log}"
     );
 }
+
+#[test]
+fn every_nodes_addresses_are_dsr_peers_and_follow_the_api() {
+    let r = rig("kdsr", &["--dsr-peers", "10.77.0.0/16"]);
+    let peers = |c: &Cluster| -> Vec<String> {
+        let maps = Maps::open(&c.node("a").bpffs()).expect("maps");
+        let mut out: Vec<String> = maps
+            .dsr_peers
+            .keys()
+            .map(|k| {
+                let k = k.expect("peer key");
+                let a = std::net::Ipv4Addr::from(k.data().addr_be[0].to_ne_bytes());
+                format!(
+                    "{a}/{}",
+                    k.prefix_len() - lb_common::dsr::DSR_PEER_HEAD_BITS
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    // Written before the agent is ready: both Nodes and the flag's network.
+    assert_eq!(
+        peers(&r.c),
+        ["10.77.0.0/16", "10.99.0.1/32", "10.99.0.2/32"],
+        "the peers map"
+    );
+    // A third Node joins: its address becomes a peer.
+    r.api.apply(&node("node-c", "10.99.0.3"));
+    wait_until(WAIT, "node-c's address is a DSR peer", || {
+        peers(&r.c).contains(&"10.99.0.3/32".to_string())
+    });
+}

@@ -971,7 +971,8 @@ fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node()
     c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
     c.write_manifest("dns.yaml", &dns(&[(B0, "node-b")]));
     for n in ["a", "b"] {
-        c.node_mut(n).start_agent(&["--mode", "dsr"]);
+        c.node_mut(n)
+            .start_agent(&["--mode", "dsr", "--dsr-peers", DSR_PEERS]);
     }
     for n in ["a", "b"] {
         c.node(n).wait_agent_ready(WAIT);
@@ -1099,4 +1100,89 @@ fn a_large_upload_through_a_cluster_ip_completes_over_a_smaller_mtu_link() {
         node_counter(&c, "a", "icmp_error") >= 1,
         "node a translated the fragmentation-needed error"
     );
+}
+
+/// The nodes' addresses on the fabric, as `--dsr-peers` takes them.
+const DSR_PEERS: &str = "10.99.0.1/32,10.99.0.2/32";
+
+/// Sends `inner` (an IP packet) from namespace `ns` to `node` wrapped as
+/// DSR wraps it (IP protocol 253, a shim naming `backend`), through a raw
+/// socket: the kernel adds the outer header with `ns`'s own address.
+fn send_wrapped(ns: &str, node: std::net::Ipv4Addr, backend: std::net::SocketAddrV4, inner: &[u8]) {
+    let mut payload = vec![lb_common::dsr::SHIM_MAGIC, lb_common::dsr::SHIM_VERSION];
+    payload.extend_from_slice(&backend.port().to_be_bytes());
+    payload.extend_from_slice(&backend.ip().octets());
+    payload.extend_from_slice(inner);
+    in_ns(ns, || {
+        // SAFETY: plain socket calls on a descriptor owned here; the
+        // address is a valid sockaddr_in of the size passed.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW,
+                i32::from(lb_common::dsr::IPPROTO_LB),
+            );
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let to = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(node.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let sent = libc::sendto(
+                fd,
+                payload.as_ptr().cast(),
+                payload.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(sent, payload.len() as isize, "send a wrapped packet: {err}");
+        }
+    });
+}
+
+#[test]
+fn wrapped_packets_from_a_host_that_is_not_a_node_are_dropped_and_counted() {
+    let mut c = Cluster::new(ClusterSpec::default());
+    let _s = serve_all_pods(&c);
+    c.write_manifest("dns.yaml", &dns(&[(B0, "node-b")]));
+    for n in ["a", "b"] {
+        c.node_mut(n)
+            .start_agent(&["--mode", "dsr", "--dsr-peers", DSR_PEERS]);
+    }
+    for n in ["a", "b"] {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+    // The outside client forges what node a would send node b: a datagram
+    // "from" any address, to the backend.
+    let backend = std::net::SocketAddrV4::new(B0.parse().expect("addr"), 5353);
+    let forged = lb_tests::packet::Packet::udp(
+        "10.99.0.100:41000".parse().expect("addr"),
+        "10.99.0.1:30053".parse().expect("addr"),
+        b"forged",
+    )
+    .bytes();
+    let node_b = std::net::Ipv4Addr::new(10, 99, 0, 2);
+    send_wrapped(&c.client_ns(), node_b, backend, &forged[14..]);
+    wait_until(WAIT, "node b counts the forged packet", || {
+        node_counter(&c, "b", "drop_dsr_peer") >= 1
+    });
+    assert_eq!(node_counter(&c, "b", "dsr_decap"), 0, "nothing unwrapped");
+
+    // The same datagram through node a, a node, is served by the backend.
+    let client = c.client_ns();
+    let (line, from) = udp_hello(&client, sa("10.99.0.1:30053"), IO)
+        .unwrap_or_else(|e| panic!("UDP through node a: {e}"));
+    assert!(line.starts_with("b0 10.99.0.100:"), "{line}");
+    assert_eq!(from, sa("10.99.0.1:30053"));
+    assert!(
+        node_counter(&c, "b", "dsr_decap") >= 1,
+        "node a's wrap served"
+    );
+    assert_eq!(node_counter(&c, "b", "drop_dsr_peer"), 1);
 }

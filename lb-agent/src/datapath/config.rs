@@ -15,6 +15,8 @@ pub struct Settings {
     pub snat_ports: (u16, u16),
     /// Idle timeouts in seconds: TCP, TCP after FIN or RST, UDP.
     pub timeouts: [u32; 3],
+    /// Idle timeout of a flow whose backend has not answered (seconds).
+    pub embryonic_timeout: u32,
     /// Direct server return instead of SNAT for Cluster-policy traffic
     /// from outside to a backend on another node.
     pub dsr: bool,
@@ -39,6 +41,7 @@ pub fn write_config(maps: &mut Maps, addresses: &[IpAddr], settings: &Settings) 
         tcp_closing_timeout_s: settings.timeouts[1],
         udp_timeout_s: settings.timeouts[2],
         flags: if settings.dsr { CONFIG_F_DSR } else { 0 },
+        embryonic_timeout_s: settings.embryonic_timeout,
     };
     maps.config.set(0, cfg, 0).context("write config map")
 }

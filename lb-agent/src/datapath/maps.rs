@@ -16,6 +16,8 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
 };
 use lb_common::{
+    addr::addr_be,
+    dsr::{DsrPeer, DSR_PEER_HEAD_BITS},
     maps,
     service::SERVICE_NAME_LEN,
     service::SRC_RANGE_HEAD_BITS,
@@ -27,7 +29,10 @@ use lb_common::{
 use tracing::debug;
 
 use super::bpffs;
-use crate::reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle};
+use crate::{
+    model::Cidr,
+    reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle},
+};
 
 /// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -42,6 +47,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendId, Backend>,
     /// Connection tracking.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// Embryonic connection tracking (flows whose backend has not answered).
+    pub ct_embryo: HashMap<MapData, CtKey, CtValue>,
     /// Node settings.
     pub config: Array<MapData, Config>,
     /// Datapath counters.
@@ -54,6 +61,8 @@ pub struct Maps {
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     /// Per-Service counters.
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
+    /// The nodes whose DSR-wrapped packets are unwrapped.
+    pub dsr_peers: LpmTrie<MapData, DsrPeer, u32>,
     /// The Maglev map again, untyped, for batch updates (aya's
     /// `HashOfMaps` does not lend out its `MapData`).
     maglev_raw: MapData,
@@ -87,12 +96,14 @@ impl Maps {
             maglev: typed!(bpffs, maps::MAGLEV),
             backends: typed!(bpffs, maps::BACKENDS),
             conntrack: typed!(bpffs, maps::CONNTRACK),
+            ct_embryo: typed!(bpffs, maps::CT_EMBRYO),
             config: typed!(bpffs, maps::CONFIG),
             stats: typed!(bpffs, maps::STATS),
             infos: typed!(bpffs, maps::SVC_INFO),
             affinity: typed!(bpffs, maps::AFFINITY),
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
+            dsr_peers: typed!(bpffs, maps::DSR_PEERS),
             maglev_raw: {
                 let path = bpffs::maps_dir(bpffs).join(maps::MAGLEV);
                 MapData::from_pin(&path)
@@ -100,6 +111,48 @@ impl Maps {
             },
         })
     }
+}
+
+impl Maps {
+    /// Makes the DSR peers map hold exactly `peers`: adds the new ones
+    /// first, then removes the gone ones (a peer that stays is never
+    /// missing in between).
+    pub fn set_dsr_peers(&mut self, peers: &[Cidr]) -> Result<()> {
+        let want: Vec<LpmKey<DsrPeer>> = peers.iter().map(|c| peer_key(*c)).collect();
+        for key in &want {
+            self.dsr_peers
+                .insert(key, 1, 0)
+                .with_context(|| format!("insert into {}", maps::DSR_PEERS))?;
+        }
+        let have: Vec<LpmKey<DsrPeer>> = self
+            .dsr_peers
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {}", maps::DSR_PEERS))?;
+        for key in have {
+            let kept = want
+                .iter()
+                .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+            if !kept {
+                ignore_missing(self.dsr_peers.remove(&key))
+                    .with_context(|| format!("remove from {}", maps::DSR_PEERS))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The peers map's key of `cidr`.
+fn peer_key(cidr: Cidr) -> LpmKey<DsrPeer> {
+    let (addr_be, family) = addr_be(cidr.addr);
+    LpmKey::new(
+        DSR_PEER_HEAD_BITS + u32::from(cidr.prefix),
+        DsrPeer {
+            family,
+            _pad: [0; 3],
+            addr_be,
+        },
+    )
 }
 
 /// Decodes the [`ServiceInfo`] of Service port `svc_id`.
@@ -172,6 +225,7 @@ pub fn size_flag(name: &str) -> &'static str {
         maps::SERVICES | maps::MAGLEV | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
         maps::BACKENDS => "--backends-size",
         maps::CONNTRACK => "--conntrack-size",
+        maps::CT_EMBRYO => "--conntrack-embryonic-size",
         maps::AFFINITY => "--affinity-size",
         maps::SRC_RANGES => "--src-ranges-size",
         _ => "its size flag",
@@ -547,10 +601,11 @@ pub fn capacity(bpffs: &Path, name: &str) -> Result<u32> {
 }
 
 /// The maps whose fill the agent watches, with how many entries each holds.
-pub const SIZED: [&str; 5] = [
+pub const SIZED: [&str; 6] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::CONNTRACK,
+    maps::CT_EMBRYO,
     maps::AFFINITY,
     maps::SRC_RANGES,
 ];
@@ -573,6 +628,7 @@ impl Maps {
             maps::SERVICES => count(self.services.keys()),
             maps::BACKENDS => count(self.backends.keys()),
             maps::CONNTRACK => count(self.conntrack.keys()),
+            maps::CT_EMBRYO => count(self.ct_embryo.keys()),
             maps::AFFINITY => count(self.affinity.keys()),
             maps::SRC_RANGES => count(self.src_ranges.keys()),
             other => anyhow::bail!("no entry count for map {other}"),

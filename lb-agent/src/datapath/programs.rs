@@ -43,6 +43,8 @@ pub struct MapSizes {
     pub backends: u32,
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
+    /// Embryonic conntrack entries (two per flow not answered yet).
+    pub embryonic: u32,
     /// ClientIP affinity entries (one per client per Service port).
     pub affinity: u32,
     /// Source ranges (one per CIDR per Service port).
@@ -55,6 +57,7 @@ impl Default for MapSizes {
             services: maps::SERVICES_MAX,
             backends: maps::BACKENDS_MAX,
             conntrack: maps::CONNTRACK_MAX,
+            embryonic: maps::CT_EMBRYO_MAX,
             affinity: maps::AFFINITY_MAX,
             src_ranges: maps::SRC_RANGES_MAX,
         }
@@ -164,6 +167,7 @@ impl Programs {
             .map_max_entries(maps::MAGLEV, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::CT_EMBRYO, sizes.embryonic)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SRC_RANGES, sizes.src_ranges);
         let ebpf = loader.load(EBPF_OBJECT).context(
@@ -193,6 +197,7 @@ impl Programs {
         }
         loader
             .map_max_entries(maps::CONNTRACK, SHADOW_ENTRIES)
+            .map_max_entries(maps::CT_EMBRYO, SHADOW_ENTRIES)
             .map_max_entries(maps::AFFINITY, SHADOW_ENTRIES)
             .map_max_entries(maps::FRAGS, SHADOW_ENTRIES);
         let ebpf = loader
@@ -606,13 +611,14 @@ pub fn tcx_available() -> bool {
 
 /// Maps only the agent writes, which a shadow copy shares with the live
 /// datapath.
-const AGENT_WRITTEN: [&str; 6] = [
+const AGENT_WRITTEN: [&str; 7] = [
     maps::SERVICES,
     maps::MAGLEV,
     maps::BACKENDS,
     maps::SRC_RANGES,
     maps::CONFIG,
     maps::SVC_INFO,
+    maps::DSR_PEERS,
 ];
 
 /// Capacity of a shadow copy's private conntrack, affinity and fragment maps.
@@ -666,6 +672,7 @@ pub fn attach_xdp_pass(ifaces: &[&str]) -> Result<Ebpf> {
         maps::SRC_RANGES,
         maps::BACKENDS,
         maps::CONNTRACK,
+        maps::CT_EMBRYO,
         maps::SOCK_REV,
     ] {
         loader.map_max_entries(name, 16);

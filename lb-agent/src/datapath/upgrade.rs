@@ -61,7 +61,7 @@ fn family(name: &str) -> Option<(&str, u32)> {
 fn fate_of(current: &str) -> Fate {
     match current {
         maps::STATS => Fate::Reset,
-        maps::AFFINITY | maps::FRAGS | maps::CONNTRACK => Fate::Dropped,
+        maps::AFFINITY | maps::FRAGS | maps::CONNTRACK | maps::CT_EMBRYO => Fate::Dropped,
         _ => Fate::Rebuilt,
     }
 }

@@ -76,7 +76,10 @@ struct Synced {
 pub struct Watch {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// Every Node: this agent's for its NodePort addresses, all of them
+    /// for the peers whose DSR-wrapped packets are unwrapped.
     nodes: Store<Node>,
+    node_name: String,
     synced: Arc<Synced>,
 }
 
@@ -133,7 +136,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
     );
     let nodes = spawn_reflector(
         Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        watcher::Config::default(),
         tx,
         Arc::clone(&synced),
         |s| &s.node,
@@ -143,6 +146,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
             services,
             slices,
             nodes,
+            node_name: node_name.to_owned(),
             synced,
         },
         rx,
@@ -238,7 +242,21 @@ impl Watch {
 
     /// This agent's Node, once listed (`None` when it does not exist).
     pub fn node(&self) -> Option<Arc<Node>> {
-        self.nodes.state().into_iter().next()
+        self.nodes.get(&reflector::ObjectRef::new(&self.node_name))
+    }
+
+    /// The addresses of every Node (InternalIP and ExternalIP): where
+    /// DSR-wrapped packets may come from.
+    pub fn node_peers(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .nodes
+            .state()
+            .iter()
+            .flat_map(|n| node_addresses(n, &AddressFilter::default()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The Service `namespace/name`, if the store has it.

@@ -156,6 +156,16 @@ impl Source {
         }
     }
 
+    /// The addresses of the cluster's nodes as the source knows them (the
+    /// Node objects of the API; none from a manifests folder, which holds
+    /// no Nodes): the DSR peers besides `--dsr-peers`.
+    pub fn node_peers(&self) -> Vec<IpAddr> {
+        match &self.0 {
+            Kind::Manifests { .. } => Vec::new(),
+            Kind::Kube { watch, .. } => watch.node_peers(),
+        }
+    }
+
     /// Tells the cluster about Services that cannot be programmed
     /// (`problems`) and about those that do not answer as they could
     /// (`findings`, from [`crate::explain::Diagnosis::problems`]).

@@ -164,6 +164,7 @@ fn sizes(n: usize) -> MapSizes {
         services: (2 * n + 1024).max(1024),
         backends: (n * BACKENDS as u32 + 1024).max(1024),
         conntrack: 1 << 19,
+        embryonic: 1 << 17,
         affinity: 1024,
         src_ranges: 1024,
     }
@@ -192,7 +193,13 @@ impl Loaded {
         let np = node_port(self.target);
         let cip = SocketAddrV4::new(cluster_ip(self.target), 80);
         let syn = Packet::tcp(EXTERNAL_CLIENT, np, flags::SYN, b"");
-        self.dp.run(TestProgram::XdpNode, &syn.bytes());
+        let (_, out) = self.dp.run(TestProgram::XdpNode, &syn.bytes());
+        // The backend answers, which establishes the flow: an established
+        // flow's packet does one conntrack lookup, an embryonic one's two.
+        if let (Some(src), Some(dst)) = (src_of(&out), dst_of(&out)) {
+            let answer = Packet::tcp(dst, src, flags::SYN | flags::ACK, b"");
+            self.dp.run(TestProgram::TcPod, &answer.bytes());
+        }
         self.np_ack = Packet::tcp(EXTERNAL_CLIENT, np, flags::ACK, b"").bytes();
         let syn = Packet::tcp(POD_CLIENT, cip, flags::SYN, b"");
         let (_, out) = self.dp.run(TestProgram::TcPod, &syn.bytes());
@@ -201,6 +208,7 @@ impl Loaded {
         let chosen =
             dst_of(&out).unwrap_or_else(|| SocketAddrV4::new(backend(self.target, 0), 8080));
         self.reply = Packet::tcp(chosen, POD_CLIENT, flags::ACK, b"").bytes();
+        self.dp.run(TestProgram::TcPod, &self.reply);
         self.non_service = Packet::tcp(
             EXTERNAL_CLIENT,
             SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 22),
@@ -299,6 +307,16 @@ impl Loaded {
 }
 
 /// The destination of an Ethernet/IPv4/TCP frame.
+fn src_of(frame: &[u8]) -> Option<SocketAddrV4> {
+    let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+    let ip: [u8; 4] = frame.get(26..30)?.try_into().ok()?;
+    let port = frame.get(14 + ihl..14 + ihl + 2)?;
+    Some(SocketAddrV4::new(
+        ip.into(),
+        u16::from_be_bytes([port[0], port[1]]),
+    ))
+}
+
 fn dst_of(frame: &[u8]) -> Option<SocketAddrV4> {
     let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
     let ip: [u8; 4] = frame.get(30..34)?.try_into().ok()?;
