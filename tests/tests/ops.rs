@@ -191,9 +191,11 @@ fn metrics_and_readiness_report_the_datapath_and_the_sync() {
         sample(&text, r#"lb_drops_total{reason="reject_no_endpoint"}"#).is_some_and(|n| n >= 1.0),
         "{text}"
     );
+    // Two frontends, and each ClusterIP's address-only key (which refuses
+    // its ports no Service uses).
     assert_eq!(
         sample(&text, r#"lb_map_entries{map="LB_SERVICES_V2"}"#),
-        Some(2.0),
+        Some(4.0),
         "{text}"
     );
     assert_eq!(

@@ -466,12 +466,13 @@ fn pod_interfaces_that_appear_later_are_attached_and_detached() {
     let pins = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
     let with_pod = pins();
     c.delete_pod(&name);
-    // The agent removes the pin, then logs it: wait for both.
+    // The agent removes the pins (ingress and egress), then logs it: wait
+    // for both.
     wait_until(
         WAIT,
-        "the deleted pod's link pin is removed and logged",
+        "the deleted pod's link pins are removed and logged",
         || {
-            pins() == with_pod - 1
+            pins() == with_pod - 2
                 && c.node("a")
                     .agent_log()
                     .contains("detached from pod interface")
