@@ -18,11 +18,11 @@ use lb_agent::{
     },
     endpoints::{self, Readiness},
     explain,
-    health::{self, HealthServers},
+    health::{self, AgentHealth, HealthServers},
     maglev,
     metrics::{Metrics, SyncRecorder},
-    model::{Cidr, NodeInfo, Problem, ServicePortRef, Translator},
-    node::{iface_addresses, link_events},
+    model::{AddressFilter, Cidr, NodeInfo, Problem, ServicePortRef, Translator},
+    node::{iface_addresses, ifaces_carrying, link_events, local_addresses},
     problem_log::ProblemLog,
     reconcile::{Reconciler, Report},
     source::Source,
@@ -41,6 +41,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
     {
         bail!("no --manifests DIR or --kubeconfig FILE, and not in a pod (KUBERNETES_SERVICE_HOST is unset): pass one of the two flags");
+    }
+    if args.zone.is_some() && args.manifests.is_none() {
+        warn!("--zone is for --manifests: with the API the Node's topology.kubernetes.io/zone label is used");
     }
     let snat_ports = cli::parse_port_range(&args.snat_ports)?;
     let flag_errors = check::flag_errors(&args.check_flags());
@@ -65,6 +68,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
     // The SNAT source is an address of the external interfaces in both
     // modes: it is what replies must come back to.
     let mut iface_addrs = iface_addresses(&args.iface)?;
+    let mut local = local_addresses()?;
     let settings = Settings {
         snat_ports,
         timeouts: [
@@ -112,18 +116,21 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         )
         .await?;
         let mut link_events = link_events()?;
-        let mut health = HealthServers::default();
+        let agent_health = AgentHealth::new(std::time::Duration::from_secs(u64::from(args.health_timeout)));
+        let mut health = HealthServers::new(agent_health.clone());
         let mut reported = ProblemLog::default();
         let mut diagnosis = explain::Diagnosis::new(&args.bpffs);
         let mut node = NodeInfo {
             name: args.node_name.clone(),
             addresses: Vec::new(),
+            zone: args.zone.clone(),
         };
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
         let ready = Readiness::default();
         let _metrics_server = endpoints::serve_metrics(args.metrics_addr, metrics.clone())?;
-        let _health_server = endpoints::serve_health(args.health_addr, ready.clone())?;
+        let _health_server =
+            endpoints::serve_health(args.health_addr, ready.clone(), agent_health.clone())?;
 
         // Written into the peers map so far (`None`: not yet this run).
         let mut dsr_peers: Option<Vec<Cidr>> = None;
@@ -134,12 +141,18 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         loop {
             if due {
                 due = false;
-                match source.load(&iface_addrs, &args.nodeport_addresses, &mut node, &mut translator) {
+                let local_ips: Vec<_> = local.iter().map(|(_, a)| *a).collect();
+                match source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator) {
                     Ok(None) => {}
                     Ok(Some((source_problems, changed))) => {
+                        match source.node_eligibility() {
+                            Ok(()) => agent_health.set_node_eligible(true, ""),
+                            Err(why) => agent_health.set_node_eligible(false, &why),
+                        }
                         let (problems, report) =
                             sync(source_problems, &translator, &changed, &node, &mut reconciler, &mut maps, &mut health);
                         update_dsr_peers(&args.dsr_peers.0, &source.node_peers(), &mut dsr_peers, &mut maps);
+                        agent_health.synced();
                         if sock_cgroup.is_some() && report.deletes > 0 {
                             stale::after_sync(&args.bpffs, &maps);
                         }
@@ -153,7 +166,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             .iter()
                             .map(|f| (f.service.port.clone(), f.message.clone()))
                             .collect();
-                        let all_addrs = source.node_addresses_unfiltered(&iface_addrs);
+                        let all_addrs = source.node_addresses_unfiltered(&local_ips);
                         let node_state = explain::NodeState {
                             name: node.name.clone(),
                             ifaces: args.iface.clone(),
@@ -162,25 +175,24 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 .into_iter()
                                 .filter(|a| !node.addresses.contains(a))
                                 .collect(),
-                            nodeport_addresses: args
-                                .nodeport_addresses
-                                .0
-                                .iter()
-                                .map(ToString::to_string)
-                                .collect(),
+                            nodeport_addresses: args.nodeport_addresses.entries(),
                         };
                         diagnosis.update(&translator, &changed, &node_state, refused, !ready.is_ready());
                         metrics.service_problems(&diagnosis.counts());
                         source.report(&problems, &diagnosis.problems());
-                        if !ready.is_ready() {
+                        let extra = nodeport_ifaces(&local, &node, args, &patterns);
+                        if ready.is_ready() {
+                            match progs.sync_node(&args.iface, &extra) {
+                                Ok(()) => metrics.xdp_attached(progs.xdp_attachments()),
+                                Err(e) => warn!("node interface sync failed: {e:#}"),
+                            }
+                        } else {
                             // Programs are attached (or swapped, on a restart
                             // or upgrade) only now that the maps hold the
                             // whole desired state: new programs never see a
                             // half-filled map, and old ones keep theirs until
                             // the swap.
-                            for iface in &args.iface {
-                                progs.attach_node(iface)?;
-                            }
+                            progs.sync_node(&args.iface, &extra)?;
                             metrics.xdp_attached(progs.xdp_attachments());
                             progs.sync_pods(&patterns)?;
                             if let Some(dir) = &sock_cgroup {
@@ -206,6 +218,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                     // Without a first state there is nothing to keep.
                     Err(e) if !ready.is_ready() => return Err(e),
                     Err(e) => {
+                        agent_health.failed();
                         recorder.failed();
                         error!("reload failed, datapath keeps its last state: {e:#}");
                     }
@@ -213,7 +226,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
             }
             tokio::select! {
                 Some(()) = changes.recv() => {
-                    seen.get_or_insert_with(Instant::now);
+                    agent_health.queued(*seen.get_or_insert_with(Instant::now));
                     // Coalesce a burst of changes into one sync.
                     tokio::time::sleep(source.debounce()).await;
                     while changes.try_recv().is_ok() {}
@@ -234,8 +247,27 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             if let Err(e) = write_config(&mut maps, &iface_addrs, &settings) {
                                 error!("rewriting the config after an address change failed: {e:#}");
                             }
-                            seen.get_or_insert_with(Instant::now);
+                            agent_health.queued(*seen.get_or_insert_with(Instant::now));
                             due = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("reading interface addresses failed: {e:#}"),
+                    }
+                    // Addresses elsewhere may be NodePort addresses
+                    // (`--nodeport-addresses` CIDRs), or move interfaces.
+                    match local_addresses() {
+                        Ok(now) if now != local => {
+                            // With `primary` only the interfaces carrying
+                            // it matter: a pod interface's address is no
+                            // reason to sync.
+                            let before = nodeport_ifaces(&local, &node, args, &patterns);
+                            local = now;
+                            if matches!(args.nodeport_addresses, AddressFilter::Cidrs(_))
+                                || nodeport_ifaces(&local, &node, args, &patterns) != before
+                            {
+                                agent_health.queued(*seen.get_or_insert_with(Instant::now));
+                                due = true;
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => warn!("reading interface addresses failed: {e:#}"),
@@ -247,6 +279,22 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         }
         info!("exiting; programs stay attached and maps stay pinned (`lb-agent cleanup` removes them)");
         Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// The interfaces outside `--iface` that carry a NodePort address (a
+/// second NIC, a bond, a VLAN): the node programs go there too, since a
+/// NodePort is served wherever its address lives, as the kernel would
+/// accept a packet to that address on any interface. Pod interfaces are
+/// left to the pod program.
+fn nodeport_ifaces(
+    local: &[(String, std::net::IpAddr)],
+    node: &NodeInfo,
+    args: &RunArgs,
+    pods: &[glob::Pattern],
+) -> Vec<String> {
+    ifaces_carrying(local, &node.addresses, |i| {
+        args.iface.iter().any(|x| x == i) || pods.iter().any(|p| p.matches(i))
     })
 }
 
@@ -265,7 +313,7 @@ fn sync(
     let model = translator.model();
     let problems = translator.problems();
     let report = reconciler.apply_changed(model, changed, maps);
-    health.update(&health::desired(model), &node.addresses);
+    let health_problems = health.update(&health::desired(model), &node.addresses);
     match maps.purge_affinity(|svc, backend| reconciler.is_active(svc, backend)) {
         Ok(0) => {}
         Ok(n) => debug!(
@@ -283,6 +331,7 @@ fn sync(
     );
     let mut all = source_problems;
     all.extend(problems);
+    all.extend(health_problems);
     all.extend(report.failures.iter().map(|f| f.to_problem()));
     (all, report)
 }

@@ -13,7 +13,7 @@ use lb_agent::{
     check,
     datapath::{programs::MapSizes, xdp_mode::XdpPolicy},
     maglev,
-    model::AddressFilter,
+    model::{AddressFilter, CidrList},
 };
 use lb_common::config::DEFAULT_SNAT_PORTS;
 
@@ -229,10 +229,16 @@ pub(crate) struct RunArgs {
     /// --manifests, the in-cluster configuration of the pod is used.
     #[arg(long)]
     pub(crate) kubeconfig: Option<PathBuf>,
-    /// Only node addresses inside these CIDRs (comma-separated) serve
-    /// NodePorts, as kube-proxy's flag; all of them when empty.
-    #[arg(long, default_value = "", value_parser = str::parse::<AddressFilter>)]
+    /// Which node addresses serve NodePorts, as kube-proxy's flag:
+    /// `primary` (the Node's first InternalIP, or the first --iface address
+    /// with --manifests), or comma-separated CIDRs: every local address on
+    /// any interface inside them (`0.0.0.0/0` for all).
+    #[arg(long, default_value = "primary", value_parser = str::parse::<AddressFilter>)]
     pub(crate) nodeport_addresses: AddressFilter,
+    /// This node's zone for topology-aware routing with --manifests (the
+    /// API's Node label `topology.kubernetes.io/zone` otherwise).
+    #[arg(long)]
+    pub(crate) zone: Option<String>,
     /// Directory for pinned maps and links; a bpffs is mounted there if needed.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pub(crate) bpffs: PathBuf,
@@ -253,8 +259,8 @@ pub(crate) struct RunArgs {
     /// packets this node unwraps, besides the Node objects' addresses in
     /// Kubernetes mode; wrapped packets from elsewhere are dropped. With
     /// --manifests nothing else is accepted.
-    #[arg(long, default_value = "", value_parser = str::parse::<AddressFilter>)]
-    pub(crate) dsr_peers: AddressFilter,
+    #[arg(long, default_value = "", value_parser = str::parse::<CidrList>)]
+    pub(crate) dsr_peers: CidrList,
     /// Idle timeout of established TCP flows (seconds, or with s/m/h).
     #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
     pub(crate) conntrack_tcp_timeout: u32,
@@ -307,6 +313,10 @@ pub(crate) struct RunArgs {
     /// check it from outside the node.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub(crate) health_addr: SocketAddr,
+    /// `/healthz` and the healthCheckNodePorts answer 503 once a change has
+    /// waited this long for its sync (kube-proxy's: twice its sync period).
+    #[arg(long, default_value = "60s", value_parser = parse_duration_s)]
+    pub(crate) health_timeout: u32,
     /// Maglev table size of every Service port: a prime from 251 to
     /// 131071 (4 bytes a slot; 1% balance holds up to size/100 backends).
     /// Without it each table has the smallest of 251, 1021, 4093, 16381,

@@ -1,5 +1,5 @@
 //! The agent's own HTTP endpoints, on one small hyper server shape:
-//! `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
+//! `/metrics` on `--metrics-addr`, `/healthz`, `/livez` and `/readyz` on
 //! `--health-addr`, and the healthCheckNodePort servers of [`crate::health`].
 //!
 //! Each listener binds exactly the address it is given (no dual-stack
@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::debug;
 
-use crate::metrics::Metrics;
+use crate::{health::AgentHealth, metrics::Metrics};
 
 /// A slow client gets this long to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,14 +137,16 @@ fn response(reply: Reply) -> Response<Full<Bytes>> {
     resp
 }
 
-/// What `--health-addr` answers: `/healthz` 200 while the process serves at
-/// all, `/readyz` 200 once the first full sync is done and 503 before.
-pub fn health_reply(path: &str, ready: &Readiness) -> Reply {
+/// What `--health-addr` answers: `/healthz` as load balancers read it
+/// (see [`AgentHealth::healthz`]), `/livez` 200 while the process serves,
+/// `/readyz` 200 once the first full sync is done and 503 before.
+pub fn health_reply(path: &str, ready: &Readiness, health: &AgentHealth) -> Reply {
     match path {
-        "/healthz" => Reply::text(200, "ok\n"),
+        "/healthz" => health.healthz(),
+        "/livez" => health.livez(),
         "/readyz" if ready.is_ready() => Reply::text(200, "ready\n"),
         "/readyz" => Reply::text(503, "not ready: first sync not done\n"),
-        _ => Reply::text(404, "not found: try /healthz or /readyz\n"),
+        _ => Reply::text(404, "not found: try /healthz, /livez or /readyz\n"),
     }
 }
 
@@ -166,12 +168,16 @@ pub async fn metrics_reply(path: String, metrics: Arc<Metrics>) -> Reply {
     }
 }
 
-/// Serves `/healthz` and `/readyz` on `addr`.
-pub fn serve_health(addr: SocketAddr, ready: Readiness) -> Result<JoinHandle<()>> {
+/// Serves `/healthz`, `/livez` and `/readyz` on `addr`.
+pub fn serve_health(
+    addr: SocketAddr,
+    ready: Readiness,
+    health: AgentHealth,
+) -> Result<JoinHandle<()>> {
     let listener = bind("--health-addr", addr)?;
     Ok(spawn(listener, move |path| {
-        let ready = ready.clone();
-        async move { health_reply(&path, &ready) }
+        let reply = health_reply(&path, &ready, &health);
+        async move { reply }
     }))
 }
 
@@ -188,14 +194,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readyz_turns_200_after_the_first_sync_and_healthz_is_always_200() {
+    fn readyz_turns_200_after_the_first_sync_and_livez_is_always_200() {
         let ready = Readiness::default();
-        assert_eq!(health_reply("/healthz", &ready).status, 200);
-        assert_eq!(health_reply("/readyz", &ready).status, 503);
-        assert_eq!(health_reply("/other", &ready).status, 404);
+        let health = AgentHealth::new(crate::health::DEFAULT_TIMEOUT);
+        let get = |path: &str, ready: &Readiness| health_reply(path, ready, &health).status;
+        assert_eq!(get("/healthz", &ready), 200);
+        assert_eq!(get("/livez", &ready), 200);
+        assert_eq!(get("/readyz", &ready), 503);
+        assert_eq!(get("/other", &ready), 404);
         ready.clone().set_ready();
-        assert_eq!(health_reply("/readyz", &ready).status, 200);
-        assert_eq!(health_reply("/healthz", &ready).status, 200);
+        assert_eq!(get("/readyz", &ready), 200);
+        health.failed();
+        assert_eq!(get("/healthz", &ready), 503);
+        assert_eq!(get("/livez", &ready), 200);
     }
 
     #[test]
@@ -209,9 +220,10 @@ mod tests {
             let addr = listener.local_addr().expect("addr");
             let ready = Readiness::default();
             let r = ready.clone();
+            let health = AgentHealth::new(crate::health::DEFAULT_TIMEOUT);
             let task = spawn(listener, move |path| {
-                let r = r.clone();
-                async move { health_reply(&path, &r) }
+                let reply = health_reply(&path, &r, &health);
+                async move { reply }
             });
             let get = |path: &'static str| async move {
                 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -973,6 +973,7 @@ mod tests {
         let node = NodeInfo {
             name: "node-a".into(),
             addresses: vec!["10.99.0.1".parse().expect("ip")],
+            zone: None,
         };
         let mut t = Translator::new(node.clone());
         let groups = group(&services, &slices);

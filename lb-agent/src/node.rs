@@ -27,6 +27,36 @@ pub fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// Every IPv4 address of this network namespace with its interface, in
+/// the kernel's order, loopback left out: NodePorts are not served on it
+/// (the node's own connections reach Services through the socket hooks).
+pub fn local_addresses() -> Result<Vec<(String, IpAddr)>> {
+    Ok(nix::ifaddrs::getifaddrs()
+        .context("list interface addresses")?
+        .filter_map(|a| {
+            let sin = a.address.as_ref().and_then(|s| s.as_sockaddr_in())?;
+            let ip = sin.ip();
+            (!ip.is_loopback()).then_some((a.interface_name, IpAddr::V4(ip)))
+        })
+        .collect())
+}
+
+/// The interfaces among `local` that carry one of `addresses`, without
+/// those `skip` names, each once, in order.
+pub fn ifaces_carrying(
+    local: &[(String, IpAddr)],
+    addresses: &[IpAddr],
+    skip: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (iface, addr) in local {
+        if addresses.contains(addr) && !skip(iface) && !out.contains(iface) {
+            out.push(iface.clone());
+        }
+    }
+    out
+}
+
 /// Link and address changes in this network namespace, as a stream of
 /// wake-ups (the receiver re-reads what it needs).
 pub fn link_events() -> Result<mpsc::Receiver<()>> {
@@ -55,4 +85,31 @@ pub fn link_events() -> Result<mpsc::Receiver<()>> {
         })
         .context("start netlink thread")?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_carrying_nodeport_addresses_are_found_once_each() {
+        let ip = |a: &str| -> IpAddr { a.parse().expect("ip") };
+        let local = vec![
+            ("eth0".to_owned(), ip("10.99.0.1")),
+            ("eth1".to_owned(), ip("10.98.0.1")),
+            ("eth1".to_owned(), ip("10.98.0.2")),
+            ("lxc0".to_owned(), ip("10.244.1.1")),
+            ("eth2".to_owned(), ip("10.97.0.1")),
+        ];
+        let addrs = [
+            ip("10.99.0.1"),
+            ip("10.98.0.1"),
+            ip("10.98.0.2"),
+            ip("10.244.1.1"),
+        ];
+        assert_eq!(
+            ifaces_carrying(&local, &addrs, |i| i == "eth0" || i.starts_with("lxc")),
+            ["eth1"]
+        );
+    }
 }

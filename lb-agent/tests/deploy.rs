@@ -172,7 +172,7 @@ fn the_daemonset_runs_everywhere_on_the_host_network_unprivileged_with_probes() 
     added.sort();
     assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON"]);
     for (probe, path) in [
-        (c.liveness_probe.as_ref(), "/healthz"),
+        (c.liveness_probe.as_ref(), "/livez"),
         (c.readiness_probe.as_ref(), "/readyz"),
     ] {
         let get = probe.and_then(|p| p.http_get.as_ref()).expect("HTTP probe");

@@ -149,6 +149,7 @@ fn node() -> NodeInfo {
             "10.99.0.1".parse().expect("addr"),
             "fd00::99".parse().expect("addr"),
         ],
+        zone: None,
     }
 }
 

@@ -510,6 +510,29 @@ impl Cluster {
         });
     }
 
+    /// Gives node `letter` a second wire, as when a NIC is added: an `eth1`
+    /// with `node_cidr`, whose far end is the `eth0` (with `client_cidr`)
+    /// of a new client namespace, returned. Nothing else is on that wire.
+    pub fn add_second_wire(&mut self, letter: &str, node_cidr: &str, client_cidr: &str) -> String {
+        let node_ns = self.node(letter).ns.clone();
+        let ns = self.add_ns(&format!("wire-{letter}"));
+        sh(
+            None,
+            &[
+                "ip", "link", "add", "eth1", "netns", &node_ns, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns,
+            ],
+        );
+        sysctl(&node_ns, "net.ipv4.conf.eth1.rp_filter", "0");
+        veth_offloads(&node_ns, "eth1");
+        veth_offloads(&ns, "eth0");
+        ip(&node_ns, &format!("addr add {node_cidr} dev eth1"));
+        ip(&node_ns, "link set eth1 up");
+        ip(&ns, &format!("addr add {client_cidr} dev eth0"));
+        ip(&ns, "link set eth0 up");
+        ns
+    }
+
     /// The unique prefix of this cluster's names.
     pub fn prefix(&self) -> &str {
         &self.prefix

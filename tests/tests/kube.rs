@@ -1,7 +1,8 @@
 //! The agent on the Kubernetes API: a test API server in the rig's client
 //! namespace speaks list+watch; objects created, changed and deleted
 //! through it reach the maps and real traffic; an outage and a 410 Gone
-//! lose nothing; unprogrammable Services get Events.
+//! lose nothing; unprogrammable Services get Events; the health port
+//! follows the Node.
 //!
 //! Needs root. Run through `cargo xtask test`.
 
@@ -14,10 +15,10 @@ use std::{
 use lb_agent::{datapath::maps::Maps, inspect};
 use lb_tests::{
     apiserver::{ApiServer, Kind},
-    manifests::{node, service, slice, Ep},
+    manifests::{node, service, slice, with_local_policies, Ep},
     rig::{
-        serve_all_pods, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec, EchoStream,
-        PodServers,
+        http_get, in_ns, serve_all_pods, tcp_hello, udp_hello, wait_until, Cluster, ClusterSpec,
+        EchoStream, PodServers,
     },
 };
 
@@ -463,11 +464,17 @@ fn an_agent_started_without_the_api_is_not_ready_and_keeps_the_pinned_state() {
     let kubeconfig = r.api.kubeconfig().to_owned();
     r.c.node_mut("a").stop_agent();
     r.api.stop();
-    r.c.node_mut("a").start_agent_api(&kubeconfig, &[]);
+    r.c.node_mut("a")
+        .start_agent_api(&kubeconfig, &["--health-timeout", "1s"]);
     let failures = |c: &Cluster| c.node("a").agent_log().matches("watch failed").count();
     wait_until(WAIT, "the new agent finds the API away", || {
         failures(&r.c) >= 3
     });
+    // Its first sync is late: load balancers see it fail, kubelet does not.
+    wait_until(WAIT, "healthz 503 once the first sync is late", || {
+        node_a_health(&r.c, "/healthz").is_some_and(|(s, b)| s == 503 && b["lastUpdated"].is_null())
+    });
+    assert_eq!(node_a_health(&r.c, "/livez").map(|(s, _)| s), Some(200));
     let log = r.c.node("a").agent_log();
     assert_eq!(
         log.matches("lb-agent ready").count(),
@@ -479,6 +486,11 @@ fn an_agent_started_without_the_api_is_not_ready_and_keeps_the_pinned_state() {
     r.api.resume();
     r.c.node("a").wait_agent_ready(WAIT);
     assert_eq!(lands_on(&r.c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
+    assert!(
+        healthz_is(&r.c, 200, true),
+        "{:?}",
+        node_a_health(&r.c, "/healthz")
+    );
     let log = r.c.node("a").agent_log();
     assert!(
         log.contains("synced services=1 writes=0 deletes=0"),
@@ -516,5 +528,125 @@ fn every_nodes_addresses_are_dsr_peers_and_follow_the_api() {
     r.api.apply(&node("node-c", "10.99.0.3"));
     wait_until(WAIT, "node-c's address is a DSR peer", || {
         peers(&r.c).contains(&"10.99.0.3/32".to_string())
+    });
+}
+
+/// `GET path` on node-a's health port from the client: (status, JSON body).
+fn node_a_health(c: &Cluster, path: &str) -> Option<(u16, serde_json::Value)> {
+    let (code, body) = http_get(&c.client_ns(), sa("10.99.0.1:10256"), path, IO).ok()?;
+    Some((code, serde_json::from_str(&body).ok()?))
+}
+
+/// Whether node-a's `/healthz` answers `code` with `nodeEligible` as given.
+fn healthz_is(c: &Cluster, code: u16, eligible: bool) -> bool {
+    node_a_health(c, "/healthz").is_some_and(|(s, b)| s == code && b["nodeEligible"] == eligible)
+}
+
+#[test]
+fn a_node_tainted_for_deletion_or_being_deleted_turns_healthz_to_503_within_a_sync() {
+    let r = rig("khealth", &[]);
+    let (code, body) = node_a_health(&r.c, "/healthz").expect("healthz answers JSON");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["nodeEligible"], true, "{body}");
+    assert!(
+        body["lastUpdated"].is_string() && body["currentTime"].is_string(),
+        "{body}"
+    );
+
+    // The cluster autoscaler's taint: a sync later, load balancers drain it.
+    let syncs = r.c.node("a").syncs();
+    r.api.apply(&format!(
+        "{}spec:\n  taints:\n    - {{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}}\n",
+        node("node-a", "10.99.0.1")
+    ));
+    r.c.node("a").wait_synced(syncs, WAIT);
+    assert!(
+        healthz_is(&r.c, 503, false),
+        "{:?}",
+        node_a_health(&r.c, "/healthz")
+    );
+    // Liveness does not follow the node: restarting the agent helps nothing.
+    assert_eq!(node_a_health(&r.c, "/livez").map(|(s, _)| s), Some(200));
+    // Traffic still flows: only new load balancer picks avoid the node.
+    put_web(&r.api, "web", "10.96.0.10", 30080, &[ep(B0, "node-b")]);
+    wait_until(WAIT, "web answers on the drained node", || {
+        lands_on(&r.c, "10.99.0.1:30080", Duration::from_millis(300)).as_deref() == Some("b0")
+    });
+
+    // The taint lifted, then the Node being deleted.
+    r.api.apply(&node("node-a", "10.99.0.1"));
+    wait_until(WAIT, "healthz 200 once the taint is gone", || {
+        healthz_is(&r.c, 200, true)
+    });
+    let syncs = r.c.node("a").syncs();
+    r.api.apply(&node("node-a", "10.99.0.1").replace(
+        "  name: node-a\n",
+        "  name: node-a\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n",
+    ));
+    r.c.node("a").wait_synced(syncs, WAIT);
+    assert!(
+        healthz_is(&r.c, 503, false),
+        "{:?}",
+        node_a_health(&r.c, "/healthz")
+    );
+    let log = r.c.node("a").agent_log();
+    assert!(
+        log.contains("ToBeDeletedByClusterAutoscaler") && log.contains("being deleted"),
+        "the agent says why:\n{log}"
+    );
+
+    // The Node gone: still not eligible, and its NodePorts keep working
+    // on the last known address until it is back.
+    let syncs = r.c.node("a").syncs();
+    assert!(r.api.delete(Kind::Node, "", "node-a"));
+    r.c.node("a").wait_synced(syncs, WAIT);
+    assert!(
+        healthz_is(&r.c, 503, false),
+        "{:?}",
+        node_a_health(&r.c, "/healthz")
+    );
+    assert_eq!(lands_on(&r.c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
+    r.api.apply(&node("node-a", "10.99.0.1"));
+    wait_until(WAIT, "healthz 200 once the Node is back", || {
+        healthz_is(&r.c, 200, true)
+    });
+}
+
+#[test]
+fn a_health_check_node_port_that_cannot_be_bound_gets_a_warning_event_and_opens_once_free() {
+    let r = rig("khcnp", &[]);
+    // Something else holds the port on node-a's address.
+    let squatter = in_ns(&r.c.node("a").ns, || {
+        std::net::TcpListener::bind("10.99.0.1:32000").expect("hold port 32000")
+    });
+    let svc = with_local_policies(
+        &service("web", "10.96.0.10", 80, 8080, Some(30080), "TCP"),
+        true,
+        false,
+    );
+    r.api.apply(&format!("{svc}  healthCheckNodePort: 32000\n"));
+    r.api
+        .apply(&slice("web", "web-1", 8080, "TCP", &[ep(A1, "node-a")]));
+    wait_until(WAIT, "a Warning Event about the check port", || {
+        r.api.events().iter().any(|e| {
+            e["regarding"]["name"] == "web"
+                && e["reason"] == "FailedToStartServiceHealthcheck"
+                && e["type"] == "Warning"
+                && e["note"].as_str().is_some_and(|n| n.contains("32000"))
+        })
+    });
+    drop(squatter);
+    // The next sync binds it.
+    r.api.apply(&slice(
+        "web",
+        "web-1",
+        8080,
+        "TCP",
+        &[ep(A1, "node-a"), ep(B0, "node-b")],
+    ));
+    wait_until(WAIT, "the check port answers 200", || {
+        http_get(&r.c.client_ns(), sa("10.99.0.1:32000"), "/", IO).is_ok_and(|(s, b)| {
+            s == 200 && b.contains("\"localEndpoints\":1,\"serviceProxyHealthy\":true")
+        })
     });
 }

@@ -6,7 +6,7 @@
 //! (`bpf_link_update`), so the datapath never has a gap.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -262,6 +262,57 @@ impl Programs {
         self.attach(Hook::Xdp, ifname, ifindex)?;
         self.attach(Hook::TcNode, ifname, ifindex)?;
         self.attach(Hook::TcNodeEgress, ifname, ifindex)
+    }
+
+    /// Attaches the node programs to `required` (an error stops) and to
+    /// `extra` (an error is logged: one odd interface must not stop the
+    /// others), and detaches them from every other interface they were
+    /// on: an interface that no longer carries a NodePort address, or one
+    /// an earlier agent was given. Detached at once, so a program of an
+    /// older release never goes on running on its own maps.
+    pub fn sync_node(&mut self, required: &[String], extra: &[String]) -> Result<()> {
+        let mut wanted = HashSet::new();
+        for (iface, must) in required
+            .iter()
+            .map(|i| (i, true))
+            .chain(extra.iter().map(|i| (i, false)))
+        {
+            match self.attach_node(iface) {
+                Ok(()) => {}
+                Err(e) if must => return Err(e),
+                Err(e) => {
+                    warn!(%iface, "NodePorts on this interface's addresses are not served: {e:#}");
+                    continue;
+                }
+            }
+            let idx = ifindex(iface)?;
+            wanted.insert(pin_name(Hook::Xdp, idx));
+            wanted.insert(pin_name(Hook::TcNode, idx));
+        }
+        let names: HashMap<u32, String> = interfaces()?.into_iter().collect();
+        for hook in [Hook::Xdp, Hook::TcNode] {
+            for pin in self.pins(hook)? {
+                if wanted.contains(&pin) {
+                    continue;
+                }
+                // The pin goes first; a link whose interface is gone may
+                // refuse the detach, and goes with the pin anyway.
+                if let Err(e) = sys::detach_link_pin(&self.links.join(&pin)) {
+                    debug!(pin, "detach: {e:#}");
+                }
+                self.owned.remove(&pin);
+                let iface = pin
+                    .strip_prefix(hook.prefix())
+                    .and_then(|i| i.parse().ok())
+                    .and_then(|i: u32| names.get(&i).cloned())
+                    .unwrap_or_default();
+                if hook == Hook::Xdp {
+                    self.xdp_attachments.retain(|a| a.iface != iface);
+                }
+                info!(pin, %iface, "detached from an interface that no longer serves NodePorts");
+            }
+        }
+        Ok(())
     }
 
     /// The XDP mode each node interface got, and why.

@@ -12,7 +12,7 @@ mod translation_lines;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use node::{AddressFilter, NodeInfo};
+pub use node::{AddressFilter, CidrList, NodeInfo};
 pub use translate::{build, group, service_id, slice_owner, Id, Inputs, PortNotes, Translator};
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -155,6 +155,33 @@ pub struct ServicePort {
     /// Zone and topology hints of the endpoint addresses that have any,
     /// from the slice each endpoint was taken from.
     pub topology: BTreeMap<IpAddr, Topology>,
+    /// This node's zone when the hints are followed (kube-proxy's rule,
+    /// see [`hinted_zone`]): then only endpoints hinted for it take new
+    /// Cluster-scope flows. `None`: every endpoint does.
+    pub hinted_zone: Option<String>,
+}
+
+/// kube-proxy's topology rule: `zone` when every ready endpoint has a
+/// zone hint and at least one is hinted for `zone`, else `None` (all
+/// endpoints are used). It reads only the hints, which the EndpointSlice
+/// controller writes for `trafficDistribution: PreferClose` and the
+/// `service.kubernetes.io/topology-mode: Auto` annotation, so every node
+/// of a zone computes the same endpoint set, and the same Maglev table.
+pub fn hinted_zone(
+    endpoints: &[Endpoint],
+    topology: &BTreeMap<IpAddr, Topology>,
+    zone: Option<&str>,
+) -> Option<String> {
+    let zone = zone.filter(|z| !z.is_empty())?;
+    let mut hinted_here = false;
+    for e in endpoints.iter().filter(|e| e.ready) {
+        let hints = topology.get(&e.addr).map_or(&[][..], |t| &t.for_zones[..]);
+        if hints.is_empty() {
+            return None;
+        }
+        hinted_here |= hints.iter().any(|h| h == zone);
+    }
+    hinted_here.then(|| zone.to_owned())
 }
 
 /// Where an endpoint runs and where the EndpointSlice controller suggests
@@ -256,13 +283,23 @@ impl ServicePort {
 
     /// [`Self::active_endpoints`] among the endpoints on this node only
     /// (when `local_only`), for the Local traffic policies.
+    /// Topology hints narrow the Cluster scope only, as in kube-proxy.
     pub fn active_in(&self, local_only: bool) -> Vec<&Endpoint> {
         let mine = |e: &&Endpoint| !local_only || e.local;
+        let in_zone = |e: &&Endpoint| {
+            local_only
+                || self.hinted_zone.as_ref().is_none_or(|z| {
+                    self.topology
+                        .get(&e.addr)
+                        .is_some_and(|t| t.for_zones.contains(z))
+                })
+        };
         let ready: Vec<&Endpoint> = self
             .endpoints
             .iter()
             .filter(mine)
             .filter(|e| e.ready)
+            .filter(in_zone)
             .collect();
         if !ready.is_empty() {
             return ready;
@@ -276,9 +313,11 @@ impl ServicePort {
 
     /// Endpoints that take no new flows but keep their established ones:
     /// every endpoint still listed that is not active (among this node's
-    /// only, when `local_only`), whatever its conditions. A failed
+    /// only, when `local_only`), whatever its conditions: a failed
     /// readiness probe must not end connections, as in kube-proxy, whose
-    /// conntrack entries outlive readiness: only leaving the slices does.
+    /// conntrack entries outlive readiness (only leaving the slices does);
+    /// nor must the topology hints leaving a ready endpoint out (hints move
+    /// as the controller rebalances).
     pub fn draining_in(&self, local_only: bool) -> Vec<&Endpoint> {
         let active = self.active_in(local_only);
         self.endpoints

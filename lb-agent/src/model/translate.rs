@@ -1006,6 +1006,7 @@ fn translate_port(
     frontends.dedup();
 
     let (endpoints, topology) = merge_endpoints(slices, &port_name, protocol);
+    let hinted_zone = super::hinted_zone(&endpoints, &topology, node.zone.as_deref());
     let r = ServicePortRef {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
@@ -1018,6 +1019,7 @@ fn translate_port(
             frontends,
             endpoints,
             topology,
+            hinted_zone,
             ..ServicePort::default()
         },
     ))
@@ -1098,6 +1100,7 @@ pub(super) mod tests {
         NodeInfo {
             name: "node-a".into(),
             addresses: vec!["192.168.1.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+            zone: None,
         }
     }
 
@@ -1890,5 +1893,103 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
             }
             before = now;
         }
+    }
+
+    /// A Service with three ready endpoints hinted for the zones given
+    /// (empty: no hints), one not ready endpoint without hints, and the
+    /// model of it on a node in `zone`: the Cluster scope's active and
+    /// draining addresses.
+    fn zone_scope(hints: [&str; 3], zone: Option<&str>) -> (Vec<String>, Vec<String>) {
+        let mut yaml = String::from(
+            "metadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{port: 80}]\n\
+             endpoints:\n  - {addresses: [10.0.0.9], conditions: {ready: false}}\n",
+        );
+        for (i, h) in hints.iter().enumerate() {
+            let hints = if h.is_empty() {
+                String::new()
+            } else {
+                let zones: Vec<String> = h.split(',').map(|z| format!("{{name: {z}}}")).collect();
+                format!(", hints: {{forZones: [{}]}}", zones.join(", "))
+            };
+            yaml.push_str(&format!("  - {{addresses: [10.0.0.{}]{hints}}}\n", i + 1));
+        }
+        let (services, slices) = objects(&yaml);
+        let node = NodeInfo {
+            zone: zone.map(str::to_owned),
+            ..node()
+        };
+        let (model, problems) = build(&services, &slices, &node);
+        assert!(problems.is_empty(), "{problems:?}");
+        let sp = model.services.values().next().expect("one port");
+        let addrs = |v: Vec<&Endpoint>| v.iter().map(|e| e.addr.to_string()).collect();
+        (addrs(sp.active_in(false)), addrs(sp.draining_in(false)))
+    }
+
+    #[test]
+    fn zone_hints_are_followed_only_when_every_ready_endpoint_has_one_and_one_is_for_this_zone() {
+        let all = vec!["10.0.0.1".to_owned(), "10.0.0.2".into(), "10.0.0.3".into()];
+        let none: Vec<String> = Vec::new();
+        // Every ready endpoint hinted, two for zone a: only those.
+        assert_eq!(
+            zone_scope(["a", "b", "a"], Some("a")),
+            (
+                vec!["10.0.0.1".to_owned(), "10.0.0.3".into()],
+                vec!["10.0.0.2".to_owned()]
+            )
+        );
+        // An endpoint hinted for several zones serves each.
+        assert_eq!(
+            zone_scope(["a,b", "b", "c"], Some("b")),
+            (
+                vec!["10.0.0.1".to_owned(), "10.0.0.2".into()],
+                vec!["10.0.0.3".to_owned()]
+            )
+        );
+        // One ready endpoint without a hint: all (the not-ready one's lack
+        // of a hint does not count).
+        assert_eq!(
+            zone_scope(["a", "", "a"], Some("a")),
+            (all.clone(), none.clone())
+        );
+        // No endpoint for this zone: all.
+        assert_eq!(
+            zone_scope(["a", "b", "a"], Some("c")),
+            (all.clone(), none.clone())
+        );
+        // A node without a zone: all.
+        assert_eq!(
+            zone_scope(["a", "b", "a"], None),
+            (all.clone(), none.clone())
+        );
+        assert_eq!(zone_scope(["a", "b", "a"], Some("")), (all, none));
+    }
+
+    #[test]
+    fn zone_hints_leave_the_local_scope_alone() {
+        let (services, slices) = objects(
+            "metadata: {name: web, namespace: demo}\n\
+             spec: {clusterIP: 10.96.0.10, internalTrafficPolicy: Local, ports: [{port: 80}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{port: 80}]\nendpoints:\n\
+               - {addresses: [10.0.0.1], nodeName: node-a, hints: {forZones: [{name: b}]}}\n\
+               - {addresses: [10.0.0.2], nodeName: node-b, hints: {forZones: [{name: a}]}}\n",
+        );
+        let node = NodeInfo {
+            zone: Some("a".into()),
+            ..node()
+        };
+        let (model, _) = build(&services, &slices, &node);
+        let sp = model.services.values().next().expect("one port");
+        assert_eq!(sp.hinted_zone.as_deref(), Some("a"));
+        let local: Vec<String> = sp
+            .active_in(true)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(local, ["10.0.0.1"]);
     }
 }

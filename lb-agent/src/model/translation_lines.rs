@@ -12,6 +12,7 @@ fn node() -> NodeInfo {
     NodeInfo {
         name: "node-a".into(),
         addresses: vec!["192.168.1.10".parse().expect("ip")],
+        zone: None,
     }
 }
 

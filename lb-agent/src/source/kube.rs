@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::model::{AddressFilter, Problem};
+use crate::model::Problem;
 use crate::source::Objects;
 
 /// Connects with the kubeconfig at `path`, or with the in-cluster
@@ -252,7 +252,7 @@ impl Watch {
             .nodes
             .state()
             .iter()
-            .flat_map(|n| node_addresses(n, &AddressFilter::default()))
+            .flat_map(|n| node_addresses(n))
             .collect();
         out.sort();
         out.dedup();
@@ -266,9 +266,9 @@ impl Watch {
     }
 }
 
-/// The NodePort addresses of a Node: its `status.addresses` of type
-/// InternalIP and ExternalIP, kept only when `filter` keeps them.
-pub fn node_addresses(node: &Node, filter: &AddressFilter) -> Vec<IpAddr> {
+/// Every InternalIP and ExternalIP of a Node, unfiltered: where DSR-wrapped
+/// packets may come from, and what `--nodeport-addresses` chooses among.
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = node
         .status
         .iter()
@@ -276,8 +276,40 @@ pub fn node_addresses(node: &Node, filter: &AddressFilter) -> Vec<IpAddr> {
         .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
         .filter_map(|a| a.address.parse().ok())
         .collect();
+    out.sort();
     out.dedup();
-    filter.keep(out)
+    out
+}
+
+/// A Node's primary addresses, as kube-proxy finds them: its first
+/// InternalIP of each family, or else its first ExternalIP of each family.
+pub fn node_primary_addresses(node: &Node) -> Vec<IpAddr> {
+    let of_type = |t: &str| -> Vec<IpAddr> {
+        node.status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == t)
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let first = |t: &str| of_type(t).into_iter().find(|a: &IpAddr| a.is_ipv4() == v4);
+        if let Some(a) = first("InternalIP").or_else(|| first("ExternalIP")) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The Node's `topology.kubernetes.io/zone` label, if set and not empty.
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .filter(|z| !z.is_empty())
+        .cloned()
 }
 
 /// How long a problem already posted as an Event stays quiet: it is
@@ -403,6 +435,13 @@ impl EventPoster {
         let meta = &svc.metadata;
         let name = meta.name.clone().unwrap_or_default();
         let mut note = format!("{}: {message}", self.node);
+        // kube-proxy's reason for a check port it cannot open, which
+        // alerting written for it may look for.
+        let (action, reason) = if message.starts_with(crate::health::BIND_PROBLEM) {
+            ("Listen", "FailedToStartServiceHealthcheck")
+        } else {
+            ("Program", reason)
+        };
         // The API rejects notes over 1 kB.
         if note.len() > 1000 {
             let mut end = 1000;
@@ -418,7 +457,7 @@ impl EventPoster {
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(now)),
-            action: Some("Program".to_owned()),
+            action: Some(action.to_owned()),
             reason: Some(reason.to_owned()),
             note: Some(note),
             type_: Some("Warning".to_owned()),
@@ -454,27 +493,24 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_are_its_ips_filtered_like_nodeport_addresses() {
-        let n = node(&[
-            ("InternalIP", "10.99.0.1"),
-            ("ExternalIP", "203.0.113.1"),
-            ("InternalIP", "fd00::1"),
-            ("Hostname", "node-a"),
-            ("InternalDNS", "node-a.example.org"),
-        ]);
+    fn primary_addresses_are_the_first_internal_ip_of_each_family_else_the_external_one() {
         let ips =
             |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().expect("ip")).collect() };
-        let cidrs =
-            |v: &[&str]| AddressFilter(v.iter().map(|c| c.parse().expect("cidr")).collect());
-        let cases: &[(&[&str], &[&str])] = &[
-            (&[], &["10.99.0.1", "203.0.113.1", "fd00::1"]),
-            (&["10.99.0.0/24"], &["10.99.0.1"]),
-            (&["10.99.0.0/24", "fd00::/64"], &["10.99.0.1", "fd00::1"]),
-            (&["192.168.0.0/16"], &[]),
-        ];
-        for (filter, want) in cases {
-            assert_eq!(node_addresses(&n, &cidrs(filter)), ips(want), "{filter:?}");
-        }
+        let n = node(&[
+            ("Hostname", "node-a"),
+            ("ExternalIP", "203.0.113.1"),
+            ("InternalIP", "10.99.0.1"),
+            ("InternalIP", "10.99.0.7"),
+            ("InternalIP", "fd00::1"),
+            ("InternalDNS", "node-a.example.org"),
+        ]);
+        assert_eq!(node_primary_addresses(&n), ips(&["10.99.0.1", "fd00::1"]));
+        let external_only = node(&[("ExternalIP", "203.0.113.1"), ("Hostname", "node-a")]);
+        assert_eq!(
+            node_primary_addresses(&external_only),
+            ips(&["203.0.113.1"])
+        );
+        assert!(node_primary_addresses(&node(&[])).is_empty());
     }
 
     #[test]

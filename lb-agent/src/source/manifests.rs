@@ -858,6 +858,7 @@ mod tests {
         let node = crate::model::NodeInfo {
             name: "node-a".into(),
             addresses: vec!["192.168.1.10".parse().expect("literal address")],
+            zone: None,
         };
         let (model, problems) = crate::model::build(&objects.services, &objects.slices, &node);
         assert!(problems.is_empty(), "{problems:?}");

@@ -41,6 +41,10 @@ enum Kind {
         events: Box<kube::EventPoster>,
         /// Whether the Node was missing at the last load (warned once).
         node_missing: std::cell::Cell<bool>,
+        /// The Node's primary addresses and zone as last seen: kept while
+        /// the Node is briefly gone (deleted and re-registered), so its
+        /// NodePorts and zone go on.
+        last_node: Option<(Vec<IpAddr>, Option<String>)>,
     },
 }
 
@@ -73,6 +77,7 @@ impl Source {
                 watch,
                 events,
                 node_missing: std::cell::Cell::new(false),
+                last_node: None,
             }),
             changes,
         ))
@@ -91,12 +96,15 @@ impl Source {
     }
 
     /// Reads what changed into `translator` (and the NodePort addresses
-    /// into `node`); returns the problems of the source itself (files that
-    /// cannot be read) and the Service ports whose translation may have
-    /// changed, or `None` until the source has been read in full once.
+    /// and zone into `node`); returns the problems of the source itself
+    /// (files that cannot be read) and the Service ports whose translation
+    /// may have changed, or `None` until the source has been read in full
+    /// once. `iface_addrs` are the `--iface` addresses, `local` every
+    /// address of the node, for `filter` to choose from.
     pub fn load(
         &mut self,
         iface_addrs: &[IpAddr],
+        local: &[IpAddr],
         filter: &AddressFilter,
         node: &mut NodeInfo,
         translator: &mut Translator,
@@ -108,7 +116,10 @@ impl Source {
                 folder,
                 ..
             } => {
-                set_addresses(node, filter.keep(iface_addrs.to_vec()));
+                // Without a Node object, the SNAT source stands for the
+                // Node's primary address: the address the node is known by.
+                let primary = &iface_addrs[..iface_addrs.len().min(1)];
+                set_addresses(node, filter.select(primary, local));
                 // New node addresses change every Service: all files are
                 // parsed again (the folder keeps their text, not objects).
                 let mut scan = pending.take();
@@ -130,6 +141,7 @@ impl Source {
             Kind::Kube {
                 watch,
                 node_missing,
+                last_node,
                 ..
             } => {
                 if !watch.is_synced() {
@@ -137,13 +149,22 @@ impl Source {
                 }
                 let this = watch.node();
                 if this.is_none() && !node_missing.get() {
-                    warn!("this agent's Node is not in the API (is --node-name right?): no NodePort addresses until it is");
+                    if last_node.is_some() {
+                        warn!("this agent's Node is gone from the API: NodePorts keep its last known addresses and zone until it is back");
+                    } else {
+                        warn!("this agent's Node is not in the API (is --node-name right?): no primary NodePort address and no zone until it is");
+                    }
                 }
                 node_missing.set(this.is_none());
-                let addresses = this
-                    .map(|n| kube::node_addresses(&n, filter))
-                    .unwrap_or_default();
-                set_addresses(node, addresses);
+                if let Some(n) = &this {
+                    *last_node = Some((kube::node_primary_addresses(n), kube::node_zone(n)));
+                }
+                let (primary, zone) = last_node.clone().unwrap_or_default();
+                set_addresses(node, filter.select(&primary, local));
+                if zone != node.zone {
+                    info!(zone = ?zone, "node zone");
+                    node.zone = zone;
+                }
                 // The API's objects come whole at every sync: every
                 // Service is translated again.
                 let objects = watch.objects();
@@ -166,6 +187,16 @@ impl Source {
         }
     }
 
+    /// Whether this node should get traffic, as `/healthz` reports it: in
+    /// the API, not while its Node is being deleted, tainted for deletion
+    /// or missing; a manifests folder has no Node, so always.
+    pub fn node_eligibility(&self) -> Result<(), String> {
+        match &self.0 {
+            Kind::Manifests { .. } => Ok(()),
+            Kind::Kube { watch, .. } => crate::health::node_eligibility(watch.node().as_deref()),
+        }
+    }
+
     /// Tells the cluster about Services that cannot be programmed
     /// (`problems`) and about those that do not answer as they could
     /// (`findings`, from [`crate::explain::Diagnosis::problems`]).
@@ -182,7 +213,7 @@ impl Source {
             Kind::Manifests { .. } => iface_addrs.to_vec(),
             Kind::Kube { watch, .. } => watch
                 .node()
-                .map(|n| kube::node_addresses(&n, &AddressFilter::default()))
+                .map(|n| kube::node_addresses(&n))
                 .unwrap_or_default(),
         }
     }

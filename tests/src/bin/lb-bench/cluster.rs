@@ -739,6 +739,7 @@ fn start_agent(cluster: &mut Cluster, n: usize, flags: &[&str]) -> u64 {
         let node = NodeInfo {
             name: "node-a".into(),
             addresses: vec![IpAddr::V4(Rig::node_addr("a"))],
+            zone: None,
         };
         let (model, problems) = model::build(&objects.services, &objects.slices, &node);
         assert!(problems.is_empty(), "bad bench manifests: {problems:?}");
