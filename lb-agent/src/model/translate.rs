@@ -1931,13 +1931,15 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
     #[test]
     fn zone_hints_are_followed_only_when_every_ready_endpoint_has_one_and_one_is_for_this_zone() {
         let all = vec!["10.0.0.1".to_owned(), "10.0.0.2".into(), "10.0.0.3".into()];
-        let none: Vec<String> = Vec::new();
+        // The not-ready endpoint takes no new flows but keeps its
+        // established ones, hints or not.
+        let none = vec!["10.0.0.9".to_owned()];
         // Every ready endpoint hinted, two for zone a: only those.
         assert_eq!(
             zone_scope(["a", "b", "a"], Some("a")),
             (
                 vec!["10.0.0.1".to_owned(), "10.0.0.3".into()],
-                vec!["10.0.0.2".to_owned()]
+                vec!["10.0.0.2".to_owned(), "10.0.0.9".into()]
             )
         );
         // An endpoint hinted for several zones serves each.
@@ -1945,7 +1947,7 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
             zone_scope(["a,b", "b", "c"], Some("b")),
             (
                 vec!["10.0.0.1".to_owned(), "10.0.0.2".into()],
-                vec!["10.0.0.3".to_owned()]
+                vec!["10.0.0.3".to_owned(), "10.0.0.9".into()]
             )
         );
         // One ready endpoint without a hint: all (the not-ready one's lack
