@@ -598,6 +598,32 @@ impl Cluster {
         self.root.join("manifests")
     }
 
+    /// Starts the agents of `nodes` (letters) on the manifests folder and
+    /// waits until each has done its first full sync.
+    pub fn start_agents(&mut self, nodes: &[&str], timeout: Duration) {
+        for n in nodes {
+            self.node_mut(n).start_agent(&[]);
+        }
+        for n in nodes {
+            self.node(n).wait_agent_ready(timeout);
+        }
+    }
+
+    /// Writes a manifest and waits until every running agent has
+    /// reconciled it.
+    pub fn update_manifest(&self, name: &str, body: &str, timeout: Duration) {
+        let running: Vec<(&Node, usize)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.agent.is_some())
+            .map(|n| (n, n.syncs()))
+            .collect();
+        self.write_manifest(name, body);
+        for (node, before) in running {
+            node.wait_synced(before, timeout);
+        }
+    }
+
     /// Writes a manifest file atomically (temp name, then rename), so an
     /// agent never reads half of it.
     pub fn write_manifest(&self, name: &str, body: &str) {

@@ -35,21 +35,8 @@ fn ep<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
 
 fn start(c: &mut Cluster) -> PodServers {
     let servers = serve_all_pods(c);
-    for n in ["a", "b"] {
-        c.node_mut(n).start_agent(&[]);
-    }
-    for n in ["a", "b"] {
-        c.node(n).wait_agent_ready(WAIT);
-    }
+    c.start_agents(&["a", "b"], WAIT);
     servers
-}
-
-/// Rewrites a manifest and waits until both agents have reconciled it.
-fn update(c: &Cluster, name: &str, body: &str) {
-    let before = [c.node("a").syncs(), c.node("b").syncs()];
-    c.write_manifest(name, body);
-    c.node("a").wait_synced(before[0], WAIT);
-    c.node("b").wait_synced(before[1], WAIT);
 }
 
 fn backend_of(line: &str) -> String {
@@ -186,7 +173,7 @@ fn a_long_lived_stream_survives_twenty_changes_of_other_backends() {
         } else {
             eps.extend(others.iter().map(|a| ep(a, node(a))));
         }
-        update(&c, "web.yaml", &web(&eps));
+        c.update_manifest("web.yaml", &web(&eps), WAIT);
         stream.round_trip();
     }
 }
@@ -223,7 +210,7 @@ fn a_terminating_endpoint_drains() {
         },
         ep(other, node(other)),
     ];
-    update(&c, "web.yaml", &web(&eps));
+    c.update_manifest("web.yaml", &web(&eps), WAIT);
     for _ in 0..30 {
         let (line, _) = tcp_hello(&client, sa("10.96.0.10:80"), IO).expect("new connection");
         assert_ne!(
@@ -266,7 +253,7 @@ fn udp_moves_off_a_removed_backend_at_once() {
     } else {
         ep("10.244.1.11", "node-a")
     };
-    update(&c, "dns.yaml", &body(&[keep]));
+    c.update_manifest("dns.yaml", &body(&[keep]), WAIT);
     assert_ne!(
         ask(),
         first,
@@ -365,8 +352,7 @@ fn local_traffic_policies_preserve_the_client_and_stay_on_the_node() {
         }
     }
     // A node without a local endpoint drops external traffic.
-    update(
-        &c,
+    c.update_manifest(
         "svc.yaml",
         &docs(&[
             with_local_policies(
@@ -376,6 +362,7 @@ fn local_traffic_policies_preserve_the_client_and_stay_on_the_node() {
             ),
             slice("web", "web-1", 8080, "TCP", &[ep("10.244.1.11", "node-a")]),
         ]),
+        WAIT,
     );
     let err = tcp_hello(&client, sa("10.99.0.2:30080"), Duration::from_millis(500))
         .expect_err("dropped on node-b");

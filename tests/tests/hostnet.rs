@@ -32,12 +32,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn start_agents(c: &mut Cluster, nodes: &[&str]) {
-    for n in nodes {
-        c.node_mut(n).start_agent(&[]);
-    }
-    for n in nodes {
-        c.node(n).wait_agent_ready(WAIT);
-    }
+    c.start_agents(nodes, WAIT);
 }
 
 fn web(endpoints: &[(&str, &str)]) -> String {

@@ -39,21 +39,8 @@ fn sa(s: &str) -> SocketAddr {
 
 fn start(c: &mut Cluster) -> PodServers {
     let servers = serve_all_pods(c);
-    for n in ["a", "b"] {
-        c.node_mut(n).start_agent(&[]);
-    }
-    for n in ["a", "b"] {
-        c.node(n).wait_agent_ready(WAIT);
-    }
+    c.start_agents(&["a", "b"], WAIT);
     servers
-}
-
-/// Rewrites a manifest and waits until both agents have reconciled it.
-fn update(c: &Cluster, name: &str, body: &str) {
-    let before = [c.node("a").syncs(), c.node("b").syncs()];
-    c.write_manifest(name, body);
-    c.node("a").wait_synced(before[0], WAIT);
-    c.node("b").wait_synced(before[1], WAIT);
 }
 
 /// The node a pod address is on, as the rig lays pods out.
@@ -148,7 +135,7 @@ fn readiness_loss_keeps_established_connections_and_leaving_the_slice_ends_them(
         .into_iter()
         .map(|a| (a, if a == keep { READY } else { NOT_READY }))
         .collect();
-    update(&c, "web.yaml", &web(&flipped));
+    c.update_manifest("web.yaml", &web(&flipped), WAIT);
 
     for (i, s) in streams.iter_mut().enumerate() {
         s.echo("after the readiness flip")
@@ -168,7 +155,7 @@ fn readiness_loss_keeps_established_connections_and_leaving_the_slice_ends_them(
     }
 
     // Leaving the slice ends the not-ready pods' connections, visibly.
-    update(&c, "web.yaml", &web(&[(keep, READY)]));
+    c.update_manifest("web.yaml", &web(&[(keep, READY)]), WAIT);
     let gone: Vec<String> = failed.iter().map(|a| name_of(&c, a)).collect();
     for (i, s) in streams.iter_mut().enumerate() {
         let res = s.echo("after removal");
@@ -217,15 +204,15 @@ fn udp_flows_stay_on_a_not_ready_serving_endpoint_and_move_off_a_not_serving_one
     };
     // Not ready with `serving` unset: serving, as kube-proxy reads it, so
     // the flow stays (kube-proxy clears UDP entries of non-serving ones).
-    update(
-        &c,
+    c.update_manifest(
         "dns.yaml",
         &dns(&[(mine, "{ready: false}"), (other, READY)]),
+        WAIT,
     );
     for _ in 0..5 {
         assert_eq!(ask(), first, "the flow stays on a serving endpoint");
     }
-    update(&c, "dns.yaml", &dns(&[(mine, NOT_READY), (other, READY)]));
+    c.update_manifest("dns.yaml", &dns(&[(mine, NOT_READY), (other, READY)]), WAIT);
     assert_eq!(
         ask(),
         name_of(&c, other),
@@ -305,8 +292,8 @@ fn local_policies_refuse_without_any_endpoint_and_drop_without_a_local_one() {
     );
 
     // Endpoints exist, on node-a only: node-b drops.
-    update(&c, "web.yaml", &local_web(&[(A1, READY)]));
-    update(&c, "api.yaml", &internal(&[(A1, READY)]));
+    c.update_manifest("web.yaml", &local_web(&[(A1, READY)]), WAIT);
+    c.update_manifest("api.yaml", &internal(&[(A1, READY)]), WAIT);
     assert_dropped(
         &client,
         "10.99.0.2:30080",

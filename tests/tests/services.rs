@@ -25,12 +25,7 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn start_agents(c: &mut Cluster) {
-    for n in ["a", "b"] {
-        c.node_mut(n).start_agent(&[]);
-    }
-    for n in ["a", "b"] {
-        c.node(n).wait_agent_ready(WAIT);
-    }
+    c.start_agents(&["a", "b"], WAIT);
 }
 
 /// The pods' addresses: a0, a1 on node-a; b0, b1 on node-b.
