@@ -87,6 +87,32 @@ fn seeded() -> Datapath {
     dp
 }
 
+/// A TCP ClusterIP and a UDP one whose endpoints are the same pod.
+fn web_and_dns() -> (
+    (
+        lb_agent::model::ServicePortRef,
+        lb_agent::model::ServicePort,
+    ),
+    (
+        lb_agent::model::ServicePortRef,
+        lb_agent::model::ServicePort,
+    ),
+) {
+    let web = service(
+        "web",
+        Protocol::Tcp,
+        &[("10.96.0.10", 80, ClusterIp)],
+        &[("10.244.1.10", 8080, true)],
+    );
+    let dns = service(
+        "dns",
+        Protocol::Udp,
+        &[("10.96.0.53", 53, ClusterIp)],
+        &[("10.244.1.10", 5353, true)],
+    );
+    (web, dns)
+}
+
 /// The reset the datapath must answer `input` with: from the frontend `from`
 /// back to the client, MACs swapped, with this sequence, ack and flags.
 fn expected_rst(input: &Packet, from: SocketAddrV4, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
@@ -901,18 +927,7 @@ fn idle_flows_time_out_by_protocol_and_tcp_state() {
     use lb_agent::model::Endpoint;
     // The fixture's timeouts: TCP 3600 s, TCP after FIN/RST 60 s, UDP 30 s.
     let mut dp = Datapath::new();
-    let web = service(
-        "web",
-        Protocol::Tcp,
-        &[("10.96.0.10", 80, ClusterIp)],
-        &[("10.244.1.10", 8080, true)],
-    );
-    let dns = service(
-        "dns",
-        Protocol::Udp,
-        &[("10.96.0.53", 53, ClusterIp)],
-        &[("10.244.1.10", 5353, true)],
-    );
+    let (web, dns) = web_and_dns();
     dp.apply(&[web.clone(), dns.clone()]);
     let client = addr("10.244.2.20:40012");
     let closing = addr("10.244.2.20:40013");
@@ -1205,18 +1220,7 @@ fn in_cluster_clients_of_an_external_local_frontend_reach_every_endpoint() {
 #[test]
 fn a_not_serving_endpoint_keeps_its_tcp_flows_while_its_udp_flows_move() {
     let mut dp = Datapath::new();
-    let web = service(
-        "web",
-        Protocol::Tcp,
-        &[("10.96.0.10", 80, ClusterIp)],
-        &[("10.244.1.10", 8080, true)],
-    );
-    let dns = service(
-        "dns",
-        Protocol::Udp,
-        &[("10.96.0.53", 53, ClusterIp)],
-        &[("10.244.1.10", 5353, true)],
-    );
+    let (web, dns) = web_and_dns();
     dp.apply(&[web.clone(), dns.clone()]);
     let client = addr("10.244.2.20:40030");
     let syn = Packet::tcp(client, addr("10.96.0.10:80"), flags::SYN, b"");
