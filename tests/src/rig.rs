@@ -904,6 +904,29 @@ pub struct PodServers {
     _udp: Vec<UdpServer>,
 }
 
+/// A connected UDP socket in a namespace: one flow, asked in turn.
+pub struct UdpFlow {
+    sock: UdpSocket,
+}
+
+impl UdpFlow {
+    /// Connects a new socket in `ns` to `dst`, replies awaited for `timeout`.
+    pub fn open(ns: &str, dst: SocketAddr, timeout: Duration) -> Self {
+        let sock = in_ns(ns, || UdpSocket::bind("0.0.0.0:0")).expect("socket");
+        sock.connect(dst).expect("connect");
+        sock.set_read_timeout(Some(timeout)).expect("timeout");
+        Self { sock }
+    }
+
+    /// Sends a datagram and returns the answer's text.
+    pub fn ask(&self) -> String {
+        self.sock.send(b"q").expect("send");
+        let mut buf = [0u8; 256];
+        let n = self.sock.recv(&mut buf).expect("answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
 /// Starts a TCP server on [`POD_TCP_PORT`] and a UDP server on
 /// [`POD_UDP_PORT`] in every pod, each answering with the pod's name.
 pub fn serve_all_pods(c: &Cluster) -> PodServers {

@@ -14,7 +14,9 @@ use lb_tests::{
         docs, service, slice, with_affinity, with_external_ips, with_load_balancer,
         with_local_policies, Ep,
     },
-    rig::{in_ns, serve_all_pods, sh, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers},
+    rig::{
+        in_ns, serve_all_pods, sh, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers, UdpFlow,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -237,15 +239,8 @@ fn udp_moves_off_a_removed_backend_at_once() {
     );
     let _s = start(&mut c);
     let client = c.pod("a0").ns.clone();
-    let sock = in_ns(&client, || UdpSocket::bind("0.0.0.0:0")).expect("socket");
-    sock.connect(sa("10.96.0.53:53")).expect("connect");
-    sock.set_read_timeout(Some(IO)).expect("timeout");
-    let ask = || {
-        sock.send(b"q").expect("send");
-        let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("answer");
-        backend_of(&String::from_utf8_lossy(&buf[..n]))
-    };
+    let flow = UdpFlow::open(&client, sa("10.96.0.53:53"), IO);
+    let ask = || backend_of(&flow.ask());
     let first = ask();
     assert_eq!(ask(), first, "a UDP flow keeps its backend");
     let keep = if first == "a1" {

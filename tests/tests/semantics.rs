@@ -15,7 +15,9 @@ use std::{
 
 use lb_tests::{
     manifests::{docs, service, with_external_ips, with_load_balancer, with_local_policies},
-    rig::{in_ns, serve_all_pods, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers},
+    rig::{
+        in_ns, serve_all_pods, tcp_hello, Cluster, ClusterSpec, EchoStream, PodServers, UdpFlow,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -187,15 +189,8 @@ fn udp_flows_stay_on_a_not_ready_serving_endpoint_and_move_off_a_not_serving_one
     c.write_manifest("dns.yaml", &dns(&[(A1, READY), (B0, READY)]));
     let _s = start(&mut c);
     let client = c.pod("a0").ns.clone();
-    let sock = in_ns(&client, || UdpSocket::bind("0.0.0.0:0")).expect("socket");
-    sock.connect(sa("10.96.0.53:53")).expect("connect");
-    sock.set_read_timeout(Some(IO)).expect("timeout");
-    let ask = || {
-        sock.send(b"q").expect("send");
-        let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("answer");
-        backend_of(&String::from_utf8_lossy(&buf[..n]))
-    };
+    let flow = UdpFlow::open(&client, sa("10.96.0.53:53"), IO);
+    let ask = || backend_of(&flow.ask());
     let first = ask();
     let (mine, other) = if first == name_of(&c, A1) {
         (A1, B0)

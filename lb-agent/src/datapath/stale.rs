@@ -201,6 +201,21 @@ struct Request {
 }
 const _: () = assert!(std::mem::size_of::<Request>() == 56);
 
+impl Request {
+    /// An IPv4 request for protocol `l4` in any state, about socket `id`
+    /// (all sockets, for a dump: the zero id).
+    fn v4(l4: u8, id: SockId) -> Self {
+        Self {
+            family: libc::AF_INET as u8,
+            protocol: l4,
+            ext: 0,
+            pad: 0,
+            states: u32::MAX,
+            id,
+        }
+    }
+}
+
 /// `struct nlmsghdr`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -321,14 +336,7 @@ impl Diag {
 
     /// Every IPv4 socket of protocol `l4` in this network namespace.
     fn dump(&self, l4: u8) -> io::Result<Vec<SockId>> {
-        let req = Request {
-            family: libc::AF_INET as u8,
-            protocol: l4,
-            ext: 0,
-            pad: 0,
-            states: u32::MAX,
-            id: SockId::default(),
-        };
+        let req = Request::v4(l4, SockId::default());
         self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
         let mut out = Vec::new();
         self.receive(true, |payload| {
@@ -344,14 +352,7 @@ impl Diag {
 
     /// Ends one socket (`SOCK_DESTROY`), named by its id and cookie.
     fn destroy(&self, l4: u8, id: &SockId) -> io::Result<()> {
-        let req = Request {
-            family: libc::AF_INET as u8,
-            protocol: l4,
-            ext: 0,
-            pad: 0,
-            states: u32::MAX,
-            id: *id,
-        };
+        let req = Request::v4(l4, *id);
         self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req)?;
         self.receive(false, |_| {})
     }
