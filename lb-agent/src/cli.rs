@@ -63,6 +63,12 @@ pub(crate) enum TraceProto {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum TraceSocket {
+    Connect,
+    Sendmsg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum Output {
     Table,
     Json,
@@ -115,9 +121,10 @@ pub(crate) enum Command {
         /// Protocol.
         #[arg(long, value_enum)]
         proto: TraceProto,
-        /// Source address and port.
-        #[arg(long)]
-        src: std::net::SocketAddrV4,
+        /// Source address and port (with `--socket`: the address the
+        /// socket is bound to, port ignored; default the node's).
+        #[arg(long, required_unless_present = "socket")]
+        src: Option<std::net::SocketAddrV4>,
         /// Destination address and port.
         #[arg(long)]
         dst: std::net::SocketAddrV4,
@@ -126,8 +133,17 @@ pub(crate) enum Command {
         flags: u8,
         /// The interface the packet arrives on (its program runs, with FIB
         /// lookups through it); default: from a pod, without a device.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "socket")]
         iface: Option<String>,
+        /// Trace a node socket's call through the socket hooks instead of
+        /// a packet: `connect` (TCP, connected UDP) or `sendmsg`
+        /// (unconnected UDP).
+        #[arg(long, value_enum)]
+        socket: Option<TraceSocket>,
+        /// With `--socket`: the socket's cookie, which the Maglev hash
+        /// mixes in (default: a random one, as a new socket's).
+        #[arg(long, requires = "socket")]
+        cookie: Option<u64>,
     },
     /// Say why a Service answers as it does on this node: its frontends
     /// (programmed or not, and why), its endpoints and which take new

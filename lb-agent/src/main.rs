@@ -15,7 +15,7 @@ use lb_agent::{
 };
 use tracing::{error, info};
 
-use crate::cli::{Cli, Command, LogFormat, TraceProto};
+use crate::cli::{Cli, Command, LogFormat, TraceProto, TraceSocket};
 
 fn main() {
     let cli = Cli::parse();
@@ -106,13 +106,30 @@ fn real_main(mut cli: Cli) -> Result<()> {
             dst,
             flags,
             iface,
+            socket,
+            cookie,
         } => {
+            let proto = match proto {
+                TraceProto::Tcp => lb_common::proto::TCP,
+                TraceProto::Udp => lb_common::proto::UDP,
+            };
+            if let Some(call) = socket {
+                let req = lb_agent::trace::SocketRequest {
+                    call: match call {
+                        TraceSocket::Connect => lb_agent::trace::SocketCall::Connect,
+                        TraceSocket::Sendmsg => lb_agent::trace::SocketCall::Sendmsg,
+                    },
+                    proto,
+                    bound: src.map(|s| *s.ip()).filter(|ip| !ip.is_unspecified()),
+                    dst,
+                    cookie,
+                };
+                let report = lb_agent::trace::run_socket(&view.bpffs, &req)?;
+                return view.print(&report, lb_agent::trace::socket_table);
+            }
             let req = lb_agent::trace::Request {
-                proto: match proto {
-                    TraceProto::Tcp => lb_common::proto::TCP,
-                    TraceProto::Udp => lb_common::proto::UDP,
-                },
-                src,
+                proto,
+                src: src.context("--src is required to trace a packet")?,
                 dst,
                 tcp_flags: flags,
                 iface,

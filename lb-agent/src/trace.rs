@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap, PerCpuArray};
 use lb_common::{
-    addr::{addr_be, socket_from_be},
+    addr::{addr_be, addr_from_be, socket_from_be},
     hash::flow_hash,
     proto,
     stats::Counter,
@@ -235,17 +235,7 @@ fn explain(
         }
         let ports = (u32::from(key.sport_be) << 16) | u32::from(key.dport_be);
         let hash = flow_hash(&key.saddr_be, &key.daddr_be, ports, key.proto);
-        let slot = hash % svc.slot_count.max(1);
-        let table = live.table(svc.svc_id).unwrap_or_default();
-        let check = match table.get(slot as usize) {
-            Some(id) if *id == chosen.backend_id => String::new(),
-            Some(id) => format!(" (the live table now holds backend {id} there)"),
-            None => " (the live table is shorter)".to_string(),
-        };
-        return Some(format!(
-            "Maglev: flow hash {hash:#010x} is slot {slot} of {}{check}",
-            svc.slot_count
-        ));
+        return Some(maglev_reason(live, svc, "flow", hash, chosen.backend_id));
     }
     let notes = [
         (
@@ -268,6 +258,250 @@ fn explain(
         .iter()
         .find(|(c, _)| moved(c))
         .map(|(_, why)| (*why).to_string())
+}
+
+/// Why a new flow, or a socket, whose hash is `hash` got `backend_id`: an
+/// affinity entry the run left (a fresh one that is not the Maglev choice)
+/// or the Maglev slot.
+fn maglev_reason(
+    live: &Maps,
+    svc: &ServiceValue,
+    what: &str,
+    hash: u32,
+    backend_id: u32,
+) -> String {
+    let slot = hash % svc.slot_count.max(1);
+    let table = live.table(svc.svc_id).unwrap_or_default();
+    let check = match table.get(slot as usize) {
+        Some(id) if *id == backend_id => String::new(),
+        Some(id) => format!(" (the live table now holds backend {id} there)"),
+        None => " (the live table is shorter)".to_string(),
+    };
+    format!(
+        "Maglev: {what} hash {hash:#010x} is slot {slot} of {}{check}",
+        svc.slot_count
+    )
+}
+
+/// Which socket hook to trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketCall {
+    /// `connect()`: TCP, and UDP sockets that connect.
+    Connect,
+    /// `sendmsg()` of an unconnected UDP socket.
+    Sendmsg,
+}
+
+/// A node socket's call to trace through the socket hooks.
+#[derive(Clone, Debug)]
+pub struct SocketRequest {
+    /// The hook.
+    pub call: SocketCall,
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    /// The address the socket is bound to; `None`: unbound (the node's).
+    pub bound: Option<std::net::Ipv4Addr>,
+    /// The address and port it connects or sends to.
+    pub dst: SocketAddrV4,
+    /// The socket's cookie; `None`: a random one, as a new socket's.
+    pub cookie: Option<u64>,
+}
+
+/// What `trace --socket` found.
+#[derive(Clone, Debug, Serialize)]
+pub struct SocketReport {
+    /// The hook traced.
+    pub call: SocketCall,
+    /// The destination the socket asked for.
+    pub dst: String,
+    /// The client the decision used: the bound address or the node's.
+    pub client: String,
+    /// The socket cookie the Maglev hash mixed in.
+    pub cookie: u64,
+    /// `translated`, `refused` or `untouched`.
+    pub verdict: &'static str,
+    /// The error a refused call returns.
+    pub errno: Option<&'static str>,
+    /// The Service port matched: `namespace/name:port/PROTO`.
+    pub frontend: Option<String>,
+    /// The backend the socket talks to: `address:port (id N)`.
+    pub backend: Option<String>,
+    /// Why that backend, or why refused.
+    pub reason: Option<String>,
+}
+
+/// Traces a node socket's `connect` or `sendmsg` through the socket hooks'
+/// own decision, on a private copy of the datapath under `bpffs`
+/// (`lb_sock_trace`; nothing live changes, and no packet is sent).
+pub fn run_socket(bpffs: &Path, req: &SocketRequest) -> Result<SocketReport> {
+    use lb_common::sock::{TraceRequest, TraceResult, TRACE_REFUSED, TRACE_TRANSLATED};
+    if req.proto != proto::TCP && req.proto != proto::UDP {
+        bail!("only TCP and UDP sockets are translated");
+    }
+    if req.call == SocketCall::Sendmsg && req.proto != proto::UDP {
+        bail!("only UDP sockets send unconnected datagrams (--socket sendmsg)");
+    }
+    let live = Maps::open(bpffs)?;
+    let mut shadow = Programs::load_shadow(bpffs)?;
+    let cookie = req.cookie.unwrap_or_else(random_cookie);
+    let (dst, family) = addr_be(IpAddr::V4(*req.dst.ip()));
+    let bound = req.bound.map_or([0; 4], |a| addr_be(IpAddr::V4(a)).0);
+    // The client an unbound socket is taken for: the node's address, from
+    // the live config (as the hook reads it).
+    let node = live
+        .config
+        .get(&0, 0)
+        .ok()
+        .and_then(|c| c.node_addr(family))
+        .unwrap_or([0; 4]);
+    let client = if bound == [0; 4] { node } else { bound };
+    let t = lb_common::Tuple {
+        saddr_be: client,
+        daddr_be: dst,
+        sport_be: 0,
+        dport_be: req.dst.port().to_be(),
+        proto: req.proto,
+        family,
+        _pad: [0; 2],
+    };
+    // The hooks look up the in-cluster twin first, as pods do.
+    let svc = [true, false].iter().find_map(|&twin| {
+        let mut key = t.frontend();
+        if twin {
+            key.family |= lb_common::service::KEY_F_IN_CLUSTER;
+        }
+        live.services.get(&key, 0).ok()
+    });
+    let aff_key = svc.map(|s| AffinityKey {
+        svc_id: s.svc_id,
+        family,
+        _pad: [0; 3],
+        client_be: client,
+    });
+    let live_affinity = match (svc, aff_key) {
+        (Some(s), Some(k)) if s.affinity_timeout_s > 0 => live.affinity.get(&k, 0).ok(),
+        _ => None,
+    };
+    if let (Some(k), Some(v)) = (aff_key, live_affinity) {
+        affinity(&mut shadow)?.insert(k, v, 0)?;
+    }
+
+    let input = TraceRequest {
+        cookie,
+        dst_be: dst,
+        client_be: bound,
+        dst_port_be: req.dst.port().to_be(),
+        proto: req.proto,
+        family,
+        connect: u8::from(req.call == SocketCall::Connect),
+        _pad: [0; 3],
+    };
+    let (_, out) = shadow.test_run_on(TestProgram::SockTrace, &input.frame(), None)?;
+    let result = TraceResult::from_frame(&out).context("lb_sock_trace wrote no result")?;
+
+    let name = |svc_id: u32| {
+        live.infos
+            .get(&svc_id, 0)
+            .map(|i| decode_info(svc_id, &i).name)
+            .unwrap_or_else(|_| format!("svc {svc_id}"))
+    };
+    let frontend = (result.svc_id != 0).then(|| name(result.svc_id));
+    let (verdict, errno, backend, reason) = match result.verdict {
+        TRACE_TRANSLATED => {
+            let backend = socket_from_be(result.addr_be, result.family, result.port_be);
+            let why = svc.map(|s| {
+                match live_affinity.filter(|a| {
+                    a.backend_id == result.backend_id
+                        && monotonic_ns().saturating_sub(a.last_seen_ns)
+                            <= u64::from(s.affinity_timeout_s) * 1_000_000_000
+                }) {
+                    Some(_) => format!(
+                        "ClientIP affinity: {} was last sent to this backend (timeout {} s)",
+                        addr_from_be(client, family),
+                        s.affinity_timeout_s
+                    ),
+                    None => maglev_reason(
+                        &live,
+                        &s,
+                        "socket",
+                        lb_common::sock::sock_hash(&t, cookie),
+                        result.backend_id,
+                    ),
+                }
+            });
+            (
+                "translated",
+                None,
+                Some(format!("{backend} (id {})", result.backend_id)),
+                why,
+            )
+        }
+        TRACE_REFUSED => {
+            let (errno, why) = match result.errno {
+                1 => (
+                    "EPERM",
+                    "the client is outside the loadBalancerSourceRanges",
+                ),
+                _ if result.svc_id == 0 => {
+                    ("ECONNREFUSED", "a ClusterIP on a port no Service uses")
+                }
+                _ => ("ECONNREFUSED", "the Service has no endpoint to take it"),
+            };
+            ("refused", Some(errno), None, Some(why.to_string()))
+        }
+        _ => (
+            "untouched",
+            None,
+            None,
+            Some("no frontend has this address, port and protocol".to_string()),
+        ),
+    };
+    Ok(SocketReport {
+        call: req.call,
+        dst: req.dst.to_string(),
+        client: addr_from_be(client, family).to_string(),
+        cookie,
+        verdict,
+        errno,
+        frontend,
+        backend,
+        reason,
+    })
+}
+
+/// A cookie for a socket that does not exist yet: random, as the kernel's
+/// are unknowable before the socket is made.
+fn random_cookie() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(monotonic_ns());
+    h.finish()
+}
+
+/// Renders a socket report for people.
+pub fn socket_table(r: &SocketReport) -> String {
+    let mut s = String::new();
+    let call = match r.call {
+        SocketCall::Connect => "connect",
+        SocketCall::Sendmsg => "sendmsg",
+    };
+    let _ = writeln!(
+        s,
+        "socket    {call} to {} from {} (cookie {:#x})",
+        r.dst, r.client, r.cookie
+    );
+    let verdict = match r.errno {
+        Some(e) => format!("{} ({e})", r.verdict),
+        None => r.verdict.to_string(),
+    };
+    let _ = writeln!(s, "verdict   {verdict}");
+    let _ = writeln!(s, "frontend  {}", r.frontend.as_deref().unwrap_or("none"));
+    let _ = writeln!(s, "backend   {}", r.backend.as_deref().unwrap_or("none"));
+    if let Some(why) = &r.reason {
+        let _ = writeln!(s, "why       {why}");
+    }
+    s
 }
 
 /// Runs one program on the copy and reads which counters moved.

@@ -89,6 +89,9 @@ pub const PROG_TC_POD: &str = "lb_tc_pod";
 /// TC egress on node and pod interfaces: replies of flows whose backend is
 /// this node itself.
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// Never attached: the socket hooks' decision over a
+/// [`crate::sock::TraceRequest`] frame, for `lb-agent trace --socket`.
+pub const PROG_SOCK_TRACE: &str = "lb_sock_trace";
 /// The cgroup hook translating `connect()` of the node's IPv4 sockets.
 pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
 /// The cgroup hook translating unconnected IPv4 UDP `sendmsg()`.

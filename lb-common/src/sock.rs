@@ -12,7 +12,7 @@
 //! see every socket of the machine; they act only on sockets of the network
 //! namespace whose cookie the agent writes into [`SockConfig`].
 
-use crate::{pod, IpAddrBe};
+use crate::{hash, pod, IpAddrBe, Tuple};
 
 /// Scope of the socket hooks (the single entry of the sock config map).
 #[repr(C)]
@@ -95,4 +95,113 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_stale",
 ];
 
-pod!(SockConfig, SockRevKey, SockRevValue);
+/// A socket's flow hash: the tuple's, whose source port is 0 at `connect`,
+/// with the socket's cookie mixed in, so the node's connections spread over
+/// the backends as the packet path's flows do (see the hooks' module doc).
+#[inline(always)]
+#[must_use]
+pub const fn sock_hash(t: &Tuple, cookie: u64) -> u32 {
+    let h = hash::mix(t.hash(), cookie as u32);
+    hash::finish(hash::mix(h, (cookie >> 32) as u32))
+}
+
+/// A forward hook's call for `lb_sock_trace` to decide, as the frame it
+/// runs on: what `lb-agent trace --socket` asks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRequest {
+    /// The socket's cookie (a real socket's is unique per boot).
+    pub cookie: u64,
+    /// The address the socket connects or sends to, network byte order.
+    pub dst_be: IpAddrBe,
+    /// The socket's bound source, or zero for an unbound one (the node's
+    /// address is used, as by the hooks).
+    pub client_be: IpAddrBe,
+    /// The port it connects or sends to, network byte order.
+    pub dst_port_be: u16,
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    /// Address family ([`crate::family`]).
+    pub family: u8,
+    /// 1: `connect`; 0: an unconnected datagram's `sendmsg`.
+    pub connect: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<TraceRequest>() == 48);
+
+/// The hook left the address alone: not a frontend.
+pub const TRACE_PASS: u32 = 0;
+/// The hook rewrote the address to the result's backend.
+pub const TRACE_TRANSLATED: u32 = 1;
+/// The hook failed the call with the result's errno.
+pub const TRACE_REFUSED: u32 = 2;
+
+/// What `lb_sock_trace` decided, written over its frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceResult {
+    /// `TRACE_*`.
+    pub verdict: u32,
+    /// The errno a refused call fails with.
+    pub errno: u32,
+    /// The Service port matched (0: none).
+    pub svc_id: u32,
+    /// The backend chosen, when translated.
+    pub backend_id: u32,
+    /// Its address, network byte order.
+    pub addr_be: IpAddrBe,
+    /// Its port, network byte order.
+    pub port_be: u16,
+    /// Its family.
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+    /// The client address the decision used (the node's for an unbound
+    /// socket), network byte order.
+    pub client_be: IpAddrBe,
+}
+const _: () = assert!(core::mem::size_of::<TraceResult>() == 52);
+
+/// Bytes of a frame: the larger of the request and the result (XDP
+/// test runs take at least an Ethernet header, which both exceed).
+pub const TRACE_FRAME_LEN: usize = 52;
+const _: () = assert!(
+    TRACE_FRAME_LEN >= core::mem::size_of::<TraceRequest>()
+        && TRACE_FRAME_LEN >= core::mem::size_of::<TraceResult>()
+);
+
+impl TraceRequest {
+    /// The frame `lb_sock_trace` runs on.
+    #[must_use]
+    pub fn frame(&self) -> [u8; TRACE_FRAME_LEN] {
+        let mut f = [0u8; TRACE_FRAME_LEN];
+        // SAFETY: `Self` is `repr(C)` integers without implicit padding
+        // (size asserted), and the frame is at least as long.
+        unsafe {
+            core::ptr::write_unaligned(f.as_mut_ptr().cast::<Self>(), *self);
+        }
+        f
+    }
+}
+
+impl TraceResult {
+    /// The result `lb_sock_trace` left in its frame; `None` if too short.
+    #[must_use]
+    pub fn from_frame(frame: &[u8]) -> Option<Self> {
+        if frame.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: long enough (checked), and any bytes are a valid value
+        // of these integers.
+        Some(unsafe { core::ptr::read_unaligned(frame.as_ptr().cast::<Self>()) })
+    }
+}
+
+pod!(
+    SockConfig,
+    SockRevKey,
+    SockRevValue,
+    TraceRequest,
+    TraceResult
+);

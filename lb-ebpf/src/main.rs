@@ -108,6 +108,13 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Never attached: the socket hooks' decision on a request frame, for
+/// `lb-agent trace --socket` (see `sock::trace`).
+#[xdp]
+pub fn lb_sock_trace(ctx: XdpContext) -> u32 {
+    sock::trace(&ctx)
+}
+
 /// XDP's slow path on a node's external interface.
 #[classifier]
 #[inline(always)]

@@ -36,19 +36,21 @@
 //! and call the same stages.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_ANY},
+    bindings::{bpf_sock_addr, xdp_action, BPF_ANY},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    programs::{SockAddrContext, XdpContext},
     EbpfContext as _,
 };
 use lb_common::{
-    family, hash, proto,
+    family, proto,
     sock::{
-        SockRevKey, SockRevValue, STAT_REFUSED, STAT_REVERSED, STAT_SOURCE_RANGE, STAT_TRANSLATED,
+        sock_hash, SockRevKey, SockRevValue, TraceRequest, TraceResult, STAT_REFUSED,
+        STAT_REVERSED, STAT_SOURCE_RANGE, STAT_TRANSLATED, TRACE_FRAME_LEN, TRACE_PASS,
+        TRACE_REFUSED, TRACE_TRANSLATED,
     },
     stats::SvcCounters,
-    IpAddrBe, Tuple,
+    BackendId, IpAddrBe, Tuple,
 };
 
 use crate::{
@@ -82,10 +84,14 @@ struct Endpoint {
 enum Decision {
     /// Not a frontend (or not our socket): leave it.
     Pass,
-    /// Rewrite it to this backend.
-    To(Endpoint),
-    /// Fail the call with this errno.
-    Refuse(i32),
+    /// Rewrite it to this backend of Service port `svc_id`.
+    To {
+        backend: Endpoint,
+        backend_id: BackendId,
+        svc_id: u32,
+    },
+    /// Fail the call with this errno (`svc_id` 0: no Service port).
+    Refuse { errno: i32, svc_id: u32 },
 }
 
 /// TCP connect and connected UDP: translate a frontend to a backend.
@@ -129,10 +135,8 @@ fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
     // context; volatile keeps each access at the width the verifier allows
     // (LLVM could merge neighbouring fields into one wider load).
     let l4 = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
-    let l4 = match l4 {
-        6 => proto::TCP,
-        17 => proto::UDP,
-        _ => return ALLOW,
+    let Some(l4) = sock_proto(l4) else {
+        return ALLOW;
     };
     let dst = Endpoint {
         family: family::V4,
@@ -149,7 +153,7 @@ fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     match decide(l4, &dst, client, cookie, connect) {
         Decision::Pass => ALLOW,
-        Decision::To(backend) => {
+        Decision::To { backend, .. } => {
             // SAFETY: 4-byte writes of user_ip4 and user_port are allowed
             // in connect4 and sendmsg4.
             unsafe {
@@ -158,7 +162,7 @@ fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
             }
             ALLOW
         }
-        Decision::Refuse(errno) => {
+        Decision::Refuse { errno, .. } => {
             // SAFETY: bpf_set_retval has no preconditions in these hooks.
             unsafe { bpf_set_retval(-errno) };
             REJECT
@@ -227,6 +231,27 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
     cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
 }
 
+/// The protocol number a socket's `protocol` field names, if the hooks
+/// translate it.
+#[inline(always)]
+fn sock_proto(protocol: u32) -> Option<u8> {
+    match protocol {
+        6 => Some(proto::TCP),
+        17 => Some(proto::UDP),
+        _ => None,
+    }
+}
+
+/// The address an unbound socket's packets will carry: the node's.
+#[inline(always)]
+fn client_or_node(client: IpAddrBe, family: u8, env: &Env) -> IpAddrBe {
+    if client == [0; 4] {
+        env.cfg().node_addr(family).unwrap_or(client)
+    } else {
+        client
+    }
+}
+
 /// Chooses the backend for a socket asking for `dst`, with the packet
 /// path's stages, and records the translation for the reverse hooks.
 #[inline(always)]
@@ -234,11 +259,7 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
     let Some(env) = Env::load() else {
         return Decision::Pass;
     };
-    let client = if client == [0; 4] {
-        env.cfg().node_addr(dst.family).unwrap_or(client)
-    } else {
-        client
-    };
+    let client = client_or_node(client, dst.family, &env);
     // The source port is not known yet (see the module comment).
     let t = Tuple {
         saddr_be: client,
@@ -254,14 +275,20 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
         // nftables mode does.
         if frontend::unused_cluster_ip_port(&t) {
             count(STAT_REFUSED);
-            return Decision::Refuse(ECONNREFUSED);
+            return Decision::Refuse {
+                errno: ECONNREFUSED,
+                svc_id: 0,
+            };
         }
         return Decision::Pass;
     };
     if !frontend::source_allowed(&svc, &t) {
         count(STAT_SOURCE_RANGE);
         count_refusal(svc.svc_id);
-        return Decision::Refuse(EPERM);
+        return Decision::Refuse {
+            errno: EPERM,
+            svc_id: svc.svc_id,
+        };
     }
     // No endpoint (or an inconsistent table): refuse at once. The packet
     // path drops instead for a Local policy without a local endpoint, so
@@ -272,10 +299,13 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
     } else {
         select::pick(&svc, &t, sock_hash(&t, cookie), env.now())
     };
-    let Some((_, backend)) = picked else {
+    let Some((backend_id, backend)) = picked else {
         count(STAT_REFUSED);
         count_refusal(svc.svc_id);
-        return Decision::Refuse(ECONNREFUSED);
+        return Decision::Refuse {
+            errno: ECONNREFUSED,
+            svc_id: svc.svc_id,
+        };
     };
     let key = SockRevKey {
         cookie,
@@ -302,11 +332,81 @@ fn decide(l4: u8, dst: &Endpoint, client: IpAddrBe, cookie: u64, connect: bool) 
         count_new_flow(svc.svc_id);
     }
     count(STAT_TRANSLATED);
-    Decision::To(Endpoint {
-        family: backend.family,
-        addr: backend.addr_be,
-        port_be: backend.port_be,
-    })
+    Decision::To {
+        backend: Endpoint {
+            family: backend.family,
+            addr: backend.addr_be,
+            port_be: backend.port_be,
+        },
+        backend_id,
+        svc_id: svc.svc_id,
+    }
+}
+
+/// `lb_sock_trace`: the decision `decide` makes for the [`TraceRequest`]
+/// at the start of the frame, written over it as a [`TraceResult`]. It
+/// only ever runs under BPF_PROG_TEST_RUN on a private copy of the
+/// datapath (`lb-agent trace --socket`): a cgroup socket program cannot be
+/// test-run, and a real `connect` would send a SYN to the backend.
+#[inline(always)]
+pub fn trace(ctx: &XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + TRACE_FRAME_LEN > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let req = start as *const TraceRequest;
+    let out = start as *mut TraceResult;
+    // SAFETY (every access through `req` and `out`): the bounds were
+    // checked above and the frame is the program's; the request is read
+    // whole before the result is written over it.
+    let (l4, dst, client, cookie, connect) = unsafe {
+        (
+            sock_proto(u32::from((*req).proto)),
+            Endpoint {
+                family: (*req).family,
+                addr: (*req).dst_be,
+                port_be: (*req).dst_port_be,
+            },
+            (*req).client_be,
+            (*req).cookie,
+            (*req).connect != 0,
+        )
+    };
+    let decision = match (l4, Env::load()) {
+        (Some(l4), Some(env)) => {
+            // SAFETY: as above.
+            unsafe { (*out).client_be = client_or_node(client, dst.family, &env) };
+            decide(l4, &dst, client, cookie, connect)
+        }
+        _ => Decision::Pass,
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*out).errno = 0;
+        (*out).backend_id = 0;
+        (*out).svc_id = 0;
+        match decision {
+            Decision::Pass => (*out).verdict = TRACE_PASS,
+            Decision::To {
+                backend,
+                backend_id,
+                svc_id,
+            } => {
+                (*out).verdict = TRACE_TRANSLATED;
+                (*out).svc_id = svc_id;
+                (*out).backend_id = backend_id;
+                (*out).addr_be = backend.addr;
+                (*out).port_be = backend.port_be;
+                (*out).family = backend.family;
+            }
+            Decision::Refuse { errno, svc_id } => {
+                (*out).verdict = TRACE_REFUSED;
+                (*out).errno = errno as u32;
+                (*out).svc_id = svc_id;
+            }
+        }
+    }
+    xdp_action::XDP_PASS
 }
 
 /// The frontend a translated socket asked for, given the backend it sees.
@@ -327,14 +427,6 @@ fn frontend_of(cookie: u64, seen: &Endpoint) -> Option<Endpoint> {
         addr: v.addr_be,
         port_be: v.port_be,
     })
-}
-
-/// A socket's flow hash: the tuple's (source port 0) with the socket's
-/// cookie mixed in (see the module comment).
-#[inline(always)]
-fn sock_hash(t: &Tuple, cookie: u64) -> u32 {
-    let h = hash::mix(t.hash(), cookie as u32);
-    hash::finish(hash::mix(h, (cookie >> 32) as u32))
 }
 
 /// Adds one to socket counter `idx`.

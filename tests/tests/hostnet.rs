@@ -477,3 +477,165 @@ fn an_endpoint_on_the_nodes_own_address_answers_pods_outside_clients_and_nodes()
         );
     }
 }
+
+/// The kernel's cookie of `fd`'s socket (`SO_COOKIE`), which the socket
+/// hooks mix into their Maglev hash.
+fn socket_cookie(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer is a u64 and `len` says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
+    cookie
+}
+
+/// `lb-agent trace --socket` on `node` (JSON).
+fn trace_socket(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["trace", "--socket"];
+    all.extend_from_slice(args);
+    c.inspect(node, &all)
+}
+
+/// The pod name of a backend as trace prints it (`address:port (id N)`).
+fn pod_of(backend: &serde_json::Value) -> &'static str {
+    let addr = backend
+        .as_str()
+        .and_then(|b| b.split(':').next())
+        .unwrap_or_else(|| panic!("no backend address in {backend}"));
+    match addr {
+        A1 => "a1",
+        B0 => "b0",
+        B1 => "b1",
+        other => panic!("{other} is no endpoint of the Service"),
+    }
+}
+
+#[test]
+fn trace_names_the_backend_a_node_socket_gets_at_connect() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hntrace"));
+    let _s = serve_all_pods(&c);
+    let endpoints = [(A1, "node-a"), (B0, "node-b"), (B1, "node-b")];
+    c.write_manifest("web.yaml", &web(&endpoints));
+    c.write_manifest("dns.yaml", &dns(&endpoints));
+    c.write_manifest(
+        "empty.yaml",
+        &one_port("empty", "10.96.0.20", 80, 8080, 30090, "TCP", &[]),
+    );
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+
+    // Real sockets: the trace, given a socket's cookie, must name the
+    // backend the live hook gave that socket, for TCP and connected UDP.
+    let mut seen = BTreeMap::new();
+    for i in 0..12 {
+        let (got, cookie) = in_ns(&node, || {
+            let s = std::net::TcpStream::connect_timeout(&sa("10.96.0.10:80"), IO)?;
+            s.set_read_timeout(Some(IO))?;
+            let mut line = String::new();
+            io::BufRead::read_line(&mut io::BufReader::new(&s), &mut line)?;
+            Ok::<_, io::Error>((line, socket_cookie(&s)))
+        })
+        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let got = got
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let cookie = cookie.to_string();
+        let t = trace_socket(
+            &c,
+            "a",
+            &[
+                "connect",
+                "--proto",
+                "tcp",
+                "--dst",
+                "10.96.0.10:80",
+                "--cookie",
+                &cookie,
+            ],
+        );
+        assert_eq!(t["verdict"], "translated", "{t}");
+        assert_eq!(t["frontend"], "test/web:p/TCP", "{t}");
+        assert_eq!(pod_of(&t["backend"]), got, "socket {i}: {t}");
+        assert!(
+            t["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("Maglev: socket hash")),
+            "{t}"
+        );
+        *seen.entry(got).or_insert(0) += 1;
+    }
+    assert!(seen.len() > 1, "twelve sockets, one backend: {seen:?}");
+    for i in 0..6 {
+        let (got, cookie) = in_ns(&node, || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(IO))?;
+            s.connect(sa("10.96.0.53:53"))?;
+            s.send(b"hello")?;
+            let mut buf = [0u8; 2048];
+            let n = s.recv(&mut buf)?;
+            Ok::<_, io::Error>((
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+                socket_cookie(&s),
+            ))
+        })
+        .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+        let got = got
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let cookie = cookie.to_string();
+        for call in ["connect", "sendmsg"] {
+            let t = trace_socket(
+                &c,
+                "a",
+                &[
+                    call,
+                    "--proto",
+                    "udp",
+                    "--dst",
+                    "10.96.0.53:53",
+                    "--cookie",
+                    &cookie,
+                ],
+            );
+            assert_eq!(t["verdict"], "translated", "{t}");
+            assert_eq!(pod_of(&t["backend"]), got, "{call} {i}: {t}");
+        }
+    }
+
+    // Refusals say why; a non-frontend is left alone.
+    let t = trace_socket(
+        &c,
+        "a",
+        &["connect", "--proto", "tcp", "--dst", "10.96.0.20:80"],
+    );
+    assert_eq!(t["verdict"], "refused", "{t}");
+    assert_eq!(t["errno"], "ECONNREFUSED", "{t}");
+    assert_eq!(t["frontend"], "test/empty:p/TCP", "{t}");
+    let t = trace_socket(
+        &c,
+        "a",
+        &["connect", "--proto", "tcp", "--dst", "10.96.0.10:81"],
+    );
+    assert_eq!(t["verdict"], "refused", "{t}");
+    assert!(t["frontend"].is_null(), "{t}");
+    let t = trace_socket(
+        &c,
+        "a",
+        &["connect", "--proto", "tcp", "--dst", "10.99.0.2:22"],
+    );
+    assert_eq!(t["verdict"], "untouched", "{t}");
+    // The trace ran on a private copy: the live counters did not move.
+    assert_eq!(service_stats(&c, "a", "test/empty:p/TCP")["drops"], 0);
+}

@@ -77,6 +77,9 @@ pub enum TestProgram {
     TcEgress,
     /// The pass-only XDP program (loaded on first use).
     XdpPass,
+    /// The socket hooks' decision over a request frame (loaded on first
+    /// use; see `lb_common::sock::TraceRequest`).
+    SockTrace,
 }
 
 impl TestProgram {
@@ -88,6 +91,7 @@ impl TestProgram {
             TestProgram::TcPod => Hook::TcPod.program(),
             TestProgram::TcEgress => Hook::TcPodEgress.program(),
             TestProgram::XdpPass => maps::PROG_XDP_PASS,
+            TestProgram::SockTrace => maps::PROG_SOCK_TRACE,
         }
     }
 }
@@ -614,7 +618,10 @@ impl Programs {
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?;
-        let is_xdp = matches!(program, TestProgram::XdpNode | TestProgram::XdpPass);
+        let is_xdp = matches!(
+            program,
+            TestProgram::XdpNode | TestProgram::XdpPass | TestProgram::SockTrace
+        );
         let ctx = ifindex.map(|i| test_ctx(is_xdp, i, packet.len()));
         let o = TestRunOptions {
             data_in: Some(packet),
@@ -624,7 +631,7 @@ impl Programs {
             ..TestRunOptions::default()
         };
         let res = match program {
-            TestProgram::XdpNode | TestProgram::XdpPass => {
+            TestProgram::XdpNode | TestProgram::XdpPass | TestProgram::SockTrace => {
                 let xdp = <&mut Xdp>::try_from(prog)?;
                 if xdp.fd().is_err() {
                     xdp.load()
