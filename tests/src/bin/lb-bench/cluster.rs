@@ -12,6 +12,7 @@
 //! with nothing there.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -253,6 +254,84 @@ impl Conn {
 struct Throughput {
     sent: Vec<Vec<f64>>,
     delivered: Vec<Vec<f64>>,
+    /// The agent's programs on the live path, from one more run of path
+    /// (b) with the kernel's run-time statistics on.
+    live: Vec<ProgCost>,
+}
+
+/// One of the agent's programs over a window of path (b): what the kernel's
+/// BPF run-time statistics (`BPF_ENABLE_STATS`) counted.
+struct ProgCost {
+    name: String,
+    /// Runs in the window.
+    runs: u64,
+    /// Mean run time (ns).
+    ns_per_run: f64,
+    /// Runs per frame the generator sent in the window.
+    runs_per_packet: f64,
+    /// JIT image size (bytes).
+    jited: u32,
+}
+
+/// The agent's programs, as `bpftool prog` names them.
+const AGENT_PROGS: [&str; 4] = ["lb_xdp_node", "lb_tc_node", "lb_tc_pod", "lb_tc_egress"];
+
+/// Run time, run count and JIT size of every loaded program named in
+/// [`AGENT_PROGS`], by program id.
+fn prog_stats() -> BTreeMap<u32, (String, u64, u64, u32)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|info| {
+            let name = info.name_as_str()?.to_string();
+            AGENT_PROGS.contains(&name.as_str()).then(|| {
+                (
+                    info.id(),
+                    (
+                        name,
+                        info.run_time().as_nanos() as u64,
+                        info.run_count(),
+                        info.size_jitted(),
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// One window of path (b) with the kernel's run-time statistics on: each
+/// agent program's cost per run and runs per delivered packet, which is
+/// what figure 1 cannot time (the FIB lookup, SNAT, XDP_TX). Statistics
+/// are off during the measured runs, since they add two clock reads to
+/// every program run.
+fn live_cost(rig: &Rig, window: Duration) -> Vec<ProgCost> {
+    let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => fd,
+        Err(e) => panic!("BPF_ENABLE_STATS (kernel 5.8+): {e}"),
+    };
+    let before = prog_stats();
+    let (frames, _, _) = rig.blast_counts(Path::Agent, window);
+    let after = prog_stats();
+    drop(stats);
+    let packets = frames.max(1) as f64;
+    let mut by_name: BTreeMap<String, (u64, u64, u32)> = BTreeMap::new();
+    for (id, (name, time, runs, jited)) in after {
+        let (t0, r0) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+        let e = by_name.entry(name).or_default();
+        e.0 += time.saturating_sub(t0);
+        e.1 += runs.saturating_sub(r0);
+        e.2 = e.2.max(jited);
+    }
+    by_name
+        .into_iter()
+        .filter(|(_, (_, runs, _))| *runs > 0)
+        .map(|(name, (time, runs, jited))| ProgCost {
+            name,
+            runs,
+            ns_per_run: time as f64 / runs as f64,
+            runs_per_packet: runs as f64 / packets,
+            jited,
+        })
+        .collect()
 }
 
 /// Figure 3 at one scale: per contender, per run.
@@ -688,6 +767,13 @@ impl Rig {
     /// Sends for `window` along `path`: packets per second sent and
     /// delivered.
     fn blast(&self, path: Path, window: Duration) -> (f64, f64) {
+        let (frames, delivered, took) = self.blast_counts(path, window);
+        let secs = took.as_secs_f64();
+        (frames as f64 / secs, delivered as f64 / secs)
+    }
+
+    /// [`Rig::blast`]'s frames sent, packets delivered and sending time.
+    fn blast_counts(&self, path: Path, window: Duration) -> (u64, u64, Duration) {
         let (port, frame) = self.frame(path);
         let sink = self.sink_ns(path);
         let before = sink_count(&sink);
@@ -714,9 +800,7 @@ impl Rig {
             (frames, took)
         });
         let delivered = settled_count(&sink) - before;
-
-        let secs = took.as_secs_f64();
-        (frames as f64 / secs, delivered as f64 / secs)
+        (frames, delivered, took)
     }
 }
 
@@ -882,6 +966,7 @@ fn throughput(rig: &Rig, p: &Params) -> Throughput {
     let mut t = Throughput {
         sent: vec![Vec::new(); PATHS.len()],
         delivered: vec![Vec::new(); PATHS.len()],
+        live: Vec::new(),
     };
     // Conntrack entries of every flow exist before the first run.
     for path in PATHS {
@@ -904,6 +989,7 @@ fn throughput(rig: &Rig, p: &Params) -> Throughput {
                 .join(" / ")
         );
     }
+    t.live = live_cost(rig, p.window);
     t
 }
 
@@ -1227,6 +1313,23 @@ fn throughput_table(s: &mut String, sc: &Scale, shape: Shape, t: &Throughput, re
             Verdict::Info,
             String::new(),
         );
+    }
+    if !t.live.is_empty() {
+        let _ = writeln!(
+            s,
+            "The agent's programs on path (b), from one more window with the kernel's \
+             BPF run-time statistics on (they add two clock reads a run, so the \
+             window above ran without):\n\n| program | runs | ns per run | runs per \
+             frame sent | JIT image (bytes) |\n|---|---|---|---|---|"
+        );
+        for c in &t.live {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.2} | {} |",
+                c.name, c.runs, c.ns_per_run, c.runs_per_packet, c.jited
+            );
+        }
+        s.push('\n');
     }
     let gen = Stat::of(&t.delivered[0]);
     let fwd_rate = Stat::of(&t.delivered[1]);
