@@ -97,7 +97,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
     let table_size = args
         .maglev_table_size
         .map_or(maglev::TableSize::Scaled, maglev::TableSize::Fixed);
-    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, table_size);
+    let snap = maps.snapshot()?;
+    maps.adopt_regions(&snap);
+    let mut reconciler = Reconciler::adopt(&snap, table_size);
+    drop(snap);
     let mut translator = Translator::default();
     info!(
         services = reconciler.service_count(),

@@ -165,7 +165,7 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         let name = live
             .infos
             .get(&s.svc_id, 0)
-            .map(|i| decode_info(s.svc_id, &i).name)
+            .map(|i| decode_info(&i).name)
             .unwrap_or_else(|_| format!("svc {}", s.svc_id));
         format!("{name} ({})", frontend_kinds(s.flags).join(", "))
     });
@@ -236,7 +236,9 @@ fn explain(
         let ports = (u32::from(key.sport_be) << 16) | u32::from(key.dport_be);
         let hash = flow_hash(&key.saddr_be, &key.daddr_be, ports, key.proto);
         let slot = hash % svc.slot_count.max(1);
-        let table = live.table(svc.svc_id).unwrap_or_default();
+        let table = live
+            .table(svc.slot_base, svc.slot_count)
+            .unwrap_or_default();
         let check = match table.get(slot as usize) {
             Some(id) if *id == chosen.backend_id => String::new(),
             Some(id) => format!(" (the live table now holds backend {id} there)"),
