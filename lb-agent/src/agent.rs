@@ -157,7 +157,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         update_dsr_peers(&args.dsr_peers.0, &source.node_peers(), &mut dsr_peers, &mut maps);
                         agent_health.synced();
                         if sock_cgroup.is_some() && report.deletes > 0 {
-                            stale::after_sync(&args.bpffs, &maps);
+                            stale::after_sync(&args.bpffs, reconciler.backends());
                         }
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);

@@ -240,6 +240,11 @@ impl Reconciler {
             .is_some_and(|s| s.active.contains(&backend))
     }
 
+    /// The backends the maps hold, as this reconciler wrote them.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.values()
+    }
+
     /// Number of Service ports currently programmed.
     pub fn service_count(&self) -> usize {
         self.services.len()
