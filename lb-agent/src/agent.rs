@@ -97,7 +97,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
     let table_size = args
         .maglev_table_size
         .map_or(maglev::TableSize::Scaled, maglev::TableSize::Fixed);
-    let mut reconciler = Reconciler::adopt(&maps.snapshot()?, table_size);
+    let snap = maps.snapshot()?;
+    maps.adopt_regions(&snap);
+    let mut reconciler = Reconciler::adopt(&snap, table_size);
+    drop(snap);
     let mut translator = Translator::default();
     info!(
         services = reconciler.service_count(),
@@ -154,7 +157,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         update_dsr_peers(&args.dsr_peers.0, &source.node_peers(), &mut dsr_peers, &mut maps);
                         agent_health.synced();
                         if sock_cgroup.is_some() && report.deletes > 0 {
-                            stale::after_sync(&args.bpffs, &maps);
+                            stale::after_sync(&args.bpffs, reconciler.backends());
                         }
                         let invalid = problems.len().saturating_sub(report.failures.len());
                         recorder.synced(seen.take(), invalid, &report);

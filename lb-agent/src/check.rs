@@ -521,7 +521,12 @@ pub fn map_memory(sizes: &MapSizes) -> Vec<MapMemory> {
             8 + cpus * round8(size_of::<SvcCounters>()),
             true,
         ),
-        entry(maps::MAGLEV, sizes.services, hash(4, 8), true),
+        entry(
+            maps::MAGLEV,
+            crate::datapath::regions::chunks_for(sizes.maglev_slots as usize),
+            round8(size_of::<lb_common::MaglevChunk>()),
+            true,
+        ),
         entry(
             maps::BACKENDS,
             sizes.backends,
@@ -583,7 +588,7 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\nmap memory at the configured sizes: {} (estimate; Maglev tables add 4 bytes a slot per Service port)",
+        "\nmap memory at the configured sizes: {} (estimate)",
         human_bytes(r.map_bytes)
     );
     for m in &r.maps {

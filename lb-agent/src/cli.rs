@@ -339,6 +339,13 @@ pub(crate) struct RunArgs {
     /// 65521 and 131071 slots that gives 100 per backend.
     #[arg(long, value_parser = parse_table_size)]
     pub(crate) maglev_table_size: Option<u32>,
+    /// Size of the flat array every Maglev table is a region of, in slots
+    /// (4 bytes each, allocated at once: 32 MiB by default). A changed
+    /// table is written into free room before the old one is given back,
+    /// so leave room for the tables that change at once besides those in
+    /// use (a table of 3 to 10 backends takes 1024 slots).
+    #[arg(long, default_value_t = lb_common::service::MAGLEV_SLOTS_DEFAULT)]
+    pub(crate) maglev_slots: u32,
     /// Socket-level load balancing for the node's own sockets (cgroup v2
     /// hooks at the hierarchy's root, acting on this network namespace only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -383,6 +390,7 @@ impl RunArgs {
             embryonic: self.conntrack_embryonic_size,
             affinity: self.affinity_size,
             src_ranges: self.src_ranges_size,
+            maglev_slots: self.maglev_slots,
         }
     }
 

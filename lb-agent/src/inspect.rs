@@ -65,7 +65,8 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>> {
         if let std::collections::btree_map::Entry::Vacant(entry) = by_id.entry(value.svc_id) {
             // Backends in the order of their first slot, with their share.
             let mut slots: Vec<(u32, u32)> = Vec::new();
-            for id in maps.table(value.svc_id)? {
+            let (base, count) = value.slots.map_or((0, 0), |s| (s.table.raw(), s.count));
+            for id in maps.table(base, count)? {
                 match slots.iter_mut().find(|(b, _)| *b == id) {
                     Some((_, n)) => *n += 1,
                     None => slots.push((id, 1)),
@@ -421,7 +422,7 @@ pub struct MaglevView {
 pub fn maglev(maps: &Maps, service: &str) -> Result<MaglevView> {
     let svc_id = service_id(maps, service)?;
     let snap = maps.snapshot()?;
-    let table = maps.table(svc_id)?;
+    let table = maps.service_table(&snap, svc_id)?;
     let mut shares: Vec<BackendView> = Vec::new();
     for id in &table {
         match shares.iter_mut().find(|b| b.id == *id) {

@@ -165,7 +165,7 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         let name = live
             .infos
             .get(&s.svc_id, 0)
-            .map(|i| decode_info(s.svc_id, &i).name)
+            .map(|i| decode_info(&i).name)
             .unwrap_or_else(|_| format!("svc {}", s.svc_id));
         format!("{name} ({})", frontend_kinds(s.flags).join(", "))
     });
@@ -271,7 +271,9 @@ fn maglev_reason(
     backend_id: u32,
 ) -> String {
     let slot = hash % svc.slot_count.max(1);
-    let table = live.table(svc.svc_id).unwrap_or_default();
+    let table = live
+        .table(svc.slot_base, svc.slot_count)
+        .unwrap_or_default();
     let check = match table.get(slot as usize) {
         Some(id) if *id == backend_id => String::new(),
         Some(id) => format!(" (the live table now holds backend {id} there)"),
@@ -403,7 +405,7 @@ pub fn run_socket(bpffs: &Path, req: &SocketRequest) -> Result<SocketReport> {
     let name = |svc_id: u32| {
         live.infos
             .get(&svc_id, 0)
-            .map(|i| decode_info(svc_id, &i).name)
+            .map(|i| decode_info(&i).name)
             .unwrap_or_else(|_| format!("svc {svc_id}"))
     };
     let frontend = (result.svc_id != 0).then(|| name(result.svc_id));

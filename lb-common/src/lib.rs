@@ -32,7 +32,9 @@ pub use affinity::{AffinityKey, AffinityValue};
 pub use config::Config;
 pub use conntrack::{CtKey, CtValue};
 pub use frag::{FragKey, FragValue};
-pub use service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue, SrcRange};
+pub use service::{
+    Backend, BackendId, MaglevChunk, ServiceInfo, ServiceKey, ServiceValue, SrcRange,
+};
 pub use tuple::Tuple;
 
 /// Address families as carried in keys (the values of `AF_INET`/`AF_INET6`).

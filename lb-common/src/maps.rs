@@ -4,9 +4,10 @@
 //! agent never reuses a pin of an older layout.
 
 /// Frontends: [`crate::ServiceKey`] → [`crate::ServiceValue`].
-pub const SERVICES: &str = "LB_SERVICES_V2";
-/// Maglev tables: svc_id → inner array of [`crate::BackendId`].
-pub const MAGLEV: &str = "LB_MAGLEV_V1";
+pub const SERVICES: &str = "LB_SERVICES_V3";
+/// Maglev tables, one flat array: element → [`crate::MaglevChunk`] (16
+/// slots); each Service port's table is a region of it.
+pub const MAGLEV: &str = "LB_MAGLEV_V2";
 /// Backends: [`crate::BackendId`] → [`crate::Backend`].
 pub const BACKENDS: &str = "LB_BACKENDS_V1";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
@@ -30,7 +31,7 @@ pub const SRC_RANGES: &str = "LB_SRC_RANGES_V1";
 /// First fragments' ports (LRU): [`crate::FragKey`] → [`crate::FragValue`].
 pub const FRAGS: &str = "LB_FRAGS_V1";
 /// Service port records: `u32` svc_id → [`crate::ServiceInfo`] (user space only).
-pub const SVC_INFO: &str = "LB_SVC_INFO_V1";
+pub const SVC_INFO: &str = "LB_SVC_INFO_V2";
 
 /// Nodes whose DSR-wrapped packets are unwrapped (LPM trie):
 /// [`crate::dsr::DsrPeer`] → `u32` 1.

@@ -2,11 +2,14 @@
 //!
 //! A packet finds its Service through [`ServiceKey`] → [`ServiceValue`],
 //! hashes its flow into `0..slot_count`, reads that slot of the Service's
-//! Maglev table (an inner array of the Maglev map, keyed by `svc_id`) to get a
-//! [`BackendId`], and turns the id into a [`Backend`].
+//! Maglev table (the region of the flat slot array that starts at
+//! `slot_base`) to get a [`BackendId`], and turns the id into a [`Backend`].
 //!
-//! A table is replaced whole: the agent fills a new inner array and swaps it
-//! into the outer map with one update, so a packet never sees half a table.
+//! A table is replaced whole: the agent writes the new table into a free
+//! region, then points the frontend records at it with one update each, so
+//! a packet reads the old table or the new one, never a mix; the old
+//! region is reused only after every program that could have read the old
+//! record has finished (docs/architecture.md, Maps).
 
 use crate::{pod, IpAddrBe};
 
@@ -111,8 +114,11 @@ pub struct ServiceValue {
     pub flags: u32,
     /// ClientIP session affinity timeout in seconds; 0 means no affinity.
     pub affinity_timeout_s: u32,
+    /// First slot of the Service's Maglev table in the flat slot array (a
+    /// multiple of [`MAGLEV_CHUNK`]); meaningless while `slot_count` is 0.
+    pub slot_base: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
 
 impl ServiceValue {
     /// Whether the frontend may have an in-cluster twin key
@@ -123,8 +129,28 @@ impl ServiceValue {
     }
 }
 
-/// Largest Maglev table (the inner array's template size).
+/// Largest Maglev table.
 pub const MAGLEV_MAX: u32 = 131_071;
+
+/// Slots per element of the flat slot array. An array map rounds every
+/// value up to 8 bytes, so one 4-byte id per element would cost twice its
+/// size; 16 ids per element also make a table's batch write 16 times
+/// shorter. A table's region starts on an element boundary.
+pub const MAGLEV_CHUNK: u32 = 16;
+
+/// One element of the flat Maglev slot array: slots `16 i .. 16 i + 15`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaglevChunk {
+    /// Backend ids.
+    pub slots: [BackendId; MAGLEV_CHUNK as usize],
+}
+const _: () = assert!(core::mem::size_of::<MaglevChunk>() == 64);
+
+/// Default size of the flat slot array, in slots (4 bytes each, 32 MiB):
+/// room for about 4000 Service ports of 3 to 10 backends (1021 slots) with
+/// as many again for tables being replaced.
+pub const MAGLEV_SLOTS_DEFAULT: u32 = 1 << 23;
 
 /// The data of a source-range key (the LPM trie's key is this behind a
 /// prefix length): a Service port, then the address. A range's prefix
@@ -175,25 +201,38 @@ pub const SERVICE_NAME_LEN: usize = 120;
 /// What the agent records about a Service port for itself and for
 /// inspection: its name (`namespace/name:port/PROTO`, so that `lb-agent
 /// services` and `bpftool` can say which Service an id is) and the
-/// fingerprint of its Maglev table (so that a restarted agent rewrites only
-/// tables that differ).
+/// fingerprint and region of its Maglev table (so that a restarted agent
+/// rewrites only tables that differ, and knows which regions are taken).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
     /// Hash of the table size and the sorted backend set; 0 for no table.
     pub table_fingerprint: u64,
+    /// First slot of the table's region in the flat slot array.
+    pub table_base: u32,
+    /// Slots of the table's region (a multiple of [`MAGLEV_CHUNK`]).
+    pub table_slots: u32,
     /// UTF-8 name, NUL-padded.
     pub name: [u8; SERVICE_NAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 128);
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 136);
 
 impl Default for ServiceInfo {
     fn default() -> Self {
         Self {
             table_fingerprint: 0,
+            table_base: 0,
+            table_slots: 0,
             name: [0; SERVICE_NAME_LEN],
         }
     }
 }
 
-pod!(ServiceKey, ServiceValue, Backend, ServiceInfo, SrcRange);
+pod!(
+    ServiceKey,
+    ServiceValue,
+    Backend,
+    ServiceInfo,
+    SrcRange,
+    MaglevChunk
+);

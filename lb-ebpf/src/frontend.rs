@@ -7,7 +7,7 @@ use lb_common::{
     ServiceKey, ServiceValue, SrcRange, Tuple,
 };
 
-use crate::maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1};
+use crate::maps::{LB_SERVICES_V3, LB_SRC_RANGES_V1};
 
 /// The Service record of the tuple's destination, if it is a frontend.
 /// A client inside the cluster (`in_cluster`: a pod, the node itself) gets
@@ -17,11 +17,11 @@ use crate::maps::{LB_SERVICES_V2, LB_SRC_RANGES_V1};
 pub fn lookup(t: &Tuple, in_cluster: bool) -> Option<ServiceValue> {
     let key = t.frontend();
     // SAFETY: the value is copied out at once, before any map update.
-    let svc = unsafe { LB_SERVICES_V2.get(&key).copied() }?;
+    let svc = unsafe { LB_SERVICES_V3.get(&key).copied() }?;
     if in_cluster && svc.has_in_cluster_twin() {
         // SAFETY: as above. Without a twin (an agent that writes none), the
         // frontend's own record still serves.
-        if let Some(twin) = unsafe { LB_SERVICES_V2.get(&key.in_cluster()).copied() } {
+        if let Some(twin) = unsafe { LB_SERVICES_V3.get(&key.in_cluster()).copied() } {
             return Some(twin);
         }
     }
@@ -34,7 +34,7 @@ pub fn lookup(t: &Tuple, in_cluster: bool) -> Option<ServiceValue> {
 pub fn unused_cluster_ip_port(t: &Tuple) -> bool {
     let key = ServiceKey::address_only(t.daddr_be, t.family);
     // SAFETY: only the presence is read.
-    unsafe { LB_SERVICES_V2.get(&key) }.is_some()
+    unsafe { LB_SERVICES_V3.get(&key) }.is_some()
 }
 
 /// Whether the tuple's source may reach a frontend guarded by

@@ -2,7 +2,7 @@
 //! resizes the hash maps at load time, so the sizes here are only defaults.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -11,30 +11,25 @@ use lb_common::{
         AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, CT_EMBRYO_MAX, FRAGS_MAX, SERVICES_MAX,
         SRC_RANGES_MAX,
     },
-    service::MAGLEV_MAX,
+    service::{MAGLEV_CHUNK, MAGLEV_SLOTS_DEFAULT},
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
-    ServiceInfo, ServiceKey, ServiceValue, SrcRange,
+    MaglevChunk, ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
 
 use crate::scratch::Scratch;
 
 /// Frontends.
 #[btf_map]
-pub static LB_SERVICES_V2: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
+pub static LB_SERVICES_V3: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
     HashMap::new();
 
-/// `BPF_F_INNER_MAP`: inner arrays of any size may replace the template.
-const INNER_MAP: usize = 1 << 12;
-
-/// One Maglev table per Service port, swapped whole by the agent.
+/// Every Maglev table, each a region of this flat array named by its
+/// frontend records (`ServiceValue::slot_base`); sized by the agent.
 #[btf_map]
-pub static LB_MAGLEV_V1: HashOfMaps<
-    u32,
-    Array<BackendId, { MAGLEV_MAX as usize }, INNER_MAP>,
-    { SERVICES_MAX as usize },
-> = HashOfMaps::new();
+pub static LB_MAGLEV_V2: Array<MaglevChunk, { (MAGLEV_SLOTS_DEFAULT / MAGLEV_CHUNK) as usize }> =
+    Array::new();
 
 /// Backends by id.
 #[btf_map]
@@ -74,7 +69,7 @@ pub static LB_SVC_STATS_V1: PerCpuArray<SvcCounters, { SERVICES_MAX as usize + 1
 
 /// Service port records for the agent and inspection; never read by the programs.
 #[btf_map]
-pub static LB_SVC_INFO_V1: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> = HashMap::new();
+pub static LB_SVC_INFO_V2: HashMap<u32, ServiceInfo, { SERVICES_MAX as usize }> = HashMap::new();
 
 /// Ports of translated first fragments, for the datagram's later fragments.
 #[btf_map]

@@ -8,11 +8,13 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    conntrack::CT_F_REPLY, proto, service::BACKEND_F_NOT_SERVING, AffinityKey, AffinityValue,
-    Backend, BackendId, CtValue, ServiceValue, Tuple,
+    conntrack::CT_F_REPLY,
+    proto,
+    service::{BACKEND_F_NOT_SERVING, MAGLEV_CHUNK},
+    AffinityKey, AffinityValue, Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
-use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V1};
+use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V2};
 
 /// Picks the backend for a new flow of tuple `t` (whose hash is `hash`) at
 /// time `now`: the client's affinity backend while it is fresh, else by
@@ -61,10 +63,14 @@ fn remember(key: &AffinityKey, backend_id: BackendId, now: u64) {
 fn pick_maglev(svc: &ServiceValue, hash: u32) -> Option<(BackendId, Backend)> {
     // A Service without a table has no slot (the pipeline refuses its new
     // flows before picking; a caller that does not is answered `None`).
-    let index = hash.checked_rem(svc.slot_count)?;
-    // SAFETY: values are copied out at once; the agent replaces a table by
-    // swapping in a new inner map, never by writing into a live one.
-    let id = unsafe { *LB_MAGLEV_V1.get_value(&svc.svc_id, &index)? };
+    let slot = svc
+        .slot_base
+        .wrapping_add(hash.checked_rem(svc.slot_count)?);
+    // The agent never writes into a region a record points at, nor reuses
+    // one until every program that could have read such a record is done.
+    let chunk = LB_MAGLEV_V2.get(slot / MAGLEV_CHUNK)?;
+    let id = *chunk.slots.get((slot % MAGLEV_CHUNK) as usize)?;
+    // SAFETY: the value is copied out at once.
     let backend = unsafe { *LB_BACKENDS_V1.get(&id)? };
     Some((id, backend))
 }

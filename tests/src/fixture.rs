@@ -59,6 +59,7 @@ impl Datapath {
                 embryonic: 1024,
                 affinity: 1024,
                 src_ranges: 1024,
+                maglev_slots: 1 << 18,
             },
             TABLE_SIZE,
         )

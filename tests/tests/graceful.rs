@@ -115,7 +115,7 @@ fn the_same_flow_reaches_the_same_backend_through_either_node() {
                 .find(|(_, i)| i.name == "test/dns:p/UDP")
                 .map(|(id, _)| *id)
                 .expect("dns record");
-            maps.table(svc_id)
+            maps.service_table(&snap, svc_id)
                 .expect("table")
                 .iter()
                 .map(|id| {

@@ -194,12 +194,12 @@ fn metrics_and_readiness_report_the_datapath_and_the_sync() {
     // Two frontends, and each ClusterIP's address-only key (which refuses
     // its ports no Service uses).
     assert_eq!(
-        sample(&text, r#"lb_map_entries{map="LB_SERVICES_V2"}"#),
+        sample(&text, r#"lb_map_entries{map="LB_SERVICES_V3"}"#),
         Some(4.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, r#"lb_map_capacity{map="LB_SERVICES_V2"}"#),
+        sample(&text, r#"lb_map_capacity{map="LB_SERVICES_V3"}"#),
         Some(65536.0)
     );
     assert!(

@@ -3,46 +3,49 @@
 //! one way in; and the reconciler's [`Store`] over them, the one place that
 //! lays its records out in the maps.
 //!
-//! Table placement: a Service port's Maglev table is an inner array of
-//! `LB_MAGLEV_V1` under the Service port's id, replaced whole in place, so a
-//! [`TableHandle`] is that id, and a frontend's `ServiceValue` leads to its
-//! table through its `svc_id`.
+//! Table placement: every Maglev table is a region of the flat slot array
+//! `LB_MAGLEV_V2` ([`super::regions`]); a [`TableHandle`] is the region's
+//! first slot, which a frontend's `ServiceValue` names as `slot_base` and
+//! the Service port's `ServiceInfo` records with the region's length. A
+//! new table always goes into a free region, written with one batch
+//! update, and the frontends are then flipped to it with one update each:
+//! no update of a map of maps, so no RCU grace period, on the change path.
 
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
-    Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, PerCpuArray,
 };
 use lb_common::{
     addr::addr_be,
     dsr::{DsrPeer, DSR_PEER_HEAD_BITS},
     maps,
-    service::SERVICE_NAME_LEN,
-    service::SRC_RANGE_HEAD_BITS,
+    service::{MAGLEV_CHUNK, SERVICE_NAME_LEN, SRC_RANGE_HEAD_BITS},
     stats::{Counter, SvcCounters},
-    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
-    ServiceKey, ServiceValue, SrcRange,
+    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, MaglevChunk,
+    ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
 
 use tracing::debug;
 
-use super::bpffs;
+use super::{
+    bpffs,
+    regions::{chunks_for, Regions},
+    sys::GraceWaiter,
+};
 use crate::{
     model::Cidr,
     reconcile::{Info, Range, Record, Slots, Snapshot, Store, StoreError, TableHandle},
 };
 
-/// `BPF_F_INNER_MAP`: lets inner arrays differ in size from the template.
-const BPF_F_INNER_MAP: u32 = 1 << 12;
-
 /// Every map of the datapath.
 pub struct Maps {
     /// Frontends.
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    /// Maglev tables.
-    pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
+    /// Maglev tables: the flat slot array.
+    pub maglev: Array<MapData, MaglevChunk>,
     /// Backends.
     pub backends: HashMap<MapData, BackendId, Backend>,
     /// Connection tracking.
@@ -63,9 +66,11 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
     /// The nodes whose DSR-wrapped packets are unwrapped.
     pub dsr_peers: LpmTrie<MapData, DsrPeer, u32>,
-    /// The Maglev map again, untyped, for batch updates (aya's
-    /// `HashOfMaps` does not lend out its `MapData`).
-    maglev_raw: MapData,
+    /// Which regions of the slot array hold tables: read from the maps at
+    /// the first table write (or given by [`Maps::adopt_regions`]).
+    regions: Option<Regions>,
+    /// Made at the first wait for a grace period.
+    grace: Option<GraceWaiter>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -104,11 +109,8 @@ impl Maps {
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
             dsr_peers: typed!(bpffs, maps::DSR_PEERS),
-            maglev_raw: {
-                let path = bpffs::maps_dir(bpffs).join(maps::MAGLEV);
-                MapData::from_pin(&path)
-                    .with_context(|| format!("open pinned map {}", path.display()))?
-            },
+            regions: None,
+            grace: None,
         })
     }
 }
@@ -156,7 +158,7 @@ fn peer_key(cidr: Cidr) -> LpmKey<DsrPeer> {
 }
 
 /// Decodes the [`ServiceInfo`] of Service port `svc_id`.
-pub fn decode_info(svc_id: u32, raw: &ServiceInfo) -> Info {
+pub fn decode_info(raw: &ServiceInfo) -> Info {
     let end = raw
         .name
         .iter()
@@ -165,15 +167,21 @@ pub fn decode_info(svc_id: u32, raw: &ServiceInfo) -> Info {
     Info {
         name: String::from_utf8_lossy(&raw.name[..end]).into_owned(),
         table_fingerprint: raw.table_fingerprint,
-        table: (raw.table_fingerprint != 0).then_some(TableHandle::from_raw(svc_id)),
+        table: (raw.table_fingerprint != 0).then_some(TableHandle::from_raw(raw.table_base)),
+        table_slots: raw.table_slots,
     }
 }
 
-/// Encodes an [`Info`], truncating the name at a char boundary (the table
-/// is where the Service port's id says).
+/// Encodes an [`Info`], truncating the name at a char boundary.
 pub fn encode_info(info: &Info) -> ServiceInfo {
     let mut out = ServiceInfo {
         table_fingerprint: info.table_fingerprint,
+        table_base: info.table.map_or(0, TableHandle::raw),
+        table_slots: if info.table.is_some() {
+            info.table_slots
+        } else {
+            0
+        },
         ..ServiceInfo::default()
     };
     let mut end = info.name.len().min(SERVICE_NAME_LEN);
@@ -185,24 +193,13 @@ pub fn encode_info(info: &Info) -> ServiceInfo {
 }
 
 /// Lays a frontend's [`Record`] out as the datapath's [`ServiceValue`].
-fn encode_record(record: Record) -> Result<ServiceValue, StoreError> {
-    match record.slots {
-        Some(s) if s.table.raw() != record.svc_id => Err(StoreError {
-            op: "insert",
-            map: maps::SERVICES,
-            message: format!(
-                "frontend of Service port {} points at table {}: tables are found by Service port id",
-                record.svc_id,
-                s.table.raw()
-            ),
-            full: false,
-        }),
-        slots => Ok(ServiceValue {
-            svc_id: record.svc_id,
-            slot_count: slots.map_or(0, |s| s.count),
-            flags: record.flags,
-            affinity_timeout_s: record.affinity_timeout_s,
-        }),
+fn encode_record(record: Record) -> ServiceValue {
+    ServiceValue {
+        svc_id: record.svc_id,
+        slot_count: record.slots.map_or(0, |s| s.count),
+        flags: record.flags,
+        affinity_timeout_s: record.affinity_timeout_s,
+        slot_base: record.slots.map_or(0, |s| s.table.raw()),
     }
 }
 
@@ -211,7 +208,7 @@ pub fn decode_record(value: &ServiceValue) -> Record {
     Record {
         svc_id: value.svc_id,
         slots: (value.slot_count != 0).then_some(Slots {
-            table: TableHandle::from_raw(value.svc_id),
+            table: TableHandle::from_raw(value.slot_base),
             count: value.slot_count,
         }),
         flags: value.flags,
@@ -222,7 +219,8 @@ pub fn decode_record(value: &ServiceValue) -> Record {
 /// The `lb-agent run` flag that sizes map `name`.
 pub fn size_flag(name: &str) -> &'static str {
     match name {
-        maps::SERVICES | maps::MAGLEV | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
+        maps::SERVICES | maps::SVC_INFO | maps::SVC_STATS => "--services-size",
+        maps::MAGLEV => "--maglev-slots",
         maps::BACKENDS => "--backends-size",
         maps::CONNTRACK => "--conntrack-size",
         maps::CT_EMBRYO => "--conntrack-embryonic-size",
@@ -261,50 +259,44 @@ impl Store for Maps {
             .map_err(|e| store_err("remove", maps::BACKENDS, &e))
     }
 
-    fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError> {
-        // A fresh inner array, filled while no packet can see it, then
-        // swapped in with one update of the outer map.
-        let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
-            .map_err(|e| store_err("create", maps::MAGLEV, &e))?;
-        fill_array(&inner, table).map_err(|e| StoreError {
-            op: "fill",
-            map: maps::MAGLEV,
-            message: e.to_string(),
-            full: false,
-        })?;
-        self.maglev
-            .insert(svc_id, &inner, 0)
-            .map_err(|e| store_err("insert", maps::MAGLEV, &e))?;
-        Ok(TableHandle::from_raw(svc_id))
+    fn put_table(&mut self, _svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError> {
+        let len = chunks_for(table.len());
+        let start = self.alloc_region(len)?;
+        let keys: Vec<u32> = (start..start + len).collect();
+        let mut values = vec![MaglevChunk::default(); len as usize];
+        for (i, id) in table.iter().enumerate() {
+            values[i / MAGLEV_CHUNK as usize].slots[i % MAGLEV_CHUNK as usize] = *id;
+        }
+        // No record points at the region yet: the write is invisible until
+        // the reconciler flips the frontends to it.
+        if let Err(e) = update_batch(aya::maps::IterableMap::map(&self.maglev), &keys, &values) {
+            if let Some(r) = self.regions.as_mut() {
+                r.give_back_unused(start);
+            }
+            return Err(StoreError {
+                op: "fill",
+                map: maps::MAGLEV,
+                message: e.to_string(),
+                full: false,
+            });
+        }
+        Ok(TableHandle::from_raw(start * MAGLEV_CHUNK))
     }
 
-    fn put_tables(
-        &mut self,
-        tables: &[(u32, Vec<BackendId>)],
-    ) -> Vec<Result<TableHandle, StoreError>> {
-        let mut out = Vec::with_capacity(tables.len());
-        for chunk in tables.chunks(TABLES_PER_BATCH) {
-            match self.put_table_batch(chunk) {
-                Ok(()) => out.extend(chunk.iter().map(|(id, _)| Ok(TableHandle::from_raw(*id)))),
-                // Which table failed, and why, is found one by one: a
-                // batch stops at its first error.
-                Err(e) => {
-                    debug!("batch of Maglev tables failed, writing them one by one: {e:#}");
-                    out.extend(chunk.iter().map(|(id, t)| self.put_table(*id, t)));
-                }
-            }
-        }
-        out
+    fn tables_in_place(&self) -> bool {
+        false
     }
 
     fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
-        ignore_missing(self.maglev.remove(&table.raw()))
-            .map_err(|e| store_err("remove", maps::MAGLEV, &e))
+        // Nothing is written: the region keeps its contents for packets
+        // that read an old record, and is reused after a grace period.
+        self.regions()?.retire(table.raw() / MAGLEV_CHUNK);
+        Ok(())
     }
 
     fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {
         self.services
-            .insert(key, encode_record(record)?, 0)
+            .insert(key, encode_record(record), 0)
             .map_err(|e| store_err("insert", maps::SERVICES, &e))
     }
 
@@ -314,8 +306,23 @@ impl Store for Maps {
     }
 
     fn put_info(&mut self, svc_id: u32, info: &Info) -> Result<(), StoreError> {
+        // The region's length is the store's to know, not the reconciler's.
+        let table_slots = match info.table {
+            Some(t) => self
+                .regions()?
+                .len_of(t.raw() / MAGLEV_CHUNK)
+                .map_or(0, |l| l.saturating_mul(MAGLEV_CHUNK)),
+            None => 0,
+        };
         self.infos
-            .insert(svc_id, encode_info(info), 0)
+            .insert(
+                svc_id,
+                encode_info(&Info {
+                    table_slots,
+                    ..info.clone()
+                }),
+                0,
+            )
             .map_err(|e| store_err("insert", maps::SVC_INFO, &e))
     }
 
@@ -357,10 +364,6 @@ impl Store for Maps {
     }
 }
 
-/// Tables per outer-map batch in [`Maps::put_tables`]: few grace periods,
-/// few open file descriptors.
-const TABLES_PER_BATCH: usize = 1024;
-
 /// `BPF_MAP_UPDATE_BATCH`, from `enum bpf_cmd` in uapi/linux/bpf.h.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -379,20 +382,9 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Writes `values` into slots `0..values.len()` of a fresh array map with
-/// one batch update: a 16381-slot Maglev table is one syscall instead of
-/// 16381, which was most of the time a large sync took.
-fn fill_array(array: &Array<MapData, BackendId>, values: &[BackendId]) -> std::io::Result<()> {
-    let count =
-        u32::try_from(values.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
-    let keys: Vec<u32> = (0..count).collect();
-    update_batch(aya::maps::IterableMap::map(array), &keys, values)
-}
-
 /// Inserts or replaces `keys[i]` → `values[i]` in `map` with one
 /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+). aya 0.14 has no batch operations,
-/// hence the raw syscall. `K` and `V` must be the map's key and value types
-/// (for a map of maps, the value is the inner map's fd as a `u32`).
+/// hence the raw syscall. `K` and `V` must be the map's key and value types.
 pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
     keys: &[K],
@@ -442,29 +434,82 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Maps {
-    /// Installs Maglev tables with one update of the outer map (at most
-    /// [`TABLES_PER_BATCH`], each holding a file descriptor until then).
-    /// Every update of a map of maps waits for an RCU grace period (so that
-    /// no program still uses the old inner map when the syscall returns),
-    /// milliseconds on a busy machine: one per table is what made a large
-    /// first sync slow, one per batch is not.
-    fn put_table_batch(&mut self, tables: &[(u32, Vec<BackendId>)]) -> Result<()> {
-        let mut inners = Vec::with_capacity(tables.len());
-        for (_, table) in tables {
-            let inner = Array::<MapData, BackendId>::create(table.len() as u32, BPF_F_INNER_MAP)
-                .context("create a Maglev table")?;
-            fill_array(&inner, table).context("fill a Maglev table")?;
-            inners.push(inner);
+    /// The region allocator, read from the maps at first use.
+    fn regions(&mut self) -> Result<&mut Regions, StoreError> {
+        if self.regions.is_none() {
+            let snap = self.snapshot().map_err(|e| StoreError {
+                op: "read",
+                map: maps::MAGLEV,
+                message: format!("{e:#}"),
+                full: false,
+            })?;
+            self.adopt_regions(&snap);
         }
-        let keys: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
-        let fds: Vec<u32> = inners
-            .iter()
-            .map(|a| {
-                use std::os::fd::{AsFd as _, AsRawFd as _};
-                aya::maps::IterableMap::map(a).fd().as_fd().as_raw_fd() as u32
-            })
-            .collect();
-        update_batch(&self.maglev_raw, &keys, &fds).context("insert Maglev tables")
+        Ok(self.regions.get_or_insert_with(Regions::default))
+    }
+
+    /// Learns which regions of the slot array hold tables from a snapshot
+    /// of the maps just read (the tables the Service port records name,
+    /// and those frontends still point at); the rest is free.
+    pub fn adopt_regions(&mut self, snap: &Snapshot) {
+        let recorded = snap.infos.values().filter_map(|i| {
+            let t = i.table?;
+            Some((t.raw() / MAGLEV_CHUNK, i.table_slots.div_ceil(MAGLEV_CHUNK)))
+        });
+        // A frontend still on an older table (an agent stopped half-way
+        // through a change) names only the slots it reads: at worst the
+        // tail of that region is lost until the next restart.
+        let pointed = snap.services.values().filter_map(|r| {
+            let s = r.slots?;
+            Some((s.table.raw() / MAGLEV_CHUNK, s.count.div_ceil(MAGLEV_CHUNK)))
+        });
+        self.regions = Some(Regions::adopt(
+            self.maglev.len(),
+            recorded.chain(pointed).collect::<Vec<_>>(),
+        ));
+    }
+
+    /// Gives out a free region of `len` elements; when only quarantined
+    /// regions would make room, waits for a grace period to free them.
+    fn alloc_region(&mut self, len: u32) -> Result<u32, StoreError> {
+        if let Some(start) = self.regions()?.alloc(len) {
+            return Ok(start);
+        }
+        if self.regions()?.quarantined() > 0 {
+            let waited = match self.grace.as_ref() {
+                Some(g) => g.wait(),
+                None => GraceWaiter::new().and_then(|g| {
+                    let r = g.wait();
+                    self.grace = Some(g);
+                    r
+                }),
+            };
+            waited.map_err(|e| StoreError {
+                op: "insert",
+                map: maps::MAGLEV,
+                message: format!("{e:#}"),
+                full: false,
+            })?;
+            let regions = self.regions()?;
+            debug!(
+                quarantined = regions.quarantined(),
+                "slot array: freed the regions of replaced tables after a grace period"
+            );
+            regions.grace_period_passed();
+            if let Some(start) = regions.alloc(len) {
+                return Ok(start);
+            }
+        }
+        Err(StoreError {
+            op: "insert",
+            map: maps::MAGLEV,
+            message: format!(
+                "map is full: no free region of {} slots (raise {})",
+                u64::from(len) * u64::from(MAGLEV_CHUNK),
+                size_flag(maps::MAGLEV)
+            ),
+            full: true,
+        })
     }
 }
 
@@ -517,7 +562,7 @@ impl Maps {
         }
         for entry in self.infos.iter() {
             let (k, v) = entry.context("read service info map")?;
-            snap.infos.insert(k, decode_info(k, &v));
+            snap.infos.insert(k, decode_info(&v));
         }
         Ok(snap)
     }
@@ -538,17 +583,40 @@ impl Maps {
         Ok(stale.len())
     }
 
-    /// A Service port's Maglev table as the datapath sees it.
-    pub fn table(&self, svc_id: u32) -> Result<Vec<BackendId>> {
-        let inner = match self.maglev.get(&svc_id, 0) {
-            Ok(inner) => inner,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(Vec::new()),
-            Err(e) => return Err(e).context("read maglev map"),
-        };
-        inner
-            .iter()
-            .map(|e| e.context("read maglev table"))
-            .collect()
+    /// The Maglev table a frontend reads as the datapath sees it: `count`
+    /// slots from slot `base` of the slot array (empty for no table).
+    pub fn table(&self, base: u32, count: u32) -> Result<Vec<BackendId>> {
+        let mut out = Vec::with_capacity(count as usize);
+        let end = u64::from(base) + u64::from(count);
+        let mut slot = u64::from(base);
+        while slot < end {
+            let index =
+                u32::try_from(slot / u64::from(MAGLEV_CHUNK)).context("slot out of range")?;
+            let chunk = self
+                .maglev
+                .get(&index, 0)
+                .context("read maglev slot array")?;
+            let from = (slot % u64::from(MAGLEV_CHUNK)) as usize;
+            let to = (end - slot + from as u64).min(u64::from(MAGLEV_CHUNK)) as usize;
+            out.extend_from_slice(&chunk.slots[from..to]);
+            slot += (to - from) as u64;
+        }
+        Ok(out)
+    }
+
+    /// The table new flows of Service port `svc_id` are spread over, as
+    /// its frontends in `snap` name it (all name the same one, except for
+    /// a moment during a change); empty without one.
+    pub fn service_table(&self, snap: &Snapshot, svc_id: u32) -> Result<Vec<BackendId>> {
+        let slots = snap
+            .services
+            .values()
+            .filter(|r| r.svc_id == svc_id)
+            .find_map(|r| r.slots);
+        match slots {
+            Some(s) => self.table(s.table.raw(), s.count),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Sums the per-CPU counters of every Service port the info map names,
@@ -570,7 +638,7 @@ impl Maps {
                 sum.new_flows += c.new_flows;
                 sum.drops += c.drops;
             }
-            out.push((svc_id, decode_info(svc_id, &info).name, sum));
+            out.push((svc_id, decode_info(&info).name, sum));
         }
         out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
         Ok(out)

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod config;
 pub mod maps;
 pub mod programs;
+pub mod regions;
 pub mod stale;
 pub mod sys;
 pub mod upgrade;

@@ -49,6 +49,8 @@ pub struct MapSizes {
     pub affinity: u32,
     /// Source ranges (one per CIDR per Service port).
     pub src_ranges: u32,
+    /// Slots of the flat Maglev array (rounded up to whole elements).
+    pub maglev_slots: u32,
 }
 
 impl Default for MapSizes {
@@ -60,6 +62,7 @@ impl Default for MapSizes {
             embryonic: maps::CT_EMBRYO_MAX,
             affinity: maps::AFFINITY_MAX,
             src_ranges: maps::SRC_RANGES_MAX,
+            maglev_slots: lb_common::service::MAGLEV_SLOTS_DEFAULT,
         }
     }
 }
@@ -168,7 +171,10 @@ impl Programs {
             .map_max_entries(maps::SERVICES, sizes.services)
             .map_max_entries(maps::SVC_INFO, sizes.services)
             .map_max_entries(maps::SVC_STATS, sizes.services.saturating_add(1))
-            .map_max_entries(maps::MAGLEV, sizes.services)
+            .map_max_entries(
+                maps::MAGLEV,
+                super::regions::chunks_for(sizes.maglev_slots as usize).max(1),
+            )
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::CT_EMBRYO, sizes.embryonic)

@@ -55,21 +55,19 @@ pub struct Sweep {
 /// A backend as the sweep knows it: address, port, family.
 type BackendAddr = (IpAddrBe, u16, u8);
 
-/// After a sync that deleted map entries: [`sweep`] against the backends
-/// the map holds now, logging (not failing) when it cannot.
-pub fn after_sync(bpffs: &Path, maps: &super::maps::Maps) {
-    let live: Result<HashMap<BackendAddr, bool>> = maps
-        .backends
-        .iter()
-        .map(|e| {
-            e.map(|(_, b)| {
-                let serving = b.flags & BACKEND_F_NOT_SERVING == 0;
-                ((b.addr_be, b.port_be, b.family), serving)
-            })
-            .context("read the backends map")
+/// After a sync that deleted map entries: [`sweep`] against `backends`,
+/// what the backends map holds now (the reconciler's mirror of it: reading
+/// the map back would cost two syscalls per backend, 20 000 at 10 000
+/// backends, after every change), logging (not failing) when it cannot.
+pub fn after_sync<'a>(bpffs: &Path, backends: impl IntoIterator<Item = &'a lb_common::Backend>) {
+    let live: HashMap<BackendAddr, bool> = backends
+        .into_iter()
+        .map(|b| {
+            let serving = b.flags & BACKEND_F_NOT_SERVING == 0;
+            ((b.addr_be, b.port_be, b.family), serving)
         })
         .collect();
-    if let Err(e) = live.and_then(|live| sweep(bpffs, &live)) {
+    if let Err(e) = sweep(bpffs, &live) {
         warn!("ending node sockets of backends that left failed: {e:#}");
     }
 }

@@ -65,3 +65,63 @@ pub fn detach_link_pin(path: &Path) -> Result<()> {
         Err(e) => Err(e).with_context(|| format!("detach the link pinned at {}", path.display())),
     }
 }
+
+/// `enum bpf_cmd`'s `BPF_MAP_CREATE`.
+const BPF_MAP_CREATE: libc::c_long = 0;
+/// `enum bpf_cmd`'s `BPF_MAP_UPDATE_ELEM`.
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// `enum bpf_map_type`'s `BPF_MAP_TYPE_ARRAY`.
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// `enum bpf_map_type`'s `BPF_MAP_TYPE_ARRAY_OF_MAPS`.
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// Waits for RCU grace periods: after [`GraceWaiter::wait`] returns, every
+/// BPF program (other than sleepable ones, which the agent has none of)
+/// that was running when it was called has finished.
+///
+/// The kernel offers no direct call for that, but it waits for exactly
+/// this after every update of a map of maps, so that user space knows no
+/// program still uses the old inner map (`maybe_wait_bpf_programs` in
+/// kernel/bpf/syscall.c). The waiter is a private one-entry array of maps.
+#[derive(Debug)]
+pub struct GraceWaiter {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl GraceWaiter {
+    /// Creates the private maps.
+    pub fn new() -> Result<Self> {
+        let create = |map_type: u32, inner_fd: u32| -> Result<OwnedFd> {
+            let mut attr: Attr = [0; 128];
+            // union bpf_attr, map create: map_type, key_size, value_size,
+            // max_entries, map_flags, inner_map_fd.
+            for (i, v) in [map_type, 4, 4, 1, 0, inner_fd].into_iter().enumerate() {
+                attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+            }
+            let fd = bpf(BPF_MAP_CREATE, &mut attr).context("create a map for grace periods")?;
+            // SAFETY: the kernel just returned this fd, owned by no one else.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        use std::os::fd::AsRawFd as _;
+        let inner = create(BPF_MAP_TYPE_ARRAY, 0)?;
+        let raw = u32::try_from(inner.as_raw_fd()).context("negative fd")?;
+        let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, raw)?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Returns once an RCU grace period has passed since the call.
+    pub fn wait(&self) -> Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let key: u32 = 0;
+        let value = u32::try_from(self.inner.as_raw_fd()).context("negative fd")?;
+        let mut attr: Attr = [0; 128];
+        // union bpf_attr, map element: map_fd, pad, key, value, flags.
+        let map_fd = u32::try_from(self.outer.as_raw_fd()).context("negative fd")?;
+        attr[0..4].copy_from_slice(&map_fd.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(std::ptr::from_ref(&key) as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(std::ptr::from_ref(&value) as u64).to_ne_bytes());
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("wait for an RCU grace period")?;
+        Ok(())
+    }
+}

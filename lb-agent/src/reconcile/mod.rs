@@ -141,8 +141,8 @@ pub struct Reconciler {
 }
 
 /// Tables built and written together: bounds the memory a large first
-/// sync holds (1024 tables of 16381 slots are 64 MiB) while keeping the
-/// kernel's wait to one per batch.
+/// sync holds (1024 tables of 16381 slots are 64 MiB) while letting a
+/// store write them together.
 const TABLE_BATCH: usize = 1024;
 
 /// A Service port between the phases of [`Reconciler::apply`]: its
@@ -240,6 +240,11 @@ impl Reconciler {
             .is_some_and(|s| s.active.contains(&backend))
     }
 
+    /// The backends the maps hold, as this reconciler wrote them.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.values()
+    }
+
     /// Number of Service ports currently programmed.
     pub fn service_count(&self) -> usize {
         self.services.len()
@@ -249,9 +254,8 @@ impl Reconciler {
     /// every Service port with what the maps hold.
     ///
     /// In three phases over every Service port that changed: backends;
-    /// then all new Maglev tables, written in batches (each write of the
-    /// map of maps waits for the kernel, so one per Service would make a
-    /// large sync slow); then each Service port's record, source ranges
+    /// then all new Maglev tables, built on every core and written in
+    /// batches; then each Service port's record, source ranges
     /// and frontends. Only then is anything removed that nothing points at
     /// any more.
     pub fn apply(&mut self, model: &Model, store: &mut dyn Store) -> Report {
@@ -550,7 +554,7 @@ impl Reconciler {
         // A smaller table replacing a larger one: the frontends first
         // index only what both tables hold, so no packet looks past the
         // end of the new one when it is swapped in.
-        if fp != 0 && fp != old {
+        if fp != 0 && fp != old && store.tables_in_place() {
             if let Some(applied) = self.services.get_mut(&svc_id) {
                 for (key, value) in &mut applied.frontends {
                     if let Some(slots) = value.slots.filter(|s| s.count > size) {
@@ -613,6 +617,7 @@ impl Reconciler {
                     name: name.to_string(),
                     table_fingerprint: fp,
                     table,
+                    table_slots: 0,
                 },
             )?;
             report.writes += 1;

@@ -3,13 +3,13 @@
 //! The reconciler speaks in its own terms and the store lays them out in
 //! the datapath's maps. In particular, where a Maglev table lives is the
 //! store's business: writing a table hands back a [`TableHandle`], and a
-//! frontend's [`Record`] names its table by that handle. Today a Service
-//! port's table is an inner array of the Maglev map keyed by the Service
-//! port's id and replaced whole in place, so the handle is that id; a store
-//! that puts every new table in a new place (regions of one flat array)
-//! hands back a new handle instead, and the reconciler deletes the old
-//! table once no frontend points at it. Either way no frontend ever points
-//! at a partial or missing table.
+//! frontend's [`Record`] names its table by that handle. The datapath's
+//! store puts every new table in a new place (a region of one flat slot
+//! array) and hands back a new handle; the reconciler deletes the old
+//! table once no frontend points at it. A store may also replace a table
+//! in place and hand back the same handle ([`Placement::ById`], kept for
+//! the checked store's tests). Either way no frontend ever points at a
+//! partial or missing table.
 
 use std::collections::BTreeMap;
 
@@ -86,6 +86,9 @@ pub struct Info {
     pub table_fingerprint: u64,
     /// Where that table is: `Some` exactly when the fingerprint is not 0.
     pub table: Option<TableHandle>,
+    /// How many slots the store set aside for that table, as it recorded
+    /// them (the store fills this in; the reconciler leaves it 0).
+    pub table_slots: u32,
 }
 
 /// What the service maps hold, as read at start (tables are not read back:
@@ -119,8 +122,7 @@ pub trait Store {
     fn put_table(&mut self, svc_id: u32, table: &[BackendId]) -> Result<TableHandle, StoreError>;
     /// Writes many Service ports' tables, each as [`Store::put_table`]
     /// would; one result per table, in order. Stores where each write
-    /// has a fixed cost (the kernel's wait after a map-of-maps update)
-    /// write them together.
+    /// has a fixed cost may write them together.
     fn put_tables(
         &mut self,
         tables: &[(u32, Vec<BackendId>)],
@@ -132,6 +134,14 @@ pub trait Store {
     }
     /// Deletes a Maglev table that no frontend points at any more.
     fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError>;
+    /// Whether [`Store::put_table`] replaces a Service port's table in
+    /// place (the same handle back): then a smaller table must first be
+    /// announced to the frontends, so none indexes past its end. A store
+    /// that puts every table in a new place flips the frontends' table
+    /// and slot count together.
+    fn tables_in_place(&self) -> bool {
+        true
+    }
     /// Inserts or replaces a frontend record.
     fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError>;
     /// Deletes a frontend record.
@@ -151,10 +161,12 @@ pub trait Store {
 /// Where a [`MemStore`] puts tables.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Placement {
-    /// At the Service port's id, replaced in place: the Maglev map of maps.
+    /// At the Service port's id, replaced in place (the map of maps that
+    /// held the tables before the flat slot array).
     #[default]
     ById,
-    /// Every table in a new place: regions of one flat array.
+    /// Every table in a new place: regions of one flat array, as the
+    /// datapath's store puts them.
     Fresh,
 }
 
@@ -169,6 +181,9 @@ pub struct MemStore {
     pub placement: Placement,
     /// The last place [`Placement::Fresh`] gave out.
     last_place: u32,
+    /// Places of deleted tables, which [`Placement::Fresh`] gives out
+    /// again first, as a free list would: so a test sees a reused place.
+    freed: std::collections::BTreeSet<u32>,
 }
 
 impl MemStore {
@@ -198,10 +213,13 @@ impl Store for MemStore {
         self.ops += 1;
         let handle = match self.placement {
             Placement::ById => TableHandle(svc_id),
-            Placement::Fresh => {
-                self.last_place += 1;
-                TableHandle(self.last_place)
-            }
+            Placement::Fresh => match self.freed.pop_first() {
+                Some(place) => TableHandle(place),
+                None => {
+                    self.last_place += 1;
+                    TableHandle(self.last_place)
+                }
+            },
         };
         self.snap.tables.insert(handle, table.to_vec());
         Ok(handle)
@@ -209,8 +227,14 @@ impl Store for MemStore {
 
     fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
         self.ops += 1;
-        self.snap.tables.remove(&table);
+        if self.snap.tables.remove(&table).is_some() && self.placement == Placement::Fresh {
+            self.freed.insert(table.0);
+        }
         Ok(())
+    }
+
+    fn tables_in_place(&self) -> bool {
+        self.placement == Placement::ById
     }
 
     fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {

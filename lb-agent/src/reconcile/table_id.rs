@@ -4,7 +4,7 @@
 //! A Service port has one table per address family of its frontends, times
 //! two when a Local traffic policy applies to some of them (those lead to a
 //! table of this node's endpoints only). The identity is stored as text in
-//! the Service port's record (`LB_SVC_INFO_V1`), where a restarted agent
+//! the Service port's record (`LB_SVC_INFO_V2`), where a restarted agent
 //! finds its tables again, `lb-agent services` prints it and the metrics
 //! split it into labels:
 //!

@@ -71,6 +71,34 @@ macro_rules! checked {
                 self.check(stringify!($f));
                 Ok(out)
             })*
+
+            fn put_table(
+                &mut self,
+                svc_id: u32,
+                table: &[BackendId],
+            ) -> Result<TableHandle, StoreError> {
+                let handle = self.inner.put_table(svc_id, table)?;
+                // A store that puts tables in new places must never write
+                // into one a frontend reads: a packet would see a mix.
+                if !self.inner.tables_in_place()
+                    && self
+                        .inner
+                        .snap
+                        .services
+                        .values()
+                        .any(|r| r.slots.is_some_and(|s| s.table == handle))
+                {
+                    self.violations.push(format!(
+                        "put_table wrote table {handle:?}, which a frontend reads"
+                    ));
+                }
+                self.check("put_table");
+                Ok(handle)
+            }
+
+            fn tables_in_place(&self) -> bool {
+                self.inner.tables_in_place()
+            }
         }
     };
 }
@@ -78,7 +106,6 @@ macro_rules! checked {
 checked!(
     put_backend(id: BackendId, b: &Backend) -> (),
     del_backend(id: BackendId) -> (),
-    put_table(svc_id: u32, table: &[BackendId]) -> TableHandle,
     del_table(table: TableHandle) -> (),
     put_service(key: ServiceKey, record: Record) -> (),
     del_service(key: ServiceKey) -> (),
@@ -365,6 +392,9 @@ impl Store for Limited {
     }
     fn del_table(&mut self, table: TableHandle) -> Result<(), StoreError> {
         self.inner.del_table(table)
+    }
+    fn tables_in_place(&self) -> bool {
+        self.inner.tables_in_place()
     }
     fn put_service(&mut self, key: ServiceKey, record: Record) -> Result<(), StoreError> {
         let services = &self.inner.inner.snap.services;

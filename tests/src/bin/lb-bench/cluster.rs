@@ -856,6 +856,9 @@ fn map_sizes(n: usize) -> MapSizes {
     MapSizes {
         services: (2 * n + 1024).next_power_of_two() as u32,
         backends: (n * ENDPOINTS + 1024).next_power_of_two() as u32,
+        // Every table twice (a changed table is written beside the old one).
+        maglev_slots: (2 * n * TABLE_SIZE.next_multiple_of(16) as usize + (1 << 16))
+            .next_power_of_two() as u32,
         ..MapSizes::default()
     }
 }
@@ -870,6 +873,8 @@ fn agent_args(n: usize) -> Vec<String> {
         sizes.services.to_string(),
         "--backends-size".to_string(),
         sizes.backends.to_string(),
+        "--maglev-slots".to_string(),
+        sizes.maglev_slots.to_string(),
     ]
     .into()
 }

@@ -167,6 +167,10 @@ fn sizes(n: usize) -> MapSizes {
         embryonic: 1 << 17,
         affinity: 1024,
         src_ranges: 1024,
+        // Every table once, rounded up to whole elements of 16 slots.
+        maglev_slots: n
+            .saturating_mul(TABLE_SIZE.next_multiple_of(16))
+            .saturating_add(1 << 16),
     }
 }
 
