@@ -1,9 +1,9 @@
-//! Hand-built Ethernet/IPv4/TCP/UDP packets with correct checksums, for
-//! `lb-agent trace` and the BPF_PROG_TEST_RUN tests.
+//! Hand-built Ethernet/IPv4/TCP/UDP/SCTP packets with correct checksums,
+//! for `lb-agent trace` and the BPF_PROG_TEST_RUN tests.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::proto;
+use lb_common::{crc32c, proto};
 
 use crate::model::Protocol;
 
@@ -49,6 +49,33 @@ pub enum L4 {
         /// Leave the checksum zero ("none").
         no_checksum: bool,
     },
+    /// An SCTP packet with one chunk (its value padded to four bytes).
+    Sctp {
+        /// Verification tag.
+        vtag: u32,
+        /// Chunk type (1 INIT, 6 ABORT, 0 DATA, …).
+        chunk_type: u8,
+        /// Chunk flags.
+        chunk_flags: u8,
+        /// Chunk value, after the 4-byte chunk header.
+        value: Vec<u8>,
+        /// Leave the CRC32c zero, as Linux does when a device computes it.
+        no_checksum: bool,
+    },
+}
+
+/// SCTP chunk types the tests use.
+pub mod sctp_chunk {
+    /// DATA.
+    pub const DATA: u8 = 0;
+    /// INIT.
+    pub const INIT: u8 = 1;
+    /// INIT ACK.
+    pub const INIT_ACK: u8 = 2;
+    /// ABORT.
+    pub const ABORT: u8 = 6;
+    /// SHUTDOWN COMPLETE.
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
 }
 
 /// An Ethernet + IPv4 + TCP/UDP packet description.
@@ -110,6 +137,45 @@ impl Packet {
         }
     }
 
+    /// An SCTP packet from `src` to `dst` with one chunk, default MACs, TTL
+    /// 64.
+    pub fn sctp(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        vtag: u32,
+        chunk_type: u8,
+        value: &[u8],
+    ) -> Self {
+        Self {
+            src_mac: MAC_A,
+            dst_mac: MAC_B,
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1234,
+            ip_options: Vec::new(),
+            l4: L4::Sctp {
+                vtag,
+                chunk_type,
+                chunk_flags: 0,
+                value: value.to_vec(),
+                no_checksum: false,
+            },
+        }
+    }
+
+    /// An SCTP INIT from `src` to `dst` whose initiate tag is `tag`.
+    pub fn sctp_init(src: SocketAddrV4, dst: SocketAddrV4, tag: u32) -> Self {
+        let mut value = Vec::new();
+        value.extend_from_slice(&tag.to_be_bytes());
+        // a_rwnd, outbound and inbound streams, initial TSN.
+        value.extend_from_slice(&65536u32.to_be_bytes());
+        value.extend_from_slice(&10u16.to_be_bytes());
+        value.extend_from_slice(&10u16.to_be_bytes());
+        value.extend_from_slice(&tag.wrapping_add(1).to_be_bytes());
+        Self::sctp(src, dst, 0, sctp_chunk::INIT, &value)
+    }
+
     /// The same packet with source and destination rewritten.
     pub fn with_addrs(&self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
         Self {
@@ -122,8 +188,9 @@ impl Packet {
     /// The IP protocol number.
     pub fn proto(&self) -> u8 {
         match self.l4 {
-            L4::Tcp { .. } => 6,
-            L4::Udp { .. } => 17,
+            L4::Tcp { .. } => proto::TCP,
+            L4::Udp { .. } => proto::UDP,
+            L4::Sctp { .. } => proto::SCTP,
         }
     }
 
@@ -163,6 +230,25 @@ impl Packet {
                         c = 0xffff;
                     }
                     l4[6..8].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+            L4::Sctp {
+                vtag,
+                chunk_type,
+                chunk_flags,
+                value,
+                no_checksum,
+            } => {
+                l4.extend_from_slice(&vtag.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.push(*chunk_type);
+                l4.push(*chunk_flags);
+                l4.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(value);
+                l4.resize(l4.len().next_multiple_of(4), 0);
+                if !no_checksum {
+                    let c = crc32c::of_bytes(&l4);
+                    l4[8..12].copy_from_slice(&c.to_le_bytes());
                 }
             }
         }
@@ -220,8 +306,8 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
     !fold(sum(&pseudo) + sum(l4))
 }
 
-/// Checks every checksum of an Ethernet/IPv4 frame (IP, and TCP, UDP or
-/// ICMP); returns what is wrong.
+/// Checks every checksum of an Ethernet/IPv4 frame (IP, and TCP, UDP,
+/// SCTP or ICMP); returns what is wrong.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if frame.len() < 34 {
         return Err(format!("frame of {} bytes is too short", frame.len()));
@@ -253,18 +339,32 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 .then_some(())
                 .ok_or_else(|| "bad UDP checksum".into())
         }
+        proto::SCTP => sctp_checksum_ok(l4)
+            .then_some(())
+            .ok_or_else(|| "bad SCTP checksum (CRC32c)".into()),
         p => Err(format!("unexpected protocol {p}")),
     }
+}
+
+/// Whether an SCTP packet's CRC32c (bytes 8..12, little-endian) is right.
+pub fn sctp_checksum_ok(l4: &[u8]) -> bool {
+    let Some(field) = l4.get(8..12) else {
+        return false;
+    };
+    let stored = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+    let mut zeroed = l4.to_vec();
+    zeroed[8..12].fill(0);
+    crc32c::of_bytes(&zeroed) == stored
 }
 
 /// The headers of an Ethernet/IPv4 frame, as `trace` prints them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
-    /// `TCP`, `UDP`, `ICMP` or the protocol number.
+    /// `TCP`, `UDP`, `SCTP`, `ICMP` or the protocol number.
     pub proto: String,
-    /// Source address, with the port for TCP and UDP.
+    /// Source address, with the port for TCP, UDP and SCTP.
     pub src: String,
-    /// Destination address, with the port for TCP and UDP.
+    /// Destination address, with the port for TCP, UDP and SCTP.
     pub dst: String,
     /// TCP flags as letters (`S`, `A`, `F`, `R`, `P`), empty otherwise.
     pub tcp_flags: String,
@@ -325,6 +425,12 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
                 letters,
             )
         }
+        proto::SCTP => (
+            Protocol::Sctp.to_string(),
+            format!("{src}:{}", port(0)?),
+            format!("{dst}:{}", port(2)?),
+            String::new(),
+        ),
         1 => (
             "ICMP".into(),
             src.to_string(),
@@ -346,4 +452,28 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         ttl: ip[8],
         len: frame.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_sctp_packet_carries_a_valid_crc32c_and_its_chunk() {
+        let src: SocketAddrV4 = "10.0.0.1:40000".parse().expect("addr");
+        let dst: SocketAddrV4 = "10.96.0.30:3868".parse().expect("addr");
+        let frame = Packet::sctp_init(src, dst, 0x0102_0304).bytes();
+        verify_checksums(&frame).expect("checksums");
+        let sctp = &frame[34..];
+        assert_eq!(sctp[..4], [0x9c, 0x40, 0x0f, 0x1c], "ports");
+        assert_eq!(sctp[12], sctp_chunk::INIT);
+        assert_eq!(sctp[16..20], [1, 2, 3, 4], "initiate tag");
+        assert_eq!(sctp.len() % 4, 0, "padded to four bytes");
+        let mut broken = frame.clone();
+        broken[34] ^= 1;
+        assert!(
+            verify_checksums(&broken).is_err(),
+            "a changed port breaks it"
+        );
+    }
 }

@@ -18,6 +18,7 @@ pub mod addr;
 pub mod affinity;
 pub mod config;
 pub mod conntrack;
+pub mod crc32c;
 pub mod csum;
 pub mod dsr;
 pub mod frag;
