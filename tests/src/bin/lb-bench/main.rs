@@ -18,7 +18,6 @@ mod maglev;
 mod plot;
 mod report;
 mod stats;
-mod xdp;
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
