@@ -279,7 +279,7 @@ fn flood(spec: &lb_tests::flood::Spec, report: &mut Report) {
          connections, then, while a generator in the fabric (BPF_PROG_TEST_RUN live frames, \
          XDP_PASS into the bridge from the client's port, as an outside client's frames come) \
          sends {} SYNs from random sources in 10.77.0.0/16 (random ports), keeps opening new \
-         connections (one every {:?}, each given a second for the server's greeting). The \
+         connections (one every {:?}, each given {:?} for the server's greeting). The \
          backends answer every SYN (SYN cookies), so every spoofed flow gets a SYN-ACK. After the \
          flood every long-lived connection must echo a line. Counters are node-a's metrics, \
          after minus before.\n\n\
@@ -296,6 +296,7 @@ fn flood(spec: &lb_tests::flood::Spec, report: &mut Report) {
         spec.long_lived,
         spec.syns,
         spec.new_every,
+        spec.new_timeout,
         o.syns,
         o.flood_time.as_secs_f64(),
         o.rate(),
