@@ -286,8 +286,8 @@ pub(crate) struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration_s)]
     pub(crate) conntrack_udp_timeout: u32,
-    /// Idle timeout of a flow whose backend has not answered yet (an
-    /// embryonic flow: a SYN without SYN-ACK, a datagram without answer).
+    /// Idle timeout of a flow not established yet (an embryonic flow: a
+    /// SYN answered by no more than a SYN-ACK, a datagram without answer).
     #[arg(long, default_value = "5s", value_parser = parse_duration_s)]
     pub(crate) conntrack_embryonic_timeout: u32,
     /// Capacity of the embryonic conntrack map (LRU, apart from the main

@@ -307,6 +307,11 @@ pub struct FlowFilter {
 /// One conntrack entry.
 #[derive(Debug, Serialize)]
 pub struct FlowView {
+    /// `established` or `embryonic` (docs/architecture.md, Connection
+    /// tracking).
+    pub state: &'static str,
+    /// The map the entry is in (`LB_CT_V1` or `LB_CT_EMBRYO_V1`).
+    pub map: &'static str,
     /// `forward` (client side) or `reply` (backend side).
     pub direction: &'static str,
     /// `TCP` or `UDP`.
@@ -329,7 +334,8 @@ pub struct FlowView {
     pub idle_s: u64,
 }
 
-/// Reads the conntrack map, keeping the flows `filter` selects.
+/// Reads both conntrack maps (established flows, then embryonic ones),
+/// keeping the flows `filter` selects.
 pub fn conntrack(maps: &Maps, filter: &FlowFilter) -> Result<Vec<FlowView>> {
     use lb_common::conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_REPLY, CT_F_SNAT};
     let svc_id = match &filter.service {
@@ -338,8 +344,15 @@ pub fn conntrack(maps: &Maps, filter: &FlowFilter) -> Result<Vec<FlowView>> {
     };
     let now = monotonic_ns();
     let mut out = Vec::new();
-    for entry in maps.conntrack.iter() {
-        let (k, v) = entry.context("read conntrack map")?;
+    let both = [
+        ("established", lb_common::maps::CONNTRACK, &maps.conntrack),
+        ("embryonic", lb_common::maps::CT_EMBRYO, &maps.ct_embryo),
+    ];
+    let entries = both
+        .into_iter()
+        .flat_map(|(state, name, map)| map.iter().map(move |e| (state, name, e)));
+    for (state, map, entry) in entries {
+        let (k, v) = entry.with_context(|| format!("read conntrack map {map}"))?;
         if svc_id.is_some_and(|id| id != v.svc_id) {
             continue;
         }
@@ -361,6 +374,8 @@ pub fn conntrack(maps: &Maps, filter: &FlowFilter) -> Result<Vec<FlowView>> {
             continue;
         }
         out.push(FlowView {
+            state,
+            map,
             direction: if v.flags & CT_F_REPLY != 0 {
                 "reply"
             } else {
@@ -377,7 +392,7 @@ pub fn conntrack(maps: &Maps, filter: &FlowFilter) -> Result<Vec<FlowView>> {
             idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
         });
     }
-    out.sort_by(|a, b| (a.svc_id, &a.src, &a.dst).cmp(&(b.svc_id, &b.src, &b.dst)));
+    out.sort_by(|a, b| (a.svc_id, &a.src, &a.dst, a.map).cmp(&(b.svc_id, &b.src, &b.dst, b.map)));
     Ok(out)
 }
 
@@ -399,7 +414,12 @@ pub fn conntrack_table(v: &[FlowView]) -> String {
             f.new_dst,
             f.svc_id,
             f.idle_s,
-            if f.closing { " closing" } else { "" }
+            match (f.state, f.closing) {
+                ("embryonic", true) => " embryonic closing",
+                ("embryonic", false) => " embryonic",
+                (_, true) => " closing",
+                _ => "",
+            }
         );
     }
     s

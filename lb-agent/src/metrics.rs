@@ -297,10 +297,17 @@ impl Collector for DatapathCollector {
         // (and says why in the log) rather than failing the whole scrape.
         match maps.counters() {
             Ok(counters) => {
-                let (ct, packets): (Vec<_>, Vec<_>) = counters
-                    .iter()
-                    .enumerate()
-                    .partition(|(i, _)| matches!(*i as u32, stats::CT_INSERT | stats::CT_REMOVE));
+                let (ct, packets): (Vec<_>, Vec<_>) =
+                    counters.iter().enumerate().partition(|(i, _)| {
+                        matches!(
+                            *i as u32,
+                            stats::CT_INSERT
+                                | stats::CT_REMOVE
+                                | stats::CT_EMBRYO_INSERT
+                                | stats::CT_EMBRYO_REMOVE
+                                | stats::CT_ESTABLISHED
+                        )
+                    });
                 family(
                     &mut encoder,
                     "packets",
@@ -371,8 +378,9 @@ impl Collector for DatapathCollector {
                 family(
                     &mut encoder,
                     "conntrack_established",
-                    "Flows whose backend answered, moved from the embryonic conntrack map \
-                     to the main one",
+                    "Flows established: moved from the embryonic conntrack map to the main \
+                     one once the backend sent past the handshake (or the client kept sending \
+                     where no answer passes this node)",
                     MetricType::Counter,
                     [(vec![], ConstCounter::new(get(stats::CT_ESTABLISHED)))],
                 )?;
@@ -386,7 +394,7 @@ impl Collector for DatapathCollector {
                         family(
                             &mut encoder,
                             "conntrack_embryonic_entries",
-                            "Entries of flows whose backend has not answered (two per flow)",
+                            "Entries of flows not established yet (two per flow)",
                             MetricType::Gauge,
                             [(vec![], ConstGauge::new(entries as i64))],
                         )?;
@@ -394,7 +402,7 @@ impl Collector for DatapathCollector {
                             &mut encoder,
                             "conntrack_embryonic_evictions",
                             "Embryonic conntrack entries the LRU evicted to make room for other \
-                             unanswered flows, since the agent started",
+                             new flows, since the agent started",
                             MetricType::Counter,
                             [(vec![], ConstCounter::new(evicted))],
                         )?;

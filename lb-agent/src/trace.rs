@@ -119,7 +119,7 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         family,
         _pad: [0; 2],
     };
-    // Established, else embryonic (a flow whose backend has not answered).
+    // Established, else embryonic (a flow not established yet).
     let live_ct = live.conntrack.get(&ct_key, 0).ok();
     let live_embryo = live.ct_embryo.get(&ct_key, 0).ok();
     if let Some(v) = live_ct {

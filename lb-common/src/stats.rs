@@ -66,7 +66,8 @@ pub const CT_EMBRYO_INSERT: u32 = 25;
 /// Embryonic entries the datapath deleted: moved to the main map when the
 /// backend answered, timed out, or their backend gone.
 pub const CT_EMBRYO_REMOVE: u32 = 26;
-/// Flows established: their backend answered and their entries moved from
+/// Flows established (their backend sent past the handshake, or their
+/// client kept sending where no answer passes): their entries moved from
 /// the embryonic map to the main one.
 pub const CT_ESTABLISHED: u32 = 27;
 /// Number of counters.

@@ -5,16 +5,19 @@
 //!
 //! Two maps, each its own LRU (docs/architecture.md, Connection tracking):
 //! a new flow's entries go to the embryonic map (`LB_CT_EMBRYO_V1`, short
-//! idle timeout), and the first packet from its backend, a hit on its reply
-//! entry, moves both to `LB_CT_V1`, where established flows live. A flood
-//! of flows that never answer (spoofed SYNs) therefore evicts only other
-//! unanswered flows. Losing an embryonic entry costs the flow only a new
+//! idle timeout), and the first packet from its backend that is not a SYN
+//! or RST, a hit on its reply entry, moves both to `LB_CT_V1`, where
+//! established flows live. A flow whose backend this node never hears (a
+//! DSR flow where it is wrapped, a one-way UDP stream) moves once its
+//! client still sends a second after it began. A flood of flows that never
+//! complete (spoofed SYNs, answered or not) therefore evicts only other
+//! embryonic flows. Losing an embryonic entry costs the flow only a new
 //! choice on its next packet, and Maglev makes the same one while the
 //! table holds.
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
+    conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
     Backend, BackendId, Config, CtKey, CtValue, ServiceValue, Tuple,
@@ -22,6 +25,7 @@ use lb_common::{
 
 use crate::{
     env::Env,
+    hdr::tcp_flags,
     maps::{LB_CT_EMBRYO_V1, LB_CT_V1},
     scratch::Entry,
     stats::{count_ct, CtOp},
@@ -36,8 +40,8 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 const SNAT_TRIES: u32 = 16;
 
 /// Copies the translation of an existing flow into `ct`, refreshing its
-/// idle timer and, when `closing` (a FIN or RST was seen), giving it the
-/// short timeout; false when there is none or its forward entry has been
+/// idle timer and, when the packet's TCP flags (`flags`, 0 for UDP) carry
+/// FIN or RST, giving it the short timeout; false when there is none or its forward entry has been
 /// idle longer than its timeout (then it is removed, and the packet starts
 /// a new flow).
 ///
@@ -47,10 +51,11 @@ const SNAT_TRIES: u32 = 16;
 /// overwritten by the next flow with its tuple and translation, or evicted
 /// by the LRU; a new flow whose translation differs takes another port.
 #[inline(always)]
-pub fn lookup(t: &Tuple, closing: bool, env: &Env, ct: &mut CtValue) -> bool {
+pub fn lookup(t: &Tuple, flags: u8, env: &Env, ct: &mut CtValue) -> bool {
+    let closing = flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
     let entry = match LB_CT_V1.get_ptr_mut(t) {
         Some(entry) => entry,
-        None => match embryonic(t, env) {
+        None => match embryonic(t, flags, env) {
             Some(entry) => entry,
             None => return false,
         },
@@ -80,12 +85,17 @@ pub fn lookup(t: &Tuple, closing: bool, env: &Env, ct: &mut CtValue) -> bool {
     }
 }
 
-/// `t`'s embryonic entry: a forward entry still waiting for its backend
-/// (forgotten once idle longer than the embryonic timeout); or, for the
-/// reply direction, the backend's first answer: the flow is established,
-/// both entries move to the main map, and the main map's entry is returned.
+/// `t`'s embryonic entry, or the flow established by this packet (then the
+/// main map's entry): a forward entry waits for its backend (forgotten once
+/// idle longer than the embryonic timeout), unless this node never sees
+/// the backend's answers (a DSR flow it wraps, UDP that only the client
+/// sends): then it is established once its client still sends a second
+/// after it began (its first refresh). A reply entry establishes the flow
+/// on the backend's first packet that is not a SYN or RST (`flags`): a
+/// SYN-ACK answers spoofed SYNs as readily as real ones, and a flood of
+/// those must not reach the main map.
 #[inline(always)]
-fn embryonic(t: &Tuple, env: &Env) -> Option<*mut CtValue> {
+fn embryonic(t: &Tuple, flags: u8, env: &Env) -> Option<*mut CtValue> {
     let entry = LB_CT_EMBRYO_V1.get_ptr_mut(t)?;
     // SAFETY: as in `lookup`.
     unsafe {
@@ -95,17 +105,61 @@ fn embryonic(t: &Tuple, env: &Env) -> Option<*mut CtValue> {
                 remove_embryonic(t);
                 return None;
             }
-            return Some(entry);
-        }
-        if establish(t, &*entry).is_err() {
-            // The main map refused it: the flow goes on embryonic.
+            let unheard = (*entry).flags & CT_F_DSR != 0 || t.proto == proto::UDP;
+            if idle <= TOUCH_INTERVAL_NS || !unheard || establish_forward(t, &*entry).is_err() {
+                return Some(entry);
+            }
+        } else if flags & (tcp_flags::SYN | tcp_flags::RST) != 0 || establish(t, &*entry).is_err() {
+            // A handshake's answer, a refusal, or the main map refused it:
+            // the flow goes on embryonic.
             return Some(entry);
         }
     }
     LB_CT_V1.get_ptr_mut(t)
 }
 
-/// Moves a flow whose backend answered from the embryonic map to the main
+/// Moves a flow whose client kept sending from the embryonic map to the
+/// main one: its forward entry `fwd` (keyed `t`) and, but for DSR (whose
+/// reply entry is the backend node's), the reply entry it leads to.
+#[inline(always)]
+fn establish_forward(t: &Tuple, fwd: &CtValue) -> Result<(), Reason> {
+    insert(t, fwd)?;
+    if fwd.flags & CT_F_DSR == 0 {
+        let key = reply_key(t, fwd);
+        if let Some(reply) = LB_CT_EMBRYO_V1.get_ptr_mut(&key) {
+            // SAFETY: as in `lookup`; the kernel copies the value.
+            if insert(&key, unsafe { &*reply }).is_ok() {
+                remove_embryonic(&key);
+            }
+        }
+    }
+    remove_embryonic(t);
+    count_ct(CtOp::Established);
+    Ok(())
+}
+
+/// The key of the reply entry of the flow whose forward entry, keyed `t`,
+/// is `fwd`: from the backend to the client, or to this node after SNAT.
+#[inline(always)]
+fn reply_key(t: &Tuple, fwd: &CtValue) -> Tuple {
+    let (dst, dst_port) = if fwd.flags & CT_F_SNAT != 0 {
+        (fwd.nat_saddr_be, fwd.nat_sport_be)
+    } else {
+        (t.saddr_be, t.sport_be)
+    };
+    Tuple {
+        saddr_be: fwd.nat_daddr_be,
+        daddr_be: dst,
+        sport_be: fwd.nat_dport_be,
+        dport_be: dst_port,
+        proto: t.proto,
+        family: t.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Moves a flow whose backend sent past the handshake from the embryonic
+/// map to the main
 /// one: its reply entry `reply` (keyed `t`), and the forward entry that
 /// the reply's translation leads to while it is still there (on a DSR
 /// backend's node there is none: the forward entry is another node's).

@@ -52,7 +52,8 @@ pub fn endpoint_for<P: Packet>(
 }
 
 /// Records a new DSR flow to `endpoint`, the backend's node, in `fwd`: one
-/// forward entry on this node (the replies never come back through it).
+/// forward entry on this node (the replies never come back through it),
+/// embryonic like any new flow's until its client has sent for a second.
 #[inline(always)]
 pub fn create(
     t: &Tuple,
@@ -71,7 +72,7 @@ pub fn create(
         last_seen_ns: env.now(),
         ..CtValue::default()
     };
-    conntrack::insert(t, fwd)
+    conntrack::insert_embryonic(t, fwd)
 }
 
 /// The outer IPv4 header of a DSR flow's packet.
@@ -243,7 +244,8 @@ pub fn deliver<P: Packet>(
             last_seen_ns: env.now(),
             ..CtValue::default()
         };
-        // Embryonic until the backend answers, as any new flow.
+        // Embryonic until the backend sends past the handshake, as any
+        // new flow.
         conntrack::insert_embryonic(&reply.key, &reply.value)?;
     }
     nat::set_dst(pkt, t, layout, &backend, shim.port_be)?;

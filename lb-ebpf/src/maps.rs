@@ -39,7 +39,7 @@ pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }
 #[btf_map]
 pub static LB_CT_V1: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX as usize }> = LruHashMap::new();
 
-/// Flows whose backend has not answered yet (both directions), apart from
+/// Flows not established yet (both directions), apart from
 /// `LB_CT_V1` so that a flood of them evicts only each other; LRU.
 #[btf_map]
 pub static LB_CT_EMBRYO_V1: LruHashMap<CtKey, CtValue, { CT_EMBRYO_MAX as usize }> =

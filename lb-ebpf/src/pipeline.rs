@@ -109,7 +109,7 @@ pub fn host_reply<P: Packet>(pkt: &mut P) -> Verdict {
     if layout.frag == Frag::Later || env.cfg().node_addr(t.family) != Some(t.saddr_be) {
         return Verdict::Pass;
     }
-    if !conntrack::lookup(t, layout.closing(), &env, ct)
+    if !conntrack::lookup(t, layout.tcp_flags, &env, ct)
         || ct.flags & CT_F_REPLY == 0
         || ct.flags & CT_F_DSR != 0
     {
@@ -152,7 +152,7 @@ fn flow<P: Packet>(
     reply: &mut Entry,
 ) -> Result<(), Verdict> {
     let len = ctx.len;
-    if conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
+    if conntrack::lookup(t, layout.tcp_flags, &ctx.env, ct) {
         if select::backend_alive(ct, t.proto) {
             count(Reason::CtHit, len);
             return Ok(());
@@ -254,7 +254,7 @@ fn later_fragment(
     if !frag::recall(t, layout, &ctx.env) {
         return Err(pass(Reason::FragUntracked, len));
     }
-    if !conntrack::lookup(t, layout.closing(), &ctx.env, ct) {
+    if !conntrack::lookup(t, layout.tcp_flags, &ctx.env, ct) {
         return Err(pass(Reason::FragUntracked, len));
     }
     if !select::backend_alive(ct, t.proto) {

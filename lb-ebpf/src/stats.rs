@@ -26,7 +26,7 @@ pub enum CtOp {
     EmbryoInsert,
     /// An embryonic entry the datapath deleted (also when moved on).
     EmbryoRemove,
-    /// A flow whose backend answered: moved to the main map.
+    /// A flow established: moved to the main map.
     Established,
 }
 

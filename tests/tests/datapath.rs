@@ -1689,7 +1689,7 @@ fn ct_entries(
 }
 
 #[test]
-fn a_new_flow_is_embryonic_until_its_backend_answers_then_established() {
+fn a_new_flow_is_embryonic_until_its_backend_sends_more_than_a_syn_ack_then_established() {
     use lb_common::{
         conntrack::{CT_F_DNAT, CT_F_REPLY, CT_F_SNAT},
         family, proto, CtValue, Tuple,
@@ -1750,13 +1750,23 @@ fn a_new_flow_is_embryonic_until_its_backend_answers_then_established() {
         "nothing established"
     );
 
-    // The client's retransmission stays embryonic; the backend's answer
-    // establishes the flow: the same entries, now in the main map.
+    // The client's retransmission stays embryonic, and so does the
+    // backend's SYN-ACK (it would answer a spoofed SYN alike), translated;
+    // the backend's next packet establishes the flow: the same entries,
+    // now in the main map.
     dp.run(TcPod, &syn.bytes());
     assert_eq!(ct_entries(&dp.maps.ct_embryo), want_sorted);
     let synack = Packet::tcp(addr(backend), addr(client), flags::SYN | flags::ACK, b"");
     let (_, out) = dp.run(TcPod, &synack.bytes());
     assert_eq!(out, synack.with_addrs(addr(front), addr(client)).bytes());
+    assert_eq!(
+        ct_entries(&dp.maps.ct_embryo),
+        want_sorted,
+        "still embryonic"
+    );
+    let greeting = Packet::tcp(addr(backend), addr(client), flags::ACK, b"hello");
+    let (_, out) = dp.run(TcPod, &greeting.bytes());
+    assert_eq!(out, greeting.with_addrs(addr(front), addr(client)).bytes());
     assert_eq!(ct_entries(&dp.maps.conntrack), want_sorted, "established");
     assert!(ct_entries(&dp.maps.ct_embryo).is_empty());
     assert_eq!(counter(&dp, "ct_established"), 1);
@@ -1803,13 +1813,8 @@ fn embryonic_flows_time_out_after_the_embryonic_timeout_and_established_ones_do_
     for c in [open, answered] {
         dp.run(TcPod, &Packet::tcp(c, front, flags::SYN, b"").bytes());
     }
-    let synack = Packet::tcp(
-        addr("10.244.1.10:8080"),
-        answered,
-        flags::SYN | flags::ACK,
-        b"",
-    );
-    dp.run(TcPod, &synack.bytes());
+    let greeting = Packet::tcp(addr("10.244.1.10:8080"), answered, flags::ACK, b"hello");
+    dp.run(TcPod, &greeting.bytes());
     dp.age_flows(6);
     let removed = counter(&dp, "ct_embryo_remove");
     for c in [open, answered] {
@@ -1866,8 +1871,8 @@ fn a_flood_of_unanswered_flows_evicts_only_other_unanswered_flows() {
         .collect();
     for c in &clients {
         dp.run(TcPod, &Packet::tcp(*c, front, flags::SYN, b"").bytes());
-        let synack = Packet::tcp(backend, *c, flags::SYN | flags::ACK, b"");
-        dp.run(TcPod, &synack.bytes());
+        let greeting = Packet::tcp(backend, *c, flags::ACK, b"hello");
+        dp.run(TcPod, &greeting.bytes());
     }
     assert_eq!(dp.maps.conntrack.keys().count(), 64);
     // 2000 SYNs from as many spoofed sources, never answered.
@@ -1966,4 +1971,102 @@ fn tables_rewritten_again_and_again_in_a_small_slot_array_lead_only_to_live_back
             );
         }
     }
+}
+
+#[test]
+fn a_syn_flood_its_backend_answers_with_syn_acks_establishes_none_of_its_flows() {
+    let mut dp = seeded();
+    let front = addr("10.99.0.1:30080");
+    // Spoofed SYNs to the NodePort, each answered by the backend's kernel
+    // (as a listening socket answers any SYN), and translated back.
+    for i in 0..200u32 {
+        let src = SocketAddrV4::new(std::net::Ipv4Addr::from(0x0a33_0000 + i), 40000);
+        let syn = Packet::tcp(src, front, flags::SYN, b"");
+        let (_, out) = dp.run(XdpNode, &syn.bytes());
+        let Some(to) = dst_of(&out) else {
+            panic!("SYN from {src} not translated")
+        };
+        let synack = Packet::tcp(to, src, flags::SYN | flags::ACK, b"");
+        let (_, out) = dp.run(TcPod, &synack.bytes());
+        // A NodePort's reply is forwarded by the datapath: one hop less.
+        let mut want = synack.with_addrs(front, src);
+        want.ttl = 63;
+        assert_eq!(out, want.bytes(), "from {to}");
+        // A backend that refuses (a closed port) answers with RST: no more.
+        let rst = Packet::tcp(to, src, flags::RST, b"");
+        dp.run(TcPod, &rst.bytes());
+    }
+    assert_eq!(dp.maps.conntrack.keys().count(), 0, "nothing established");
+    assert_eq!(counter(&dp, "ct_established"), 0);
+    assert_eq!(counter(&dp, "ct_insert"), 0);
+}
+
+/// The destination of an Ethernet/IPv4 (no options) TCP or UDP frame.
+fn dst_of(frame: &[u8]) -> Option<SocketAddrV4> {
+    let ip: [u8; 4] = frame.get(30..34)?.try_into().ok()?;
+    let port = frame.get(36..38)?;
+    Some(SocketAddrV4::new(
+        ip.into(),
+        u16::from_be_bytes([port[0], port[1]]),
+    ))
+}
+
+#[test]
+fn a_one_way_udp_stream_is_established_once_it_has_sent_for_a_second() {
+    let mut dp = seeded();
+    let client = addr("10.244.2.20:40620");
+    let query = Packet::udp(client, addr("10.96.0.53:53"), b"q");
+    let (_, first) = dp.run(TcPod, &query.bytes());
+    // Within its first second it stays embryonic, however many it sends.
+    for _ in 0..10 {
+        assert_eq!(dp.run(TcPod, &query.bytes()).1, first);
+    }
+    assert_eq!(dp.maps.ct_embryo.keys().count(), 2, "both directions");
+    assert_eq!(dp.maps.conntrack.keys().count(), 0);
+    // Still sending after a second (within the embryonic timeout): both
+    // entries move, and the translation is the same.
+    dp.age_flows(2);
+    assert_eq!(dp.run(TcPod, &query.bytes()).1, first);
+    assert_eq!(dp.maps.conntrack.keys().count(), 2, "established");
+    assert_eq!(dp.maps.ct_embryo.keys().count(), 0);
+    assert_eq!(counter(&dp, "ct_established"), 1);
+    // A stream that paused longer than the embryonic timeout starts again
+    // instead (to the same backend).
+    let other = addr("10.244.2.20:40621");
+    let query = Packet::udp(other, addr("10.96.0.53:53"), b"q");
+    let (_, first) = dp.run(TcPod, &query.bytes());
+    dp.set_embryonic_timeout(5);
+    dp.age_flows(6);
+    assert_eq!(dp.run(TcPod, &query.bytes()).1, first);
+    assert_eq!(counter(&dp, "ct_established"), 1, "no second establishment");
+    assert_eq!(counter(&dp, "new_flow"), 3);
+}
+
+#[test]
+fn a_dsr_flows_entry_where_it_is_wrapped_is_embryonic_then_established_after_a_second() {
+    use lb_tests::fixture::in_private_netns;
+    in_private_netns(ROUTED, || {
+        let front = addr("10.99.0.1:30080");
+        let client = addr("10.99.0.100:40330");
+        let mut dp = remote_nodeport();
+        dp.set_config_flags(lb_common::config::CONFIG_F_DSR);
+        let syn = Packet::tcp(client, front, flags::SYN, b"");
+        let (verdict, wrapped) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(counter(&dp, "dsr_encap"), 1);
+        // This node never sees the backend's answers: the entry stays
+        // embryonic while the handshake goes on (a spoofed SYN's stays so).
+        let ack = Packet::tcp(client, front, flags::ACK, b"");
+        let (_, ack_wrapped) = dp.run(TcNode, &ack.bytes());
+        assert_eq!(dp.maps.ct_embryo.keys().count(), 1, "one forward entry");
+        assert_eq!(dp.maps.conntrack.keys().count(), 0);
+        // The client still sends a second later: established, same wrap.
+        dp.age_flows(2);
+        assert_eq!(dp.run(TcNode, &ack.bytes()).1, ack_wrapped);
+        assert_eq!(dp.maps.conntrack.keys().count(), 1, "established");
+        assert_eq!(dp.maps.ct_embryo.keys().count(), 0);
+        assert_eq!(counter(&dp, "ct_established"), 1);
+        assert_eq!(counter(&dp, "dsr_encap"), 3);
+        assert_ne!(wrapped, ack_wrapped);
+    });
 }

@@ -638,6 +638,13 @@ fn inspection_commands_show_flows_tables_and_backends() {
         .expect("forward entry");
     assert_eq!(fwd["dst"], "10.96.0.10:80");
     assert_eq!(fwd["src"], stream.local_addr().to_string());
+    // The backend has sent its greeting: both entries are established.
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["state"] == "established" && f["map"] == "LB_CT_V1"),
+        "{flows:?}"
+    );
 
     let table = c.inspect("a", &["maglev", "test/web:p/TCP"]);
     // The default size for two backends.

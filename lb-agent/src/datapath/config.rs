@@ -15,7 +15,7 @@ pub struct Settings {
     pub snat_ports: (u16, u16),
     /// Idle timeouts in seconds: TCP, TCP after FIN or RST, UDP.
     pub timeouts: [u32; 3],
-    /// Idle timeout of a flow whose backend has not answered (seconds).
+    /// Idle timeout of a flow not established yet (seconds).
     pub embryonic_timeout: u32,
     /// Direct server return instead of SNAT for Cluster-policy traffic
     /// from outside to a backend on another node.

@@ -50,7 +50,7 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendId, Backend>,
     /// Connection tracking.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    /// Embryonic connection tracking (flows whose backend has not answered).
+    /// Embryonic connection tracking (flows not established yet).
     pub ct_embryo: HashMap<MapData, CtKey, CtValue>,
     /// Node settings.
     pub config: Array<MapData, Config>,

@@ -43,7 +43,7 @@ pub struct MapSizes {
     pub backends: u32,
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
-    /// Embryonic conntrack entries (two per flow not answered yet).
+    /// Embryonic conntrack entries (two per flow not established yet).
     pub embryonic: u32,
     /// ClientIP affinity entries (one per client per Service port).
     pub affinity: u32,

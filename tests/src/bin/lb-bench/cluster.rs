@@ -39,13 +39,13 @@ use lb_agent::{
 use lb_tests::{
     packet::Packet,
     rig::{in_ns, sh, udp_hello, Cluster, ClusterSpec, UdpServer},
+    xdp::{self, Prog},
 };
 
 use crate::{
     kubeproxy::{self, Svc},
     report::{Report, Verdict},
     stats::{quantile, Stat},
-    xdp::{self, Prog},
 };
 
 /// How much to measure.

@@ -176,8 +176,12 @@ fn sizes(n: usize) -> MapSizes {
 
 impl Loaded {
     fn new(capacity: usize) -> Self {
+        Self::with_sizes(sizes(capacity))
+    }
+
+    fn with_sizes(sizes: MapSizes) -> Self {
         Self {
-            dp: Datapath::with_sizes(sizes(capacity), TABLE_SIZE),
+            dp: Datapath::with_sizes(sizes, TABLE_SIZE),
             target: 0,
             np_ack: Vec::new(),
             cip_ack: Vec::new(),
@@ -198,10 +202,11 @@ impl Loaded {
         let cip = SocketAddrV4::new(cluster_ip(self.target), 80);
         let syn = Packet::tcp(EXTERNAL_CLIENT, np, flags::SYN, b"");
         let (_, out) = self.dp.run(TestProgram::XdpNode, &syn.bytes());
-        // The backend answers, which establishes the flow: an established
-        // flow's packet does one conntrack lookup, an embryonic one's two.
+        // The backend sends past the handshake, which establishes the
+        // flow: an established flow's packet does one conntrack lookup, an
+        // embryonic one's two.
         if let (Some(src), Some(dst)) = (src_of(&out), dst_of(&out)) {
-            let answer = Packet::tcp(dst, src, flags::SYN | flags::ACK, b"");
+            let answer = Packet::tcp(dst, src, flags::ACK, b"");
             self.dp.run(TestProgram::TcPod, &answer.bytes());
         }
         self.np_ack = Packet::tcp(EXTERNAL_CLIENT, np, flags::ACK, b"").bytes();
@@ -310,6 +315,112 @@ impl Loaded {
     }
 }
 
+/// Conntrack map sizes of the full-tables datapath: small, so that filling
+/// them takes a moment.
+const FULL_MAIN: u32 = 1 << 13;
+const FULL_EMBRYONIC: u32 = 1 << 13;
+
+impl Loaded {
+    /// Fills both conntrack maps past their size: established flows from
+    /// pod clients (SYN, then the backend past the handshake) and, after
+    /// them, unanswered SYNs from outside. Every insert from then on
+    /// evicts. Returns (entries, embryonic entries) after.
+    fn fill(&mut self) -> (usize, usize) {
+        let cip = SocketAddrV4::new(cluster_ip(self.target), 80);
+        for k in 0..FULL_MAIN {
+            let client = SocketAddrV4::new(
+                Ipv4Addr::new(10, 246, (k >> 8) as u8, k as u8),
+                20_000 + (k % 1000) as u16,
+            );
+            let syn = Packet::tcp(client, cip, flags::SYN, b"");
+            let (_, out) = self.dp.run(TestProgram::TcPod, &syn.bytes());
+            if let Some(to) = dst_of(&out) {
+                let answer = Packet::tcp(to, client, flags::ACK, b"");
+                self.dp.run(TestProgram::TcPod, &answer.bytes());
+            }
+        }
+        for _ in 0..2 * FULL_EMBRYONIC {
+            let syn = self.new_flow(Case::XdpNodePortNew);
+            self.dp.run(TestProgram::XdpNode, &syn);
+        }
+        // The measured established flows were pushed out too: open them
+        // again, so the established cases measure a hit in a full map.
+        self.grow(1);
+        (
+            self.dp.maps.conntrack.keys().count(),
+            self.dp.maps.ct_embryo.keys().count(),
+        )
+    }
+}
+
+/// Figure 1's rows with both conntrack maps full: the established and new
+/// flow cases on a one-Service datapath whose maps are full (every new
+/// flow evicts an embryonic entry), beside the same cases on the
+/// one-Service datapath with room, measured back to back per run.
+fn full_tables(p: &Params, roomy: &mut Loaded, report: &mut Report) {
+    let mut full = Loaded::with_sizes(MapSizes {
+        conntrack: FULL_MAIN,
+        embryonic: FULL_EMBRYONIC,
+        ..sizes(1)
+    });
+    full.grow(1);
+    let (entries, embryonic) = full.fill();
+    let cases = [
+        Case::XdpNodePortEstablished,
+        Case::XdpNodePortNew,
+        Case::TcClusterIpEstablished,
+        Case::TcClusterIpNew,
+    ];
+    let mut full_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut roomy_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut verdicts = vec![0u32; cases.len()];
+    for _ in 0..p.runs {
+        for (c, case) in cases.iter().enumerate() {
+            let (ns, v) = full.measure(*case, p);
+            full_ns[c].push(ns);
+            verdicts[c] = v;
+            roomy_ns[c].push(roomy.measure(*case, p).0);
+        }
+    }
+    let mut s = format!(
+        "### Conntrack tables full (1 Service)\n\nBoth conntrack maps of a one-Service \
+         datapath ({FULL_MAIN} established and {FULL_EMBRYONIC} embryonic entries) filled \
+         first: {FULL_MAIN} established ClusterIP flows from pods, then \
+         {} unanswered SYNs from outside; after that the maps held {entries} and \
+         {embryonic} entries, and every new flow's two inserts evict embryonic entries (the \
+         LRU's eviction path). The established cases hit an entry in the full main map. 'vs \
+         room' is the per-run ratio to the same case on the one-Service datapath whose maps \
+         have room (512 Ki and 128 Ki entries, far from full).\n\n\
+         | case | ns/packet, tables full | vs room | verdict |\n|---|---|---|---|\n",
+        2 * FULL_EMBRYONIC
+    );
+    for (c, case) in cases.iter().enumerate() {
+        let (Some(ns), Some(r)) = (
+            Stat::of(&full_ns[c]),
+            Stat::ratio(&full_ns[c], &roomy_ns[c]),
+        ) else {
+            continue;
+        };
+        let xdp = case.program() == TestProgram::XdpNode;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            case.name(),
+            ns.show(1),
+            r.show(3),
+            verdict_name(xdp, verdicts[c])
+        );
+        report.row(
+            &format!("{}, conntrack tables full", case.name()),
+            format!("{} ns; {}× with room", ns.show(1), r.show(2)),
+            "-",
+            Verdict::Info,
+            String::new(),
+        );
+    }
+    report.sections.push(s);
+}
+
 /// The destination of an Ethernet/IPv4/TCP frame.
 fn src_of(frame: &[u8]) -> Option<SocketAddrV4> {
     let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
@@ -406,6 +517,7 @@ pub fn run(p: &Params, report: &mut Report) -> Vec<ScaleResult> {
         }
     }
     section(p, &results, report);
+    full_tables(p, &mut small, report);
     results
 }
 

@@ -2,7 +2,7 @@
 //! `<out>/report.md` and plots, and prints the summary table.
 //!
 //! ```text
-//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5]
+//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6]
 //! ```
 //!
 //! Every figure is the median of several runs with min and max beside it;
@@ -18,7 +18,6 @@ mod maglev;
 mod plot;
 mod report;
 mod stats;
-mod xdp;
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -56,7 +55,7 @@ fn options() -> Result<Options, String> {
             }
             other => {
                 return Err(format!(
-                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5]"
+                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6]"
             ))
             }
         }
@@ -192,6 +191,11 @@ fn main() {
             add_plot(&mut report, &o.out, "fig5-maglev-build.svg", &axes, &series);
         }
     }
+    if wanted(6) {
+        guarded(&mut report, "figure 6: SYN flood", |r| {
+            flood(&lb_tests::flood::Spec::default(), r);
+        });
+    }
     if wanted(2) || wanted(3) {
         let p = cluster::Params {
             // --quick: two scales the rule sets load in a second.
@@ -261,6 +265,77 @@ fn main() {
     }
     println!("{}", report.summary_md());
     println!("report: {}", o.out.join("report.md").display());
+}
+
+/// Figure 6: the SYN flood scenario (`lb_tests::flood`, which the flood
+/// test asserts on): its section and its summary row.
+fn flood(spec: &lb_tests::flood::Spec, report: &mut Report) {
+    let o = lb_tests::flood::run(spec);
+    let m = &o.metrics;
+    report.sections.push(format!(
+        "## Figure 6: SYN flood against a NodePort\n\n\
+         Method: node-a's agent with --conntrack-size {} and --conntrack-embryonic-size {}; a TCP \
+         NodePort with two backends on node-a and two on node-b. The client opens {} \
+         connections, then, while a generator in the fabric (BPF_PROG_TEST_RUN live frames, \
+         XDP_PASS into the bridge from the client's port, as an outside client's frames come) \
+         sends {} SYNs from random sources in 10.77.0.0/16 (random ports), keeps opening new \
+         connections (one every {:?}, each given {:?} for the server's greeting). The \
+         backends answer every SYN (SYN cookies), so every spoofed flow gets a SYN-ACK. After the \
+         flood every long-lived connection must echo a line. Counters are node-a's metrics, \
+         after minus before.\n\n\
+         | what | value |\n|---|---|\n\
+         | SYNs sent | {} in {:.2} s: {:.0} per second |\n\
+         | long-lived connections kept | {}/{}{} |\n\
+         | new connections served during the flood | {}/{} ({:.1}%) |\n\
+         | new flows of the Service (lb_service_new_flows_total) | {:.0} |\n\
+         | flows established (lb_conntrack_established_total) | {:.0} |\n\
+         | main map evictions (lb_conntrack_evictions_total) | {:.0} |\n\
+         | embryonic evictions (lb_conntrack_embryonic_evictions_total) | {:.0} |\n",
+        spec.conntrack_size,
+        spec.embryonic_size,
+        spec.long_lived,
+        spec.syns,
+        spec.new_every,
+        spec.new_timeout,
+        o.syns,
+        o.flood_time.as_secs_f64(),
+        o.rate(),
+        o.long_lived_kept,
+        o.long_lived,
+        o.long_lived_error
+            .as_ref()
+            .map_or_else(String::new, |e| format!(" (first failure: {e})")),
+        o.new_ok,
+        o.new_tried,
+        100.0 * o.served(),
+        m.new_flows,
+        m.established,
+        m.evictions,
+        m.embryonic_evictions,
+    ));
+    let kept = o.long_lived_kept == o.long_lived && m.evictions == 0.0;
+    report.row(
+        "SYN flood: long-lived kept, new connections served, flood rate",
+        format!(
+            "{}/{} kept; {:.1}% of {} served; {:.0} SYN/s ({} SYNs)",
+            o.long_lived_kept,
+            o.long_lived,
+            100.0 * o.served(),
+            o.new_tried,
+            o.rate(),
+            o.syns
+        ),
+        "all kept, ≥ 90% served",
+        if kept && o.served() >= 0.9 {
+            report::Verdict::Pass
+        } else {
+            report::Verdict::Miss
+        },
+        format!(
+            "--conntrack-size {}; main map evictions {:.0}, embryonic {:.0}",
+            spec.conntrack_size, m.evictions, m.embryonic_evictions
+        ),
+    );
 }
 
 /// Draws a plot into `dir` and links it from the report; a plot that

@@ -1,11 +1,12 @@
-//! The throughput benchmark's own XDP programs (figure 2): a packet
-//! generator, the MAC-rewriting forwarder that is the machine's limit, and
-//! the sink that counts delivered packets. Bench-only, so they are not in
-//! the datapath's object: each is a handful of BPF instructions assembled
+//! Tiny XDP programs of the tests' and the benchmark's own: packet
+//! generators (UDP for figure 2's throughput, TCP SYNs from random sources
+//! for the SYN flood), the MAC-rewriting forwarder that is the machine's
+//! limit, and the sink that counts delivered packets. Not part of the
+//! datapath's object: each is a handful of BPF instructions assembled
 //! here, with the addresses it needs written into the instructions, and
 //! loaded, attached and run through the `bpf()` syscall directly.
 //!
-//! The generator is BPF_PROG_TEST_RUN in live-frames mode
+//! A generator is BPF_PROG_TEST_RUN in live-frames mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`, what xdp-trafficgen uses): the kernel
 //! runs the program over `repeat` copies of one frame, and each XDP_TX
 //! sends the frame out of the ingress device named in the context. Run in
@@ -57,6 +58,9 @@ const STXH: u8 = 0x6b;
 const MOV_K: u8 = 0xb7;
 const MOV_X: u8 = 0xbf;
 const ADD_K: u8 = 0x07;
+const ADD_X: u8 = 0x0f;
+const SUB_X: u8 = 0x1f;
+const RSH_K: u8 = 0x77;
 const AND_K: u8 = 0x57;
 const BE: u8 = 0xdc;
 const JGT_X: u8 = 0x2d;
@@ -212,34 +216,35 @@ pub enum Inject {
     Pass,
 }
 
-/// The generator: writes `headers` (a frame's first [`HEADERS`] bytes)
-/// over each frame, gives it a random UDP source port in
-/// `base..base + ports` (`ports` a power of two; the UDP checksum must be
-/// zero, "none" in IPv4) and sends it as `inject` says. The headers are
-/// written every time because live frames are recycled pages: a frame that
-/// a node rewrote (NAT, MACs) would otherwise come round again as it left.
-pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16, inject: Inject) -> Vec<u64> {
-    let verdict = match inject {
-        Inject::Tx => XDP_TX,
-        Inject::Pass => XDP_PASS,
-    };
-    assert!(ports.is_power_of_two(), "ports must be a power of two");
-    let head = bounds(HEADERS as i32);
-    let mut body: Vec<Insn> = headers[..40]
-        .chunks(4)
+/// Instructions that write `bytes` (an even count) at the frame's start
+/// (`r6`): live frames are recycled pages, so a frame that a node rewrote
+/// (NAT, MACs) would otherwise come round again as it left.
+fn template(bytes: &[u8]) -> Vec<Insn> {
+    let mut out: Vec<Insn> = bytes
+        .chunks_exact(4)
         .enumerate()
         .map(|(k, w)| {
             let v = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
             op(STW, 6, 0, (4 * k) as i16, v)
         })
         .collect();
-    body.push(op(
-        STH,
-        6,
-        0,
-        40,
-        i32::from(u16::from_le_bytes([headers[40], headers[41]])),
-    ));
+    let rest = bytes.chunks_exact(4).remainder();
+    if let [a, b] = rest {
+        let at = (bytes.len() - 2) as i16;
+        out.push(op(STH, 6, 0, at, i32::from(u16::from_le_bytes([*a, *b]))));
+    }
+    out
+}
+
+/// The UDP generator: writes `headers` (a frame's first [`HEADERS`] bytes)
+/// over each frame, gives it a random UDP source port in
+/// `base..base + ports` (`ports` a power of two; the UDP checksum must be
+/// zero, "none" in IPv4) and sends it as `inject` says.
+pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16, inject: Inject) -> Vec<u64> {
+    let verdict = inject.verdict();
+    assert!(ports.is_power_of_two(), "ports must be a power of two");
+    let head = bounds(HEADERS as i32);
+    let mut body = template(headers);
     body.extend([
         op(CALL, 0, 0, 0, HELPER_PRANDOM),
         op(AND_K, 0, 0, 0, i32::from(ports - 1)),
@@ -248,6 +253,91 @@ pub fn generator(headers: &[u8; HEADERS], base: u16, ports: u16, inject: Inject)
         op(STXH, 6, 0, 34, 0),
         op(MOV_K, 0, 0, 0, verdict),
     ]);
+    assemble(head, &body, verdict)
+}
+
+impl Inject {
+    fn verdict(self) -> i32 {
+        match self {
+            Inject::Tx => XDP_TX,
+            Inject::Pass => XDP_PASS,
+        }
+    }
+}
+
+/// Bytes of Ethernet + IPv4 (no options) + TCP (no options) headers.
+pub const TCP_HEADERS: usize = 54;
+
+/// Offsets in a [`TCP_HEADERS`] frame: the IP identification, the low half
+/// of the source address, the source port and the sequence number's
+/// halves.
+const IP_ID: i16 = 18;
+const SADDR_LO: i16 = 28;
+const SPORT: i16 = 34;
+const SEQ_HI: i16 = 38;
+const SEQ_LO: i16 = 40;
+
+/// The 16-bit word of `frame` at `off`, as a little-endian load reads it.
+fn word(frame: &[u8], off: i16) -> u32 {
+    let o = off as usize;
+    u32::from(u16::from_le_bytes([frame[o], frame[o + 1]]))
+}
+
+/// One's complement sum of two 16-bit words, folded.
+fn fold_add(a: u32, b: u32) -> u32 {
+    let s = a + b;
+    (s & 0xffff) + (s >> 16)
+}
+
+/// Stores at `at` the word that, beside the random word in `r0`, keeps the
+/// one's complement sum of the pair `sum`: `sum + !r0`, folded once (it is
+/// at most 0x1fffe). A checksum covering both words then holds unchanged
+/// (one's complement sums are the same in either byte order). Uses r2, r3.
+fn balance(at: i16, sum: u32) -> [Insn; 8] {
+    [
+        op(MOV_K, 2, 0, 0, 0xffff),
+        op(SUB_X, 2, 0, 0, 0),
+        op(ADD_K, 2, 0, 0, sum as i32),
+        op(MOV_X, 3, 2, 0, 0),
+        op(RSH_K, 3, 0, 0, 16),
+        op(AND_K, 2, 0, 0, 0xffff),
+        op(ADD_X, 2, 3, 0, 0),
+        op(STXH, 6, 2, at, 0),
+    ]
+}
+
+/// `r0` = a random 16-bit word, stored at `at`.
+fn random_at(at: i16) -> [Insn; 3] {
+    [
+        op(CALL, 0, 0, 0, HELPER_PRANDOM),
+        op(AND_K, 0, 0, 0, 0xffff),
+        op(STXH, 6, 0, at, 0),
+    ]
+}
+
+/// The SYN flood generator: writes `headers` (a TCP SYN's first
+/// [`TCP_HEADERS`] bytes, checksums right) over each frame, gives it a
+/// random source address within the /16 of the one in `headers` and a
+/// random source port, and sends it as `inject` says. Each random word is
+/// balanced by another in the same checksums (the address by the IP
+/// identification in the IP header's and by the sequence number's low half
+/// in the TCP one's; the port by the sequence number's high half), so that
+/// every frame's checksums hold as the template's did, with nothing summed
+/// per frame.
+pub fn syn_flood(headers: &[u8; TCP_HEADERS], inject: Inject) -> Vec<u64> {
+    let verdict = inject.verdict();
+    let head = bounds(TCP_HEADERS as i32);
+    let mut body = template(headers);
+    let addr = word(headers, SADDR_LO);
+    body.extend(random_at(SADDR_LO));
+    body.extend(balance(IP_ID, fold_add(addr, word(headers, IP_ID))));
+    body.extend(balance(SEQ_LO, fold_add(addr, word(headers, SEQ_LO))));
+    body.extend(random_at(SPORT));
+    body.extend(balance(
+        SEQ_HI,
+        fold_add(word(headers, SPORT), word(headers, SEQ_HI)),
+    ));
+    body.push(op(MOV_K, 0, 0, 0, verdict));
     assemble(head, &body, verdict)
 }
 
@@ -398,7 +488,7 @@ pub struct Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_tests::packet::{Packet, L4};
+    use crate::packet::{flags, Packet, L4};
     use std::net::{Ipv4Addr, SocketAddrV4};
 
     fn frame(payload: &[u8]) -> Vec<u8> {
@@ -453,6 +543,38 @@ mod tests {
             .collect();
         assert!(ports.len() > 8, "source ports vary: {ports:?}");
         assert!(ports.iter().all(|p| (40000..40256).contains(p)));
+    }
+
+    // Needs root (BPF_PROG_LOAD).
+    #[test]
+    fn syn_flood_frames_vary_their_source_and_keep_valid_checksums() {
+        let syn = Packet::tcp(
+            SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 40000),
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 30080),
+            flags::SYN,
+            b"",
+        )
+        .bytes();
+        let headers: [u8; TCP_HEADERS] = syn[..TCP_HEADERS].try_into().expect("headers");
+        let gen = Prog::load("t_synflood", &syn_flood(&headers, Inject::Pass)).expect("load");
+        let mut rewritten = syn.clone();
+        rewritten[..TCP_HEADERS].fill(0xaa);
+        let sources: std::collections::HashSet<(u32, u16)> = (0..256)
+            .map(|_| {
+                let (verdict, out) = gen.run(&rewritten).expect("run");
+                assert_eq!(verdict, XDP_PASS as u32);
+                crate::packet::verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+                assert_eq!(out[26..28], [10, 77], "within the template's /16");
+                assert_eq!(out[30..34], syn[30..34], "same destination");
+                assert_eq!(out[36..38], syn[36..38], "same destination port");
+                assert_eq!(out[47], flags::SYN);
+                (
+                    u32::from_be_bytes([out[26], out[27], out[28], out[29]]),
+                    u16::from_be_bytes([out[34], out[35]]),
+                )
+            })
+            .collect();
+        assert!(sources.len() > 250, "sources vary: {}", sources.len());
     }
 
     #[test]
