@@ -8,7 +8,7 @@
 //! [`TableHandle`] is that id, and a frontend's `ServiceValue` leads to its
 //! table through its `svc_id`.
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{
@@ -21,6 +21,7 @@ use lb_common::{
     maps,
     service::SERVICE_NAME_LEN,
     service::SRC_RANGE_HEAD_BITS,
+    snat::{IfaceAddr, IfaceAddrKey},
     stats::{Counter, SvcCounters},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, ServiceInfo,
     ServiceKey, ServiceValue, SrcRange,
@@ -63,6 +64,8 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
     /// The nodes whose DSR-wrapped packets are unwrapped.
     pub dsr_peers: LpmTrie<MapData, DsrPeer, u32>,
+    /// Each node interface's SNAT source address.
+    pub iface_addrs: HashMap<MapData, IfaceAddrKey, IfaceAddr>,
     /// The Maglev map again, untyped, for batch updates (aya's
     /// `HashOfMaps` does not lend out its `MapData`).
     maglev_raw: MapData,
@@ -104,6 +107,7 @@ impl Maps {
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
             dsr_peers: typed!(bpffs, maps::DSR_PEERS),
+            iface_addrs: typed!(bpffs, maps::IFACE_ADDRS),
             maglev_raw: {
                 let path = bpffs::maps_dir(bpffs).join(maps::MAGLEV);
                 MapData::from_pin(&path)
@@ -114,6 +118,41 @@ impl Maps {
 }
 
 impl Maps {
+    /// Makes the interface address map hold exactly `addrs` (interface
+    /// index, its SNAT source): writes first, then removes the interfaces
+    /// no longer listed, so a kept interface is never without its address.
+    pub fn set_iface_addrs(&mut self, addrs: &[(u32, IpAddr)]) -> Result<()> {
+        let want: Vec<(IfaceAddrKey, IfaceAddr)> = addrs
+            .iter()
+            .map(|(ifindex, addr)| {
+                let (addr_be, family) = addr_be(*addr);
+                let key = IfaceAddrKey {
+                    ifindex: *ifindex,
+                    family,
+                    _pad: [0; 3],
+                };
+                (key, IfaceAddr { addr_be })
+            })
+            .collect();
+        for (key, value) in &want {
+            self.iface_addrs
+                .insert(key, value, 0)
+                .with_context(|| format!("insert into {}", maps::IFACE_ADDRS))?;
+        }
+        let have: Vec<IfaceAddrKey> = self
+            .iface_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {}", maps::IFACE_ADDRS))?;
+        for key in have {
+            if !want.iter().any(|(k, _)| *k == key) {
+                ignore_missing(self.iface_addrs.remove(&key))
+                    .with_context(|| format!("remove from {}", maps::IFACE_ADDRS))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the DSR peers map hold exactly `peers`: adds the new ones
     /// first, then removes the gone ones (a peer that stays is never
     /// missing in between).
