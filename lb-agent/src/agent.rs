@@ -4,16 +4,16 @@
 //! maps, serve the health check ports, and once the first sync is in,
 //! attach the programs and report ready.
 
-use std::{collections::BTreeSet, sync::Arc, time::Instant};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Instant};
 
 use anyhow::{bail, Context as _, Result};
 use lb_agent::{
     check,
     datapath::{
         bpffs, cgroup,
-        config::{write_config, Settings},
+        config::{ephemeral_ports, write_config, Settings},
         maps::Maps,
-        programs::Programs,
+        programs::{self, Programs},
         stale, upgrade,
     },
     endpoints::{self, Readiness},
@@ -22,7 +22,7 @@ use lb_agent::{
     maglev,
     metrics::{Metrics, SyncRecorder},
     model::{AddressFilter, Cidr, NodeInfo, Problem, ServicePortRef, Translator},
-    node::{iface_addresses, ifaces_carrying, link_events, local_addresses},
+    node::{iface_addresses, ifaces_carrying, link_events, local_addresses, primary_addresses},
     problem_log::ProblemLog,
     reconcile::{Reconciler, Report},
     source::Source,
@@ -71,6 +71,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
     let mut local = local_addresses()?;
     let settings = Settings {
         snat_ports,
+        ephemeral_ports: ephemeral_ports(),
         timeouts: [
             args.conntrack_tcp_timeout,
             args.conntrack_tcp_closing_timeout,
@@ -79,6 +80,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         embryonic_timeout: args.conntrack_embryonic_timeout,
         dsr: args.mode == Mode::Dsr,
     };
+    let snat_port_count = settings.snat_port_count()?;
+    info!(
+        ports = ?settings.snat_ports,
+        node_ephemeral = ?settings.ephemeral_ports,
+        per_backend = snat_port_count,
+        "SNAT ports: the range less the node's ephemeral ports"
+    );
     write_config(&mut maps, &iface_addrs, &settings)?;
     let sock_cgroup = cgroup::prepare(
         &args.bpffs,
@@ -137,6 +145,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
 
         // Written into the peers map so far (`None`: not yet this run).
         let mut dsr_peers: Option<Vec<Cidr>> = None;
+        // Written into the interface address map so far, likewise.
+        let mut snat_addrs: Option<Vec<(u32, IpAddr)>> = None;
         // The manifests folder is complete at once; the API once listed.
         let mut due = true;
         // When the change a pending sync answers was first noticed.
@@ -189,6 +199,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 Ok(()) => metrics.xdp_attached(progs.xdp_attachments()),
                                 Err(e) => warn!("node interface sync failed: {e:#}"),
                             }
+                            update_snat_addrs(&progs, &local, &mut snat_addrs, &mut maps);
                         } else {
                             // Programs are attached (or swapped, on a restart
                             // or upgrade) only now that the maps hold the
@@ -197,6 +208,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             // the swap.
                             progs.sync_node(&args.iface, &extra)?;
                             metrics.xdp_attached(progs.xdp_attachments());
+                            update_snat_addrs(&progs, &local, &mut snat_addrs, &mut maps);
                             progs.sync_pods(&patterns)?;
                             if let Some(dir) = &sock_cgroup {
                                 if let Err(e) = progs.attach_sockets(dir) {
@@ -275,6 +287,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         Ok(_) => {}
                         Err(e) => warn!("reading interface addresses failed: {e:#}"),
                     }
+                    if ready.is_ready() {
+                        update_snat_addrs(&progs, &local, &mut snat_addrs, &mut maps);
+                    }
                 }
                 _ = sigterm.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
@@ -299,6 +314,42 @@ fn nodeport_ifaces(
     ifaces_carrying(local, &node.addresses, |i| {
         args.iface.iter().any(|x| x == i) || pods.iter().any(|p| p.matches(i))
     })
+}
+
+/// Writes the primary IPv4 address of each interface the node programs
+/// run on as its SNAT source, when that differs from what `written` says
+/// the map holds. Only those interfaces: a flow SNATed to another one's
+/// address would have its replies come back where nothing translates them
+/// (it takes the node's address instead). A failure is logged and retried
+/// at the next sync or link event.
+fn update_snat_addrs(
+    progs: &Programs,
+    local: &[(String, IpAddr)],
+    written: &mut Option<Vec<(u32, IpAddr)>>,
+    maps: &mut Maps,
+) {
+    let ifaces: Vec<String> = progs
+        .xdp_attachments()
+        .iter()
+        .map(|a| a.iface.clone())
+        .collect();
+    let mut addrs = Vec::new();
+    for (iface, addr) in primary_addresses(local, &ifaces) {
+        match programs::ifindex(&iface) {
+            Ok(idx) => addrs.push((idx, addr)),
+            Err(e) => debug!(%iface, "no SNAT address for it: {e:#}"),
+        }
+    }
+    if written.as_ref() == Some(&addrs) {
+        return;
+    }
+    match maps.set_iface_addrs(&addrs) {
+        Ok(()) => {
+            info!(addresses = ?addrs, "SNAT source per interface (index, address)");
+            *written = Some(addrs);
+        }
+        Err(e) => warn!("SNAT interface addresses not written, retried later: {e:#}"),
+    }
 }
 
 /// Makes the maps, and the health check ports, match the translated

@@ -57,6 +57,22 @@ pub fn ifaces_carrying(
     out
 }
 
+/// The primary IPv4 address of each of `ifaces` that has one: its first
+/// in `local` (the kernel lists an interface's primary addresses before
+/// its secondary ones). This is the address SNAT gives flows leaving by
+/// the interface, as masquerading takes the device's primary address.
+pub fn primary_addresses(local: &[(String, IpAddr)], ifaces: &[String]) -> Vec<(String, IpAddr)> {
+    ifaces
+        .iter()
+        .filter_map(|iface| {
+            local
+                .iter()
+                .find(|(name, addr)| name == iface && addr.is_ipv4())
+                .cloned()
+        })
+        .collect()
+}
+
 /// Link and address changes in this network namespace, as a stream of
 /// wake-ups (the receiver re-reads what it needs).
 pub fn link_events() -> Result<mpsc::Receiver<()>> {
@@ -90,6 +106,25 @@ pub fn link_events() -> Result<mpsc::Receiver<()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interfaces_primary_address_is_its_first() {
+        let ip = |a: &str| -> IpAddr { a.parse().expect("ip") };
+        let local = vec![
+            ("eth0".to_owned(), ip("10.99.0.1")),
+            ("eth1".to_owned(), ip("10.98.0.1")),
+            ("eth1".to_owned(), ip("10.98.0.2")),
+            ("eth0".to_owned(), ip("10.99.0.9")),
+        ];
+        let ifaces = ["eth1".to_owned(), "eth2".to_owned(), "eth0".to_owned()];
+        assert_eq!(
+            primary_addresses(&local, &ifaces),
+            [
+                ("eth1".to_owned(), ip("10.98.0.1")),
+                ("eth0".to_owned(), ip("10.99.0.1"))
+            ]
+        );
+    }
 
     #[test]
     fn interfaces_carrying_nodeport_addresses_are_found_once_each() {

@@ -25,8 +25,13 @@ pub struct Config {
     /// Idle time after which a flow whose backend never answered (an
     /// embryonic flow) is forgotten (seconds).
     pub embryonic_timeout_s: u32,
+    /// First port of the node's own ephemeral range (host order), left out
+    /// of the SNAT range; 0 when nothing is left out.
+    pub snat_skip_min: u16,
+    /// Last port of the node's own ephemeral range (host order, inclusive).
+    pub snat_skip_max: u16,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 44);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 impl Config {
     /// This node's address of `family` ([`crate::family`]), as the datapath
@@ -43,6 +48,51 @@ impl Config {
             None
         } else {
             Some(addr)
+        }
+    }
+
+    /// The skipped ports inside the SNAT range: first port and count (0
+    /// when the skipped range is unset or lies outside).
+    #[inline(always)]
+    const fn snat_skipped(&self) -> (u32, u32) {
+        let (min, max) = (self.snat_port_min as u32, self.snat_port_max as u32);
+        let (skip_min, skip_max) = (self.snat_skip_min as u32, self.snat_skip_max as u32);
+        if skip_min == 0 || skip_max < skip_min {
+            return (0, 0);
+        }
+        let lo = if skip_min > min { skip_min } else { min };
+        let hi = if skip_max < max { skip_max } else { max };
+        if hi < lo {
+            (0, 0)
+        } else {
+            (lo, hi - lo + 1)
+        }
+    }
+
+    /// How many source ports SNAT may hand out per backend and protocol:
+    /// the SNAT range less the node's ephemeral ports inside it.
+    #[inline(always)]
+    #[must_use]
+    pub const fn snat_port_count(&self) -> u32 {
+        if self.snat_port_min == 0 || self.snat_port_max < self.snat_port_min {
+            return 0;
+        }
+        let all = (self.snat_port_max - self.snat_port_min) as u32 + 1;
+        all - self.snat_skipped().1
+    }
+
+    /// The `i`-th port SNAT may hand out, counting from the range's lowest
+    /// and stepping over the skipped ports; `i` must be below
+    /// [`Self::snat_port_count`].
+    #[inline(always)]
+    #[must_use]
+    pub const fn snat_port(&self, i: u32) -> u16 {
+        let port = self.snat_port_min as u32 + i;
+        let (lo, skipped) = self.snat_skipped();
+        if skipped != 0 && port >= lo {
+            (port + skipped) as u16
+        } else {
+            port as u16
         }
     }
 }
@@ -63,14 +113,19 @@ pub const DEFAULT_EMBRYONIC_TIMEOUT_S: u32 = 5;
 /// Default UDP idle timeout: Linux's nf_conntrack_udp_timeout, 30 seconds.
 pub const DEFAULT_UDP_TIMEOUT_S: u32 = 30;
 
-/// Default SNAT port range: above Linux's default ephemeral range
-/// (32768–60999), so translated flows never collide with the node's own.
-pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+/// Default SNAT port range: every unprivileged port, as Linux's
+/// masquerading uses; the agent leaves the node's own ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768–60999 by default) out of it
+/// ([`Config::snat_skip_min`]), so translated flows never take the tuple of
+/// one of the node's own connections.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
 
 pod!(Config);
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
 
     #[test]
@@ -86,5 +141,52 @@ mod tests {
         );
         assert_eq!(cfg.node_addr(family::V6), Some(cfg.node_addr6_be));
         assert_eq!(cfg.node_addr(0), None);
+    }
+
+    fn ports(cfg: &Config) -> std::vec::Vec<u16> {
+        (0..cfg.snat_port_count())
+            .map(|i| cfg.snat_port(i))
+            .collect()
+    }
+
+    #[test]
+    fn snat_ports_are_the_range_in_order_without_the_skipped_ones() {
+        let mut cfg = Config {
+            snat_port_min: 10,
+            snat_port_max: 20,
+            ..Config::default()
+        };
+        assert_eq!(ports(&cfg), (10..=20).collect::<std::vec::Vec<_>>());
+        cfg.snat_skip_min = 13;
+        cfg.snat_skip_max = 17;
+        assert_eq!(ports(&cfg), [10, 11, 12, 18, 19, 20]);
+        // Skipped ports overlapping either end, or all of it.
+        (cfg.snat_skip_min, cfg.snat_skip_max) = (5, 12);
+        assert_eq!(ports(&cfg), (13..=20).collect::<std::vec::Vec<_>>());
+        (cfg.snat_skip_min, cfg.snat_skip_max) = (18, 40);
+        assert_eq!(ports(&cfg), (10..=17).collect::<std::vec::Vec<_>>());
+        (cfg.snat_skip_min, cfg.snat_skip_max) = (1, 65535);
+        assert_eq!(cfg.snat_port_count(), 0);
+        // Outside the range: nothing skipped.
+        (cfg.snat_skip_min, cfg.snat_skip_max) = (30, 40);
+        assert_eq!(cfg.snat_port_count(), 11);
+    }
+
+    #[test]
+    fn the_default_range_less_linux_default_ephemeral_range_is_36_280_ports() {
+        let cfg = Config {
+            snat_port_min: DEFAULT_SNAT_PORTS.0,
+            snat_port_max: DEFAULT_SNAT_PORTS.1,
+            snat_skip_min: 32768,
+            snat_skip_max: 60999,
+            ..Config::default()
+        };
+        assert_eq!(cfg.snat_port_count(), 36_280);
+        assert_eq!(cfg.snat_port(0), 1024);
+        assert_eq!(cfg.snat_port(32767 - 1024), 32767);
+        assert_eq!(cfg.snat_port(32768 - 1024), 61000);
+        assert_eq!(cfg.snat_port(36_279), 65535);
+        // An empty or unset range hands out nothing.
+        assert_eq!(Config::default().snat_port_count(), 0);
     }
 }

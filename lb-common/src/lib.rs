@@ -25,6 +25,7 @@ pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod service;
+pub mod snat;
 pub mod sock;
 pub mod stats;
 pub mod tuple;

@@ -17,7 +17,7 @@ pub const CONNTRACK: &str = "LB_CT_V1";
 /// they evict only each other.
 pub const CT_EMBRYO: &str = "LB_CT_EMBRYO_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
-pub const CONFIG: &str = "LB_CONFIG_V3";
+pub const CONFIG: &str = "LB_CONFIG_V4";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
 pub const STATS: &str = "LB_STATS_V7";
 /// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
@@ -36,6 +36,13 @@ pub const SVC_INFO: &str = "LB_SVC_INFO_V2";
 /// Nodes whose DSR-wrapped packets are unwrapped (LPM trie):
 /// [`crate::dsr::DsrPeer`] → `u32` 1.
 pub const DSR_PEERS: &str = "LB_DSR_PEERS_V1";
+
+/// Each interface's SNAT source address: [`crate::snat::IfaceAddrKey`] →
+/// [`crate::snat::IfaceAddr`].
+pub const IFACE_ADDRS: &str = "LB_IFACE_ADDRS_V1";
+/// Where each backend's SNAT port search goes on (LRU):
+/// [`crate::snat::SnatCursorKey`] → `u64`.
+pub const SNAT_CURSORS: &str = "LB_SNAT_CURSORS_V1";
 
 /// Scope of the socket hooks: `u32` 0 → [`crate::sock::SockConfig`].
 pub const SOCK_CONFIG: &str = "LB_SOCK_CONFIG_V1";
@@ -60,7 +67,7 @@ pub const CONNTRACK_MAX: u32 = 262_144;
 pub const CT_EMBRYO_MAX: u32 = 65_536;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 18] = [
     SERVICES,
     MAGLEV,
     BACKENDS,
@@ -77,6 +84,8 @@ pub const ALL: [&str; 16] = [
     SOCK_STATS,
     DSR_PEERS,
     CT_EMBRYO,
+    IFACE_ADDRS,
+    SNAT_CURSORS,
 ];
 
 /// The XDP program on the node's external interfaces.

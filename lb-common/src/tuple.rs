@@ -35,7 +35,8 @@ const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 
 impl Tuple {
     /// The flow hash ([`flow_hash`]) of this tuple: picks the Maglev slot of
-    /// a new flow and the first SNAT port it tries. Callers compute it once.
+    /// a new flow (and starts a backend's SNAT port cursor). Callers
+    /// compute it once.
     #[inline(always)]
     #[must_use]
     pub const fn hash(&self) -> u32 {

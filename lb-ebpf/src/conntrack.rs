@@ -20,13 +20,14 @@ use lb_common::{
     conntrack::{CT_F_CLOSING, CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_NODEPORT},
-    Backend, BackendId, Config, CtKey, CtValue, ServiceValue, Tuple,
+    snat::SnatCursorKey,
+    Backend, BackendId, Config, CtKey, CtValue, IpAddrBe, ServiceValue, Tuple,
 };
 
 use crate::{
     env::Env,
     hdr::tcp_flags,
-    maps::{LB_CT_EMBRYO_V1, LB_CT_V1},
+    maps::{LB_CT_EMBRYO_V1, LB_CT_V1, LB_SNAT_CURSORS_V1},
     scratch::Entry,
     stats::{count_ct, CtOp},
     verdict::Reason,
@@ -36,8 +37,13 @@ use crate::{
 /// bounce the entry's cache line between CPUs on every packet.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// How many SNAT ports a new flow tries before giving up.
-const SNAT_TRIES: u32 = 16;
+/// How many SNAT ports a new flow probes for a free one before it takes
+/// back the first one whose flow looked over, or is refused. Ports come
+/// from the backend's cursor in order, so the first probe is the port
+/// handed out longest ago, free unless that flow still lives; every probe
+/// moves the cursor on, so refused flows push the search through the whole
+/// range and later flows find what is free anywhere in it.
+const SNAT_PROBES: u32 = 32;
 
 /// Copies the translation of an existing flow into `ct`, refreshing its
 /// idle timer and, when the packet's TCP flags (`flags`, 0 for UDP) carry
@@ -345,6 +351,179 @@ pub fn insert(key: &CtKey, value: &CtValue) -> Result<(), Reason> {
         .map_err(|_| Reason::DropCtFull)
 }
 
+/// The SNAT port cursor of the backend (address, port, protocol) whose
+/// reply tuple is `key`, made at `start` when it has none; `None` only if
+/// the LRU map refuses it.
+#[inline(always)]
+fn cursor(key: &CtKey, start: u32) -> Option<*mut u64> {
+    let k = SnatCursorKey {
+        addr_be: key.saddr_be,
+        port_be: key.sport_be,
+        proto: key.proto,
+        family: key.family,
+    };
+    if let Some(c) = LB_SNAT_CURSORS_V1.get_ptr_mut(&k) {
+        return Some(c);
+    }
+    let _ = LB_SNAT_CURSORS_V1.insert(&k, &u64::from(start), u64::from(BPF_NOEXIST));
+    LB_SNAT_CURSORS_V1.get_ptr_mut(&k)
+}
+
+/// Takes the cursor's position and moves it on, atomically: new flows to
+/// one backend on several CPUs at once never probe the same port. (The
+/// instruction by hand: core's `fetch_add` is missing on this target, and
+/// the kernel has had it since 5.12.)
+#[inline(always)]
+fn take(cursor: *mut u64) -> u32 {
+    let mut n: u64 = 1;
+    // SAFETY: `cursor` is an LRU value, 8-byte aligned, valid for the
+    // program's run; every access to it is this atomic add.
+    unsafe {
+        core::arch::asm!(
+            "{n} = atomic_fetch_add((u64 *)({p} + 0), {n})",
+            p = in(reg) cursor,
+            n = inout(reg) n,
+            options(nostack, preserves_flags),
+        );
+    }
+    // The low half is the position: ranges are far below 2^32 ports.
+    n as u32
+}
+
+/// How long a translated flow's reply entry must have been idle before its
+/// port may be taken back: the protocol's short timeout (TCP after FIN,
+/// UDP) in the main map; the embryonic timeout for a backend that never
+/// answered.
+struct Graces {
+    established: u64,
+    embryonic: u64,
+}
+
+/// Who holds a reply tuple, at a first look.
+enum Holder {
+    /// Nobody: the tuple is free.
+    Nobody,
+    /// A translated flow (`CT_F_DNAT`: its reply entry holds a port) whose
+    /// reply entry has been idle past its grace: over, unless its client
+    /// still sends (`take_back` checks).
+    Idle,
+    /// A live flow, or an entry that holds no port of ours.
+    Live,
+}
+
+/// Who holds reply tuple `key` at time `now`.
+#[inline(always)]
+fn holder(key: &CtKey, now: u64, graces: &Graces) -> Holder {
+    let (entry, grace) = match LB_CT_V1.get_ptr(key) {
+        Some(entry) => (entry, graces.established),
+        None => match LB_CT_EMBRYO_V1.get_ptr(key) {
+            Some(entry) => (entry, graces.embryonic),
+            None => return Holder::Nobody,
+        },
+    };
+    // SAFETY: as in `lookup`.
+    let (flags, last_seen) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
+    let held = CT_F_REPLY | CT_F_DNAT;
+    if flags & held == held && now.wrapping_sub(last_seen) > grace {
+        Holder::Idle
+    } else {
+        Holder::Live
+    }
+}
+
+/// Takes reply tuple `key` (and so its SNAT port) back from a flow that is
+/// over, removing its entries; false when the flow lives on. Over means,
+/// as Linux's NAT gives a port back when the conntrack entry dies: its
+/// reply entry idle past its grace ([`holder`]), and its forward entry
+/// gone, timed out or leading to another port. A race with another CPU
+/// over one entry needs both at one port at once, which the cursor's
+/// atomic steps rule out.
+#[inline(always)]
+fn take_back(key: &CtKey, env: &Env) -> bool {
+    let Some(reply) = LB_CT_V1
+        .get_ptr(key)
+        .or_else(|| LB_CT_EMBRYO_V1.get_ptr(key))
+    else {
+        return true;
+    };
+    // SAFETY: as in `lookup`.
+    let fwd = forward_key(key, unsafe { &*reply });
+    match forward_state(&fwd, key, env) {
+        Forward::Alive => return false,
+        // Its forward entry goes too, or it would lead to the new flow's
+        // port until its client's next packet found it timed out.
+        Forward::TimedOut => remove(&fwd),
+        Forward::Gone => {}
+    }
+    remove(key);
+    true
+}
+
+/// Claims reply tuple `reply.key` (SNAT port `port`) for the new flow of
+/// tuple `t` and writes its forward entry: `None` when another flow holds
+/// the tuple, else the outcome. `BPF_NOEXIST` makes the tuple ours alone
+/// among embryonic flows; [`holder`] has checked the established ones. (A
+/// flow established between the two checks would need this very tuple in
+/// the embryonic map, where NOEXIST refuses it.)
+#[inline(always)]
+fn claim(t: &Tuple, fwd: &mut CtValue, reply: &Entry, port: u16) -> Option<Result<(), Reason>> {
+    LB_CT_EMBRYO_V1
+        .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
+        .ok()?;
+    count_ct(CtOp::EmbryoInsert);
+    fwd.nat_sport_be = port.to_be();
+    if let Err(reason) = insert_embryonic(t, fwd) {
+        remove_embryonic(&reply.key);
+        return Some(Err(reason));
+    }
+    Some(Ok(()))
+}
+
+/// Where the forward entry of a flow stands, seen from its reply entry.
+enum Forward {
+    /// There, within its timeout, and translating to the reply tuple.
+    Alive,
+    /// There and translating to the reply tuple, but timed out.
+    TimedOut,
+    /// Not there, or translating to another port (a client that came back
+    /// after its flow timed out may have been given another one since).
+    Gone,
+}
+
+/// Where forward entry `fwd` stands for reply tuple `reply`.
+#[inline(always)]
+fn forward_state(fwd: &CtKey, reply: &CtKey, env: &Env) -> Forward {
+    let (entry, established) = match LB_CT_V1.get_ptr(fwd) {
+        Some(entry) => (entry, true),
+        None => match LB_CT_EMBRYO_V1.get_ptr(fwd) {
+            Some(entry) => (entry, false),
+            None => return Forward::Gone,
+        },
+    };
+    let cfg = env.cfg();
+    // SAFETY: as in `lookup`.
+    let (flags, last_seen, leads_here) = unsafe {
+        (
+            (*entry).flags,
+            (*entry).last_seen_ns,
+            (*entry).nat_sport_be == reply.dport_be && (*entry).nat_saddr_be == reply.daddr_be,
+        )
+    };
+    if !leads_here || flags & CT_F_SNAT == 0 {
+        return Forward::Gone;
+    }
+    let timeout = if established {
+        timeout_ns(fwd.proto, flags, cfg)
+    } else {
+        secs_ns(cfg.embryonic_timeout_s)
+    };
+    if env.now().wrapping_sub(last_seen) <= timeout {
+        Forward::Alive
+    } else {
+        Forward::TimedOut
+    }
+}
+
 /// A new flow's choice of backend and what else decides its entries.
 #[derive(Clone, Copy)]
 pub struct NewFlow<'a> {
@@ -354,11 +533,16 @@ pub struct NewFlow<'a> {
     pub backend_id: BackendId,
     /// The chosen backend.
     pub backend: &'a Backend,
-    /// The tuple's hash ([`Tuple::hash`]): where the SNAT port search starts.
+    /// The tuple's hash ([`Tuple::hash`]): where a backend's first SNAT
+    /// port cursor starts.
     pub hash: u32,
     /// The flow comes from outside the cluster: it needs SNAT to reach a
     /// backend on another node.
     pub external: bool,
+    /// The address of the interface the flow leaves by (its SNAT source,
+    /// `forward::egress_addr`), when it needs SNAT and the agent named one;
+    /// else SNAT takes the node's address.
+    pub egress_addr: Option<IpAddrBe>,
     /// Its first packet carries FIN or RST.
     pub closing: bool,
 }
@@ -435,15 +619,19 @@ pub fn create(
     }
 
     let cfg = env.cfg();
-    if cfg.snat_port_max < cfg.snat_port_min {
+    let count = cfg.snat_port_count();
+    if count == 0 {
         return Err(Reason::DropSnatExhausted);
     }
-    let src = if snat {
-        cfg.node_addr(t.family).ok_or(Reason::DropSnatExhausted)?
-    } else {
+    // Masquerading's source: the address of the interface the flow leaves
+    // by, else the node's (hairpin flows, interfaces the agent named none).
+    let src = if !snat {
         t.saddr_be
+    } else if let Some(addr) = new.egress_addr {
+        addr
+    } else {
+        cfg.node_addr(t.family).ok_or(Reason::DropSnatExhausted)?
     };
-    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     fwd.nat_saddr_be = src;
     fwd.flags |= CT_F_SNAT;
     reply.value.nat_daddr_be = t.saddr_be;
@@ -454,28 +642,46 @@ pub fn create(
         reply.value.flags |= CT_F_FORWARD;
     }
     reply.key.daddr_be = src;
+    let cursor = cursor(&reply.key, new.hash).ok_or(Reason::DropSnatExhausted)?;
+    let graces = Graces {
+        established: timeout_ns(t.proto, CT_F_CLOSING, cfg),
+        embryonic: secs_ns(cfg.embryonic_timeout_s),
+    };
+    // The first port seen held by a flow that may be over, kept in the
+    // scratch entry rather than a register: map memory is not part of the
+    // verifier's state, so the loop's paths stay few.
+    fwd.nat_sport_be = 0;
     let mut i = 0;
-    while i < SNAT_TRIES {
-        let port = cfg.snat_port_min + (new.hash.wrapping_add(i) % range) as u16;
+    while i < SNAT_PROBES {
+        let port = cfg.snat_port(take(cursor) % count);
         reply.key.dport_be = port.to_be();
-        // NOEXIST makes the reply tuple, and so the port, ours alone
-        // among embryonic flows; an established flow may hold it too. (A
-        // flow established between the two checks would need this very
-        // tuple in the embryonic map, where NOEXIST refuses it.)
-        if LB_CT_V1.get_ptr(&reply.key).is_none()
-            && LB_CT_EMBRYO_V1
-                .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
-                .is_ok()
-        {
-            count_ct(CtOp::EmbryoInsert);
-            fwd.nat_sport_be = port.to_be();
-            if let Err(reason) = insert_embryonic(t, fwd) {
-                remove_embryonic(&reply.key);
-                return Err(reason);
+        match holder(&reply.key, now, &graces) {
+            Holder::Nobody => {
+                if let Some(done) = claim(t, fwd, reply, port) {
+                    return done;
+                }
             }
-            return Ok(());
+            Holder::Idle => {
+                if fwd.nat_sport_be == 0 {
+                    fwd.nat_sport_be = port.to_be();
+                }
+            }
+            Holder::Live => {}
         }
         i += 1;
     }
+    // No port was free: take back the first one whose flow is over.
+    let spare = fwd.nat_sport_be;
+    if spare != 0 {
+        reply.key.dport_be = spare;
+        if take_back(&reply.key, env) {
+            if let Some(done) = claim(t, fwd, reply, u16::from_be(spare)) {
+                return done;
+            }
+        }
+    }
+    // Refused, as Linux's NAT drops a packet it finds no tuple for: the
+    // client's retransmission comes back when ports may be free, and meets
+    // the cursor `SNAT_PROBES` ports further on.
     Err(Reason::DropSnatExhausted)
 }

@@ -13,7 +13,7 @@ use core::cell::Cell;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::Config;
 
-use crate::maps::LB_CONFIG_V3;
+use crate::maps::LB_CONFIG_V4;
 
 /// The node's config and the time of this run.
 pub struct Env {
@@ -29,7 +29,7 @@ impl Env {
     #[inline(always)]
     pub fn load() -> Option<Self> {
         Some(Self {
-            cfg: LB_CONFIG_V3.get(0)?,
+            cfg: LB_CONFIG_V4.get(0)?,
             now: Cell::new(0),
         })
     }

@@ -8,12 +8,12 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use lb_common::{csum::replace2, family, Tuple};
+use lb_common::{csum::replace2, family, snat::IfaceAddrKey, IpAddrBe, Tuple};
 
 use crate::{
     env::Hook,
     hdr::{IP4_CSUM, IP4_TTL},
-    maps::LB_FIB_SCRATCH,
+    maps::{LB_FIB_SCRATCH, LB_IFACE_ADDRS_V1},
     packet::{Packet, PacketError},
     parse::Layout,
 };
@@ -79,6 +79,34 @@ pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
     // SAFETY: reading the union member the lookup wrote.
     let next_hop = unsafe { p.__bindgen_anon_4.ipv4_dst };
     (next_hop != daddr).then_some(next_hop)
+}
+
+/// The address of the interface a packet of flow `t` leaves by once its
+/// destination is `daddr`: the SNAT source, as masquerading takes it from
+/// the route's device after the routing decision (so the lookup is made
+/// with the client's source). `None` without a route, or for an interface
+/// the agent gave no address (one without the node programs, whose
+/// replies nothing here would translate back): the caller takes the
+/// node's address then.
+#[inline(always)]
+pub fn egress_addr<P: Packet>(pkt: &P, t: &Tuple, daddr: &IpAddrBe) -> Option<IpAddrBe> {
+    if t.family != family::V4 {
+        // IPv6 slots in here: the same lookup with the v6 request.
+        return None;
+    }
+    let p = params(pkt, t.proto, t.saddr_be[0], daddr[0])?;
+    // SAFETY: `params` built a valid request.
+    let ret = unsafe { call(pkt, p) };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    let key = IfaceAddrKey {
+        ifindex: p.ifindex,
+        family: t.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { LB_IFACE_ADDRS_V1.get(&key) }.map(|a| a.addr_be)
 }
 
 /// A fresh lookup request in this CPU's scratch slot: 64 bytes that would

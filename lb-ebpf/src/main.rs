@@ -32,9 +32,10 @@
 //! stages are inlined, and memset/memcpy are expanded in place (see
 //! lb-agent/build.rs). The large, long-lived temporaries (the flow's
 //! tuple, its conntrack entry, a new flow's reply entry, the FIB request)
-//! live in per-CPU scratch maps instead. The frame is 344 bytes for
-//! `lb_xdp_node`, 336 for `lb_tc_node` and 328 for `lb_tc_pod`: 168 bytes
-//! are left at least. Measure
+//! live in per-CPU scratch maps instead. The frame is 392 bytes for
+//! `lb_xdp_node`, 408 for `lb_tc_node` and 344 for `lb_tc_pod` (SNAT's
+//! port search and egress address took 48 to 72 of them): 104 bytes are
+//! left at least. Measure
 //! after a change with `llvm-objdump -d` on the object (the deepest
 //! `r10 - N`) or the verifier log's `stack depth`.
 #![no_std]

@@ -12,6 +12,7 @@ use lb_common::{
         SRC_RANGES_MAX,
     },
     service::{MAGLEV_CHUNK, MAGLEV_SLOTS_DEFAULT},
+    snat::{IfaceAddr, IfaceAddrKey, SnatCursorKey, IFACE_ADDRS_MAX, SNAT_CURSORS_MAX},
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
@@ -56,7 +57,18 @@ pub static LB_SRC_RANGES_V1: LpmTrie<SrcRange, u32, { SRC_RANGES_MAX as usize }>
 
 /// Node settings (one entry).
 #[btf_map]
-pub static LB_CONFIG_V3: Array<Config, 1> = Array::new();
+pub static LB_CONFIG_V4: Array<Config, 1> = Array::new();
+
+/// The SNAT source address of each node interface; written by the agent.
+#[btf_map]
+pub static LB_IFACE_ADDRS_V1: HashMap<IfaceAddrKey, IfaceAddr, { IFACE_ADDRS_MAX as usize }> =
+    HashMap::new();
+
+/// The next SNAT port to try for each backend and protocol; LRU, since a
+/// lost cursor only starts over.
+#[btf_map]
+pub static LB_SNAT_CURSORS_V1: LruHashMap<SnatCursorKey, u64, { SNAT_CURSORS_MAX as usize }> =
+    LruHashMap::new();
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]

@@ -8,7 +8,7 @@ use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
     dsr::ENCAP_LEN,
     proto,
-    service::{SVC_F_LOCAL_ONLY, SVC_F_REMOTE_ENDPOINTS},
+    service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY, SVC_F_REMOTE_ENDPOINTS},
     CtValue, Tuple,
 };
 
@@ -218,12 +218,22 @@ fn flow<P: Packet>(
     } else {
         None
     };
+    // From outside to another node's backend: SNAT, to the address of the
+    // interface the route leaves by.
+    let egress_addr =
+        if ctx.hook.is_external() && dsr_endpoint.is_none() && backend.flags & BACKEND_F_LOCAL == 0
+        {
+            forward::egress_addr(pkt, t, &backend.addr_be)
+        } else {
+            None
+        };
     let new = NewFlow {
         svc: &svc,
         backend_id,
         backend: &backend,
         hash,
         external: ctx.hook.is_external(),
+        egress_addr,
         closing: layout.closing(),
     };
     let created = if let Some(endpoint) = dsr_endpoint {

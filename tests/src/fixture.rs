@@ -93,6 +93,8 @@ impl Datapath {
                     // None, as the other timeouts' tests expect; the
                     // embryonic tests set one.
                     embryonic_timeout_s: 0,
+                    snat_skip_min: 0,
+                    snat_skip_max: 0,
                 },
                 0,
             )
@@ -147,6 +149,15 @@ impl Datapath {
     pub fn set_embryonic_timeout(&mut self, secs: u32) {
         let mut cfg = self.maps.config.get(&0, 0).expect("read config");
         cfg.embryonic_timeout_s = secs;
+        self.maps.config.set(0, cfg, 0).expect("write config");
+    }
+
+    /// Sets the SNAT port range of the config map, and the ports inside it
+    /// left out (0, 0: none).
+    pub fn set_snat_ports(&mut self, ports: (u16, u16), skip: (u16, u16)) {
+        let mut cfg = self.maps.config.get(&0, 0).expect("read config");
+        (cfg.snat_port_min, cfg.snat_port_max) = ports;
+        (cfg.snat_skip_min, cfg.snat_skip_max) = skip;
         self.maps.config.set(0, cfg, 0).expect("write config");
     }
 
@@ -232,6 +243,20 @@ impl Datapath {
                 map.insert(k, v, 0).expect("age conntrack entry");
             }
         }
+    }
+
+    /// Makes the conntrack entry of `key` (established or embryonic) look
+    /// idle for `secs` seconds; panics when there is none.
+    pub fn age_entry(&mut self, key: &lb_common::CtKey, secs: u64) {
+        let then = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
+        for map in [&mut self.maps.conntrack, &mut self.maps.ct_embryo] {
+            if let Ok(mut v) = map.get(key, 0) {
+                v.last_seen_ns = then;
+                map.insert(key, v, 0).expect("age conntrack entry");
+                return;
+            }
+        }
+        panic!("no conntrack entry {key:?}");
     }
 
     /// Makes every affinity entry look `secs` seconds old.

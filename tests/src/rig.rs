@@ -533,6 +533,26 @@ impl Cluster {
         ns
     }
 
+    /// Wires node `a` straight to node `b`, as a second network between
+    /// them: an `eth1` in each, with `a_cidr` and `b_cidr`. Routes are the
+    /// caller's.
+    pub fn link_nodes(&mut self, a: &str, b: &str, a_cidr: &str, b_cidr: &str) {
+        let (a_ns, b_ns) = (self.node(a).ns.clone(), self.node(b).ns.clone());
+        sh(
+            None,
+            &[
+                "ip", "link", "add", "eth1", "netns", &a_ns, "type", "veth", "peer", "name",
+                "eth1", "netns", &b_ns,
+            ],
+        );
+        for (ns, cidr) in [(&a_ns, a_cidr), (&b_ns, b_cidr)] {
+            sysctl(ns, "net.ipv4.conf.eth1.rp_filter", "0");
+            veth_offloads(ns, "eth1");
+            ip(ns, &format!("addr add {cidr} dev eth1"));
+            ip(ns, "link set eth1 up");
+        }
+    }
+
     /// The unique prefix of this cluster's names.
     pub fn prefix(&self) -> &str {
         &self.prefix

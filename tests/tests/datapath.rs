@@ -2070,3 +2070,271 @@ fn a_dsr_flows_entry_where_it_is_wrapped_is_embryonic_then_established_after_a_s
         assert_ne!(wrapped, ack_wrapped);
     });
 }
+
+/// The conntrack key of a TCP packet from `src` to `dst`.
+fn tcp_key(src: SocketAddrV4, dst: SocketAddrV4) -> lb_common::CtKey {
+    let be = |a: SocketAddrV4| {
+        (
+            [u32::from_ne_bytes(a.ip().octets()), 0, 0, 0],
+            a.port().to_be(),
+        )
+    };
+    let ((saddr_be, sport_be), (daddr_be, dport_be)) = (be(src), be(dst));
+    lb_common::CtKey {
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+        proto: lb_common::proto::TCP,
+        family: lb_common::family::V4,
+        _pad: [0; 2],
+    }
+}
+
+/// The SNAT source (address, port) the flow from `client` to `front` was
+/// given: its forward entry's rewrite.
+fn snat_source(dp: &Datapath, client: SocketAddrV4, front: SocketAddrV4) -> Option<SocketAddrV4> {
+    let key = tcp_key(client, front);
+    let v = dp
+        .maps
+        .conntrack
+        .get(&key, 0)
+        .or_else(|_| dp.maps.ct_embryo.get(&key, 0))
+        .ok()?;
+    Some(SocketAddrV4::new(
+        v.nat_saddr_be[0].to_ne_bytes().into(),
+        u16::from_be(v.nat_sport_be),
+    ))
+}
+
+/// The SNAT ports held by flows to `backend`: the destination ports of its
+/// reply entries, established and embryonic, sorted.
+fn held_ports(dp: &Datapath, backend: SocketAddrV4) -> Vec<u16> {
+    let addr = [u32::from_ne_bytes(backend.ip().octets()), 0, 0, 0];
+    let mut out: Vec<u16> = dp
+        .maps
+        .conntrack
+        .iter()
+        .chain(dp.maps.ct_embryo.iter())
+        .map(|e| e.expect("read conntrack"))
+        .filter(|(k, v)| {
+            v.flags & lb_common::conntrack::CT_F_REPLY != 0
+                && k.saddr_be == addr
+                && k.sport_be == backend.port().to_be()
+        })
+        .map(|(k, _)| u16::from_be(k.dport_be))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn a_backend_gets_snat_ports_until_its_range_is_truly_exhausted_and_others_keep_theirs() {
+    use lb_tests::fixture::in_private_netns;
+    in_private_netns(ROUTED, || {
+        let mut dp = Datapath::new();
+        dp.apply(&[
+            service(
+                "web",
+                Protocol::Tcp,
+                &[("10.99.0.1", 30080, NodePort)],
+                &[("10.244.2.10", 8080, false)],
+            ),
+            service(
+                "api",
+                Protocol::Tcp,
+                &[("10.99.0.1", 30081, NodePort)],
+                &[("10.244.2.11", 8080, false)],
+            ),
+        ]);
+        // 40 ports, less the 10 the node's own sockets take: 30 per
+        // backend, fewer than a new flow's 32 probes, so each new flow sees
+        // the whole range and a refusal means it is truly exhausted.
+        dp.set_snat_ports((40000, 40039), (40010, 40019));
+        let usable: Vec<u16> = (40000..40010).chain(40020..40040).collect();
+        let node = std::net::Ipv4Addr::new(10, 99, 0, 1);
+        let (web, web_backend) = (addr("10.99.0.1:30080"), addr("10.244.2.10:8080"));
+        let client = |i: u16| addr(&format!("10.99.0.100:{}", 41000 + i));
+
+        // Every port, handed out in order from the backend's cursor; each
+        // flow is established by its backend's answer.
+        let mut given = Vec::new();
+        for i in 0..30 {
+            let syn = Packet::tcp(client(i), web, flags::SYN, b"");
+            assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_REDIRECT, "flow {i}");
+            let src = snat_source(&dp, client(i), web).expect("SNATed");
+            assert_eq!(*src.ip(), node);
+            let synack = Packet::tcp(web_backend, src, flags::SYN | flags::ACK, b"");
+            assert_eq!(dp.run(TcNode, &synack.bytes()).0, TC_ACT_REDIRECT);
+            given.push(src.port());
+        }
+        let first = usable
+            .iter()
+            .position(|p| *p == given[0])
+            .expect("a port of the range");
+        let in_order: Vec<u16> = (0..30).map(|i| usable[(first + i) % 30]).collect();
+        assert_eq!(given, in_order, "in order, skipping 40010-40019");
+        assert_eq!(held_ports(&dp, web_backend), usable);
+        assert_eq!(counter(&dp, "ct_established"), 30);
+
+        // The range is exhausted: the next flow is refused, visibly.
+        let syn = Packet::tcp(client(30), web, flags::SYN, b"");
+        assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_SHOT);
+        assert_eq!(counter(&dp, "drop_snat_exhausted"), 1);
+        assert_eq!(service_counters(&dp, "default/web/TCP").drops, 1);
+        assert_eq!(snat_source(&dp, client(30), web), None);
+
+        // Another backend has its own range.
+        let api = addr("10.99.0.1:30081");
+        let syn = Packet::tcp(client(0), api, flags::SYN, b"");
+        assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_REDIRECT);
+        let api_port = snat_source(&dp, client(0), api).expect("SNATed").port();
+        assert!(usable.contains(&api_port), "{api_port}");
+        assert_eq!(held_ports(&dp, addr("10.244.2.11:8080")), [api_port]);
+
+        // Three flows close (FIN both ways) and outlive TIME_WAIT (60 s
+        // here): their ports, scattered over the range, are free again,
+        // and exactly those go to the next flows; then it is full again.
+        let closed = [4u16, 13, 27];
+        let mut freed = Vec::new();
+        for i in closed {
+            let src = snat_source(&dp, client(i), web).expect("SNATed");
+            let fin = Packet::tcp(client(i), web, flags::FIN | flags::ACK, b"");
+            assert_eq!(dp.run(TcNode, &fin.bytes()).0, TC_ACT_REDIRECT);
+            let fin = Packet::tcp(web_backend, src, flags::FIN | flags::ACK, b"");
+            assert_eq!(dp.run(TcNode, &fin.bytes()).0, TC_ACT_REDIRECT);
+            dp.age_entry(&tcp_key(client(i), web), 120);
+            dp.age_entry(&tcp_key(web_backend, src), 120);
+            freed.push(src.port());
+        }
+        let removed = counter(&dp, "ct_remove");
+        let mut reused = Vec::new();
+        for i in 100..103 {
+            let syn = Packet::tcp(client(i), web, flags::SYN, b"");
+            assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_REDIRECT, "flow {i}");
+            reused.push(snat_source(&dp, client(i), web).expect("SNATed").port());
+        }
+        reused.sort_unstable();
+        freed.sort_unstable();
+        assert_eq!(reused, freed, "the closed flows' ports, and only those");
+        assert_eq!(
+            counter(&dp, "ct_remove") - removed,
+            6,
+            "both entries of each closed flow"
+        );
+        for i in closed {
+            assert_eq!(snat_source(&dp, client(i), web), None, "flow {i} is gone");
+        }
+        assert_eq!(held_ports(&dp, web_backend), usable);
+        let syn = Packet::tcp(client(103), web, flags::SYN, b"");
+        assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_SHOT);
+        assert_eq!(counter(&dp, "drop_snat_exhausted"), 2);
+
+        // Live flows kept their ports throughout.
+        let ack = Packet::tcp(client(0), web, flags::ACK, b"x");
+        let (verdict, out) = dp.run(TcNode, &ack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = ack.with_addrs(SocketAddrV4::new(node, given[0]), web_backend);
+        (want.ttl, want.src_mac, want.dst_mac) = (63, MAC_D0, MAC_NODE_B);
+        assert_eq!(out, want.bytes());
+    });
+}
+
+/// A second network on the forwarding tests' node: `d2` with 10.98.0.1,
+/// the way to the pods of a third node (10.244.3.0/24, behind 10.98.0.2).
+const SECOND_WIRE: &[&[&str]] = &[
+    &[
+        "link",
+        "add",
+        "d2",
+        "address",
+        "02:00:00:00:00:d2",
+        "type",
+        "veth",
+        "peer",
+        "d3",
+    ],
+    &["addr", "add", "10.98.0.1/24", "dev", "d2"],
+    &["link", "set", "d3", "up"],
+    &["link", "set", "d2", "up"],
+    &["route", "add", "10.244.3.0/24", "via", "10.98.0.2"],
+    &[
+        "neigh",
+        "add",
+        "10.98.0.2",
+        "lladdr",
+        "02:00:00:00:00:03",
+        "dev",
+        "d2",
+        "nud",
+        "permanent",
+    ],
+];
+const MAC_D2: [u8; 6] = [2, 0, 0, 0, 0, 0xd2];
+const MAC_NODE_C: [u8; 6] = [2, 0, 0, 0, 0, 0x03];
+
+#[test]
+fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
+    use lb_tests::fixture::in_private_netns;
+    let setup: Vec<&[&str]> = ROUTED.iter().chain(SECOND_WIRE).copied().collect();
+    in_private_netns(&setup, || {
+        let mut dp = Datapath::new();
+        dp.apply(&[
+            service(
+                "web",
+                Protocol::Tcp,
+                &[("10.99.0.1", 30080, NodePort)],
+                &[("10.244.2.10", 8080, false)],
+            ),
+            service(
+                "far",
+                Protocol::Tcp,
+                &[("10.99.0.1", 30082, NodePort)],
+                &[("10.244.3.10", 8080, false)],
+            ),
+        ]);
+        let d2 = lb_agent::datapath::programs::ifindex("d2").expect("d2");
+        let second: std::net::IpAddr = "10.98.0.1".parse().expect("addr");
+        dp.maps
+            .set_iface_addrs(&[(d2, second)])
+            .expect("write interface addresses");
+        let (far, backend) = (addr("10.99.0.1:30082"), addr("10.244.3.10:8080"));
+        let client = addr("10.99.0.100:40500");
+
+        // Out by d2, from d2's address; the reply, to that address, goes
+        // back to the client from the frontend.
+        let syn = Packet::tcp(client, far, flags::SYN, b"");
+        let (verdict, out) = dp.run(TcNode, &syn.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let src = snat_source(&dp, client, far).expect("SNATed");
+        assert_eq!(src.ip().to_string(), "10.98.0.1");
+        let mut want = syn.with_addrs(src, backend);
+        (want.ttl, want.src_mac, want.dst_mac) = (63, MAC_D2, MAC_NODE_C);
+        assert_eq!(out, want.bytes(), "SNATed to d2's address, out d2");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{e}"));
+        let synack = Packet::tcp(backend, src, flags::SYN | flags::ACK, b"");
+        let (verdict, out) = dp.run(TcNode, &synack.bytes());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let mut want = synack.with_addrs(far, client);
+        (want.ttl, want.src_mac, want.dst_mac) = (63, MAC_D0, MAC_CLIENT);
+        assert_eq!(out, want.bytes(), "the reply, from the frontend");
+
+        // Out by d0, which the agent named no address for: the node's.
+        let web = addr("10.99.0.1:30080");
+        let syn = Packet::tcp(client, web, flags::SYN, b"");
+        assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_REDIRECT);
+        let src = snat_source(&dp, client, web).expect("SNATed");
+        assert_eq!(src.ip().to_string(), "10.99.0.1");
+
+        // The map is the agent's to keep: d2 leaves it, and d2's new flows
+        // take the node's address too.
+        dp.maps
+            .set_iface_addrs(&[])
+            .expect("write interface addresses");
+        let other = addr("10.99.0.100:40501");
+        let syn = Packet::tcp(other, far, flags::SYN, b"");
+        assert_eq!(dp.run(TcNode, &syn.bytes()).0, TC_ACT_REDIRECT);
+        let src = snat_source(&dp, other, far).expect("SNATed");
+        assert_eq!(src.ip().to_string(), "10.99.0.1");
+    });
+}

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use lb_tests::{
     manifests::{docs, service},
-    rig::{serve_all_pods, tcp_hello, wait_until, Cluster, ClusterSpec},
+    rig::{serve_all_pods, sh, tcp_hello, wait_until, Cluster, ClusterSpec},
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -172,4 +172,52 @@ fn zone_hints_are_followed_when_every_endpoint_has_one_and_ignored_otherwise() {
     let hits = spread(&client, sa("10.99.0.1:30081"), 60);
     let names: Vec<&str> = hits.keys().map(String::as_str).collect();
     assert_eq!(names, ["a0", "a1", "b0", "b1"], "{hits:?}");
+}
+
+#[test]
+fn a_nodeport_to_a_remote_backend_is_snated_to_the_address_of_the_interface_it_leaves_by() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("egress"));
+    let _s = serve_all_pods(&c);
+    // A second network between the nodes, and node-b's pods behind it:
+    // node-a reaches b0 by eth1, whose address is not the node's.
+    c.link_nodes("a", "b", "10.97.0.1/24", "10.97.0.2/24");
+    let node_a = c.node("a").ns.clone();
+    sh(
+        Some(&node_a),
+        &[
+            "ip",
+            "route",
+            "replace",
+            "10.244.2.0/24",
+            "via",
+            "10.97.0.2",
+        ],
+    );
+    c.write_manifest(
+        "far.yaml",
+        &hinted_service("far", "10.96.0.10", 30080, &[(B0, "node-b", &[])]),
+    );
+    // The rig gives every agent `--iface eth0`; eth1 joins it.
+    c.node_mut("a").start_agent(&["--iface", "eth1"]);
+    c.node("a").wait_agent_ready(WAIT);
+
+    for _ in 0..5 {
+        let (line, _) =
+            tcp_hello(&c.client_ns(), sa("10.99.0.1:30080"), IO).expect("NodePort to b0");
+        let peer = line.split_whitespace().nth(1).unwrap_or_default();
+        let peer: SocketAddr = peer
+            .parse()
+            .unwrap_or_else(|e| panic!("greeting {line:?}: {e}"));
+        assert_eq!(
+            peer.ip().to_string(),
+            "10.97.0.1",
+            "b0 sees eth1's address: {line}"
+        );
+        // Clear of the node's own ephemeral ports (Linux's default range
+        // in the node's namespace).
+        assert!(
+            !(32768..=60999).contains(&peer.port()),
+            "{line}: a port of the node's ephemeral range"
+        );
+    }
 }

@@ -2,17 +2,27 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use lb_common::{addr::addr_be, config::CONFIG_F_DSR, Config};
 use tracing::warn;
 
 use super::maps::Maps;
+
+/// Where the kernel keeps the node's ephemeral port range (per network
+/// namespace).
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Linux's default ephemeral port range, assumed when it cannot be read.
+const LINUX_EPHEMERAL_PORTS: (u16, u16) = (32768, 60999);
 
 /// The settings of the config map that come from flags.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     /// Source ports for SNAT, inclusive.
     pub snat_ports: (u16, u16),
+    /// The node's own ephemeral ports, inclusive, left out of the SNAT
+    /// ports (see [`ephemeral_ports`]).
+    pub ephemeral_ports: (u16, u16),
     /// Idle timeouts in seconds: TCP, TCP after FIN or RST, UDP.
     pub timeouts: [u32; 3],
     /// Idle timeout of a flow not established yet (seconds).
@@ -22,8 +32,73 @@ pub struct Settings {
     pub dsr: bool,
 }
 
+impl Settings {
+    /// How many source ports SNAT hands out per backend and protocol: the
+    /// SNAT range less the ephemeral ports; an error when none is left.
+    pub fn snat_port_count(&self) -> Result<u32> {
+        let n = self.config(0).snat_port_count();
+        if n == 0 {
+            let (min, max) = self.snat_ports;
+            let (e0, e1) = self.ephemeral_ports;
+            bail!(
+                "--snat-ports {min}-{max} lies inside the node's ephemeral range {e0}-{e1} \
+                 ({LOCAL_PORT_RANGE}), which is left to the node's own connections: \
+                 give ports outside it (the default is 1024-65535 less that range)"
+            );
+        }
+        Ok(n)
+    }
+
+    /// The config map's entry with `node_addr4_be` as the node's address.
+    fn config(&self, node_addr4_be: u32) -> Config {
+        Config {
+            node_addr4_be,
+            snat_port_min: self.snat_ports.0,
+            snat_port_max: self.snat_ports.1,
+            node_addr6_be: [0; 4],
+            tcp_timeout_s: self.timeouts[0],
+            tcp_closing_timeout_s: self.timeouts[1],
+            udp_timeout_s: self.timeouts[2],
+            flags: if self.dsr { CONFIG_F_DSR } else { 0 },
+            embryonic_timeout_s: self.embryonic_timeout,
+            snat_skip_min: self.ephemeral_ports.0,
+            snat_skip_max: self.ephemeral_ports.1,
+        }
+    }
+}
+
+/// The node's ephemeral port range (`net.ipv4.ip_local_port_range` of this
+/// network namespace), from which its own sockets take their source
+/// ports. SNAT leaves it out: the datapath's flows bypass the kernel's
+/// conntrack, so the kernel, picking a port for a node socket, would not
+/// see that a translated flow to the same backend holds it. Linux's
+/// default when it cannot be read.
+pub fn ephemeral_ports() -> (u16, u16) {
+    match std::fs::read_to_string(LOCAL_PORT_RANGE)
+        .context("read it")
+        .and_then(|text| parse_port_pair(&text))
+    {
+        Ok(range) => range,
+        Err(e) => {
+            let (a, b) = LINUX_EPHEMERAL_PORTS;
+            warn!("{LOCAL_PORT_RANGE}: {e:#}; SNAT leaves Linux's default {a}-{b} out");
+            LINUX_EPHEMERAL_PORTS
+        }
+    }
+}
+
+/// Parses the two ports of `ip_local_port_range` ("32768\t60999").
+fn parse_port_pair(text: &str) -> Result<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), None) if a <= b => Ok((a, b)),
+        _ => bail!("expected two ports, low then high, got {text:?}"),
+    }
+}
+
 /// Writes the config map: the first IPv4 of `addresses` (the external
-/// interfaces') is the SNAT source.
+/// interfaces') is the node's address, SNAT's source where the interface
+/// a flow leaves by has none of its own (`Maps::set_iface_addrs`).
 pub fn write_config(maps: &mut Maps, addresses: &[IpAddr], settings: &Settings) -> Result<()> {
     let node_addr4_be = addresses
         .iter()
@@ -32,16 +107,46 @@ pub fn write_config(maps: &mut Maps, addresses: &[IpAddr], settings: &Settings) 
     if node_addr4_be == 0 {
         warn!("no IPv4 address on the external interfaces: NodePorts to remote backends cannot be SNATed");
     }
-    let cfg = Config {
-        node_addr4_be,
-        snat_port_min: settings.snat_ports.0,
-        snat_port_max: settings.snat_ports.1,
-        node_addr6_be: [0; 4],
-        tcp_timeout_s: settings.timeouts[0],
-        tcp_closing_timeout_s: settings.timeouts[1],
-        udp_timeout_s: settings.timeouts[2],
-        flags: if settings.dsr { CONFIG_F_DSR } else { 0 },
-        embryonic_timeout_s: settings.embryonic_timeout,
-    };
-    maps.config.set(0, cfg, 0).context("write config map")
+    maps.config
+        .set(0, settings.config(node_addr4_be), 0)
+        .context("write config map")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(snat_ports: (u16, u16), ephemeral_ports: (u16, u16)) -> Settings {
+        Settings {
+            snat_ports,
+            ephemeral_ports,
+            timeouts: [1, 1, 1],
+            embryonic_timeout: 1,
+            dsr: false,
+        }
+    }
+
+    #[test]
+    fn the_kernels_port_range_parses() {
+        assert_eq!(parse_port_pair("32768\t60999\n").ok(), Some((32768, 60999)));
+        assert!(parse_port_pair("60999 32768").is_err());
+        assert!(parse_port_pair("1 2 3").is_err());
+        assert!(parse_port_pair("").is_err());
+    }
+
+    #[test]
+    fn snat_ports_leave_the_ephemeral_range_out_and_must_keep_some() {
+        let default = settings((1024, 65535), (32768, 60999));
+        assert_eq!(default.snat_port_count().ok(), Some(36_280));
+        // The old default range, above the ephemeral one, keeps all its ports.
+        assert_eq!(
+            settings((61000, 65535), (32768, 60999))
+                .snat_port_count()
+                .ok(),
+            Some(4536)
+        );
+        let inside = settings((40000, 50000), (32768, 60999)).snat_port_count();
+        let msg = format!("{:#}", inside.expect_err("nothing left"));
+        assert!(msg.contains("--snat-ports 40000-50000"), "{msg}");
+    }
 }

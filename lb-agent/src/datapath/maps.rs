@@ -11,7 +11,7 @@
 //! update, and the frontends are then flipped to it with one update each:
 //! no update of a map of maps, so no RCU grace period, on the change path.
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{
@@ -23,6 +23,7 @@ use lb_common::{
     dsr::{DsrPeer, DSR_PEER_HEAD_BITS},
     maps,
     service::{MAGLEV_CHUNK, SERVICE_NAME_LEN, SRC_RANGE_HEAD_BITS},
+    snat::{IfaceAddr, IfaceAddrKey},
     stats::{Counter, SvcCounters},
     AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, MaglevChunk,
     ServiceInfo, ServiceKey, ServiceValue, SrcRange,
@@ -66,6 +67,8 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcCounters>,
     /// The nodes whose DSR-wrapped packets are unwrapped.
     pub dsr_peers: LpmTrie<MapData, DsrPeer, u32>,
+    /// Each node interface's SNAT source address.
+    pub iface_addrs: HashMap<MapData, IfaceAddrKey, IfaceAddr>,
     /// Which regions of the slot array hold tables: read from the maps at
     /// the first table write (or given by [`Maps::adopt_regions`]).
     regions: Option<Regions>,
@@ -109,6 +112,7 @@ impl Maps {
             src_ranges: typed!(bpffs, maps::SRC_RANGES),
             svc_stats: typed!(bpffs, maps::SVC_STATS),
             dsr_peers: typed!(bpffs, maps::DSR_PEERS),
+            iface_addrs: typed!(bpffs, maps::IFACE_ADDRS),
             regions: None,
             grace: None,
         })
@@ -116,6 +120,41 @@ impl Maps {
 }
 
 impl Maps {
+    /// Makes the interface address map hold exactly `addrs` (interface
+    /// index, its SNAT source): writes first, then removes the interfaces
+    /// no longer listed, so a kept interface is never without its address.
+    pub fn set_iface_addrs(&mut self, addrs: &[(u32, IpAddr)]) -> Result<()> {
+        let want: Vec<(IfaceAddrKey, IfaceAddr)> = addrs
+            .iter()
+            .map(|(ifindex, addr)| {
+                let (addr_be, family) = addr_be(*addr);
+                let key = IfaceAddrKey {
+                    ifindex: *ifindex,
+                    family,
+                    _pad: [0; 3],
+                };
+                (key, IfaceAddr { addr_be })
+            })
+            .collect();
+        for (key, value) in &want {
+            self.iface_addrs
+                .insert(key, value, 0)
+                .with_context(|| format!("insert into {}", maps::IFACE_ADDRS))?;
+        }
+        let have: Vec<IfaceAddrKey> = self
+            .iface_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {}", maps::IFACE_ADDRS))?;
+        for key in have {
+            if !want.iter().any(|(k, _)| *k == key) {
+                ignore_missing(self.iface_addrs.remove(&key))
+                    .with_context(|| format!("remove from {}", maps::IFACE_ADDRS))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the DSR peers map hold exactly `peers`: adds the new ones
     /// first, then removes the gone ones (a peer that stays is never
     /// missing in between).

@@ -209,7 +209,8 @@ impl Programs {
             .map_max_entries(maps::CONNTRACK, SHADOW_ENTRIES)
             .map_max_entries(maps::CT_EMBRYO, SHADOW_ENTRIES)
             .map_max_entries(maps::AFFINITY, SHADOW_ENTRIES)
-            .map_max_entries(maps::FRAGS, SHADOW_ENTRIES);
+            .map_max_entries(maps::FRAGS, SHADOW_ENTRIES)
+            .map_max_entries(maps::SNAT_CURSORS, SHADOW_ENTRIES);
         let ebpf = loader
             .load(EBPF_OBJECT)
             .context("load a private copy of the eBPF object")?;
@@ -675,7 +676,7 @@ pub fn tcx_available() -> bool {
 
 /// Maps only the agent writes, which a shadow copy shares with the live
 /// datapath.
-const AGENT_WRITTEN: [&str; 7] = [
+const AGENT_WRITTEN: [&str; 8] = [
     maps::SERVICES,
     maps::MAGLEV,
     maps::BACKENDS,
@@ -683,6 +684,7 @@ const AGENT_WRITTEN: [&str; 7] = [
     maps::CONFIG,
     maps::SVC_INFO,
     maps::DSR_PEERS,
+    maps::IFACE_ADDRS,
 ];
 
 /// Capacity of a shadow copy's private conntrack, affinity and fragment maps.

@@ -61,7 +61,9 @@ fn family(name: &str) -> Option<(&str, u32)> {
 fn fate_of(current: &str) -> Fate {
     match current {
         maps::STATS => Fate::Reset,
-        maps::AFFINITY | maps::FRAGS | maps::CONNTRACK | maps::CT_EMBRYO => Fate::Dropped,
+        maps::AFFINITY | maps::FRAGS | maps::CONNTRACK | maps::CT_EMBRYO | maps::SNAT_CURSORS => {
+            Fate::Dropped
+        }
         _ => Fate::Rebuilt,
     }
 }
