@@ -2157,7 +2157,8 @@ fn a_backend_gets_snat_ports_until_its_range_is_truly_exhausted_and_others_keep_
         let client = |i: u16| addr(&format!("10.99.0.100:{}", 41000 + i));
 
         // Every port, handed out in order from the backend's cursor; each
-        // flow is established by its backend's answer.
+        // flow is established by its backend's first packet past the
+        // handshake.
         let mut given = Vec::new();
         for i in 0..30 {
             let syn = Packet::tcp(client(i), web, flags::SYN, b"");
@@ -2166,6 +2167,9 @@ fn a_backend_gets_snat_ports_until_its_range_is_truly_exhausted_and_others_keep_
             assert_eq!(*src.ip(), node);
             let synack = Packet::tcp(web_backend, src, flags::SYN | flags::ACK, b"");
             assert_eq!(dp.run(TcNode, &synack.bytes()).0, TC_ACT_REDIRECT);
+            // Past the handshake: the backend's greeting establishes it.
+            let hello = Packet::tcp(web_backend, src, flags::ACK | flags::PSH, b"hi");
+            assert_eq!(dp.run(TcNode, &hello.bytes()).0, TC_ACT_REDIRECT);
             given.push(src.port());
         }
         let first = usable

@@ -147,6 +147,9 @@ struct Loaded {
     dp: Datapath,
     /// The Service every case aims at.
     target: usize,
+    /// ClientIP affinity on every Service, and a new client address for
+    /// every new flow (so that each one inserts an affinity entry).
+    affinity: bool,
     np_ack: Vec<u8>,
     cip_ack: Vec<u8>,
     reply: Vec<u8>,
@@ -183,6 +186,7 @@ impl Loaded {
         Self {
             dp: Datapath::with_sizes(sizes, TABLE_SIZE),
             target: 0,
+            affinity: false,
             np_ack: Vec::new(),
             cip_ack: Vec::new(),
             reply: Vec::new(),
@@ -194,8 +198,14 @@ impl Loaded {
     /// Grows to `n` Services and opens the established flows; returns the
     /// time the reconciler took.
     fn grow(&mut self, n: usize) -> Duration {
+        let mut svcs = services(n);
+        if self.affinity {
+            for (_, sp) in &mut svcs {
+                sp.affinity_timeout_s = 10_800;
+            }
+        }
         let t = Instant::now();
-        self.dp.apply(&services(n));
+        self.dp.apply(&svcs);
         let took = t.elapsed();
         self.target = n / 2;
         let np = node_port(self.target);
@@ -232,8 +242,15 @@ impl Loaded {
     fn new_flow(&mut self, case: Case) -> Vec<u8> {
         self.next_flow += 1;
         let k = self.next_flow;
+        let affinity = self.affinity;
         let src = |base: Ipv4Addr| {
             let o = base.octets();
+            if affinity {
+                return SocketAddrV4::new(
+                    Ipv4Addr::new(o[0], o[1], (k >> 8) as u8, k as u8),
+                    40_000,
+                );
+            }
             SocketAddrV4::new(
                 Ipv4Addr::new(o[0], o[1], (k >> 14) as u8, (k >> 6) as u8),
                 1024 + (k & 63) as u16 * 512 + 7,
@@ -421,6 +438,75 @@ fn full_tables(p: &Params, roomy: &mut Loaded, report: &mut Report) {
     report.sections.push(s);
 }
 
+/// Affinity map size of the full-affinity datapath.
+const FULL_AFFINITY: u32 = 1 << 13;
+
+/// Figure 1's new-flow rows for a Service with ClientIP affinity whose
+/// affinity map is full (every new client's entry evicts another's),
+/// beside the same Service with room in the map, back to back per run.
+/// Every measured flow is a new client, so each one misses, picks by
+/// Maglev and inserts; the conntrack maps have room in both.
+fn full_affinity(p: &Params, report: &mut Report) {
+    let with = |affinity: u32| {
+        let mut l = Loaded::with_sizes(MapSizes {
+            affinity,
+            ..sizes(1)
+        });
+        l.affinity = true;
+        l.grow(1);
+        l
+    };
+    let mut full = with(FULL_AFFINITY);
+    let mut roomy = with(1 << 20);
+    for _ in 0..2 * FULL_AFFINITY {
+        let syn = full.new_flow(Case::TcClusterIpNew);
+        full.dp.run(TestProgram::TcPod, &syn);
+    }
+    let entries = full.dp.maps.affinity.keys().count();
+    let cases = [Case::XdpNodePortNew, Case::TcClusterIpNew];
+    let mut full_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut roomy_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..p.runs {
+        for (c, case) in cases.iter().enumerate() {
+            full_ns[c].push(full.measure(*case, p).0);
+            roomy_ns[c].push(roomy.measure(*case, p).0);
+        }
+    }
+    let mut s = format!(
+        "### Affinity table full (1 Service, sessionAffinity ClientIP)\n\nThe affinity map \
+         ({FULL_AFFINITY} entries) of a one-Service datapath with ClientIP affinity filled \
+         first by {} new clients; after that it held {entries} entries, and every new \
+         client's entry evicts another (the LRU's eviction path). Every measured flow is a \
+         new client. 'vs room' is the per-run ratio to the same Service whose affinity map \
+         has room (1 Mi entries).\n\n\
+         | case | ns/packet, affinity full | vs room |\n|---|---|---|\n",
+        2 * FULL_AFFINITY
+    );
+    for (c, case) in cases.iter().enumerate() {
+        let (Some(ns), Some(r)) = (
+            Stat::of(&full_ns[c]),
+            Stat::ratio(&full_ns[c], &roomy_ns[c]),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {}, new client | {} | {} |",
+            case.name(),
+            ns.show(1),
+            r.show(3)
+        );
+        report.row(
+            &format!("{}, new client, affinity table full", case.name()),
+            format!("{} ns; {}× with room", ns.show(1), r.show(2)),
+            "-",
+            Verdict::Info,
+            String::new(),
+        );
+    }
+    report.sections.push(s);
+}
+
 /// The destination of an Ethernet/IPv4/TCP frame.
 fn src_of(frame: &[u8]) -> Option<SocketAddrV4> {
     let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
@@ -518,6 +604,7 @@ pub fn run(p: &Params, report: &mut Report) -> Vec<ScaleResult> {
     }
     section(p, &results, report);
     full_tables(p, &mut small, report);
+    full_affinity(p, report);
     results
 }
 
