@@ -63,6 +63,14 @@ fn service_stats(c: &Cluster, node: &str, svc: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no counters of {svc}: {stats}"))
 }
 
+/// The pod a greeting came from: its first word.
+fn greeter(line: &str) -> String {
+    line.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Backend name → count over `n` TCP connections from `ns` to `dst`; each
 /// connected socket must show `dst` as its peer.
 fn tcp_spread(ns: &str, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
@@ -71,11 +79,7 @@ fn tcp_spread(ns: &str, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
         let (line, peer) =
             tcp_hello(ns, dst, IO).unwrap_or_else(|e| panic!("connection {i} to {dst}: {e}"));
         assert_eq!(peer, dst, "getpeername shows the frontend");
-        let name = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let name = greeter(&line);
         *hits.entry(name).or_insert(0) += 1;
     }
     hits
@@ -137,11 +141,7 @@ fn the_node_reaches_a_cluster_ip_over_udp_and_replies_come_from_the_cluster_ip()
         let (line, from) =
             udp_hello(&node, vip, IO).unwrap_or_else(|e| panic!("unconnected datagram {i}: {e}"));
         assert_eq!(from, vip, "recvfrom shows the ClusterIP as the source");
-        let name = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let name = greeter(&line);
         *unconnected.entry(name).or_insert(0) += 1;
     }
     assert!(
@@ -157,11 +157,7 @@ fn the_node_reaches_a_cluster_ip_over_udp_and_replies_come_from_the_cluster_ip()
             "recvfrom on a connected socket shows the ClusterIP"
         );
         assert_eq!(peer, vip, "getpeername shows the ClusterIP");
-        let name = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let name = greeter(&line);
         *connected.entry(name).or_insert(0) += 1;
     }
     assert!(
@@ -544,11 +540,7 @@ fn trace_names_the_backend_a_node_socket_gets_at_connect() {
             Ok::<_, io::Error>((line, socket_cookie(&s)))
         })
         .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-        let got = got
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let got = greeter(&got);
         let cookie = cookie.to_string();
         let t = trace_socket(
             &c,
@@ -589,11 +581,7 @@ fn trace_names_the_backend_a_node_socket_gets_at_connect() {
             ))
         })
         .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
-        let got = got
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let got = greeter(&got);
         let cookie = cookie.to_string();
         for call in ["connect", "sendmsg"] {
             let t = trace_socket(

@@ -388,6 +388,39 @@ fn full_tables(p: &Params, roomy: &mut Loaded, report: &mut Report) {
         Case::TcClusterIpEstablished,
         Case::TcClusterIpNew,
     ];
+    let intro = format!(
+        "### Conntrack tables full (1 Service)\n\nBoth conntrack maps of a one-Service \
+         datapath ({FULL_MAIN} established and {FULL_EMBRYONIC} embryonic entries) filled \
+         first: {FULL_MAIN} established ClusterIP flows from pods, then \
+         {} unanswered SYNs from outside; after that the maps held {entries} and \
+         {embryonic} entries, and every new flow's two inserts evict embryonic entries (the \
+         LRU's eviction path). The established cases hit an entry in the full main map. 'vs \
+         room' is the per-run ratio to the same case on the one-Service datapath whose maps \
+         have room (512 Ki and 128 Ki entries, far from full).\n\n",
+        2 * FULL_EMBRYONIC
+    );
+    pressure_rows(
+        p,
+        (&mut full, roomy),
+        &cases,
+        "conntrack tables full",
+        intro,
+        report,
+    );
+}
+
+/// Measures `cases` on a datapath with a full table and on one with room,
+/// back to back per run, and reports each: a section (`intro`, then a row
+/// per case with its ns, the ratio to room and the verdict) and a report
+/// row named after the case and `label`.
+fn pressure_rows(
+    p: &Params,
+    (full, roomy): (&mut Loaded, &mut Loaded),
+    cases: &[Case],
+    label: &str,
+    intro: String,
+    report: &mut Report,
+) {
     let mut full_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut roomy_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut verdicts = vec![0u32; cases.len()];
@@ -399,17 +432,10 @@ fn full_tables(p: &Params, roomy: &mut Loaded, report: &mut Report) {
             roomy_ns[c].push(roomy.measure(*case, p).0);
         }
     }
-    let mut s = format!(
-        "### Conntrack tables full (1 Service)\n\nBoth conntrack maps of a one-Service \
-         datapath ({FULL_MAIN} established and {FULL_EMBRYONIC} embryonic entries) filled \
-         first: {FULL_MAIN} established ClusterIP flows from pods, then \
-         {} unanswered SYNs from outside; after that the maps held {entries} and \
-         {embryonic} entries, and every new flow's two inserts evict embryonic entries (the \
-         LRU's eviction path). The established cases hit an entry in the full main map. 'vs \
-         room' is the per-run ratio to the same case on the one-Service datapath whose maps \
-         have room (512 Ki and 128 Ki entries, far from full).\n\n\
-         | case | ns/packet, tables full | vs room | verdict |\n|---|---|---|---|\n",
-        2 * FULL_EMBRYONIC
+    let mut s = intro;
+    let _ = writeln!(
+        s,
+        "| case | ns/packet, {label} | vs room | verdict |\n|---|---|---|---|"
     );
     for (c, case) in cases.iter().enumerate() {
         let (Some(ns), Some(r)) = (
@@ -428,7 +454,7 @@ fn full_tables(p: &Params, roomy: &mut Loaded, report: &mut Report) {
             verdict_name(xdp, verdicts[c])
         );
         report.row(
-            &format!("{}, conntrack tables full", case.name()),
+            &format!("{}, {label}", case.name()),
             format!("{} ns; {}× with room", ns.show(1), r.show(2)),
             "-",
             Verdict::Info,
@@ -463,48 +489,23 @@ fn full_affinity(p: &Params, report: &mut Report) {
         full.dp.run(TestProgram::TcPod, &syn);
     }
     let entries = full.dp.maps.affinity.keys().count();
-    let cases = [Case::XdpNodePortNew, Case::TcClusterIpNew];
-    let mut full_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut roomy_ns: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    for _ in 0..p.runs {
-        for (c, case) in cases.iter().enumerate() {
-            full_ns[c].push(full.measure(*case, p).0);
-            roomy_ns[c].push(roomy.measure(*case, p).0);
-        }
-    }
-    let mut s = format!(
+    let intro = format!(
         "### Affinity table full (1 Service, sessionAffinity ClientIP)\n\nThe affinity map \
          ({FULL_AFFINITY} entries) of a one-Service datapath with ClientIP affinity filled \
          first by {} new clients; after that it held {entries} entries, and every new \
          client's entry evicts another (the LRU's eviction path). Every measured flow is a \
          new client. 'vs room' is the per-run ratio to the same Service whose affinity map \
-         has room (1 Mi entries).\n\n\
-         | case | ns/packet, affinity full | vs room |\n|---|---|---|\n",
+         has room (1 Mi entries).\n\n",
         2 * FULL_AFFINITY
     );
-    for (c, case) in cases.iter().enumerate() {
-        let (Some(ns), Some(r)) = (
-            Stat::of(&full_ns[c]),
-            Stat::ratio(&full_ns[c], &roomy_ns[c]),
-        ) else {
-            continue;
-        };
-        let _ = writeln!(
-            s,
-            "| {}, new client | {} | {} |",
-            case.name(),
-            ns.show(1),
-            r.show(3)
-        );
-        report.row(
-            &format!("{}, new client, affinity table full", case.name()),
-            format!("{} ns; {}× with room", ns.show(1), r.show(2)),
-            "-",
-            Verdict::Info,
-            String::new(),
-        );
-    }
-    report.sections.push(s);
+    pressure_rows(
+        p,
+        (&mut full, &mut roomy),
+        &[Case::XdpNodePortNew, Case::TcClusterIpNew],
+        "new client, affinity table full",
+        intro,
+        report,
+    );
 }
 
 /// The destination of an Ethernet/IPv4/TCP frame.
