@@ -1844,10 +1844,12 @@ fn a_flood_of_unanswered_flows_evicts_only_other_unanswered_flows() {
         MapSizes {
             services: 64,
             backends: 64,
-            // Room to spare: an LRU map may evict before it is full, as
-            // its free entries are spread over per-CPU lists.
+            // Room to spare in both: an LRU map may evict (or refuse)
+            // before it is full, as its free entries are spread over
+            // per-CPU lists; a thread that moves to another CPU finds
+            // them on the first one's list (seen in the 6.1 VM with 64).
             conntrack: 256,
-            embryonic: 64,
+            embryonic: 256,
             affinity: 64,
             src_ranges: 64,
             maglev_slots: 1 << 16,
@@ -1906,8 +1908,8 @@ fn a_flood_of_unanswered_flows_evicts_only_other_unanswered_flows() {
     assert_eq!(counter(&dp, "ct_hit"), hits + 64);
     let embryonic = dp.maps.ct_embryo.keys().count() as u64;
     let evicted = counter(&dp, "ct_embryo_insert") - counter(&dp, "ct_embryo_remove") - embryonic;
-    assert!(embryonic <= 64, "{embryonic}");
-    assert!(evicted >= 4000 - 64, "the flood evicted itself: {evicted}");
+    assert!(embryonic <= 256, "{embryonic}");
+    assert!(evicted >= 4000 - 256, "the flood evicted itself: {evicted}");
     assert_eq!(
         counter(&dp, "ct_insert") - counter(&dp, "ct_remove"),
         64,
