@@ -316,8 +316,8 @@ fn nodeport_ifaces(
     })
 }
 
-/// Writes the primary IPv4 address of each interface the node programs
-/// run on as its SNAT source, when that differs from what `written` says
+/// Writes the primary address of each family of each interface the node
+/// programs run on as its SNAT source, when that differs from what `written` says
 /// the map holds. Only those interfaces: a flow SNATed to another one's
 /// address would have its replies come back where nothing translates them
 /// (it takes the node's address instead). A failure is logged and retried

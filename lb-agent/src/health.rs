@@ -14,7 +14,7 @@
 //! the shape kube-proxy serves.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
@@ -190,6 +190,10 @@ pub struct Health {
     pub name: String,
     /// Ready endpoints of the Service on this node.
     pub local_endpoints: usize,
+    /// The Service's address families (`true`: IPv4), from its frontends:
+    /// the port is served on the node addresses of these families only, as
+    /// each family's NodePorts are; empty serves every family.
+    pub families: BTreeSet<bool>,
 }
 
 /// The health check ports the model asks for, with what each reports.
@@ -205,10 +209,15 @@ pub fn desired(model: &Model) -> BTreeMap<u16, Health> {
                     namespace: r.namespace.clone(),
                     name: r.name.clone(),
                     local_endpoints: 0,
+                    families: BTreeSet::new(),
                 },
                 Vec::new(),
             )
         });
+        entry
+            .0
+            .families
+            .extend(sp.frontends.iter().map(|f| f.addr.is_ipv4()));
         // Endpoints are pods: one pod serving several ports counts once.
         for e in sp.endpoints.iter().filter(|e| e.local && e.ready) {
             if !entry.1.contains(&e.addr) {
@@ -250,7 +259,11 @@ impl HealthServers {
         }
         let keys: Vec<(IpAddr, u16)> = addresses
             .iter()
-            .flat_map(|a| want.keys().map(move |p| (*a, *p)))
+            .flat_map(|a| {
+                want.iter()
+                    .filter(|(_, h)| h.families.is_empty() || h.families.contains(&a.is_ipv4()))
+                    .map(move |(p, _)| (*a, *p))
+            })
             .collect();
         self.listeners.retain(|key, task| {
             let keep = keys.contains(key);
@@ -340,6 +353,7 @@ mod tests {
             namespace: "demo".into(),
             name: "web".into(),
             local_endpoints: 2,
+            families: BTreeSet::from([true]),
         };
         let ok = reply(Some(&h), true);
         assert_eq!(ok.status, 200, "{ok:?}");

@@ -8,37 +8,57 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 
-/// IPv4 addresses of the given interfaces, in interface order.
+/// The addresses (both families) of the given interfaces, in interface
+/// order, each interface's in the kernel's order.
 pub fn iface_addresses(ifaces: &[String]) -> Result<Vec<IpAddr>> {
-    let mut out = Vec::new();
-    let all: Vec<_> = nix::ifaddrs::getifaddrs()
-        .context("list interface addresses")?
-        .collect();
-    for iface in ifaces {
-        for a in &all {
-            if &a.interface_name != iface {
-                continue;
-            }
-            if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
-                out.push(IpAddr::V4(sin.ip()));
-            }
-        }
-    }
-    Ok(out)
+    let all = local_addresses()?;
+    Ok(ifaces
+        .iter()
+        .flat_map(|iface| {
+            all.iter()
+                .filter(move |(name, _)| name == iface)
+                .map(|(_, addr)| *addr)
+        })
+        .collect())
 }
 
-/// Every IPv4 address of this network namespace with its interface, in
-/// the kernel's order, loopback left out: NodePorts are not served on it
-/// (the node's own connections reach Services through the socket hooks).
+/// Every address of this network namespace with its interface, in the
+/// kernel's order (IPv4 before IPv6), loopback and IPv6 link-local left
+/// out: NodePorts are not served on them (the node's own connections reach
+/// Services through the socket hooks, and a link-local address names no
+/// node outside its link).
 pub fn local_addresses() -> Result<Vec<(String, IpAddr)>> {
     Ok(nix::ifaddrs::getifaddrs()
         .context("list interface addresses")?
         .filter_map(|a| {
-            let sin = a.address.as_ref().and_then(|s| s.as_sockaddr_in())?;
-            let ip = sin.ip();
-            (!ip.is_loopback()).then_some((a.interface_name, IpAddr::V4(ip)))
+            let sa = a.address.as_ref()?;
+            let ip = if let Some(sin) = sa.as_sockaddr_in() {
+                IpAddr::V4(sin.ip())
+            } else {
+                IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+            };
+            serves_nodeports(ip).then_some((a.interface_name, ip))
         })
         .collect())
+}
+
+/// Whether a node address may carry NodePorts: not loopback, not IPv6
+/// link-local (fe80::/10).
+fn serves_nodeports(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback(),
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    }
+}
+
+/// The first address of each family in `addrs`, IPv4 first: the node's
+/// primary addresses when no Node object names them (the `--iface`
+/// addresses of a manifests-folder agent).
+pub fn first_of_each_family(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    [true, false]
+        .into_iter()
+        .filter_map(|v4| addrs.iter().copied().find(|a| a.is_ipv4() == v4))
+        .collect()
 }
 
 /// The interfaces among `local` that carry one of `addresses`, without
@@ -57,18 +77,22 @@ pub fn ifaces_carrying(
     out
 }
 
-/// The primary IPv4 address of each of `ifaces` that has one: its first
-/// in `local` (the kernel lists an interface's primary addresses before
-/// its secondary ones). This is the address SNAT gives flows leaving by
-/// the interface, as masquerading takes the device's primary address.
+/// The primary address of each family of each of `ifaces` that has one:
+/// its first in `local` (the kernel lists an interface's primary IPv4
+/// addresses before its secondary ones; IPv6 has no such rank, and its
+/// first global address is the one source selection prefers among equals).
+/// This is the address SNAT gives flows leaving by the interface, as
+/// masquerading takes the device's primary address.
 pub fn primary_addresses(local: &[(String, IpAddr)], ifaces: &[String]) -> Vec<(String, IpAddr)> {
     ifaces
         .iter()
-        .filter_map(|iface| {
-            local
-                .iter()
-                .find(|(name, addr)| name == iface && addr.is_ipv4())
-                .cloned()
+        .flat_map(|iface| {
+            [true, false].into_iter().filter_map(move |v4| {
+                local
+                    .iter()
+                    .find(|(name, addr)| name == iface && addr.is_ipv4() == v4)
+                    .cloned()
+            })
         })
         .collect()
 }
@@ -79,9 +103,13 @@ pub fn link_events() -> Result<mpsc::Receiver<()>> {
     use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
     const RTMGRP_LINK: u32 = 0x1;
     const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV6_IFADDR: u32 = 0x100;
     let mut socket = Socket::new(NETLINK_ROUTE).context("open netlink socket")?;
     socket
-        .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+        .bind(&SocketAddr::new(
+            0,
+            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+        ))
         .context("subscribe to netlink link events")?;
     let (tx, rx) = mpsc::channel(1);
     std::thread::Builder::new()
@@ -115,15 +143,42 @@ mod tests {
             ("eth1".to_owned(), ip("10.98.0.1")),
             ("eth1".to_owned(), ip("10.98.0.2")),
             ("eth0".to_owned(), ip("10.99.0.9")),
+            ("eth0".to_owned(), ip("fd00:99::1")),
+            ("eth0".to_owned(), ip("fd00:99::9")),
         ];
         let ifaces = ["eth1".to_owned(), "eth2".to_owned(), "eth0".to_owned()];
         assert_eq!(
             primary_addresses(&local, &ifaces),
             [
                 ("eth1".to_owned(), ip("10.98.0.1")),
-                ("eth0".to_owned(), ip("10.99.0.1"))
+                ("eth0".to_owned(), ip("10.99.0.1")),
+                ("eth0".to_owned(), ip("fd00:99::1")),
             ]
         );
+    }
+
+    #[test]
+    fn the_primary_addresses_without_a_node_are_the_first_of_each_family() {
+        let ips =
+            |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().expect("ip")).collect() };
+        assert_eq!(
+            first_of_each_family(&ips(&["fd00::1", "10.0.0.1", "fd00::2", "10.0.0.2"])),
+            ips(&["10.0.0.1", "fd00::1"])
+        );
+        assert_eq!(first_of_each_family(&ips(&["fd00::1"])), ips(&["fd00::1"]));
+        assert!(first_of_each_family(&[]).is_empty());
+    }
+
+    #[test]
+    fn loopback_and_link_local_addresses_serve_no_nodeports() {
+        let ip = |a: &str| -> IpAddr { a.parse().expect("ip") };
+        assert!(!serves_nodeports(ip("127.0.0.1")));
+        assert!(!serves_nodeports(ip("::1")));
+        assert!(!serves_nodeports(ip("fe80::1")));
+        assert!(!serves_nodeports(ip("febf::1")));
+        assert!(serves_nodeports(ip("fec0::1")));
+        assert!(serves_nodeports(ip("fd00::1")));
+        assert!(serves_nodeports(ip("10.0.0.1")));
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Settings {
     /// How many source ports SNAT hands out per backend and protocol: the
     /// SNAT range less the ephemeral ports; an error when none is left.
     pub fn snat_port_count(&self) -> Result<u32> {
-        let n = self.config(0).snat_port_count();
+        let n = self.config(0, [0; 4]).snat_port_count();
         if n == 0 {
             let (min, max) = self.snat_ports;
             let (e0, e1) = self.ephemeral_ports;
@@ -49,13 +49,14 @@ impl Settings {
         Ok(n)
     }
 
-    /// The config map's entry with `node_addr4_be` as the node's address.
-    fn config(&self, node_addr4_be: u32) -> Config {
+    /// The config map's entry with the node's addresses of each family
+    /// (zero: none).
+    fn config(&self, node_addr4_be: u32, node_addr6_be: lb_common::IpAddrBe) -> Config {
         Config {
             node_addr4_be,
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
-            node_addr6_be: [0; 4],
+            node_addr6_be,
             tcp_timeout_s: self.timeouts[0],
             tcp_closing_timeout_s: self.timeouts[1],
             udp_timeout_s: self.timeouts[2],
@@ -96,20 +97,30 @@ fn parse_port_pair(text: &str) -> Result<(u16, u16)> {
     }
 }
 
-/// Writes the config map: the first IPv4 of `addresses` (the external
-/// interfaces') is the node's address, SNAT's source where the interface
-/// a flow leaves by has none of its own (`Maps::set_iface_addrs`).
+/// Writes the config map: the first address of each family of
+/// `addresses` (the external interfaces') is the node's address of that
+/// family, SNAT's source where the interface a flow leaves by has none of
+/// its own (`Maps::set_iface_addrs`).
 pub fn write_config(maps: &mut Maps, addresses: &[IpAddr], settings: &Settings) -> Result<()> {
-    let node_addr4_be = addresses
-        .iter()
-        .find(|a| a.is_ipv4())
-        .map_or(0, |a| addr_be(*a).0[0]);
+    let (node_addr4_be, node_addr6_be) = node_addrs_be(addresses);
     if node_addr4_be == 0 {
         warn!("no IPv4 address on the external interfaces: NodePorts to remote backends cannot be SNATed");
     }
     maps.config
-        .set(0, settings.config(node_addr4_be), 0)
+        .set(0, settings.config(node_addr4_be, node_addr6_be), 0)
         .context("write config map")
+}
+
+/// The node's IPv4 and IPv6 addresses as the config map holds them: the
+/// first of each family in `addresses`, zero for a family it lacks.
+fn node_addrs_be(addresses: &[IpAddr]) -> (u32, lb_common::IpAddrBe) {
+    let first = |v4: bool| {
+        addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map_or([0; 4], |a| addr_be(*a).0)
+    };
+    (first(true)[0], first(false))
 }
 
 #[cfg(test)]
@@ -124,6 +135,21 @@ mod tests {
             embryonic_timeout: 1,
             dsr: false,
         }
+    }
+
+    #[test]
+    fn the_node_address_of_each_family_is_the_first_of_it() {
+        let ips: Vec<IpAddr> = ["fd00::1", "10.0.0.1", "fd00::2", "10.0.0.2"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        let cfg = settings((1024, 65535), (32768, 60999));
+        let (v4, v6) = node_addrs_be(&ips);
+        let c = cfg.config(v4, v6);
+        assert_eq!(c.node_addr(lb_common::family::V4), Some(addr_be(ips[1]).0));
+        assert_eq!(c.node_addr(lb_common::family::V6), Some(addr_be(ips[0]).0));
+        let (v4, v6) = node_addrs_be(&ips[1..2]);
+        assert_eq!(cfg.config(v4, v6).node_addr(lb_common::family::V6), None);
     }
 
     #[test]

@@ -639,6 +639,9 @@ struct ServiceAddrs {
     load_balancer: Vec<IpAddr>,
     /// NodePorts are served only by these Service types.
     node_ports: bool,
+    /// The Service's IP families (`true`: IPv4); empty when none is known
+    /// (no clusterIP and no `ipFamilies`), which serves every family.
+    families: BTreeSet<bool>,
 }
 
 /// Reads the Service-wide addresses; `None` when the Service is not ours.
@@ -754,6 +757,7 @@ fn service_addrs(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> Op
         external,
         load_balancer,
         node_ports,
+        families,
     })
 }
 
@@ -994,12 +998,19 @@ fn translate_port(
             port: number,
             kind: FrontendKind::LoadBalancer,
         }))
+        // A NodePort is served on the node's addresses of the Service's
+        // families only, as kube-proxy's per-family proxiers do: a
+        // single-stack IPv4 Service has no backend an IPv6 frontend
+        // could reach.
         .chain(node_port.into_iter().flat_map(|np| {
-            node.addresses.iter().map(move |&addr| Frontend {
-                addr,
-                port: np,
-                kind: FrontendKind::NodePort,
-            })
+            node.addresses
+                .iter()
+                .filter(|a| addrs.families.is_empty() || addrs.families.contains(&a.is_ipv4()))
+                .map(move |&addr| Frontend {
+                    addr,
+                    port: np,
+                    kind: FrontendKind::NodePort,
+                })
         }))
         .collect();
     frontends.sort();
@@ -1248,7 +1259,7 @@ endpoints: [{{addresses: [10.244.4.10]}}]
                 )],
             },
             Case {
-                name: "NodePort on every node address",
+                name: "NodePort on every node address of the Service's family",
                 yaml: "
 metadata: {name: np}
 spec:
@@ -1259,7 +1270,101 @@ spec:
                 .to_owned(),
                 want: vec![(
                     "default/np/TCP",
-                    vec![("10.96.0.20:80", C), ("192.168.1.10:30080", N), ("[fd00::10]:30080", N)],
+                    vec![("10.96.0.20:80", C), ("192.168.1.10:30080", N)],
+                    vec![],
+                )],
+            },
+            Case {
+                name: "SingleStack IPv6: IPv6 frontends only, NodePort on the IPv6 node address",
+                yaml: "
+metadata: {name: v6only}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  clusterIPs: ['fd00:96::40']
+  externalIPs: ['fd00:ee::5']
+  ports: [{port: 80, nodePort: 30040}]
+status: {loadBalancer: {ingress: [{ip: 'fd00:1b::7'}]}}
+"
+                .to_owned(),
+                want: vec![(
+                    "default/v6only/TCP",
+                    vec![
+                        ("[fd00::10]:30040", N),
+                        ("[fd00:1b::7]:80", FrontendKind::LoadBalancer),
+                        ("[fd00:96::40]:80", C),
+                        ("[fd00:ee::5]:80", X),
+                    ],
+                    vec![],
+                )],
+            },
+            Case {
+                name: "PreferDualStack given one family serves that family only",
+                yaml: "
+metadata: {name: prefer}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv4]
+  clusterIPs: [10.96.0.41]
+  ports: [{port: 80, nodePort: 30041}]
+"
+                .to_owned(),
+                want: vec![(
+                    "default/prefer/TCP",
+                    vec![("10.96.0.41:80", C), ("192.168.1.10:30041", N)],
+                    vec![],
+                )],
+            },
+            Case {
+                name: "RequireDualStack: both families, IPv6 primary, endpoints of both slices",
+                yaml: "
+metadata: {name: dual}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: 'fd00:96::42'
+  clusterIPs: ['fd00:96::42', 10.96.0.42]
+  ports: [{port: 80, nodePort: 30042}]
+---
+metadata: {name: dual-v4, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.42]}]
+---
+metadata: {name: dual-v6, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:244:1::42']}]
+"
+                .to_owned(),
+                want: vec![(
+                    "default/dual/TCP",
+                    vec![
+                        ("10.96.0.42:80", C),
+                        ("192.168.1.10:30042", N),
+                        ("[fd00::10]:30042", N),
+                        ("[fd00:96::42]:80", C),
+                    ],
+                    vec!["10.244.1.42:8080", "[fd00:244:1::42]:8080"],
+                )],
+            },
+            Case {
+                name: "no clusterIP allocated yet: ipFamilies decide the NodePort's family",
+                yaml: "
+metadata: {name: pending}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  externalIPs: ['fd00:ee::6']
+  ports: [{port: 80, nodePort: 30043}]
+"
+                .to_owned(),
+                want: vec![(
+                    "default/pending/TCP",
+                    vec![("[fd00::10]:30043", N), ("[fd00:ee::6]:80", X)],
                     vec![],
                 )],
             },
@@ -1719,8 +1824,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 81, nodePort: 30080}
                     "default/b:web/TCP".to_owned(),
                     vec![
                         ("10.96.0.5:80".to_owned(), FrontendKind::ClusterIp),
-                        ("192.168.1.10:30080".to_owned(), FrontendKind::NodePort),
-                        ("[fd00::10]:30080".to_owned(), FrontendKind::NodePort)
+                        ("192.168.1.10:30080".to_owned(), FrontendKind::NodePort)
                     ],
                     vec![]
                 ),
@@ -1745,7 +1849,6 @@ spec: {type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 81, nodePort: 30080}
                 "Service default/c: unnamed TCP port lost every frontend to other Services; port skipped",
                 "Service default/c: unnamed TCP port: frontend 10.96.0.5:80/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
                 "Service default/d: unnamed TCP port: frontend 192.168.1.10:30080/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
-                "Service default/d: unnamed TCP port: frontend [fd00::10]:30080/TCP is already used by Service default/b port \"web\" (TCP); frontend dropped from this port",
             ]
         );
     }
@@ -1759,7 +1862,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [10.96.0.5, 192.168.1.
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(
             model.services.values().next().map(|sp| sp.frontends.len()),
-            Some(5)
+            Some(4)
         );
     }
 

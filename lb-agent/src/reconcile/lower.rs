@@ -297,6 +297,61 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_port_has_one_table_per_family_with_that_familys_endpoints() {
+        let sp = ServicePort {
+            frontends: vec![
+                frontend("10.96.0.10", 80, FrontendKind::ClusterIp),
+                frontend("fd00:96::10", 80, FrontendKind::ClusterIp),
+                frontend("fd00:1b::7", 80, FrontendKind::LoadBalancer),
+            ],
+            endpoints: vec![
+                endpoint("10.244.1.10", true, true, true),
+                endpoint("fd00:244:1::10", true, true, true),
+                endpoint("fd00:244:2::10", false, true, true),
+            ],
+            source_ranges: vec![
+                "10.1.0.0/16".parse().expect("cidr"),
+                "fd00:c1::/64".parse().expect("cidr"),
+            ],
+            ..ServicePort::default()
+        };
+        let tables: BTreeMap<String, DesiredService> = desired_for(&port_ref(), &sp)
+            .into_iter()
+            .map(|(id, d)| (id.to_string(), d))
+            .collect();
+        let v4 = &tables["demo/web/TCP"];
+        let v6 = &tables["demo/web/TCP@v6"];
+        assert_eq!(tables.len(), 2, "{:?}", tables.keys());
+        assert_eq!(
+            v4.frontends,
+            BTreeMap::from([(key("10.96.0.10", 80), SVC_F_CLUSTER_IP)])
+        );
+        assert_eq!(
+            v6.frontends,
+            BTreeMap::from([
+                (key("fd00:96::10", 80), SVC_F_CLUSTER_IP),
+                (
+                    key("fd00:1b::7", 80),
+                    kind_flags(FrontendKind::LoadBalancer) | SVC_F_SRC_RANGES
+                ),
+            ])
+        );
+        assert!(v4
+            .backends
+            .iter()
+            .all(|b| b.family == lb_common::family::V4));
+        assert_eq!(v4.backends.len(), 1);
+        assert!(v6
+            .backends
+            .iter()
+            .all(|b| b.family == lb_common::family::V6));
+        assert_eq!(v6.backends.len(), 2);
+        // The ranges of both families go with the Service port; the trie's
+        // keys carry the family, so each applies to its own clients.
+        assert_eq!(v6.ranges.len(), 2);
+    }
+
+    #[test]
     fn protocol_numbers_read_back() {
         for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
             assert_eq!(protocol_of(proto_number(p)), Some(p));

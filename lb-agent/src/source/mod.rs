@@ -116,10 +116,11 @@ impl Source {
                 folder,
                 ..
             } => {
-                // Without a Node object, the SNAT source stands for the
-                // Node's primary address: the address the node is known by.
-                let primary = &iface_addrs[..iface_addrs.len().min(1)];
-                set_addresses(node, filter.select(primary, local));
+                // Without a Node object, the first `--iface` address of
+                // each family stands for the Node's primary ones (the SNAT
+                // sources): the addresses the node is known by.
+                let primary = crate::node::first_of_each_family(iface_addrs);
+                set_addresses(node, filter.select(&primary, local));
                 // New node addresses change every Service: all files are
                 // parsed again (the folder keeps their text, not objects).
                 let mut scan = pending.take();
