@@ -121,13 +121,16 @@ pub(crate) enum Command {
         /// Protocol.
         #[arg(long, value_enum)]
         proto: TraceProto,
-        /// Source address and port (with `--socket`: the address the
-        /// socket is bound to, port ignored; default the node's).
+        /// Source address and port, `10.0.0.1:4000` or
+        /// `[2001:db8::1]:4000` (with `--socket`: the address the socket is
+        /// bound to, port ignored; default the node's).
         #[arg(long, required_unless_present = "socket")]
-        src: Option<std::net::SocketAddrV4>,
-        /// Destination address and port.
+        src: Option<SocketAddr>,
+        /// Destination address and port (with `--socket` on an IPv6
+        /// socket, an IPv4-mapped `[::ffff:10.96.0.10]:80` is an IPv4
+        /// destination, as the hooks take it).
         #[arg(long)]
-        dst: std::net::SocketAddrV4,
+        dst: SocketAddr,
         /// TCP flags as letters (S, A, F, R, P).
         #[arg(long, default_value = "S", value_parser = lb_agent::trace::parse_tcp_flags)]
         flags: u8,

@@ -914,17 +914,21 @@ fn trace_flow(
         outcome: String::new(),
     };
     let (addr, proto) = f.frontend.split_once('/').unwrap_or((&f.frontend, "TCP"));
-    let (Ok(SocketAddr::V4(dst)), IpAddr::V4(src)) = (addr.parse::<SocketAddr>(), from) else {
-        flow.outcome = "not traced: IPv4 only".to_owned();
+    let Ok(dst) = addr.parse::<SocketAddr>() else {
+        flow.outcome = format!("not traced: {addr} is not an address and port");
         return flow;
     };
+    if dst.is_ipv4() != from.is_ipv4() {
+        flow.outcome = "not traced: the client is of the other address family".to_owned();
+        return flow;
+    }
     let req = crate::trace::Request {
         proto: if proto == "UDP" {
             lb_common::proto::UDP
         } else {
             lb_common::proto::TCP
         },
-        src: std::net::SocketAddrV4::new(src, 40000),
+        src: SocketAddr::new(from, 40000),
         dst,
         tcp_flags: 0x02,
         // Traffic from outside arrives on a node interface; ClusterIPs are

@@ -120,7 +120,7 @@ fn real_main(mut cli: Cli) -> Result<()> {
                         TraceSocket::Sendmsg => lb_agent::trace::SocketCall::Sendmsg,
                     },
                     proto,
-                    bound: src.map(|s| *s.ip()).filter(|ip| !ip.is_unspecified()),
+                    bound: src.map(|s| s.ip()).filter(|ip| !ip.is_unspecified()),
                     dst,
                     cookie,
                 };

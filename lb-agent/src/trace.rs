@@ -10,7 +10,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::Path,
 };
 
@@ -41,9 +41,9 @@ pub struct Request {
     /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
     /// Source address and port.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// Destination address and port.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// TCP flags (ignored for UDP).
     pub tcp_flags: u8,
     /// The interface it arrives on; `None`: from a pod, without a device.
@@ -88,6 +88,9 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
     if req.proto != proto::TCP && req.proto != proto::UDP {
         bail!("only TCP and UDP can be traced");
     }
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (req.src, req.dst) else {
+        bail!("tracing an IPv6 packet is not supported yet (the trace builds IPv4 frames); `--socket` traces a node socket over IPv6");
+    };
     let live = Maps::open(bpffs)?;
     let mut shadow = Programs::load_shadow(bpffs)?;
     let (program, ifindex, dst_mac) = match &req.iface {
@@ -103,13 +106,13 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         }
         None => (TestProgram::TcPod, None, MAC_B),
     };
-    let pkt = build(req, dst_mac);
+    let pkt = build(req, src, dst, dst_mac);
     let frame = pkt.bytes();
     let input = packet::summarize(&frame).context("the built packet reads back")?;
 
     // Seed the copy with what the live maps hold for this packet.
-    let (saddr, family) = addr_be(IpAddr::V4(*req.src.ip()));
-    let (daddr, _) = addr_be(IpAddr::V4(*req.dst.ip()));
+    let (saddr, family) = addr_be(req.src.ip());
+    let (daddr, _) = addr_be(req.dst.ip());
     let ct_key = CtKey {
         saddr_be: saddr,
         daddr_be: daddr,
@@ -303,9 +306,10 @@ pub struct SocketRequest {
     /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
     /// The address the socket is bound to; `None`: unbound (the node's).
-    pub bound: Option<std::net::Ipv4Addr>,
-    /// The address and port it connects or sends to.
-    pub dst: SocketAddrV4,
+    pub bound: Option<IpAddr>,
+    /// The address and port it connects or sends to; an IPv6 address is
+    /// an IPv6 socket's, whose IPv4-mapped destinations are IPv4 flows.
+    pub dst: SocketAddr,
     /// The socket's cookie; `None`: a random one, as a new socket's.
     pub cookie: Option<u64>,
 }
@@ -346,9 +350,22 @@ pub fn run_socket(bpffs: &Path, req: &SocketRequest) -> Result<SocketReport> {
     }
     let live = Maps::open(bpffs)?;
     let mut shadow = Programs::load_shadow(bpffs)?;
+    if req.bound.is_some_and(|b| b.is_ipv4() != req.dst.is_ipv4()) {
+        bail!("--src and --dst must be of one family (an IPv6 socket bound to an IPv4 address gives it mapped: [::ffff:10.0.0.1])");
+    }
     let cookie = req.cookie.unwrap_or_else(random_cookie);
-    let (dst, family) = addr_be(IpAddr::V4(*req.dst.ip()));
-    let bound = req.bound.map_or([0; 4], |a| addr_be(IpAddr::V4(a)).0);
+    // What the socket's own family carries, as the hook reads it…
+    let (dst_raw, family_raw) = addr_be(req.dst.ip());
+    let bound_raw = req.bound.map_or([0; 4], |a| addr_be(a).0);
+    // …and the flow it is: an IPv4-mapped destination is an IPv4 one, and
+    // a bound address only counts when it is of the flow's family.
+    let dst_ip = unmapped(req.dst.ip());
+    let (dst, family) = addr_be(dst_ip);
+    let bound = req
+        .bound
+        .map(unmapped)
+        .filter(|b| b.is_ipv4() == dst_ip.is_ipv4())
+        .map_or([0; 4], |a| addr_be(a).0);
     // The client an unbound socket is taken for: the node's address, from
     // the live config (as the hook reads it).
     let node = live
@@ -391,11 +408,11 @@ pub fn run_socket(bpffs: &Path, req: &SocketRequest) -> Result<SocketReport> {
 
     let input = TraceRequest {
         cookie,
-        dst_be: dst,
-        client_be: bound,
+        dst_be: dst_raw,
+        client_be: bound_raw,
         dst_port_be: req.dst.port().to_be(),
         proto: req.proto,
-        family,
+        family: family_raw,
         connect: u8::from(req.call == SocketCall::Connect),
         _pad: [0; 3],
     };
@@ -470,6 +487,14 @@ pub fn run_socket(bpffs: &Path, req: &SocketRequest) -> Result<SocketReport> {
         backend,
         reason,
     })
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 one carries; any other as it is.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
 }
 
 /// A cookie for a socket that does not exist yet: random, as the kernel's
@@ -591,11 +616,11 @@ fn iface_mac(iface: &str) -> Option<[u8; 6]> {
         .find_map(|a| a.address?.as_link_addr()?.addr())
 }
 
-fn build(req: &Request, dst_mac: [u8; 6]) -> Packet {
+fn build(req: &Request, src: SocketAddrV4, dst: SocketAddrV4, dst_mac: [u8; 6]) -> Packet {
     let mut p = if req.proto == proto::TCP {
-        Packet::tcp(req.src, req.dst, req.tcp_flags, b"")
+        Packet::tcp(src, dst, req.tcp_flags, b"")
     } else {
-        Packet::udp(req.src, req.dst, b"lb-agent trace")
+        Packet::udp(src, dst, b"lb-agent trace")
     };
     p.src_mac = MAC_A;
     p.dst_mac = dst_mac;

@@ -110,3 +110,11 @@ pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
 /// The cgroup hook showing the frontend as a connected IPv4 socket's peer.
 pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+/// The cgroup hook translating an IPv6 socket's `connect`.
+pub const PROG_SOCK_CONNECT6: &str = "lb_sock_connect6";
+/// The cgroup hook translating each datagram of an unconnected IPv6 socket.
+pub const PROG_SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+/// The cgroup hook showing the frontend as an IPv6 UDP reply's source.
+pub const PROG_SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+/// The cgroup hook showing the frontend as a connected IPv6 socket's peer.
+pub const PROG_SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";

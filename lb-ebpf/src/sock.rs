@@ -31,9 +31,11 @@
 //! address, or the node's address (the SNAT source of the config map) for
 //! an unbound socket: the address its packets would most likely carry.
 //!
-//! Each entry point is written for IPv4 over family-agnostic stages
-//! ([`Endpoint`] carries an [`IpAddrBe`]); the IPv6 hooks read `user_ip6`
-//! and call the same stages.
+//! One pair of bodies serves both families (`forward`, `reverse`); only
+//! the fields of the socket address differ ([`SockFamily`]). On an IPv6
+//! socket an IPv4-mapped address (`::ffff:10.96.0.10`) is an IPv4 flow:
+//! it is looked up as the IPv4 frontend and rewritten to the IPv4 backend,
+//! mapped back into the IPv6 address.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, xdp_action, BPF_ANY},
@@ -94,25 +96,35 @@ enum Decision {
     Refuse { errno: i32, svc_id: u32 },
 }
 
+/// The address family of a hook's socket address (`sockaddr_in` or
+/// `sockaddr_in6`): which fields of the context hold it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SockFamily {
+    /// `user_ip4`, `msg_src_ip4`, `src_ip4`.
+    Inet,
+    /// `user_ip6`, `msg_src_ip6`, `src_ip6`.
+    Inet6,
+}
+
 /// TCP connect and connected UDP: translate a frontend to a backend.
 #[cgroup_sock_addr(connect4)]
 #[inline(always)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward4(&ctx, true)
+    forward(&ctx, SockFamily::Inet, true)
 }
 
 /// Each datagram of an unconnected UDP socket: translate a frontend.
 #[cgroup_sock_addr(sendmsg4)]
 #[inline(always)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward4(&ctx, false)
+    forward(&ctx, SockFamily::Inet, false)
 }
 
 /// A UDP datagram's source as the application reads it: the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 #[inline(always)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse(&ctx, SockFamily::Inet);
     ALLOW
 }
 
@@ -120,46 +132,145 @@ pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 #[inline(always)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse(&ctx, SockFamily::Inet);
     ALLOW
 }
 
-/// The forward hooks on an IPv4 socket address.
+/// [`lb_sock_connect4`] for IPv6 sockets (and IPv4-mapped addresses on
+/// them, translated as IPv4).
+#[cgroup_sock_addr(connect6)]
 #[inline(always)]
-fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, SockFamily::Inet6, true)
+}
+
+/// [`lb_sock_sendmsg4`] for IPv6 sockets. A datagram to an IPv4-mapped
+/// address never gets here: Linux sends it through the IPv4 path, whose
+/// `sendmsg4` hook translates it.
+#[cgroup_sock_addr(sendmsg6)]
+#[inline(always)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, SockFamily::Inet6, false)
+}
+
+/// [`lb_sock_recvmsg4`] for IPv6 sockets.
+#[cgroup_sock_addr(recvmsg6)]
+#[inline(always)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, SockFamily::Inet6);
+    ALLOW
+}
+
+/// [`lb_sock_getpeername4`] for IPv6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+#[inline(always)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, SockFamily::Inet6);
+    ALLOW
+}
+
+/// The second word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), in
+/// network byte order.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The endpoint an IPv6 socket address names: an IPv4-mapped one is the
+/// IPv4 address it carries, since its packets are IPv4 packets and the
+/// frontend is an IPv4 one.
+#[inline(always)]
+fn from_sock6(words: IpAddrBe, port_be: u16) -> Endpoint {
+    if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
+        Endpoint {
+            family: family::V4,
+            addr: [words[3], 0, 0, 0],
+            port_be,
+        }
+    } else {
+        Endpoint {
+            family: family::V6,
+            addr: words,
+            port_be,
+        }
+    }
+}
+
+/// The words of an IPv6 socket address for `ep`: IPv4 ones mapped.
+#[inline(always)]
+fn to_sock6(ep: &Endpoint) -> IpAddrBe {
+    if ep.family == family::V4 {
+        [0, 0, V4_MAPPED_WORD, ep.addr[0]]
+    } else {
+        ep.addr
+    }
+}
+
+/// The address and port of the hook's socket address (`user_*`).
+#[inline(always)]
+fn read_user(sa: *mut bpf_sock_addr, fam: SockFamily) -> Endpoint {
+    // SAFETY (every access to `sa` in this module): the kernel hands the
+    // program a valid context; volatile keeps each access at the width the
+    // verifier allows (LLVM could merge neighbouring fields into one wider
+    // load).
+    unsafe {
+        let port_be = core::ptr::read_volatile(&(*sa).user_port) as u16;
+        match fam {
+            SockFamily::Inet => Endpoint {
+                family: family::V4,
+                addr: [core::ptr::read_volatile(&(*sa).user_ip4), 0, 0, 0],
+                port_be,
+            },
+            SockFamily::Inet6 => from_sock6(
+                [
+                    core::ptr::read_volatile(&(*sa).user_ip6[0]),
+                    core::ptr::read_volatile(&(*sa).user_ip6[1]),
+                    core::ptr::read_volatile(&(*sa).user_ip6[2]),
+                    core::ptr::read_volatile(&(*sa).user_ip6[3]),
+                ],
+                port_be,
+            ),
+        }
+    }
+}
+
+/// Writes `ep` into the hook's socket address (`user_*`): 4-byte writes,
+/// which every hook of this module may make.
+#[inline(always)]
+fn write_user(sa: *mut bpf_sock_addr, fam: SockFamily, ep: &Endpoint) {
+    // SAFETY: as in `read_user`.
+    unsafe {
+        match fam {
+            SockFamily::Inet => core::ptr::write_volatile(&mut (*sa).user_ip4, ep.addr[0]),
+            SockFamily::Inet6 => {
+                let w = to_sock6(ep);
+                core::ptr::write_volatile(&mut (*sa).user_ip6[0], w[0]);
+                core::ptr::write_volatile(&mut (*sa).user_ip6[1], w[1]);
+                core::ptr::write_volatile(&mut (*sa).user_ip6[2], w[2]);
+                core::ptr::write_volatile(&mut (*sa).user_ip6[3], w[3]);
+            }
+        }
+        core::ptr::write_volatile(&mut (*sa).user_port, u32::from(ep.port_be));
+    }
+}
+
+/// The forward hooks: translate the socket address if it is a frontend.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, fam: SockFamily, connect: bool) -> i32 {
     if !in_scope(ctx) {
         return ALLOW;
     }
     let sa = ctx.sock_addr;
-    // SAFETY (every access to `sa`): the kernel hands the program a valid
-    // context; volatile keeps each access at the width the verifier allows
-    // (LLVM could merge neighbouring fields into one wider load).
+    // SAFETY: as in `read_user`.
     let l4 = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
     let Some(l4) = sock_proto(l4) else {
         return ALLOW;
     };
-    let dst = Endpoint {
-        family: family::V4,
-        addr: [
-            unsafe { core::ptr::read_volatile(&(*sa).user_ip4) },
-            0,
-            0,
-            0,
-        ],
-        port_be: unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16,
-    };
-    let client = client4(sa, connect);
+    let dst = read_user(sa, fam);
+    let client = client(sa, fam, dst.family, connect);
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     match decide(l4, &dst, client, cookie, connect) {
         Decision::Pass => ALLOW,
         Decision::To { backend, .. } => {
-            // SAFETY: 4-byte writes of user_ip4 and user_port are allowed
-            // in connect4 and sendmsg4.
-            unsafe {
-                core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[0]);
-                core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port_be));
-            }
+            write_user(sa, fam, &backend);
             ALLOW
         }
         Decision::Refuse { errno, .. } => {
@@ -170,54 +281,78 @@ fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
     }
 }
 
-/// The reverse hooks on an IPv4 socket address.
+/// The reverse hooks: show a translated socket's backend as its frontend.
 #[inline(always)]
-fn reverse4(ctx: &SockAddrContext) {
+fn reverse(ctx: &SockAddrContext, fam: SockFamily) {
     if !in_scope(ctx) {
         return;
     }
     let sa = ctx.sock_addr;
-    // SAFETY: as in `forward4`.
-    let seen = Endpoint {
-        family: family::V4,
-        addr: [
-            unsafe { core::ptr::read_volatile(&(*sa).user_ip4) },
-            0,
-            0,
-            0,
-        ],
-        port_be: unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16,
-    };
+    let seen = read_user(sa, fam);
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(front) = frontend_of(cookie, &seen) {
-        // SAFETY: 4-byte writes are allowed in recvmsg4 and getpeername4.
-        unsafe {
-            core::ptr::write_volatile(&mut (*sa).user_ip4, front.addr[0]);
-            core::ptr::write_volatile(&mut (*sa).user_port, u32::from(front.port_be));
+        write_user(sa, fam, &front);
+    }
+}
+
+/// The address of family `dst_family` a socket's packets will most likely
+/// carry: the source a datagram asks for (`IP_PKTINFO`, `IPV6_PKTINFO`),
+/// the address the socket is bound to, or 0 for the node's address (which
+/// `decide` takes from the config). An IPv6 socket bound to an IPv4-mapped
+/// address sends IPv4 packets from that IPv4 address.
+#[inline(always)]
+fn client(sa: *mut bpf_sock_addr, fam: SockFamily, dst_family: u8, connect: bool) -> IpAddrBe {
+    // SAFETY: msg_src_* may be read in sendmsg hooks only (`!connect`);
+    // `sk` is always a valid socket pointer in these hooks.
+    unsafe {
+        let sk = core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk);
+        match fam {
+            SockFamily::Inet => {
+                let mut addr = 0;
+                if !connect {
+                    addr = core::ptr::read_volatile(&(*sa).msg_src_ip4);
+                }
+                if addr == 0 && !sk.is_null() {
+                    addr = core::ptr::read_volatile(&(*sk).src_ip4);
+                }
+                [addr, 0, 0, 0]
+            }
+            SockFamily::Inet6 => {
+                let mut words = [0; 4];
+                if !connect {
+                    words = [
+                        core::ptr::read_volatile(&(*sa).msg_src_ip6[0]),
+                        core::ptr::read_volatile(&(*sa).msg_src_ip6[1]),
+                        core::ptr::read_volatile(&(*sa).msg_src_ip6[2]),
+                        core::ptr::read_volatile(&(*sa).msg_src_ip6[3]),
+                    ];
+                }
+                if words == [0; 4] && !sk.is_null() {
+                    words = [
+                        core::ptr::read_volatile(&(*sk).src_ip6[0]),
+                        core::ptr::read_volatile(&(*sk).src_ip6[1]),
+                        core::ptr::read_volatile(&(*sk).src_ip6[2]),
+                        core::ptr::read_volatile(&(*sk).src_ip6[3]),
+                    ];
+                }
+                client6(words, dst_family)
+            }
         }
     }
 }
 
-/// The IPv4 address a socket's packets will most likely carry: the source
-/// a datagram asks for (`IP_PKTINFO`), the address the socket is bound
-/// to, or the node's address.
+/// The client an IPv6 socket's source `words` give a flow of `dst_family`:
+/// a mapped address is IPv4; an address of the other family (a socket
+/// bound to `::` connecting to a mapped address) is none, so the node's.
 #[inline(always)]
-fn client4(sa: *mut bpf_sock_addr, connect: bool) -> IpAddrBe {
-    // SAFETY: msg_src_ip4 may be read in sendmsg4 only; `sk` is always a
-    // valid socket pointer in these hooks.
-    let mut addr = 0;
-    if !connect {
-        addr = unsafe { core::ptr::read_volatile(&(*sa).msg_src_ip4) };
+fn client6(words: IpAddrBe, dst_family: u8) -> IpAddrBe {
+    let src = from_sock6(words, 0);
+    if src.family == dst_family {
+        src.addr
+    } else {
+        [0; 4]
     }
-    if addr == 0 {
-        let sk = unsafe { core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk) };
-        if !sk.is_null() {
-            addr = unsafe { core::ptr::read_volatile(&(*sk).src_ip4) };
-        }
-    }
-    // 0: the node's address, which `decide` takes from the config.
-    [addr, 0, 0, 0]
 }
 
 /// Whether the socket lives in the agent's network namespace.
@@ -359,18 +494,29 @@ pub fn trace(ctx: &XdpContext) -> u32 {
     // SAFETY (every access through `req` and `out`): the bounds were
     // checked above and the frame is the program's; the request is read
     // whole before the result is written over it.
-    let (l4, dst, client, cookie, connect) = unsafe {
+    let (l4, dst, client, req_family, cookie, connect) = unsafe {
         (
             sock_proto(u32::from((*req).proto)),
-            Endpoint {
-                family: (*req).family,
-                addr: (*req).dst_be,
-                port_be: (*req).dst_port_be,
+            // As the IPv6 hooks read it: a mapped address is IPv4.
+            if (*req).family == family::V6 {
+                from_sock6((*req).dst_be, (*req).dst_port_be)
+            } else {
+                Endpoint {
+                    family: (*req).family,
+                    addr: (*req).dst_be,
+                    port_be: (*req).dst_port_be,
+                }
             },
             (*req).client_be,
+            (*req).family,
             (*req).cookie,
             (*req).connect != 0,
         )
+    };
+    let client = if req_family == family::V6 {
+        client6(client, dst.family)
+    } else {
+        client
     };
     let decision = match (l4, Env::load()) {
         (Some(l4), Some(env)) => {

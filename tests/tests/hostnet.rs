@@ -376,8 +376,8 @@ fn socket_hooks_outlive_the_agent_are_re_adopted_and_go_with_cleanup() {
     let log = c.node("a").agent_log();
     assert_eq!(
         log.matches("re-adopted pinned socket hook").count(),
-        4,
-        "the restarted agent swaps its programs into the four links:\n{log}"
+        8,
+        "the restarted agent swaps its programs into the eight links (four per family):\n{log}"
     );
     tcp_hello(&node, vip, IO).expect("after the restart");
     c.node_mut("a").stop_agent();

@@ -52,8 +52,8 @@ pub struct Hook {
     pub pin: &'static str,
 }
 
-/// Every socket hook, IPv4 for now; IPv6 adds `connect6` and friends here.
-pub const HOOKS: [Hook; 4] = [
+/// Every socket hook, of both families.
+pub const HOOKS: [Hook; 8] = [
     Hook {
         program: maps::PROG_SOCK_CONNECT4,
         pin: "sock-connect4",
@@ -69,6 +69,22 @@ pub const HOOKS: [Hook; 4] = [
     Hook {
         program: maps::PROG_SOCK_GETPEERNAME4,
         pin: "sock-getpeername4",
+    },
+    Hook {
+        program: maps::PROG_SOCK_CONNECT6,
+        pin: "sock-connect6",
+    },
+    Hook {
+        program: maps::PROG_SOCK_SENDMSG6,
+        pin: "sock-sendmsg6",
+    },
+    Hook {
+        program: maps::PROG_SOCK_RECVMSG6,
+        pin: "sock-recvmsg6",
+    },
+    Hook {
+        program: maps::PROG_SOCK_GETPEERNAME6,
+        pin: "sock-getpeername6",
     },
 ];
 
