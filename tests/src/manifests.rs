@@ -92,10 +92,16 @@ pub fn with_external_ips(service: &str, ips: &[&str]) -> String {
     format!("{service}  externalIPs: [{}]\n", ips.join(", "))
 }
 
-/// An EndpointSlice for Service `service` whose port `p` is `port`.
+/// An EndpointSlice for Service `service` whose port `p` is `port`; its
+/// `addressType` is IPv6 when its endpoints' addresses are, else IPv4.
 pub fn slice(service: &str, name: &str, port: u16, proto: &str, endpoints: &[Ep<'_>]) -> String {
+    let family = if endpoints.iter().any(|e| e.addr.contains(':')) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: test\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: p\n    protocol: {proto}\n    port: {port}\nendpoints:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: test\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n  - name: p\n    protocol: {proto}\n    port: {port}\nendpoints:\n"
     );
     for e in endpoints {
         let conditions = if e.terminating {
@@ -150,5 +156,74 @@ pub fn one_port(
     docs(&[
         service(name, vip, port, target, Some(node_port), proto),
         slice(name, &format!("{name}-1"), target, proto, &eps),
+    ])
+}
+
+/// Makes a Service from [`service`] dual-stack (`RequireDualStack`,
+/// IPv4 first): `vip6` is its IPv6 ClusterIP.
+pub fn with_ipv6(service: &str, vip6: &str) -> String {
+    let line = service
+        .lines()
+        .find(|l| l.starts_with("  clusterIP: "))
+        .expect("a Service with a clusterIP");
+    let vip4 = line.trim_start_matches("  clusterIP: ");
+    service.replacen(
+        &format!("{line}\n"),
+        &format!(
+            "{line}\n  clusterIPs: [{vip4}, '{vip6}']\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n"
+        ),
+        1,
+    )
+}
+
+/// One dual-stack Service port (ClusterIPs `vips`, IPv4 then IPv6) with a
+/// slice of ready endpoints of each family (address, node).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a scenario's whole Service in one call, as `one_port`"
+)]
+pub fn dual_stack_port(
+    name: &str,
+    vips: (&str, &str),
+    port: u16,
+    target: u16,
+    node_port: u16,
+    proto: &str,
+    v4: &[(&str, &str)],
+    v6: &[(&str, &str)],
+) -> String {
+    let ready = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, n)| ((*a).to_owned(), (*n).to_owned()))
+            .collect()
+    };
+    let (v4, v6) = (ready(v4), ready(v6));
+    let as_eps = |list: &[(String, String)], family: &str| -> String {
+        let eps: Vec<Ep<'_>> = list
+            .iter()
+            .map(|(a, n)| Ep {
+                addr: a,
+                node: n,
+                ready: true,
+                terminating: false,
+            })
+            .collect();
+        let s = slice(
+            name,
+            &format!("{name}-{}", family.to_lowercase()),
+            target,
+            proto,
+            &eps,
+        );
+        // An empty slice still says its family.
+        s.replace("addressType: IPv4", &format!("addressType: {family}"))
+    };
+    docs(&[
+        with_ipv6(
+            &service(name, vips.0, port, target, Some(node_port), proto),
+            vips.1,
+        ),
+        as_eps(&v4, "IPv4"),
+        as_eps(&v6, "IPv6"),
     ])
 }

@@ -14,16 +14,23 @@
 //! also when a test panics. Addresses are fixed because each cluster has
 //! namespaces of its own:
 //!
-//! | what | address |
-//! | --- | --- |
-//! | client `eth0` | 10.99.0.100/24 |
-//! | node-a, node-b `eth0` | 10.99.0.1/24, 10.99.0.2/24 |
-//! | pods on node-a, node-b | 10.244.1.10+j, 10.244.2.10+j (/32, gateway .1) |
+//! | what | IPv4 | IPv6 |
+//! | --- | --- | --- |
+//! | client `eth0` | 10.99.0.100/24 | fd00:99::100/64 |
+//! | node-a, node-b `eth0` | 10.99.0.1/24, 10.99.0.2/24 | fd00:99::1/64, fd00:99::2/64 |
+//! | pods on node-a, node-b | 10.244.1.10+j, 10.244.2.10+j (/32, gateway .1) | fd00:244:1::10+j, fd00:244:2::10+j (/128, gateway ::1) |
+//!
+//! Every cluster is dual-stack: each namespace has both families (IPv6
+//! from fd00::/8, the unique local range, so nothing is routable outside;
+//! `nodad`, so no address waits for duplicate detection), nodes forward
+//! both, and each node routes the other nodes' pod prefixes of both
+//! families. IPv6 pod addresses count `j` in hex digits spelled like the
+//! IPv4 ones (`fd00:244:1::10` is pod `a0`), so a test reads them alike.
 
 use std::{
     fs,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -96,8 +103,21 @@ pub struct Pod {
     pub ns: String,
     /// Its address.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address.
+    pub addr6: Ipv6Addr,
     /// Its node's name (`node-a`).
     pub node: String,
+}
+
+impl Pod {
+    /// Its address of the family of `v6`'s choosing.
+    pub fn addr_of(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.addr6.into()
+        } else {
+            self.addr.into()
+        }
+    }
 }
 
 /// A node: a namespace with `eth0` on the fabric and the pods' host ends.
@@ -108,8 +128,12 @@ pub struct Node {
     pub ns: String,
     /// Its address on the fabric.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address on the fabric.
+    pub addr6: Ipv6Addr,
     /// The CIDR its pods' addresses come from (`10.244.1.0/24`).
     pub pod_cidr: String,
+    /// The prefix its pods' IPv6 addresses come from (`fd00:244:1::/64`).
+    pub pod_cidr6: String,
     dir: PathBuf,
     manifests: PathBuf,
     bin: PathBuf,
@@ -313,6 +337,22 @@ fn node_letter(i: usize) -> char {
     (b'a' + i as u8) as char
 }
 
+/// Node `i`'s IPv6 address on the fabric (`fd00:99::1` for node-a).
+fn node_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, hex_like(i + 1))
+}
+
+/// Pod `j` of node `i`'s IPv6 address (`fd00:244:1::10` for a0).
+fn pod_addr6(i: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, hex_like(i + 1), 0, 0, 0, 0, hex_like(10 + j))
+}
+
+/// The group whose hex digits spell `n` in decimal (12 → 0x12), so IPv6
+/// addresses read like their IPv4 twins; `n` below 10 000.
+fn hex_like(n: usize) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("a number below 10 000")
+}
+
 impl Cluster {
     /// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
     pub fn inspect(&self, node: &str, args: &[&str]) -> serde_json::Value {
@@ -377,7 +417,7 @@ impl Cluster {
         ip(&fabric, "link add br0 type bridge");
         ip(&fabric, "link set br0 up");
         let client = self.add_ns("client");
-        self.plug(&client, "10.99.0.100/24", "client");
+        self.plug(&client, "10.99.0.100/24", "fd00:99::100/64", "client");
 
         for i in 0..spec.nodes {
             let letter = node_letter(i);
@@ -385,13 +425,28 @@ impl Cluster {
             let ns = self.add_ns(&name);
             for key in [
                 "net.ipv4.ip_forward",
+                "net.ipv6.conf.all.forwarding",
                 "net.ipv4.conf.all.rp_filter",
                 "net.ipv4.conf.default.rp_filter",
             ] {
-                sysctl(&ns, key, if key.ends_with("forward") { "1" } else { "0" });
+                sysctl(
+                    &ns,
+                    key,
+                    if key.ends_with("forward") || key.ends_with("forwarding") {
+                        "1"
+                    } else {
+                        "0"
+                    },
+                );
             }
             let addr = Ipv4Addr::new(10, 99, 0, i as u8 + 1);
-            self.plug(&ns, &format!("{addr}/24"), &format!("n{letter}"));
+            let addr6 = node_addr6(i);
+            self.plug(
+                &ns,
+                &format!("{addr}/24"),
+                &format!("{addr6}/64"),
+                &format!("n{letter}"),
+            );
             sysctl(&ns, "net.ipv4.conf.eth0.rp_filter", "0");
             let dir = self.root.join(&name);
             fs::create_dir_all(dir.join("bpffs")).expect("create node directory");
@@ -399,7 +454,9 @@ impl Cluster {
                 name: name.clone(),
                 ns: ns.clone(),
                 addr,
+                addr6,
                 pod_cidr: format!("10.244.{}.0/24", i + 1),
+                pod_cidr6: format!("fd00:244:{}::/64", i + 1),
                 dir,
                 manifests: self.root.join("manifests"),
                 bin: self.bin.clone(),
@@ -435,13 +492,18 @@ impl Cluster {
                         &ns,
                         &format!("route add 10.244.{}.0/24 via 10.99.0.{}", k + 1, k + 1),
                     );
+                    ip(
+                        &ns,
+                        &format!("-6 route add fd00:244:{}::/64 via {}", k + 1, node_addr6(k)),
+                    );
                 }
             }
         }
     }
 
-    /// Connects `ns`'s new `eth0` to the fabric bridge.
-    fn plug(&mut self, ns: &str, cidr: &str, port: &str) {
+    /// Connects `ns`'s new `eth0` to the fabric bridge, with an address
+    /// of each family.
+    fn plug(&mut self, ns: &str, cidr: &str, cidr6: &str, port: &str) {
         let fabric = self.fabric_ns();
         sh(
             None,
@@ -453,6 +515,7 @@ impl Cluster {
         ip(&fabric, &format!("link set {port} master br0 up"));
         veth_offloads(&fabric, port);
         ip(ns, &format!("addr add {cidr} dev eth0"));
+        ip(ns, &format!("-6 addr add {cidr6} dev eth0 nodad"));
         ip(ns, "link set eth0 up");
         veth_offloads(ns, "eth0");
     }
@@ -484,6 +547,8 @@ impl Cluster {
         let node_ns = self.nodes[node].ns.clone();
         let gw = format!("10.244.{}.1", node + 1);
         let addr = Ipv4Addr::new(10, 244, node as u8 + 1, 10 + j as u8);
+        let gw6 = format!("fd00:244:{}::1", node + 1);
+        let addr6 = pod_addr6(node, j);
         let host = format!("lxc{j}");
         sh(
             None,
@@ -495,17 +560,23 @@ impl Cluster {
         ip(&node_ns, &format!("addr add {gw}/32 dev {host}"));
         ip(&node_ns, &format!("link set {host} up"));
         ip(&node_ns, &format!("route add {addr}/32 dev {host}"));
+        ip(&node_ns, &format!("-6 addr add {gw6}/128 dev {host} nodad"));
+        ip(&node_ns, &format!("-6 route add {addr6}/128 dev {host}"));
         sysctl(&node_ns, &format!("net.ipv4.conf.{host}.rp_filter"), "0");
         veth_offloads(&node_ns, &host);
         ip(&ns, &format!("addr add {addr}/32 dev eth0"));
+        ip(&ns, &format!("-6 addr add {addr6}/128 dev eth0 nodad"));
         ip(&ns, "link set eth0 up");
         ip(&ns, &format!("route add {gw} dev eth0 scope link"));
         ip(&ns, &format!("route add default via {gw}"));
+        ip(&ns, &format!("-6 route add {gw6} dev eth0"));
+        ip(&ns, &format!("-6 route add default via {gw6}"));
         veth_offloads(&ns, "eth0");
         self.pods.push(Pod {
             name,
             ns,
             addr,
+            addr6,
             node: self.nodes[node].name.clone(),
         });
     }
@@ -600,11 +671,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// The pod with this address.
+    /// The pod with this address (of either family).
     pub fn pod_by_addr(&self, addr: &str) -> &Pod {
         self.pods
             .iter()
-            .find(|p| p.addr.to_string() == addr)
+            .find(|p| p.addr.to_string() == addr || p.addr6.to_string() == addr)
             .unwrap_or_else(|| panic!("no pod at {addr}"))
     }
 
@@ -886,11 +957,20 @@ pub fn tcp_hello(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<(St
     })
 }
 
+/// The wildcard address and port 0 of `dst`'s family: what a client
+/// socket to `dst` binds.
+pub fn unspecified_like(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+        SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+    }
+}
+
 /// Sends one datagram from `ns` to `dst` on an unconnected socket and
 /// returns the reply and the address it came from.
 pub fn udp_hello(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<(String, SocketAddr)> {
     in_ns(ns, || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(unspecified_like(dst))?;
         s.set_read_timeout(Some(timeout))?;
         s.send_to(b"hello", dst)?;
         let mut buf = [0u8; 2048];
@@ -932,7 +1012,7 @@ pub struct UdpFlow {
 impl UdpFlow {
     /// Connects a new socket in `ns` to `dst`, replies awaited for `timeout`.
     pub fn open(ns: &str, dst: SocketAddr, timeout: Duration) -> Self {
-        let sock = in_ns(ns, || UdpSocket::bind("0.0.0.0:0")).expect("socket");
+        let sock = in_ns(ns, || UdpSocket::bind(unspecified_like(dst))).expect("socket");
         sock.connect(dst).expect("connect");
         sock.set_read_timeout(Some(timeout)).expect("timeout");
         Self { sock }
@@ -948,21 +1028,24 @@ impl UdpFlow {
 }
 
 /// Starts a TCP server on [`POD_TCP_PORT`] and a UDP server on
-/// [`POD_UDP_PORT`] in every pod, each answering with the pod's name.
+/// [`POD_UDP_PORT`] in every pod, on each of its two addresses, each
+/// answering with the pod's name.
 pub fn serve_all_pods(c: &Cluster) -> PodServers {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
     for p in c.pods() {
-        tcp.push(TcpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), POD_TCP_PORT),
-            &p.name,
-        ));
-        udp.push(UdpServer::start(
-            &p.ns,
-            SocketAddr::new(p.addr.into(), POD_UDP_PORT),
-            &p.name,
-        ));
+        for addr in [p.addr_of(false), p.addr_of(true)] {
+            tcp.push(TcpServer::start(
+                &p.ns,
+                SocketAddr::new(addr, POD_TCP_PORT),
+                &p.name,
+            ));
+            udp.push(UdpServer::start(
+                &p.ns,
+                SocketAddr::new(addr, POD_UDP_PORT),
+                &p.name,
+            ));
+        }
     }
     PodServers {
         _tcp: tcp,

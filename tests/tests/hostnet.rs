@@ -12,10 +12,10 @@ use std::{
 };
 
 use lb_tests::{
-    manifests::{docs, one_port},
+    manifests::{docs, dual_stack_port, one_port},
     rig::{
-        in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, Cluster, ClusterSpec, TcpServer,
-        UdpServer,
+        in_ns, serve_all_pods, tcp_connect, tcp_hello, udp_hello, unspecified_like, Cluster,
+        ClusterSpec, TcpServer, UdpServer,
     },
 };
 
@@ -41,6 +41,49 @@ fn web(endpoints: &[(&str, &str)]) -> String {
 
 fn dns(endpoints: &[(&str, &str)]) -> String {
     one_port("dns", "10.96.0.53", 53, 5353, 30053, "UDP", endpoints)
+}
+
+/// The pods' IPv6 addresses, as [`A1`], [`B0`], [`B1`].
+const A1_6: &str = "fd00:244:1::11";
+const B0_6: &str = "fd00:244:2::10";
+const B1_6: &str = "fd00:244:2::11";
+
+/// `web`, dual-stack: ClusterIPs 10.96.0.10 and fd00:96::10, endpoints of
+/// both families.
+fn web_dual(v4: &[(&str, &str)], v6: &[(&str, &str)]) -> String {
+    dual_stack_port(
+        "web",
+        ("10.96.0.10", "fd00:96::10"),
+        80,
+        8080,
+        30080,
+        "TCP",
+        v4,
+        v6,
+    )
+}
+
+/// `dns`, dual-stack: ClusterIPs 10.96.0.53 and fd00:96::53.
+fn dns_dual(v4: &[(&str, &str)], v6: &[(&str, &str)]) -> String {
+    dual_stack_port(
+        "dns",
+        ("10.96.0.53", "fd00:96::53"),
+        53,
+        5353,
+        30053,
+        "UDP",
+        v4,
+        v6,
+    )
+}
+
+/// The endpoints a1, b0, b1 of one family.
+fn three(v6: bool) -> [(&'static str, &'static str); 3] {
+    if v6 {
+        [(A1_6, "node-a"), (B0_6, "node-b"), (B1_6, "node-b")]
+    } else {
+        [(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]
+    }
 }
 
 /// A socket-hook counter of `node`'s agent.
@@ -89,7 +132,7 @@ fn tcp_spread(ns: &str, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
 /// recvfrom says it came from, the socket's peer).
 fn udp_connected_hello(ns: &str, dst: SocketAddr) -> io::Result<(String, SocketAddr, SocketAddr)> {
     in_ns(ns, || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(unspecified_like(dst))?;
         s.set_read_timeout(Some(IO))?;
         s.connect(dst)?;
         s.send(b"hello")?;
@@ -626,4 +669,259 @@ fn trace_names_the_backend_a_node_socket_gets_at_connect() {
     assert_eq!(t["verdict"], "untouched", "{t}");
     // The trace ran on a private copy: the live counters did not move.
     assert_eq!(service_stats(&c, "a", "test/empty:p/TCP")["drops"], 0);
+}
+
+#[test]
+fn the_node_reaches_a_dual_stack_service_over_both_families_tcp_and_udp() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnv6"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web_dual(&three(false), &three(true)));
+    c.write_manifest("dns.yaml", &dns_dual(&three(false), &three(true)));
+    start_agents(&mut c, &["a", "b"]);
+    let node = c.node("a").ns.clone();
+    for (vip, vip_udp) in [
+        (sa("10.96.0.10:80"), sa("10.96.0.53:53")),
+        (sa("[fd00:96::10]:80"), sa("[fd00:96::53]:53")),
+    ] {
+        let hits = tcp_spread(&node, vip, 40);
+        for backend in ["a1", "b0", "b1"] {
+            assert!(
+                hits.contains_key(backend),
+                "{vip}: {backend} never reached: {hits:?}"
+            );
+        }
+        // A backend of the frontend's own family: its greeting shows a
+        // client address of that family.
+        let (line, _) = tcp_hello(&node, vip, IO).expect("greeting");
+        let client = line
+            .split_whitespace()
+            .nth(1)
+            .expect("greeting names the client");
+        assert_eq!(sa(client).is_ipv4(), vip.is_ipv4(), "{vip}: {line}");
+        let mut names = BTreeMap::new();
+        for i in 0..20 {
+            let (line, from) = udp_hello(&node, vip_udp, IO)
+                .unwrap_or_else(|e| panic!("{vip_udp} datagram {i}: {e}"));
+            assert_eq!(from, vip_udp, "recvfrom shows the ClusterIP");
+            *names.entry(greeter(&line)).or_insert(0) += 1;
+            let (_, from, peer) = udp_connected_hello(&node, vip_udp)
+                .unwrap_or_else(|e| panic!("{vip_udp} connected datagram {i}: {e}"));
+            assert_eq!(
+                (from, peer),
+                (vip_udp, vip_udp),
+                "the connected socket sees the ClusterIP"
+            );
+        }
+        assert!(
+            names.len() >= 2,
+            "{vip_udp}: several backends answer: {names:?}"
+        );
+    }
+    // One Service port, one table per family: the counters add up.
+    let web = service_stats(&c, "a", "test/web:p/TCP");
+    assert_eq!(web["drops"], 0, "{web}");
+    assert!(sock_counter(&c, "a", "sock_translated") >= 80);
+}
+
+#[test]
+fn an_ipv6_socket_reaches_an_ipv4_service_by_its_mapped_address_and_sees_it_mapped() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnmap"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web(&three(false)));
+    c.write_manifest("dns.yaml", &dns(&three(false)));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    // An IPv6 socket: the flow is IPv4, to an IPv4 backend, shown mapped.
+    let vip = sa("[::ffff:10.96.0.10]:80");
+    let hits = tcp_spread(&node, vip, 30);
+    assert!(hits.len() >= 2, "several backends: {hits:?}");
+    let vip_udp = sa("[::ffff:10.96.0.53]:53");
+    for i in 0..10 {
+        let (line, from) =
+            udp_hello(&node, vip_udp, IO).unwrap_or_else(|e| panic!("mapped datagram {i}: {e}"));
+        assert_eq!(from, vip_udp, "recvfrom shows the mapped ClusterIP");
+        assert!(
+            ["a1", "b0", "b1"].contains(&greeter(&line).as_str()),
+            "{line}"
+        );
+        let (_, from, peer) = udp_connected_hello(&node, vip_udp)
+            .unwrap_or_else(|e| panic!("mapped connected datagram {i}: {e}"));
+        assert_eq!((from, peer), (vip_udp, vip_udp));
+    }
+}
+
+#[test]
+fn an_ipv6_frontend_without_endpoints_refuses_the_node_at_once() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnref6"));
+    c.write_manifest("web.yaml", &web_dual(&[], &[]));
+    c.write_manifest("dns.yaml", &dns_dual(&[], &[]));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    for dst in [
+        "[fd00:96::10]:80",
+        "[fd00:99::1]:30080",
+        "[::ffff:10.96.0.10]:80",
+    ] {
+        let started = Instant::now();
+        let err = tcp_connect(&node, sa(dst), WAIT).expect_err("no endpoint to reach");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{dst}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{dst}: refused at once"
+        );
+    }
+    let vip = sa("[fd00:96::53]:53");
+    let err =
+        in_ns(&node, || UdpSocket::bind("[::]:0")?.connect(vip)).expect_err("no endpoint to reach");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    let err = in_ns(&node, || UdpSocket::bind("[::]:0")?.send_to(b"q", vip))
+        .expect_err("no endpoint to reach");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    // A port no Service uses on an IPv6 ClusterIP is refused too.
+    let err = tcp_connect(&node, sa("[fd00:96::10]:81"), WAIT).expect_err("no such port");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(sock_counter(&c, "a", "sock_refused") >= 6);
+}
+
+#[test]
+fn the_node_reaches_node_ports_on_its_own_ipv6_address() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnnp6"));
+    let _s = serve_all_pods(&c);
+    let (v4, v6) = (
+        [(A1, "node-a"), (B0, "node-b")],
+        [(A1_6, "node-a"), (B0_6, "node-b")],
+    );
+    c.write_manifest("web.yaml", &web_dual(&v4, &v6));
+    c.write_manifest("dns.yaml", &dns_dual(&v4, &v6));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    let dst = sa("[fd00:99::1]:30080");
+    let hits = tcp_spread(&node, dst, 30);
+    assert!(
+        hits.contains_key("a1") && hits.contains_key("b0"),
+        "NodePort {dst} from node-a: {hits:?}"
+    );
+    let dst = sa("[fd00:99::1]:30053");
+    for i in 0..10 {
+        let (_, from) =
+            udp_hello(&node, dst, IO).unwrap_or_else(|e| panic!("{dst} datagram {i}: {e}"));
+        assert_eq!(from, dst, "the reply comes from the NodePort");
+    }
+    // The NodePorts of an IPv4-only Service stay off the IPv6 address:
+    // kube-proxy serves a Service in its own families.
+    c.update_manifest("web.yaml", &web(&v4), WAIT);
+    let err = tcp_connect(&node, sa("[fd00:99::1]:30080"), IO).expect_err("not a frontend now");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert_eq!(
+        sock_counter(&c, "a", "sock_refused"),
+        0,
+        "the stack refused it, not a hook"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_bind_the_nodes_own_ipv6_sockets() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hnsrc6"));
+    let _s = serve_all_pods(&c);
+    let lb = |ranges: &str| {
+        format!(
+            "{}  loadBalancerSourceRanges: [{ranges}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 10.50.0.7}}, {{ip: 'fd00:50::7'}}]\n",
+            web_dual(&three(false), &three(true))
+                .split("---\n")
+                .next()
+                .expect("the Service")
+                .replace("  type: NodePort\n", "  type: LoadBalancer\n")
+        )
+    };
+    let slices: Vec<String> = web_dual(&three(false), &three(true))
+        .split("---\n")
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    let with = |ranges: &str| {
+        let mut all = vec![lb(ranges)];
+        all.extend(slices.iter().cloned());
+        docs(&all)
+    };
+    // The node's sockets are unbound: their client is the node's address
+    // of the family, 10.99.0.1 or fd00:99::1, outside these ranges.
+    c.write_manifest("web.yaml", &with("10.1.0.0/16, 'fd00:c1::/64'"));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    for dst in ["[fd00:50::7]:80", "10.50.0.7:80"] {
+        let err = tcp_connect(&node, sa(dst), IO).expect_err("outside the ranges");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{dst}: {err}");
+    }
+    assert_eq!(sock_counter(&c, "a", "sock_drop_source_range"), 2);
+    // The ClusterIPs are not guarded.
+    tcp_hello(&node, sa("[fd00:96::10]:80"), IO).expect("the ClusterIP is open");
+    // Inside the ranges (the IPv6 one only): that family admits the node.
+    c.update_manifest("web.yaml", &with("10.1.0.0/16, 'fd00:99::/64'"), WAIT);
+    tcp_hello(&node, sa("[fd00:50::7]:80"), IO).expect("inside the IPv6 range");
+    let err = tcp_connect(&node, sa("10.50.0.7:80"), IO).expect_err("still outside the IPv4 ones");
+    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+}
+
+/// The pod a traced backend (`address:port (id N)`) is, by address.
+fn pod_named(c: &Cluster, backend: &serde_json::Value) -> String {
+    let addr = backend
+        .as_str()
+        .and_then(|b| b.split_whitespace().next())
+        .map(sa)
+        .unwrap_or_else(|| panic!("no backend address in {backend}"));
+    c.pod_by_addr(&addr.ip().to_string()).name.clone()
+}
+
+#[test]
+fn trace_names_the_backend_of_an_ipv6_or_mapped_node_socket() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("hntr6"));
+    let _s = serve_all_pods(&c);
+    c.write_manifest("web.yaml", &web_dual(&three(false), &three(true)));
+    start_agents(&mut c, &["a"]);
+    let node = c.node("a").ns.clone();
+    for dst in ["[fd00:96::10]:80", "[::ffff:10.96.0.10]:80"] {
+        for i in 0..6 {
+            let (got, cookie) = in_ns(&node, || {
+                let s = std::net::TcpStream::connect_timeout(&sa(dst), IO)?;
+                s.set_read_timeout(Some(IO))?;
+                let mut line = String::new();
+                io::BufRead::read_line(&mut io::BufReader::new(&s), &mut line)?;
+                Ok::<_, io::Error>((line, socket_cookie(&s)))
+            })
+            .unwrap_or_else(|e| panic!("{dst} connection {i}: {e}"));
+            let cookie = cookie.to_string();
+            let t = trace_socket(
+                &c,
+                "a",
+                &[
+                    "connect", "--proto", "tcp", "--dst", dst, "--cookie", &cookie,
+                ],
+            );
+            assert_eq!(t["verdict"], "translated", "{t}");
+            // The table of the flow's family: an IPv4-mapped address is IPv4.
+            let table = if dst.contains("::ffff:") {
+                "test/web:p/TCP"
+            } else {
+                "test/web:p/TCP@v6"
+            };
+            assert_eq!(t["frontend"], table, "{t}");
+            assert_eq!(
+                pod_named(&c, &t["backend"]),
+                greeter(&got),
+                "{dst} socket {i}: {t}"
+            );
+            let client = if dst.contains("::ffff:") {
+                "10.99.0.1"
+            } else {
+                "fd00:99::1"
+            };
+            assert_eq!(t["client"], client, "{t}");
+        }
+    }
+    let t = trace_socket(
+        &c,
+        "a",
+        &["connect", "--proto", "tcp", "--dst", "[fd00:96::10]:81"],
+    );
+    assert_eq!(t["verdict"], "refused", "{t}");
 }

@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Barrier, Mutex},
@@ -81,6 +81,45 @@ fn pod_reaches_a_pod_on_the_other_node_with_its_own_address() {
     let (line, from) = udp_hello(&a0.ns, dst, IO).expect("UDP a0 -> b0");
     assert!(line.starts_with(&format!("b0 {}:", a0.addr)), "{line}");
     assert_eq!(from, dst, "the reply comes from the server's address");
+}
+
+#[test]
+fn the_rig_is_dual_stack_pods_and_nodes_reach_each_other_over_ipv6() {
+    let c = Cluster::new(ClusterSpec::default().tag("v6"));
+    let (a0, b0) = (c.pod("a0"), c.pod("b0"));
+    assert_eq!(a0.addr6, "fd00:244:1::10".parse::<Ipv6Addr>().expect("ip"));
+    assert_eq!(b0.addr6, "fd00:244:2::10".parse::<Ipv6Addr>().expect("ip"));
+    assert_eq!(
+        c.pod("a1").addr6,
+        "fd00:244:1::11".parse::<Ipv6Addr>().expect("ip")
+    );
+    assert_eq!(
+        c.node("b").addr6,
+        "fd00:99::2".parse::<Ipv6Addr>().expect("ip")
+    );
+    assert_eq!(c.node("b").pod_cidr6, "fd00:244:2::/64");
+    // Pod to a pod on the other node, through both nodes' forwarding.
+    let dst = SocketAddr::new(b0.addr6.into(), 8080);
+    let _tcp = TcpServer::start(&b0.ns, dst, "b0");
+    let _udp = UdpServer::start(&b0.ns, dst, "b0");
+    let mut s = EchoStream::open(&a0.ns, dst, IO);
+    assert_eq!(s.greeting, format!("b0 {}", s.local_addr()), "no NAT");
+    assert_eq!(s.local_addr().ip(), IpAddr::V6(a0.addr6));
+    s.round_trip();
+    let (line, from) = udp_hello(&a0.ns, dst, IO).expect("UDP a0 -> b0 over IPv6");
+    assert!(line.starts_with(&format!("b0 [{}]:", a0.addr6)), "{line}");
+    assert_eq!(from, dst);
+    // The outside client to a node.
+    let node = c.node("a");
+    let at = SocketAddr::new(node.addr6.into(), 9000);
+    let _srv = TcpServer::start(&node.ns, at, &node.name);
+    let (line, _) = tcp_hello(&c.client_ns(), at, IO).expect("client -> node-a over IPv6");
+    assert!(line.starts_with("node-a [fd00:99::100]:"), "{line}");
+    let forwarding = sh(
+        Some(&node.ns),
+        &["cat", "/proc/sys/net/ipv6/conf/all/forwarding"],
+    );
+    assert_eq!(forwarding.trim(), "1");
 }
 
 #[test]
