@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: a namespace cluster running the agents on
-//! examples/manifests, with traffic to a ClusterIP and a NodePort, and a
-//! table of where it went.
+//! examples/manifests, with traffic to a ClusterIP and a NodePort (the
+//! dual-stack `web` over both families), and a table of where it went.
 
 use std::{
     collections::BTreeMap,
@@ -70,8 +70,14 @@ fn run() {
     // b1 is not ready in any Service, so the table shows a pure client.
     let pod = cluster.pod("b1").ns.clone();
     let client = cluster.client_ns().to_string();
+    let node = cluster.node("a").ns.clone();
     let flows: Vec<(&str, String, &str, &str)> = vec![
         ("pod b1", pod.clone(), "10.96.0.10:80", "tcp"),
+        // The node's own sockets, through the socket hooks: `web` is
+        // dual-stack, so it answers over both families.
+        ("node-a", node.clone(), "10.96.0.10:80", "tcp"),
+        ("node-a", node.clone(), "[fd00:96::10]:80", "tcp"),
+        ("node-a", node, "[fd00:99::1]:30080", "tcp"),
         ("pod b1", pod.clone(), "10.96.0.53:53", "udp"),
         ("client", client.clone(), "10.99.0.1:30080", "tcp"),
         ("client", client.clone(), "10.99.0.2:30080", "tcp"),
@@ -80,7 +86,7 @@ fn run() {
         ("pod b1", pod.clone(), "10.96.0.99:80", "tcp"),
     ];
     println!(
-        "\n{:<8} {:<20} {:<5} {:<32} {:>5}",
+        "\n{:<8} {:<22} {:<5} {:<36} {:>5}",
         "FROM", "FRONTEND", "PROTO", "BACKEND (CLIENT ADDRESS IT SAW)", "CONNS"
     );
     for (from, ns, dst, proto) in &flows {
@@ -115,7 +121,7 @@ fn run() {
             } else {
                 ("", String::new(), "")
             };
-            println!("{f:<8} {d:<20} {p:<5} {backend:<32} {n:>5}");
+            println!("{f:<8} {d:<22} {p:<5} {backend:<36} {n:>5}");
         }
     }
 
