@@ -155,7 +155,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
             if due {
                 due = false;
                 let local_ips: Vec<_> = local.iter().map(|(_, a)| *a).collect();
-                match source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator) {
+                let translated = translator.translated();
+                let loaded = source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator);
+                metrics.translated(translator.translated() - translated);
+                match loaded {
                     Ok(None) => {}
                     Ok(Some((source_problems, changed))) => {
                         match source.node_eligibility() {
@@ -243,8 +246,18 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                 Some(()) = changes.recv() => {
                     agent_health.queued(*seen.get_or_insert_with(Instant::now));
                     // Coalesce a burst of changes into one sync.
-                    tokio::time::sleep(source.debounce()).await;
-                    while changes.try_recv().is_ok() {}
+                    let (quiet, longest) = source.coalescing();
+                    let until = Instant::now() + longest;
+                    loop {
+                        tokio::time::sleep(quiet).await;
+                        let mut more = false;
+                        while changes.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if !more || Instant::now() >= until {
+                            break;
+                        }
+                    }
                     due = true;
                 }
                 Some(()) = link_events.recv() => {
