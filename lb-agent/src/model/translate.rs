@@ -27,6 +27,9 @@ const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name
 /// Marks the EndpointSlices of a headless Service: DNS serves them, and
 /// kube-proxy does not watch them.
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Every label the translation reads, of Services and EndpointSlices: a
+/// source may drop the others.
+pub const READ_LABELS: [&str; 3] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
 
 /// Translates Services and their EndpointSlices into the desired state of
 /// this node, plus whatever had to be skipped and why.

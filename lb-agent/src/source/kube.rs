@@ -203,6 +203,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
         tx.clone(),
         Arc::clone(&synced),
         |s| &s.services,
+        strip_service,
         move |event| lock(&shared).service(event),
     );
     let shared = Arc::clone(&index);
@@ -212,6 +213,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
         tx.clone(),
         Arc::clone(&synced),
         |s| &s.slices,
+        strip_slice,
         move |event| lock(&shared).slice(event),
     );
     // A Node's change reaches the translation through the node's
@@ -222,6 +224,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
         tx,
         Arc::clone(&synced),
         |s| &s.node,
+        strip_node,
         |_| {},
     );
     (
@@ -245,14 +248,79 @@ fn lock(index: &std::sync::Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Runs one reflector until the agent exits; returns its store.
-/// `record` sees every event once the store holds it.
+/// The Node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Keeps of an object's metadata what the agent reads: name, namespace,
+/// uid and version (Events name them), deletion time (a Node's), and the
+/// labels in `labels`. The rest (managed fields above all, annotations,
+/// owners) is often most of an object's size.
+fn strip_meta(meta: &mut ObjectMeta, labels: &[&str]) {
+    let kept = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        labels: meta.labels.take().and_then(|mut all| {
+            all.retain(|k, _| labels.contains(&k.as_str()));
+            (!all.is_empty()).then_some(all)
+        }),
+        ..ObjectMeta::default()
+    };
+    *meta = kept;
+}
+
+/// A Service as the stores keep it: the status only for its load
+/// balancer ingress.
+fn strip_service(svc: &mut Service) {
+    strip_meta(&mut svc.metadata, &model::READ_LABELS);
+    if let Some(status) = &mut svc.status {
+        status.conditions = None;
+    }
+}
+
+/// An EndpointSlice as the stores keep it: without the endpoints'
+/// object references, host names and deprecated topology.
+fn strip_slice(slice: &mut EndpointSlice) {
+    strip_meta(&mut slice.metadata, &model::READ_LABELS);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.deprecated_topology = None;
+    }
+}
+
+/// A Node as the stores keep it: its addresses, taints, deletion time and
+/// zone (not its images, conditions, capacity, …).
+fn strip_node(node: &mut Node) {
+    strip_meta(&mut node.metadata, &[ZONE_LABEL]);
+    node.spec = node
+        .spec
+        .take()
+        .map(|spec| k8s_openapi::api::core::v1::NodeSpec {
+            taints: spec.taints,
+            ..Default::default()
+        });
+    node.status = node
+        .status
+        .take()
+        .map(|status| k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses,
+            ..Default::default()
+        });
+}
+
+/// Runs one reflector until the agent exits; returns its store, which
+/// holds the objects as `strip` leaves them. `record` sees every event
+/// once the store holds it.
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     tx: mpsc::Sender<()>,
     synced: Arc<Synced>,
     flag: fn(&Synced) -> &AtomicBool,
+    strip: fn(&mut K),
     mut record: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
@@ -267,8 +335,12 @@ where
     let (store, writer) = reflector::store();
     let kind = K::kind(&());
     tokio::spawn(async move {
-        let stream =
-            reflector::reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, config)
+                .backoff(RetryBackoff::new())
+                .modify(strip),
+        );
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -430,7 +502,7 @@ pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata
         .labels
         .as_ref()?
-        .get("topology.kubernetes.io/zone")
+        .get(ZONE_LABEL)
         .filter(|z| !z.is_empty())
         .cloned()
 }
