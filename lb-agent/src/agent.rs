@@ -193,10 +193,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 .collect(),
                             nodeport_addresses: args.nodeport_addresses.entries(),
                         };
-                        diagnosis.update(&translator, &changed, &node_state, refused, !ready.is_ready());
-                        metrics.service_problems(&diagnosis.counts());
-                        source.report(&problems, &diagnosis.problems());
                         let extra = nodeport_ifaces(&local, &node, args, &patterns);
+                        let first = !ready.is_ready();
                         if ready.is_ready() {
                             match progs.sync_node(&args.iface, &extra) {
                                 Ok(()) => metrics.xdp_attached(progs.xdp_attachments()),
@@ -232,6 +230,12 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 "lb-agent ready"
                             );
                         }
+                        // After the attach: on the first sync this writes
+                        // the state of every Service for `lb-agent
+                        // explain`, which the datapath need not wait for.
+                        diagnosis.update(&translator, &changed, &node_state, refused, first);
+                        metrics.service_problems(&diagnosis.counts());
+                        source.report(&problems, &diagnosis.problems());
                     }
                     // Without a first state there is nothing to keep.
                     Err(e) if !ready.is_ready() => return Err(e),
