@@ -722,9 +722,11 @@ pub struct Diagnosis {
     findings: BTreeMap<Id, Vec<(String, Finding)>>,
     /// What the last sync refused.
     refused: BTreeMap<ServicePortRef, String>,
-    /// The thread that writes the state files, in the order of the syncs.
+    /// To the thread that writes the state files, in the order of the
+    /// syncs. It is not waited for at exit: each file is replaced whole
+    /// (written aside, then renamed), and the next agent's first sync
+    /// writes them all again.
     writer: Option<std::sync::mpsc::Sender<Vec<FileWork>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// One change of the state directory.
@@ -750,16 +752,6 @@ fn apply_work(dir: &Path, work: Vec<FileWork>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-impl Drop for Diagnosis {
-    fn drop(&mut self) {
-        // What the last syncs decided is written before the agent exits.
-        self.writer = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Diagnosis {
@@ -788,20 +780,19 @@ impl Diagnosis {
                     }
                 }
             });
-        let (writer, thread) = match thread {
-            Ok(t) => (Some(tx), Some(t)),
+        let writer = match thread {
+            Ok(_) => Some(tx),
             Err(e) => {
                 tracing::warn!(
                     "no thread for the state `lb-agent explain` reads, none written: {e}"
                 );
-                (None, None)
+                None
             }
         };
         Self {
             findings: BTreeMap::new(),
             refused: BTreeMap::new(),
             writer,
-            thread,
         }
     }
 
