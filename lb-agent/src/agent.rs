@@ -155,7 +155,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
             if due {
                 due = false;
                 let local_ips: Vec<_> = local.iter().map(|(_, a)| *a).collect();
-                match source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator) {
+                let translated = translator.translated();
+                let loaded = source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator);
+                metrics.translated(translator.translated() - translated);
+                match loaded {
                     Ok(None) => {}
                     Ok(Some((source_problems, changed))) => {
                         match source.node_eligibility() {
@@ -190,10 +193,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 .collect(),
                             nodeport_addresses: args.nodeport_addresses.entries(),
                         };
-                        diagnosis.update(&translator, &changed, &node_state, refused, !ready.is_ready());
-                        metrics.service_problems(&diagnosis.counts());
-                        source.report(&problems, &diagnosis.problems());
                         let extra = nodeport_ifaces(&local, &node, args, &patterns);
+                        let first = !ready.is_ready();
                         if ready.is_ready() {
                             match progs.sync_node(&args.iface, &extra) {
                                 Ok(()) => metrics.xdp_attached(progs.xdp_attachments()),
@@ -229,6 +230,12 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                                 "lb-agent ready"
                             );
                         }
+                        // After the attach: on the first sync this writes
+                        // the state of every Service for `lb-agent
+                        // explain`, which the datapath need not wait for.
+                        diagnosis.update(&translator, &changed, &node_state, refused, first);
+                        metrics.service_problems(&diagnosis.counts());
+                        source.report(&problems, &diagnosis.problems());
                     }
                     // Without a first state there is nothing to keep.
                     Err(e) if !ready.is_ready() => return Err(e),
@@ -243,8 +250,18 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                 Some(()) = changes.recv() => {
                     agent_health.queued(*seen.get_or_insert_with(Instant::now));
                     // Coalesce a burst of changes into one sync.
-                    tokio::time::sleep(source.debounce()).await;
-                    while changes.try_recv().is_ok() {}
+                    let (quiet, longest) = source.coalescing();
+                    let until = Instant::now() + longest;
+                    loop {
+                        tokio::time::sleep(quiet).await;
+                        let mut more = false;
+                        while changes.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if !more || Instant::now() >= until {
+                            break;
+                        }
+                    }
                     due = true;
                 }
                 Some(()) = link_events.recv() => {

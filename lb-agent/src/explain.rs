@@ -718,24 +718,81 @@ pub fn table(s: &ServiceState) -> String {
 /// current, sync after sync, touching only the Services a sync changed.
 #[derive(Debug)]
 pub struct Diagnosis {
-    dir: PathBuf,
     /// Every Service's port findings, as (port, finding).
     findings: BTreeMap<Id, Vec<(String, Finding)>>,
     /// What the last sync refused.
     refused: BTreeMap<ServicePortRef, String>,
-    /// Whether writing failed (warned once until it works again).
-    failing: bool,
+    /// To the thread that writes the state files, in the order of the
+    /// syncs. It is not waited for at exit: each file is replaced whole
+    /// (written aside, then renamed), and the next agent's first sync
+    /// writes them all again.
+    writer: Option<std::sync::mpsc::Sender<Vec<FileWork>>>,
+}
+
+/// One change of the state directory.
+#[derive(Debug)]
+enum FileWork {
+    /// Remove every file (an earlier agent's may name Services gone since).
+    Clear,
+    Node(NodeState),
+    Service(Box<ServiceState>),
+    Remove(Id),
+}
+
+/// Does a sync's file work in `dir`; stops at its first failure.
+fn apply_work(dir: &Path, work: Vec<FileWork>) -> Result<()> {
+    for w in work {
+        match w {
+            FileWork::Clear => {
+                let _ = fs::remove_dir_all(dir);
+            }
+            FileWork::Node(node) => write_node(dir, &node)?,
+            FileWork::Service(state) => write(dir, &state)?,
+            FileWork::Remove(id) => remove(dir, &id)?,
+        }
+    }
+    Ok(())
 }
 
 impl Diagnosis {
     /// State for the agent pinned under `bpffs`; any state an earlier agent
-    /// left is replaced as Services sync.
+    /// left is replaced as Services sync. The files are written on a
+    /// thread of their own: the first sync writes one per Service (10 000
+    /// files took seconds on ext4, which the datapath need not wait for).
     pub fn new(bpffs: &Path) -> Self {
+        let dir = state_dir(bpffs);
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<FileWork>>();
+        let thread = std::thread::Builder::new()
+            .name("explain-state".into())
+            .spawn(move || {
+                // Whether writing failed (warned once until it works again).
+                let mut failing = false;
+                for work in rx {
+                    match apply_work(&dir, work) {
+                        Err(e) if !failing => {
+                            tracing::warn!(
+                                "writing the state `lb-agent explain` reads failed: {e:#}"
+                            );
+                            failing = true;
+                        }
+                        Err(_) => {}
+                        Ok(()) => failing = false,
+                    }
+                }
+            });
+        let writer = match thread {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(
+                    "no thread for the state `lb-agent explain` reads, none written: {e}"
+                );
+                None
+            }
+        };
         Self {
-            dir: state_dir(bpffs),
             findings: BTreeMap::new(),
             refused: BTreeMap::new(),
-            failing: false,
+            writer,
         }
     }
 
@@ -756,13 +813,14 @@ impl Diagnosis {
             .chain(self.refused.keys())
             .map(|r| (r.namespace.clone(), r.name.clone()))
             .collect();
+        let mut work = Vec::new();
         if first {
             // An earlier agent's files may name Services gone since.
             ids.extend(translator.ids().cloned());
-            let _ = fs::remove_dir_all(&self.dir);
+            work.push(FileWork::Clear);
         }
         self.refused = refused;
-        let mut result = write_node(&self.dir, node);
+        work.push(FileWork::Node(node.clone()));
         for id in ids {
             match service_state(translator, &id, node, &self.refused) {
                 Some(state) => {
@@ -776,21 +834,18 @@ impl Diagnosis {
                     } else {
                         self.findings.insert(id, found);
                     }
-                    result = result.and_then(|()| write(&self.dir, &state));
+                    work.push(FileWork::Service(Box::new(state)));
                 }
                 None => {
                     self.findings.remove(&id);
-                    result = result.and_then(|()| remove(&self.dir, &id));
+                    work.push(FileWork::Remove(id));
                 }
             }
         }
-        match result {
-            Err(e) if !self.failing => {
-                tracing::warn!("writing the state `lb-agent explain` reads failed: {e:#}");
-                self.failing = true;
-            }
-            Err(_) => {}
-            Ok(()) => self.failing = false,
+        if let Some(writer) = &self.writer {
+            // Gone only if the thread panicked: the state is then stale,
+            // which `explain` shows as an older sync's.
+            let _ = writer.send(work);
         }
     }
 

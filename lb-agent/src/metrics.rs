@@ -55,6 +55,7 @@ type XdpLabels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     reconcile_seconds: Histogram,
+    translated: Counter,
     sync_errors: Counter,
     refused: Gauge,
     problems: Gauge,
@@ -73,6 +74,12 @@ impl Metrics {
             "reconcile_latency_seconds",
             "Time from a change being seen (manifest or address event) to the maps holding it",
             reconcile_seconds.clone(),
+        );
+        let translated = Counter::default();
+        registry.register(
+            "translated_services",
+            "Services translated again from their objects because they (or the node) changed",
+            translated.clone(),
         );
         let sync_errors = Counter::default();
         registry.register(
@@ -133,6 +140,7 @@ impl Metrics {
         Ok(Self {
             registry,
             reconcile_seconds,
+            translated,
             sync_errors,
             refused,
             problems,
@@ -170,6 +178,11 @@ impl Metrics {
     /// Records how long a change took from being seen to being in the maps.
     pub fn observe_reconcile(&self, took: Duration) {
         self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts `n` more Services translated again.
+    pub fn translated(&self, n: u64) {
+        self.translated.inc_by(n);
     }
 
     /// Counts a sync that failed as a whole.

@@ -650,3 +650,96 @@ fn a_health_check_node_port_that_cannot_be_bound_gets_a_warning_event_and_opens_
         })
     });
 }
+
+/// A counter (or a histogram's `_count`) from node-a's metrics.
+fn metric(c: &Cluster, name: &str) -> f64 {
+    let (status, body) = http_get(&c.node("a").ns, sa("127.0.0.1:10249"), "/metrics", IO)
+        .expect("scrape node-a's metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+/// Endpoint `k` of the burst: an address outside every pod's.
+fn burst_ep(k: usize) -> String {
+    format!("10.250.{}.{}", k / 250, k % 250 + 1)
+}
+
+#[test]
+fn a_watch_event_translates_only_its_service_and_a_burst_of_changes_takes_few_syncs() {
+    const SERVICES: usize = 200;
+    let r = rig("kincr", &[]);
+    let vip = |i: usize| format!("10.96.1.{}", i + 1);
+    for i in 0..SERVICES {
+        let name = format!("s{i}");
+        r.api.apply(&service(&name, &vip(i), 80, 8080, None, "TCP"));
+        r.api.apply(&slice(
+            &name,
+            &format!("{name}-1"),
+            8080,
+            "TCP",
+            &[ep(B0, "node-b")],
+        ));
+    }
+    wait_until(WAIT, "every Service programmed", || {
+        programmed(&r.c).len() == SERVICES
+    });
+    let translated = || metric(&r.c, "lb_translated_services_total");
+    let syncs = || metric(&r.c, "lb_reconcile_latency_seconds_count");
+
+    // One slice changed: one Service translated again, not all of them.
+    let before = translated();
+    r.api
+        .apply(&slice("s7", "s7-1", 8080, "TCP", &[ep(A1, "node-a")]));
+    wait_until(WAIT, "s7's backend is a1", || {
+        programmed(&r.c).get("test/s7:p/TCP") == Some(&vec![format!("{A1}:8080")])
+    });
+    assert_eq!(translated() - before, 1.0, "one slice changed");
+
+    // A slice moved to another Service (its label changed): both change.
+    let before = translated();
+    r.api
+        .apply(&slice("s9", "s7-1", 8080, "TCP", &[ep(A1, "node-a")]));
+    wait_until(WAIT, "s7-1's endpoint serves s9 and no longer s7", || {
+        let p = programmed(&r.c);
+        p.get("test/s7:p/TCP").is_none_or(Vec::is_empty)
+            && p.get("test/s9:p/TCP") == Some(&vec![format!("{A1}:8080"), format!("{B0}:8080")])
+    });
+    assert_eq!(
+        translated() - before,
+        2.0,
+        "the Services the slice left and joined"
+    );
+
+    // A burst of 1000 changes as fast as the API takes them: a few syncs.
+    let (before, syncs_before) = (translated(), syncs());
+    let started = Instant::now();
+    for k in 0..1000 {
+        let i = k % SERVICES;
+        let name = format!("s{i}");
+        let addr = burst_ep(k);
+        r.api.apply(&slice(
+            &name,
+            &format!("{name}-1"),
+            8080,
+            "TCP",
+            &[ep(&addr, "node-b")],
+        ));
+    }
+    let written = started.elapsed();
+    wait_until(WAIT, "the last change of every Service programmed", || {
+        let p = programmed(&r.c);
+        (1000 - SERVICES..1000).all(|k| {
+            p.get(&format!("test/s{}:p/TCP", k % SERVICES))
+                == Some(&vec![format!("{}:8080", burst_ep(k))])
+        })
+    });
+    let (took, n) = (syncs() - syncs_before, translated() - before);
+    eprintln!("burst written in {written:?}: {took} syncs, {n} Services translated");
+    assert!(
+        took <= 20.0,
+        "1000 changes written in {written:?} took {took} syncs"
+    );
+    assert!(n <= 1000.0, "{n} Services translated for 1000 changes");
+}

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub use node::{AddressFilter, CidrList, NodeInfo};
-pub use translate::{build, group, service_id, slice_owner, Id, Inputs, PortNotes, Translator};
+pub use translate::{
+    build, group, service_id, slice_owner, Id, Inputs, PortNotes, Translator, READ_LABELS,
+};
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;

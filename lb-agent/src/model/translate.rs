@@ -27,6 +27,9 @@ const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name
 /// Marks the EndpointSlices of a headless Service: DNS serves them, and
 /// kube-proxy does not watch them.
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Every label the translation reads, of Services and EndpointSlices: a
+/// source may drop the others.
+pub const READ_LABELS: [&str; 3] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
 
 /// Translates Services and their EndpointSlices into the desired state of
 /// this node, plus whatever had to be skipped and why.
@@ -145,6 +148,9 @@ pub struct Translator {
     conflicts: HashMap<ServicePortRef, Vec<Problem>>,
     /// The frontends each Service port lost in settling, with their owner.
     lost: HashMap<ServicePortRef, Vec<(Frontend, ServicePortRef)>>,
+    /// Service identities translated since the start (each update counts
+    /// every identity it was given, or all when the node changed).
+    translated: u64,
 }
 
 fn frontend_keys<'a>(
@@ -186,6 +192,12 @@ impl Translator {
         problems.sort_by(|a, b| (&a.object, &a.message).cmp(&(&b.object, &b.message)));
         problems.dedup();
         problems
+    }
+
+    /// How many Service identities were translated since the start: what
+    /// shows that a change re-translates only its own Services.
+    pub fn translated(&self) -> u64 {
+        self.translated
     }
 
     /// The identities translated now (those with any port or problem).
@@ -241,6 +253,7 @@ impl Translator {
         }
         // The Service ports whose settled frontends may differ now.
         let mut affected: BTreeSet<ServicePortRef> = BTreeSet::new();
+        self.translated += changed.len() as u64;
         for id in changed {
             if let Some(old) = self.parts.remove(&id) {
                 for (r, sp) in &old.ports {

@@ -31,8 +31,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::model::Problem;
-use crate::source::Objects;
+use super::owners::Owners;
+use crate::model::{self, Id, Problem};
 
 /// Connects with the kubeconfig at `path`, or with the in-cluster
 /// configuration (service account token, `KUBERNETES_SERVICE_HOST`).
@@ -81,6 +81,81 @@ pub struct Watch {
     nodes: Store<Node>,
     node_name: String,
     synced: Arc<Synced>,
+    /// What changed since the last [`Watch::take_changes`], and which
+    /// slices belong to which Service.
+    index: Arc<std::sync::Mutex<Index>>,
+}
+
+/// Where the store keeps an EndpointSlice.
+type SliceKey = reflector::ObjectRef<EndpointSlice>;
+
+/// The store's key of `slice`, without the version and uid the store's
+/// own keys carry (equality ignores them).
+fn slice_key(slice: &EndpointSlice) -> SliceKey {
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    match slice.metadata.namespace.as_deref() {
+        Some(ns) => SliceKey::new(name).within(ns),
+        None => SliceKey::new(name),
+    }
+}
+
+/// The Service identities whose objects changed since the last sync.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Every Service may have changed: a list (the first, or a relist
+    /// after an outage or a 410 Gone) replaced a store whole, and a
+    /// relist says nothing about which objects went away.
+    pub all: bool,
+    /// The identities a watch event touched.
+    pub ids: BTreeSet<Id>,
+}
+
+/// What the reflector tasks record for the syncs.
+#[derive(Debug, Default)]
+struct Index {
+    changes: Changes,
+    /// The Service each stored EndpointSlice belongs to.
+    slices: Owners<SliceKey>,
+    /// The slices of a list under way, which replace `slices` once it is
+    /// complete (as the store's contents are replaced).
+    listing: Option<Owners<SliceKey>>,
+}
+
+impl Index {
+    /// Records a Service event.
+    fn service(&mut self, event: &watcher::Event<Service>) {
+        match event {
+            watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                self.changes.ids.insert(model::service_id(s));
+            }
+            watcher::Event::InitDone => self.changes.all = true,
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    /// Records an EndpointSlice event.
+    fn slice(&mut self, event: &watcher::Event<EndpointSlice>) {
+        let key = slice_key;
+        match event {
+            watcher::Event::Apply(s) => {
+                self.slices
+                    .set(&key(s), model::slice_owner(s), &mut self.changes.ids);
+            }
+            watcher::Event::Delete(s) => self.slices.remove(&key(s), &mut self.changes.ids),
+            watcher::Event::Init => self.listing = Some(Owners::default()),
+            watcher::Event::InitApply(s) => {
+                if let Some(listing) = &mut self.listing {
+                    listing.set(&key(s), model::slice_owner(s), &mut BTreeSet::new());
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listing) = self.listing.take() {
+                    self.slices = listing;
+                }
+                self.changes.all = true;
+            }
+        }
+    }
 }
 
 /// Backoff between watch retries: quick at first so a short outage costs
@@ -120,26 +195,37 @@ impl Backoff for RetryBackoff {
 pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
     let (tx, rx) = mpsc::channel(1);
     let synced = Arc::new(Synced::default());
+    let index = Arc::new(std::sync::Mutex::new(Index::default()));
+    let shared = Arc::clone(&index);
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
         Arc::clone(&synced),
         |s| &s.services,
+        strip_service,
+        move |event| lock(&shared).service(event),
     );
+    let shared = Arc::clone(&index);
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
         Arc::clone(&synced),
         |s| &s.slices,
+        strip_slice,
+        move |event| lock(&shared).slice(event),
     );
+    // A Node's change reaches the translation through the node's
+    // addresses and zone, which every sync compares.
     let nodes = spawn_reflector(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         tx,
         Arc::clone(&synced),
         |s| &s.node,
+        strip_node,
+        |_| {},
     );
     (
         Watch {
@@ -148,18 +234,94 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
             nodes,
             node_name: node_name.to_owned(),
             synced,
+            index,
         },
         rx,
     )
 }
 
-/// Runs one reflector until the agent exits; returns its store.
+/// The index, also when a reflector task panicked holding it (what it
+/// recorded is still true).
+fn lock(index: &std::sync::Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
+    index
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The Node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Keeps of an object's metadata what the agent reads: name, namespace,
+/// uid and version (Events name them), deletion time (a Node's), and the
+/// labels in `labels`. The rest (managed fields above all, annotations,
+/// owners) is often most of an object's size.
+fn strip_meta(meta: &mut ObjectMeta, labels: &[&str]) {
+    let kept = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        labels: meta.labels.take().and_then(|mut all| {
+            all.retain(|k, _| labels.contains(&k.as_str()));
+            (!all.is_empty()).then_some(all)
+        }),
+        ..ObjectMeta::default()
+    };
+    *meta = kept;
+}
+
+/// A Service as the stores keep it: the status only for its load
+/// balancer ingress.
+fn strip_service(svc: &mut Service) {
+    strip_meta(&mut svc.metadata, &model::READ_LABELS);
+    if let Some(status) = &mut svc.status {
+        status.conditions = None;
+    }
+}
+
+/// An EndpointSlice as the stores keep it: without the endpoints'
+/// object references, host names and deprecated topology.
+fn strip_slice(slice: &mut EndpointSlice) {
+    strip_meta(&mut slice.metadata, &model::READ_LABELS);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.deprecated_topology = None;
+    }
+}
+
+/// A Node as the stores keep it: its addresses, taints, deletion time and
+/// zone (not its images, conditions, capacity, …).
+fn strip_node(node: &mut Node) {
+    strip_meta(&mut node.metadata, &[ZONE_LABEL]);
+    node.spec = node
+        .spec
+        .take()
+        .map(|spec| k8s_openapi::api::core::v1::NodeSpec {
+            taints: spec.taints,
+            ..Default::default()
+        });
+    node.status = node
+        .status
+        .take()
+        .map(|status| k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses,
+            ..Default::default()
+        });
+}
+
+/// Runs one reflector until the agent exits; returns its store, which
+/// holds the objects as `strip` leaves them. `record` sees every event
+/// once the store holds it.
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     tx: mpsc::Sender<()>,
     synced: Arc<Synced>,
     flag: fn(&Synced) -> &AtomicBool,
+    strip: fn(&mut K),
+    mut record: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -173,8 +335,12 @@ where
     let (store, writer) = reflector::store();
     let kind = K::kind(&());
     tokio::spawn(async move {
-        let stream =
-            reflector::reflector(writer, watcher(api, config).backoff(RetryBackoff::new()));
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, config)
+                .backoff(RetryBackoff::new())
+                .modify(strip),
+        );
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -184,6 +350,7 @@ where
                         info!(%kind, "watch works again");
                         failing = false;
                     }
+                    record(&event);
                     match event {
                         watcher::Event::Init => debug!(%kind, "listing"),
                         watcher::Event::InitDone => {
@@ -223,21 +390,46 @@ impl Watch {
             && self.synced.node.load(Ordering::SeqCst)
     }
 
-    /// The Services and EndpointSlices as the stores hold them now.
-    ///
-    /// Every slice is returned, also those whose Service is not (yet)
-    /// known: translation ignores them until the Service appears.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
-            problems: Vec::new(),
-        }
+    /// The Service identities whose objects changed since the last call.
+    /// Take them before reading the objects: a change that lands between
+    /// the two is then read now and named again next time.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut lock(&self.index).changes)
+    }
+
+    /// Every Service identity the stores hold objects of.
+    pub fn ids(&self) -> BTreeSet<Id> {
+        let index = lock(&self.index);
+        self.services
+            .state()
+            .iter()
+            .map(|s| model::service_id(s))
+            .chain(index.slices.all_ids().cloned())
+            .collect()
+    }
+
+    /// The objects of each identity in `ids`, as the stores hold them now.
+    pub fn inputs(&self, ids: &BTreeSet<Id>) -> HashMap<Id, Held> {
+        let index = lock(&self.index);
+        ids.iter()
+            .map(|id| {
+                let (namespace, name) = id;
+                let services = self
+                    .service(namespace, name)
+                    .into_iter()
+                    .collect::<Vec<_>>();
+                let slices = index
+                    .slices
+                    .holders(id)
+                    .iter()
+                    .filter_map(|key| self.slices.get(key))
+                    // The store may be a step ahead of the index: a slice
+                    // moved to another Service is that one's input now.
+                    .filter(|s| model::slice_owner(s).as_ref() == Some(id))
+                    .collect();
+                (id.clone(), (services, slices))
+            })
+            .collect()
     }
 
     /// This agent's Node, once listed (`None` when it does not exist).
@@ -265,6 +457,9 @@ impl Watch {
             .get(&reflector::ObjectRef::new(name).within(namespace))
     }
 }
+
+/// One identity's objects as a store holds them.
+pub type Held = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 
 /// Every InternalIP and ExternalIP of a Node, unfiltered: where DSR-wrapped
 /// packets may come from, and what `--nodeport-addresses` chooses among.
@@ -307,7 +502,7 @@ pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata
         .labels
         .as_ref()?
-        .get("topology.kubernetes.io/zone")
+        .get(ZONE_LABEL)
         .filter(|z| !z.is_empty())
         .cloned()
 }

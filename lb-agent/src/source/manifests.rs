@@ -23,6 +23,7 @@ use serde_yaml::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::owners::Owners;
 use crate::model::{self, Id, Inputs, Problem};
 
 /// The objects read from the manifests folder, and what could not be read.
@@ -93,8 +94,6 @@ struct File {
     /// every full scan).
     stamp: Option<Stamp>,
     text: Option<Box<str>>,
-    /// The Service identities its objects belong to, sorted.
-    ids: Vec<Id>,
     problems: Vec<Problem>,
 }
 
@@ -107,20 +106,18 @@ pub struct Folder {
     files: BTreeMap<String, File>,
     /// The files that hold objects of each Service identity (the Service
     /// itself, or an EndpointSlice that names it).
-    index: HashMap<Id, Vec<String>>,
+    owners: Owners<String>,
     /// Objects parsed for the Services being translated now, by file.
     parsed: HashMap<String, Objects>,
 }
 
-/// The Service identities the objects of a file belong to, sorted.
-fn ids_of(objects: &Objects) -> Vec<Id> {
-    let ids: BTreeSet<Id> = objects
+/// The Service identities the objects of a file belong to.
+fn ids_of(objects: &Objects) -> impl Iterator<Item = Id> + '_ {
+    objects
         .services
         .iter()
         .map(model::service_id)
         .chain(objects.slices.iter().filter_map(model::slice_owner))
-        .collect();
-    ids.into_iter().collect()
 }
 
 /// Files whose objects are held in memory at once while a folder is read:
@@ -184,8 +181,8 @@ impl Folder {
         }
         let mut ids = BTreeSet::new();
         for name in gone {
-            if let Some(old) = self.files.remove(&name) {
-                self.unindex(&name, &old.ids, &mut ids);
+            if self.files.remove(&name).is_some() {
+                self.owners.remove(&name, &mut ids);
             }
         }
         let mut rounds = read.into_iter().peekable();
@@ -193,16 +190,7 @@ impl Folder {
             let round: Vec<(String, fs::Metadata)> =
                 rounds.by_ref().take(FILES_PER_ROUND).collect();
             for (name, file, objects) in load_files(dir, round) {
-                if let Some(old) = self.files.remove(&name) {
-                    self.unindex(&name, &old.ids, &mut ids);
-                }
-                for id in &file.ids {
-                    let files = self.index.entry(id.clone()).or_default();
-                    if !files.contains(&name) {
-                        files.push(name.clone());
-                    }
-                    ids.insert(id.clone());
-                }
+                self.owners.set(&name, ids_of(&objects), &mut ids);
                 self.parsed.insert(name.clone(), objects);
                 self.files.insert(name, file);
             }
@@ -218,25 +206,12 @@ impl Folder {
         Ok(())
     }
 
-    fn unindex(&mut self, name: &str, ids: &[Id], changed: &mut BTreeSet<Id>) {
-        for id in ids {
-            if let Some(files) = self.index.get_mut(id) {
-                files.retain(|f| f != name);
-                if files.is_empty() {
-                    self.index.remove(id);
-                }
-            }
-            changed.insert(id.clone());
-        }
-    }
-
     /// Parses the files that hold objects of `ids` and are not parsed yet
     /// (a Service whose slices live in other files than the ones read).
     fn parse_files_of(&mut self, ids: &BTreeSet<Id>) {
         let missing: BTreeSet<&String> = ids
             .iter()
-            .filter_map(|id| self.index.get(id))
-            .flatten()
+            .flat_map(|id| self.owners.holders(id))
             .filter(|name| !self.parsed.contains_key(*name))
             .collect();
         let parsed: Vec<(String, Objects)> = missing
@@ -253,7 +228,7 @@ impl Folder {
     /// any; only while [`Self::refresh`] reports `id` as changed.
     pub fn inputs(&self, id: &Id) -> Inputs<'_> {
         let mut out: Inputs<'_> = (Vec::new(), Vec::new());
-        for name in self.index.get(id).into_iter().flatten() {
+        for name in self.owners.holders(id) {
             let Some(objects) = self.parsed.get(name) else {
                 continue;
             };
@@ -306,7 +281,6 @@ fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, Fi
             let file = File {
                 stamp: Some(Stamp::of(&meta)),
                 text: Some(text.into_boxed_str()),
-                ids: ids_of(&objects),
                 problems: objects.problems.clone(),
             };
             (name, file, objects)
@@ -319,7 +293,6 @@ fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, Fi
             let file = File {
                 stamp: None,
                 text: None,
-                ids: Vec::new(),
                 problems: vec![problem],
             };
             (name, file, Objects::default())

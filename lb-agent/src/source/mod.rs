@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod manifests;
+mod owners;
 
 use std::{
     collections::BTreeSet,
@@ -16,7 +17,7 @@ use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::model::{self, AddressFilter, NodeInfo, Problem, ServicePortRef, Translator};
+use crate::model::{AddressFilter, NodeInfo, Problem, ServicePortRef, Translator};
 
 pub use manifests::Objects;
 
@@ -83,16 +84,15 @@ impl Source {
         ))
     }
 
-    /// How long to wait for more changes before syncing: the events of
-    /// one file write (create, write, close, rename) come within
-    /// microseconds, and a sync that finds nothing new costs little, as
-    /// only the files the events name are read; API changes (a rollout)
-    /// come in longer bursts.
-    pub fn debounce(&self) -> Duration {
-        match self.0 {
-            Kind::Manifests { .. } => Duration::from_millis(2),
-            Kind::Kube { .. } => Duration::from_millis(50),
-        }
+    /// How a burst of changes is coalesced into one sync: the sync waits
+    /// until no change came for the first duration (the events of one file
+    /// write, or of one API update, come within it), but no longer than
+    /// the second after the first change (a long burst, a rollout, still
+    /// syncs as it goes). One change is then delayed by the first only,
+    /// and a burst of a thousand becomes a few syncs. Both sources
+    /// translate only what changed, so a short wait costs little.
+    pub fn coalescing(&self) -> (Duration, Duration) {
+        (Duration::from_millis(2), Duration::from_millis(100))
     }
 
     /// Reads what changed into `translator` (and the NodePort addresses
@@ -166,14 +166,26 @@ impl Source {
                     info!(zone = ?zone, "node zone");
                     node.zone = zone;
                 }
-                // The API's objects come whole at every sync: every
-                // Service is translated again.
-                let objects = watch.objects();
-                let groups = model::group(&objects.services, &objects.slices);
-                let ids: Vec<model::Id> = groups.keys().chain(translator.ids()).cloned().collect();
-                let changed =
-                    translator.update(node, ids, |id| groups.get(id).cloned().unwrap_or_default());
-                Ok(Some((objects.problems, changed)))
+                // Only the Services whose objects a watch event touched
+                // are translated again (a changed node changes them all,
+                // which the translator sees itself).
+                let changes = watch.take_changes();
+                let mut ids = changes.ids;
+                if changes.all {
+                    ids.extend(watch.ids());
+                    ids.extend(translator.ids().cloned());
+                }
+                let held = watch.inputs(&ids);
+                let changed = translator.update(node, ids, |id| {
+                    held.get(id)
+                        .map_or_else(Default::default, |(services, slices)| {
+                            (
+                                services.iter().map(AsRef::as_ref).collect(),
+                                slices.iter().map(AsRef::as_ref).collect(),
+                            )
+                        })
+                });
+                Ok(Some((Vec::new(), changed)))
             }
         }
     }

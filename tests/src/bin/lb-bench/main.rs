@@ -2,7 +2,7 @@
 //! `<out>/report.md` and plots, and prints the summary table.
 //!
 //! ```text
-//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6]
+//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api]
 //! ```
 //!
 //! Every figure is the median of several runs with min and max beside it;
@@ -13,6 +13,7 @@
 mod cluster;
 mod control;
 mod datapath;
+mod kubeapi;
 mod kubeproxy;
 mod maglev;
 mod plot;
@@ -33,6 +34,8 @@ struct Options {
     out: PathBuf,
     /// Figures to run; empty means all.
     only: Vec<u32>,
+    /// The one source figure 4 runs on; `None` means both.
+    fig4_from: Option<control::From>,
 }
 
 fn options() -> Result<Options, String> {
@@ -40,6 +43,7 @@ fn options() -> Result<Options, String> {
         quick: false,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         only: Vec::new(),
+        fig4_from: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,9 +57,16 @@ fn options() -> Result<Options, String> {
                         .push(f.parse().map_err(|_| format!("--only: bad figure {f:?}"))?);
                 }
             }
+            "--fig4-from" => {
+                o.fig4_from = match args.next().as_deref() {
+                    Some("manifests") => Some(control::From::Manifests),
+                    Some("api") => Some(control::From::Api),
+                    other => return Err(format!("--fig4-from: {other:?} is not manifests or api")),
+                };
+            }
             other => {
                 return Err(format!(
-                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6]"
+                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api]"
             ))
             }
         }
@@ -138,29 +149,38 @@ fn main() {
         }
     }
     if wanted(4) {
-        let fig4 = control::Params {
-            services: if o.quick { 1000 } else { 10_000 },
-            starts: 5,
-            changes: if o.quick { 100 } else { 1000 },
-            budget: Duration::from_secs(if o.quick { 20 } else { 150 }),
-        };
-        if let Some(res) = guarded(&mut report, "figure 4: control plane", |r| {
-            control::run(&fig4, r)
-        }) {
-            let mut sorted = res.propagation_ms.clone();
-            sorted.sort_by(f64::total_cmp);
-            let n = sorted.len() as f64;
-            let series = [plot::Series {
-                label: format!("{} changes", sorted.len()),
-                points: sorted
-                    .iter()
-                    .enumerate()
-                    .map(|(i, ms)| (*ms, (i + 1) as f64 / n))
-                    .collect(),
-            }];
+        let mut series = Vec::new();
+        let sources = [control::From::Manifests, control::From::Api];
+        for from in sources
+            .into_iter()
+            .filter(|f| o.fig4_from.is_none_or(|o| o == *f))
+        {
+            let fig4 = control::Params {
+                from,
+                services: if o.quick { 1000 } else { 10_000 },
+                starts: 5,
+                changes: if o.quick { 100 } else { 1000 },
+                budget: Duration::from_secs(if o.quick { 20 } else { 150 }),
+            };
+            let what = format!("figure 4: control plane ({from:?})");
+            if let Some(res) = guarded(&mut report, &what, |r| control::run(&fig4, r)) {
+                let mut sorted = res.propagation_ms.clone();
+                sorted.sort_by(f64::total_cmp);
+                let n = sorted.len() as f64;
+                series.push(plot::Series {
+                    label: format!("{from:?}: {} changes", sorted.len()),
+                    points: sorted
+                        .iter()
+                        .enumerate()
+                        .map(|(i, ms)| (*ms, (i + 1) as f64 / n))
+                        .collect(),
+                });
+            }
+        }
+        if !series.is_empty() {
             let axes = plot::Axes {
                 title: "Endpoint change propagation (CDF)",
-                x: "ms from file write to map",
+                x: "ms from the write (file rename, API answer) to the map",
                 y: "fraction of changes",
                 log_x: false,
             };
