@@ -1,7 +1,7 @@
 //! Hand-built Ethernet/IPv4/TCP/UDP/SCTP packets with correct checksums,
 //! for `lb-agent trace` and the BPF_PROG_TEST_RUN tests.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use lb_common::{crc32c, proto};
 
@@ -384,22 +384,40 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Reads back a frame's IPv4 and L4 headers; `None` when it is not a
-/// complete Ethernet/IPv4 frame.
+/// Reads back a frame's IP and L4 headers; `None` when it is not a
+/// complete Ethernet/IPv4 or Ethernet/IPv6 frame (an IPv6 one read up to
+/// its first header: extension headers show as their protocol number).
 pub fn summarize(frame: &[u8]) -> Option<Summary> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = frame.get(14..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], *ip.get(15)?);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], *ip.get(19)?);
-    let l4 = ip.get(ihl..)?;
+    let (src, dst, next, ttl, l4): (IpAddr, IpAddr, u8, u8, &[u8]) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            let ip = frame.get(14..)?;
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let src = Ipv4Addr::new(ip[12], ip[13], ip[14], *ip.get(15)?);
+            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], *ip.get(19)?);
+            (src.into(), dst.into(), ip[9], ip[8], ip.get(ihl..)?)
+        }
+        [0x86, 0xdd] => {
+            let ip = frame.get(14..54)?;
+            let addr = |o: usize| -> Option<IpAddr> {
+                let b: [u8; 16] = ip.get(o..o + 16)?.try_into().ok()?;
+                Some(Ipv6Addr::from(b).into())
+            };
+            (addr(8)?, addr(24)?, ip[6], ip[7], frame.get(54..)?)
+        }
+        _ => return None,
+    };
+    // `[v6]:port` for IPv6, as socket addresses print.
+    let (src_ip, dst_ip) = (src, dst);
+    let src = SocketAddr::new(src_ip, 0).to_string();
+    let dst = SocketAddr::new(dst_ip, 0).to_string();
+    let src = src.strip_suffix(":0").unwrap_or(&src);
+    let dst = dst.strip_suffix(":0").unwrap_or(&dst);
+    let ip_proto = next;
     let port = |off: usize| {
         l4.get(off..off + 2)
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
     };
-    let (proto, src, dst, tcp_flags) = match ip[9] {
+    let (proto, src, dst, tcp_flags) = match ip_proto {
         p @ (proto::TCP | proto::UDP) => {
             let tcp = p == proto::TCP;
             let letters = if tcp {
@@ -433,14 +451,20 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         ),
         1 => (
             "ICMP".into(),
-            src.to_string(),
-            dst.to_string(),
+            src_ip.to_string(),
+            dst_ip.to_string(),
+            String::new(),
+        ),
+        58 => (
+            "ICMPv6".into(),
+            src_ip.to_string(),
+            dst_ip.to_string(),
             String::new(),
         ),
         p => (
             p.to_string(),
-            src.to_string(),
-            dst.to_string(),
+            src_ip.to_string(),
+            dst_ip.to_string(),
             String::new(),
         ),
     };
@@ -449,14 +473,100 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         src,
         dst,
         tcp_flags,
-        ttl: ip[8],
+        ttl,
         len: frame.len(),
     })
+}
+
+/// An Ethernet/IPv6 frame (no extension headers, hop limit 64) carrying
+/// `p`'s TCP segment or UDP datagram from `src` to `dst`, with its L4
+/// checksum over the IPv6 pseudo-header (a UDP one never 0); `None` for
+/// SCTP, which this builder does not make.
+pub fn ipv6_frame(p: &Packet, src: SocketAddrV6, dst: SocketAddrV6) -> Option<Vec<u8>> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    let (next, csum_at) = match &p.l4 {
+        L4::Tcp {
+            seq,
+            ack,
+            flags,
+            window,
+            payload,
+        } => {
+            l4.extend_from_slice(&seq.to_be_bytes());
+            l4.extend_from_slice(&ack.to_be_bytes());
+            l4.push(5 << 4);
+            l4.push(*flags);
+            l4.extend_from_slice(&window.to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 0]);
+            l4.extend_from_slice(payload);
+            (proto::TCP, 16)
+        }
+        L4::Udp { payload, .. } => {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+            l4.extend_from_slice(payload);
+            (proto::UDP, 6)
+        }
+        L4::Sctp { .. } => return None,
+    };
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, next]);
+    let mut c = !fold(sum(&pseudo) + sum(&l4));
+    if c == 0 {
+        c = 0xffff;
+    }
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(&p.dst_mac);
+    out.extend_from_slice(&p.src_mac);
+    out.extend_from_slice(&0x86ddu16.to_be_bytes());
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    out.push(next);
+    out.push(p.ttl);
+    out.extend_from_slice(&src.ip().octets());
+    out.extend_from_slice(&dst.ip().octets());
+    out.extend_from_slice(&l4);
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_frame_carries_a_pseudo_header_checksum_and_reads_back() {
+        let src: SocketAddrV6 = "[2001:db8::1]:4000".parse().expect("addr");
+        let dst: SocketAddrV6 = "[fd00:96::10]:80".parse().expect("addr");
+        let v4 = "10.0.0.1:4000".parse().expect("addr");
+        let syn = Packet::tcp(v4, v4, flags::SYN, b"");
+        let frame = ipv6_frame(&syn, src, dst).expect("TCP");
+        assert_eq!(frame.len(), 14 + 40 + 20);
+        assert_eq!(frame[12..14], [0x86, 0xdd]);
+        // The checksum over the pseudo-header and segment sums to zero.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&frame[22..54]);
+        pseudo.extend_from_slice(&20u32.to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+        assert_eq!(!fold(sum(&pseudo) + sum(&frame[54..])), 0);
+        let s = summarize(&frame).expect("reads back");
+        assert_eq!(
+            (s.proto.as_str(), s.src.as_str(), s.dst.as_str()),
+            ("TCP", "[2001:db8::1]:4000", "[fd00:96::10]:80")
+        );
+        assert_eq!((s.tcp_flags.as_str(), s.ttl), ("S", 64));
+        let udp = ipv6_frame(&Packet::udp(v4, v4, b"x"), src, dst).expect("UDP");
+        assert_ne!(
+            udp[54 + 6..54 + 8],
+            [0, 0],
+            "UDP over IPv6 always has a checksum"
+        );
+    }
 
     #[test]
     fn a_built_sctp_packet_carries_a_valid_crc32c_and_its_chunk() {

@@ -88,9 +88,9 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
     if req.proto != proto::TCP && req.proto != proto::UDP {
         bail!("only TCP and UDP can be traced");
     }
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (req.src, req.dst) else {
-        bail!("tracing an IPv6 packet is not supported yet (the trace builds IPv4 frames); `--socket` traces a node socket over IPv6");
-    };
+    if req.src.is_ipv4() != req.dst.is_ipv4() {
+        bail!("--src and --dst must be of one family");
+    }
     let live = Maps::open(bpffs)?;
     let mut shadow = Programs::load_shadow(bpffs)?;
     let (program, ifindex, dst_mac) = match &req.iface {
@@ -106,8 +106,7 @@ pub fn run(bpffs: &Path, req: &Request) -> Result<Report> {
         }
         None => (TestProgram::TcPod, None, MAC_B),
     };
-    let pkt = build(req, src, dst, dst_mac);
-    let frame = pkt.bytes();
+    let frame = build(req, dst_mac);
     let input = packet::summarize(&frame).context("the built packet reads back")?;
 
     // Seed the copy with what the live maps hold for this packet.
@@ -616,15 +615,27 @@ fn iface_mac(iface: &str) -> Option<[u8; 6]> {
         .find_map(|a| a.address?.as_link_addr()?.addr())
 }
 
-fn build(req: &Request, src: SocketAddrV4, dst: SocketAddrV4, dst_mac: [u8; 6]) -> Packet {
+/// The frame `req` describes, of its addresses' family.
+fn build(req: &Request, dst_mac: [u8; 6]) -> Vec<u8> {
+    // The builder's IPv4 addresses are placeholders for an IPv6 frame,
+    // which takes the L4 part and the MACs from it.
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, a.port()),
+    };
     let mut p = if req.proto == proto::TCP {
-        Packet::tcp(src, dst, req.tcp_flags, b"")
+        Packet::tcp(v4(req.src), v4(req.dst), req.tcp_flags, b"")
     } else {
-        Packet::udp(src, dst, b"lb-agent trace")
+        Packet::udp(v4(req.src), v4(req.dst), b"lb-agent trace")
     };
     p.src_mac = MAC_A;
     p.dst_mac = dst_mac;
-    p
+    match (req.src, req.dst) {
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
+            packet::ipv6_frame(&p, src, dst).unwrap_or_else(|| p.bytes())
+        }
+        _ => p.bytes(),
+    }
 }
 
 /// Parses TCP flags given as letters (`S`, `SA`, `A`, `F`, `R`, `P`).

@@ -765,10 +765,10 @@ fn an_ipv6_frontend_without_endpoints_refuses_the_node_at_once() {
         let started = Instant::now();
         let err = tcp_connect(&node, sa(dst), WAIT).expect_err("no endpoint to reach");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{dst}: {err}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{dst}: refused at once"
-        );
+        // Well inside the connect timeout: the hook fails the call, no
+        // SYN waits (a second is too tight under the VM's emulation; the
+        // hook's own counter below says who refused).
+        assert!(started.elapsed() < WAIT / 2, "{dst}: refused at once");
     }
     let vip = sa("[fd00:96::53]:53");
     let err =
@@ -924,4 +924,22 @@ fn trace_names_the_backend_of_an_ipv6_or_mapped_node_socket() {
         &["connect", "--proto", "tcp", "--dst", "[fd00:96::10]:81"],
     );
     assert_eq!(t["verdict"], "refused", "{t}");
+    // A packet trace takes IPv6 too: it builds an IPv6 frame and reads it
+    // back (what the datapath does with it is the datapath tests' matter).
+    let t = c.inspect(
+        "a",
+        &[
+            "trace",
+            "--proto",
+            "tcp",
+            "--src",
+            "[fd00:244:1::10]:4000",
+            "--dst",
+            "[fd00:96::10]:80",
+        ],
+    );
+    assert_eq!(t["input"]["proto"], "TCP", "{t}");
+    assert_eq!(t["input"]["src"], "[fd00:244:1::10]:4000", "{t}");
+    assert_eq!(t["input"]["dst"], "[fd00:96::10]:80", "{t}");
+    assert_eq!(t["input"]["tcp_flags"], "S", "{t}");
 }
