@@ -1,4 +1,4 @@
-//! IPv4 fragment tracking: later fragments carry no L4 header, so the ports
+//! Fragment tracking (IPv4, and IPv6's fragment header): later fragments carry no L4 header, so the ports
 //! of the first fragment are remembered for the rest of the datagram.
 //!
 //! Policy (documented in the README): a first fragment is translated like
@@ -16,7 +16,8 @@ use crate::IpAddrBe;
 /// receiver would still accept the datagram's other fragments.
 pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
-/// One IP datagram, as RFC 791 identifies its fragments.
+/// One IP datagram, as RFC 791 (RFC 8200 for IPv6) identifies its
+/// fragments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
@@ -24,7 +25,8 @@ pub struct FragKey {
     pub saddr_be: IpAddrBe,
     /// Destination address, network order.
     pub daddr_be: IpAddrBe,
-    /// IP identification, network order (16 bits in IPv4).
+    /// IP identification, network order (IPv4's 16 bits, widened; IPv6's
+    /// fragment header's 32).
     pub id_be: u32,
     /// IP protocol.
     pub proto: u8,

@@ -19,7 +19,7 @@ pub const CT_EMBRYO: &str = "LB_CT_EMBRYO_V1";
 /// Node settings: `u32` 0 → [`crate::Config`].
 pub const CONFIG: &str = "LB_CONFIG_V4";
 /// Per-CPU counters: `u32` → [`crate::stats::Counter`].
-pub const STATS: &str = "LB_STATS_V7";
+pub const STATS: &str = "LB_STATS_V8";
 /// Per-CPU counters per Service port: `u32` svc_id → [`crate::stats::SvcCounters`].
 /// Sized one above the services map, as ids start at 1.
 pub const SVC_STATS: &str = "LB_SVC_STATS_V1";

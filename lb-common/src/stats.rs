@@ -42,9 +42,9 @@ pub const CT_INSERT: u32 = 16;
 /// Conntrack entries the datapath deleted itself (idle timeout, backend gone,
 /// an SNAT port given back).
 pub const CT_REMOVE: u32 = 17;
-/// A later IPv4 fragment translated like its datagram's first fragment.
+/// A later fragment (IPv4 or IPv6) translated like its datagram's first fragment.
 pub const FRAG_TRACKED: u32 = 18;
-/// A later IPv4 fragment with no translated first fragment (passed).
+/// A later fragment (IPv4 or IPv6) with no translated first fragment (passed).
 pub const FRAG_UNTRACKED: u32 = 19;
 /// Packets of DSR flows encapsulated to their backend's node.
 pub const DSR_ENCAP: u32 = 20;
@@ -70,8 +70,11 @@ pub const CT_EMBRYO_REMOVE: u32 = 26;
 /// client kept sending where no answer passes): their entries moved from
 /// the embryonic map to the main one.
 pub const CT_ESTABLISHED: u32 = 27;
+/// IPv6 packets with more extension headers than the datapath walks
+/// before the transport header (passed untouched).
+pub const PASS_V6_EXT_LIMIT: u32 = 28;
 /// Number of counters.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;
 
 /// Counter names by index, as shown by `lb-agent stats` and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -103,6 +106,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ct_embryo_insert",
     "ct_embryo_remove",
     "ct_established",
+    "pass_v6_ext_limit",
 ];
 
 /// Whether counter `idx` counts packets that were dropped (or refused), as

@@ -28,22 +28,25 @@ use crate::{
     verdict::Reason,
 };
 
-/// The node to wrap a new flow from outside to, when DSR applies: this
-/// node runs in DSR mode, the Service (`svc_flags`) is not Local-only, and
-/// the backend is on another node that the FIB reaches through a gateway.
+/// The node to wrap a new flow of tuple `t` from outside to, when DSR
+/// applies: this node runs in DSR mode, the flow is IPv4 (IPv6 flows are
+/// SNATed: the wrap is IPv4-only, see docs/architecture.md), the Service
+/// (`svc_flags`) is not Local-only, and the backend is on another node
+/// that the FIB reaches through a gateway.
 #[inline(always)]
 pub fn endpoint_for<P: Packet>(
     pkt: &P,
-    client: u32,
+    t: &Tuple,
     svc_flags: u32,
     backend: &Backend,
     env: &Env,
 ) -> Option<u32> {
     let cfg = env.cfg();
     if cfg.flags & CONFIG_F_DSR == 0
+        || t.family != family::V4
         || svc_flags & SVC_F_LOCAL_ONLY != 0
         || backend.flags & BACKEND_F_LOCAL != 0
-        || backend.addr_be[0] == client
+        || backend.addr_be[0] == t.saddr_be[0]
     {
         return None;
     }
@@ -219,7 +222,9 @@ pub fn deliver<P: Packet>(
     env: &Env,
     reply: &mut Entry,
 ) -> Result<(), Reason> {
-    if !layout.has_l4() {
+    // The shim names an IPv4 backend: an inner packet of another family
+    // (which no node wraps) is not translated.
+    if !layout.has_l4() || t.family != family::V4 {
         return Err(Reason::DropRewrite);
     }
     let backend = [shim.addr_be, 0, 0, 0];

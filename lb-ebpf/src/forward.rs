@@ -12,7 +12,7 @@ use lb_common::{csum::replace2, family, snat::IfaceAddrKey, IpAddrBe, Tuple};
 
 use crate::{
     env::Hook,
-    hdr::{IP4_CSUM, IP4_TTL},
+    hdr::{IP4_CSUM, IP4_TTL, IP6_HOP_LIMIT},
     maps::{LB_FIB_SCRATCH, LB_IFACE_ADDRS_V1},
     packet::{Packet, PacketError},
     parse::Layout,
@@ -46,7 +46,7 @@ pub enum Route {
 /// Looks up the route of the packet whose tuple after translation is `t`.
 #[inline(always)]
 pub fn lookup<P: Packet>(pkt: &P, t: &Tuple) -> Route {
-    let Some(p) = params(pkt, t.proto, t.saddr_be[0], t.daddr_be[0]) else {
+    let Some(p) = params(pkt, t.family, t.proto, &t.saddr_be, &t.daddr_be) else {
         return Route::Unreachable;
     };
     p.sport = t.sport_be;
@@ -58,7 +58,7 @@ pub fn lookup<P: Packet>(pkt: &P, t: &Tuple) -> Route {
 /// included) from `saddr` to `daddr`, checking it against the route's MTU.
 #[inline(always)]
 pub fn lookup_sized<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32, tot_len: u16) -> Route {
-    let Some(p) = params(pkt, proto, saddr, daddr) else {
+    let Some(p) = params(pkt, family::V4, proto, &[saddr, 0, 0, 0], &[daddr, 0, 0, 0]) else {
         return Route::Unreachable;
     };
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -69,7 +69,7 @@ pub fn lookup_sized<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32, tot_l
 /// remote pod lives. `None` for a directly connected destination.
 #[inline(always)]
 pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
-    let p = params(pkt, 0, saddr, daddr)?;
+    let p = params(pkt, family::V4, 0, &[saddr, 0, 0, 0], &[daddr, 0, 0, 0])?;
     // SAFETY: `params` built a valid request.
     let ret = unsafe { call(pkt, p) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -90,11 +90,7 @@ pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
 /// node's address then.
 #[inline(always)]
 pub fn egress_addr<P: Packet>(pkt: &P, t: &Tuple, daddr: &IpAddrBe) -> Option<IpAddrBe> {
-    if t.family != family::V4 {
-        // IPv6 slots in here: the same lookup with the v6 request.
-        return None;
-    }
-    let p = params(pkt, t.proto, t.saddr_be[0], daddr[0])?;
+    let p = params(pkt, t.family, t.proto, &t.saddr_be, daddr)?;
     // SAFETY: `params` built a valid request.
     let ret = unsafe { call(pkt, p) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -109,10 +105,17 @@ pub fn egress_addr<P: Packet>(pkt: &P, t: &Tuple, daddr: &IpAddrBe) -> Option<Ip
     unsafe { LB_IFACE_ADDRS_V1.get(&key) }.map(|a| a.addr_be)
 }
 
-/// A fresh lookup request in this CPU's scratch slot: 64 bytes that would
-/// otherwise take a share of the 512-byte stack at every call site.
+/// A fresh lookup request of family `fam` in this CPU's scratch slot: 64
+/// bytes that would otherwise take a share of the 512-byte stack at every
+/// call site. `None` for a family the FIB does not know.
 #[inline(always)]
-fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> Option<&'static mut FibParams> {
+fn params<P: Packet>(
+    pkt: &P,
+    fam: u8,
+    proto: u8,
+    saddr: &IpAddrBe,
+    daddr: &IpAddrBe,
+) -> Option<&'static mut FibParams> {
     let slot = LB_FIB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: a per-CPU slot, used by one program run at a time and only
     // within this lookup; all-zero is a valid (empty) request.
@@ -121,11 +124,20 @@ fn params<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32) -> Option<&'sta
         &mut *slot
     };
     // The FIB's families are the AF_* values that `family` carries.
-    p.family = family::V4;
+    p.family = fam;
     p.l4_protocol = proto;
     p.ifindex = pkt.ifindex();
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
+    match fam {
+        family::V4 => {
+            p.__bindgen_anon_3.ipv4_src = saddr[0];
+            p.__bindgen_anon_4.ipv4_dst = daddr[0];
+        }
+        family::V6 => {
+            p.__bindgen_anon_3.ipv6_src = *saddr;
+            p.__bindgen_anon_4.ipv6_dst = *daddr;
+        }
+        _ => return None,
+    }
     Some(p)
 }
 
@@ -192,7 +204,7 @@ pub fn set_macs<P: Packet>(pkt: &mut P, smac: [u8; 6], dmac: [u8; 6]) -> Result<
 pub fn hops_left<P: Packet>(pkt: &P, layout: &Layout, fam: u8) -> Result<u8, PacketError> {
     match fam {
         family::V4 => pkt.load(layout.l3_off + IP4_TTL),
-        // IPv6 slots in here: the hop limit, byte 7 of its header.
+        family::V6 => pkt.load(layout.l3_off + IP6_HOP_LIMIT),
         _ => Err(PacketError),
     }
 }
@@ -201,8 +213,8 @@ pub fn hops_left<P: Packet>(pkt: &P, layout: &Layout, fam: u8) -> Result<u8, Pac
 /// bypass the kernel's forwarding (a redirect, XDP_TX, DSR's wrap) must do
 /// what it would have done. IPv4's header checksum is updated
 /// incrementally (it covers the TTL, sharing a word with the protocol);
-/// the L4 checksum does not cover it. `ttl` is [`hops_left`]'s answer,
-/// above 1.
+/// IPv6 has none, and no L4 checksum covers either. `ttl` is
+/// [`hops_left`]'s answer, above 1.
 #[inline(always)]
 pub fn take_hop<P: Packet>(
     pkt: &mut P,
@@ -210,10 +222,12 @@ pub fn take_hop<P: Packet>(
     fam: u8,
     ttl: u8,
 ) -> Result<(), PacketError> {
-    if fam != family::V4 {
-        return Err(PacketError);
-    }
     let l3 = layout.l3_off;
+    match fam {
+        family::V4 => {}
+        family::V6 => return pkt.store(l3 + IP6_HOP_LIMIT, ttl.saturating_sub(1)),
+        _ => return Err(PacketError),
+    }
     let [_, proto]: [u8; 2] = pkt.load(l3 + IP4_TTL)?;
     let (old, new) = (
         u16::from_ne_bytes([ttl, proto]),

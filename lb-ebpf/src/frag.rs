@@ -1,4 +1,5 @@
-//! Later IPv4 fragments follow their first fragment (`lb_common::frag`).
+//! Later fragments (IPv4, IPv6) follow their first fragment
+//! (`lb_common::frag`).
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{frag::FRAG_TIMEOUT_NS, FragKey, FragValue, Tuple};
@@ -15,7 +16,7 @@ fn key(t: &Tuple, layout: &Layout) -> FragKey {
     FragKey {
         saddr_be: t.saddr_be,
         daddr_be: t.daddr_be,
-        id_be: u32::from(layout.ip_id_be),
+        id_be: layout.ip_id_be,
         proto: t.proto,
         family: t.family,
         _pad: [0; 2],

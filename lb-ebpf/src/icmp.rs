@@ -1,5 +1,6 @@
 //! ICMP errors about translated flows (destination unreachable, including
-//! fragmentation needed, and time exceeded): the quoted packet is rewritten
+//! fragmentation needed, and time exceeded; ICMPv6's destination
+//! unreachable, packet too big and time exceeded): the quoted packet is rewritten
 //! back to what its sender knows, so the sender's stack matches the error to
 //! its socket and path MTU discovery works through the load balancer.
 //!
@@ -13,7 +14,7 @@
 
 use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_REPLY},
-    Tuple,
+    family, IpAddrBe, Tuple,
 };
 
 use crate::{
@@ -22,16 +23,24 @@ use crate::{
         icmp::{
             CSUM as ICMP_CSUM, DEST_UNREACH, HLEN as ICMP_HLEN, TIME_EXCEEDED, TYPE as ICMP_TYPE,
         },
-        IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT,
+        icmp6, IP4_CSUM, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, L4_DPORT, L4_SPORT,
     },
     packet::{Packet, PacketError},
     parse::{self, Frag, Layout},
 };
 
-/// Translates the ICMP message of an IPv4 packet laid out as `layout` if it
-/// is an error about a translated flow; `Ok(true)` when it did. The quoted
-/// packet's tuple is parsed into `quote`, the key of its reply entry built
-/// in `key`.
+/// Which address of an IP header a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// Translates the ICMP (ICMPv6) message of a packet laid out as `layout`,
+/// whose tuple `quote` holds its addresses and family, if it is an error
+/// about a translated flow; `Ok(true)` when it did. The quoted packet's
+/// tuple is then parsed into `quote`, the key of its reply entry built in
+/// `key`.
 #[inline(always)]
 pub fn translate_error<P: Packet>(
     pkt: &mut P,
@@ -42,16 +51,25 @@ pub fn translate_error<P: Packet>(
     if layout.frag != Frag::None {
         return Ok(false);
     }
+    let fam = quote.family;
     let (l3, l4) = (layout.l3_off, layout.l4_off);
     // Headers at variable offsets are read whole: single-byte reads there
     // become checks the verifier cannot follow.
     let icmp: [u8; ICMP_HLEN] = pkt.load(l4)?;
     let kind = icmp[ICMP_TYPE];
-    if kind != DEST_UNREACH && kind != TIME_EXCEEDED {
+    let error = if fam == family::V6 {
+        matches!(
+            kind,
+            icmp6::DEST_UNREACH | icmp6::PKT_TOOBIG | icmp6::TIME_EXCEEDED
+        )
+    } else {
+        kind == DEST_UNREACH || kind == TIME_EXCEEDED
+    };
+    if !error {
         return Ok(false);
     }
     let inner = l4 + ICMP_HLEN;
-    let Some(quoted) = parse::quoted(pkt, inner, quote)? else {
+    let Some(quoted) = parse::quoted(pkt, inner, fam, quote)? else {
         return Ok(false);
     };
     // The quote went from the client's side to the backend: reversed, it
@@ -68,8 +86,16 @@ pub fn translate_error<P: Packet>(
     let snat = ct.flags & CT_F_DNAT != 0;
     if snat {
         // The sender was this node on the client's behalf.
-        let (addr, port) = (quote.saddr_be[0], quote.sport_be);
-        set_inner_addr(pkt, inner, IP4_SADDR, addr, ct.nat_daddr_be[0], icmp_csum)?;
+        let (addr, port) = (quote.saddr_be, quote.sport_be);
+        set_inner_addr(
+            pkt,
+            fam,
+            inner,
+            End::Source,
+            &addr,
+            &ct.nat_daddr_be,
+            icmp_csum,
+        )?;
         set_inner_port(
             pkt,
             quoted.l4_off + L4_SPORT,
@@ -77,12 +103,18 @@ pub fn translate_error<P: Packet>(
             ct.nat_dport_be,
             icmp_csum,
         )?;
-        let outer: u32 = pkt.load(l3 + IP4_DADDR)?;
-        pkt.store(l3 + IP4_DADDR, ct.nat_daddr_be[0])?;
-        pkt.l3_csum_replace(l3 + IP4_CSUM, outer, ct.nat_daddr_be[0])?;
+        set_outer_dst(pkt, fam, l3, &ct.nat_daddr_be, icmp_csum)?;
     }
-    let (addr, port) = (quote.daddr_be[0], quote.dport_be);
-    set_inner_addr(pkt, inner, IP4_DADDR, addr, ct.nat_saddr_be[0], icmp_csum)?;
+    let (addr, port) = (quote.daddr_be, quote.dport_be);
+    set_inner_addr(
+        pkt,
+        fam,
+        inner,
+        End::Destination,
+        &addr,
+        &ct.nat_saddr_be,
+        icmp_csum,
+    )?;
     set_inner_port(
         pkt,
         quoted.l4_off + L4_DPORT,
@@ -93,21 +125,67 @@ pub fn translate_error<P: Packet>(
     Ok(true)
 }
 
-/// Rewrites an address of the quoted IP header, keeping the quoted header's
-/// checksum and the ICMP checksum right (the ICMP checksum covers the quote,
-/// its checksum field included).
+/// Rewrites the error's own destination to `new`: IPv4's header checksum
+/// covers it; ICMPv6's checksum does, through its pseudo-header.
+#[inline(always)]
+fn set_outer_dst<P: Packet>(
+    pkt: &mut P,
+    fam: u8,
+    l3: usize,
+    new: &IpAddrBe,
+    icmp_csum: usize,
+) -> Result<(), PacketError> {
+    if fam != family::V6 {
+        let old: u32 = pkt.load(l3 + IP4_DADDR)?;
+        pkt.store(l3 + IP4_DADDR, new[0])?;
+        return pkt.l3_csum_replace(l3 + IP4_CSUM, old, new[0]);
+    }
+    let old: IpAddrBe = pkt.load(l3 + IP6_DADDR)?;
+    pkt.store(l3 + IP6_DADDR, *new)?;
+    let mut i = 0;
+    while i < 4 {
+        pkt.l4_csum_replace(icmp_csum, old[i], new[i], 4, true, false)?;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Rewrites an address of the quoted IP header, keeping the ICMP checksum
+/// right (it covers the quote) and, for IPv4, the quoted header's own
+/// checksum (which the ICMP checksum covers too); an IPv6 header has none.
 #[inline(always)]
 fn set_inner_addr<P: Packet>(
     pkt: &mut P,
+    fam: u8,
     inner: usize,
-    field: usize,
-    old: u32,
-    new: u32,
+    end: End,
+    old: &IpAddrBe,
+    new: &IpAddrBe,
     icmp_csum: usize,
 ) -> Result<(), PacketError> {
     if old == new {
         return Ok(());
     }
+    if fam == family::V6 {
+        let field = if end == End::Source {
+            IP6_SADDR
+        } else {
+            IP6_DADDR
+        };
+        pkt.store(inner + field, *new)?;
+        let mut i = 0;
+        while i < 4 {
+            pkt.l4_csum_replace(icmp_csum, old[i], new[i], 4, false, false)?;
+            i += 1;
+        }
+        return Ok(());
+    }
+    let field = if end == End::Source {
+        IP4_SADDR
+    } else {
+        IP4_DADDR
+    };
+    let (old, new) = (old[0], new[0]);
     let old_sum: u16 = pkt.load(inner + IP4_CSUM)?;
     pkt.store(inner + field, new)?;
     pkt.l3_csum_replace(inner + IP4_CSUM, old, new)?;

@@ -6,8 +6,9 @@
 //!
 //! Each module uses only modules on the lines above it (bottom first):
 //!
-//! 1. `hdr` (header layouts and constants), `scratch` (the per-CPU room's
-//!    layout): definitions, no dependencies.
+//! 1. `hdr` (header layouts and constants), `layout` (a parsed packet's
+//!    offsets), `scratch` (the per-CPU room's layout): definitions, no
+//!    dependencies but each other.
 //! 2. `maps`: every map the programs use.
 //! 3. `packet` (bounds-checked access and rewrite primitives over XDP and
 //!    TC), `env` (config, time, hook, length: looked up once per run),
@@ -32,10 +33,19 @@
 //! stages are inlined, and memset/memcpy are expanded in place (see
 //! lb-agent/build.rs). The large, long-lived temporaries (the flow's
 //! tuple, its conntrack entry, a new flow's reply entry, the FIB request)
-//! live in per-CPU scratch maps instead. The frame is 392 bytes for
-//! `lb_xdp_node`, 408 for `lb_tc_node` and 344 for `lb_tc_pod` (SNAT's
-//! port search and egress address took 48 to 72 of them): 104 bytes are
-//! left at least. Measure
+//! live in per-CPU scratch maps instead. The frame is 384 bytes for
+//! `lb_xdp_node` and `lb_tc_node` and 344 for `lb_tc_pod`, IPv6 included
+//! (SNAT's port search and egress address took 48 to 72 of them): 128
+//! bytes are left at least.
+//!
+//! # Verifier states
+//!
+//! The IPv6 parse walks up to four extension headers, and each way through
+//! them ends with its own offsets; verified on as they are, every way
+//! would take the rest of the program with it (over a million
+//! instructions). The parse therefore leaves its `Layout` in the scratch
+//! map and the pipeline reads it back (`parse::settled`): values from map
+//! memory are unknown to the verifier, so all ways meet in one state. Measure
 //! after a change with `llvm-objdump -d` on the object (the deepest
 //! `r10 - N`) or the verifier log's `stack depth`.
 #![no_std]
@@ -51,6 +61,7 @@ mod frag;
 mod frontend;
 mod hdr;
 mod icmp;
+mod layout;
 mod maps;
 mod nat;
 mod packet;

@@ -72,7 +72,7 @@ pub static LB_SNAT_CURSORS_V1: LruHashMap<SnatCursorKey, u64, { SNAT_CURSORS_MAX
 
 /// Counters by `lb_common::stats` index.
 #[btf_map]
-pub static LB_STATS_V7: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
+pub static LB_STATS_V8: PerCpuArray<Counter, { COUNT as usize }> = PerCpuArray::new();
 
 /// Counters by svc_id (ids start at 1, hence one more than the services map).
 #[btf_map]

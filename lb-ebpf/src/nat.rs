@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    hdr::{IP4_CSUM, IP4_DADDR, IP4_SADDR, L4_DPORT, L4_SPORT},
+    hdr::{IP4_CSUM, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, L4_DPORT, L4_SPORT},
     packet::{Packet, PacketError},
     parse::Layout,
 };
@@ -83,8 +83,20 @@ fn set_addr<P: Packet>(
             pkt.l3_csum_replace(layout.l3_off + IP4_CSUM, old[0], new[0])?;
             1
         }
-        // IPv6 slots in here: store the 16 bytes, no header checksum; the
-        // pseudo-header update below then covers all four words.
+        family::V6 => {
+            if old == new {
+                return Ok(());
+            }
+            let field = if end == End::Source {
+                IP6_SADDR
+            } else {
+                IP6_DADDR
+            };
+            // No header checksum: the pseudo-header update below covers
+            // all four words.
+            pkt.store(layout.l3_off + field, *new)?;
+            4
+        }
         _ => return Err(PacketError),
     };
     // A later fragment has no L4 checksum: the first fragment's update
@@ -93,7 +105,8 @@ fn set_addr<P: Packet>(
         return Ok(());
     }
     let mut i = 0;
-    while i < words {
+    // Bounded by the array, so that indexing needs no check.
+    while i < 4 && i < words {
         pkt.l4_csum_replace(
             layout.l4_csum_off(t.proto),
             old[i],

@@ -1,110 +1,112 @@
-//! Parsing: Ethernet, IPv4 (IHL honoured) and the L4 ports, into the flow's
-//! [`Tuple`] and the packet's [`Layout`].
+//! Parsing: Ethernet, IPv4 (IHL honoured) or IPv6 (extension headers
+//! walked, at most `IP6_EXT_MAX`) and the L4 ports, into the flow's
+//! family-tagged [`Tuple`] and the packet's [`Layout`]. Every later stage
+//! is written once over these two; only the reading of the IP header
+//! differs by family.
 //!
 //! The parser reads, never writes. Anything it cannot read completely is
 //! `Err` (passed untouched); anything it can read but does not translate
-//! (other protocols, VLAN tags) is [`Parsed::Other`]. A later IPv4 fragment
-//! has a tuple without ports ([`Frag::Later`]): the pipeline takes them
-//! from the datagram's first fragment (`lb_common::frag`). The same IPv4
-//! parser reads the packet an ICMP error quotes ([`quoted`]).
+//! (other protocols, VLAN tags) is [`Parsed::Other`]. A later fragment has a
+//! tuple without ports ([`Frag::Later`]): the pipeline takes them from the
+//! datagram's first fragment (`lb_common::frag`). The same parser reads the
+//! packet an ICMP error quotes ([`quoted`]).
 
 use lb_common::{family, proto, Tuple};
 
 use crate::{
     hdr::{
-        icmp::IPPROTO_ICMP, tcp_flags, Ip4Hdr, TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_TYPE,
-        IP4_HLEN, IP4_MF, IP4_OFFSET_MASK, TCP_CSUM, UDP_CSUM,
+        ext, icmp::IPPROTO_ICMP, icmp6::IPPROTO_ICMPV6, Ip4Hdr, Ip6FragHdr, Ip6Hdr, TcpHdr, UdpHdr,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE, IP4_HLEN, IP4_MF, IP4_OFFSET_MASK, IP6_EXT_MAX,
+        IP6_HLEN, IP6_MF, IP6_OFFSET_MASK,
     },
     packet::{Packet, PacketError},
 };
 
-/// Where a packet stands in its IP datagram.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Frag {
-    /// A whole datagram.
-    None,
-    /// The first fragment: it carries the L4 header.
-    First,
-    /// A later fragment: no L4 header, so the ports are unknown (zero).
-    Later,
-}
-
-/// Where a parsed packet's headers are, and what only the packet carries
-/// (the flow itself is its [`Tuple`]).
-#[derive(Clone, Copy)]
-pub struct Layout {
-    /// Offset of the L3 header.
-    pub l3_off: usize,
-    /// Offset of the L4 header (where it would be, for a later fragment).
-    pub l4_off: usize,
-    /// Fragment position.
-    pub frag: Frag,
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
-    /// IP identification, network order (ties fragments together).
-    pub ip_id_be: u16,
-}
-
-impl Layout {
-    /// Whether the packet carries the L4 header (ports and checksum).
-    #[inline(always)]
-    pub fn has_l4(&self) -> bool {
-        self.frag != Frag::Later
-    }
-
-    /// Whether the packet carries FIN or RST: its flow is closing.
-    #[inline(always)]
-    pub fn closing(&self) -> bool {
-        self.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
-    }
-
-    /// Offset of the L4 checksum of protocol `l4`.
-    #[inline(always)]
-    pub fn l4_csum_off(&self, l4: u8) -> usize {
-        self.l4_off + if l4 == proto::TCP { TCP_CSUM } else { UDP_CSUM }
-    }
-}
+pub use crate::layout::{Frag, Layout};
 
 /// What the parser found in a frame.
 pub enum Parsed {
-    /// TCP or UDP over IPv4: the tuple is written.
-    Flow(Layout),
-    /// ICMP over IPv4, its message at `l4_off` (the tuple is not written).
-    Icmp(Layout),
-    /// Anything else: other EtherTypes (VLAN tags, IPv6) and protocols.
+    /// TCP or UDP: the tuple and the layout are written.
+    Flow,
+    /// ICMP (ICMPv6 over IPv6), its message at the layout's `l4_off`; the
+    /// tuple has the addresses, family and protocol, no ports.
+    Icmp,
+    /// IPv6 with more extension headers than the parser walks.
+    ExtLimit,
+    /// Anything else: other EtherTypes (VLAN tags) and protocols.
     Other,
 }
 
-/// Parses the frame's headers, writing the flow's tuple into `t`.
+/// Parses the frame's headers, writing the flow's tuple into `t` and the
+/// packet's layout into `layout` (both in the scratch map: read the layout
+/// back with [`settled`]).
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P, t: &mut Tuple) -> Result<Parsed, PacketError> {
+pub fn parse<P: Packet>(
+    pkt: &P,
+    t: &mut Tuple,
+    layout: &mut Layout,
+) -> Result<Parsed, PacketError> {
     let ethertype = u16::from_be(pkt.load::<u16>(ETH_TYPE)?);
-    if ethertype != ETH_P_IP {
-        return Ok(Parsed::Other);
+    // An IP EtherType without its IP header behind it is malformed.
+    let mut ip = match ethertype {
+        ETH_P_IP => ip4(pkt, ETH_HLEN, t)?,
+        ETH_P_IPV6 => ip6(pkt, ETH_HLEN, t)?,
+        _ => return Ok(Parsed::Other),
     }
-    // An IPv4 EtherType without an IPv4 header behind it is malformed.
-    let mut ip = ip4(pkt, ETH_HLEN)?.ok_or(PacketError)?;
+    .ok_or(PacketError)?;
     match ip.proto {
         proto::TCP | proto::UDP => {}
-        IPPROTO_ICMP => return Ok(Parsed::Icmp(ip.layout)),
+        IPPROTO_ICMP if t.family == family::V4 => {
+            *layout = ip.layout;
+            return Ok(Parsed::Icmp);
+        }
+        IPPROTO_ICMPV6 if t.family == family::V6 => {
+            *layout = ip.layout;
+            return Ok(Parsed::Icmp);
+        }
+        p if t.family == family::V6 && ext::is_ext(p) => return Ok(Parsed::ExtLimit),
         _ => return Ok(Parsed::Other),
     }
     // The whole fixed L4 header must be there before anything is rewritten.
     ports(pkt, t, &mut ip, true)?;
-    Ok(Parsed::Flow(ip.layout))
+    *layout = ip.layout;
+    Ok(Parsed::Flow)
 }
 
-/// Parses the IP header an ICMP error quotes at `off` and the ports after
-/// it (an error quotes at least the 8 bytes after the header, not a whole
-/// TCP header), writing the quoted packet's tuple into `t`; `Ok(None)` when
-/// it is not a TCP or UDP packet over IPv4.
+/// The layout [`parse`] wrote into the scratch map, read back from there.
+/// The parse ends in many verifier states (one per way through the IPv6
+/// extension headers, each with its own offsets); values read from map
+/// memory are unknown to the verifier, so every way goes on from here in
+/// the same state and the rest of the program is verified once, not once
+/// per way. The read is volatile so that the compiler does not reuse what
+/// it knows was written. The IP header's offset, the same on every way,
+/// stays a constant: stages write at fixed offsets from it.
+#[inline(always)]
+pub fn settled(layout: &Layout) -> Layout {
+    // SAFETY: a reference is valid for a read; `parse` wrote every field
+    // (a valid `Frag` included) before the caller asks.
+    let mut layout = unsafe { core::ptr::read_volatile(layout) };
+    layout.l3_off = ETH_HLEN;
+    layout
+}
+
+/// Parses the IP header of family `fam` an ICMP error quotes at `off`
+/// and the ports after it (an error quotes at least the 8 bytes after the
+/// header, not a whole TCP header), writing the quoted packet's tuple into
+/// `t`; `Ok(None)` when it is not a TCP or UDP packet of that family.
 #[inline(always)]
 pub fn quoted<P: Packet>(
     pkt: &P,
     off: usize,
+    fam: u8,
     t: &mut Tuple,
 ) -> Result<Option<Layout>, PacketError> {
-    let Some(mut ip) = ip4(pkt, off)? else {
+    let ip = if fam == family::V6 {
+        ip6(pkt, off, t)?
+    } else {
+        ip4(pkt, off, t)?
+    };
+    let Some(mut ip) = ip else {
         return Ok(None);
     };
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
@@ -114,22 +116,21 @@ pub fn quoted<P: Packet>(
     Ok(Some(ip.layout))
 }
 
-/// What the IPv4 header tells.
-struct Ip4 {
-    /// The L4 protocol.
+/// What the IP header tells besides the addresses (which are written into
+/// the tuple).
+struct Ip {
+    /// The L4 protocol (for IPv6 past the walked bound: the extension
+    /// header still in the way).
     proto: u8,
-    /// Source address, network order.
-    saddr: u32,
-    /// Destination address, network order.
-    daddr: u32,
     /// Where the headers are (TCP flags still zero).
     layout: Layout,
 }
 
-/// Reads the IPv4 header at `l3_off`; `Ok(None)` when the bytes there are
-/// not an IPv4 header (version, IHL).
+/// Reads the IPv4 header at `l3_off`, writing its addresses and family
+/// into `t`; `Ok(None)` when the bytes there are not an IPv4 header
+/// (version, IHL).
 #[inline(always)]
-fn ip4<P: Packet>(pkt: &P, l3_off: usize) -> Result<Option<Ip4>, PacketError> {
+fn ip4<P: Packet>(pkt: &P, l3_off: usize, t: &mut Tuple) -> Result<Option<Ip>, PacketError> {
     let h: Ip4Hdr = pkt.load(l3_off)?;
     let ihl = h.header_len();
     if h.version() != 4 || ihl < IP4_HLEN {
@@ -143,25 +144,88 @@ fn ip4<P: Packet>(pkt: &P, l3_off: usize) -> Result<Option<Ip4>, PacketError> {
     } else {
         Frag::None
     };
-    Ok(Some(Ip4 {
+    t.saddr_be = [h.saddr, 0, 0, 0];
+    t.daddr_be = [h.daddr, 0, 0, 0];
+    t.proto = h.proto;
+    t.family = family::V4;
+    Ok(Some(Ip {
         proto: h.proto,
-        saddr: h.saddr,
-        daddr: h.daddr,
         layout: Layout {
             l3_off,
             l4_off: l3_off + ihl,
             frag,
             tcp_flags: 0,
-            ip_id_be: h.id,
+            ip_id_be: u32::from(h.id),
         },
     }))
 }
 
-/// Reads the ports (and TCP flags) of a TCP or UDP packet and writes its
-/// tuple into `t`. `whole`: the fixed L4 header must be there entire (it
-/// will be rewritten), not only the ports.
+/// Reads the IPv6 header at `l3_off` and walks its extension headers
+/// (hop-by-hop, routing, destination options, fragment, AH) to the
+/// transport header, at most `IP6_EXT_MAX` of them, writing the addresses
+/// and family into `t`; `Ok(None)` when the bytes there are not an IPv6
+/// header. Past the bound, the protocol is the extension header left.
 #[inline(always)]
-fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip4, whole: bool) -> Result<(), PacketError> {
+fn ip6<P: Packet>(pkt: &P, l3_off: usize, t: &mut Tuple) -> Result<Option<Ip>, PacketError> {
+    let h: Ip6Hdr = pkt.load(l3_off)?;
+    if h.version() != 6 {
+        return Ok(None);
+    }
+    let mut next = h.nexthdr;
+    let mut off = l3_off + IP6_HLEN;
+    let mut frag = Frag::None;
+    let mut id = 0;
+    let mut i = 0;
+    while i < IP6_EXT_MAX && ext::is_ext(next) {
+        if next == ext::FRAGMENT {
+            let f: Ip6FragHdr = pkt.load(off)?;
+            let frag_off = u16::from_be(f.frag_off);
+            frag = if frag_off & IP6_OFFSET_MASK != 0 {
+                Frag::Later
+            } else if frag_off & IP6_MF != 0 {
+                Frag::First
+            } else {
+                // An atomic fragment (RFC 6946): a whole datagram.
+                Frag::None
+            };
+            id = f.id;
+            next = f.nexthdr;
+            off += 8;
+        } else {
+            // Next header, then the length: in 4-byte units less 2 for AH,
+            // in 8-byte units less 1 for the others.
+            let [nh, len]: [u8; 2] = pkt.load(off)?;
+            off += if next == ext::AH {
+                (usize::from(len) + 2) * 4
+            } else {
+                (usize::from(len) + 1) * 8
+            };
+            next = nh;
+        }
+        i += 1;
+    }
+    t.saddr_be = h.saddr;
+    t.daddr_be = h.daddr;
+    t.proto = next;
+    t.family = family::V6;
+    Ok(Some(Ip {
+        proto: next,
+        layout: Layout {
+            l3_off,
+            l4_off: off,
+            frag,
+            tcp_flags: 0,
+            ip_id_be: id,
+        },
+    }))
+}
+
+/// Reads the ports (and TCP flags) of a TCP or UDP packet into `t`, whose
+/// addresses, protocol and family the IP header gave. `whole`: the fixed
+/// L4 header must be there entire (it will be rewritten), not only the
+/// ports.
+#[inline(always)]
+fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip, whole: bool) -> Result<(), PacketError> {
     let layout = &mut ip.layout;
     let l4_off = layout.l4_off;
     let (sport, dport, tcp_flags) = if layout.frag == Frag::Later {
@@ -177,14 +241,8 @@ fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip4, whole: bool) -> Result
         (h.sport, h.dport, 0)
     };
     layout.tcp_flags = tcp_flags;
-    *t = Tuple {
-        saddr_be: [ip.saddr, 0, 0, 0],
-        daddr_be: [ip.daddr, 0, 0, 0],
-        sport_be: sport,
-        dport_be: dport,
-        proto: ip.proto,
-        family: family::V4,
-        _pad: [0; 2],
-    };
+    t.sport_be = sport;
+    t.dport_be = dport;
+    t._pad = [0; 2];
     Ok(())
 }

@@ -57,16 +57,19 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         tuple: t,
         ct,
         other,
+        layout: parsed,
     } = s;
-    let layout = match parse::parse(pkt, t) {
-        Ok(Parsed::Flow(layout)) => layout,
-        Ok(Parsed::Icmp(layout)) => {
+    let layout = match parse::parse(pkt, t, parsed) {
+        Ok(Parsed::Flow) => parse::settled(parsed),
+        Ok(Parsed::Icmp) => {
+            let layout = parse::settled(parsed);
             return match icmp::translate_error(pkt, &layout, t, &mut other.key) {
                 Ok(true) => pass(Reason::IcmpError, len),
                 Ok(false) => pass(Reason::PassUnsupported, len),
                 Err(_) => drop(Reason::DropRewrite, len),
             };
         }
+        Ok(Parsed::ExtLimit) => return pass(Reason::PassV6ExtLimit, len),
         Ok(Parsed::Other) => return pass(Reason::PassUnsupported, len),
         Err(_) => return pass(Reason::PassMalformed, len),
     };
@@ -102,10 +105,16 @@ pub fn host_reply<P: Packet>(pkt: &mut P) -> Verdict {
     let (Some(env), Some(s)) = (Env::load(), scratch()) else {
         return Verdict::Pass;
     };
-    let Scratch { tuple: t, ct, .. } = s;
-    let Ok(Parsed::Flow(layout)) = parse::parse(pkt, t) else {
+    let Scratch {
+        tuple: t,
+        ct,
+        layout: parsed,
+        ..
+    } = s;
+    let Ok(Parsed::Flow) = parse::parse(pkt, t, parsed) else {
         return Verdict::Pass;
     };
+    let layout = parse::settled(parsed);
     if layout.frag == Frag::Later || env.cfg().node_addr(t.family) != Some(t.saddr_be) {
         return Verdict::Pass;
     }
@@ -214,7 +223,7 @@ fn flow<P: Packet>(
         return Err(drop_for(svc_id, Reason::DropNoBackend, len));
     };
     let dsr_endpoint = if ctx.hook.is_external() {
-        dsr::endpoint_for(pkt, t.saddr_be[0], svc.flags, &backend, &ctx.env)
+        dsr::endpoint_for(pkt, t, svc.flags, &backend, &ctx.env)
     } else {
         None
     };
@@ -398,9 +407,10 @@ fn forwarded<P: Packet>(
     send(pkt, &route)
 }
 
-/// Answers a packet that would leave with TTL 0 as a router does: ICMP
-/// time exceeded from this node, quoting the packet as it arrived. A later
-/// fragment (nothing to quote) or a node without an address is dropped.
+/// Answers a packet that would leave with TTL (hop limit) 0 as a router
+/// does: ICMP (ICMPv6) time exceeded from this node, quoting the packet as
+/// it arrived. A later fragment (nothing to quote) or a node without an
+/// address of its family is dropped.
 /// Checked before the route, so XDP answers itself and never hands such a
 /// packet to TC.
 #[inline(always)]
@@ -410,12 +420,12 @@ fn expired<P: Packet>(
     layout: &Layout,
     ctx: &Ctx,
 ) -> Result<Verdict, Reason> {
-    let [node, ..] = ctx
+    let node = ctx
         .env
         .cfg()
         .node_addr(t.family)
         .ok_or(Reason::TtlExceeded)?;
-    reject::time_exceeded(pkt, t, layout, node).map_err(|_| Reason::TtlExceeded)?;
+    reject::time_exceeded(pkt, t, layout, &node).map_err(|_| Reason::TtlExceeded)?;
     count(Reason::TtlExceeded, ctx.len);
     Ok(Verdict::Bounce)
 }

@@ -10,6 +10,8 @@
 
 use lb_common::{CtValue, Tuple};
 
+use crate::layout::Layout;
+
 /// A conntrack entry being written: key and value.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -31,4 +33,9 @@ pub struct Scratch {
     /// A second entry: the reply direction of a new flow, or a key to look
     /// up (an ICMP error's quoted flow, reversed).
     pub other: Entry,
+    /// The packet's layout, as parsed: written here and read back (see
+    /// `parse::settled`) so that the verifier, which does not track what
+    /// map memory holds, goes on from the parse in one state instead of
+    /// one per way through the IPv6 extension headers.
+    pub layout: Layout,
 }

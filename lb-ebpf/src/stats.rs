@@ -5,7 +5,7 @@
 use lb_common::stats::{self, Counter, SvcCounters};
 
 use crate::{
-    maps::{LB_STATS_V7, LB_SVC_STATS_V1},
+    maps::{LB_STATS_V8, LB_SVC_STATS_V1},
     verdict::Reason,
 };
 
@@ -48,7 +48,7 @@ pub fn count_ct(op: CtOp) {
 /// Adds one packet of `bytes` to counter `idx` (a `lb_common::stats` index).
 #[inline(always)]
 fn add(idx: u32, bytes: u32) {
-    if let Some(c) = LB_STATS_V7.get_ptr_mut(idx) {
+    if let Some(c) = LB_STATS_V8.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe {
             let c: &mut Counter = &mut *c;

@@ -76,6 +76,8 @@ pub enum Reason {
     TtlExceeded,
     /// A wrapped packet from an address that is not a node's.
     DropDsrPeer,
+    /// IPv6 with more extension headers than the parser walks.
+    PassV6ExtLimit,
 }
 
 impl Reason {
@@ -107,6 +109,7 @@ impl Reason {
             Reason::DsrTooBig => stats::DSR_TOO_BIG,
             Reason::TtlExceeded => stats::TTL_EXCEEDED,
             Reason::DropDsrPeer => stats::DROP_DSR_PEER,
+            Reason::PassV6ExtLimit => stats::PASS_V6_EXT_LIMIT,
         }
     }
 }

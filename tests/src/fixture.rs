@@ -25,6 +25,8 @@ pub const TABLE_SIZE: u32 = 251;
 
 /// The node address the fixture's config map holds (the SNAT source).
 pub const NODE_ADDR: &str = "10.99.0.1";
+/// The node's IPv6 address the fixture's config map holds.
+pub const NODE_ADDR6: &str = "fd00:99::1";
 
 /// A private, loaded, unattached datapath.
 pub struct Datapath {
@@ -78,6 +80,7 @@ impl Datapath {
         let progs = Programs::load(&dir.0, sizes, XdpPolicy::Auto).expect("load programs");
         let mut maps = Maps::open(&dir.0).expect("open maps");
         let node: IpAddr = NODE_ADDR.parse().expect("addr");
+        let node6: IpAddr = NODE_ADDR6.parse().expect("addr");
         maps.config
             .set(
                 0,
@@ -85,7 +88,7 @@ impl Datapath {
                     node_addr4_be: addr_be(node).0[0],
                     snat_port_min: 61000,
                     snat_port_max: 65535,
-                    node_addr6_be: [0; 4],
+                    node_addr6_be: addr_be(node6).0,
                     tcp_timeout_s: 3600,
                     tcp_closing_timeout_s: 60,
                     udp_timeout_s: 30,
@@ -311,6 +314,8 @@ pub fn in_private_netns<T: Send>(setup: &[&[&str]], f: impl FnOnce() -> T + Send
             // Children and /proc/sys/net see the namespace of the thread
             // that forks or opens them.
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                .expect("enable IPv6 forwarding");
             for args in
                 std::iter::once(&["link", "set", "lo", "up"][..]).chain(setup.iter().copied())
             {

@@ -1,7 +1,10 @@
 //! Packets for BPF_PROG_TEST_RUN fixtures: the agent's builder, plus
-//! fragments and ICMP errors.
+//! fragments and ICMP errors, and IPv6 ([`Packet6`], over the same L4
+//! builder) with extension headers, fragments and ICMPv6 errors.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+use lb_common::proto;
 
 pub use lb_agent::packet::*;
 
@@ -92,6 +95,296 @@ pub fn icmp_error(
     out.extend_from_slice(&ip);
     out.extend_from_slice(&icmp);
     out
+}
+
+/// An IPv6 extension header of a [`Packet6`]: its number (the next-header
+/// value that announces it) and its bytes, whose first (the next header)
+/// [`Packet6::bytes`] fills in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ext {
+    /// The header's number (0 hop-by-hop, 43 routing, 44 fragment, 60
+    /// destination options).
+    pub kind: u8,
+    /// The header, next-header byte included.
+    pub bytes: Vec<u8>,
+}
+
+impl Ext {
+    /// A hop-by-hop options header of 8 bytes (one PadN option).
+    pub fn hop_by_hop() -> Self {
+        Self {
+            kind: 0,
+            bytes: vec![0, 0, 1, 4, 0, 0, 0, 0],
+        }
+    }
+
+    /// A destination options header of 16 bytes (one PadN option).
+    pub fn dest_opts() -> Self {
+        Self {
+            kind: 60,
+            bytes: vec![0, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    /// A routing header with no segments left (type 4, segment routing,
+    /// empty): the destination is final.
+    pub fn routing() -> Self {
+        Self {
+            kind: 43,
+            bytes: vec![0, 0, 4, 0, 0, 0, 0, 0],
+        }
+    }
+
+    /// A fragment header: offset in bytes (a multiple of 8), more
+    /// fragments, identification.
+    pub fn fragment(offset: usize, more: bool, id: u32) -> Self {
+        assert_eq!(offset % 8, 0, "fragment offsets count 8-byte units");
+        let field = (offset as u16) | u16::from(more);
+        let mut bytes = vec![0, 0];
+        bytes.extend_from_slice(&field.to_be_bytes());
+        bytes.extend_from_slice(&id.to_be_bytes());
+        Self { kind: 44, bytes }
+    }
+}
+
+/// An Ethernet + IPv6 (+ extension headers) + TCP/UDP packet description.
+/// The L4 part is the IPv4 builder's ([`L4`]), its checksum over IPv6's
+/// pseudo-header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet6 {
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Destination MAC.
+    pub dst_mac: [u8; 6],
+    /// Source address and port.
+    pub src: SocketAddrV6,
+    /// Destination address and port.
+    pub dst: SocketAddrV6,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// Extension headers between the fixed header and the L4 header.
+    pub ext: Vec<Ext>,
+    /// L4 header and payload.
+    pub l4: L4,
+}
+
+impl Packet6 {
+    /// A TCP segment from `src` to `dst`: default MACs, hop limit 64, the
+    /// IPv4 builder's sequence numbers and window.
+    pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, payload: &[u8]) -> Self {
+        let v4 = Packet::tcp(V4_STANDIN, V4_STANDIN, flags, payload);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
+    /// A UDP datagram from `src` to `dst`: default MACs, hop limit 64.
+    pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Self {
+        let v4 = Packet::udp(V4_STANDIN, V4_STANDIN, payload);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
+    fn from_l4(src: SocketAddrV6, dst: SocketAddrV6, l4: L4) -> Self {
+        Self {
+            src_mac: MAC_A,
+            dst_mac: MAC_B,
+            src,
+            dst,
+            hop_limit: 64,
+            ext: Vec::new(),
+            l4,
+        }
+    }
+
+    /// The same packet with source and destination rewritten.
+    pub fn with_addrs(&self, src: SocketAddrV6, dst: SocketAddrV6) -> Self {
+        Self {
+            src,
+            dst,
+            ..self.clone()
+        }
+    }
+
+    /// The L4 header and payload, checksum over IPv6's pseudo-header (a
+    /// UDP checksum that sums to zero is sent as 0xffff).
+    pub fn l4_bytes(&self) -> Vec<u8> {
+        let mut v4 = Packet::udp(
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.src.port()),
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.dst.port()),
+            b"",
+        );
+        v4.l4 = self.l4.clone();
+        let mut l4 = v4.bytes()[34..].to_vec();
+        let (proto, at) = match &self.l4 {
+            L4::Tcp { .. } => (proto::TCP, 16),
+            L4::Udp {
+                no_checksum: true, ..
+            } => return l4,
+            L4::Udp { .. } => (proto::UDP, 6),
+            L4::Sctp { .. } => panic!("no SCTP over IPv6 in the builder"),
+        };
+        l4[at..at + 2].fill(0);
+        let mut c = l4_checksum6(self.src.ip(), self.dst.ip(), proto, &l4);
+        if c == 0 && proto == proto::UDP {
+            c = 0xffff;
+        }
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        l4
+    }
+
+    /// Serializes: Ethernet, IPv6, the extension headers, then `payload`
+    /// (the L4 bytes, or a fragment of them).
+    fn frame(&self, ext: &[Ext], payload: &[u8]) -> Vec<u8> {
+        let proto = match self.l4 {
+            L4::Tcp { .. } => proto::TCP,
+            _ => proto::UDP,
+        };
+        ipv6_frame(
+            (self.src_mac, self.dst_mac),
+            self.src.ip(),
+            self.dst.ip(),
+            self.hop_limit,
+            ext,
+            proto,
+            payload,
+        )
+    }
+
+    /// Serializes with a correct L4 checksum.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.frame(&self.ext, &self.l4_bytes())
+    }
+
+    /// The datagram in two fragments (after its extension headers, a
+    /// fragment header with identification `id`), the first carrying
+    /// `first_len` bytes of L4 header and payload (a multiple of 8).
+    pub fn fragments(&self, first_len: usize, id: u32) -> (Vec<u8>, Vec<u8>) {
+        let l4 = self.l4_bytes();
+        assert!(first_len < l4.len(), "nothing left for a second fragment");
+        let with = |offset: usize, more: bool| {
+            let mut ext = self.ext.clone();
+            ext.push(Ext::fragment(offset, more, id));
+            ext
+        };
+        (
+            self.frame(&with(0, true), &l4[..first_len]),
+            self.frame(&with(first_len, false), &l4[first_len..]),
+        )
+    }
+}
+
+/// The IPv4 addresses a [`Packet6`] borrows the IPv4 builder's L4 with
+/// (only its L4 bytes are kept).
+const V4_STANDIN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+
+/// An Ethernet + IPv6 frame: MACs (source, destination), addresses, hop
+/// limit, extension headers (next headers filled in), then `payload` of
+/// protocol `proto`.
+pub fn ipv6_frame(
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    src: &Ipv6Addr,
+    dst: &Ipv6Addr,
+    hop_limit: u8,
+    ext: &[Ext],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, e) in ext.iter().enumerate() {
+        let mut b = e.bytes.clone();
+        b[0] = ext.get(i + 1).map_or(proto, |n| n.kind);
+        chain.extend_from_slice(&b);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&0x86ddu16.to_be_bytes());
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
+    out.push(ext.first().map_or(proto, |e| e.kind));
+    out.push(hop_limit);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The TCP/UDP/ICMPv6 checksum with the IPv6 pseudo header.
+pub fn l4_checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    let mut both = pseudo;
+    both.extend_from_slice(l4);
+    checksum(&both)
+}
+
+/// Where an Ethernet/IPv6 frame's extension headers end: the offset of the
+/// L4 header and its protocol.
+pub fn ipv6_l4(frame: &[u8]) -> (usize, u8) {
+    let mut next = frame[20];
+    let mut off = 54;
+    while matches!(next, 0 | 43 | 44 | 60) {
+        let len = if next == 44 {
+            8
+        } else {
+            (usize::from(frame[off + 1]) + 1) * 8
+        };
+        next = frame[off];
+        off += len;
+    }
+    (off, next)
+}
+
+/// Checks the L4 checksum (TCP, UDP, ICMPv6) of an Ethernet/IPv6 frame
+/// that is not a fragment; returns what is wrong. A UDP checksum of zero
+/// is wrong in IPv6.
+pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
+    if frame.len() < 54 || frame[12..14] != [0x86, 0xdd] {
+        return Err("not an Ethernet/IPv6 frame".into());
+    }
+    let payload_len = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    if 54 + payload_len != frame.len() {
+        return Err(format!(
+            "payload length {payload_len} does not match the frame's {}",
+            frame.len() - 54
+        ));
+    }
+    let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).expect("16"));
+    let (src, dst) = (addr(22), addr(38));
+    let (off, proto) = ipv6_l4(frame);
+    let l4 = &frame[off..];
+    if proto == proto::UDP && l4.get(6..8) == Some(&[0, 0]) {
+        return Err("UDP over IPv6 with a zero checksum".into());
+    }
+    match proto {
+        proto::TCP | proto::UDP | 58 => (l4_checksum6(&src, &dst, proto, l4) == 0)
+            .then_some(())
+            .ok_or_else(|| format!("bad checksum of protocol {proto}")),
+        p => Err(format!("unexpected protocol {p}")),
+    }
+}
+
+/// An ICMPv6 error from `src` to `dst` quoting the Ethernet/IPv6 frame
+/// `quoted` from its IPv6 header to `quote_len` bytes past its extension
+/// headers, with a correct checksum; MACs as [`icmp_error`]'s.
+pub fn icmp6_error(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let (l4_off, _) = ipv6_l4(quoted);
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(&quoted[14..l4_off + quote_len]);
+    let c = l4_checksum6(&src, &dst, 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv6_frame((MAC_B, MAC_A), &src, &dst, 64, &[], 58, &icmp)
 }
 
 #[cfg(test)]

@@ -23,6 +23,10 @@ const TC_ACT_REDIRECT: u32 = 7;
 
 const ALL: [TestProgram; 3] = [XdpNode, TcNode, TcPod];
 
+// IPv6 through the same programs, with these fixtures.
+#[path = "datapath/ipv6.rs"]
+mod ipv6;
+
 fn addr(s: &str) -> SocketAddrV4 {
     s.parse().expect("test address")
 }

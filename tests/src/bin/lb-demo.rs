@@ -78,6 +78,10 @@ fn run() {
         ("node-a", node.clone(), "10.96.0.10:80", "tcp"),
         ("node-a", node.clone(), "[fd00:96::10]:80", "tcp"),
         ("node-a", node, "[fd00:99::1]:30080", "tcp"),
+        // Pods and outside clients over IPv6: the packet datapath.
+        ("pod b1", pod.clone(), "[fd00:96::10]:80", "tcp"),
+        ("client", client.clone(), "[fd00:99::1]:30080", "tcp"),
+        ("client", client.clone(), "[fd00:99::2]:30080", "tcp"),
         ("pod b1", pod.clone(), "10.96.0.53:53", "udp"),
         ("client", client.clone(), "10.99.0.1:30080", "tcp"),
         ("client", client.clone(), "10.99.0.2:30080", "tcp"),
