@@ -33,9 +33,9 @@
 //! stages are inlined, and memset/memcpy are expanded in place (see
 //! lb-agent/build.rs). The large, long-lived temporaries (the flow's
 //! tuple, its conntrack entry, a new flow's reply entry, the FIB request)
-//! live in per-CPU scratch maps instead. The frame is 384 bytes for
-//! `lb_xdp_node` and `lb_tc_node` and 344 for `lb_tc_pod`, IPv6 included
-//! (SNAT's port search and egress address took 48 to 72 of them): 128
+//! live in per-CPU scratch maps instead. The frame is 392 bytes for
+//! `lb_xdp_node` and `lb_tc_node` and 352 for `lb_tc_pod`, IPv6 included
+//! (SNAT's port search and egress address took 48 to 72 of them): 120
 //! bytes are left at least.
 //!
 //! # Verifier states

@@ -87,8 +87,20 @@ pub fn settled(layout: &Layout) -> Layout {
     // (a valid `Frag` included) before the caller asks.
     let mut layout = unsafe { core::ptr::read_volatile(layout) };
     layout.l3_off = ETH_HLEN;
+    // Bounded, because 6.1's verifier forgets an unbounded scalar spilled
+    // to the stack (and with it the bounds check made before the spill),
+    // and takes a packet pointer's bounds check only while its variable
+    // offset stays below 64 KiB. No header this parser finds lies that
+    // far, so the bound changes no packet's fate: every access past
+    // `packet::MAX_OFFSET` (512) fails either way.
+    layout.l4_off = layout.l4_off.min(L4_OFF_MAX);
     layout
 }
+
+/// Where [`settled`] bounds the L4 offset: past every offset a stage may
+/// read, below what 6.1's verifier takes as a packet pointer's variable
+/// offset.
+const L4_OFF_MAX: usize = 1023;
 
 /// Parses the IP header of family `fam` an ICMP error quotes at `off`
 /// and the ports after it (an error quotes at least the 8 bytes after the
