@@ -54,31 +54,51 @@ pub fn lookup<P: Packet>(pkt: &P, t: &Tuple) -> Route {
     fib(pkt, p)
 }
 
-/// Looks up the route of an IPv4 packet of `tot_len` bytes (IP header
-/// included) from `saddr` to `daddr`, checking it against the route's MTU.
+/// Looks up the route of a packet of family `fam` and `tot_len` bytes (IP
+/// header included) from `saddr` to `daddr`, checking it against the
+/// route's MTU.
 #[inline(always)]
-pub fn lookup_sized<P: Packet>(pkt: &P, proto: u8, saddr: u32, daddr: u32, tot_len: u16) -> Route {
-    let Some(p) = params(pkt, family::V4, proto, &[saddr, 0, 0, 0], &[daddr, 0, 0, 0]) else {
+pub fn lookup_sized<P: Packet>(
+    pkt: &P,
+    fam: u8,
+    proto: u8,
+    saddr: &IpAddrBe,
+    daddr: &IpAddrBe,
+    tot_len: u16,
+) -> Route {
+    let Some(p) = params(pkt, fam, proto, saddr, daddr) else {
         return Route::Unreachable;
     };
     p.__bindgen_anon_1.tot_len = tot_len;
     fib(pkt, p)
 }
 
-/// The gateway the route to `daddr` goes through: the node behind which a
-/// remote pod lives. `None` for a directly connected destination.
+/// The gateway the route of family `fam` to `daddr` goes through: the node
+/// behind which a remote pod lives. `None` for a directly connected
+/// destination.
 #[inline(always)]
-pub fn gateway<P: Packet>(pkt: &P, saddr: u32, daddr: u32) -> Option<u32> {
-    let p = params(pkt, family::V4, 0, &[saddr, 0, 0, 0], &[daddr, 0, 0, 0])?;
+pub fn gateway<P: Packet>(
+    pkt: &P,
+    fam: u8,
+    saddr: &IpAddrBe,
+    daddr: &IpAddrBe,
+) -> Option<IpAddrBe> {
+    let p = params(pkt, fam, 0, saddr, daddr)?;
     // SAFETY: `params` built a valid request.
     let ret = unsafe { call(pkt, p) };
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    // On success the kernel leaves the next hop in ipv4_dst.
-    // SAFETY: reading the union member the lookup wrote.
-    let next_hop = unsafe { p.__bindgen_anon_4.ipv4_dst };
-    (next_hop != daddr).then_some(next_hop)
+    // On success the kernel leaves the next hop in the destination.
+    // SAFETY: reading the union member of the family the lookup wrote.
+    let next_hop = unsafe {
+        if fam == family::V6 {
+            p.__bindgen_anon_4.ipv6_dst
+        } else {
+            [p.__bindgen_anon_4.ipv4_dst, 0, 0, 0]
+        }
+    };
+    (next_hop != *daddr).then_some(next_hop)
 }
 
 /// The address of the interface a packet of flow `t` leaves by once its

@@ -6,7 +6,7 @@
 
 use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_DSR, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT},
-    dsr::ENCAP_LEN,
+    dsr::encap_len,
     proto,
     service::{BACKEND_F_LOCAL, SVC_F_LOCAL_ONLY, SVC_F_REMOTE_ENDPOINTS},
     CtValue, Tuple,
@@ -46,7 +46,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     } else {
         match dsr::unwrap(pkt, &ctx.env) {
             Ok(Some(shim)) => {
-                ctx.len -= ENCAP_LEN as u32;
+                ctx.len -= encap_len(shim.family) as u32;
                 Some(shim)
             }
             Ok(None) => None,
@@ -246,7 +246,7 @@ fn flow<P: Packet>(
         closing: layout.closing(),
     };
     let created = if let Some(endpoint) = dsr_endpoint {
-        dsr::create(t, &new, endpoint, &ctx.env, ct)
+        dsr::create(t, &new, &endpoint, &ctx.env, ct)
     } else {
         conntrack::create(t, &new, &ctx.env, ct, reply)
     };
@@ -352,8 +352,9 @@ fn translated(t: &Tuple, ct: &CtValue) -> Tuple {
 }
 
 /// Wraps a DSR flow's packet to its backend's node. Too big for the path
-/// once wrapped: ICMP fragmentation needed back to the client when it set
-/// DF (it then sends smaller), else a drop.
+/// once wrapped: ICMP fragmentation needed (ICMPv6 packet too big) back to
+/// the client when it set DF or is IPv6 (it then sends smaller), else a
+/// drop.
 #[inline(always)]
 fn encap<P: Packet>(
     pkt: &mut P,
@@ -366,14 +367,14 @@ fn encap<P: Packet>(
     if ttl <= 1 {
         return expired(pkt, t, layout, ctx);
     }
-    let outer = dsr::outer(pkt, layout, ct, &ctx.env)?;
+    let outer = dsr::outer(pkt, t, layout, ct, &ctx.env)?;
     let route = dsr::route(pkt, &outer);
     if let Route::TooBig { mtu } = route {
-        if !dsr::may_answer_too_big(pkt, layout) {
+        if !dsr::may_answer_too_big(pkt, t, layout) {
             return Err(Reason::DsrTooBig);
         }
         count(Reason::DsrTooBig, ctx.len);
-        reject::frag_needed(pkt, t, layout, dsr::inner_mtu(mtu))?;
+        reject::frag_needed(pkt, t, layout, dsr::inner_mtu(t.family, mtu))?;
         return Ok(Verdict::Bounce);
     }
     leave_to_tc(pkt, ctx.hook, &route)?;

@@ -125,9 +125,10 @@ fn pseudo_sum(fam: u8, src: &IpAddrBe, dst: &IpAddrBe, l4: u8, len: u16) -> u32 
 }
 
 /// Writes a fresh IPv6 header at the frame's `ip` offset: no extension
-/// headers, `payload_len` bytes of `nexthdr` after it.
+/// headers, `payload_len` bytes of `nexthdr` after it (also DSR's outer
+/// header).
 #[inline(always)]
-fn ip6_header<P: Packet>(
+pub fn ip6_header<P: Packet>(
     pkt: &mut P,
     ip: usize,
     payload_len: u16,

@@ -2,7 +2,7 @@
 //! fragments and ICMP errors, and IPv6 ([`Packet6`], over the same L4
 //! builder) with extension headers, fragments and ICMPv6 errors.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use lb_common::proto;
 
@@ -36,31 +36,51 @@ pub fn fragment(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-/// Wraps an Ethernet/IPv4 frame the way a DSR node does: outer IPv4 from
-/// `outer_src` to `outer_dst` (protocol 253) and a shim naming `backend`,
-/// with `magic` as the shim's first byte.
+/// Wraps an Ethernet/IP frame the way a DSR node does: an outer header of
+/// the addresses' family from `outer_src` to `outer_dst` (IPv4 protocol or
+/// IPv6 next header 253, hop limit 64) and a shim naming `backend`, with
+/// `magic` as the shim's first byte; over IPv6 the backend's address
+/// follows the shim. The frame's MACs are kept.
 pub fn dsr_wrap(
     frame: &[u8],
-    outer_src: Ipv4Addr,
-    outer_dst: Ipv4Addr,
-    backend: std::net::SocketAddrV4,
+    outer_src: impl Into<IpAddr>,
+    outer_dst: impl Into<IpAddr>,
+    backend: impl Into<SocketAddr>,
     magic: u8,
 ) -> Vec<u8> {
+    use lb_common::dsr::{IPPROTO_LB, SHIM_VERSION};
     let inner = &frame[14..];
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + 8 + inner.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, lb_common::dsr::IPPROTO_LB, 0, 0]);
-    ip.extend_from_slice(&outer_src.octets());
-    ip.extend_from_slice(&outer_dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut out = frame[..14].to_vec();
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&[magic, lb_common::dsr::SHIM_VERSION]);
-    out.extend_from_slice(&backend.port().to_be_bytes());
-    out.extend_from_slice(&backend.ip().octets());
-    out.extend_from_slice(inner);
-    out
+    let backend = backend.into();
+    let mut shim = vec![magic, SHIM_VERSION];
+    shim.extend_from_slice(&backend.port().to_be_bytes());
+    match (outer_src.into(), outer_dst.into(), backend.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(b)) => {
+            shim.extend_from_slice(&b.octets());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + shim.len() + inner.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_LB, 0, 0]);
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut out = frame[..14].to_vec();
+            out.extend_from_slice(&ip);
+            out.extend_from_slice(&shim);
+            out.extend_from_slice(inner);
+            out
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(b)) => {
+            shim.extend_from_slice(&[0; 4]);
+            shim.extend_from_slice(&b.octets());
+            shim.extend_from_slice(inner);
+            let macs: ([u8; 6], [u8; 6]) = (
+                frame[6..12].try_into().expect("6"),
+                frame[..6].try_into().expect("6"),
+            );
+            ipv6_frame(macs, &src, &dst, 64, &[], IPPROTO_LB, &shim)
+        }
+        other => panic!("a DSR wrap is of one family: {other:?}"),
+    }
 }
 
 /// An ICMP error from `src` to `dst` quoting `quoted`'s IP header and the

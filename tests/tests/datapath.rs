@@ -751,7 +751,10 @@ fn wrapped_packets_for_this_node_are_unwrapped_to_the_backend_their_shim_names()
     let frontend = addr("10.99.0.2:30080");
     let backend = addr("10.244.1.10:8080");
     let inner = Packet::tcp(client, frontend, flags::SYN, b"");
-    let (other_node, this_node) = (*frontend.ip(), "10.99.0.1".parse().expect("addr"));
+    let (other_node, this_node) = (
+        *frontend.ip(),
+        "10.99.0.1".parse::<std::net::Ipv4Addr>().expect("addr"),
+    );
     let wrapped = dsr_wrap(&inner.bytes(), other_node, this_node, backend, SHIM_MAGIC);
     let elsewhere = dsr_wrap(&inner.bytes(), this_node, other_node, backend, SHIM_MAGIC);
     let bad_magic = dsr_wrap(&inner.bytes(), other_node, this_node, backend, 0);

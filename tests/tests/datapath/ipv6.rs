@@ -4,6 +4,8 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
+use lb_common::dsr::SHIM_MAGIC;
+
 use lb_agent::{
     datapath::programs::TestProgram::{TcNode, TcPod, XdpNode, XdpPass},
     model::{FrontendKind::*, Protocol},
@@ -554,4 +556,145 @@ fn icmpv6_errors_about_translated_flows_quote_what_the_sender_sent() {
     let other = Packet6::udp(client, addr6("[fd00:244:1::99]:53"), b"q").bytes();
     let err = icmp6_error(router, *client.ip(), 1, 4, 0, &other, 8);
     assert_eq!(dp.run(XdpNode, &err), (XDP_PASS, err.clone()));
+}
+
+/// [`ROUTED6`] with a 1400-byte MTU on `d0`: a 1360-byte packet fits, but
+/// not once wrapped for DSR (64 bytes more).
+fn routed6_mtu_1400() -> Vec<&'static [&'static str]> {
+    let mut setup = ROUTED6.to_vec();
+    setup.push(&["link", "set", "d0", "mtu", "1400"]);
+    setup
+}
+
+/// The backends' node in [`ROUTED6`], where DSR wraps go.
+const NODE_B6: &str = "fd00:99::2";
+
+#[test]
+fn an_ipv6_dsr_flow_is_wrapped_in_ipv6_to_the_backends_node_with_one_hop_less_inside() {
+    use lb_tests::packet::dsr_wrap;
+    in_private_netns(ROUTED6, || {
+        let node = ip6(lb_tests::fixture::NODE_ADDR6);
+        let front = addr6("[fd00:99::1]:30080");
+        let backend = addr6("[fd00:244:2::10]:8080");
+        let client = addr6("[fd00:99::100]:40330");
+        let mut dp = remote_nodeport6();
+        dp.set_config_flags(lb_common::config::CONFIG_F_DSR);
+        for (i, syn) in [
+            Packet6::tcp(client, front, flags::SYN, b""),
+            syn_with(addr6("[fd00:99::100]:40331"), front, vec![Ext::dest_opts()]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // XDP cannot send out another interface: left to TC untouched.
+            assert_eq!(
+                dp.run(XdpNode, &syn.bytes()),
+                (XDP_PASS, syn.bytes()),
+                "{i}: left to TC"
+            );
+            let (verdict, out) = dp.run(TcNode, &syn.bytes());
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{i}");
+            let mut inner = syn.clone();
+            inner.hop_limit = 63;
+            let mut want = dsr_wrap(&inner.bytes(), node, ip6(NODE_B6), backend, SHIM_MAGIC);
+            want[..6].copy_from_slice(&MAC_NODE_B);
+            want[6..12].copy_from_slice(&MAC_D0);
+            assert_eq!(out, want, "{i}: wrapped in IPv6 to the backend's node");
+            assert_eq!(counter(&dp, "dsr_encap"), i as u64 + 1);
+        }
+        // Not SNATed: no reply entry, and no SNAT port held.
+        assert_eq!(counter(&dp, "new_flow"), 2);
+        assert!(
+            dp.maps
+                .ct_embryo
+                .iter()
+                .map(|e| e.expect("conntrack").1)
+                .all(|v| v.flags & lb_common::conntrack::CT_F_DSR != 0),
+            "only DSR forward entries"
+        );
+    });
+}
+
+#[test]
+fn an_ipv6_packet_too_big_once_wrapped_gets_packet_too_big_with_the_mtu_less_the_wrap() {
+    let setup = routed6_mtu_1400();
+    in_private_netns(&setup, || {
+        let front = addr6("[fd00:99::1]:30080");
+        let client = addr6("[fd00:99::100]:40340");
+        for prog in [XdpNode, TcNode] {
+            let mut dp = remote_nodeport6();
+            dp.set_config_flags(lb_common::config::CONFIG_F_DSR);
+            // 1360 bytes of IPv6: fits the link, not the wrap.
+            let big = Packet6::tcp(client, front, flags::ACK, &[7u8; 1300]);
+            assert_eq!(big.bytes().len() - 14, 1360);
+            let (verdict, out) = dp.run(prog, &big.bytes());
+            assert_eq!(verdict, bounce(prog), "{prog:?}");
+            let mtu = 1400 - lb_common::dsr::ENCAP_LEN_V6 as u32;
+            assert_eq!(
+                out,
+                icmp6_error(*front.ip(), *client.ip(), 2, 0, mtu, &big.bytes(), 8),
+                "{prog:?}: packet too big from the frontend, MTU less the wrap"
+            );
+            verify_checksums6(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+            assert_eq!(counter(&dp, "dsr_too_big"), 1, "{prog:?}");
+            assert_eq!(counter(&dp, "dsr_encap"), 0, "{prog:?}");
+        }
+    });
+}
+
+#[test]
+fn ipv6_wrapped_packets_from_a_peer_are_unwrapped_and_the_backends_replies_go_to_the_client() {
+    use lb_tests::packet::dsr_wrap;
+    in_private_netns(ROUTED6, || {
+        let this_node = ip6(lb_tests::fixture::NODE_ADDR6);
+        let other_node = ip6(NODE_B6);
+        // Another node's NodePort; the backend is on this node.
+        let front = addr6("[fd00:99::2]:30080");
+        let backend = addr6("[fd00:244:1::10]:8080");
+        let client = addr6("[fd00:99::100]:40350");
+        let syn = Packet6::tcp(client, front, flags::SYN, b"");
+        let wrapped = dsr_wrap(&syn.bytes(), other_node, this_node, backend, SHIM_MAGIC);
+        let elsewhere = dsr_wrap(&syn.bytes(), this_node, other_node, backend, SHIM_MAGIC);
+        let bad_magic = dsr_wrap(&syn.bytes(), other_node, this_node, backend, 0);
+        for prog in [XdpNode, TcNode] {
+            let mut dp = seeded6();
+            // A forged wrap: no peer is known yet.
+            assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+            assert_eq!(counter(&dp, "drop_dsr_peer"), 1, "{prog:?}");
+            let peers = ["fd00:99::2/127".parse().expect("cidr")];
+            dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
+            let (verdict, out) = dp.run(prog, &wrapped);
+            assert_eq!(verdict, pass(prog), "{prog:?}");
+            assert_eq!(
+                out,
+                syn.with_addrs(client, backend).bytes(),
+                "{prog:?}: unwrapped and sent to the backend"
+            );
+            verify_checksums6(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+            assert_eq!(counter(&dp, "dsr_decap"), 1, "{prog:?}");
+            for (name, input) in [("not for this node", &elsewhere), ("bad shim", &bad_magic)] {
+                assert_eq!(
+                    dp.run(prog, input),
+                    (pass(prog), input.clone()),
+                    "{prog:?}: {name} passes untouched"
+                );
+            }
+
+            // The backend's answer, leaving its pod: from the frontend,
+            // straight to the client by FIB, one hop less.
+            let synack = Packet6::tcp(backend, client, flags::SYN | flags::ACK, b"");
+            let (verdict, out) = dp.run(TcPod, &synack.bytes());
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{prog:?}");
+            let mut want = synack.with_addrs(front, client);
+            (want.hop_limit, want.src_mac, want.dst_mac) = (63, MAC_D0, MAC_CLIENT);
+            assert_eq!(out, want.bytes(), "{prog:?}: the reply, from the frontend");
+            verify_checksums6(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+
+            // A peer network that no longer holds the sender: dropped again.
+            let peers = ["fd00:99::4/126".parse().expect("cidr")];
+            dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
+            assert_eq!(dp.run(prog, &wrapped).0, drop_verdict(prog), "{prog:?}");
+            assert_eq!(counter(&dp, "drop_dsr_peer"), 2, "{prog:?}");
+        }
+    });
 }
