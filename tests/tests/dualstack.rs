@@ -516,3 +516,142 @@ fn killing_and_restarting_the_agent_fails_no_ipv6_connection() {
     }
     assert!(during > 0);
 }
+
+/// Node `node`'s datapath counter `name`, in packets.
+fn node_counter(c: &Cluster, node: &str, name: &str) -> u64 {
+    let stats = c.inspect(node, &["stats"]);
+    stats
+        .as_array()
+        .or_else(|| stats["counters"].as_array())
+        .and_then(|cs| cs.iter().find(|x| x["name"] == name))
+        .and_then(|x| x["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no {name} counter in {stats}"))
+}
+
+/// The nodes' fabric addresses of both families, as `--dsr-peers` takes them.
+const DSR_PEERS: &str = "10.99.0.1/32,10.99.0.2/32,fd00:99::1/128,fd00:99::2/128";
+
+#[test]
+fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("dsdsr"));
+    let _s = serve_all_pods(&c);
+    // The only backends live on node b; the client comes in through node a.
+    c.write_manifest("web.yaml", &web(&[B0]));
+    c.write_manifest("dns.yaml", &dns(&[B0]));
+    for n in ["a", "b"] {
+        c.node_mut(n)
+            .start_agent(&["--mode", "dsr", "--dsr-peers", DSR_PEERS]);
+    }
+    for n in ["a", "b"] {
+        c.node(n).wait_agent_ready(WAIT);
+    }
+    let client = c.client_ns();
+    for v6 in FAMILIES {
+        let f = fam(v6);
+        let node_a = node_ip(&c, "a", v6);
+        let (tcp_front, udp_front) = (
+            SocketAddr::new(node_a, 30080),
+            SocketAddr::new(node_a, 30053),
+        );
+        let encap_before = node_counter(&c, "a", "dsr_encap");
+        let decap_before = node_counter(&c, "b", "dsr_decap");
+        let too_big_before = node_counter(&c, "a", "dsr_too_big");
+        for i in 0..5 {
+            let (line, _) = tcp_hello(&client, tcp_front, IO)
+                .unwrap_or_else(|e| panic!("{f}: TCP connection {i} through node a: {e}"));
+            assert_eq!(
+                greeting(&line),
+                ("b0".to_owned(), client_ip(v6)),
+                "{f}: the backend sees the client"
+            );
+            let (line, from) = udp_hello(&client, udp_front, IO)
+                .unwrap_or_else(|e| panic!("{f}: UDP datagram {i} through node a: {e}"));
+            assert_eq!(
+                greeting(&line),
+                ("b0".to_owned(), client_ip(v6)),
+                "{f}: the backend sees the client"
+            );
+            assert_eq!(from, udp_front, "{f}: the answer comes from the frontend");
+        }
+        // A large transfer: full-size segments no longer fit once wrapped,
+        // the client is told so (ICMP fragmentation needed, ICMPv6 packet
+        // too big) and sends smaller ones.
+        let mut stream = EchoStream::open(&client, tcp_front, IO);
+        let big: String = (0..60_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let back = stream
+            .echo(&big)
+            .unwrap_or_else(|e| panic!("{f}: a 60 kB echo through DSR: {e}"));
+        assert!(back == big, "{f}: the echo is what was sent");
+
+        // Node a wrapped every packet and translated no reply: the replies
+        // left node b straight for the client, which node b's reply
+        // entries show.
+        assert!(
+            node_counter(&c, "a", "dsr_encap") >= encap_before + 10,
+            "{f}"
+        );
+        assert!(
+            node_counter(&c, "a", "dsr_too_big") > too_big_before,
+            "{f}: the client was told to send smaller"
+        );
+        assert!(
+            node_counter(&c, "b", "dsr_decap") >= decap_before + 10,
+            "{f}"
+        );
+        let on_a = c.inspect("a", &["conntrack"]);
+        assert!(
+            on_a.as_array()
+                .is_some_and(|f| !f.is_empty() && f.iter().all(|f| f["direction"] == "forward")),
+            "{f}: node a holds forward entries only: {on_a}"
+        );
+        let on_b = c.inspect("b", &["conntrack", "--addr", &client_ip(v6).to_string()]);
+        assert!(
+            on_b.as_array().is_some_and(|e| e
+                .iter()
+                .any(|e| e["direction"] == "reply" && e["new_src"] == tcp_front.to_string())),
+            "{f}: node b rewrites the backend's replies to the frontend: {on_b}"
+        );
+    }
+}
+
+#[test]
+fn the_health_check_node_port_answers_on_both_families_node_addresses() {
+    let mut c = Cluster::new(ClusterSpec::default().tag("dshc"));
+    let local = |pods: &[(&str, &str, &str)]| {
+        amend(
+            &web(pods),
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "",
+        )
+    };
+    c.write_manifest("web.yaml", &local(&[A0]));
+    c.start_agents(&["a", "b"], WAIT);
+    let client = c.client_ns();
+    let check = |node: &str, v6: bool| {
+        let addr = SocketAddr::new(node_ip(&c, node, v6), 32000);
+        lb_tests::rig::http_get(&client, addr, "/", IO)
+            .unwrap_or_else(|e| panic!("{}: node-{node}'s check port: {e}", fam(v6)))
+    };
+    for v6 in FAMILIES {
+        let (code, body) = check("a", v6);
+        assert_eq!(code, 200, "{}: node-a has a local endpoint: {body}", fam(v6));
+        // The count is the Service's, over both families' slices.
+        let local: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert!(
+            local["localEndpoints"].as_u64() >= Some(1),
+            "{}: {body}",
+            fam(v6)
+        );
+        let (code, body) = check("b", v6);
+        assert_eq!(code, 503, "{}: node-b has none: {body}", fam(v6));
+    }
+    // The endpoint moves to node-b: the answers flip on both families.
+    c.update_manifest("web.yaml", &local(&[B0]), WAIT);
+    wait_until(WAIT, "the health checks flip on both families", || {
+        FAMILIES
+            .iter()
+            .all(|&v6| check("a", v6).0 == 503 && check("b", v6).0 == 200)
+    });
+}

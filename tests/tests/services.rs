@@ -966,71 +966,7 @@ fn node_counter(c: &Cluster, node: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} counter in {stats}"))
 }
 
-#[test]
-fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node() {
-    let mut c = Cluster::new(ClusterSpec::default());
-    let _s = serve_all_pods(&c);
-    // The only backends live on node b; the client comes in through node a.
-    c.write_manifest("web.yaml", &web(&[(B0, "node-b")]));
-    c.write_manifest("dns.yaml", &dns(&[(B0, "node-b")]));
-    for n in ["a", "b"] {
-        c.node_mut(n)
-            .start_agent(&["--mode", "dsr", "--dsr-peers", DSR_PEERS]);
-    }
-    for n in ["a", "b"] {
-        c.node(n).wait_agent_ready(WAIT);
-    }
-    let client = c.client_ns();
-    for i in 0..5 {
-        let (line, _) = tcp_hello(&client, sa("10.99.0.1:30080"), IO)
-            .unwrap_or_else(|e| panic!("TCP connection {i} through node a: {e}"));
-        assert!(
-            line.starts_with("b0 10.99.0.100:"),
-            "the backend sees the client: {line}"
-        );
-        let (line, from) = udp_hello(&client, sa("10.99.0.1:30053"), IO)
-            .unwrap_or_else(|e| panic!("UDP datagram {i} through node a: {e}"));
-        assert!(
-            line.starts_with("b0 10.99.0.100:"),
-            "the backend sees the client: {line}"
-        );
-        assert_eq!(
-            from,
-            sa("10.99.0.1:30053"),
-            "the answer comes from the frontend"
-        );
-    }
-    // A large transfer: full-size segments no longer fit once wrapped, the
-    // client is told so (ICMP fragmentation needed) and sends smaller ones.
-    let mut stream = EchoStream::open(&client, sa("10.99.0.1:30080"), IO);
-    let big: String = (0..60_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
-    let back = stream.echo(&big).expect("a 60 kB echo through DSR");
-    assert!(back == big, "the echo is what was sent");
-
-    // Node a wrapped every packet and translated no reply: the replies left
-    // node b straight for the client, which node b's reply entries show.
-    assert!(node_counter(&c, "a", "dsr_encap") >= 10);
-    assert!(
-        node_counter(&c, "a", "dsr_too_big") >= 1,
-        "the client was told to send smaller"
-    );
-    assert!(node_counter(&c, "b", "dsr_decap") >= 10);
-    let on_a = c.inspect("a", &["conntrack"]);
-    assert!(
-        on_a.as_array()
-            .is_some_and(|f| !f.is_empty() && f.iter().all(|f| f["direction"] == "forward")),
-        "node a holds forward entries only: {on_a}"
-    );
-    let on_b = c.inspect("b", &["conntrack", "--addr", "10.99.0.100"]);
-    assert!(
-        on_b.as_array().is_some_and(|f| f
-            .iter()
-            .any(|f| f["direction"] == "reply" && f["new_src"] == "10.99.0.1:30080")),
-        "node b rewrites the backend's replies to the frontend: {on_b}"
-    );
-}
+// DSR's scenario runs over both families in tests/tests/dualstack.rs.
 
 #[test]
 fn a_large_upload_through_a_cluster_ip_completes_over_a_smaller_mtu_link() {
