@@ -1,5 +1,6 @@
-//! Hand-built Ethernet/IPv4/TCP/UDP/SCTP packets with correct checksums,
-//! for `lb-agent trace` and the BPF_PROG_TEST_RUN tests.
+//! Hand-built Ethernet/IPv4 and Ethernet/IPv6 packets (TCP, UDP, SCTP)
+//! with correct checksums, for `lb-agent trace` and the BPF_PROG_TEST_RUN
+//! tests: one L4 builder ([`L4::bytes`]) over both families.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -62,6 +63,82 @@ pub enum L4 {
         /// Leave the CRC32c zero, as Linux does when a device computes it.
         no_checksum: bool,
     },
+}
+
+impl L4 {
+    /// The IP protocol number.
+    pub fn proto(&self) -> u8 {
+        match self {
+            L4::Tcp { .. } => proto::TCP,
+            L4::Udp { .. } => proto::UDP,
+            L4::Sctp { .. } => proto::SCTP,
+        }
+    }
+
+    /// The header (ports from `src` and `dst`) and payload, with the
+    /// checksum over the pseudo-header of their family (SCTP's CRC32c
+    /// covers the packet alone; a UDP checksum that sums to 0 is sent as
+    /// 0xffff): the one L4 builder of both families.
+    pub fn bytes(&self, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&src.port().to_be_bytes());
+        l4.extend_from_slice(&dst.port().to_be_bytes());
+        let pseudo = |l4: &[u8]| l4_checksum_of(src.ip(), dst.ip(), self.proto(), l4);
+        match self {
+            L4::Tcp {
+                seq,
+                ack,
+                flags,
+                window,
+                payload,
+            } => {
+                l4.extend_from_slice(&seq.to_be_bytes());
+                l4.extend_from_slice(&ack.to_be_bytes());
+                l4.push(5 << 4);
+                l4.push(*flags);
+                l4.extend_from_slice(&window.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.extend_from_slice(payload);
+                let c = pseudo(&l4);
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            L4::Udp {
+                payload,
+                no_checksum,
+            } => {
+                l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(payload);
+                if !no_checksum {
+                    let mut c = pseudo(&l4);
+                    if c == 0 {
+                        c = 0xffff;
+                    }
+                    l4[6..8].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+            L4::Sctp {
+                vtag,
+                chunk_type,
+                chunk_flags,
+                value,
+                no_checksum,
+            } => {
+                l4.extend_from_slice(&vtag.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.push(*chunk_type);
+                l4.push(*chunk_flags);
+                l4.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(value);
+                l4.resize(l4.len().next_multiple_of(4), 0);
+                if !no_checksum {
+                    let c = crc32c::of_bytes(&l4);
+                    l4[8..12].copy_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+        l4
+    }
 }
 
 /// SCTP chunk types the tests use.
@@ -187,71 +264,12 @@ impl Packet {
 
     /// The IP protocol number.
     pub fn proto(&self) -> u8 {
-        match self.l4 {
-            L4::Tcp { .. } => proto::TCP,
-            L4::Udp { .. } => proto::UDP,
-            L4::Sctp { .. } => proto::SCTP,
-        }
+        self.l4.proto()
     }
 
     /// Serializes with correct IP and L4 checksums.
     pub fn bytes(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        l4.extend_from_slice(&self.src.port().to_be_bytes());
-        l4.extend_from_slice(&self.dst.port().to_be_bytes());
-        match &self.l4 {
-            L4::Tcp {
-                seq,
-                ack,
-                flags,
-                window,
-                payload,
-            } => {
-                l4.extend_from_slice(&seq.to_be_bytes());
-                l4.extend_from_slice(&ack.to_be_bytes());
-                l4.push(5 << 4);
-                l4.push(*flags);
-                l4.extend_from_slice(&window.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]);
-                l4.extend_from_slice(payload);
-                let c = l4_checksum(*self.src.ip(), *self.dst.ip(), 6, &l4);
-                l4[16..18].copy_from_slice(&c.to_be_bytes());
-            }
-            L4::Udp {
-                payload,
-                no_checksum,
-            } => {
-                l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-                l4.extend_from_slice(payload);
-                if !no_checksum {
-                    let mut c = l4_checksum(*self.src.ip(), *self.dst.ip(), 17, &l4);
-                    if c == 0 {
-                        c = 0xffff;
-                    }
-                    l4[6..8].copy_from_slice(&c.to_be_bytes());
-                }
-            }
-            L4::Sctp {
-                vtag,
-                chunk_type,
-                chunk_flags,
-                value,
-                no_checksum,
-            } => {
-                l4.extend_from_slice(&vtag.to_be_bytes());
-                l4.extend_from_slice(&[0, 0, 0, 0]);
-                l4.push(*chunk_type);
-                l4.push(*chunk_flags);
-                l4.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(value);
-                l4.resize(l4.len().next_multiple_of(4), 0);
-                if !no_checksum {
-                    let c = crc32c::of_bytes(&l4);
-                    l4[8..12].copy_from_slice(&c.to_le_bytes());
-                }
-            }
-        }
+        let l4 = self.l4.bytes(self.src.into(), self.dst.into());
         let ihl = 20 + self.ip_options.len();
         let mut ip = vec![0x40 | (ihl / 4) as u8, 0];
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
@@ -297,13 +315,26 @@ pub fn checksum(data: &[u8]) -> u16 {
 
 /// The TCP/UDP checksum with the IPv4 pseudo header.
 pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.push(0);
-    pseudo.push(proto);
-    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    !fold(sum(&pseudo) + sum(l4))
+    l4_checksum_of(src.into(), dst.into(), proto, l4)
+}
+
+/// The TCP/UDP/ICMPv6 checksum with the IPv6 pseudo header.
+pub fn l4_checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+    l4_checksum_of((*src).into(), (*dst).into(), proto, l4)
+}
+
+/// The checksum of `l4` with the pseudo-header of `src`'s family: IPv4's
+/// and IPv6's differ in layout, not in sum (the addresses, the protocol
+/// and the length as 16-bit words).
+fn l4_checksum_of(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let len = l4.len() as u32;
+    let pseudo =
+        sum(&octets(src)) + sum(&octets(dst)) + u32::from(proto) + (len >> 16) + (len & 0xffff);
+    !fold(pseudo + sum(l4))
 }
 
 /// Checks every checksum of an Ethernet/IPv4 frame (IP, and TCP, UDP,
@@ -478,61 +509,44 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
     })
 }
 
-/// An Ethernet/IPv6 frame (no extension headers, hop limit 64) carrying
-/// `p`'s TCP segment or UDP datagram from `src` to `dst`, with its L4
-/// checksum over the IPv6 pseudo-header (a UDP one never 0); `None` for
-/// SCTP, which this builder does not make.
-pub fn ipv6_frame(p: &Packet, src: SocketAddrV6, dst: SocketAddrV6) -> Option<Vec<u8>> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    let (next, csum_at) = match &p.l4 {
-        L4::Tcp {
-            seq,
-            ack,
-            flags,
-            window,
-            payload,
-        } => {
-            l4.extend_from_slice(&seq.to_be_bytes());
-            l4.extend_from_slice(&ack.to_be_bytes());
-            l4.push(5 << 4);
-            l4.push(*flags);
-            l4.extend_from_slice(&window.to_be_bytes());
-            l4.extend_from_slice(&[0, 0, 0, 0]);
-            l4.extend_from_slice(payload);
-            (proto::TCP, 16)
-        }
-        L4::Udp { payload, .. } => {
-            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-            l4.extend_from_slice(payload);
-            (proto::UDP, 6)
-        }
-        L4::Sctp { .. } => return None,
-    };
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.ip().octets());
-    pseudo.extend_from_slice(&dst.ip().octets());
-    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, next]);
-    let mut c = !fold(sum(&pseudo) + sum(&l4));
-    if c == 0 {
-        c = 0xffff;
-    }
-    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-    let mut out = Vec::new();
-    out.extend_from_slice(&p.dst_mac);
-    out.extend_from_slice(&p.src_mac);
+/// An Ethernet/IPv6 frame (no extension headers) carrying `p`'s L4 part
+/// from `src` to `dst`, `p`'s MACs and its TTL as the hop limit, with the
+/// L4 checksum over the IPv6 pseudo-header.
+pub fn ipv6_frame(p: &Packet, src: SocketAddrV6, dst: SocketAddrV6) -> Vec<u8> {
+    let l4 = p.l4.bytes(src.into(), dst.into());
+    ipv6_over_ethernet(
+        (p.src_mac, p.dst_mac),
+        src.ip(),
+        dst.ip(),
+        p.ttl,
+        p.proto(),
+        &l4,
+    )
+}
+
+/// An Ethernet + IPv6 frame: MACs (source, destination), addresses, hop
+/// limit, then `after` (everything after the fixed header: extension
+/// headers and payload), announced by `nexthdr`.
+pub fn ipv6_over_ethernet(
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    src: &Ipv6Addr,
+    dst: &Ipv6Addr,
+    hop_limit: u8,
+    nexthdr: u8,
+    after: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(54 + after.len());
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
     out.extend_from_slice(&0x86ddu16.to_be_bytes());
     out.extend_from_slice(&[0x60, 0, 0, 0]);
-    out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    out.push(next);
-    out.push(p.ttl);
-    out.extend_from_slice(&src.ip().octets());
-    out.extend_from_slice(&dst.ip().octets());
-    out.extend_from_slice(&l4);
-    Some(out)
+    out.extend_from_slice(&(after.len() as u16).to_be_bytes());
+    out.push(nexthdr);
+    out.push(hop_limit);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    out.extend_from_slice(after);
+    out
 }
 
 #[cfg(test)]
@@ -545,7 +559,7 @@ mod tests {
         let dst: SocketAddrV6 = "[fd00:96::10]:80".parse().expect("addr");
         let v4 = "10.0.0.1:4000".parse().expect("addr");
         let syn = Packet::tcp(v4, v4, flags::SYN, b"");
-        let frame = ipv6_frame(&syn, src, dst).expect("TCP");
+        let frame = ipv6_frame(&syn, src, dst);
         assert_eq!(frame.len(), 14 + 40 + 20);
         assert_eq!(frame[12..14], [0x86, 0xdd]);
         // The checksum over the pseudo-header and segment sums to zero.
@@ -560,7 +574,7 @@ mod tests {
             ("TCP", "[2001:db8::1]:4000", "[fd00:96::10]:80")
         );
         assert_eq!((s.tcp_flags.as_str(), s.ttl), ("S", 64));
-        let udp = ipv6_frame(&Packet::udp(v4, v4, b"x"), src, dst).expect("UDP");
+        let udp = ipv6_frame(&Packet::udp(v4, v4, b"x"), src, dst);
         assert_ne!(
             udp[54 + 6..54 + 8],
             [0, 0],

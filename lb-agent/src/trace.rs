@@ -631,9 +631,7 @@ fn build(req: &Request, dst_mac: [u8; 6]) -> Vec<u8> {
     p.src_mac = MAC_A;
     p.dst_mac = dst_mac;
     match (req.src, req.dst) {
-        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
-            packet::ipv6_frame(&p, src, dst).unwrap_or_else(|| p.bytes())
-        }
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => packet::ipv6_frame(&p, src, dst),
         _ => p.bytes(),
     }
 }

@@ -224,46 +224,22 @@ impl Packet6 {
     }
 
     /// The L4 header and payload, checksum over IPv6's pseudo-header (a
-    /// UDP checksum that sums to zero is sent as 0xffff).
+    /// UDP checksum that sums to zero is sent as 0xffff): the IPv4
+    /// builder's L4.
     pub fn l4_bytes(&self) -> Vec<u8> {
-        let mut v4 = Packet::udp(
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.src.port()),
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.dst.port()),
-            b"",
-        );
-        v4.l4 = self.l4.clone();
-        let mut l4 = v4.bytes()[34..].to_vec();
-        let (proto, at) = match &self.l4 {
-            L4::Tcp { .. } => (proto::TCP, 16),
-            L4::Udp {
-                no_checksum: true, ..
-            } => return l4,
-            L4::Udp { .. } => (proto::UDP, 6),
-            L4::Sctp { .. } => panic!("no SCTP over IPv6 in the builder"),
-        };
-        l4[at..at + 2].fill(0);
-        let mut c = l4_checksum6(self.src.ip(), self.dst.ip(), proto, &l4);
-        if c == 0 && proto == proto::UDP {
-            c = 0xffff;
-        }
-        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
-        l4
+        self.l4.bytes(self.src.into(), self.dst.into())
     }
 
     /// Serializes: Ethernet, IPv6, the extension headers, then `payload`
     /// (the L4 bytes, or a fragment of them).
     fn frame(&self, ext: &[Ext], payload: &[u8]) -> Vec<u8> {
-        let proto = match self.l4 {
-            L4::Tcp { .. } => proto::TCP,
-            _ => proto::UDP,
-        };
         ipv6_frame(
             (self.src_mac, self.dst_mac),
             self.src.ip(),
             self.dst.ip(),
             self.hop_limit,
             ext,
-            proto,
+            self.l4.proto(),
             payload,
         )
     }
@@ -299,7 +275,7 @@ const V4_STANDIN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
 /// limit, extension headers (next headers filled in), then `payload` of
 /// protocol `proto`.
 pub fn ipv6_frame(
-    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    macs: ([u8; 6], [u8; 6]),
     src: &Ipv6Addr,
     dst: &Ipv6Addr,
     hop_limit: u8,
@@ -307,37 +283,15 @@ pub fn ipv6_frame(
     proto: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut chain = Vec::new();
+    let mut after = Vec::new();
     for (i, e) in ext.iter().enumerate() {
         let mut b = e.bytes.clone();
         b[0] = ext.get(i + 1).map_or(proto, |n| n.kind);
-        chain.extend_from_slice(&b);
+        after.extend_from_slice(&b);
     }
-    let mut out = Vec::new();
-    out.extend_from_slice(&dst_mac);
-    out.extend_from_slice(&src_mac);
-    out.extend_from_slice(&0x86ddu16.to_be_bytes());
-    out.extend_from_slice(&[0x60, 0, 0, 0]);
-    out.extend_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
-    out.push(ext.first().map_or(proto, |e| e.kind));
-    out.push(hop_limit);
-    out.extend_from_slice(&src.octets());
-    out.extend_from_slice(&dst.octets());
-    out.extend_from_slice(&chain);
-    out.extend_from_slice(payload);
-    out
-}
-
-/// The TCP/UDP/ICMPv6 checksum with the IPv6 pseudo header.
-pub fn l4_checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, proto]);
-    let mut both = pseudo;
-    both.extend_from_slice(l4);
-    checksum(&both)
+    after.extend_from_slice(payload);
+    let first = ext.first().map_or(proto, |e| e.kind);
+    ipv6_over_ethernet(macs, src, dst, hop_limit, first, &after)
 }
 
 /// Where an Ethernet/IPv6 frame's extension headers end: the offset of the
