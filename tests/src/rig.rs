@@ -354,6 +354,17 @@ fn hex_like(n: usize) -> u16 {
 }
 
 impl Cluster {
+    /// Node `node`'s datapath counter `name`, in packets (`lb-agent stats`).
+    pub fn node_counter(&self, node: &str, name: &str) -> u64 {
+        let stats = self.inspect(node, &["stats"]);
+        stats
+            .as_array()
+            .or_else(|| stats["counters"].as_array())
+            .and_then(|cs| cs.iter().find(|x| x["name"] == name))
+            .and_then(|x| x["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no {name} counter in {stats}"))
+    }
+
     /// Runs `lb-agent ARGS -o json --bpffs <node's>` and parses its output.
     pub fn inspect(&self, node: &str, args: &[&str]) -> serde_json::Value {
         let out = std::process::Command::new(agent_bin())

@@ -517,17 +517,6 @@ fn killing_and_restarting_the_agent_fails_no_ipv6_connection() {
     assert!(during > 0);
 }
 
-/// Node `node`'s datapath counter `name`, in packets.
-fn node_counter(c: &Cluster, node: &str, name: &str) -> u64 {
-    let stats = c.inspect(node, &["stats"]);
-    stats
-        .as_array()
-        .or_else(|| stats["counters"].as_array())
-        .and_then(|cs| cs.iter().find(|x| x["name"] == name))
-        .and_then(|x| x["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no {name} counter in {stats}"))
-}
-
 /// The nodes' fabric addresses of both families, as `--dsr-peers` takes them.
 const DSR_PEERS: &str = "10.99.0.1/32,10.99.0.2/32,fd00:99::1/128,fd00:99::2/128";
 
@@ -553,9 +542,9 @@ fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node()
             SocketAddr::new(node_a, 30080),
             SocketAddr::new(node_a, 30053),
         );
-        let encap_before = node_counter(&c, "a", "dsr_encap");
-        let decap_before = node_counter(&c, "b", "dsr_decap");
-        let too_big_before = node_counter(&c, "a", "dsr_too_big");
+        let encap_before = c.node_counter("a", "dsr_encap");
+        let decap_before = c.node_counter("b", "dsr_decap");
+        let too_big_before = c.node_counter("a", "dsr_too_big");
         for i in 0..5 {
             let (line, _) = tcp_hello(&client, tcp_front, IO)
                 .unwrap_or_else(|e| panic!("{f}: TCP connection {i} through node a: {e}"));
@@ -588,18 +577,12 @@ fn dsr_mode_shows_the_client_to_the_backend_and_answers_from_the_backends_node()
         // Node a wrapped every packet and translated no reply: the replies
         // left node b straight for the client, which node b's reply
         // entries show.
+        assert!(c.node_counter("a", "dsr_encap") >= encap_before + 10, "{f}");
         assert!(
-            node_counter(&c, "a", "dsr_encap") >= encap_before + 10,
-            "{f}"
-        );
-        assert!(
-            node_counter(&c, "a", "dsr_too_big") > too_big_before,
+            c.node_counter("a", "dsr_too_big") > too_big_before,
             "{f}: the client was told to send smaller"
         );
-        assert!(
-            node_counter(&c, "b", "dsr_decap") >= decap_before + 10,
-            "{f}"
-        );
+        assert!(c.node_counter("b", "dsr_decap") >= decap_before + 10, "{f}");
         let on_a = c.inspect("a", &["conntrack"]);
         assert!(
             on_a.as_array()
@@ -636,7 +619,12 @@ fn the_health_check_node_port_answers_on_both_families_node_addresses() {
     };
     for v6 in FAMILIES {
         let (code, body) = check("a", v6);
-        assert_eq!(code, 200, "{}: node-a has a local endpoint: {body}", fam(v6));
+        assert_eq!(
+            code,
+            200,
+            "{}: node-a has a local endpoint: {body}",
+            fam(v6)
+        );
         // The count is the Service's, over both families' slices.
         let local: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
         assert!(

@@ -955,17 +955,6 @@ fn trace_explains_verdicts_without_touching_live_state() {
     stream.round_trip();
 }
 
-/// Node `node`'s datapath counter `name`, in packets.
-fn node_counter(c: &Cluster, node: &str, name: &str) -> u64 {
-    let stats = c.inspect(node, &["stats"]);
-    stats
-        .as_array()
-        .or_else(|| stats["counters"].as_array())
-        .and_then(|cs| cs.iter().find(|x| x["name"] == name))
-        .and_then(|x| x["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no {name} counter in {stats}"))
-}
-
 // DSR's scenario runs over both families in tests/tests/dualstack.rs.
 
 #[test]
@@ -1036,7 +1025,7 @@ fn a_large_upload_through_a_cluster_ip_completes_over_a_smaller_mtu_link() {
     sink.join().expect("sink thread").expect("sink");
     assert_eq!(answer.trim(), "300000");
     assert!(
-        node_counter(&c, "a", "icmp_error") >= 1,
+        c.node_counter("a", "icmp_error") >= 1,
         "node a translated the fragmentation-needed error"
     );
 }
@@ -1109,9 +1098,9 @@ fn wrapped_packets_from_a_host_that_is_not_a_node_are_dropped_and_counted() {
     let node_b = std::net::Ipv4Addr::new(10, 99, 0, 2);
     send_wrapped(&c.client_ns(), node_b, backend, &forged[14..]);
     wait_until(WAIT, "node b counts the forged packet", || {
-        node_counter(&c, "b", "drop_dsr_peer") >= 1
+        c.node_counter("b", "drop_dsr_peer") >= 1
     });
-    assert_eq!(node_counter(&c, "b", "dsr_decap"), 0, "nothing unwrapped");
+    assert_eq!(c.node_counter("b", "dsr_decap"), 0, "nothing unwrapped");
 
     // The same datagram through node a, a node, is served by the backend.
     let client = c.client_ns();
@@ -1120,8 +1109,8 @@ fn wrapped_packets_from_a_host_that_is_not_a_node_are_dropped_and_counted() {
     assert!(line.starts_with("b0 10.99.0.100:"), "{line}");
     assert_eq!(from, sa("10.99.0.1:30053"));
     assert!(
-        node_counter(&c, "b", "dsr_decap") >= 1,
+        c.node_counter("b", "dsr_decap") >= 1,
         "node a's wrap served"
     );
-    assert_eq!(node_counter(&c, "b", "drop_dsr_peer"), 1);
+    assert_eq!(c.node_counter("b", "drop_dsr_peer"), 1);
 }
