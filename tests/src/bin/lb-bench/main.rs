@@ -13,6 +13,7 @@
 mod cluster;
 mod control;
 mod datapath;
+mod families;
 mod kubeapi;
 mod kubeproxy;
 mod maglev;
@@ -147,6 +148,9 @@ fn main() {
             };
             add_plot(&mut report, &o.out, "fig1-per-packet.svg", &axes, &series);
         }
+        guarded(&mut report, "figure 1: IPv6 beside IPv4", |r| {
+            families::run(&fig1, r);
+        });
     }
     if wanted(4) {
         let mut series = Vec::new();
