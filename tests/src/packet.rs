@@ -182,6 +182,20 @@ impl Packet6 {
         Self::from_l4(src, dst, v4.l4)
     }
 
+    /// An SCTP packet from `src` to `dst` with one chunk of type `chunk`
+    /// and value `value`: the IPv4 builder's SCTP part, whose CRC32c
+    /// covers no IP header.
+    pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6, tag: u32, chunk: u8, value: &[u8]) -> Self {
+        let v4 = Packet::sctp(V4_STANDIN, V4_STANDIN, tag, chunk, value);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
+    /// An SCTP INIT from `src` to `dst`, as the IPv4 builder's.
+    pub fn sctp_init(src: SocketAddrV6, dst: SocketAddrV6, tag: u32) -> Self {
+        let v4 = Packet::sctp_init(V4_STANDIN, V4_STANDIN, tag);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
     fn from_l4(src: SocketAddrV6, dst: SocketAddrV6, l4: L4) -> Self {
         Self {
             src_mac: MAC_A,
@@ -219,7 +233,8 @@ impl Packet6 {
                 no_checksum: true, ..
             } => return l4,
             L4::Udp { .. } => (proto::UDP, 6),
-            L4::Sctp { .. } => panic!("no SCTP over IPv6 in the builder"),
+            // The CRC32c covers the SCTP packet alone, ports included.
+            L4::Sctp { .. } => return l4,
         };
         l4[at..at + 2].fill(0);
         let mut c = l4_checksum6(self.src.ip(), self.dst.ip(), proto, &l4);
@@ -235,7 +250,8 @@ impl Packet6 {
     fn frame(&self, ext: &[Ext], payload: &[u8]) -> Vec<u8> {
         let proto = match self.l4 {
             L4::Tcp { .. } => proto::TCP,
-            _ => proto::UDP,
+            L4::Sctp { .. } => proto::SCTP,
+            L4::Udp { .. } => proto::UDP,
         };
         ipv6_frame(
             (self.src_mac, self.dst_mac),
@@ -337,7 +353,8 @@ pub fn ipv6_l4(frame: &[u8]) -> (usize, u8) {
     (off, next)
 }
 
-/// Checks the L4 checksum (TCP, UDP, ICMPv6) of an Ethernet/IPv6 frame
+/// Checks the L4 checksum (TCP, UDP, ICMPv6, SCTP's CRC32c recomputed
+/// whole) of an Ethernet/IPv6 frame
 /// that is not a fragment; returns what is wrong. A UDP checksum of zero
 /// is wrong in IPv6.
 pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
@@ -362,6 +379,9 @@ pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
         proto::TCP | proto::UDP | 58 => (l4_checksum6(&src, &dst, proto, l4) == 0)
             .then_some(())
             .ok_or_else(|| format!("bad checksum of protocol {proto}")),
+        proto::SCTP => sctp_checksum_ok(l4)
+            .then_some(())
+            .ok_or_else(|| "bad SCTP CRC32c".to_string()),
         p => Err(format!("unexpected protocol {p}")),
     }
 }
