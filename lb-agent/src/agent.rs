@@ -207,6 +207,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                             // whole desired state: new programs never see a
                             // half-filled map, and old ones keep theirs until
                             // the swap.
+                            progs.install_sctp()?;
                             progs.sync_node(&args.iface, &extra)?;
                             metrics.xdp_attached(progs.xdp_attachments());
                             update_snat_addrs(&progs, &local, &mut snat_addrs, &mut maps);

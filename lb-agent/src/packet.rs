@@ -151,6 +151,10 @@ pub mod sctp_chunk {
     pub const INIT_ACK: u8 = 2;
     /// ABORT.
     pub const ABORT: u8 = 6;
+    /// COOKIE ECHO.
+    pub const COOKIE_ECHO: u8 = 10;
+    /// COOKIE ACK.
+    pub const COOKIE_ACK: u8 = 11;
     /// SHUTDOWN COMPLETE.
     pub const SHUTDOWN_COMPLETE: u8 = 14;
 }

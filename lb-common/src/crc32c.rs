@@ -1,7 +1,6 @@
 //! CRC32c (Castagnoli), the SCTP checksum (RFC 9260, Appendix A), and how
-//! to update it when a few bytes of a packet change. Used today by the
-//! tests' packet builder; the update is the arithmetic an SCTP port
-//! rewrite in the datapath needs (README, "Not yet").
+//! to update it when a few bytes of a packet change: the datapath's SCTP
+//! port rewrites use the update, the tests' packet builder the whole CRC.
 //!
 //! SCTP's checksum covers the SCTP packet only (no IP pseudo-header), so
 //! rewriting addresses leaves it valid; rewriting a port changes it. The
@@ -18,6 +17,26 @@
 //! is the coefficient of x^0, bit 0 that of x^31. Four message bytes read
 //! as a little-endian `u32` are their polynomial in this order, and the
 //! checksum field, read as a little-endian `u32`, is the CRC's value.
+
+/// An SCTP packet's checksum update, pending from the rewrite of a port
+/// (in a main program) to its application (in an SCTP checksum program
+/// reached by tail call): the value of `maps::SCTP_CRC`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Old XOR new of the first four bytes (the ports), read little-endian
+    /// as [`update`] takes them; 0 when nothing is pending.
+    pub diff: u32,
+    /// Offset of the SCTP header in the frame.
+    pub l4_off: u32,
+    /// Unused (explicit padding).
+    pub _pad: u32,
+    /// The action code the main program decided on, which the checksum
+    /// program returns for it.
+    pub action: u32,
+}
+const _: () = assert!(core::mem::size_of::<Pending>() == 16);
+crate::pod!(Pending);
 
 /// The CRC32c polynomial, reflected.
 pub const POLY: u32 = 0x82f6_3b78;

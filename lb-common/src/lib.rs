@@ -53,7 +53,8 @@ pub mod proto {
     pub const TCP: u8 = 6;
     /// UDP.
     pub const UDP: u8 = 17;
-    /// SCTP (carried by the model; the datapath does not translate it yet).
+    /// SCTP (its checksum updated by programs of its own, see
+    /// `maps::SCTP_CRC`).
     pub const SCTP: u8 = 132;
 }
 

@@ -51,6 +51,20 @@ pub const SOCK_REV: &str = "LB_SOCK_REV_V1";
 /// Per-CPU socket-hook counters: `u32` → `u64`, by `crate::sock::STAT_*`.
 pub const SOCK_STATS: &str = "LB_SOCK_STATS_V1";
 
+/// An SCTP packet's pending CRC32c update (per-CPU array, 0 →
+/// [`crate::crc32c::Pending`]): the main programs record a port rewrite's
+/// change here and tail-call [`PROG_XDP_SCTP_CRC`] or [`PROG_TC_SCTP_CRC`],
+/// which apply it. Pinned, so that an older agent's programs and a newer
+/// one's CRC programs meet in the same record during a restart's swap.
+pub const SCTP_CRC: &str = "LB_SCTP_CRC_V1";
+/// Program array (one slot) holding [`PROG_XDP_SCTP_CRC`], which
+/// [`PROG_XDP_NODE`] tail-calls; filled by the agent. Pinned: the kernel
+/// empties a program array when its last user reference goes.
+pub const SCTP_CRC_XDP: &str = "LB_SCTP_CRC_XDP_V1";
+/// Program array (one slot) holding [`PROG_TC_SCTP_CRC`], which the TC
+/// programs tail-call; filled by the agent.
+pub const SCTP_CRC_TC: &str = "LB_SCTP_CRC_TC_V1";
+
 /// Default capacity of the services map.
 pub const SERVICES_MAX: u32 = 65536;
 /// Default capacity of the backends map.
@@ -67,7 +81,7 @@ pub const CONNTRACK_MAX: u32 = 262_144;
 pub const CT_EMBRYO_MAX: u32 = 65_536;
 
 /// Every map the programs declare, for loaders and layout checks.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 21] = [
     SERVICES,
     MAGLEV,
     BACKENDS,
@@ -86,6 +100,9 @@ pub const ALL: [&str; 18] = [
     CT_EMBRYO,
     IFACE_ADDRS,
     SNAT_CURSORS,
+    SCTP_CRC,
+    SCTP_CRC_XDP,
+    SCTP_CRC_TC,
 ];
 
 /// The XDP program on the node's external interfaces.
@@ -99,6 +116,11 @@ pub const PROG_TC_POD: &str = "lb_tc_pod";
 /// TC egress on node and pod interfaces: replies of flows whose backend is
 /// this node itself.
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// XDP's SCTP checksum update, reached by tail call through
+/// [`SCTP_CRC_XDP`] when a port of an SCTP packet was rewritten.
+pub const PROG_XDP_SCTP_CRC: &str = "lb_xdp_sctp_crc";
+/// TC's SCTP checksum update, reached by tail call through [`SCTP_CRC_TC`].
+pub const PROG_TC_SCTP_CRC: &str = "lb_tc_sctp_crc";
 /// Never attached: the socket hooks' decision over a
 /// [`crate::sock::TraceRequest`] frame, for `lb-agent trace --socket`.
 pub const PROG_SOCK_TRACE: &str = "lb_sock_trace";

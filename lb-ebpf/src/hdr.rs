@@ -1,5 +1,5 @@
 //! Header layouts and constants: Ethernet, IPv4, IPv6 and its extension
-//! headers, TCP, UDP, ICMP and ICMPv6.
+//! headers, TCP, UDP, SCTP, ICMP and ICMPv6.
 //!
 //! Every offset is relative to the start of its own header. Nothing here
 //! reads a packet; this is the bottom of the crate.
@@ -103,6 +103,24 @@ pub const TCP_CSUM: usize = 16;
 pub const UDP_HLEN: usize = 8;
 /// Offset of the UDP checksum.
 pub const UDP_CSUM: usize = 6;
+
+/// The SCTP common header and the first chunk's header that the parser
+/// reads (RFC 9260, 3.1 and 3.2).
+pub const SCTP_HLEN: usize = 16;
+/// Offset of the SCTP checksum (CRC32c, little-endian as a `u32`).
+pub const SCTP_CSUM: usize = 8;
+
+/// SCTP chunk types the conntrack stage tells apart (RFC 9260, 3.2).
+pub mod sctp_chunk {
+    /// INIT.
+    pub const INIT: u8 = 1;
+    /// INIT ACK.
+    pub const INIT_ACK: u8 = 2;
+    /// ABORT.
+    pub const ABORT: u8 = 6;
+    /// SHUTDOWN COMPLETE.
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
+}
 
 /// TCP flag bits (byte 13 of the header).
 pub mod tcp_flags {
@@ -282,3 +300,24 @@ pub struct UdpHdr {
     pub check: u16,
 }
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);
+
+/// The SCTP common header and the header of the first chunk.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SctpHdr {
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Verification tag.
+    pub vtag: u32,
+    /// CRC32c.
+    pub check: u32,
+    /// The first chunk's type.
+    pub chunk_type: u8,
+    /// The first chunk's flags.
+    pub chunk_flags: u8,
+    /// The first chunk's length, network order.
+    pub chunk_len: u16,
+}
+const _: () = assert!(core::mem::size_of::<SctpHdr>() == SCTP_HLEN);

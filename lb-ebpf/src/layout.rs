@@ -29,7 +29,8 @@ pub struct Layout {
     pub l4_off: usize,
     /// Fragment position.
     pub frag: Frag,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP; for SCTP, what its first chunk means in TCP's
+    /// terms: `parse::sctp_flags`).
     pub tcp_flags: u8,
     /// IP identification, network order (ties fragments together): IPv4's
     /// 16 bits, or the 32 of IPv6's fragment header (0 without one).
@@ -49,7 +50,8 @@ impl Layout {
         self.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
     }
 
-    /// Offset of the L4 checksum of protocol `l4`.
+    /// Offset of the L4 checksum of protocol `l4` (TCP or UDP: SCTP's is
+    /// `sctp`'s business).
     #[inline(always)]
     pub fn l4_csum_off(&self, l4: u8) -> usize {
         self.l4_off + if l4 == proto::TCP { TCP_CSUM } else { UDP_CSUM }

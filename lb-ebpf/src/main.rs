@@ -1,6 +1,9 @@
 //! The lb datapath: XDP on node interfaces, TC ingress on node and pod
 //! interfaces, all running one ladder of stages (see `pipeline`), and TC
-//! egress on both for the replies of backends on the node itself.
+//! egress on both for the replies of backends on the node itself. SCTP
+//! runs the same ladder; when a port of an SCTP packet was rewritten, the
+//! entry point ends by tail call in a small program of its hook type that
+//! updates the packet's CRC32c (`sctp`).
 //!
 //! # Layers
 //!
@@ -17,7 +20,8 @@
 //! 4. Packet-free stages over `lb_common::Tuple`: `frontend` (lookup,
 //!    source ranges), `select` (affinity, Maglev), `conntrack`. A program
 //!    without a packet (a cgroup socket hook) can call them as they are.
-//! 5. Packet stages: `csum`, `parse` (into a tuple and a layout), `nat`,
+//! 5. Packet stages: `csum`, `parse` (into a tuple and a layout), `sctp`
+//!    (SCTP's checksum, recorded by `nat` and applied by tail call), `nat`,
 //!    `frag`, `forward` (FIB), `reject` (RST, ICMP), `icmp` (errors about
 //!    translated flows), `dsr` (encapsulation).
 //! 6. `pipeline`: the ladder; the only module that counts a packet's
@@ -69,6 +73,7 @@ mod parse;
 mod pipeline;
 mod reject;
 mod scratch;
+mod sctp;
 mod select;
 mod sock;
 mod stats;
@@ -83,9 +88,11 @@ use aya_ebpf::{
 
 use crate::{
     env::Hook,
+    maps::{LB_SCTP_CRC_TC_V1, LB_SCTP_CRC_XDP_V1},
     packet::{tc_pull, Packet},
     pipeline::{host_reply, process},
-    verdict::Verdict,
+    stats::count,
+    verdict::{Reason, Verdict},
 };
 
 // The entry points are `#[inline(always)]`: aya's macros wrap each in an
@@ -100,7 +107,8 @@ const TC_PULL_LEN: u32 = 128;
 #[inline(always)]
 pub fn lb_xdp_node(mut ctx: XdpContext) -> u32 {
     let ingress = Packet::ifindex(&ctx);
-    match process(&mut ctx, Hook::XdpNode) {
+    let verdict = process(&mut ctx, Hook::XdpNode);
+    let action = match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Bounce => xdp_action::XDP_TX,
@@ -109,6 +117,39 @@ pub fn lb_xdp_node(mut ctx: XdpContext) -> u32 {
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
         // The ladder never asks XDP for a neighbour redirect; drop if it did.
         Verdict::RedirectNeigh(_) => xdp_action::XDP_DROP,
+    };
+    match sctp::finish(&ctx, &LB_SCTP_CRC_XDP_V1, verdict, action) {
+        Ok(action) => action,
+        Err(_) => {
+            count(Reason::DropRewrite, Packet::len(&ctx));
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// `lb_xdp_node`'s end for an SCTP packet whose port it rewrote, reached
+/// by tail call: updates the CRC32c and returns the action decided there.
+#[xdp]
+pub fn lb_xdp_sctp_crc(mut ctx: XdpContext) -> u32 {
+    match sctp::apply(&mut ctx) {
+        Ok(action) => action,
+        Err(_) => {
+            count(Reason::DropRewrite, Packet::len(&ctx));
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// The TC programs' end for an SCTP packet whose port they rewrote, as
+/// `lb_xdp_sctp_crc` is XDP's.
+#[classifier]
+pub fn lb_tc_sctp_crc(mut ctx: TcContext) -> i32 {
+    match sctp::apply(&mut ctx) {
+        Ok(action) => action as i32,
+        Err(_) => {
+            count(Reason::DropRewrite, Packet::len(&ctx));
+            TC_ACT_SHOT as i32
+        }
     }
 }
 
@@ -159,7 +200,7 @@ fn tc(mut ctx: TcContext, hook: Hook) -> i32 {
         process(&mut ctx, hook)
     };
     // SAFETY (all arms): the redirect helpers validate the ifindex.
-    match verdict {
+    let action = match verdict {
         Verdict::Pass => TC_ACT_OK as i32,
         Verdict::Drop => TC_ACT_SHOT as i32,
         Verdict::Bounce => unsafe { bpf_redirect(ingress, 0) as i32 },
@@ -167,6 +208,13 @@ fn tc(mut ctx: TcContext, hook: Hook) -> i32 {
         Verdict::RedirectNeigh(ifindex) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+    };
+    match sctp::finish(&ctx, &LB_SCTP_CRC_TC_V1, verdict, action as u32) {
+        Ok(action) => action as i32,
+        Err(_) => {
+            count(Reason::DropRewrite, Packet::len(&ctx));
+            TC_ACT_SHOT as i32
+        }
     }
 }
 

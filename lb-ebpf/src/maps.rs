@@ -2,10 +2,11 @@
 //! resizes the hash maps at load time, so the sizes here are only defaults.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
+    crc32c::Pending,
     dsr::{DsrPeer, DSR_PEERS_MAX},
     maps::{
         AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, CT_EMBRYO_MAX, FRAGS_MAX, SERVICES_MAX,
@@ -114,3 +115,16 @@ pub static LB_SOCK_STATS_V1: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = Pe
 /// The nodes whose wrapped (DSR) packets are unwrapped; written by the agent.
 #[btf_map]
 pub static LB_DSR_PEERS_V1: LpmTrie<DsrPeer, u32, { DSR_PEERS_MAX as usize }> = LpmTrie::new();
+
+/// An SCTP packet's checksum update between its rewrite and the program
+/// that applies it (`crate::sctp`).
+#[btf_map]
+pub static LB_SCTP_CRC_V1: PerCpuArray<Pending, 1> = PerCpuArray::new();
+
+/// `lb_xdp_sctp_crc`, for `lb_xdp_node` to tail-call; filled by the agent.
+#[btf_map]
+pub static LB_SCTP_CRC_XDP_V1: ProgramArray<1> = ProgramArray::new();
+
+/// `lb_tc_sctp_crc`, for the TC programs to tail-call; filled by the agent.
+#[btf_map]
+pub static LB_SCTP_CRC_TC_V1: ProgramArray<1> = ProgramArray::new();

@@ -3,6 +3,8 @@
 //! One rewrite for every address family: only where the address sits and
 //! whether the IP header has a checksum of its own differ (IPv4 has one;
 //! IPv6 has none, its addresses are covered by the L4 pseudo-header only).
+//! SCTP's checksum covers no pseudo-header and changes with its ports
+//! only: a port rewrite records its change for `sctp` to apply once.
 
 use lb_common::{
     conntrack::{CT_F_DNAT, CT_F_SNAT},
@@ -13,6 +15,7 @@ use crate::{
     hdr::{IP4_CSUM, IP4_DADDR, IP4_SADDR, IP6_DADDR, IP6_SADDR, L4_DPORT, L4_SPORT},
     packet::{Packet, PacketError},
     parse::Layout,
+    sctp,
 };
 
 /// Which end of the flow a rewrite changes.
@@ -100,8 +103,8 @@ fn set_addr<P: Packet>(
         _ => return Err(PacketError),
     };
     // A later fragment has no L4 checksum: the first fragment's update
-    // covers the whole datagram's pseudo-header.
-    if !layout.has_l4() {
+    // covers the whole datagram's pseudo-header. SCTP's covers none.
+    if !layout.has_l4() || t.proto == proto::SCTP {
         return Ok(());
     }
     let mut i = 0;
@@ -138,6 +141,9 @@ fn set_port<P: Packet>(
         return Ok(());
     }
     pkt.store(layout.l4_off + field, new)?;
+    if t.proto == proto::SCTP {
+        return sctp::port_changed(layout, field, old, new);
+    }
     pkt.l4_csum_replace(
         layout.l4_csum_off(t.proto),
         u32::from(old),

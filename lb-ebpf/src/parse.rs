@@ -15,9 +15,9 @@ use lb_common::{family, proto, Tuple};
 
 use crate::{
     hdr::{
-        ext, icmp::IPPROTO_ICMP, icmp6::IPPROTO_ICMPV6, Ip4Hdr, Ip6FragHdr, Ip6Hdr, TcpHdr, UdpHdr,
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE, IP4_HLEN, IP4_MF, IP4_OFFSET_MASK, IP6_EXT_MAX,
-        IP6_HLEN, IP6_MF, IP6_OFFSET_MASK,
+        ext, icmp::IPPROTO_ICMP, icmp6::IPPROTO_ICMPV6, sctp_chunk, tcp_flags, Ip4Hdr, Ip6FragHdr,
+        Ip6Hdr, SctpHdr, TcpHdr, UdpHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE, IP4_HLEN,
+        IP4_MF, IP4_OFFSET_MASK, IP6_EXT_MAX, IP6_HLEN, IP6_MF, IP6_OFFSET_MASK,
     },
     packet::{Packet, PacketError},
 };
@@ -26,7 +26,7 @@ pub use crate::layout::{Frag, Layout};
 
 /// What the parser found in a frame.
 pub enum Parsed {
-    /// TCP or UDP: the tuple and the layout are written.
+    /// TCP, UDP or SCTP: the tuple and the layout are written.
     Flow,
     /// ICMP (ICMPv6 over IPv6), its message at the layout's `l4_off`; the
     /// tuple has the addresses, family and protocol, no ports.
@@ -56,6 +56,10 @@ pub fn parse<P: Packet>(
     .ok_or(PacketError)?;
     match ip.proto {
         proto::TCP | proto::UDP => {}
+        // A port rewrite updates the CRC32c by the SCTP packet's length,
+        // which a fragment does not hold whole; and SCTP fits its packets
+        // to the path MTU itself, so IP fragments of it are rare.
+        proto::SCTP if ip.layout.frag == Frag::None => {}
         IPPROTO_ICMP if t.family == family::V4 => {
             *layout = ip.layout;
             return Ok(Parsed::Icmp);
@@ -232,7 +236,8 @@ fn ip6<P: Packet>(pkt: &P, l3_off: usize, t: &mut Tuple) -> Result<Option<Ip>, P
     }))
 }
 
-/// Reads the ports (and TCP flags) of a TCP or UDP packet into `t`, whose
+/// Reads the ports (and TCP flags, or SCTP's as [`sctp_flags`] gives them)
+/// of a TCP, UDP or SCTP packet into `t`, whose
 /// addresses, protocol and family the IP header gave. `whole`: the fixed
 /// L4 header must be there entire (it will be rewritten), not only the
 /// ports.
@@ -248,6 +253,9 @@ fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip, whole: bool) -> Result<
     } else if ip.proto == proto::TCP {
         let h: TcpHdr = pkt.load(l4_off)?;
         (h.sport, h.dport, h.flags)
+    } else if ip.proto == proto::SCTP {
+        let h: SctpHdr = pkt.load(l4_off)?;
+        (h.sport, h.dport, sctp_flags(h.chunk_type))
     } else {
         let h: UdpHdr = pkt.load(l4_off)?;
         (h.sport, h.dport, 0)
@@ -257,4 +265,21 @@ fn ports<P: Packet>(pkt: &P, t: &mut Tuple, ip: &mut Ip, whole: bool) -> Result<
     t.dport_be = dport;
     t._pad = [0; 2];
     Ok(())
+}
+
+/// The TCP flags the conntrack stage goes by, for an SCTP packet whose
+/// first chunk is of type `chunk`: INIT and INIT ACK open an association
+/// as SYN and SYN-ACK open a connection (so a flood of INITs, which a
+/// listening endpoint answers without keeping state, stays embryonic),
+/// ABORT ends it as RST does, SHUTDOWN COMPLETE as the last FIN. Only the
+/// first chunk is read: RFC 9260 bundles ABORT only behind control
+/// chunks, and SHUTDOWN COMPLETE never.
+#[inline(always)]
+fn sctp_flags(chunk: u8) -> u8 {
+    match chunk {
+        sctp_chunk::INIT | sctp_chunk::INIT_ACK => tcp_flags::SYN,
+        sctp_chunk::ABORT => tcp_flags::RST,
+        sctp_chunk::SHUTDOWN_COMPLETE => tcp_flags::FIN,
+        _ => tcp_flags::ACK,
+    }
 }

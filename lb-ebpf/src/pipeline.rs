@@ -169,7 +169,9 @@ fn flow<P: Packet>(
         // The flow's backend was removed (or, for UDP, stopped serving):
         // end the flow visibly instead of sending it into the void. TCP
         // gets a reset; UDP, which has no connection to end, is given a
-        // live backend as a new flow.
+        // live backend as a new flow, and so is SCTP, whose new backend
+        // answers a packet of an association it does not know with an
+        // ABORT (RFC 9260, 8.4), which ends it at once.
         conntrack::remove(t);
         count(Reason::BackendGone, len);
         if t.proto == proto::TCP {

@@ -76,9 +76,9 @@ fn pick_maglev(svc: &ServiceValue, hash: u32) -> Option<(BackendId, Backend)> {
 }
 
 /// Whether the backend a tracked flow of protocol `l4` was given may still
-/// carry it: it exists, and for a protocol other than TCP it still serves
-/// (a not-ready endpoint keeps its TCP connections, while its UDP flows
-/// move, as kube-proxy clears their conntrack entries). Reply entries
+/// carry it: it exists, and for UDP it still serves (a not-ready endpoint
+/// keeps its TCP connections and SCTP associations, while its UDP flows
+/// move, as kube-proxy clears only UDP's conntrack entries). Reply entries
 /// always pass: only the client side decides the flow's fate.
 #[inline(always)]
 pub fn backend_alive(ct: &CtValue, l4: u8) -> bool {
@@ -91,7 +91,7 @@ pub fn backend_alive(ct: &CtValue, l4: u8) -> bool {
         Some(b) => {
             b.addr_be == ct.nat_daddr_be
                 && b.port_be == ct.nat_dport_be
-                && (l4 == proto::TCP || b.flags & BACKEND_F_NOT_SERVING == 0)
+                && (l4 != proto::UDP || b.flags & BACKEND_F_NOT_SERVING == 0)
         }
         None => false,
     }

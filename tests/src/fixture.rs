@@ -77,7 +77,8 @@ impl Datapath {
             NEXT.fetch_add(1, Ordering::Relaxed)
         )));
         bpffs::ensure(&dir.0).expect("mount a bpffs for the test (run as root)");
-        let progs = Programs::load(&dir.0, sizes, XdpPolicy::Auto).expect("load programs");
+        let mut progs = Programs::load(&dir.0, sizes, XdpPolicy::Auto).expect("load programs");
+        progs.install_sctp().expect("fill the SCTP program arrays");
         let mut maps = Maps::open(&dir.0).expect("open maps");
         let node: IpAddr = NODE_ADDR.parse().expect("addr");
         let node6: IpAddr = NODE_ADDR6.parse().expect("addr");

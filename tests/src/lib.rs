@@ -3,7 +3,7 @@
 //! end-to-end scenarios and the demo, a test Kubernetes API server
 //! ([`apiserver`]) for the agent's API source, and traffic generators
 //! ([`xdp`]) and a SYN flood scenario ([`flood`]) shared by the tests and
-//! the benchmark.
+//! the benchmark; [`sctp`] speaks SCTP over raw sockets for the rig.
 
 pub mod apiserver;
 pub mod fixture;
@@ -11,4 +11,5 @@ pub mod flood;
 pub mod manifests;
 pub mod packet;
 pub mod rig;
+pub mod sctp;
 pub mod xdp;

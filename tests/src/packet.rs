@@ -202,6 +202,20 @@ impl Packet6 {
         Self::from_l4(src, dst, v4.l4)
     }
 
+    /// An SCTP packet from `src` to `dst` with one chunk of type `chunk`
+    /// and value `value`: the IPv4 builder's SCTP part, whose CRC32c
+    /// covers no IP header.
+    pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6, tag: u32, chunk: u8, value: &[u8]) -> Self {
+        let v4 = Packet::sctp(V4_STANDIN, V4_STANDIN, tag, chunk, value);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
+    /// An SCTP INIT from `src` to `dst`, as the IPv4 builder's.
+    pub fn sctp_init(src: SocketAddrV6, dst: SocketAddrV6, tag: u32) -> Self {
+        let v4 = Packet::sctp_init(V4_STANDIN, V4_STANDIN, tag);
+        Self::from_l4(src, dst, v4.l4)
+    }
+
     fn from_l4(src: SocketAddrV6, dst: SocketAddrV6, l4: L4) -> Self {
         Self {
             src_mac: MAC_A,
@@ -311,7 +325,8 @@ pub fn ipv6_l4(frame: &[u8]) -> (usize, u8) {
     (off, next)
 }
 
-/// Checks the L4 checksum (TCP, UDP, ICMPv6) of an Ethernet/IPv6 frame
+/// Checks the L4 checksum (TCP, UDP, ICMPv6, SCTP's CRC32c recomputed
+/// whole) of an Ethernet/IPv6 frame
 /// that is not a fragment; returns what is wrong. A UDP checksum of zero
 /// is wrong in IPv6.
 pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
@@ -336,6 +351,9 @@ pub fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
         proto::TCP | proto::UDP | 58 => (l4_checksum6(&src, &dst, proto, l4) == 0)
             .then_some(())
             .ok_or_else(|| format!("bad checksum of protocol {proto}")),
+        proto::SCTP => sctp_checksum_ok(l4)
+            .then_some(())
+            .ok_or_else(|| "bad SCTP CRC32c".to_string()),
         p => Err(format!("unexpected protocol {p}")),
     }
 }

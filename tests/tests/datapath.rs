@@ -11,7 +11,7 @@ use lb_agent::{
 };
 use lb_tests::{
     fixture::{counter, service, service_counters, Datapath},
-    packet::{flags, fragment, verify_checksums, Packet, L4, MAC_A, MAC_B},
+    packet::{flags, fragment, sctp_chunk, verify_checksums, Packet, L4, MAC_A, MAC_B},
 };
 
 const XDP_DROP: u32 = 1;
@@ -2350,4 +2350,271 @@ fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
         let src = snat_source(&dp, other, far).expect("SNATed");
         assert_eq!(src.ip().to_string(), "10.99.0.1");
     });
+}
+/// An SCTP Service whose port differs from its endpoint's (so every new
+/// flow rewrites a port and its CRC32c), with a NodePort, and one without
+/// endpoints.
+fn sctp_seeded() -> Datapath {
+    let mut dp = Datapath::new();
+    dp.apply(&[
+        service(
+            "sig",
+            Protocol::Sctp,
+            &[
+                ("10.96.0.40", 3868, ClusterIp),
+                ("10.99.0.1", 30868, NodePort),
+            ],
+            &[("10.244.1.12", 3869, true)],
+        ),
+        service(
+            "gone",
+            Protocol::Sctp,
+            &[("10.96.0.41", 3868, ClusterIp)],
+            &[],
+        ),
+    ]);
+    dp
+}
+
+/// An SCTP DATA chunk of `n` payload bytes (TSN, stream, sequence, PPID,
+/// then the payload).
+fn sctp_data(src: SocketAddrV4, dst: SocketAddrV4, vtag: u32, n: usize) -> Packet {
+    let mut value = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    value.extend((0..n).map(|i| (i * 7 + 3) as u8));
+    Packet::sctp(src, dst, vtag, sctp_chunk::DATA, &value)
+}
+
+#[test]
+fn sctp_flows_are_translated_with_their_crc32c_updated_for_the_new_port() {
+    let client = addr("10.244.2.20:40000");
+    let outside = addr("10.99.0.100:40000");
+    let (front, nodeport) = (addr("10.96.0.40:3868"), addr("10.99.0.1:30868"));
+    let backend = addr("10.244.1.12:3869");
+    // Lengths on both halves of the shift table (below and above 256).
+    let inputs = |from: SocketAddrV4, to: SocketAddrV4| {
+        [
+            ("INIT", Packet::sctp_init(from, to, 0x0a0b_0c0d)),
+            ("short DATA", sctp_data(from, to, 7, 1)),
+            ("long DATA", sctp_data(from, to, 7, 1400)),
+        ]
+    };
+    for prog in ALL {
+        let from = if prog == TcPod { client } else { outside };
+        for to in [front, nodeport] {
+            for (name, input) in inputs(from, to) {
+                let mut dp = sctp_seeded();
+                let (verdict, out) = dp.run(prog, &input.bytes());
+                assert_eq!(verdict, pass(prog), "{name} to {to}: {prog:?} verdict");
+                // The builder computes the whole CRC32c of the expected
+                // packet afresh.
+                let want = input.with_addrs(from, backend).bytes();
+                assert_eq!(out, want, "{name} to {to}: {prog:?} output bytes");
+                verify_checksums(&out).unwrap_or_else(|e| panic!("{name}: {prog:?}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn sctp_replies_are_reverse_translated_with_their_crc32c_updated() {
+    let client = addr("10.244.2.20:40001");
+    let (front, backend) = (addr("10.96.0.40:3868"), addr("10.244.1.12:3869"));
+    for prog in [TcPod, XdpNode] {
+        let mut dp = sctp_seeded();
+        let init = Packet::sctp_init(client, front, 1);
+        assert_eq!(dp.run(prog, &init.bytes()).0, pass(prog), "{prog:?}");
+        for (name, reply) in [
+            (
+                "INIT ACK",
+                Packet::sctp(backend, client, 1, sctp_chunk::INIT_ACK, &[0; 20]),
+            ),
+            ("long DATA", sctp_data(backend, client, 1, 900)),
+        ] {
+            let (verdict, out) = dp.run(prog, &reply.bytes());
+            assert_eq!(verdict, pass(prog), "{name}: {prog:?}");
+            assert_eq!(
+                out,
+                reply.with_addrs(front, client).bytes(),
+                "{name}: {prog:?}"
+            );
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{name}: {prog:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn sctp_flows_whose_replies_would_clash_get_a_source_port_and_crc_of_their_own() {
+    for prog in [TcPod, XdpNode] {
+        let mut dp = Datapath::new();
+        let backend = addr("10.244.1.12:3868");
+        dp.apply(&[
+            service(
+                "a",
+                Protocol::Sctp,
+                &[("10.96.0.40", 3868, ClusterIp)],
+                &[("10.244.1.12", 3868, true)],
+            ),
+            service(
+                "b",
+                Protocol::Sctp,
+                &[("10.96.0.42", 3868, ClusterIp)],
+                &[("10.244.1.12", 3868, true)],
+            ),
+        ]);
+        let client = addr("10.244.2.20:40002");
+        let init_a = Packet::sctp_init(client, addr("10.96.0.40:3868"), 1);
+        let (verdict, out) = dp.run(prog, &init_a.bytes());
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        // Address only: the CRC32c covers no pseudo-header, so it stays.
+        assert_eq!(out, init_a.with_addrs(client, backend).bytes(), "{prog:?}");
+        assert_eq!(out[42..46], init_a.bytes()[42..46], "{prog:?}: CRC32c");
+
+        let init_b = Packet::sctp_init(client, addr("10.96.0.42:3868"), 2);
+        let (verdict, out) = dp.run(prog, &init_b.bytes());
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        assert_ne!(
+            port,
+            client.port(),
+            "{prog:?}: the clashing flow kept its port"
+        );
+        let moved = SocketAddrV4::new(*client.ip(), port);
+        assert_eq!(out, init_b.with_addrs(moved, backend).bytes(), "{prog:?}");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+    }
+}
+
+#[test]
+fn sctp_to_a_service_without_endpoints_gets_port_unreachable() {
+    for prog in ALL {
+        let mut dp = sctp_seeded();
+        let init = Packet::sctp_init(addr("10.244.2.20:40003"), addr("10.96.0.41:3868"), 1);
+        let input = init.bytes();
+        let (verdict, out) = dp.run(prog, &input);
+        assert_eq!(verdict, bounce(prog), "{prog:?}");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+        assert_eq!(out[14 + 9], 1, "ICMP");
+        assert_eq!(&out[26..30], &[10, 96, 0, 41], "from the frontend");
+        assert_eq!((out[34], out[35]), (3, 3), "port unreachable");
+        assert_eq!(&out[42..], &input[14..14 + 20 + 8], "quotes the INIT");
+    }
+}
+
+#[test]
+fn an_sctp_association_is_established_past_its_handshake_and_closes_on_abort() {
+    use lb_common::conntrack::{CT_F_CLOSING, CT_F_REPLY};
+    let mut dp = sctp_seeded();
+    let client = addr("10.244.2.20:40004");
+    let (front, backend) = (addr("10.96.0.40:3868"), addr("10.244.1.12:3869"));
+    let run = |dp: &mut Datapath, p: Packet| {
+        assert_eq!(dp.run(TcPod, &p.bytes()).0, TC_ACT_OK);
+    };
+    run(&mut dp, Packet::sctp_init(client, front, 1));
+    // The endpoint answers every INIT, spoofed ones too: still embryonic.
+    run(
+        &mut dp,
+        Packet::sctp(backend, client, 1, sctp_chunk::INIT_ACK, &[0; 20]),
+    );
+    assert_eq!(
+        ct_entries(&dp.maps.ct_embryo).len(),
+        2,
+        "embryonic after INIT ACK"
+    );
+    assert!(ct_entries(&dp.maps.conntrack).is_empty());
+    run(
+        &mut dp,
+        Packet::sctp(client, front, 2, sctp_chunk::COOKIE_ECHO, &[0; 8]),
+    );
+    run(
+        &mut dp,
+        Packet::sctp(backend, client, 1, sctp_chunk::COOKIE_ACK, &[]),
+    );
+    let established = ct_entries(&dp.maps.conntrack);
+    assert_eq!(established.len(), 2, "established by the COOKIE ACK");
+    assert!(established.iter().all(|(_, v)| v.flags & CT_F_CLOSING == 0));
+    // An ABORT from the backend closes the flow as a RST would.
+    run(
+        &mut dp,
+        Packet::sctp(backend, client, 1, sctp_chunk::ABORT, &[]),
+    );
+    let fwd = ct_entries(&dp.maps.conntrack)
+        .into_iter()
+        .find(|(_, v)| v.flags & CT_F_REPLY == 0)
+        .expect("forward entry");
+    assert_ne!(fwd.1.flags & CT_F_CLOSING, 0, "ABORT closes the flow");
+}
+
+#[test]
+fn an_address_only_sctp_translation_needs_no_checksum_program_and_a_port_rewrite_without_one_is_dropped(
+) {
+    use lb_common::maps::{SCTP_CRC_TC, SCTP_CRC_XDP};
+    let client = addr("10.244.2.20:40005");
+    for prog in ALL {
+        let mut dp = Datapath::new();
+        dp.apply(&[
+            service(
+                "same",
+                Protocol::Sctp,
+                &[("10.96.0.40", 3868, ClusterIp)],
+                &[("10.244.1.12", 3868, true)],
+            ),
+            service(
+                "moved",
+                Protocol::Sctp,
+                &[("10.96.0.42", 3868, ClusterIp)],
+                &[("10.244.1.13", 3869, true)],
+            ),
+        ]);
+        // As before an agent has filled the program arrays.
+        for array in [SCTP_CRC_XDP, SCTP_CRC_TC] {
+            let map = dp.progs.map_mut(array).expect("program array");
+            aya::maps::ProgramArray::try_from(map)
+                .expect("a program array")
+                .clear_index(&0)
+                .expect("empty the slot");
+        }
+        let same = Packet::sctp_init(client, addr("10.96.0.40:3868"), 1);
+        let (verdict, out) = dp.run(prog, &same.bytes());
+        assert_eq!(verdict, pass(prog), "{prog:?}: address only");
+        assert_eq!(
+            out,
+            same.with_addrs(client, addr("10.244.1.12:3868")).bytes(),
+            "{prog:?}"
+        );
+        assert_eq!(counter(&dp, "drop_rewrite"), 0, "{prog:?}");
+        let moved = Packet::sctp_init(client, addr("10.96.0.42:3868"), 1);
+        let (verdict, _) = dp.run(prog, &moved.bytes());
+        assert_eq!(verdict, drop_verdict(prog), "{prog:?}: port rewritten");
+        assert_eq!(counter(&dp, "drop_rewrite"), 1, "{prog:?}");
+        // Nothing of the dropped packet's update is left for the next one.
+        let again = Packet::sctp_init(addr("10.244.2.20:40006"), addr("10.96.0.40:3868"), 2);
+        assert_eq!(dp.run(prog, &again.bytes()).0, pass(prog), "{prog:?}");
+    }
+}
+
+#[test]
+fn sctp_wrapped_for_dsr_is_unwrapped_with_its_port_and_crc32c_rewritten() {
+    use lb_common::dsr::SHIM_MAGIC;
+    use lb_tests::packet::dsr_wrap;
+    let client = addr("10.99.0.100:40201");
+    let frontend = addr("10.99.0.2:30868");
+    let backend = addr("10.244.1.12:3869");
+    let inner = sctp_data(client, frontend, 7, 300);
+    let other_node = *frontend.ip();
+    let wrapped = dsr_wrap(
+        &inner.bytes(),
+        other_node,
+        "10.99.0.1".parse().expect("addr"),
+        backend,
+        SHIM_MAGIC,
+    );
+    for prog in [XdpNode, TcNode] {
+        let mut dp = sctp_seeded();
+        let peers = ["10.99.0.2/31".parse().expect("cidr")];
+        dp.maps.set_dsr_peers(&peers).expect("write DSR peers");
+        let (verdict, out) = dp.run(prog, &wrapped);
+        assert_eq!(verdict, pass(prog), "{prog:?}");
+        assert_eq!(out, inner.with_addrs(client, backend).bytes(), "{prog:?}");
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{prog:?}: {e}"));
+    }
 }

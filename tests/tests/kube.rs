@@ -284,11 +284,13 @@ fn unprogrammable_services_get_one_event_each_and_the_rest_keep_working() {
     wait_until(WAIT, "web answers", || {
         lands_on(&r.c, "10.99.0.1:30080", Duration::from_millis(300)).as_deref() == Some("b0")
     });
-    // The datapath refuses SCTP; zz-full needs two frontends, one too many.
+    // sig and zz-full need two frontends each, one too many.
     // The first posts fail: they are tried again at the next sync.
     r.api.refuse_events(true);
-    r.api
-        .apply(&service("sig", "10.96.0.20", 3868, 3868, None, "SCTP"));
+    r.api.apply(
+        &service("sig", "10.96.0.20", 3868, 3868, None, "SCTP")
+            .replace("  ports:\n", "  externalIPs: [10.99.0.51]\n  ports:\n"),
+    );
     r.api.apply(
         &service("zz-full", "10.96.0.21", 80, 8080, None, "TCP")
             .replace("  ports:\n", "  externalIPs: [10.99.0.50]\n  ports:\n"),

@@ -214,7 +214,37 @@ impl Programs {
         let ebpf = loader
             .load(EBPF_OBJECT)
             .context("load a private copy of the eBPF object")?;
-        Self::verify(ebpf, bpffs, XdpPolicy::default())
+        let mut shadow = Self::verify(ebpf, bpffs, XdpPolicy::default())?;
+        // Its program arrays are its own too: nothing live calls them.
+        shadow.install_sctp()?;
+        Ok(shadow)
+    }
+
+    /// Puts this object's SCTP checksum programs into the pinned program
+    /// arrays the main programs tail-call when they rewrote an SCTP port.
+    /// The arrays are shared with an older agent's programs, which then
+    /// reach the new checksum programs (one record layout, `SCTP_CRC`):
+    /// part of the swap to this agent's programs, made when the maps hold
+    /// the desired state, just before the links are swapped. Pinned,
+    /// because the kernel empties a program array when its last user
+    /// reference goes, which this agent's exit would be.
+    pub fn install_sctp(&mut self) -> Result<()> {
+        for (name, array) in SCTP_CRC_PROGRAMS {
+            let fd = self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing"))?
+                .fd()
+                .with_context(|| format!("program {name} not loaded"))?
+                .try_clone()
+                .with_context(|| format!("duplicate the descriptor of {name}"))?;
+            let map = self.map_mut(array)?;
+            aya::maps::ProgramArray::try_from(map)
+                .with_context(|| format!("{array} is not a program array"))?
+                .set(0, &fd, 0)
+                .with_context(|| format!("put {name} into {array}"))?;
+        }
+        Ok(())
     }
 
     /// Runs the verifier on every attachable program of a loaded object.
@@ -228,6 +258,17 @@ impl Programs {
             let res = match hook {
                 Hook::Xdp => <&mut Xdp>::try_from(prog)?.load(),
                 _ => <&mut SchedClassifier>::try_from(prog)?.load(),
+            };
+            res.with_context(|| format!("verifier rejected {name}"))?;
+        }
+        for (name, array) in SCTP_CRC_PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?;
+            let res = if array == maps::SCTP_CRC_XDP {
+                <&mut Xdp>::try_from(prog)?.load()
+            } else {
+                <&mut SchedClassifier>::try_from(prog)?.load()
             };
             res.with_context(|| format!("verifier rejected {name}"))?;
         }
@@ -673,6 +714,13 @@ const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x1b);
 pub fn tcx_available() -> bool {
     KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0))
 }
+
+/// The SCTP checksum programs and the program array each is tail-called
+/// through (slot 0).
+const SCTP_CRC_PROGRAMS: [(&str, &str); 2] = [
+    (maps::PROG_XDP_SCTP_CRC, maps::SCTP_CRC_XDP),
+    (maps::PROG_TC_SCTP_CRC, maps::SCTP_CRC_TC),
+];
 
 /// Maps only the agent writes, which a shadow copy shares with the live
 /// datapath.

@@ -77,13 +77,9 @@ pub(super) fn desired(model: &Model) -> BTreeMap<TableId, DesiredService> {
         .collect()
 }
 
-/// The tables of one Service port (see [`desired`]); none for SCTP, which
-/// the model carries and the reconciler reports as not programmed.
+/// The tables of one Service port (see [`desired`]).
 pub(super) fn desired_for(r: &ServicePortRef, sp: &ServicePort) -> Vec<(TableId, DesiredService)> {
     let mut out = Vec::new();
-    if r.protocol == Protocol::Sctp {
-        return out;
-    }
     let p = proto_number(r.protocol);
     // Frontends by scope: false = all endpoints, true = local ones.
     let mut scopes: [BTreeMap<ServiceKey, u32>; 2] = [BTreeMap::new(), BTreeMap::new()];

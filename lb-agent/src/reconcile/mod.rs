@@ -35,7 +35,7 @@ use self::{
 };
 use crate::{
     maglev::TableSize,
-    model::{Model, Problem, Protocol, ServicePortRef},
+    model::{Model, Problem, ServicePortRef},
 };
 
 pub use lower::{proto_number, protocol_of};
@@ -283,17 +283,6 @@ impl Reconciler {
         store: &mut dyn Store,
     ) -> Report {
         let mut report = Report::default();
-        let sctp: Vec<Failure> = model
-            .services
-            .keys()
-            .filter(|r| r.protocol == Protocol::Sctp)
-            .map(|r| Failure {
-                service: TableId::new(r.clone(), Scope::Cluster, Family::V4),
-                message: "SCTP is not translated by the datapath yet; port not programmed"
-                    .to_owned(),
-                full_map: None,
-            })
-            .collect();
 
         let full = changed.is_none() || !self.synced;
         self.synced = true;
@@ -391,7 +380,6 @@ impl Reconciler {
             }
         }
         self.cluster_ips.write_wanted(store, &mut report);
-        report.failures = sctp;
         report.failures.extend(self.failed.values().cloned());
         report
     }

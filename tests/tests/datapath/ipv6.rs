@@ -698,3 +698,78 @@ fn ipv6_wrapped_packets_from_a_peer_are_unwrapped_and_the_backends_replies_go_to
         }
     });
 }
+
+#[test]
+fn ipv6_sctp_flows_and_replies_are_translated_with_their_crc32c_updated() {
+    use lb_tests::packet::sctp_chunk;
+    let sctp6 = || {
+        let mut dp = Datapath::new();
+        dp.apply(&[service(
+            "sig6",
+            Protocol::Sctp,
+            &[
+                ("fd00:96::40", 3868, ClusterIp),
+                ("fd00:99::1", 30868, NodePort),
+            ],
+            &[("fd00:244:1::12", 3869, true)],
+        )]);
+        dp
+    };
+    let data = |src, dst, n: usize| {
+        let mut value = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        value.extend((0..n).map(|i| (i * 7 + 3) as u8));
+        Packet6::sctp(src, dst, 7, sctp_chunk::DATA, &value)
+    };
+    let backend = addr6("[fd00:244:1::12]:3869");
+    for prog in ALL {
+        let client = if prog == TcPod {
+            addr6("[fd00:244:2::20]:40000")
+        } else {
+            addr6("[fd00:99::100]:40000")
+        };
+        for front in [addr6("[fd00:96::40]:3868"), addr6("[fd00:99::1]:30868")] {
+            let mut behind_ext = data(client, front, 300);
+            behind_ext.ext = vec![Ext::hop_by_hop(), Ext::dest_opts()];
+            for (name, input) in [
+                ("INIT", Packet6::sctp_init(client, front, 0x0a0b_0c0d)),
+                ("long DATA", data(client, front, 1300)),
+                ("DATA behind extension headers", behind_ext),
+            ] {
+                let mut dp = sctp6();
+                let (verdict, out) = dp.run(prog, &input.bytes());
+                assert_eq!(verdict, pass(prog), "{name} to {front}: {prog:?}");
+                // The builder computes the whole CRC32c afresh.
+                assert_eq!(
+                    out,
+                    input.with_addrs(client, backend).bytes(),
+                    "{name} to {front}: {prog:?}"
+                );
+                verify_checksums6(&out).unwrap_or_else(|e| panic!("{name}: {prog:?}: {e}"));
+            }
+        }
+    }
+    // Replies, as the IPv4 reply test runs them: from a pod client.
+    for prog in [TcPod, XdpNode] {
+        let mut dp = sctp6();
+        let client = addr6("[fd00:244:2::20]:40001");
+        let front = addr6("[fd00:96::40]:3868");
+        let init = Packet6::sctp_init(client, front, 1);
+        assert_eq!(dp.run(prog, &init.bytes()).0, pass(prog), "{prog:?}");
+        for (name, reply) in [
+            (
+                "INIT ACK",
+                Packet6::sctp(backend, client, 1, sctp_chunk::INIT_ACK, &[0; 20]),
+            ),
+            ("long DATA", data(backend, client, 900)),
+        ] {
+            let (verdict, out) = dp.run(prog, &reply.bytes());
+            assert_eq!(verdict, pass(prog), "{name}: {prog:?}");
+            assert_eq!(
+                out,
+                reply.with_addrs(front, client).bytes(),
+                "{name}: {prog:?}"
+            );
+            verify_checksums6(&out).unwrap_or_else(|e| panic!("{name}: {prog:?}: {e}"));
+        }
+    }
+}
