@@ -62,13 +62,58 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let start = bpffs::StartGuard::new(&args.bpffs).also_remove(explain::state_dir(&args.bpffs));
     bpffs::ensure(&args.bpffs)?;
-    let mut progs = Programs::load(&args.bpffs, args.sizes(), args.xdp_policy())?;
-    let mut maps = Maps::open(&args.bpffs)?;
 
     // The SNAT source is an address of the external interfaces in both
     // modes: it is what replies must come back to.
     let mut iface_addrs = iface_addresses(&args.iface)?;
     let mut local = local_addresses()?;
+
+    // Multi-threaded: the API source lists on a worker while this thread
+    // loads the programs below.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let (mut source, mut changes) = rt.block_on(Source::start(
+        args.manifests.as_deref(),
+        args.kubeconfig.as_deref(),
+        &args.node_name,
+    ))?;
+    let mut translator = Translator::default();
+    let mut node = NodeInfo {
+        name: args.node_name.clone(),
+        addresses: Vec::new(),
+        zone: args.zone.clone(),
+    };
+    // Loading and verifying the programs and reading the source do not
+    // depend on each other: the first read (a manifests folder read and
+    // translated in full; the API lists meanwhile) runs beside the load.
+    let (progs, first_load) = std::thread::scope(|scope| {
+        let reading = scope.spawn(|| {
+            let local_ips: Vec<_> = local.iter().map(|(_, a)| *a).collect();
+            let t = Instant::now();
+            let loaded = source.load(
+                &iface_addrs,
+                &local_ips,
+                &args.nodeport_addresses,
+                &mut node,
+                &mut translator,
+            );
+            debug!(took = ?t.elapsed(), "first read of the source");
+            loaded
+        });
+        let t = Instant::now();
+        let progs = Programs::load(&args.bpffs, args.sizes(), args.xdp_policy());
+        debug!(took = ?t.elapsed(), "programs loaded");
+        let first = reading
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (progs, first)
+    });
+    let mut progs = progs?;
+    let mut first_load = Some(first_load);
+    let mut maps = Maps::open(&args.bpffs)?;
     let settings = Settings {
         snat_ports,
         ephemeral_ports: ephemeral_ports(),
@@ -107,35 +152,19 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         .map_or(maglev::TableSize::Scaled, maglev::TableSize::Fixed);
     let snap = maps.snapshot()?;
     maps.adopt_regions(&snap);
-    let mut reconciler = Reconciler::adopt(&snap, table_size);
+    let mut reconciler = Reconciler::adopt(&snap, table_size).with_backend_grace(BACKEND_GRACE);
     drop(snap);
-    let mut translator = Translator::default();
     info!(
         services = reconciler.service_count(),
         "adopted existing maps"
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
     rt.block_on(async {
-        let (mut source, mut changes) = Source::start(
-            args.manifests.as_deref(),
-            args.kubeconfig.as_deref(),
-            &args.node_name,
-        )
-        .await?;
         let mut link_events = link_events()?;
         let agent_health = AgentHealth::new(std::time::Duration::from_secs(u64::from(args.health_timeout)));
         let mut health = HealthServers::new(agent_health.clone());
         let mut reported = ProblemLog::default();
         let mut diagnosis = explain::Diagnosis::new(&args.bpffs);
-        let mut node = NodeInfo {
-            name: args.node_name.clone(),
-            addresses: Vec::new(),
-            zone: args.zone.clone(),
-        };
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
         let ready = Readiness::default();
@@ -151,13 +180,26 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         let mut due = true;
         // When the change a pending sync answers was first noticed.
         let mut seen: Option<Instant> = None;
+        // Whether changes came in while the last sync ran, and when it
+        // ended.
+        let mut burst = false;
+        let mut last_end: Option<Instant> = None;
         loop {
             if due {
                 due = false;
                 let local_ips: Vec<_> = local.iter().map(|(_, a)| *a).collect();
                 let translated = translator.translated();
-                let loaded = source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator);
-                metrics.translated(translator.translated() - translated);
+                let loaded = match first_load.take() {
+                    Some(loaded) => {
+                        metrics.translated(translator.translated());
+                        loaded
+                    }
+                    None => {
+                        let loaded = source.load(&iface_addrs, &local_ips, &args.nodeport_addresses, &mut node, &mut translator);
+                        metrics.translated(translator.translated() - translated);
+                        loaded
+                    }
+                };
                 match loaded {
                     Ok(None) => {}
                     Ok(Some((source_problems, changed))) => {
@@ -246,15 +288,32 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         error!("reload failed, datapath keeps its last state: {e:#}");
                     }
                 }
+                burst = !changes.is_empty();
+                last_end = Some(Instant::now());
             }
             tokio::select! {
                 Some(()) = changes.recv() => {
                     agent_health.queued(*seen.get_or_insert_with(Instant::now));
-                    // Coalesce a burst of changes into one sync.
+                    // Coalesce a burst of changes into one sync. A whole
+                    // change (a file renamed into place, an API event) that
+                    // found the agent idle, nothing for the quiet time
+                    // since the last sync, syncs at once with what is
+                    // queued beside it; changes that came in while a sync
+                    // ran or right after it are a burst, and wait to be
+                    // coalesced, as do files still being written.
                     let (quiet, longest) = source.coalescing();
-                    let until = Instant::now() + longest;
+                    let now = Instant::now();
+                    let until = now + longest;
+                    let mut wait = burst
+                        || last_end.is_some_and(|t| now < t + quiet)
+                        || !source.settled();
                     loop {
-                        tokio::time::sleep(quiet).await;
+                        if wait {
+                            tokio::time::sleep(quiet).await;
+                        } else {
+                            tokio::task::yield_now().await;
+                            wait = true;
+                        }
                         let mut more = false;
                         while changes.try_recv().is_ok() {
                             more = true;
@@ -309,6 +368,17 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
                         update_snat_addrs(&progs, &local, &mut snat_addrs, &mut maps);
                     }
                 }
+                // Half a grace late, so that one apply deletes the
+                // backends of many changes.
+                () = retirement(reconciler.next_retirement().map(|t| t + BACKEND_GRACE / 2)) => {
+                    // Nothing changed: an apply of no change deletes the
+                    // backends whose grace is over.
+                    let report = reconciler.apply_changed(translator.model(), &BTreeSet::new(), &mut maps);
+                    debug!(deletes = report.deletes, "removed backends after their grace");
+                    if sock_cgroup.is_some() && report.deletes > 0 {
+                        stale::after_sync(&args.bpffs, reconciler.backends());
+                    }
+                }
                 _ = sigterm.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
@@ -316,6 +386,21 @@ pub(crate) fn run(args: &RunArgs) -> Result<()> {
         info!("exiting; programs stay attached and maps stay pinned (`lb-agent cleanup` removes them)");
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// How long a backend that left every slice stays in the backends map
+/// (marked not serving) after its Service's table stopped naming it: a
+/// handshake that chose it from the old table on another CPU just before
+/// the flip completes instead of being reset, and its id is not reused
+/// under such a flow meanwhile. UDP flows leave it at once.
+const BACKEND_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sleeps until `at`, or forever when it is `None`.
+async fn retirement(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The interfaces outside `--iface` that carry a NodePort address (a

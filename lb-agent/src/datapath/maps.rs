@@ -74,6 +74,8 @@ pub struct Maps {
     regions: Option<Regions>,
     /// Made at the first wait for a grace period.
     grace: Option<GraceWaiter>,
+    /// Possible CPUs (per-CPU values), once counted.
+    cpus: Option<usize>,
 }
 
 fn open(bpffs: &Path, name: &str) -> Result<Map> {
@@ -115,6 +117,7 @@ impl Maps {
             iface_addrs: typed!(bpffs, maps::IFACE_ADDRS),
             regions: None,
             grace: None,
+            cpus: None,
         })
     }
 }
@@ -293,6 +296,18 @@ impl Store for Maps {
             .map_err(|e| store_err("insert", maps::BACKENDS, &e))
     }
 
+    fn put_backends(&mut self, backends: &[(BackendId, Backend)]) -> Result<(), StoreError> {
+        let (ids, values): (Vec<BackendId>, Vec<Backend>) = backends.iter().copied().unzip();
+        update_batch(aya::maps::IterableMap::map(&self.backends), &ids, &values).map_err(|e| {
+            StoreError {
+                op: "insert",
+                map: maps::BACKENDS,
+                message: e.to_string(),
+                full: e.raw_os_error() == Some(libc::E2BIG),
+            }
+        })
+    }
+
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
         ignore_missing(self.backends.remove(&id))
             .map_err(|e| store_err("remove", maps::BACKENDS, &e))
@@ -320,6 +335,51 @@ impl Store for Maps {
             });
         }
         Ok(TableHandle::from_raw(start * MAGLEV_CHUNK))
+    }
+
+    fn put_tables(
+        &mut self,
+        tables: &[(u32, Vec<BackendId>)],
+    ) -> Vec<Result<TableHandle, StoreError>> {
+        // Every region first, then all of them with one batch update (a
+        // first sync writes thousands of tables): still invisible until
+        // the frontends are flipped to them.
+        let mut placed: Vec<Result<u32, StoreError>> = Vec::with_capacity(tables.len());
+        let mut keys: Vec<u32> = Vec::new();
+        let mut values: Vec<MaglevChunk> = Vec::new();
+        for (_, table) in tables {
+            let len = chunks_for(table.len());
+            let start = self.alloc_region(len);
+            if let Ok(start) = start {
+                keys.extend(start..start + len);
+                let first = values.len();
+                values.resize(first + len as usize, MaglevChunk::default());
+                for (i, id) in table.iter().enumerate() {
+                    values[first + i / MAGLEV_CHUNK as usize].slots[i % MAGLEV_CHUNK as usize] =
+                        *id;
+                }
+            }
+            placed.push(start);
+        }
+        let written = update_batch(aya::maps::IterableMap::map(&self.maglev), &keys, &values);
+        placed
+            .into_iter()
+            .map(|start| {
+                let start = start?;
+                if let Err(e) = &written {
+                    if let Some(r) = self.regions.as_mut() {
+                        r.give_back_unused(start);
+                    }
+                    return Err(StoreError {
+                        op: "fill",
+                        map: maps::MAGLEV,
+                        message: e.to_string(),
+                        full: false,
+                    });
+                }
+                Ok(TableHandle::from_raw(start * MAGLEV_CHUNK))
+            })
+            .collect()
     }
 
     fn tables_in_place(&self) -> bool {
@@ -382,12 +442,20 @@ impl Store for Maps {
     }
 
     fn reset_stats(&mut self, svc_id: u32) -> Result<(), StoreError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| StoreError {
-            op: "reset",
-            map: maps::SVC_STATS,
-            message: format!("count CPUs: {e}"),
-            full: false,
-        })?;
+        // Counted once: aya reads a sysfs file for it, and a first sync
+        // resets the counters of thousands of Service ports.
+        let cpus = match self.cpus {
+            Some(n) => n,
+            None => {
+                let n = aya::util::nr_cpus().map_err(|(_, e)| StoreError {
+                    op: "reset",
+                    map: maps::SVC_STATS,
+                    message: format!("count CPUs: {e}"),
+                    full: false,
+                })?;
+                *self.cpus.insert(n)
+            }
+        };
         let zeros =
             aya::maps::PerCpuValues::try_from(vec![SvcCounters::default(); cpus]).map_err(|e| {
                 StoreError {

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{addr::addr_be, service::SVC_F_CLUSTER_IP, ServiceKey};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Record, Report, Store};
 use crate::model::{FrontendKind, Model, ServicePort, ServicePortRef};
@@ -38,6 +38,8 @@ pub(super) struct ClusterIps {
     users: BTreeMap<ServiceKey, usize>,
     /// Address keys in the map.
     written: BTreeSet<ServiceKey>,
+    /// Whether a full map was reported and has not had room since.
+    full_warned: bool,
     /// Keys to settle: those the last plan touched, and those whose
     /// write or delete failed (looked at again by every apply).
     retry: BTreeSet<ServiceKey>,
@@ -148,10 +150,26 @@ impl ClusterIps {
                 Ok(()) => {
                     self.retry.remove(&key);
                 }
-                // Not worth failing a Service over: its ports work either
-                // way; the key stays planned for the next apply.
+                // A full map refuses every other new key too: trying the
+                // rest would cost a failing syscall per key at every sync
+                // (thousands: most of a one-change sync's time). Not worth
+                // failing a Service over: its ports work either way; the
+                // keys stay planned for the next apply.
+                Err(e) if e.full => {
+                    if !self.full_warned {
+                        warn!(
+                            waiting = self.retry.len(),
+                            "ClusterIP address entries not written, so ports no Service uses are not refused at those addresses: {e}"
+                        );
+                        self.full_warned = true;
+                    }
+                    return;
+                }
                 Err(e) => debug!("cannot update a ClusterIP address entry: {e}"),
             }
+        }
+        if wanted {
+            self.full_warned = false;
         }
     }
 

@@ -24,9 +24,12 @@ mod store;
 mod table_id;
 mod tables;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
-use lb_common::{Backend, BackendId, IpAddrBe, ServiceKey};
+use lb_common::{service::BACKEND_F_NOT_SERVING, Backend, BackendId, IpAddrBe, ServiceKey};
 use tracing::{debug, warn};
 
 use self::{
@@ -136,6 +139,12 @@ pub struct Reconciler {
     failed: BTreeMap<TableId, Failure>,
     /// Backends that may have lost their last user during this apply.
     maybe_unused: Vec<BackendId>,
+    /// Backends no Service port uses any more, since when: kept for
+    /// [`Self::backend_grace`] before they are deleted.
+    retiring: BTreeMap<BackendId, Instant>,
+    /// How long a backend nothing uses stays in the map (see
+    /// [`Self::with_backend_grace`]).
+    backend_grace: Duration,
     /// ClusterIP addresses as a whole (ports no Service uses are refused).
     cluster_ips: cluster_ips::ClusterIps,
 }
@@ -181,8 +190,33 @@ impl Reconciler {
             synced: false,
             failed: BTreeMap::new(),
             maybe_unused: Vec::new(),
+            retiring: BTreeMap::new(),
+            backend_grace: Duration::ZERO,
             cluster_ips: cluster_ips::ClusterIps::default(),
         }
+    }
+
+    /// Keeps a backend that lost its last user in the map for `grace`
+    /// before deleting it (the default is none). A packet may have chosen
+    /// it from the table just replaced, on another CPU, and a handshake in
+    /// flight (a SYN sent to it, its conntrack entry being made) must still
+    /// find it when its next packet comes; and its id is not reused
+    /// meanwhile, so such a flow never lands on another backend. The
+    /// deletion happens at the first apply after the grace
+    /// ([`Self::next_retirement`] says when one is needed).
+    #[must_use]
+    pub fn with_backend_grace(mut self, grace: Duration) -> Self {
+        self.backend_grace = grace;
+        self
+    }
+
+    /// When the earliest backend kept after losing its last user may be
+    /// deleted: an apply from then on deletes it.
+    pub fn next_retirement(&self) -> Option<Instant> {
+        self.retiring
+            .values()
+            .min()
+            .map(|t| *t + self.backend_grace)
     }
 
     /// Builds the mirror from what the maps hold now (left by an earlier agent).
@@ -361,7 +395,45 @@ impl Reconciler {
         if full {
             candidates = self.backends.keys().copied().collect();
         }
+        let now = Instant::now();
         for id in candidates {
+            if self.backend_users.get(&id).is_some_and(|n| *n > 0) {
+                continue;
+            }
+            let Some(b) = self.backends.get(&id).copied() else {
+                continue;
+            };
+            if self.retiring.contains_key(&id) {
+                continue;
+            }
+            self.retiring.insert(id, now);
+            // Kept for TCP flows and handshakes in flight only: a UDP
+            // flow takes a live backend with its next datagram, as it
+            // would were the backend gone.
+            if !self.backend_grace.is_zero() && b.flags & BACKEND_F_NOT_SERVING == 0 {
+                let retired = Backend {
+                    flags: b.flags | BACKEND_F_NOT_SERVING,
+                    ..b
+                };
+                match store.put_backend(id, &retired) {
+                    Ok(()) => {
+                        report.writes += 1;
+                        self.backends.insert(id, retired);
+                    }
+                    Err(e) => debug!(backend = id, "cannot mark a removed backend: {e}"),
+                }
+            }
+        }
+        let due: Vec<BackendId> = self
+            .retiring
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= self.backend_grace)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.retiring.remove(&id);
+            // Back in use during the grace (an endpoint removed and added
+            // again), or gone already.
             if self.backend_users.get(&id).is_some_and(|n| *n > 0)
                 || !self.backends.contains_key(&id)
             {
@@ -376,7 +448,10 @@ impl Reconciler {
                         self.backend_ids.remove(&identity(&b));
                     }
                 }
-                Err(e) => warn!(backend = id, "cannot remove backend: {e}"),
+                Err(e) => {
+                    warn!(backend = id, "cannot remove backend: {e}");
+                    self.retiring.insert(id, now);
+                }
             }
         }
         self.cluster_ips.write_wanted(store, &mut report);
@@ -408,13 +483,26 @@ impl Reconciler {
             refused.push(name);
         };
         for chunk in wanted.chunks(TABLE_BATCH) {
-            // Phase 1: ids and backends.
+            // Phase 1: ids and backends, the backends written together.
             let mut prepared = Vec::with_capacity(chunk.len());
+            let mut writes = Vec::new();
             for (name, want) in chunk {
                 self.failed.remove(*name);
-                match self.prepare(name, want, store, report) {
+                match self.prepare(name, want, &mut writes, store, report) {
                     Ok(p) => prepared.push(p),
                     Err(e) => fail(self, name, &e),
+                }
+            }
+            if let Some((lost, e)) = self.write_backends(&writes, store, report) {
+                let (kept, refused): (Vec<_>, Vec<_>) = prepared
+                    .into_iter()
+                    .partition(|p| !p.used.iter().any(|id| lost.contains(id)));
+                prepared = kept;
+                for p in refused {
+                    if p.new {
+                        self.forget_new(p.svc_id, store);
+                    }
+                    fail(self, p.name, &e);
                 }
             }
             // Phase 2: the tables that changed, built and written together.
@@ -485,11 +573,54 @@ impl Reconciler {
         refused
     }
 
-    /// Phase 1 of one Service port: its id and its backends.
+    /// Writes the backends phase 1 wanted (id, new value, value before)
+    /// with one batch; when that fails, one by one. Returns the ids that
+    /// could not be written, with the error, after putting the mirror
+    /// back to what the map holds for them.
+    fn write_backends(
+        &mut self,
+        writes: &[(BackendId, Backend, Option<Backend>)],
+        store: &mut dyn Store,
+        report: &mut Report,
+    ) -> Option<(BTreeSet<BackendId>, StoreError)> {
+        if writes.is_empty() {
+            return None;
+        }
+        let batch: Vec<(BackendId, Backend)> = writes.iter().map(|(id, b, _)| (*id, *b)).collect();
+        if store.put_backends(&batch).is_ok() {
+            report.writes += batch.len();
+            return None;
+        }
+        let mut lost = BTreeSet::new();
+        let mut error = None;
+        for (id, b, old) in writes {
+            match store.put_backend(*id, b) {
+                Ok(()) => report.writes += 1,
+                Err(e) => {
+                    lost.insert(*id);
+                    match old {
+                        Some(old) => {
+                            self.backends.insert(*id, *old);
+                        }
+                        None => {
+                            self.backends.remove(id);
+                            self.backend_ids.remove(&identity(b));
+                        }
+                    }
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        error.map(|e| (lost, e))
+    }
+
+    /// Phase 1 of one Service port: its id, and its backends, those to
+    /// write added to `writes` (id, new value, value before).
     fn prepare<'a>(
         &mut self,
         name: &'a TableId,
         want: &'a DesiredService,
+        writes: &mut Vec<(BackendId, Backend, Option<Backend>)>,
         store: &mut dyn Store,
         report: &mut Report,
     ) -> Result<Prepared<'a>, StoreError> {
@@ -508,27 +639,15 @@ impl Reconciler {
                 id
             }
         };
-        let res = (|| {
-            let mut active = Vec::with_capacity(want.backends.len());
-            for b in &want.backends {
-                active.push((maglev_name(b), self.ensure_backend(b, store, report)?));
-            }
-            active.sort();
-            let mut used: Vec<BackendId> = active.iter().map(|(_, id)| *id).collect();
-            for b in &want.draining {
-                used.push(self.ensure_backend(b, store, report)?);
-            }
-            Ok((active, used))
-        })();
-        let (active, used) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                if existing.is_none() {
-                    self.forget_new(svc_id, store);
-                }
-                return Err(e);
-            }
-        };
+        let mut active = Vec::with_capacity(want.backends.len());
+        for b in &want.backends {
+            active.push((maglev_name(b), self.ensure_backend(b, writes)));
+        }
+        active.sort();
+        let mut used: Vec<BackendId> = active.iter().map(|(_, id)| *id).collect();
+        for b in &want.draining {
+            used.push(self.ensure_backend(b, writes));
+        }
         let (old, old_table) = self
             .services
             .get(&svc_id)
@@ -796,12 +915,14 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The id of backend `b`, allocated if new; when the map does not hold
+    /// `b` under it yet, the mirror takes it at once and the write is
+    /// added to `writes`, made by [`Self::write_backends`].
     fn ensure_backend(
         &mut self,
         b: &Backend,
-        store: &mut dyn Store,
-        report: &mut Report,
-    ) -> Result<BackendId, StoreError> {
+        writes: &mut Vec<(BackendId, Backend, Option<Backend>)>,
+    ) -> BackendId {
         let id = match self.backend_ids.get(&identity(b)) {
             Some(id) => *id,
             None => {
@@ -815,16 +936,10 @@ impl Reconciler {
             }
         };
         if self.backends.get(&id) != Some(b) {
-            if let Err(e) = store.put_backend(id, b) {
-                if !self.backends.contains_key(&id) {
-                    self.backend_ids.remove(&identity(b));
-                }
-                return Err(e);
-            }
-            report.writes += 1;
-            self.backends.insert(id, *b);
+            let old = self.backends.insert(id, *b);
+            writes.push((id, *b, old));
         }
-        Ok(id)
+        id
     }
 
     fn allocate_svc_id(&mut self) -> u32 {

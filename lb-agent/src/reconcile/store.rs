@@ -111,6 +111,15 @@ pub struct Snapshot {
 pub trait Store {
     /// Inserts or replaces a backend.
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError>;
+    /// Writes many backends, each as [`Store::put_backend`] would. On an
+    /// error some may be written and others not: the caller writes them
+    /// one by one to learn which. Stores where each write has a fixed
+    /// cost may write them together.
+    fn put_backends(&mut self, backends: &[(BackendId, Backend)]) -> Result<(), StoreError> {
+        backends
+            .iter()
+            .try_for_each(|(id, b)| self.put_backend(*id, b))
+    }
     /// Deletes a backend.
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError>;
     /// Writes a Maglev table of Service port `svc_id`, whole, and says

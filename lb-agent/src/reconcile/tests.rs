@@ -709,3 +709,91 @@ fn a_table_moved_by_a_change_that_failed_half_way_goes_once_the_change_is_done()
         store.inner.violations
     );
 }
+
+#[test]
+fn a_removed_backend_stays_marked_not_serving_for_the_grace_and_keeps_its_id() {
+    let grace = std::time::Duration::from_millis(200);
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::new(M).with_backend_grace(grace);
+    let both = model(&[svc(
+        "web",
+        "10.96.0.10",
+        80,
+        &["10.244.1.10", "10.244.2.10"],
+    )]);
+    r.apply(&both, &mut store);
+    let id_of = |store: &CheckedStore, a: &str| {
+        let (addr, _) = addr_be(ip(a));
+        store
+            .inner
+            .snap
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr_be == addr)
+            .map(|(id, b)| (*id, b.flags))
+    };
+    let (gone_id, _) = id_of(&store, "10.244.2.10").expect("backend written");
+
+    let one = model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10"])]);
+    r.apply(&one, &mut store);
+    assert_eq!(
+        frontend_backends(&store.inner, "10.96.0.10", 80),
+        vec![ip("10.244.1.10")],
+        "the table no longer names it"
+    );
+    let (id, flags) = id_of(&store, "10.244.2.10").expect("kept for the grace");
+    assert_eq!(id, gone_id);
+    assert_ne!(flags & lb_common::service::BACKEND_F_NOT_SERVING, 0);
+    let due = r.next_retirement().expect("a deletion is due later");
+
+    // A new backend in the grace does not take the id of the one leaving.
+    let other = model(&[svc(
+        "web",
+        "10.96.0.10",
+        80,
+        &["10.244.1.10", "10.244.3.10"],
+    )]);
+    r.apply(&other, &mut store);
+    let (new_id, _) = id_of(&store, "10.244.3.10").expect("new backend written");
+    assert_ne!(new_id, gone_id);
+    assert!(id_of(&store, "10.244.2.10").is_some(), "still in its grace");
+
+    // After the grace, any apply deletes it.
+    while std::time::Instant::now() < due {
+        std::thread::sleep(due - std::time::Instant::now());
+    }
+    r.apply(&other, &mut store);
+    assert_eq!(
+        id_of(&store, "10.244.2.10"),
+        None,
+        "deleted after the grace"
+    );
+    assert_eq!(r.next_retirement(), None);
+}
+
+#[test]
+fn a_backend_back_within_its_grace_keeps_its_id_and_serves_again() {
+    let mut store = CheckedStore::default();
+    let mut r = Reconciler::new(M).with_backend_grace(std::time::Duration::from_secs(3600));
+    let both = model(&[svc(
+        "web",
+        "10.96.0.10",
+        80,
+        &["10.244.1.10", "10.244.2.10"],
+    )]);
+    r.apply(&both, &mut store);
+    let before = store.inner.snap.backends.clone();
+    r.apply(
+        &model(&[svc("web", "10.96.0.10", 80, &["10.244.1.10"])]),
+        &mut store,
+    );
+    r.apply(&both, &mut store);
+    assert_eq!(
+        store.inner.snap.backends, before,
+        "same ids, flags restored"
+    );
+    assert_eq!(
+        frontend_backends(&store.inner, "10.96.0.10", 80),
+        vec![ip("10.244.1.10"), ip("10.244.2.10")]
+    );
+}

@@ -495,33 +495,50 @@ fn is_blank(doc: &str) -> bool {
 /// What the watcher has seen since the last [`Pending::take`]: shared
 /// between the watcher's thread and the agent.
 #[derive(Clone, Debug)]
-pub struct Pending(Arc<Mutex<Scan>>);
+pub struct Pending(Arc<Mutex<Seen>>);
+
+/// What [`Pending`] holds.
+#[derive(Debug)]
+struct Seen {
+    scan: Scan,
+    /// Whether every file named since the last take is complete: its last
+    /// event was a rename into the folder, a close after writing, or a
+    /// removal. A file written in place may still be half-written.
+    settled: bool,
+}
 
 impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// What to read again, leaving nothing pending. The first call (before
     /// any event) says [`Scan::All`]: the first load reads everything.
     pub fn take(&self) -> Scan {
-        let mut scan = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        std::mem::replace(&mut *scan, Scan::Files(BTreeSet::new()))
+        let mut seen = self.lock();
+        seen.settled = true;
+        std::mem::replace(&mut seen.scan, Scan::Files(BTreeSet::new()))
+    }
+
+    /// Whether what is pending can be read at once: every file it names is
+    /// complete (renamed into place, closed, removed), so no wait for
+    /// more events of the same write is needed.
+    pub fn settled(&self) -> bool {
+        self.lock().settled
     }
 
     /// Asks for a full scan next time (a load failed after taking the
     /// pending changes, which must not be lost).
     pub fn rescan(&self) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Scan::All;
+        self.lock().scan = Scan::All;
     }
 
     fn add(&self, event: &notify::Result<notify::Event>, dir: &Path) -> bool {
-        let mut scan = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.lock();
+        let complete = event.as_ref().is_ok_and(|e| is_complete(e.kind));
+        let Seen { scan, settled } = &mut *seen;
         let event = match event {
             Ok(event) if event.need_rescan() => None,
             Ok(event) if !is_change(event.kind) => return false,
@@ -532,11 +549,13 @@ impl Pending {
                 None
             }
         };
-        let Scan::Files(names) = &mut *scan else {
+        let Scan::Files(names) = scan else {
+            *settled = false;
             return true;
         };
         let Some(event) = event.filter(|e| !e.paths.is_empty()) else {
             *scan = Scan::All;
+            *settled = false;
             return true;
         };
         let mut wake = false;
@@ -546,11 +565,13 @@ impl Pending {
                 Some(name) if path.parent() == Some(dir) => {
                     if is_manifest_name(&name) {
                         names.insert(name);
+                        *settled &= complete;
                         wake = true;
                     } else if name.starts_with("..") {
                         // A ConfigMap mount swaps its `..data` link: every
                         // file may now point elsewhere.
                         *scan = Scan::All;
+                        *settled = false;
                         return true;
                     }
                     // Other names (hidden temporary files, backups) are
@@ -559,6 +580,7 @@ impl Pending {
                 // The folder itself, or something the watcher cannot place.
                 _ => {
                     *scan = Scan::All;
+                    *settled = false;
                     return true;
                 }
             }
@@ -581,7 +603,10 @@ pub fn watch(
 ) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>, Pending)> {
     // Capacity 1: a pending wake-up already means "reload", more add nothing.
     let (tx, rx) = mpsc::channel(1);
-    let pending = Pending(Arc::new(Mutex::new(Scan::All)));
+    let pending = Pending(Arc::new(Mutex::new(Seen {
+        scan: Scan::All,
+        settled: false,
+    })));
     let shared = pending.clone();
     let watched = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -595,6 +620,18 @@ pub fn watch(
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watch {}", dir.display()))?;
     Ok((watcher, rx, pending))
+}
+
+/// True for events after which a file is whole: renamed into place,
+/// closed after writing, or removed.
+fn is_complete(kind: EventKind) -> bool {
+    use notify::event::{ModifyKind, RenameMode};
+    matches!(
+        kind,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+    )
 }
 
 /// True for events that can change what [`load_dir`] reads.

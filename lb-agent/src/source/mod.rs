@@ -95,6 +95,16 @@ impl Source {
         (Duration::from_millis(2), Duration::from_millis(100))
     }
 
+    /// Whether the pending changes are whole, so a sync need not wait for
+    /// more events of the same write: an API event always is, a file
+    /// only once renamed into place or closed after writing.
+    pub fn settled(&self) -> bool {
+        match &self.0 {
+            Kind::Manifests { pending, .. } => pending.settled(),
+            Kind::Kube { .. } => true,
+        }
+    }
+
     /// Reads what changed into `translator` (and the NodePort addresses
     /// and zone into `node`); returns the problems of the source itself
     /// (files that cannot be read) and the Service ports whose translation
