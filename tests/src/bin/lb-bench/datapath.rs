@@ -771,8 +771,22 @@ const STAGES: [(&str, &str); 8] = [
 fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Report) {
     let cases = CASES;
     let mut stages: Vec<(&str, Programs)> = Vec::new();
-    for (stage, _) in STAGES {
-        let obj = dir.join(format!("stop-{stage}.o"));
+    // `before.o`, when there: a whole earlier build, for a before/after
+    // comparison within one run.
+    let names = STAGES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(std::iter::once("before"));
+    for stage in names {
+        let file = if stage == "before" {
+            "before.o".to_string()
+        } else {
+            format!("stop-{stage}.o")
+        };
+        let obj = dir.join(file);
+        if stage == "before" && !obj.exists() {
+            continue;
+        }
         if !obj.exists() {
             report.failed(
                 &format!("figure 1 stage breakdown, stop {stage}"),
@@ -780,9 +794,14 @@ fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Repor
             );
             continue;
         }
+        // The object of every other datapath, as the caller chose it.
+        let before = std::env::var_os(OBJECT_FILE_ENV);
         std::env::set_var(OBJECT_FILE_ENV, &obj);
         let progs = Programs::load(full.dp.bpffs(), sizes(1), XdpPolicy::Auto);
-        std::env::remove_var(OBJECT_FILE_ENV);
+        match before {
+            Some(v) => std::env::set_var(OBJECT_FILE_ENV, v),
+            None => std::env::remove_var(OBJECT_FILE_ENV),
+        }
         match progs {
             Ok(progs) => stages.push((stage, progs)),
             Err(e) => report.failed(
@@ -812,7 +831,9 @@ fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Repor
          programs in every run: a stage's cost is the difference between its stop and the \
          one before. Each stop's row includes everything above it; a case whose ladder ends \
          earlier (an established flow skips frontend lookup, selection and create) shows its \
-         full path from its last stage on. ns/packet, median [min–max].\n\n| stop |",
+         full path from its last stage on. A row for before.o, when given, is an earlier build of \
+         the whole programs, measured the same way for comparison. ns/packet, median \
+         [min–max].\n\n| stop |",
     );
     for case in &cases {
         let _ = write!(s, " {} |", case.name());
@@ -825,10 +846,10 @@ fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Repor
     let labels = stages
         .iter()
         .map(|(stage, _)| {
-            STAGES
-                .iter()
-                .find(|(n, _)| n == stage)
-                .map_or(*stage, |(_, what)| *what)
+            STAGES.iter().find(|(n, _)| n == stage).map_or(
+                "an earlier build of the whole programs (before.o)",
+                |(_, what)| *what,
+            )
         })
         .chain(std::iter::once(
             "+ Service counters, verdict: the full programs",
