@@ -29,6 +29,18 @@ use crate::{
     verdict::{Reason, Verdict},
 };
 
+/// Bench-only: a build with `--cfg lb_stop="STAGE"` passes every packet
+/// right after STAGE, uncounted, so that the benchmark can time the ladder
+/// stage by stage (the cost of a stage is the difference between its stop
+/// and the one before). Without the cfg this is nothing.
+macro_rules! stop_after {
+    ($stage:literal, $ret:expr) => {
+        if cfg!(lb_stop = $stage) {
+            return $ret;
+        }
+    };
+}
+
 /// Runs the whole ladder on one packet.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
@@ -39,6 +51,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         return pass(Reason::PassUnsupported, len);
     };
     let mut ctx = Ctx { env, hook, len };
+    stop_after!("entry", Verdict::Pass);
     // A packet another node wrapped for DSR is unwrapped first; then it is
     // an ordinary packet, for the backend its shim names.
     let unwrapped = if hook == Hook::TcPod {
@@ -73,6 +86,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
         Ok(Parsed::Other) => return pass(Reason::PassUnsupported, len),
         Err(_) => return pass(Reason::PassMalformed, len),
     };
+    stop_after!("parse", Verdict::Pass);
 
     if let Some(shim) = unwrapped {
         return match dsr::deliver(pkt, t, &layout, &shim, &ctx.env, other) {
@@ -85,6 +99,7 @@ pub fn process<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
     } else {
         flow(pkt, t, &layout, &ctx, ct, other)
     };
+    stop_after!("flow", Verdict::Pass);
     match found {
         Ok(()) => translate(pkt, t, &layout, ct, &ctx),
         Err(verdict) => verdict,
@@ -163,6 +178,7 @@ fn flow<P: Packet>(
     let len = ctx.len;
     if conntrack::lookup(t, layout.tcp_flags, &ctx.env, ct) {
         if select::backend_alive(ct, t.proto) {
+            stop_after!("ct", Err(Verdict::Pass));
             count(Reason::CtHit, len);
             return Ok(());
         }
@@ -182,6 +198,7 @@ fn flow<P: Packet>(
             });
         }
     }
+    stop_after!("ct", Err(Verdict::Pass));
 
     let Some(svc) = frontend::lookup(t, !ctx.hook.is_external()) else {
         // A ClusterIP on a port no Service uses is refused to pods, as
@@ -202,6 +219,7 @@ fn flow<P: Packet>(
     if !frontend::source_allowed(&svc, t) {
         return Err(drop_for(svc_id, Reason::DropSourceRange, len));
     }
+    stop_after!("frontend", Err(Verdict::Pass));
     if svc.slot_count == 0 {
         // Local traffic policy without a local endpoint while other nodes
         // have some: kube-proxy drops, so that the client's load balancer,
@@ -238,6 +256,7 @@ fn flow<P: Packet>(
         } else {
             None
         };
+    stop_after!("select", Err(Verdict::Pass));
     let new = NewFlow {
         svc: &svc,
         backend_id,
@@ -252,6 +271,7 @@ fn flow<P: Packet>(
     } else {
         conntrack::create(t, &new, &ctx.env, ct, reply)
     };
+    stop_after!("create", Err(Verdict::Pass));
     match created {
         Ok(()) => {
             count(Reason::NewFlow, len);
@@ -328,6 +348,7 @@ fn translate<P: Packet>(
     } else {
         forwarded(pkt, t, layout, ct, ctx)
     };
+    stop_after!("nat", Verdict::Pass);
     let verdict = match sent {
         Ok(verdict) => verdict,
         // Left untouched to TC, which counts it.

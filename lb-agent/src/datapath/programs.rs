@@ -33,6 +33,27 @@ use super::{
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// Names a file holding another build of the eBPF object to load instead of
+/// the built-in one: the benchmark's stage-by-stage builds (`lb_stop`, see
+/// README, Benchmarks). Nothing else should set it.
+pub const OBJECT_FILE_ENV: &str = "LB_EBPF_OBJECT_FILE";
+
+/// The object to load: the built-in one, unless [`OBJECT_FILE_ENV`] names
+/// another.
+fn object() -> Result<std::borrow::Cow<'static, [u8]>> {
+    let Some(path) = std::env::var_os(OBJECT_FILE_ENV) else {
+        return Ok(EBPF_OBJECT.into());
+    };
+    warn!(path = %Path::new(&path).display(), "loading the eBPF object named by {OBJECT_FILE_ENV}");
+    let bytes = fs::read(&path).with_context(|| {
+        format!(
+            "read {} (named by {OBJECT_FILE_ENV})",
+            Path::new(&path).display()
+        )
+    })?;
+    Ok(bytes.into())
+}
+
 /// Map capacities chosen at load time (only used when a map is created; an
 /// existing pin keeps its size).
 #[derive(Clone, Copy, Debug)]
@@ -180,7 +201,7 @@ impl Programs {
             .map_max_entries(maps::CT_EMBRYO, sizes.embryonic)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SRC_RANGES, sizes.src_ranges);
-        let ebpf = loader.load(EBPF_OBJECT).context(
+        let ebpf = loader.load(&object()?).context(
             "load the eBPF object (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)",
         )?;
         Self::verify(ebpf, bpffs, xdp_policy)

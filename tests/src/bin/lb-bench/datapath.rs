@@ -9,11 +9,15 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use lb_agent::{
-    datapath::programs::{MapSizes, TestProgram},
+    datapath::{
+        programs::{MapSizes, Programs, TestProgram, OBJECT_FILE_ENV},
+        xdp_mode::XdpPolicy,
+    },
     model::{FrontendKind, Protocol, ServicePort, ServicePortRef},
 };
 use lb_tests::{
@@ -36,6 +40,10 @@ pub struct Params {
     pub repeat: u32,
     /// Single runs, each a distinct new flow, per run of a new-flow case.
     pub singles: usize,
+    /// A directory of stage-by-stage builds of the object
+    /// (`stop-STAGE.o`, built with `--cfg lb_stop="STAGE"`), for the stage
+    /// breakdown; `None` leaves it out.
+    pub stages: Option<PathBuf>,
 }
 
 /// Maglev table size of the benchmark datapaths: the per-packet lookup is
@@ -604,6 +612,9 @@ pub fn run(p: &Params, report: &mut Report) -> Vec<ScaleResult> {
         }
     }
     section(p, &results, report);
+    if let Some(dir) = &p.stages {
+        stage_breakdown(p, dir, &mut small, report);
+    }
     full_tables(p, &mut small, report);
     full_affinity(p, report);
     results
@@ -730,4 +741,126 @@ fn section(p: &Params, results: &[ScaleResult], report: &mut Report) {
             String::new(),
         );
     }
+}
+
+/// The ladder's stops of the stage-by-stage builds, in order, with what
+/// each adds to the one before (see `lb_stop` in lb-ebpf's pipeline).
+const STAGES: [(&str, &str); 8] = [
+    ("entry", "entry: frame length, config and scratch lookups"),
+    ("parse", "+ DSR check, parse, layout read back"),
+    (
+        "ct",
+        "+ conntrack lookup (main, then embryonic), backend check",
+    ),
+    ("frontend", "+ frontend lookup, source ranges"),
+    (
+        "select",
+        "+ flow hash, Maglev slot and backend, DSR/SNAT egress",
+    ),
+    ("create", "+ conntrack create (both directions)"),
+    ("flow", "+ outcome counter (and new-flow counter)"),
+    ("nat", "+ NAT rewrite with checksums"),
+];
+
+/// Figure 1's stage breakdown: every case on the one-Service datapath, run
+/// by each stage-by-stage build of the object in `dir` over the same maps
+/// (the flows opened by the full programs), beside the full programs, back
+/// to back per run. The difference between consecutive stops is a stage's
+/// cost; a case that ends before a stop (an established flow never reaches
+/// the frontend lookup) shows the same cost there as at its last stage.
+fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Report) {
+    let cases = CASES;
+    let mut stages: Vec<(&str, Programs)> = Vec::new();
+    // `before.o`, when there: a whole earlier build, for a before/after
+    // comparison within one run.
+    let names = STAGES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(std::iter::once("before"));
+    for stage in names {
+        let file = if stage == "before" {
+            "before.o".to_string()
+        } else {
+            format!("stop-{stage}.o")
+        };
+        let obj = dir.join(file);
+        if stage == "before" && !obj.exists() {
+            continue;
+        }
+        if !obj.exists() {
+            report.failed(
+                &format!("figure 1 stage breakdown, stop {stage}"),
+                &format!("{} missing", obj.display()),
+            );
+            continue;
+        }
+        // The object of every other datapath, as the caller chose it.
+        let before = std::env::var_os(OBJECT_FILE_ENV);
+        std::env::set_var(OBJECT_FILE_ENV, &obj);
+        let progs = Programs::load(full.dp.bpffs(), sizes(1), XdpPolicy::Auto);
+        match before {
+            Some(v) => std::env::set_var(OBJECT_FILE_ENV, v),
+            None => std::env::remove_var(OBJECT_FILE_ENV),
+        }
+        match progs {
+            Ok(progs) => stages.push((stage, progs)),
+            Err(e) => report.failed(
+                &format!("figure 1 stage breakdown, stop {stage}"),
+                &format!("{e:#}"),
+            ),
+        }
+    }
+    // ns per (stage, case); the last row is the full programs.
+    let mut ns: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cases.len()]; stages.len() + 1];
+    for _ in 0..p.runs {
+        for (s, (_, progs)) in stages.iter_mut().enumerate() {
+            std::mem::swap(&mut full.dp.progs, progs);
+            for (c, case) in cases.iter().enumerate() {
+                ns[s][c].push(full.measure(*case, p).0);
+            }
+            std::mem::swap(&mut full.dp.progs, progs);
+        }
+        for (c, case) in cases.iter().enumerate() {
+            ns[stages.len()][c].push(full.measure(*case, p).0);
+        }
+    }
+    let mut s = String::from(
+        "### Stage breakdown (1 Service)\n\nThe same cases run by builds of the object that \
+         pass every packet right after one stage of the ladder (`--cfg lb_stop=STAGE`, \
+         uncounted), over the maps of the one-Service datapath, back to back with the full \
+         programs in every run: a stage's cost is the difference between its stop and the \
+         one before. Each stop's row includes everything above it; a case whose ladder ends \
+         earlier (an established flow skips frontend lookup, selection and create) shows its \
+         full path from its last stage on. A row for before.o, when given, is an earlier build of \
+         the whole programs, measured the same way for comparison. ns/packet, median \
+         [min–max].\n\n| stop |",
+    );
+    for case in &cases {
+        let _ = write!(s, " {} |", case.name());
+    }
+    s.push_str("\n|---|");
+    for _ in &cases {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    let labels = stages
+        .iter()
+        .map(|(stage, _)| {
+            STAGES.iter().find(|(n, _)| n == stage).map_or(
+                "an earlier build of the whole programs (before.o)",
+                |(_, what)| *what,
+            )
+        })
+        .chain(std::iter::once(
+            "+ Service counters, verdict: the full programs",
+        ));
+    for (row, label) in ns.iter().zip(labels) {
+        let _ = write!(s, "| {label} |");
+        for samples in row {
+            let shown = Stat::of(samples).map_or_else(|| "-".to_string(), |st| st.show(0));
+            let _ = write!(s, " {shown} |");
+        }
+        s.push('\n');
+    }
+    report.sections.push(s);
 }

@@ -2,7 +2,7 @@
 //! `<out>/report.md` and plots, and prints the summary table.
 //!
 //! ```text
-//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api]
+//! lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api] [--stages DIR]
 //! ```
 //!
 //! Every figure is the median of several runs with min and max beside it;
@@ -37,6 +37,8 @@ struct Options {
     only: Vec<u32>,
     /// The one source figure 4 runs on; `None` means both.
     fig4_from: Option<control::From>,
+    /// Where figure 1's stage-by-stage objects are (`--stages DIR`).
+    stages: Option<PathBuf>,
 }
 
 fn options() -> Result<Options, String> {
@@ -45,6 +47,7 @@ fn options() -> Result<Options, String> {
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         only: Vec::new(),
         fig4_from: None,
+        stages: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -58,6 +61,7 @@ fn options() -> Result<Options, String> {
                         .push(f.parse().map_err(|_| format!("--only: bad figure {f:?}"))?);
                 }
             }
+            "--stages" => o.stages = Some(args.next().ok_or("--stages needs a directory")?.into()),
             "--fig4-from" => {
                 o.fig4_from = match args.next().as_deref() {
                     Some("manifests") => Some(control::From::Manifests),
@@ -67,7 +71,7 @@ fn options() -> Result<Options, String> {
             }
             other => {
                 return Err(format!(
-                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api]"
+                "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] [--only 1,2,3,4,5,6] [--fig4-from manifests|api] [--stages DIR]"
             ))
             }
         }
@@ -121,6 +125,7 @@ fn main() {
         runs: if o.quick { 5 } else { 9 },
         repeat: if o.quick { 20_000 } else { 100_000 },
         singles: if o.quick { 300 } else { 2000 },
+        stages: o.stages.clone(),
     };
     let wanted = |f: u32| o.only.is_empty() || o.only.contains(&f);
     if wanted(1) {
