@@ -2604,7 +2604,7 @@ fn sctp_wrapped_for_dsr_is_unwrapped_with_its_port_and_crc32c_rewritten() {
     let wrapped = dsr_wrap(
         &inner.bytes(),
         other_node,
-        "10.99.0.1".parse().expect("addr"),
+        "10.99.0.1".parse::<std::net::Ipv4Addr>().expect("addr"),
         backend,
         SHIM_MAGIC,
     );
