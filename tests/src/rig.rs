@@ -212,9 +212,10 @@ impl Node {
         self.agent = Some(child);
     }
 
-    /// Waits until the agent started last has logged its first full sync.
+    /// Waits until the agent started last has logged its first full sync,
+    /// for `timeout` but never less than [`AGENT_START`].
     pub fn wait_agent_ready(&self, timeout: Duration) {
-        let timeout = patience(timeout);
+        let timeout = patience(timeout.max(AGENT_START));
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.agent_log();
@@ -805,6 +806,12 @@ pub fn http_get(
         Ok((status, body))
     })
 }
+
+/// The shortest wait for an agent's first full sync. Its start is mostly
+/// the kernel verifying the programs, which takes seconds alone and several
+/// times that when the suite starts many agents at once on a busy machine:
+/// a scenario's own deadlines are for what it tests, not for that.
+pub const AGENT_START: Duration = Duration::from_secs(60);
 
 /// `timeout` stretched by `LB_TEST_SLOWDOWN` (a whole factor, 1 when unset):
 /// under software emulation (`cargo xtask vm-test`) the verifier and the

@@ -731,10 +731,13 @@ fn test(no_integration: bool, vm: bool, args: &[String]) -> Result<()> {
     setup()?;
     let mut tally = Tally::default();
     // --release: the same profile as `build`, so nothing compiles twice.
+    // --no-fail-fast: one failing test file must not hide the others'
+    // results (cargo stops at the first failing binary otherwise).
     let mut unit = cargo();
     unit.args([
         "test",
         "--release",
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "lb-ebpf",
@@ -755,7 +758,7 @@ fn test(no_integration: bool, vm: bool, args: &[String]) -> Result<()> {
     println!("test: privileged tests (BPF_PROG_TEST_RUN fixtures, namespace scenarios)");
     let priv_res = run_tests(
         cargo()
-            .args(["test", "--release", "-p", "lb-tests"])
+            .args(["test", "--release", "--no-fail-fast", "-p", "lb-tests"])
             .args(integration_args(args))
             .env("LB_AGENT_BIN", agent_bin()),
         &mut tally,

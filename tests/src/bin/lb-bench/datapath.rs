@@ -293,30 +293,13 @@ impl Loaded {
 
     /// One measurement of `case`: mean kernel ns per packet, and the verdict.
     fn measure(&mut self, case: Case, p: &Params) -> (f64, u32) {
-        let prog = case.program();
-        if case.is_new() {
-            let mut total = 0.0;
-            let mut verdict = 0;
-            for _ in 0..p.singles {
-                let pkt = self.new_flow(case);
-                let (v, d) = self
-                    .dp
-                    .progs
-                    .test_run_repeat(prog, &pkt, 1)
-                    .expect("BPF_PROG_TEST_RUN");
-                total += d.as_nanos() as f64;
-                verdict = v;
-            }
-            (total / p.singles as f64, verdict)
+        let fresh: Vec<Vec<u8>> = if case.is_new() {
+            (0..p.singles).map(|_| self.new_flow(case)).collect()
         } else {
-            let pkt = self.packet(case).to_vec();
-            let (v, d) = self
-                .dp
-                .progs
-                .test_run_repeat(prog, &pkt, p.repeat)
-                .expect("BPF_PROG_TEST_RUN");
-            (d.as_nanos() as f64, v)
-        }
+            Vec::new()
+        };
+        let steady = self.packet(case).to_vec();
+        time_packets(&mut self.dp, case.program(), &fresh, &steady, p.repeat)
     }
 
     /// The pass-only program: `(repeated, single)` mean ns per packet.
@@ -344,6 +327,37 @@ impl Loaded {
 /// them takes a moment.
 const FULL_MAIN: u32 = 1 << 13;
 const FULL_EMBRYONIC: u32 = 1 << 13;
+
+/// Mean ns per packet through `prog` and its last verdict: one single run
+/// per packet of `fresh` (new flows: a repeated run would find the flow
+/// its first round created), or, when `fresh` is empty, one run of
+/// `steady` repeated `repeat` times.
+pub fn time_packets(
+    dp: &mut Datapath,
+    prog: TestProgram,
+    fresh: &[Vec<u8>],
+    steady: &[u8],
+    repeat: u32,
+) -> (f64, u32) {
+    if fresh.is_empty() {
+        let (v, d) = dp
+            .progs
+            .test_run_repeat(prog, steady, repeat)
+            .expect("BPF_PROG_TEST_RUN");
+        return (d.as_nanos() as f64, v);
+    }
+    let mut total = 0.0;
+    let mut verdict = 0;
+    for pkt in fresh {
+        let (v, d) = dp
+            .progs
+            .test_run_repeat(prog, pkt, 1)
+            .expect("BPF_PROG_TEST_RUN");
+        total += d.as_nanos() as f64;
+        verdict = v;
+    }
+    (total / fresh.len() as f64, verdict)
+}
 
 impl Loaded {
     /// Fills both conntrack maps past their size: established flows from

@@ -21,7 +21,7 @@ use lb_tests::{
 };
 
 use crate::{
-    datapath::Params,
+    datapath::{time_packets, Params},
     report::{Report, Verdict},
     stats::Stat,
 };
@@ -223,28 +223,13 @@ impl Flows {
     /// verdict (figure 1's method: repeated runs, or single runs of new
     /// flows).
     fn measure(&mut self, dp: &mut Datapath, case: Case, p: &Params) -> (f64, u32) {
-        let prog = case.program();
-        if case.is_new() {
-            let mut total = 0.0;
-            let mut verdict = 0;
-            for _ in 0..p.singles {
-                let pkt = self.new_flow(case);
-                let (v, d) = dp
-                    .progs
-                    .test_run_repeat(prog, &pkt, 1)
-                    .expect("BPF_PROG_TEST_RUN");
-                total += d.as_nanos() as f64;
-                verdict = v;
-            }
-            (total / p.singles as f64, verdict)
+        let fresh: Vec<Vec<u8>> = if case.is_new() {
+            (0..p.singles).map(|_| self.new_flow(case)).collect()
         } else {
-            let pkt = self.packet(case).to_vec();
-            let (v, d) = dp
-                .progs
-                .test_run_repeat(prog, &pkt, p.repeat)
-                .expect("BPF_PROG_TEST_RUN");
-            (d.as_nanos() as f64, v)
-        }
+            Vec::new()
+        };
+        let steady = self.packet(case).to_vec();
+        time_packets(dp, case.program(), &fresh, &steady, p.repeat)
     }
 }
 
