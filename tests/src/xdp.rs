@@ -268,9 +268,9 @@ impl Inject {
 /// Bytes of Ethernet + IPv4 (no options) + TCP (no options) headers.
 pub const TCP_HEADERS: usize = 54;
 
-/// Offsets in a [`TCP_HEADERS`] frame: the IP identification, the low half
-/// of the source address, the source port and the sequence number's
-/// halves.
+/// Offsets in a [`TCP_HEADERS`] frame (the first three also in a UDP one):
+/// the IP identification, the low half of the source address, the source
+/// port and the sequence number's halves.
 const IP_ID: i16 = 18;
 const SADDR_LO: i16 = 28;
 const SPORT: i16 = 34;
@@ -337,6 +337,24 @@ pub fn syn_flood(headers: &[u8; TCP_HEADERS], inject: Inject) -> Vec<u64> {
         SEQ_HI,
         fold_add(word(headers, SPORT), word(headers, SEQ_HI)),
     ));
+    body.push(op(MOV_K, 0, 0, 0, verdict));
+    assemble(head, &body, verdict)
+}
+
+/// The UDP flood generator: as [`generator`], but each frame also gets a
+/// random source address within the /16 of the one in `headers`, so that
+/// nearly every frame is a flow never seen (a DNS storm, or a flood from
+/// spoofed sources). The address's random word is balanced by the IP
+/// identification in the IP header's checksum; the UDP checksum must be
+/// zero ("none" in IPv4), so it needs nothing.
+pub fn udp_flood(headers: &[u8; HEADERS], inject: Inject) -> Vec<u64> {
+    let verdict = inject.verdict();
+    let head = bounds(HEADERS as i32);
+    let mut body = template(headers);
+    let addr = word(headers, SADDR_LO);
+    body.extend(random_at(SADDR_LO));
+    body.extend(balance(IP_ID, fold_add(addr, word(headers, IP_ID))));
+    body.extend(random_at(SPORT));
     body.push(op(MOV_K, 0, 0, 0, verdict));
     assemble(head, &body, verdict)
 }
@@ -568,6 +586,41 @@ mod tests {
                 assert_eq!(out[30..34], syn[30..34], "same destination");
                 assert_eq!(out[36..38], syn[36..38], "same destination port");
                 assert_eq!(out[47], flags::SYN);
+                (
+                    u32::from_be_bytes([out[26], out[27], out[28], out[29]]),
+                    u16::from_be_bytes([out[34], out[35]]),
+                )
+            })
+            .collect();
+        assert!(sources.len() > 250, "sources vary: {}", sources.len());
+    }
+
+    // Needs root (BPF_PROG_LOAD).
+    #[test]
+    fn udp_flood_frames_vary_their_source_and_keep_valid_checksums() {
+        let mut p = Packet::udp(
+            SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 40000),
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 30080),
+            b"LBGN\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        );
+        if let L4::Udp { no_checksum, .. } = &mut p.l4 {
+            *no_checksum = true;
+        }
+        let frame = p.bytes();
+        let headers: [u8; HEADERS] = frame[..HEADERS].try_into().expect("headers");
+        let gen = Prog::load("t_udpflood", &udp_flood(&headers, Inject::Pass)).expect("load");
+        let mut rewritten = frame.clone();
+        rewritten[..HEADERS].fill(0xaa);
+        let sources: std::collections::HashSet<(u32, u16)> = (0..256)
+            .map(|_| {
+                let (verdict, out) = gen.run(&rewritten).expect("run");
+                assert_eq!(verdict, XDP_PASS as u32);
+                crate::packet::verify_checksums(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+                assert_eq!(out[40..42], [0, 0], "no UDP checksum");
+                assert_eq!(out[26..28], [10, 77], "within the template's /16");
+                assert_eq!(out[30..34], frame[30..34], "same destination");
+                assert_eq!(out[36..38], frame[36..38], "same destination port");
+                assert_eq!(out[HEADERS..], frame[HEADERS..], "same payload");
                 (
                     u32::from_be_bytes([out[26], out[27], out[28], out[29]]),
                     u16::from_be_bytes([out[34], out[35]]),
