@@ -92,20 +92,6 @@ pub const HOOKS: [Hook; 8] = [
 /// hosts whose default hierarchy is v1, it can still be mounted beside).
 pub const DEFAULT_MOUNT: &str = "/run/lb/cgroup2";
 
-/// Loads the socket hooks into the verifier; an error says what the
-/// kernel refused, and the caller runs without socket-level load balancing.
-pub fn load(ebpf: &mut Ebpf) -> Result<()> {
-    for hook in HOOKS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(hook.program)
-            .with_context(|| format!("program {} missing", hook.program))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifier rejected {}", hook.program))?;
-    }
-    Ok(())
-}
-
 /// The root of a cgroup v2 hierarchy: `explicit` when given (mounting one
 /// there if it is not a cgroup2 mount yet), else the first cgroup2 mount
 /// that shows the whole hierarchy, else one mounted at [`DEFAULT_MOUNT`].

@@ -269,33 +269,46 @@ impl Programs {
     }
 
     /// Runs the verifier on every attachable program of a loaded object.
+    /// The programs are verified side by side, one per core: the verifier
+    /// is most of the agent's start, and a privileged load does not wait
+    /// for another's.
     fn verify(mut ebpf: Ebpf, bpffs: &Path, xdp_policy: XdpPolicy) -> Result<Self> {
         // One hook per program: the two egress hooks share theirs.
-        for hook in [Hook::Xdp, Hook::TcNode, Hook::TcPod, Hook::TcPodEgress] {
-            let name = hook.program();
-            let prog = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing"))?;
-            let res = match hook {
-                Hook::Xdp => <&mut Xdp>::try_from(prog)?.load(),
-                _ => <&mut SchedClassifier>::try_from(prog)?.load(),
-            };
-            res.with_context(|| format!("verifier rejected {name}"))?;
+        let packet: Vec<&str> = [Hook::Xdp, Hook::TcNode, Hook::TcPod, Hook::TcPodEgress]
+            .into_iter()
+            .map(Hook::program)
+            .chain(SCTP_CRC_PROGRAMS.iter().map(|(name, _)| *name))
+            .collect();
+        let sock: Vec<&str> = super::cgroup::HOOKS.iter().map(|h| h.program).collect();
+        let started = std::time::Instant::now();
+        let mut progs: Vec<(&str, &mut aya::programs::Program)> = ebpf
+            .programs_mut()
+            .filter(|(name, _)| packet.contains(name) || sock.contains(name))
+            .collect();
+        if let Some(missing) = packet
+            .iter()
+            .chain(&sock)
+            .find(|name| !progs.iter().any(|(n, _)| n == *name))
+        {
+            bail!("program {missing} missing");
         }
-        for (name, array) in SCTP_CRC_PROGRAMS {
-            let prog = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing"))?;
-            let res = if array == maps::SCTP_CRC_XDP {
-                <&mut Xdp>::try_from(prog)?.load()
-            } else {
-                <&mut SchedClassifier>::try_from(prog)?.load()
-            };
-            res.with_context(|| format!("verifier rejected {name}"))?;
+        // The packet programs first: they are the largest.
+        progs.sort_by_key(|(name, _)| !packet.contains(name));
+        let results = crate::parallel::map_each(progs, |(name, prog)| (name, verify_one(prog)));
+        let mut sock_error = None;
+        for (name, res) in results {
+            match res {
+                Ok(()) => {}
+                // The socket hooks are an addition the packet path does
+                // not need: a kernel that refuses them runs without (the
+                // caller says so).
+                Err(e) if sock.contains(&name) => {
+                    sock_error.get_or_insert(e.context(format!("verifier rejected {name}")));
+                }
+                Err(e) => return Err(e.context(format!("verifier rejected {name}"))),
+            }
         }
-        // The socket hooks are an addition the packet path does not need:
-        // a kernel that refuses them runs without (the caller says so).
-        let sock_error = super::cgroup::load(&mut ebpf).err();
+        debug!(took_ms = started.elapsed().as_millis(), "programs verified");
         Ok(Self {
             ebpf,
             links: bpffs::links_dir(bpffs),
@@ -884,6 +897,18 @@ pub fn cleanup(bpffs: &Path) -> Result<()> {
             }
         }
         fs::remove_dir(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the verifier on one program of the kinds this object has.
+fn verify_one(prog: &mut aya::programs::Program) -> Result<()> {
+    use aya::programs::Program;
+    match prog {
+        Program::Xdp(p) => p.load()?,
+        Program::SchedClassifier(p) => p.load()?,
+        Program::CgroupSockAddr(p) => p.load()?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     Ok(())
 }
