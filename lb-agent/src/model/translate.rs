@@ -96,8 +96,10 @@ pub fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> BTreeM
 struct Part {
     ports: Vec<(ServicePortRef, ServicePort)>,
     problems: Vec<Problem>,
-    /// What the translation saw of each port, for `lb-agent explain`.
-    notes: BTreeMap<ServicePortRef, PortNotes>,
+    /// What the translation saw of each port of `ports` (same order), for
+    /// `lb-agent explain`. A Vec, not a map keyed again by the port: a
+    /// map of one entry allocates room for eleven, kilobytes per Service.
+    notes: Vec<PortNotes>,
 }
 
 /// What the translation saw of one Service port beyond what the model
@@ -119,8 +121,9 @@ pub struct PortNotes {
     /// so that this port cannot reach them (a targetPort that no pod's
     /// ports resolve).
     pub unresolved_endpoints: usize,
-    /// The `name/PROTO` of every port the slices carry.
-    pub slice_ports: BTreeSet<String>,
+    /// The `name/PROTO` of every port the slices carry, sorted, without
+    /// duplicates.
+    pub slice_ports: Vec<String>,
     /// Frontends given to another Service port, with that port.
     pub lost_frontends: Vec<(Frontend, ServicePortRef)>,
     /// `spec.ports[].nodePort` of a NodePort or LoadBalancer Service.
@@ -139,9 +142,10 @@ type FrontendKey = (IpAddr, u16, Protocol);
 pub struct Translator {
     node: NodeInfo,
     parts: HashMap<Id, Part>,
-    /// Every Service port that claims each frontend; the first in
-    /// `ServicePortRef` order owns it.
-    claims: HashMap<FrontendKey, BTreeSet<ServicePortRef>>,
+    /// Every Service port that claims each frontend, sorted; the first
+    /// owns it. Almost always one: a sorted Vec, since a set of one
+    /// allocates room for eleven.
+    claims: HashMap<FrontendKey, Vec<ServicePortRef>>,
     /// The translated model, conflicts settled.
     model: Model,
     /// The problems of settling conflicts, by the Service port that lost.
@@ -212,9 +216,10 @@ impl Translator {
         let Some(part) = self.parts.get(id) else {
             return Vec::new();
         };
-        part.notes
+        part.ports
             .iter()
-            .map(|(r, n)| {
+            .zip(&part.notes)
+            .map(|((r, _), n)| {
                 let mut n = n.clone();
                 n.lost_frontends = self.lost.get(r).cloned().unwrap_or_default();
                 (r.clone(), n)
@@ -259,7 +264,9 @@ impl Translator {
                 for (r, sp) in &old.ports {
                     for key in frontend_keys(r, sp) {
                         if let Some(set) = self.claims.get_mut(&key) {
-                            set.remove(r);
+                            if let Ok(i) = set.binary_search(r) {
+                                set.remove(i);
+                            }
                             affected.extend(set.iter().cloned());
                             if set.is_empty() {
                                 self.claims.remove(&key);
@@ -278,7 +285,9 @@ impl Translator {
                 for key in frontend_keys(r, sp) {
                     let set = self.claims.entry(key).or_default();
                     affected.extend(set.iter().cloned());
-                    set.insert(r.clone());
+                    if let Err(i) = set.binary_search(r) {
+                        set.insert(i, r.clone());
+                    }
                 }
                 affected.insert(r.clone());
             }
@@ -318,7 +327,7 @@ impl Translator {
             let owner = self
                 .claims
                 .get(&(f.addr, f.port, r.protocol))
-                .and_then(BTreeSet::first);
+                .and_then(|set| set.first());
             match owner {
                 // The same port may use one address:port as several kinds.
                 Some(o) if o != r => {
@@ -409,7 +418,7 @@ fn translate_identity(
         translate_service(first, &parsed, node, &mut ports, &mut part.problems);
         part.notes = ports
             .keys()
-            .map(|r| (r.clone(), port_notes(first, &parsed, r)))
+            .map(|r| port_notes(first, &parsed, r))
             .collect();
         part.ports = ports.into_iter().collect();
     } else {
@@ -877,17 +886,22 @@ fn port_notes(svc: &Service, slices: &[Slice], r: &ServicePortRef) -> PortNotes 
             .filter(|s| !s.ports.contains_key(&key))
             .map(|s| s.endpoints.len())
             .sum(),
-        slice_ports: slices
-            .iter()
-            .flat_map(|s| s.ports.keys())
-            .map(|(name, proto)| {
-                if name.is_empty() {
-                    format!("(unnamed)/{proto}")
-                } else {
-                    format!("{name}/{proto}")
-                }
-            })
-            .collect(),
+        slice_ports: {
+            let mut names: Vec<String> = slices
+                .iter()
+                .flat_map(|s| s.ports.keys())
+                .map(|(name, proto)| {
+                    if name.is_empty() {
+                        format!("(unnamed)/{proto}")
+                    } else {
+                        format!("{name}/{proto}")
+                    }
+                })
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        },
         lost_frontends: Vec::new(),
         node_port: api_port
             .and_then(|p| p.node_port)

@@ -47,7 +47,7 @@ pub struct Objects {
 pub fn load_dir(dir: &Path) -> io::Result<Objects> {
     let mut folder = Folder::default();
     folder.refresh(dir, &Scan::All, |_, _| {})?;
-    Ok(folder.objects())
+    Ok(folder.objects(dir))
 }
 
 /// What to read again from the folder.
@@ -85,22 +85,23 @@ impl Stamp {
     }
 }
 
-/// One file as last read: its text, kept instead of its parsed objects,
-/// which take several times the space (k8s-openapi structs of several
-/// KiB per object).
+/// One file as last read. Neither its objects (k8s-openapi structs of
+/// several KiB each) nor its text are kept: 10 000 files' text alone is
+/// 12 MiB. The rare sync that needs objects of a file it is not reading
+/// (a Service whose slices live in other files) reads that file again.
 #[derive(Debug)]
 struct File {
     /// `None` when the file could not be read (then it is tried again at
     /// every full scan).
     stamp: Option<Stamp>,
-    text: Option<Box<str>>,
     problems: Vec<Problem>,
 }
 
 /// The manifests folder as last read. A change re-reads only the files it
 /// touched and re-translates only the Services whose objects those files
-/// hold. Only text is kept between syncs; objects are parsed for the sync
-/// that needs them, a bounded number of files at a time.
+/// hold. Neither objects nor text are kept between syncs; objects are
+/// parsed for the sync that needs them, a bounded number of files at a
+/// time.
 #[derive(Debug, Default)]
 pub struct Folder {
     files: BTreeMap<String, File>,
@@ -195,7 +196,7 @@ impl Folder {
                 self.files.insert(name, file);
             }
             if !ids.is_empty() {
-                self.parse_files_of(&ids);
+                self.parse_files_of(dir, &ids);
                 changed(self, std::mem::take(&mut ids));
             }
             self.parsed.clear();
@@ -206,19 +207,29 @@ impl Folder {
         Ok(())
     }
 
-    /// Parses the files that hold objects of `ids` and are not parsed yet
-    /// (a Service whose slices live in other files than the ones read).
-    fn parse_files_of(&mut self, ids: &BTreeSet<Id>) {
+    /// Reads and parses the files that hold objects of `ids` and are not
+    /// parsed yet (a Service whose slices live in other files than the
+    /// ones read).
+    ///
+    /// Such a file may have changed since it was last read; its own event
+    /// (or the next full scan, which compares stamps) reads it again in
+    /// full, so reading its newer text here only brings that forward.
+    fn parse_files_of(&mut self, dir: &Path, ids: &BTreeSet<Id>) {
         let missing: BTreeSet<&String> = ids
             .iter()
             .flat_map(|id| self.owners.holders(id))
             .filter(|name| !self.parsed.contains_key(*name))
+            .filter(|name| self.files.get(*name).is_some_and(|f| f.stamp.is_some()))
             .collect();
         let parsed: Vec<(String, Objects)> = missing
             .into_iter()
-            .filter_map(|name| {
-                let text = self.files.get(name)?.text.as_deref()?;
-                Some((name.clone(), load_text(name, text)))
+            .map(|name| match fs::read_to_string(dir.join(name)) {
+                Ok(text) => (name.clone(), load_text(name, &text)),
+                Err(e) => {
+                    // Gone or unreadable since: its own event says so.
+                    debug!(file = %name, "cannot be read again: {e}");
+                    (name.clone(), Objects::default())
+                }
             })
             .collect();
         self.parsed.extend(parsed);
@@ -256,12 +267,16 @@ impl Folder {
             .collect()
     }
 
-    /// Every object, in file name order (each file parsed again).
-    pub fn objects(&self) -> Objects {
+    /// Every object of the files of `dir` as last listed, in file name
+    /// order (each file read and parsed again).
+    pub fn objects(&self, dir: &Path) -> Objects {
         let mut out = Objects::default();
         for (name, file) in &self.files {
-            match &file.text {
-                Some(text) => load_file(name, text, &mut out),
+            let text = file
+                .stamp
+                .and_then(|_| fs::read_to_string(dir.join(name)).ok());
+            match text {
+                Some(text) => load_file(name, &text, &mut out),
                 None => out.problems.extend(file.problems.iter().cloned()),
             }
         }
@@ -280,7 +295,6 @@ fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, Fi
             let objects = load_text(&name, &text);
             let file = File {
                 stamp: Some(Stamp::of(&meta)),
-                text: Some(text.into_boxed_str()),
                 problems: objects.problems.clone(),
             };
             (name, file, objects)
@@ -292,7 +306,6 @@ fn load_files(dir: &Path, files: Vec<(String, fs::Metadata)>) -> Vec<(String, Fi
             };
             let file = File {
                 stamp: None,
-                text: None,
                 problems: vec![problem],
             };
             (name, file, Objects::default())
@@ -349,25 +362,28 @@ fn load_document(doc: &Document, objects: &mut Objects) -> Result<(), String> {
     };
     let api_version = field("apiVersion")?;
     let kind = field("kind")?;
-    match (api_version, kind) {
-        ("v1", "Service") => objects.services.push(
-            typed(text, &value)
-                .map_err(|e| format!("is not a valid v1 Service: {}", doc.locate(&e)))?,
-        ),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            objects.slices.push(typed(text, &value).map_err(|e| {
-                format!(
-                    "is not a valid discovery.k8s.io/v1 EndpointSlice: {}",
-                    doc.locate(&e)
-                )
-            })?);
-        }
+    let service = match (api_version, kind) {
+        ("v1", "Service") => true,
+        ("discovery.k8s.io/v1", "EndpointSlice") => false,
         _ => {
             return Err(format!(
                 "kind {kind:?} of apiVersion {api_version:?} is not read here \
                  (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"
             ))
         }
+    };
+    if service {
+        objects.services.push(
+            typed(text, value)
+                .map_err(|e| format!("is not a valid v1 Service: {}", doc.locate(&e)))?,
+        );
+    } else {
+        objects.slices.push(typed(text, value).map_err(|e| {
+            format!(
+                "is not a valid discovery.k8s.io/v1 EndpointSlice: {}",
+                doc.locate(&e)
+            )
+        })?);
     }
     Ok(())
 }
@@ -375,13 +391,11 @@ fn load_document(doc: &Document, objects: &mut Objects) -> Result<(), String> {
 /// The object `value` (parsed from `text`) as a `T`.
 ///
 /// From the parsed value, so that a document is parsed once (most of the
-/// time of loading a large folder); an invalid one is deserialized from
-/// the text again for the error, which then carries serde_yaml's field path
-/// and the line number in the file.
-fn typed<T: serde::de::DeserializeOwned>(
-    text: &str,
-    value: &Value,
-) -> Result<T, serde_yaml::Error> {
+/// time of loading a large folder), and by value, so that its strings move
+/// into the object instead of being copied; an invalid one is deserialized
+/// from the text again for the error, which then carries serde_yaml's
+/// field path and the line number in the file.
+fn typed<T: serde::de::DeserializeOwned>(text: &str, value: Value) -> Result<T, serde_yaml::Error> {
     T::deserialize(value).or_else(|_| serde_yaml::from_str(text))
 }
 
@@ -942,7 +956,7 @@ mod tests {
         fs::remove_file(dir.0.join("b.yaml")).expect("remove");
         fs::write(dir.0.join(".b.yaml.tmp"), service("hidden")).expect("write");
         assert_eq!(refresh(&mut folder, Scan::All), counts(&[("web", 0, 0)]));
-        let o = folder.objects();
+        let o = folder.objects(&dir.0);
         assert_eq!((o.services.len(), o.slices.len()), (1, 1));
         assert_eq!(ids(&["c"]).len(), 1);
     }

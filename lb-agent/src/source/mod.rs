@@ -132,7 +132,7 @@ impl Source {
                 let primary = crate::node::first_of_each_family(iface_addrs);
                 set_addresses(node, filter.select(&primary, local));
                 // New node addresses change every Service: all files are
-                // parsed again (the folder keeps their text, not objects).
+                // read and parsed again (the folder keeps no objects).
                 let mut scan = pending.take();
                 if translator.node() != node {
                     scan = manifests::Scan::Reparse;
