@@ -538,8 +538,13 @@ fn update_dsr_peers(
 /// Hands the allocator's free pages back to the kernel: after the first
 /// read and the first sync, whose temporary objects would otherwise stay
 /// in the process's RSS for good.
+#[cfg(target_env = "gnu")]
 fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own arenas under their locks.
     let released = unsafe { libc::malloc_trim(0) };
     debug!(released = released != 0, "free heap pages handed back");
 }
+
+/// Other C libraries have no `malloc_trim`: nothing to hand back by hand.
+#[cfg(not(target_env = "gnu"))]
+fn release_free_memory() {}
