@@ -628,10 +628,10 @@ fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     // the current layouts for these three.
     c.node_mut("a").stop_agent();
     let maps = c.node("a").bpffs().join("maps");
+    pin_backends_v1(&maps);
     for name in [SERVICES, STATS] {
         std::fs::rename(maps.join(name), maps.join(older(name))).expect("rename pin");
     }
-    pin_backends_v1(&maps);
     traffic.round();
     c.node_mut("a").start_agent(&[]);
     let node = c.node("a");
