@@ -8,9 +8,8 @@
 //!   ranges, config, Service records) are rebuilt from the desired state
 //!   before the new programs are swapped in, so they never see a half-filled
 //!   map, while the old programs keep the old maps until the swap; except
-//!   where conntrack entries name their entries: a flow's backend id must
-//!   still name its backend, so the backends are converted (keeping their
-//!   ids) and the rebuild goes on from them;
+//!   the backends, which conntrack entries name by id: they are converted
+//!   under the same ids, and the rebuild goes on from them;
 //! - conntrack is state no one can rebuild: a layout change must come with a
 //!   conversion in [`conversions`], run before the swap, or established
 //!   flows through this node would lose their translation. There is none yet
