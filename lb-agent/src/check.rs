@@ -16,7 +16,7 @@ use lb_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     maps,
-    service::{Backend, BackendId, ServiceInfo, ServiceKey, ServiceValue, SrcRange},
+    service::{Backend, ServiceInfo, ServiceKey, ServiceValue, SrcRange},
     stats::SvcCounters,
 };
 use serde::Serialize;
@@ -530,7 +530,7 @@ pub fn map_memory(sizes: &MapSizes) -> Vec<MapMemory> {
         entry(
             maps::BACKENDS,
             sizes.backends,
-            hash(size_of::<BackendId>(), size_of::<Backend>()),
+            round8(size_of::<Backend>()),
             true,
         ),
         entry(

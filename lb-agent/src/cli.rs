@@ -309,8 +309,9 @@ pub(crate) struct RunArgs {
     /// adds 4 bytes a slot when it has endpoints.
     #[arg(long, default_value_t = lb_common::maps::SERVICES_MAX)]
     pub(crate) services_size: u32,
-    /// Capacity of the backends map (one entry per endpoint address and
-    /// port; about 100 bytes each, 6 MiB by default).
+    /// Capacity of the backends map, an array indexed by backend id (one
+    /// entry per endpoint address and port; ids start at 1, so it holds
+    /// one fewer; 24 bytes each, 1.5 MiB by default).
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     pub(crate) backends_size: u32,
     /// Capacity of the ClientIP affinity map (LRU; one entry per client per

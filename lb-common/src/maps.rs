@@ -8,8 +8,10 @@ pub const SERVICES: &str = "LB_SERVICES_V3";
 /// Maglev tables, one flat array: element → [`crate::MaglevChunk`] (16
 /// slots); each Service port's table is a region of it.
 pub const MAGLEV: &str = "LB_MAGLEV_V2";
-/// Backends: [`crate::BackendId`] → [`crate::Backend`].
-pub const BACKENDS: &str = "LB_BACKENDS_V1";
+/// Backends, an array indexed by [`crate::BackendId`] → [`crate::Backend`];
+/// an id that holds no backend is an all-zero entry (family 0). Version 1
+/// was a hash map of the same key and value.
+pub const BACKENDS: &str = "LB_BACKENDS_V2";
 /// Connection tracking (LRU): [`crate::CtKey`] → [`crate::CtValue`].
 pub const CONNTRACK: &str = "LB_CT_V1";
 /// Embryonic connection tracking (LRU): flows whose backend has not
@@ -67,7 +69,7 @@ pub const SCTP_CRC_TC: &str = "LB_SCTP_CRC_TC_V1";
 
 /// Default capacity of the services map.
 pub const SERVICES_MAX: u32 = 65536;
-/// Default capacity of the backends map.
+/// Default capacity of the backends map: ids run from 1 to one below it.
 pub const BACKENDS_MAX: u32 = 65536;
 /// Default capacity of the affinity map.
 pub const AFFINITY_MAX: u32 = 65536;

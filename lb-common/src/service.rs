@@ -195,6 +195,17 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
+impl Backend {
+    /// Whether the entry holds a backend: the backends map is an array, in
+    /// which an id the agent has not given out (or has freed) reads as an
+    /// all-zero entry, and every real backend has a family.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_present(&self) -> bool {
+        self.family != 0
+    }
+}
+
 /// Longest Service port name kept in [`ServiceInfo`].
 pub const SERVICE_NAME_LEN: usize = 120;
 

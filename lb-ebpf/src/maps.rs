@@ -16,8 +16,8 @@ use lb_common::{
     snat::{IfaceAddr, IfaceAddrKey, SnatCursorKey, IFACE_ADDRS_MAX, SNAT_CURSORS_MAX},
     sock::{SockConfig, SockRevKey, SockRevValue, SOCK_REV_MAX, STAT_COUNT as SOCK_STAT_COUNT},
     stats::{Counter, SvcCounters, COUNT},
-    AffinityKey, AffinityValue, Backend, BackendId, Config, CtKey, CtValue, FragKey, FragValue,
-    MaglevChunk, ServiceInfo, ServiceKey, ServiceValue, SrcRange,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, MaglevChunk,
+    ServiceInfo, ServiceKey, ServiceValue, SrcRange,
 };
 
 use crate::scratch::Scratch;
@@ -33,9 +33,11 @@ pub static LB_SERVICES_V3: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as u
 pub static LB_MAGLEV_V2: Array<MaglevChunk, { (MAGLEV_SLOTS_DEFAULT / MAGLEV_CHUNK) as usize }> =
     Array::new();
 
-/// Backends by id.
+/// Backends, indexed by id (an array: its lookup is inlined, where a hash
+/// lookup hashes the key and walks a bucket on every established packet);
+/// an unused id is an all-zero entry. Sized by the agent.
 #[btf_map]
-pub static LB_BACKENDS_V1: HashMap<BackendId, Backend, { BACKENDS_MAX as usize }> = HashMap::new();
+pub static LB_BACKENDS_V2: Array<Backend, { BACKENDS_MAX as usize }> = Array::new();
 
 /// Connection tracking; LRU so a full table evicts the idlest flow, never fails.
 #[btf_map]

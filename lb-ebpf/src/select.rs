@@ -14,7 +14,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendId, CtValue, ServiceValue, Tuple,
 };
 
-use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V1, LB_MAGLEV_V2};
+use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V2, LB_MAGLEV_V2};
 
 /// Picks the backend for a new flow of tuple `t` (whose hash is `hash`) at
 /// time `now`: the client's affinity backend while it is fresh, else by
@@ -36,9 +36,9 @@ pub fn pick(svc: &ServiceValue, t: &Tuple, hash: u32, now: u64) -> Option<(Backe
         if now.wrapping_sub(a.last_seen_ns) <= timeout_ns {
             // The agent deletes entries whose backend leaves the table; a
             // backend id that vanished meanwhile falls through to Maglev.
-            if let Some(b) = unsafe { LB_BACKENDS_V1.get(&a.backend_id).copied() } {
+            if let Some(b) = backend(a.backend_id) {
                 remember(&key, a.backend_id, now);
-                return Some((a.backend_id, b));
+                return Some((a.backend_id, *b));
             }
         }
     }
@@ -70,9 +70,25 @@ fn pick_maglev(svc: &ServiceValue, hash: u32) -> Option<(BackendId, Backend)> {
     // one until every program that could have read such a record is done.
     let chunk = LB_MAGLEV_V2.get(slot / MAGLEV_CHUNK)?;
     let id = *chunk.slots.get((slot % MAGLEV_CHUNK) as usize)?;
-    // SAFETY: the value is copied out at once.
-    let backend = unsafe { *LB_BACKENDS_V1.get(&id)? };
-    Some((id, backend))
+    Some((id, *backend(id)?))
+}
+
+/// The backend the agent holds under `id`, if any.
+///
+/// The entry is read in place while the agent may be rewriting it (an
+/// array's update copies the new value over the old one, where a hash
+/// map swaps in a new element), so a read can mix the bytes of two
+/// values. The agent keeps every such mix whole: it never changes an
+/// entry's presence (its family) and its address in one write. A new
+/// backend is written without its family first, then with it; a removed
+/// one loses its family first, then is zeroed; a live backend is
+/// rewritten only to change its flags, since an id keeps its address,
+/// port and family while it is given out. So a read sees either no
+/// backend or a backend's whole address, with its old or its new flags.
+/// The two writes of a step are separate system calls.
+#[inline(always)]
+fn backend(id: BackendId) -> Option<&'static Backend> {
+    LB_BACKENDS_V2.get(id).filter(|b| b.is_present())
 }
 
 /// Whether the backend a tracked flow of protocol `l4` was given may still
@@ -85,8 +101,7 @@ pub fn backend_alive(ct: &CtValue, l4: u8) -> bool {
     if ct.flags & CT_F_REPLY != 0 {
         return true;
     }
-    // SAFETY: the value is read at once.
-    match unsafe { LB_BACKENDS_V1.get(&ct.backend_id) } {
+    match backend(ct.backend_id) {
         // An id can be reused for another endpoint: compare the address too.
         Some(b) => {
             b.addr_be == ct.nat_daddr_be

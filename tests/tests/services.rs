@@ -561,21 +561,75 @@ fn older(name: &str) -> String {
     format!("{fam}_V{}", v - 1)
 }
 
+/// The backends node `n`'s map holds, by id, as `address:port`.
+fn backend_ids(c: &Cluster, n: &str) -> BTreeMap<u32, String> {
+    let maps = lb_agent::datapath::maps::Maps::open(&c.node(n).bpffs()).expect("open node maps");
+    maps.backend_entries()
+        .expect("read backends")
+        .into_iter()
+        .map(|(id, b)| {
+            let addr = lb_common::addr::addr_from_be(b.addr_be, b.family);
+            (id, format!("{addr}:{}", u16::from_be(b.port_be)))
+        })
+        .collect()
+}
+
+/// Replaces the backends array pinned in `maps` by a pin of the map's
+/// first layout (`LB_BACKENDS_V1`, a hash map from id to backend) holding
+/// the same backends under the same ids, as a release before the array
+/// left it. The programs still attached keep the array they hold.
+fn pin_backends_v1(maps: &std::path::Path) {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{maps::BACKENDS, Backend};
+    let current = lb_agent::datapath::maps::Maps::open(maps.parent().expect("bpffs"))
+        .expect("open maps")
+        .backend_entries()
+        .expect("read backends");
+    let mut v1: HashMap<MapData, u32, Backend> = HashMap::create(1024, 0).expect("create map");
+    for (id, b) in &current {
+        v1.insert(id, b, 0).expect("insert backend");
+    }
+    let old = older(BACKENDS);
+    assert_eq!(
+        old, "LB_BACKENDS_V1",
+        "the backends layout moved on: adapt this"
+    );
+    v1.pin(maps.join(&old)).expect("pin the old layout");
+    std::fs::remove_file(maps.join(BACKENDS)).expect("unpin the array");
+}
+
 #[test]
 fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     use lb_common::maps::{BACKENDS, SERVICES, STATS};
     let mut c = Cluster::new(ClusterSpec::default());
     let _s = serve_all_pods(&c);
-    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    // b1 first (backend id 1), then a1 and b0 beside it, then b1 leaves:
+    // the ids left (a gap at 1) are not those a rebuild from scratch would
+    // give, so only a conversion that keeps them keeps the flows.
+    c.write_manifest("web.yaml", &web(&[(B1, "node-b")]));
     start_agents(&mut c);
+    c.write_manifest(
+        "web.yaml",
+        &web(&[(A1, "node-a"), (B0, "node-b"), (B1, "node-b")]),
+    );
+    wait_until(WAIT, "three backends", || backend_ids(&c, "a").len() == 3);
+    c.write_manifest("web.yaml", &web(&[(A1, "node-a"), (B0, "node-b")]));
+    // Gone from the map once its grace is over.
+    wait_until(WAIT, "b1 is out of the backends map", || {
+        backend_ids(&c, "a").len() == 2
+    });
+    let ids = backend_ids(&c, "a");
+    assert!(!ids.contains_key(&1), "a gap at id 1: {ids:?}");
     let mut traffic = Traffic::start(&c);
     traffic.round();
     // Make the running datapath look like an older release's: its programs
-    // keep their maps, which are now pinned under older layout names, so
-    // the new agent finds no pin of the current layouts for these three.
+    // keep their maps, which are now pinned under older layout names (the
+    // backends as the hash map they were), so the new agent finds no pin of
+    // the current layouts for these three.
     c.node_mut("a").stop_agent();
     let maps = c.node("a").bpffs().join("maps");
-    for name in [SERVICES, BACKENDS, STATS] {
+    pin_backends_v1(&maps);
+    for name in [SERVICES, STATS] {
         std::fs::rename(maps.join(name), maps.join(older(name))).expect("rename pin");
     }
     traffic.round();
@@ -588,10 +642,11 @@ fn an_upgrade_that_changes_map_layouts_fails_no_connection() {
     for _ in 0..10 {
         traffic.round();
     }
+    assert_eq!(backend_ids(&c, "a"), ids, "the backends kept their ids");
     let log = node.agent_log();
     for (name, fate) in [
         (SERVICES, "rebuilt from the desired state"),
-        (BACKENDS, "rebuilt from the desired state"),
+        (BACKENDS, "converted into the new map"),
         (STATS, "counters restart from zero"),
     ] {
         let old = older(name);

@@ -47,8 +47,8 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Maglev tables: the flat slot array.
     pub maglev: Array<MapData, MaglevChunk>,
-    /// Backends.
-    pub backends: HashMap<MapData, BackendId, Backend>,
+    /// Backends, indexed by id; an unused id is an all-zero entry.
+    pub backends: Array<MapData, Backend>,
     /// Connection tracking.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     /// Embryonic connection tracking (flows not established yet).
@@ -289,27 +289,105 @@ fn store_err(op: &'static str, map: &'static str, e: &aya::maps::MapError) -> St
     }
 }
 
+/// `b` as the datapath reads an absent backend (family 0), for the first
+/// of the two writes that change an entry's presence: a program reading
+/// the entry during either write then sees a whole backend or none (the
+/// datapath's `select::backend` says why this matters).
+fn hidden(b: &Backend) -> Backend {
+    Backend { family: 0, ..*b }
+}
+
+impl Maps {
+    /// Refuses a backend id the array has no entry for: ids run below the
+    /// map's capacity, which a restart with a smaller size flag can leave
+    /// lower than ids already given out.
+    fn check_backend_id(&self, id: BackendId) -> Result<(), StoreError> {
+        let len = self.backends.len();
+        if id >= len {
+            return Err(StoreError {
+                op: "insert",
+                map: maps::BACKENDS,
+                message: format!(
+                    "map is full: backend id {id} is past its {len} entries (raise {})",
+                    size_flag(maps::BACKENDS)
+                ),
+                full: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the backends array holds a backend under `id` (below its
+    /// capacity).
+    fn backend_present(&self, id: BackendId) -> Result<bool, StoreError> {
+        self.backends
+            .get(&id, 0)
+            .map(|b| b.is_present())
+            .map_err(|e| store_err("read", maps::BACKENDS, &e))
+    }
+
+    /// Every backend the array holds, by id, read with batched lookups.
+    pub fn backend_entries(&self) -> Result<Vec<(BackendId, Backend)>> {
+        let all = lookup_batch_array::<Backend>(aya::maps::IterableMap::map(&self.backends))
+            .context("read backends map")?;
+        Ok(all.into_iter().filter(|(_, b)| b.is_present()).collect())
+    }
+}
+
 impl Store for Maps {
     fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), StoreError> {
+        self.check_backend_id(id)?;
+        if !self.backend_present(id)? {
+            self.backends
+                .set(id, hidden(b), 0)
+                .map_err(|e| store_err("insert", maps::BACKENDS, &e))?;
+        }
         self.backends
-            .insert(id, b, 0)
+            .set(id, b, 0)
             .map_err(|e| store_err("insert", maps::BACKENDS, &e))
     }
 
     fn put_backends(&mut self, backends: &[(BackendId, Backend)]) -> Result<(), StoreError> {
-        let (ids, values): (Vec<BackendId>, Vec<Backend>) = backends.iter().copied().unzip();
-        update_batch(aya::maps::IterableMap::map(&self.backends), &ids, &values).map_err(|e| {
-            StoreError {
-                op: "insert",
-                map: maps::BACKENDS,
-                message: e.to_string(),
-                full: e.raw_os_error() == Some(libc::E2BIG),
+        // All or nothing: an id past the array refuses the whole batch
+        // before anything is written.
+        for (id, _) in backends {
+            self.check_backend_id(*id)?;
+        }
+        let mut fresh = Vec::new();
+        for (id, b) in backends {
+            if !self.backend_present(*id)? {
+                fresh.push((*id, hidden(b)));
             }
-        })
+        }
+        let batch_err = |e: std::io::Error| StoreError {
+            op: "insert",
+            map: maps::BACKENDS,
+            message: e.to_string(),
+            full: e.raw_os_error() == Some(libc::E2BIG),
+        };
+        let (ids, values): (Vec<BackendId>, Vec<Backend>) = fresh.into_iter().unzip();
+        update_batch(aya::maps::IterableMap::map(&self.backends), &ids, &values)
+            .map_err(batch_err)?;
+        let (ids, values): (Vec<BackendId>, Vec<Backend>) = backends.iter().copied().unzip();
+        update_batch(aya::maps::IterableMap::map(&self.backends), &ids, &values).map_err(batch_err)
     }
 
     fn del_backend(&mut self, id: BackendId) -> Result<(), StoreError> {
-        ignore_missing(self.backends.remove(&id))
+        if id >= self.backends.len() {
+            // Never written: the goal state holds.
+            return Ok(());
+        }
+        let current = self
+            .backends
+            .get(&id, 0)
+            .map_err(|e| store_err("remove", maps::BACKENDS, &e))?;
+        if current.is_present() {
+            self.backends
+                .set(id, hidden(&current), 0)
+                .map_err(|e| store_err("remove", maps::BACKENDS, &e))?;
+        }
+        self.backends
+            .set(id, Backend::default(), 0)
             .map_err(|e| store_err("remove", maps::BACKENDS, &e))
     }
 
@@ -471,6 +549,8 @@ impl Store for Maps {
     }
 }
 
+/// `BPF_MAP_LOOKUP_BATCH`, from `enum bpf_cmd` in uapi/linux/bpf.h.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_BATCH`, from `enum bpf_cmd` in uapi/linux/bpf.h.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -538,6 +618,67 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
         )));
     }
     Ok(())
+}
+
+/// Elements an array's batched read asks for at a time.
+const LOOKUP_BATCH: usize = 4096;
+
+/// Every element of the array map `map` (index, value) with
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+), a few thousand a system call where
+/// aya's iterator makes one per element. `V` must be the map's value type.
+pub fn lookup_batch_array<V: aya::Pod>(map: &MapData) -> std::io::Result<Vec<(u32, V)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut out = Vec::new();
+    let mut keys = vec![0u32; LOOKUP_BATCH];
+    // SAFETY: `V` is `Pod`: all-zero bytes are a valid value.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; LOOKUP_BATCH];
+    // Where the next call goes on: the last index the previous one read.
+    let mut resume: Option<u32> = None;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: resume.as_ref().map_or(0, |r| std::ptr::from_ref(r) as u64),
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: LOOKUP_BATCH as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed;
+        // `keys` and `values` have room for `count` elements of the map's
+        // key (`u32`, an array's) and value types, `in_batch` and
+        // `out_batch` point at one key each, and all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let read = (attr.count as usize).min(LOOKUP_BATCH);
+        out.extend(
+            keys[..read]
+                .iter()
+                .copied()
+                .zip(values[..read].iter().copied()),
+        );
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: the last element has been read.
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(out);
+            }
+            return Err(e);
+        }
+        if read == 0 {
+            return Ok(out);
+        }
+        resume = Some(next);
+    }
 }
 
 impl Maps {
@@ -654,10 +795,7 @@ impl Maps {
             let (k, v) = entry.context("read services map")?;
             snap.services.insert(k, decode_record(&v));
         }
-        for entry in self.backends.iter() {
-            let (k, v) = entry.context("read backends map")?;
-            snap.backends.insert(k, v);
-        }
+        snap.backends.extend(self.backend_entries()?);
         for key in self.src_ranges.keys() {
             let key = key.context("read source ranges map")?;
             let data = key.data();
@@ -801,7 +939,7 @@ impl Maps {
         }
         match name {
             maps::SERVICES => count(self.services.keys()),
-            maps::BACKENDS => count(self.backends.keys()),
+            maps::BACKENDS => self.backend_entries().map(|b| b.len() as u64),
             maps::CONNTRACK => count(self.conntrack.keys()),
             maps::CT_EMBRYO => count(self.ct_embryo.keys()),
             maps::AFFINITY => count(self.affinity.keys()),

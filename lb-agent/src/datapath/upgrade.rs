@@ -7,11 +7,13 @@
 //! - maps only the agent writes (frontends, Maglev tables, backends, source
 //!   ranges, config, Service records) are rebuilt from the desired state
 //!   before the new programs are swapped in, so they never see a half-filled
-//!   map, while the old programs keep the old maps until the swap;
+//!   map, while the old programs keep the old maps until the swap; except
+//!   the backends, which conntrack entries name by id: they are converted
+//!   under the same ids, and the rebuild goes on from them;
 //! - conntrack is state no one can rebuild: a layout change must come with a
 //!   conversion in [`conversions`], run before the swap, or established
 //!   flows through this node would lose their translation. There is none yet
-//!   because conntrack has had one layout;
+//!   for it because conntrack has had one layout;
 //! - affinity and fragment entries are soft state (a client may land on
 //!   another backend for its next new flow; a datagram in flight loses its
 //!   later fragments), and counters restart from zero.
@@ -22,7 +24,9 @@
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result};
-use lb_common::maps;
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{maps, Backend, BackendId};
+use tracing::warn;
 
 use super::bpffs;
 
@@ -73,9 +77,52 @@ type Conversion = fn(&Path, &Path) -> Result<usize>;
 
 /// Conversions of older layouts into the current ones, by old pin name; run
 /// with the old and new pin paths, they return how many entries moved.
-/// Empty: no map with state that matters has changed layout yet.
 fn conversions() -> &'static [(&'static str, Conversion)] {
-    &[]
+    &[("LB_BACKENDS_V1", backends_from_hash)]
+}
+
+/// `LB_BACKENDS_V1` (a hash map, id → backend) into the array indexed by
+/// id. Conntrack entries name their backend by id, and the datapath ends a
+/// flow whose id no longer names its backend's address: rebuilt afresh,
+/// the ids could be handed out in another order and end every flow. The
+/// new programs are not in yet, so nothing reads the array while it fills.
+fn backends_from_hash(old: &Path, new: &Path) -> Result<usize> {
+    let open = |path: &Path| -> Result<Map> {
+        let data = MapData::from_pin(path).with_context(|| format!("open {}", path.display()))?;
+        Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+    };
+    let old: HashMap<MapData, BackendId, Backend> = open(old)?
+        .try_into()
+        .context("the old backends map is not a hash of backends by id")?;
+    let mut new: Array<MapData, Backend> = open(new)?
+        .try_into()
+        .context("the new backends map is not an array of backends")?;
+    let mut moved = 0;
+    for entry in old.iter() {
+        let (id, b) = entry.context("read the old backends map")?;
+        if id >= new.len() {
+            // A smaller --backends-size than the ids in use: the reconciler
+            // gives this backend a new id, and its flows end.
+            warn!(
+                id,
+                capacity = new.len(),
+                "backend id past the new backends map: its flows end (raise --backends-size)"
+            );
+            continue;
+        }
+        // Converted before by an agent that stopped before retiring the old
+        // pin: what the array holds may have changed since, and wins.
+        let held = new
+            .get(&id, 0)
+            .with_context(|| format!("read backend {id} of the new backends map"))?;
+        if held.is_present() {
+            continue;
+        }
+        new.set(id, b, 0)
+            .with_context(|| format!("write backend {id} into the new backends map"))?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// The pins under `bpffs` of older layouts than the object's maps.
@@ -168,6 +215,15 @@ mod tests {
         assert_eq!(fate_of(maps::MAGLEV), Fate::Rebuilt);
         assert_eq!(fate_of(maps::STATS), Fate::Reset);
         assert_eq!(fate_of(maps::AFFINITY), Fate::Dropped);
+        // Conntrack names backends by id: their older layouts keep the ids.
+        let (fam, current) = family(maps::BACKENDS).expect("versioned");
+        for v in 1..current {
+            let old = format!("{fam}V{v}");
+            assert!(
+                conversions().iter().any(|(n, _)| *n == old),
+                "backends changed layout: add a conversion from {old}"
+            );
+        }
         // Conntrack without a conversion would drop flows: every older
         // layout of it needs one.
         let (fam, current) = family(maps::CONNTRACK).expect("versioned");

@@ -776,6 +776,27 @@ const STAGES: [(&str, &str); 8] = [
     ("nat", "+ NAT rewrite with checksums"),
 ];
 
+/// A build of an earlier tree (`before.o`, or stage builds of it) whose
+/// backends map is still `LB_BACKENDS_V1` (a hash map by id, before the
+/// array) gets a map of its own under that name, not the pinned array: it
+/// is filled with the same backends under the same ids, so that the flows
+/// the full programs opened find their backend in it as well.
+fn fill_older_backends(bpffs: &Path, progs: &mut Programs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let Ok(map) = progs.map_mut("LB_BACKENDS_V1") else {
+        return Ok(());
+    };
+    let mut v1: aya::maps::HashMap<&mut aya::maps::MapData, u32, lb_common::Backend> = map
+        .try_into()
+        .context("LB_BACKENDS_V1 of before.o is not a hash of backends")?;
+    let current = lb_agent::datapath::maps::Maps::open(bpffs)?.backend_entries()?;
+    for (id, b) in &current {
+        v1.insert(id, b, 0)
+            .context("fill LB_BACKENDS_V1 of before.o")?;
+    }
+    Ok(())
+}
+
 /// Figure 1's stage breakdown: every case on the one-Service datapath, run
 /// by each stage-by-stage build of the object in `dir` over the same maps
 /// (the flows opened by the full programs), beside the full programs, back
@@ -816,6 +837,10 @@ fn stage_breakdown(p: &Params, dir: &Path, full: &mut Loaded, report: &mut Repor
             Some(v) => std::env::set_var(OBJECT_FILE_ENV, v),
             None => std::env::remove_var(OBJECT_FILE_ENV),
         }
+        let progs = progs.and_then(|mut progs| {
+            fill_older_backends(full.dp.bpffs(), &mut progs)?;
+            Ok(progs)
+        });
         match progs {
             Ok(progs) => stages.push((stage, progs)),
             Err(e) => report.failed(
