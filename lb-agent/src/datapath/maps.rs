@@ -569,6 +569,29 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// One batched map command (`BPF_MAP_*_BATCH`) on `attr`.
+///
+/// # Safety
+/// The pointers in `attr` must be valid for what `cmd` reads and writes
+/// through them: `count` keys and values of the map's types, and one key
+/// at `in_batch` and `out_batch` where set.
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` is a `bpf_attr.batch` of the size passed, and the
+    // caller vouches for the memory it points at.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Inserts or replaces `keys[i]` → `values[i]` in `map` with one
 /// `BPF_MAP_UPDATE_BATCH` (Linux 5.6+). aya 0.14 has no batch operations,
 /// hence the raw syscall. `K` and `V` must be the map's key and value types.
@@ -595,22 +618,11 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
         map_fd: fd as u32,
         ..BatchAttr::default()
     };
-    // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed; `keys`
-    // and `values` hold `count` elements of the map's key and value types
-    // (the kernel reads `count` times the map's key and value sizes, which
-    // the caller's types match) and outlive the call, which only reads
-    // them; the kernel writes only `attr.count` back.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            std::ptr::from_mut(&mut attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: `keys` and `values` hold `count` elements of the map's key
+    // and value types (the kernel reads `count` times the map's key and
+    // value sizes, which the caller's types match) and outlive the call,
+    // which only reads them; the kernel writes only `attr.count` back.
+    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
     if attr.count != count {
         return Err(std::io::Error::other(format!(
             "batch update wrote {} of {count} entries",
@@ -647,18 +659,10 @@ pub fn lookup_batch_array<V: aya::Pod>(map: &MapData) -> std::io::Result<Vec<(u3
             map_fd: fd as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed;
-        // `keys` and `values` have room for `count` elements of the map's
-        // key (`u32`, an array's) and value types, `in_batch` and
+        // SAFETY: `keys` and `values` have room for `count` elements of the
+        // map's key (`u32`, an array's) and value types, `in_batch` and
         // `out_batch` point at one key each, and all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        let rc = unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let read = (attr.count as usize).min(LOOKUP_BATCH);
         out.extend(
             keys[..read]
@@ -666,8 +670,7 @@ pub fn lookup_batch_array<V: aya::Pod>(map: &MapData) -> std::io::Result<Vec<(u3
                 .copied()
                 .zip(values[..read].iter().copied()),
         );
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = rc {
             // ENOENT: the last element has been read.
             if e.raw_os_error() == Some(libc::ENOENT) {
                 return Ok(out);
