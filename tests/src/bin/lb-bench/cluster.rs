@@ -4,8 +4,9 @@
 //! forwarder (the machine's limit) and a direct connection.
 //!
 //! One rig per scale, with a node per contender so that nothing is torn
-//! down between runs: node-a runs the agent, node-c holds the nftables rule
-//! set, node-d the iptables one, node-e the forwarder; node-b holds the
+//! down between runs: node-a runs the agent, node-c holds kube-proxy's
+//! nftables rules, node-d its iptables ones (both programmed by the real
+//! kube-proxy where it can run), node-e the forwarder; node-b holds the
 //! backends. All are the same kind of veth on the same bridge. Figure 2 is
 //! measured in two shapes of the nodes' wires (see [`Shape`]): with an XDP
 //! program on their far side, and as users' container nodes have them,
@@ -43,7 +44,9 @@ use lb_tests::{
 };
 
 use crate::{
+    kubeapi,
     kubeproxy::{self, Svc},
+    realproxy::{Mode, RealProxy},
     report::{Report, Verdict},
     stats::{quantile, Stat},
 };
@@ -284,7 +287,16 @@ struct Throughput {
     /// The agent's programs on the live path, from one more run of path
     /// (b) with the kernel's run-time statistics on.
     live: Vec<ProgCost>,
+    /// New flows only: packets per second each rule set still delivered
+    /// in the last of [`SUSTAINED`] windows sent without a flush of its
+    /// conntrack table between them, as under a flood that does not stop.
+    sustained: Vec<(Path, f64)>,
+    /// Each run's sending time per contender.
+    window: Duration,
 }
+
+/// Windows of a sustained flood (see [`Throughput::sustained`]).
+const SUSTAINED: usize = 5;
 
 /// One of the agent's programs over a window of path (b): what the kernel's
 /// BPF run-time statistics (`BPF_ENABLE_STATS`) counted.
@@ -395,8 +407,11 @@ pub struct Results {
     pub connections: Vec<(String, Vec<(f64, f64)>)>,
 }
 
+/// Service `i`'s ClusterIP: from 10.96.0.2 up, as 10.96.0.1 is the API
+/// server's own Service (for the real kube-proxy).
 fn cluster_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8)
+    let n = i + 2;
+    Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8)
 }
 
 fn fake_endpoint(i: usize, j: usize) -> Ipv4Addr {
@@ -534,50 +549,38 @@ impl Rig {
         });
         let _ = write!(setup, "manifests written in {:.1} s; ", t.as_secs_f64());
 
-        // The rule sets load while the agent starts: each loader is one
-        // process of its own, and 10 000 Services take them a minute.
+        // The rule sets are programmed while the agent starts.
         let dir = cluster.dir().to_path_buf();
-        let c_ns = cluster.node("c").ns.clone();
-        let d_ns = cluster.node("d").ns.clone();
-        let (nft, ipt) = (kubeproxy::nft(&svcs), kubeproxy::iptables(&svcs));
-        let (nft_s, ipt_s, agent_s) = std::thread::scope(|scope| {
-            let nft = scope.spawn(|| {
-                timed(|| {
-                    for (k, tx) in nft.iter().enumerate() {
-                        let file = dir.join(format!("kube-proxy-{k:03}.nft"));
-                        std::fs::write(&file, tx).expect("write the nftables rules");
-                        sh(Some(&c_ns), &["nft", "-f", &file.to_string_lossy()]);
-                    }
-                })
-            });
-            let ipt = scope.spawn(|| {
-                timed(|| {
-                    let file = dir.join("kube-proxy.iptables");
-                    std::fs::write(&file, &ipt).expect("write the iptables rules");
-                    sh(Some(&d_ns), &["iptables-restore", &file.to_string_lossy()]);
+        let client_ns = cluster.client_ns();
+        let rule_nodes = [
+            (Mode::Nftables, "c", cluster.node("c").ns.clone()),
+            (Mode::Iptables, "d", cluster.node("d").ns.clone()),
+        ];
+        let (rules, agent_s) = std::thread::scope(|scope| {
+            let rules = scope.spawn(|| {
+                real_rule_sets(&dir, &client_ns, &rule_nodes, &svcs).unwrap_or_else(|why| {
+                    eprintln!(
+                        "bench: figures 2/3: the real kube-proxy cannot run ({why}); loading \
+                         rule sets shaped like its own"
+                    );
+                    emulated_rule_sets(&dir, &rule_nodes, &svcs, &why)
                 })
             });
             let mut writes = 0;
             let agent = timed(|| {
                 writes = start_agent(&mut cluster, svcs.len(), Shape::XdpPeer.agent_flags());
             });
-            let join = |h: std::thread::ScopedJoinHandle<'_, Duration>| {
-                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-            };
-            (join(nft), join(ipt), (agent, writes))
+            let rules = rules
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (rules, (agent, writes))
         });
         let (agent_s, writes) = agent_s;
-        let version = sh(None, &["iptables-restore", "--version"]);
         let _ = write!(
             setup,
             "agent ready in {:.1} s (maps seeded, then started; its first sync wrote {writes} \
-             entries); in parallel, nftables rules loaded in {:.1} s ({} transactions), \
-             iptables rules in {:.1} s ({})",
+             entries); in parallel, {rules}",
             agent_s.as_secs_f64(),
-            nft_s.as_secs_f64(),
-            nft.len(),
-            ipt_s.as_secs_f64(),
-            version.trim()
         );
 
         let b_ns = cluster.node("b").ns.clone();
@@ -719,7 +722,28 @@ impl Rig {
         node.start_agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
         node.wait_agent_ready(Duration::from_secs(120));
         self.shape = shape;
+        self.forget_flows();
         self.check_paths();
+    }
+
+    /// Empties the netfilter connection tracking of the rule sets' nodes
+    /// (`conntrack -F`), so that each shape and figure starts from the same
+    /// state as the first: after the new-flow regime their tables are full
+    /// of unreplied flows holding every masquerade port towards the
+    /// backends, and no new flow gets through for 30 s (the UDP timeout).
+    /// The agent's conntrack needs no such help: it evicts (LRU).
+    fn forget_flows(&self) {
+        let conntrack = kubeapi::debian_bin("/usr/sbin/conntrack", "conntrack")
+            .unwrap_or_else(|e| panic!("conntrack: {e}"));
+        for letter in ["c", "d"] {
+            let ns = &self.cluster.node(letter).ns;
+            // It exits 1 when there was nothing to flush.
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(&conntrack)
+                .arg("-F")
+                .output();
+        }
     }
 
     /// Each load balancer answers a real datagram to the measured NodePort
@@ -838,6 +862,134 @@ impl Rig {
         let delivered = settled_count(&sink) - before;
         (frames, delivered, took)
     }
+}
+
+/// Has the real kube-proxy program each of `nodes` (mode, node letter,
+/// namespace) with `svcs`, through the real kube-apiserver in the client's
+/// namespace, then stops it and the API server and leaves the rules: they
+/// are what is measured, and nothing of kube-proxy's runs during the
+/// measurements. Returns what it did, for the report; `Err` says why it
+/// cannot run here.
+fn real_rule_sets(
+    dir: &std::path::Path,
+    client_ns: &str,
+    nodes: &[(Mode, &str, String)],
+    svcs: &[Svc],
+) -> Result<String, String> {
+    let t = Instant::now();
+    let api = kubeapi::RealApi::start(client_ns, dir)?;
+    let api_s = t.elapsed();
+    let t = Instant::now();
+    let mut objects: Vec<String> = nodes
+        .iter()
+        .map(|(_, l, _)| {
+            lb_tests::manifests::node(&format!("node-{l}"), &Rig::node_addr(l).to_string())
+        })
+        .collect();
+    objects.extend(svcs.iter().flat_map(Svc::objects));
+    api.apply_all(objects)?;
+    let objects_s = t.elapsed();
+    let mut done = Vec::new();
+    let proxies = nodes
+        .iter()
+        .map(|(mode, l, ns)| {
+            let started = Instant::now();
+            RealProxy::start(*mode, ns, dir, &api.kubeconfig, &format!("node-{l}"))
+                .map(|kp| (kp, *mode, *l, started))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    for (kp, mode, l, started) in proxies {
+        while kp.syncs() == 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "kube-proxy ({}) on node-{l} did not sync in 900 s:\n{}",
+                    mode.flag(),
+                    kp.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = started.elapsed();
+        let frontends = kp.frontends()?;
+        // `default/kubernetes` has no endpoints here, and so no frontend.
+        if frontends != svcs.len() {
+            return Err(format!(
+                "kube-proxy ({}) on node-{l} programmed {frontends} of {} Services",
+                mode.flag(),
+                svcs.len()
+            ));
+        }
+        done.push(format!(
+            "node-{l} in {:.1} s ({} mode)",
+            took.as_secs_f64(),
+            mode.flag()
+        ));
+        kp.leave_rules();
+    }
+    drop(api);
+    Ok(format!(
+        "the real kube-proxy v1.32.13 (`../shared/k8s`, default flags but the mode) \
+         programmed {} to its first sync, from the real kube-apiserver (up in {:.1} s, its \
+         {} objects written in {:.1} s); then it and the API server were stopped, leaving \
+         the rules",
+        done.join(" and "),
+        api_s.as_secs_f64(),
+        2 * svcs.len() + nodes.len(),
+        objects_s.as_secs_f64(),
+    ))
+}
+
+/// Loads rule sets shaped like kube-proxy's (see `kubeproxy.rs`) on
+/// `nodes`, when the real one cannot run (`why`); each loader is one
+/// process of its own, and 10 000 Services take them a minute. Returns
+/// what it did, for the report.
+fn emulated_rule_sets(
+    dir: &std::path::Path,
+    nodes: &[(Mode, &str, String)],
+    svcs: &[Svc],
+    why: &str,
+) -> String {
+    let done: Vec<String> = std::thread::scope(|scope| {
+        let loaders: Vec<_> = nodes
+            .iter()
+            .map(|(mode, l, ns)| {
+                scope.spawn(move || {
+                    let took = timed(|| match mode {
+                        Mode::Nftables => {
+                            for (k, tx) in kubeproxy::nft(svcs).iter().enumerate() {
+                                let file = dir.join(format!("kube-proxy-{k:03}.nft"));
+                                std::fs::write(&file, tx).expect("write the nftables rules");
+                                sh(Some(ns), &["nft", "-f", &file.to_string_lossy()]);
+                            }
+                        }
+                        Mode::Iptables => {
+                            let file = dir.join("kube-proxy.iptables");
+                            std::fs::write(&file, kubeproxy::iptables(svcs))
+                                .expect("write the iptables rules");
+                            sh(Some(ns), &["iptables-restore", &file.to_string_lossy()]);
+                        }
+                    });
+                    format!(
+                        "node-{l}'s {} rules in {:.1} s",
+                        mode.flag(),
+                        took.as_secs_f64()
+                    )
+                })
+            })
+            .collect();
+        loaders
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let version = sh(None, &["iptables-restore", "--version"]);
+    format!(
+        "rule sets shaped like kube-proxy's (the real one could not run: {why}) loaded with \
+         `nft -f` and `iptables-restore` ({}): {}",
+        version.trim(),
+        done.join(", ")
+    )
 }
 
 /// Starts the agent on node-a with every Service. Its maps are seeded
@@ -1009,6 +1161,8 @@ fn throughput(rig: &Rig, p: &Params, regime: Regime) -> Throughput {
         sent: vec![Vec::new(); PATHS.len()],
         delivered: vec![Vec::new(); PATHS.len()],
         live: Vec::new(),
+        sustained: Vec::new(),
+        window: p.window,
     };
     // Conntrack entries of every flow exist before the first run (and in
     // the new-flow regime, the tables are full before it).
@@ -1016,6 +1170,12 @@ fn throughput(rig: &Rig, p: &Params, regime: Regime) -> Throughput {
         rig.blast(path, Duration::from_millis(50), regime);
     }
     for run in 0..p.runs {
+        // Each run of new flows measures what a new flow costs, from the
+        // same empty conntrack tables; what a flood that goes on does to
+        // the rule sets is measured after the runs.
+        if regime == Regime::NewFlows {
+            rig.forget_flows();
+        }
         for (k, path) in PATHS.iter().enumerate() {
             let (sent, delivered) = rig.blast(*path, p.window, regime);
             t.sent[k].push(sent);
@@ -1033,6 +1193,17 @@ fn throughput(rig: &Rig, p: &Params, regime: Regime) -> Throughput {
         );
     }
     t.live = live_cost(rig, p.window, regime);
+    if regime == Regime::NewFlows {
+        rig.forget_flows();
+        for path in [Path::Nft, Path::Iptables] {
+            let mut last = 0.0;
+            for _ in 0..SUSTAINED {
+                last = rig.blast(path, p.window, regime).1;
+            }
+            t.sustained.push((path, last));
+        }
+        rig.forget_flows();
+    }
     t
 }
 
@@ -1049,6 +1220,7 @@ fn run_scale(p: &Params, n: usize) -> Scale {
         }
     }
     let conns = p.fig3.then(|| {
+        rig.forget_flows();
         let mut c = Connections {
             rate: vec![Vec::new(); CONNS.len()],
             p50_us: vec![Vec::new(); CONNS.len()],
@@ -1168,13 +1340,15 @@ fn report_throughput(p: &Params, scales: &[Scale], report: &mut Report) {
     let _ = writeln!(
         s,
         "Method: a rig of five nodes on one bridge, each contender on a node of its own \
-         so nothing is torn down between runs: node-a runs the agent; node-c holds the \
-         nftables rule set kube-proxy's nftables mode would program for the same Services \
-         (table `kube-proxy`: verdict maps on address, protocol and port, a chain per \
-         Service and per endpoint, `numgen random`, DNAT, masquerade by mark); node-d the \
-         iptables one (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with `statistic` \
-         probabilities, KUBE-MARK-MASQ, KUBE-POSTROUTING); both generated from the Service \
-         list the agent reads and loaded with `nft -f` and `iptables-restore`; node-e runs \
+         so nothing is torn down between runs: node-a runs the agent; node-c holds \
+         kube-proxy's nftables rules for the same Services and node-d its iptables rules, \
+         programmed by the real kube-proxy v1.32.13 (from `../shared/k8s`, through the real \
+         kube-apiserver, then stopped with its rules left in place) wherever it can run, and \
+         otherwise rule sets generated to look like its output (table `kube-proxy`: verdict \
+         maps on address, protocol and port, a chain per Service and per endpoint, `numgen \
+         random`, DNAT, masquerade by mark; KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with \
+         `statistic` probabilities, KUBE-MARK-MASQ, KUBE-POSTROUTING) loaded with `nft -f` \
+         and `iptables-restore`: each scale's set-up line below says which; node-e runs \
          the forwarder, an XDP program that only writes node-b's MAC and its own and sends \
          the frame back out (XDP_TX): the limit of this machine. Services: UDP NodePorts \
          with {ENDPOINTS} endpoints each; the measured one is in the middle of the list, \
@@ -1301,6 +1475,22 @@ fn throughput_table(s: &mut String, sc: &Scale, shape: Shape, t: &Throughput, re
         );
     }
     s.push('\n');
+    if !t.sustained.is_empty() {
+        let _ = writeln!(
+            s,
+            "Each run above starts with the rule sets' conntrack tables emptied (`conntrack \
+             -F`), so it measures what a new flow costs them. Under a flood that goes on, \
+             their tables fill with unreplied flows that hold the masquerade ports towards \
+             the backends for the UDP timeout (30 s), and new flows find none: in the last \
+             of {SUSTAINED} windows of {:.1} s sent back to back without emptying, {}.\n",
+            t.window.as_secs_f64(),
+            t.sustained
+                .iter()
+                .map(|(path, pps)| format!("{} delivered {pps:.0} packets/s", path.name(shape)))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
     match t.regime {
         Regime::Established => established_rows(sc, shape, t, report),
         Regime::NewFlows => new_flow_rows(sc, shape, t, report),
@@ -1590,6 +1780,8 @@ mod tests {
         assert_eq!((svcs[tcp].proto, svcs[tcp].node_port), ("tcp", None));
         assert_eq!(svcs[9999].node_port, Some(29999));
         assert_eq!(svcs[9999].endpoints.len(), ENDPOINTS);
-        assert_eq!(svcs[9999].cluster_ip, Ipv4Addr::new(10, 96, 39, 15));
+        // 10.96.0.1 is the API server's own: they start at 10.96.0.2.
+        assert_eq!(svcs[0].cluster_ip, Ipv4Addr::new(10, 96, 0, 2));
+        assert_eq!(svcs[9999].cluster_ip, Ipv4Addr::new(10, 96, 39, 17));
     }
 }

@@ -20,7 +20,7 @@ use lb_tests::{
 };
 
 use crate::{
-    kubeapi,
+    kubeapi, realproxy,
     report::{Report, Verdict},
     stats::{quantile, Stat},
 };
@@ -350,13 +350,7 @@ pub fn run(p: &Params, report: &mut Report) -> Results {
         );
         eprintln!("bench: figure 4: start {start}: ready in {took:.2?}");
         if start + 1 < p.starts {
-            node.stop_agent();
-            let out = Command::new(agent_bin())
-                .args(["cleanup", "--bpffs"])
-                .arg(&bpffs)
-                .output()
-                .expect("run lb-agent cleanup");
-            assert!(out.status.success(), "lb-agent cleanup failed: {out:?}");
+            stop_and_clean(node);
         }
     }
     // Propagation, on the agent started last.
@@ -530,9 +524,249 @@ pub fn run(p: &Params, report: &mut Report) -> Results {
         );
     }
     drop(maps);
+    if let Some(Api::Real(real)) = &api {
+        stop_and_clean(cluster.node_mut("a"));
+        let agent = AgentFigures {
+            ready,
+            hwm: hwm_stat,
+            p50: quantile(&latencies, 0.5),
+            p99: quantile(&latencies, 0.99),
+        };
+        real_proxy(p, &cluster, real, &agent, report);
+    }
     drop(api);
     drop(cluster);
     Results {
         propagation_ms: latencies,
+    }
+}
+
+/// Stops the agent and removes its pins and programs, for a cold start.
+fn stop_and_clean(node: &mut lb_tests::rig::Node) {
+    let bpffs = node.bpffs();
+    node.stop_agent();
+    let out = Command::new(agent_bin())
+        .args(["cleanup", "--bpffs"])
+        .arg(&bpffs)
+        .output()
+        .expect("run lb-agent cleanup");
+    assert!(out.status.success(), "lb-agent cleanup failed: {out:?}");
+}
+
+/// The agent's figures that the real kube-proxy's are put beside.
+struct AgentFigures {
+    ready: Option<Stat>,
+    hwm: Option<Stat>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+}
+
+/// Changes timed through the real kube-proxy: each waits out its default
+/// `--min-sync-period` (1 s), so fewer than the agent's.
+const PROXY_CHANGES: usize = 60;
+/// Between one change seen in kube-proxy's rules and the next write: more
+/// than its minimum sync period, so every change finds it idle.
+const PROXY_SPACING: Duration = Duration::from_millis(1100);
+
+/// The real kube-proxy (nftables mode) on the objects the agent just ran
+/// on, in the same node namespace with the agent stopped and cleaned up:
+/// cold starts to its first sync, its memory, and single-endpoint changes.
+/// When it cannot run, the report says so.
+fn real_proxy(
+    p: &Params,
+    cluster: &Cluster,
+    api: &kubeapi::RealApi,
+    agent: &AgentFigures,
+    report: &mut Report,
+) {
+    let node = cluster.node("a");
+    let dir = cluster.dir();
+    let start = || {
+        let mode = realproxy::Mode::Nftables;
+        realproxy::RealProxy::start(mode, &node.ns, dir, &api.kubeconfig, &node.name)
+    };
+    let mut first_sync = Vec::new();
+    let mut rss = Vec::new();
+    let mut hwm = Vec::new();
+    let mut proxy = None;
+    for run in 0..p.starts {
+        // The previous one goes first, its tables with it: a cold start.
+        drop(proxy.take());
+        let t = Instant::now();
+        let kp = match start() {
+            Ok(kp) => kp,
+            Err(why) => {
+                report.row(
+                    "real kube-proxy (nftables) beside the agent",
+                    "-".to_owned(),
+                    "its first sync, RSS and propagation",
+                    Verdict::NotRun,
+                    format!("it cannot run here: {why}"),
+                );
+                return;
+            }
+        };
+        let before = kp.syncs();
+        let deadline = t + Duration::from_secs(600);
+        while kp.syncs() == before {
+            assert!(
+                Instant::now() < deadline,
+                "kube-proxy did not sync in 600 s:\n{}",
+                kp.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let took = t.elapsed();
+        let frontends = kp
+            .frontends()
+            .unwrap_or_else(|e| panic!("{e}\n{}", kp.log_tail()));
+        // `default/kubernetes` has no endpoints here: kube-proxy puts it
+        // in its map of Services to reject, not in this one.
+        assert_eq!(
+            frontends, p.services,
+            "kube-proxy's first sync holds {frontends} of {} frontends",
+            p.services
+        );
+        first_sync.push(took.as_secs_f64());
+        if let Some((r, h)) = rss_mib(kp.pid()) {
+            rss.push(r);
+            hwm.push(h);
+        }
+        eprintln!("bench: figure 4: kube-proxy start {run}: first sync in {took:.2?}");
+        proxy = Some(kp);
+    }
+    let Some(kp) = proxy else { return };
+    // The new endpoints are 10.210.x.y; nft prints the DNAT target of each
+    // endpoint chain as `ADDR:8080`.
+    let monitor = realproxy::Monitor::start(&node.ns, "10.210.")
+        .unwrap_or_else(|e| panic!("nft monitor: {e}"));
+    let changes = if p.services < 10_000 {
+        PROXY_CHANGES / 4
+    } else {
+        PROXY_CHANGES
+    };
+    let syncs_before = kp.sync_ms().len();
+    let mut latencies = Vec::new();
+    let mut lost = 0usize;
+    for k in 0..changes {
+        std::thread::sleep(PROXY_SPACING);
+        let i = (k * 7919 + 1) % p.services;
+        let addr = Ipv4Addr::new(10, 210, (k >> 8) as u8, k as u8);
+        api.apply_all(vec![slice_doc(i, Some(&addr.to_string()))])
+            .unwrap_or_else(|e| panic!("kube-apiserver refused an object: {e}"));
+        let t = Instant::now();
+        match monitor.wait_for(&format!("{addr}:8080"), t + Duration::from_secs(10)) {
+            Some(at) => latencies.push(at.saturating_duration_since(t).as_secs_f64() * 1e3),
+            None => lost += 1,
+        }
+    }
+    drop(monitor);
+    let own_ms = kp.sync_ms().split_off(syncs_before.min(kp.sync_ms().len()));
+    let kp_rss = rss_mib(kp.pid());
+    drop(kp);
+
+    let show = |x: Option<Stat>, d| x.map_or_else(|| "-".to_string(), |x| x.show(d));
+    let ms = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.1}"));
+    let ratio = |ours: Option<f64>, theirs: Option<f64>| match (ours, theirs) {
+        (Some(o), Some(t)) if o > 0.0 => format!("{:.1}×", t / o),
+        _ => "-".to_owned(),
+    };
+    let (first, peak) = (Stat::of(&first_sync), Stat::of(&hwm));
+    let (kp50, kp99) = (quantile(&latencies, 0.5), quantile(&latencies, 0.99));
+    let mut s = "## Figure 4b: the real kube-proxy on the same objects\n\n".to_owned();
+    let _ = writeln!(
+        s,
+        "kube-proxy v1.32.13 (`../shared/k8s`), `--proxy-mode=nftables` and otherwise its \
+         defaults, in the same node namespace against the same kube-apiserver and objects, \
+         with the agent stopped and its programs removed. First sync: from spawning it to its \
+         first \"{sync}\" log line (of its IPv4 proxier; {n} cold starts, each after its tables were deleted), after \
+         which its `service-ips` map is checked to hold every Service. RSS: kube-proxy's own \
+         process once synced (the `nft` it runs is not counted). Propagation: {m} \
+         single-endpoint changes through the API, each {spacing} ms after the previous one \
+         was seen, more than its default minimum sync period of 1 s, so that each finds it \
+         idle (a burst is held to one sync a second, after two at once); timed from the API's \
+         answer until `nft monitor` in the node's namespace prints the new endpoint's DNAT \
+         rule, which nftables commits in the same transaction as the Service's chain that \
+         uses it; {lost} not seen within 10 s. The agent's column repeats figure 4 (API).\n",
+        sync = realproxy::SYNCED,
+        n = first_sync.len(),
+        m = latencies.len(),
+        spacing = PROXY_SPACING.as_millis(),
+    );
+    let _ = writeln!(
+        s,
+        "| figure | agent | kube-proxy (nftables) | kube-proxy / agent |\n|---|---|---|---|\n\
+         | ready / first sync (s) | {} | {} | {} |\n\
+         | peak RSS (MiB) | {} | {} | {} |\n\
+         | propagation p50 (ms) | {} | {} | {} |\n\
+         | propagation p99 (ms) | {} | {} | {} |\n",
+        show(agent.ready, 2),
+        show(first, 2),
+        ratio(agent.ready.map(|x| x.median), first.map(|x| x.median)),
+        show(agent.hwm, 1),
+        show(peak, 1),
+        ratio(agent.hwm.map(|x| x.median), peak.map(|x| x.median)),
+        ms(agent.p50),
+        ms(kp50),
+        ratio(agent.p50, kp50),
+        ms(agent.p99),
+        ms(kp99),
+        ratio(agent.p99, kp99),
+    );
+    if let Some((r, h)) = kp_rss {
+        let _ = writeln!(
+            s,
+            "kube-proxy after the changes: RSS {r:.1} MiB, peak {h:.1} MiB; once synced, \
+             RSS {}.\n",
+            show(Stat::of(&rss), 1)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Where kube-proxy's time goes: its own account of each sync during the changes \
+         (the `elapsed` of its log line: building and committing the rules, after the \
+         change reached it) was {} ms at the median over {} syncs, [{}–{}].\n",
+        ms(quantile(&own_ms, 0.5)),
+        own_ms.len(),
+        ms(own_ms.iter().copied().reduce(f64::min)),
+        ms(own_ms.iter().copied().reduce(f64::max)),
+    );
+    report.sections.push(s);
+    let note = if p.services < 10_000 {
+        format!(" (at {} Services: --quick)", p.services)
+    } else {
+        String::new()
+    };
+    let mut row = |what: &str, value: String| {
+        report.row(what, value, "beside the agent", Verdict::Info, note.clone());
+    };
+    if let Some(f) = first {
+        row(
+            "real kube-proxy (nftables) first sync",
+            format!("{} s; agent ready {}", f.show(2), show(agent.ready, 2)),
+        );
+    }
+    if let Some(h) = peak {
+        row(
+            "real kube-proxy (nftables) peak RSS",
+            format!("{} MiB; agent {}", h.show(1), show(agent.hwm, 1)),
+        );
+    }
+    row(
+        "real kube-proxy (nftables) propagation p50 / p99",
+        format!(
+            "{} / {} ms over {} changes; agent {} / {}",
+            ms(kp50),
+            ms(kp99),
+            latencies.len(),
+            ms(agent.p50),
+            ms(agent.p99)
+        ),
+    );
+    if latencies.len() < changes {
+        report.failed(
+            "figure 4b: kube-proxy propagation",
+            &format!("{lost} of {changes} changes not seen in kube-proxy's rules within 10 s"),
+        );
     }
 }

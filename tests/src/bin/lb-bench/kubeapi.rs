@@ -58,7 +58,8 @@ impl Drop for RealApi {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+/// Runs `cmd`; `Err` carries its standard error.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
@@ -70,18 +71,19 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// The kube-apiserver binary, unpacked from the shared folder.
-fn apiserver_bin() -> Result<PathBuf, String> {
+/// A Kubernetes binary (`kube-apiserver`, `kube-proxy`), unpacked once from
+/// `../shared/k8s/NAME.zst` beside the project into `target/k8s`.
+pub fn k8s_bin(name: &str) -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let packed = root.join("../shared/k8s/kube-apiserver.zst");
+    let packed = root.join(format!("../shared/k8s/{name}.zst"));
     if !packed.exists() {
         return Err(format!("{} is absent", packed.display()));
     }
     let dir = root.join("target/k8s");
-    let bin = dir.join("kube-apiserver");
+    let bin = dir.join(name);
     if !bin.exists() {
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let tmp = dir.join("kube-apiserver.tmp");
+        let tmp = dir.join(format!("{name}.tmp"));
         run(Command::new("zstd")
             .args(["-q", "-f", "-d", "-o"])
             .arg(&tmp)
@@ -92,18 +94,21 @@ fn apiserver_bin() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-/// etcd, installed from Debian when missing.
-fn etcd_bin() -> Result<PathBuf, String> {
-    let found = |p: &str| Path::new(p).exists().then(|| PathBuf::from(p));
-    if let Some(p) = found("/usr/bin/etcd") {
+/// The program at `path`, after installing Debian's `package` (apt-get,
+/// updating the package lists only if the first try fails) when it is
+/// missing.
+pub fn debian_bin(path: &str, package: &str) -> Result<PathBuf, String> {
+    let found = || Path::new(path).exists().then(|| PathBuf::from(path));
+    if let Some(p) = found() {
         return Ok(p);
     }
-    eprintln!("bench: installing etcd-server (apt-get) for the real kube-apiserver");
-    run(Command::new("apt-get").args(["install", "-y", "-q", "etcd-server"])).or_else(|_| {
+    eprintln!("bench: installing {package} (apt-get) for {path}");
+    let install = || run(Command::new("apt-get").args(["install", "-y", "-q", package]));
+    install().or_else(|_| {
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "etcd-server"]))
+        install()
     })?;
-    found("/usr/bin/etcd").ok_or_else(|| "etcd-server installed no /usr/bin/etcd".to_owned())
+    found().ok_or_else(|| format!("{package} installed no {path}"))
 }
 
 /// A CA, the server's certificate for `ip`, and the service account keys.
@@ -173,8 +178,8 @@ impl RealApi {
     /// Starts etcd and kube-apiserver in namespace `ns`, files under
     /// `dir`; `Err` says why the real server cannot be used here.
     pub fn start(ns: &str, dir: &Path) -> Result<Self, String> {
-        let apiserver = apiserver_bin()?;
-        let etcd = etcd_bin()?;
+        let apiserver = k8s_bin("kube-apiserver")?;
+        let etcd = debian_bin("/usr/bin/etcd", "etcd-server")?;
         let dir = dir.join("kube-apiserver");
         fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let ip = ADDR.split(':').next().unwrap_or_default();
@@ -231,7 +236,8 @@ impl RealApi {
                     format!("--token-auth-file={}", file("tokens.csv")),
                     "--authorization-mode=Node,RBAC".to_owned(),
                     "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
-                    "--service-node-port-range=30000-32767".to_owned(),
+                    // Figure 2's NodePorts are 20000 and up, one per Service.
+                    "--service-node-port-range=20000-32767".to_owned(),
                     "--endpoint-reconciler-type=none".to_owned(),
                     "--service-account-issuer=https://kubernetes.default.svc.cluster.local"
                         .to_owned(),

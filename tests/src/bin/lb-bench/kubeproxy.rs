@@ -51,10 +51,15 @@ impl Svc {
 
     /// The manifest file body: the Service and its EndpointSlice.
     pub fn manifest(&self) -> String {
+        docs(&self.objects())
+    }
+
+    /// The Service and its EndpointSlice, one YAML document each.
+    pub fn objects(&self) -> [String; 2] {
         let addrs: Vec<String> = self.endpoints.iter().map(ToString::to_string).collect();
         let eps = ready_on("node-b", &addrs);
         let proto = self.proto.to_ascii_uppercase();
-        docs(&[
+        [
             service(
                 &self.name,
                 &self.cluster_ip.to_string(),
@@ -70,7 +75,7 @@ impl Svc {
                 &proto,
                 &eps,
             ),
-        ])
+        ]
     }
 }
 

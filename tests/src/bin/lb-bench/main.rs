@@ -18,6 +18,7 @@ mod kubeapi;
 mod kubeproxy;
 mod maglev;
 mod plot;
+mod realproxy;
 mod report;
 mod stats;
 
