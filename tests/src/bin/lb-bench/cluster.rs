@@ -928,9 +928,14 @@ fn real_rule_sets(
         kp.leave_rules();
     }
     drop(api);
+    let tools = format!(
+        "{}, {}",
+        sh(None, &["nft", "--version"]).trim(),
+        sh(None, &["iptables-restore", "--version"]).trim()
+    );
     Ok(format!(
-        "the real kube-proxy v1.32.13 (`../shared/k8s`, default flags but the mode) \
-         programmed {} to its first sync, from the real kube-apiserver (up in {:.1} s, its \
+        "the real kube-proxy v1.32.13 (`../shared/k8s`, default flags but the mode; the \
+         machine's {tools}) programmed {} to its first sync, from the real kube-apiserver (up in {:.1} s, its \
          {} objects written in {:.1} s); then it and the API server were stopped, leaving \
          the rules",
         done.join(" and "),

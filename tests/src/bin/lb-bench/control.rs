@@ -677,7 +677,8 @@ fn real_proxy(
     let _ = writeln!(
         s,
         "kube-proxy v1.32.13 (`../shared/k8s`), `--proxy-mode=nftables` and otherwise its \
-         defaults, in the same node namespace against the same kube-apiserver and objects, \
+         defaults, with the machine's `nft` ({nft}, which it runs for every sync), in the \
+         same node namespace against the same kube-apiserver and objects, \
          with the agent stopped and its programs removed. First sync: from spawning it to its \
          first \"{sync}\" log line (of its IPv4 proxier; {n} cold starts, each after its tables were deleted), after \
          which its `service-ips` map is checked to hold every Service. RSS: kube-proxy's own \
@@ -689,6 +690,7 @@ fn real_proxy(
          rule, which nftables commits in the same transaction as the Service's chain that \
          uses it; {lost} not seen within 10 s. The agent's column repeats figure 4 (API).\n",
         sync = realproxy::SYNCED,
+        nft = lb_tests::rig::sh(None, &["nft", "--version"]).trim(),
         n = first_sync.len(),
         m = latencies.len(),
         spacing = PROXY_SPACING.as_millis(),
