@@ -7,6 +7,7 @@
 use std::{
     fs::{self, OpenOptions},
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -91,6 +92,9 @@ impl RealProxy {
             ])
             .stdout(out)
             .stderr(err)
+            // A group of its own: it is killed with the `nft` or
+            // `iptables-restore` it may be running.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("start kube-proxy: {e}"))?;
         Ok(Self {
@@ -195,7 +199,12 @@ fn go_duration_ms(v: &str) -> Option<f64> {
 
 impl Drop for RealProxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.wait();
         if !self.clean {
             return;
