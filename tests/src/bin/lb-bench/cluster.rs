@@ -937,16 +937,13 @@ fn real_rule_sets(
     let done = proxies
         .into_iter()
         .map(|(kp, mode, l, started)| {
-            while kp.syncs() == 0 {
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "its first sync of {} Services did not end in {} s",
-                        svcs.len(),
-                        FIRST_SYNC_PATIENCE.as_secs()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            kp.wait_sync(0, deadline).map_err(|_| {
+                format!(
+                    "its first sync of {} Services did not end in {} s",
+                    svcs.len(),
+                    FIRST_SYNC_PATIENCE.as_secs()
+                )
+            })?;
             let took = started.elapsed();
             let frontends = kp.frontends()?;
             // `default/kubernetes` has no endpoints here, and so no frontend.

@@ -610,16 +610,8 @@ fn real_proxy(
                 return;
             }
         };
-        let before = kp.syncs();
-        let deadline = t + Duration::from_secs(600);
-        while kp.syncs() == before {
-            assert!(
-                Instant::now() < deadline,
-                "kube-proxy did not sync in 600 s:\n{}",
-                kp.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        kp.wait_sync(kp.syncs(), t + Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("kube-proxy, within 600 s: {e}"));
         let took = t.elapsed();
         let frontends = kp
             .frontends()
@@ -644,11 +636,10 @@ fn real_proxy(
     // endpoint chain as `ADDR:8080`.
     let monitor = realproxy::Monitor::start(&node.ns, "10.210.")
         .unwrap_or_else(|e| panic!("nft monitor: {e}"));
-    let changes = PROXY_CHANGES;
     let syncs_before = kp.sync_ms().len();
     let mut latencies = Vec::new();
     let mut lost = 0usize;
-    for k in 0..changes {
+    for k in 0..PROXY_CHANGES {
         std::thread::sleep(PROXY_SPACING);
         let i = (k * 7919 + 1) % p.services;
         let addr = Ipv4Addr::new(10, 210, (k >> 8) as u8, k as u8);
@@ -661,7 +652,8 @@ fn real_proxy(
         }
     }
     drop(monitor);
-    let own_ms = kp.sync_ms().split_off(syncs_before.min(kp.sync_ms().len()));
+    let mut own_ms = kp.sync_ms();
+    let own_ms = own_ms.split_off(syncs_before.min(own_ms.len()));
     let kp_rss = rss_mib(kp.pid());
     drop(kp);
 
@@ -766,11 +758,11 @@ fn real_proxy(
             ms(agent.p99)
         ),
     );
-    if latencies.len() < changes {
+    if latencies.len() < PROXY_CHANGES {
         report.failed(
             "figure 4b: kube-proxy propagation",
             &format!(
-                "{lost} of {changes} changes not seen in kube-proxy's rules within {:?}",
+                "{lost} of {PROXY_CHANGES} changes not seen in kube-proxy's rules within {:?}",
                 PROXY_PATIENCE
             ),
         );

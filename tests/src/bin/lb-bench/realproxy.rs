@@ -120,6 +120,21 @@ impl RealProxy {
             .count()
     }
 
+    /// Waits until it has logged more than `before` syncs of its IPv4
+    /// rules, until `deadline`; `Err` says it did not, with its log's tail.
+    pub fn wait_sync(&self, before: usize, deadline: Instant) -> Result<(), String> {
+        while self.syncs() <= before {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no sync by the deadline; its log ends:\n{}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
     /// The log's last lines, for a failure message.
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
