@@ -38,7 +38,6 @@ const GUEST_TESTS: [(&str, &[&str]); 3] = [
         &[
             "every_map_is_pinned_with_btf_and_the_layout_of_lb_common",
             "packet_corpus_gets_the_asserted_verdict_from_every_program",
-            "new_flows_are_translated_to_exact_bytes_with_valid_checksums",
             "replies_are_reverse_translated_to_the_frontend",
             "ipv6::ipv6_replies_are_reverse_translated_to_the_frontend",
             "sctp_replies_are_reverse_translated_with_their_crc32c_updated",
