@@ -535,6 +535,36 @@ fn every_nodes_addresses_are_dsr_peers_and_follow_the_api() {
     });
 }
 
+/// A change of this agent's Node (here its zone) translates every Service
+/// again, so each must be translated from its objects, not from nothing.
+#[test]
+fn a_change_of_the_nodes_zone_keeps_every_service() {
+    let r = rig("kzone", &[]);
+    put_web(&r.api, "web", "10.96.0.10", 30080, &[ep(B0, "node-b")]);
+    put_web(&r.api, "db", "10.96.0.11", 30081, &[ep(A1, "node-a")]);
+    let both = |c: &Cluster| {
+        let p = programmed(c);
+        p.get("test/web:p/TCP") == Some(&vec![format!("{B0}:8080")])
+            && p.get("test/db:p/TCP") == Some(&vec![format!("{A1}:8080")])
+    };
+    wait_until(WAIT, "web and db programmed", || both(&r.c));
+    let zones = |c: &Cluster| c.node("a").agent_log().matches("node zone").count();
+    let before = zones(&r.c);
+    r.api.apply(&node("node-a", "10.99.0.1").replace(
+        "  name: node-a\n",
+        "  name: node-a\n  labels: {topology.kubernetes.io/zone: z1}\n",
+    ));
+    wait_until(WAIT, "the agent sees the new zone", || zones(&r.c) > before);
+    // Syncs run one after another: once a Service put after the zone's
+    // sync is programmed, that sync is done.
+    put_web(&r.api, "late", "10.96.0.12", 30082, &[ep(B0, "node-b")]);
+    wait_until(WAIT, "late programmed", || {
+        programmed(&r.c).contains_key("test/late:p/TCP")
+    });
+    assert!(both(&r.c), "after the zone changed: {:?}", programmed(&r.c));
+    assert_eq!(lands_on(&r.c, "10.99.0.1:30080", IO).as_deref(), Some("b0"));
+}
+
 /// `GET path` on node-a's health port from the client: (status, JSON body).
 fn node_a_health(c: &Cluster, path: &str) -> Option<(u16, serde_json::Value)> {
     let (code, body) = http_get(&c.client_ns(), sa("10.99.0.1:10256"), path, IO).ok()?;

@@ -181,7 +181,9 @@ impl Source {
                 // which the translator sees itself).
                 let changes = watch.take_changes();
                 let mut ids = changes.ids;
-                if changes.all {
+                // A changed node re-translates every Service it translated
+                // before, so each must find its objects among the inputs.
+                if changes.all || translator.node() != node {
                     ids.extend(watch.ids());
                     ids.extend(translator.ids().cloned());
                 }
