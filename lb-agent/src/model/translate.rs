@@ -59,12 +59,13 @@ pub fn service_id(svc: &Service) -> Id {
     identity(&svc.metadata)
 }
 
-/// The identity of the Service an EndpointSlice belongs to (its namespace
-/// and `kubernetes.io/service-name` label); `None` without the label, when
-/// the slice belongs to no Service and is ignored.
-pub fn slice_owner(slice: &EndpointSlice) -> Option<Id> {
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some((identity(&slice.metadata).0, service.clone()))
+/// The identity of the Service the EndpointSlice with metadata `meta`
+/// belongs to (its namespace and `kubernetes.io/service-name` label);
+/// `None` without the label, when the slice belongs to no Service and is
+/// ignored.
+pub fn slice_owner(meta: &ObjectMeta) -> Option<Id> {
+    let service = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((identity(meta).0, service.clone()))
 }
 
 /// What one Service identity is made of: its Service documents (one,
@@ -79,7 +80,7 @@ pub fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> BTreeM
         out.entry(service_id(svc)).or_default().0.push(svc);
     }
     for slice in slices {
-        match slice_owner(slice) {
+        match slice_owner(&slice.metadata) {
             Some(id) => out.entry(id).or_default().1.push(slice),
             None => {
                 let (namespace, name) = identity(&slice.metadata);

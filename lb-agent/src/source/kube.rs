@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::owners::Owners;
+use super::stored::StoredSlice;
 use crate::model::{self, Id, Problem};
 
 /// Connects with the kubeconfig at `path`, or with the in-cluster
@@ -75,7 +76,7 @@ struct Synced {
 #[derive(Clone)]
 pub struct Watch {
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<StoredSlice>,
     /// Every Node: this agent's for its NodePort addresses, all of them
     /// for the peers whose DSR-wrapped packets are unwrapped.
     nodes: Store<Node>,
@@ -87,11 +88,11 @@ pub struct Watch {
 }
 
 /// Where the store keeps an EndpointSlice.
-type SliceKey = reflector::ObjectRef<EndpointSlice>;
+type SliceKey = reflector::ObjectRef<StoredSlice>;
 
 /// The store's key of `slice`, without the version and uid the store's
 /// own keys carry (equality ignores them).
-fn slice_key(slice: &EndpointSlice) -> SliceKey {
+fn slice_key(slice: &StoredSlice) -> SliceKey {
     let name = slice.metadata.name.as_deref().unwrap_or_default();
     match slice.metadata.namespace.as_deref() {
         Some(ns) => SliceKey::new(name).within(ns),
@@ -134,18 +135,25 @@ impl Index {
     }
 
     /// Records an EndpointSlice event.
-    fn slice(&mut self, event: &watcher::Event<EndpointSlice>) {
+    fn slice(&mut self, event: &watcher::Event<StoredSlice>) {
         let key = slice_key;
         match event {
             watcher::Event::Apply(s) => {
-                self.slices
-                    .set(&key(s), model::slice_owner(s), &mut self.changes.ids);
+                self.slices.set(
+                    &key(s),
+                    model::slice_owner(&s.metadata),
+                    &mut self.changes.ids,
+                );
             }
             watcher::Event::Delete(s) => self.slices.remove(&key(s), &mut self.changes.ids),
             watcher::Event::Init => self.listing = Some(Owners::default()),
             watcher::Event::InitApply(s) => {
                 if let Some(listing) = &mut self.listing {
-                    listing.set(&key(s), model::slice_owner(s), &mut BTreeSet::new());
+                    listing.set(
+                        &key(s),
+                        model::slice_owner(&s.metadata),
+                        &mut BTreeSet::new(),
+                    );
                 }
             }
             watcher::Event::InitDone => {
@@ -208,7 +216,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
     );
     let shared = Arc::clone(&index);
     let slices = spawn_reflector(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<StoredSlice>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
         Arc::clone(&synced),
@@ -280,15 +288,10 @@ fn strip_service(svc: &mut Service) {
     }
 }
 
-/// An EndpointSlice as the stores keep it: without the endpoints'
-/// object references, host names and deprecated topology.
-fn strip_slice(slice: &mut EndpointSlice) {
+/// An EndpointSlice as the stores keep it: [`StoredSlice`] already holds
+/// only the endpoints' fields the translation reads.
+fn strip_slice(slice: &mut StoredSlice) {
     strip_meta(&mut slice.metadata, &model::READ_LABELS);
-    for ep in slice.endpoints.iter_mut().flatten() {
-        ep.target_ref = None;
-        ep.hostname = None;
-        ep.deprecated_topology = None;
-    }
 }
 
 /// A Node as the stores keep it: its addresses, taints, deletion time and
@@ -408,10 +411,11 @@ impl Watch {
             .collect()
     }
 
-    /// The objects of each identity in `ids`, as the stores hold them now.
-    pub fn inputs(&self, ids: &BTreeSet<Id>) -> HashMap<Id, Held> {
+    /// The objects of each identity in `ids`, as the stores hold them now
+    /// (the slices rebuilt as k8s-openapi's, so ask for a few at a time).
+    pub fn inputs<'a>(&self, ids: impl IntoIterator<Item = &'a Id>) -> HashMap<Id, Held> {
         let index = lock(&self.index);
-        ids.iter()
+        ids.into_iter()
             .map(|id| {
                 let (namespace, name) = id;
                 let services = self
@@ -425,7 +429,8 @@ impl Watch {
                     .filter_map(|key| self.slices.get(key))
                     // The store may be a step ahead of the index: a slice
                     // moved to another Service is that one's input now.
-                    .filter(|s| model::slice_owner(s).as_ref() == Some(id))
+                    .filter(|s| model::slice_owner(&s.metadata).as_ref() == Some(id))
+                    .map(|s| s.to_slice())
                     .collect();
                 (id.clone(), (services, slices))
             })
@@ -458,8 +463,9 @@ impl Watch {
     }
 }
 
-/// One identity's objects as a store holds them.
-pub type Held = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+/// One identity's objects: its Services as the store holds them, its
+/// slices rebuilt for the translation.
+pub type Held = (Vec<Arc<Service>>, Vec<EndpointSlice>);
 
 /// Every InternalIP and ExternalIP of a Node, unfiltered: where DSR-wrapped
 /// packets may come from, and what `--nodeport-addresses` chooses among.

@@ -114,11 +114,12 @@ pub struct Folder {
 
 /// The Service identities the objects of a file belong to.
 fn ids_of(objects: &Objects) -> impl Iterator<Item = Id> + '_ {
-    objects
-        .services
-        .iter()
-        .map(model::service_id)
-        .chain(objects.slices.iter().filter_map(model::slice_owner))
+    objects.services.iter().map(model::service_id).chain(
+        objects
+            .slices
+            .iter()
+            .filter_map(|s| model::slice_owner(&s.metadata)),
+    )
 }
 
 /// Files whose objects are held in memory at once while a folder is read:
@@ -253,7 +254,7 @@ impl Folder {
                 objects
                     .slices
                     .iter()
-                    .filter(|s| model::slice_owner(s).as_ref() == Some(id)),
+                    .filter(|s| model::slice_owner(&s.metadata).as_ref() == Some(id)),
             );
         }
         out
