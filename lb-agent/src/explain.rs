@@ -1012,15 +1012,15 @@ fn trace_flow(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use k8s_openapi::api::core::v1::Service;
 
     use super::*;
-    use crate::model::{group, NodeInfo};
+    use crate::model::{group, NodeInfo, SliceObject};
 
     /// The findings' causes of every port of `name` in `yaml`, on node-a.
     fn causes(yaml: &str, name: &str) -> Vec<Cause> {
         let mut services: Vec<Service> = Vec::new();
-        let mut slices: Vec<EndpointSlice> = Vec::new();
+        let mut slices: Vec<SliceObject> = Vec::new();
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v = serde_yaml::Value::deserialize(doc).expect("yaml");
             if v["kind"] == "Service" {

@@ -20,12 +20,12 @@ use k8s_openapi::{
             ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort,
             ServiceSpec, ServiceStatus, SessionAffinityConfig,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{EndpointConditions, EndpointPort},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_agent::{
-    model::{self, FrontendKind, NodeInfo, MAX_AFFINITY_TIMEOUT_S},
+    model::{self, FrontendKind, NodeInfo, SliceEndpoint, SliceObject, MAX_AFFINITY_TIMEOUT_S},
     reconcile::{MemStore, Reconciler},
     source::manifests,
 };
@@ -154,13 +154,13 @@ fn node() -> NodeInfo {
 }
 
 /// Checks everything a translation emits, and what the reconciler writes.
-fn check_model(services: &[Service], slices: &[EndpointSlice]) -> Result<(), TestCaseError> {
+fn check_model(services: &[Service], slices: &[SliceObject]) -> Result<(), TestCaseError> {
     let node = node();
     let (model, problems) = model::build(services, slices, &node);
 
     // Order of the input does not matter.
     let rev_services: Vec<Service> = services.iter().rev().cloned().collect();
-    let rev_slices: Vec<EndpointSlice> = slices.iter().rev().cloned().collect();
+    let rev_slices: Vec<SliceObject> = slices.iter().rev().cloned().collect();
     let (model2, problems2) = model::build(&rev_services, &rev_slices, &node);
     prop_assert_eq!(&model, &model2, "model depends on input order");
     prop_assert_eq!(&problems, &problems2, "problems depend on input order");
@@ -430,7 +430,7 @@ fn service() -> impl Strategy<Value = Service> {
     )
 }
 
-fn endpoint() -> impl Strategy<Value = Endpoint> {
+fn endpoint() -> impl Strategy<Value = SliceEndpoint> {
     (
         strs(&ADDRS, 3),
         opt_str(&["node-a", "node-b", ""]),
@@ -440,7 +440,7 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
             proptest::option::of(any::<bool>()),
         )),
     )
-        .prop_map(|(addresses, node_name, conditions)| Endpoint {
+        .prop_map(|(addresses, node_name, conditions)| SliceEndpoint {
             addresses,
             node_name,
             conditions: conditions.map(|(ready, serving, terminating)| EndpointConditions {
@@ -448,11 +448,11 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
                 serving,
                 terminating,
             }),
-            ..Endpoint::default()
+            ..SliceEndpoint::default()
         })
 }
 
-fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
+fn endpoint_slice() -> impl Strategy<Value = SliceObject> {
     (
         meta(&["a-1", "a-2", "b-1", ""]),
         select(&["IPv4", "IPv6", "FQDN", "x"][..]),
@@ -466,7 +466,7 @@ fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
         )),
         proptest::option::of(proptest::collection::vec(endpoint(), 0..4)),
     )
-        .prop_map(|(metadata, address_type, ports, endpoints)| EndpointSlice {
+        .prop_map(|(metadata, address_type, ports, endpoints)| SliceObject {
             metadata,
             address_type: address_type.to_string(),
             ports: ports.map(|ps| {
@@ -492,11 +492,11 @@ fn an_ipv4_frontend_never_leads_to_ipv6_backends() {
         "metadata: {name: a, namespace: d}\nspec: {clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}\n",
     )
     .expect("test Service");
-    let v6: EndpointSlice = serde_yaml::from_str(
+    let v6: SliceObject = serde_yaml::from_str(
         "metadata: {name: a-1, namespace: d, labels: {kubernetes.io/service-name: a}}\naddressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00::10']}]\n",
     )
     .expect("test slice");
-    let v4: EndpointSlice = serde_yaml::from_str(
+    let v4: SliceObject = serde_yaml::from_str(
         "metadata: {name: a-2, namespace: d, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.1.10]}]\n",
     )
     .expect("test slice");

@@ -5,6 +5,7 @@
 //! produce the same model from the same objects.
 
 mod node;
+mod slice_object;
 mod translate;
 #[cfg(test)]
 mod translation_lines;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 pub use node::{AddressFilter, CidrList, NodeInfo};
+pub use slice_object::{SliceEndpoint, SliceObject};
 pub use translate::{
     build, group, service_id, slice_owner, Id, Inputs, PortNotes, Translator, READ_LABELS,
 };

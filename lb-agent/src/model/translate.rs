@@ -11,13 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use super::{
     Cidr, Endpoint, Frontend, FrontendKind, Model, NodeInfo, Problem, Protocol, ServicePort,
-    ServicePortRef, Topology, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
+    ServicePortRef, SliceObject, Topology, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S,
 };
 
 /// Links an EndpointSlice to the Service (same namespace) it belongs to.
@@ -39,7 +38,7 @@ pub const READ_LABELS: [&str; 3] = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL
 #[must_use]
 pub fn build(
     services: &[Service],
-    slices: &[EndpointSlice],
+    slices: &[SliceObject],
     node: &NodeInfo,
 ) -> (Model, Vec<Problem>) {
     let mut t = Translator::new(node.clone());
@@ -70,11 +69,11 @@ pub fn slice_owner(meta: &ObjectMeta) -> Option<Id> {
 
 /// What one Service identity is made of: its Service documents (one,
 /// unless the same Service is defined twice) and its EndpointSlices.
-pub type Inputs<'a> = (Vec<&'a Service>, Vec<&'a EndpointSlice>);
+pub type Inputs<'a> = (Vec<&'a Service>, Vec<&'a SliceObject>);
 
 /// Groups Services and EndpointSlices by the Service identity they
 /// belong to; slices without an owner are left out (with a debug line).
-pub fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> BTreeMap<Id, Inputs<'a>> {
+pub fn group<'a>(services: &'a [Service], slices: &'a [SliceObject]) -> BTreeMap<Id, Inputs<'a>> {
     let mut out: BTreeMap<Id, Inputs<'a>> = BTreeMap::new();
     for svc in services {
         out.entry(service_id(svc)).or_default().0.push(svc);
@@ -376,7 +375,7 @@ impl Translator {
 fn translate_identity(
     id: &Id,
     services: &[&Service],
-    slices: &[&EndpointSlice],
+    slices: &[&SliceObject],
     node: &NodeInfo,
 ) -> Part {
     let mut part = Part::default();
@@ -455,7 +454,7 @@ struct Slice {
 
 /// Validates one slice; `None` when it has nothing for this datapath.
 fn parse_slice(
-    slice: &EndpointSlice,
+    slice: &SliceObject,
     object: &str,
     node: &NodeInfo,
     problems: &mut Vec<Problem>,
@@ -1120,7 +1119,7 @@ pub(super) mod tests {
     use super::*;
 
     /// Parses `---`-separated Services and EndpointSlices.
-    pub(crate) fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    pub(crate) fn objects(yaml: &str) -> (Vec<Service>, Vec<SliceObject>) {
         let mut services = Vec::new();
         let mut slices = Vec::new();
         for doc in serde_yaml::Deserializer::from_str(yaml) {
@@ -1952,7 +1951,7 @@ spec: {{ports: [{{targetPort: http, port: 80, name: http}}], clusterIP: 10.96.0.
                 ..Service::default()
             },
         ];
-        let slices = [EndpointSlice::default()];
+        let slices = [SliceObject::default()];
         let (model, problems) = build(&services, &slices, &NodeInfo::default());
         assert!(model.services.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");

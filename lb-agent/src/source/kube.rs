@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
@@ -32,8 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::owners::Owners;
-use super::stored::StoredSlice;
-use crate::model::{self, Id, Problem};
+use crate::model::{self, Id, Problem, SliceObject};
 
 /// Connects with the kubeconfig at `path`, or with the in-cluster
 /// configuration (service account token, `KUBERNETES_SERVICE_HOST`).
@@ -76,7 +74,7 @@ struct Synced {
 #[derive(Clone)]
 pub struct Watch {
     services: Store<Service>,
-    slices: Store<StoredSlice>,
+    slices: Store<SliceObject>,
     /// Every Node: this agent's for its NodePort addresses, all of them
     /// for the peers whose DSR-wrapped packets are unwrapped.
     nodes: Store<Node>,
@@ -88,11 +86,11 @@ pub struct Watch {
 }
 
 /// Where the store keeps an EndpointSlice.
-type SliceKey = reflector::ObjectRef<StoredSlice>;
+type SliceKey = reflector::ObjectRef<SliceObject>;
 
 /// The store's key of `slice`, without the version and uid the store's
 /// own keys carry (equality ignores them).
-fn slice_key(slice: &StoredSlice) -> SliceKey {
+fn slice_key(slice: &SliceObject) -> SliceKey {
     let name = slice.metadata.name.as_deref().unwrap_or_default();
     match slice.metadata.namespace.as_deref() {
         Some(ns) => SliceKey::new(name).within(ns),
@@ -135,7 +133,7 @@ impl Index {
     }
 
     /// Records an EndpointSlice event.
-    fn slice(&mut self, event: &watcher::Event<StoredSlice>) {
+    fn slice(&mut self, event: &watcher::Event<SliceObject>) {
         let key = slice_key;
         match event {
             watcher::Event::Apply(s) => {
@@ -216,7 +214,7 @@ pub fn watch(client: &Client, node_name: &str) -> (Watch, mpsc::Receiver<()>) {
     );
     let shared = Arc::clone(&index);
     let slices = spawn_reflector(
-        Api::<StoredSlice>::all(client.clone()),
+        Api::<SliceObject>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
         Arc::clone(&synced),
@@ -288,9 +286,9 @@ fn strip_service(svc: &mut Service) {
     }
 }
 
-/// An EndpointSlice as the stores keep it: [`StoredSlice`] already holds
-/// only the endpoints' fields the translation reads.
-fn strip_slice(slice: &mut StoredSlice) {
+/// An EndpointSlice as the stores keep it: [`SliceObject`] already holds
+/// only the fields the translation reads, but all of the metadata.
+fn strip_slice(slice: &mut SliceObject) {
     strip_meta(&mut slice.metadata, &model::READ_LABELS);
 }
 
@@ -411,11 +409,10 @@ impl Watch {
             .collect()
     }
 
-    /// The objects of each identity in `ids`, as the stores hold them now
-    /// (the slices rebuilt as k8s-openapi's, so ask for a few at a time).
-    pub fn inputs<'a>(&self, ids: impl IntoIterator<Item = &'a Id>) -> HashMap<Id, Held> {
+    /// The objects of each identity in `ids`, as the stores hold them now.
+    pub fn inputs(&self, ids: &BTreeSet<Id>) -> HashMap<Id, Held> {
         let index = lock(&self.index);
-        ids.into_iter()
+        ids.iter()
             .map(|id| {
                 let (namespace, name) = id;
                 let services = self
@@ -430,7 +427,6 @@ impl Watch {
                     // The store may be a step ahead of the index: a slice
                     // moved to another Service is that one's input now.
                     .filter(|s| model::slice_owner(&s.metadata).as_ref() == Some(id))
-                    .map(|s| s.to_slice())
                     .collect();
                 (id.clone(), (services, slices))
             })
@@ -463,9 +459,8 @@ impl Watch {
     }
 }
 
-/// One identity's objects: its Services as the store holds them, its
-/// slices rebuilt for the translation.
-pub type Held = (Vec<Arc<Service>>, Vec<EndpointSlice>);
+/// One identity's objects as a store holds them.
+pub type Held = (Vec<Arc<Service>>, Vec<Arc<SliceObject>>);
 
 /// Every InternalIP and ExternalIP of a Node, unfiltered: where DSR-wrapped
 /// packets may come from, and what `--nodeport-addresses` chooses among.

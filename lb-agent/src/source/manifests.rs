@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use serde_yaml::Value;
@@ -24,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::owners::Owners;
-use crate::model::{self, Id, Inputs, Problem};
+use crate::model::{self, Id, Inputs, Problem, SliceObject};
 
 /// The objects read from the manifests folder, and what could not be read.
 #[derive(Clone, Debug, Default)]
@@ -32,7 +31,7 @@ pub struct Objects {
     /// Every `v1` `Service` document.
     pub services: Vec<Service>,
     /// Every `discovery.k8s.io/v1` `EndpointSlice` document.
-    pub slices: Vec<EndpointSlice>,
+    pub slices: Vec<SliceObject>,
     /// Files and documents that were skipped, and why.
     pub problems: Vec<Problem>,
 }

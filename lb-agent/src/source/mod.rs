@@ -5,7 +5,6 @@
 pub mod kube;
 pub mod manifests;
 mod owners;
-mod stored;
 
 use std::{
     collections::BTreeSet,
@@ -18,11 +17,7 @@ use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::model::{AddressFilter, Id, NodeInfo, Problem, ServicePortRef, Translator};
-
-/// How many Service identities of the API source are translated per call:
-/// their slices are rebuilt from the store's slim copies for it.
-const TRANSLATE_CHUNK: usize = 1024;
+use crate::model::{AddressFilter, NodeInfo, Problem, ServicePortRef, Translator};
 
 pub use manifests::Objects;
 
@@ -188,35 +183,20 @@ impl Source {
                 let mut ids = changes.ids;
                 // A changed node re-translates every Service it translated
                 // before, so each must find its objects among the inputs.
-                let node_changed = translator.node() != node;
-                if changes.all || node_changed {
+                if changes.all || translator.node() != node {
                     ids.extend(watch.ids());
                     ids.extend(translator.ids().cloned());
                 }
-                // A chunk at a time: the slices are rebuilt for the
-                // translation, and all of them at once would double the
-                // store's memory at the first sync. Not when the node
-                // changed with Services translated: the first call
-                // translates all of those again, so it gets every input.
-                let ids: Vec<Id> = ids.into_iter().collect();
-                let chunk = if node_changed && translator.ids().next().is_some() {
-                    ids.len().max(1)
-                } else {
-                    TRANSLATE_CHUNK
-                };
-                let mut changed = BTreeSet::new();
-                for chunk in ids.chunks(chunk) {
-                    let held = watch.inputs(chunk);
-                    changed.extend(translator.update(node, chunk.iter().cloned(), |id| {
-                        held.get(id)
-                            .map_or_else(Default::default, |(services, slices)| {
-                                (
-                                    services.iter().map(AsRef::as_ref).collect(),
-                                    slices.iter().collect(),
-                                )
-                            })
-                    }));
-                }
+                let held = watch.inputs(&ids);
+                let changed = translator.update(node, ids, |id| {
+                    held.get(id)
+                        .map_or_else(Default::default, |(services, slices)| {
+                            (
+                                services.iter().map(AsRef::as_ref).collect(),
+                                slices.iter().map(AsRef::as_ref).collect(),
+                            )
+                        })
+                });
                 Ok(Some((Vec::new(), changed)))
             }
         }
