@@ -1,8 +1,9 @@
 //! The desired state: what every Service port on this node should look like.
 //!
-//! Pure data and pure functions. Both sources (the manifests folder and, later,
-//! the Kubernetes API) hand the same Kubernetes objects to [`build`], so the two
-//! produce the same model from the same objects.
+//! Pure data and pure functions. Both sources (the manifests folder and the
+//! Kubernetes API) hand the same objects to [`build`] (Services as
+//! k8s-openapi's, EndpointSlices as [`SliceObject`]s), so the two produce
+//! the same model from the same objects.
 
 mod node;
 mod slice_object;

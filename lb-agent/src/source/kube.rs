@@ -286,8 +286,8 @@ fn strip_service(svc: &mut Service) {
     }
 }
 
-/// An EndpointSlice as the stores keep it: [`SliceObject`] already holds
-/// only the fields the translation reads, but all of the metadata.
+/// An EndpointSlice as the stores keep it: [`SliceObject`] holds only the
+/// fields the translation reads; its metadata is cut here as the others'.
 fn strip_slice(slice: &mut SliceObject) {
     strip_meta(&mut slice.metadata, &model::READ_LABELS);
 }
